@@ -1,0 +1,184 @@
+"""The task registry: one entry per LaMP task, shared by every phase.
+
+Prompts, label sets and metric names live here and nowhere else, so the
+client that trains a LoRA and the server that scores a merge format the very
+same text (a mismatch there silently ruins label scoring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+from common.errors import PrimeError
+
+Kind = Literal["classification", "rating", "generation"]
+
+LAMP2_TAGS: tuple[str, ...] = (
+    "sci-fi",
+    "based on a book",
+    "comedy",
+    "action",
+    "twist ending",
+    "dystopia",
+    "dark comedy",
+    "classic",
+    "psychology",
+    "fantasy",
+    "romance",
+    "thought-provoking",
+    "social commentary",
+    "violence",
+    "true story",
+)
+
+RATING_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one LaMP task turns history items into text and how it is scored.
+
+    `template` formats a profile item into a prompt; `target_field` names the
+    item field the model learns to produce. `query_labels` is the closed label
+    set of the held-out query (None: free generation), which may differ from
+    the profile's training pairs (LaMP-1 trains on titles but is queried with
+    a binary reference choice).
+    """
+
+    name: str
+    lamp_id: str
+    kind: Kind
+    profile_fields: tuple[str, ...]
+    template: str
+    target_field: str
+    query_labels: tuple[str, ...] | None
+    metrics: tuple[str, str]
+    max_new_tokens: int
+
+    def profile_pair(self, item: Mapping[str, object]) -> tuple[str, str]:
+        """(prompt, target) training pair for one profile item."""
+        fields = {f: str(item[f]).strip() for f in self.profile_fields}
+        return self.template.format(**fields), fields[self.target_field]
+
+    @property
+    def profile_labels(self) -> tuple[str, ...] | None:
+        """Closed label set of the profile pairs (None: generated text)."""
+        return self.query_labels if self.lamp_id != "LaMP_1" else None
+
+    @property
+    def scored_by_labels(self) -> bool:
+        """Whether queries are answered by scoring a fixed label set."""
+        return self.query_labels is not None
+
+
+_TITLE_FROM_ABSTRACT = "Generate a title for the following abstract of a paper. Abstract: {abstract} Title:"
+
+TASKS: dict[str, TaskSpec] = {
+    spec.lamp_id: spec
+    for spec in (
+        TaskSpec(
+            name="citation",
+            lamp_id="LaMP_1",
+            kind="classification",
+            profile_fields=("title", "abstract"),
+            template=_TITLE_FROM_ABSTRACT,
+            target_field="title",
+            query_labels=("[1]", "[2]"),
+            metrics=("accuracy", "f1"),
+            max_new_tokens=4,
+        ),
+        TaskSpec(
+            name="tagging",
+            lamp_id="LaMP_2",
+            kind="classification",
+            profile_fields=("description", "tag"),
+            template=(
+                "Which tag does this movie relate to among the following tags? Just answer with the tag "
+                "name without further explanation. tags: [" + ", ".join(LAMP2_TAGS) + "] "
+                "Description: {description} Tag:"
+            ),
+            target_field="tag",
+            query_labels=LAMP2_TAGS,
+            metrics=("accuracy", "f1"),
+            max_new_tokens=8,
+        ),
+        TaskSpec(
+            name="rating",
+            lamp_id="LaMP_3",
+            kind="rating",
+            profile_fields=("text", "score"),
+            template=(
+                "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, "
+                "4, or 5 without further explanation. Review: {text} Score:"
+            ),
+            target_field="score",
+            query_labels=RATING_LABELS,
+            metrics=("mae", "rmse"),
+            max_new_tokens=3,
+        ),
+        TaskSpec(
+            name="headline",
+            lamp_id="LaMP_4",
+            kind="generation",
+            profile_fields=("text", "title"),
+            template="Generate a headline for the following article. Article: {text} Headline:",
+            target_field="title",
+            query_labels=None,
+            metrics=("rouge1", "rougeL"),
+            max_new_tokens=24,
+        ),
+        TaskSpec(
+            name="scholarly-title",
+            lamp_id="LaMP_5",
+            kind="generation",
+            profile_fields=("title", "abstract"),
+            template=_TITLE_FROM_ABSTRACT,
+            target_field="title",
+            query_labels=None,
+            metrics=("rouge1", "rougeL"),
+            max_new_tokens=32,
+        ),
+        TaskSpec(
+            name="tweet-paraphrase",
+            lamp_id="LaMP_7",
+            kind="generation",
+            profile_fields=("text",),
+            template=(
+                "Paraphrase the following text into tweet without any explanation before or after it. "
+                "Text: {text} Tweet:"
+            ),
+            target_field="text",
+            query_labels=None,
+            metrics=("rouge1", "rougeL"),
+            max_new_tokens=48,
+        ),
+    )
+}
+
+_ALIASES = {spec.name: lamp_id for lamp_id, spec in TASKS.items()}
+
+
+class UnknownTaskError(PrimeError, ValueError):
+    """A task name that is neither a LaMP id nor a known alias."""
+
+
+def get_task(name: str) -> TaskSpec:
+    """Resolve `LaMP_2`, `LaMP-2`, `lamp2` or the alias `tagging` to its spec."""
+    key = name.strip()
+    if key in _ALIASES:
+        return TASKS[_ALIASES[key]]
+    normalised = key.replace("-", "_").lower().replace("lamp_", "lamp").replace("lamp", "LaMP_")
+    if normalised in TASKS:
+        return TASKS[normalised]
+    known = ", ".join(sorted(TASKS) + sorted(_ALIASES))
+    raise UnknownTaskError(f"unknown task {name!r} (known: {known})")
+
+
+def completion_text(target: str) -> str:
+    """Text appended to a prompt for training and scoring.
+
+    One leading space, exactly as the model sees it after `Score:`; scoring
+    a label without it scores the wrong token (see DESIGN.md, "Fast fitness").
+    """
+    return " " + target.strip()
