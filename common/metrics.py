@@ -1,0 +1,166 @@
+"""LaMP task metrics, label parsing, search fitness and prediction similarity.
+
+One implementation shared by the client (evaluation on held-out queries) and
+the server (fitness of a merge on the target's history), so both score the
+same way. Model outputs are free text: labels are parsed leniently, and an
+unparseable output is scored as wrong, never raised.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+from rouge_score import rouge_scorer
+from sklearn.metrics import f1_score
+
+from common.tasks import TaskSpec
+
+_HIGHER = {"accuracy": True, "f1": True, "rouge1": True, "rougeL": True, "mae": False, "rmse": False}
+_RATING_SPAN = 4.0  # 5 - 1: the largest possible rating error
+_NONE = "<unparseable>"
+
+
+def higher_is_better(metric_name: str) -> bool:
+    """Orientation of a metric name from `TaskSpec.metrics`."""
+    try:
+        return _HIGHER[metric_name]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric_name!r} (known: {', '.join(_HIGHER)})") from None
+
+
+@lru_cache(maxsize=1)
+def _scorer() -> rouge_scorer.RougeScorer:
+    # Building a scorer (stemmer, tokenizer) costs more than scoring a short pair.
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+def rouge(target: str, prediction: str) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F-measures of one pair (stemmed)."""
+    scores = _scorer().score(target, prediction)
+    return {name: scores[name].fmeasure for name in ("rouge1", "rougeL")}
+
+
+def _label_pattern(label: str) -> re.Pattern[str]:
+    # A tag counts only as a whole phrase: "action" is not found in "reaction".
+    return re.compile(r"(?<![\w-])" + re.escape(label.lower()) + r"(?![\w-])")
+
+
+@lru_cache(maxsize=64)
+def _patterns(labels: tuple[str, ...]) -> list[tuple[str, re.Pattern[str]]]:
+    return [(label, _label_pattern(label)) for label in sorted(labels, key=len, reverse=True)]
+
+
+def parse_label(task: TaskSpec, text: str) -> str | None:
+    """The task label expressed by free text, or None when there is none.
+
+    Tags: case-insensitive exact match first, else the longest tag contained
+    as a phrase (so "dark comedy" wins over "comedy"). Ratings: the first
+    standalone digit 1-5 ("Score: 4" -> "4"). LaMP-1: "[1]"/"[2]" or a bare
+    1/2. Generation tasks: the stripped text itself.
+    """
+    if not isinstance(text, str):
+        return None
+    if task.kind == "generation":
+        return text.strip()
+    if task.kind == "rating":
+        match = re.search(r"(?<!\d)([1-5])(?!\d)", text)
+        return match.group(1) if match else None
+    labels = task.query_labels or ()
+    if task.lamp_id == "LaMP_1":
+        match = re.search(r"\[\s*([12])\s*\]", text) or re.search(r"(?<!\d)([12])(?!\d)", text)
+        return f"[{match.group(1)}]" if match else None
+    cleaned = text.strip().strip(".\"'`").strip().lower()
+    for label in labels:
+        if cleaned == label.lower():
+            return label
+    best: tuple[int, int, str] | None = None  # (-length, position, label)
+    for label, pattern in _patterns(labels):
+        match = pattern.search(text.lower())
+        if match:
+            key = (-len(label), match.start(), label)
+            best = key if best is None or key < best else best
+    return best[2] if best else None
+
+
+def _gold_label(task: TaskSpec, gold: str) -> str:
+    label = parse_label(task, gold)
+    if label is None:
+        raise ValueError(f"gold {gold!r} is not a {task.lamp_id} label")
+    return label
+
+
+def _farthest_rating(reference: float) -> float:
+    """LaMP's rule for an unparseable rating: the valid value farthest from the reference."""
+    return 1.0 if abs(1 - reference) > abs(5 - reference) else 5.0
+
+
+def _check_lengths(a: list[str], b: list[str]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"length mismatch: {len(a)} predictions vs {len(b)} references")
+    if not a:
+        raise ValueError("no predictions to score")
+
+
+def task_metrics(task: TaskSpec, preds: list[str], golds: list[str]) -> dict[str, float]:
+    """The task's two LaMP metrics (`task.metrics`) of predictions against golds."""
+    _check_lengths(preds, golds)
+    if task.kind == "generation":
+        pairs = [rouge(g, p) for p, g in zip(preds, golds)]
+        values = {name: float(np.mean([s[name] for s in pairs])) for name in ("rouge1", "rougeL")}
+    elif task.kind == "rating":
+        gold = np.array([float(_gold_label(task, g)) for g in golds])
+        parsed = [parse_label(task, p) for p in preds]
+        pred = np.array([float(p) if p is not None else _farthest_rating(g) for p, g in zip(parsed, gold)])
+        err = np.abs(pred - gold)
+        values = {"mae": float(err.mean()), "rmse": float(np.sqrt((err**2).mean()))}
+    else:
+        gold_labels = [_gold_label(task, g) for g in golds]
+        pred_labels = [parse_label(task, p) or _NONE for p in preds]
+        values = {
+            "accuracy": float(np.mean([p == g for p, g in zip(pred_labels, gold_labels)])),
+            "f1": float(
+                f1_score(gold_labels, pred_labels, labels=list(task.query_labels or ()), average="macro", zero_division=0)
+            ),
+        }
+    return {name: values[name] for name in task.metrics}
+
+
+def oriented(metric_name: str, value: float) -> float:
+    """A metric turned higher-is-better: error metrics become `1 - error / 4`."""
+    return value if higher_is_better(metric_name) else 1.0 - value / _RATING_SPAN
+
+
+def fitness(task: TaskSpec, preds: list[str], golds: list[str]) -> float:
+    """Search objective: sum of the task's two metrics, both higher-is-better (paper, sec. 4.1)."""
+    return float(sum(oriented(name, value) for name, value in task_metrics(task, preds, golds).items()))
+
+
+def prediction_similarity(task: TaskSpec, preds_a: list[str], preds_b: list[str]) -> float:
+    """How alike two models' predictions are, in [0, 1] (the privacy term).
+
+    Classification: agreement of parsed labels. Rating: `1 - MAE / 4`
+    between the two lists. Generation: mean ROUGE-L F. An unparseable
+    output agrees with another only if both texts are equal; against a
+    valid rating it counts as the farthest value.
+    """
+    _check_lengths(preds_a, preds_b)
+    if task.kind == "generation":
+        return float(np.mean([1.0 if a.strip() == b.strip() else rouge(a, b)["rougeL"] for a, b in zip(preds_a, preds_b)]))
+    sims = []
+    for a, b in zip(preds_a, preds_b):
+        la, lb = parse_label(task, a), parse_label(task, b)
+        if la is None or lb is None:
+            if la is None and lb is None:
+                sims.append(1.0 if a.strip() == b.strip() else 0.0)
+            elif task.kind == "rating":
+                valid = float(la or lb)
+                sims.append(1.0 - abs(_farthest_rating(valid) - valid) / _RATING_SPAN)
+            else:
+                sims.append(0.0)
+        elif task.kind == "rating":
+            sims.append(1.0 - abs(float(la) - float(lb)) / _RATING_SPAN)
+        else:
+            sims.append(float(la == lb))
+    return float(np.mean(sims))
