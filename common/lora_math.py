@@ -1,0 +1,153 @@
+"""Exact merging of LoRA adapters (DESIGN.md, "Exact merging").
+
+A LoRA module adds `g * B @ A` to a weight. The weighted sum of k such
+deltas, `sum_s w_s g_s B_s A_s`, is itself one LoRA of rank `sum_s r_s`:
+stack the A's, put the weighted (and scale-folded) B's side by side. That is
+Eq. 2 of the paper exactly, unlike averaging A and B element-wise (which adds
+cross terms). Everything here is a pure function of tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+from common.adapters import LoraAdapter
+from common.errors import PrimeError
+
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class MergeError(PrimeError):
+    """Adapters that cannot be merged together, or weights of the wrong shape."""
+
+
+def module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """LoRA module keys (state-dict prefix before `.lora_A.weight`), in layer order."""
+    names = [key[: -len(_A_SUFFIX)] for key in tensors if key.endswith(_A_SUFFIX)]
+    return sorted(names, key=lambda n: (layer_index(n), n))
+
+
+def layer_index(module: str) -> int:
+    """Decoder layer number of a module key (`...layers.7.self_attn.q_proj` -> 7)."""
+    match = _LAYER.search(module + ".")
+    if match is None:
+        raise MergeError(f"LoRA module {module!r} is not inside a numbered decoder layer")
+    return int(match.group(1))
+
+
+def factors(adapter: LoraAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module key: (A [r, in], B [out, r])} of one adapter, in layer order."""
+    by_name = adapter.modules()
+    return {name: by_name[name] for name in module_names(adapter.tensors)}
+
+
+def delta(adapter: LoraAdapter, module: str) -> torch.Tensor:
+    """The weight update `scaling * B @ A` one module receives from an adapter."""
+    a, b = factors(adapter)[module]
+    return adapter.scaling * (b @ a)
+
+
+def layer_ids(modules: Sequence[str]) -> list[int]:
+    """Sorted distinct decoder layers touched by these modules (the columns of layer-level weights)."""
+    return sorted({layer_index(m) for m in modules})
+
+
+def per_module_weights(weights: torch.Tensor, modules: Sequence[str], k: int) -> dict[str, torch.Tensor]:
+    """Expand LoRA-level [k] or layer-level [k, n_layers] weights to one [k] vector per module."""
+    w = torch.as_tensor(weights)
+    layers = layer_ids(modules)
+    if w.shape == (k,):
+        return {m: w for m in modules}
+    if w.shape == (k, len(layers)):
+        column = {layer: i for i, layer in enumerate(layers)}
+        return {m: w[:, column[layer_index(m)]] for m in modules}
+    raise MergeError(
+        f"merge weights have shape {tuple(w.shape)}; expected ({k},) per adapter or ({k}, {len(layers)}) per adapter per layer"
+    )
+
+
+def check_compatible(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """Module keys shared by all adapters; raises MergeError if they differ in modules or shapes."""
+    if not adapters:
+        raise MergeError("no adapters to merge")
+    first = adapters[0]
+    modules = module_names(first.tensors)
+    if not modules:
+        raise MergeError("adapter 0 has no LoRA modules")
+    for i, other in enumerate(adapters[1:], start=1):
+        if module_names(other.tensors) != modules:
+            raise MergeError(f"adapter {i} targets different modules than adapter 0")
+        for m in modules:
+            (a0, b0), (a1, b1) = factors(first)[m], factors(other)[m]
+            if a0.shape[1] != a1.shape[1] or b0.shape[0] != b1.shape[0]:
+                raise MergeError(f"adapter {i} module {m} has shape {tuple(b1.shape)}x{tuple(a1.shape)}, adapter 0 {tuple(b0.shape)}x{tuple(a0.shape)}")
+    return modules
+
+
+def merge_exact(adapters: Sequence[LoraAdapter], weights: torch.Tensor | Sequence[float]) -> LoraAdapter:
+    """One LoRA whose delta is exactly `sum_s w_s delta_s` (rank = sum of ranks).
+
+    If all adapters share one scaling g, the result keeps it (`lora_alpha = g * R`);
+    otherwise each B is pre-multiplied by its own scaling and the result has g = 1.
+    """
+    modules = check_compatible(adapters)
+    k = len(adapters)
+    dtype = adapters[0].tensors[modules[0] + _A_SUFFIX].dtype
+    w_mod = per_module_weights(torch.as_tensor(weights, dtype=torch.float64), modules, k)
+    scalings = [a.scaling for a in adapters]
+    shared = all(s == scalings[0] for s in scalings)
+    common_scaling = scalings[0] if shared else 1.0
+    rank = sum(int(a.r) for a in adapters)
+    per_adapter = [factors(a) for a in adapters]
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        w = w_mod[m]
+        a_parts, b_parts = [], []
+        for s, fac in enumerate(per_adapter):
+            a, b = fac[m]
+            fold = float(w[s]) * (scalings[s] / common_scaling)
+            a_parts.append(a)
+            b_parts.append(b * fold)
+        tensors[m + _A_SUFFIX] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
+        tensors[m + _B_SUFFIX] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
+    return LoraAdapter(
+        tensors=tensors,
+        r=rank,
+        lora_alpha=common_scaling * rank,
+        target_modules=list(adapters[0].target_modules),
+        base_model=adapters[0].base_model,
+    )
+
+
+def random_adapter(
+    base_model: torch.nn.Module,
+    *,
+    r: int = 4,
+    lora_alpha: float = 8.0,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    std: float = 0.05,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LoraAdapter:
+    """A LoRA with random non-zero A and B on every matching Linear of `base_model`.
+
+    Freshly initialised PEFT LoRAs have B = 0 (no effect); benchmarks and
+    tests need adapters that change the model, without training any.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if hasattr(base_model, "get_base_model"):
+        base_model = base_model.get_base_model()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in base_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules and _LAYER.search(name + "."):
+            key = "base_model.model." + name
+            tensors[key + _A_SUFFIX] = (torch.randn(r, module.in_features, generator=gen) * std).to(dtype)
+            tensors[key + _B_SUFFIX] = (torch.randn(module.out_features, r, generator=gen) * std).to(dtype)
+    if not tensors:
+        raise MergeError(f"no Linear named {list(target_modules)} inside numbered layers of the base model")
+    return LoraAdapter(tensors=tensors, r=r, lora_alpha=lora_alpha, target_modules=tuple(target_modules))

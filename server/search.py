@@ -1,0 +1,236 @@
+"""Gradient-free search over merge weights: an optimizer registry and the loop.
+
+Each optimizer is one small class over `Optimizer` (ask -> [P, dim] array,
+tell(objectives)); all maximise. The loop keeps the best candidate ever
+seen, records every generation, and falls back to the unmerged model when no
+candidate beats it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from common.errors import PrimeError
+
+Objective = Callable[[np.ndarray], Sequence[Any]]  # population [P, dim] -> FitnessParts-like per row
+
+
+class SearchError(PrimeError):
+    """Unknown optimizer, bad bounds/popsize/budget, or a missing optional dependency."""
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Knobs every optimizer understands."""
+
+    dim: int
+    popsize: int = 6
+    budget: int = 10  # generations
+    sigma0: float = 0.5
+    bounds: tuple[float, float] = (-1.5, 1.5)
+    x0: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.bounds
+        if self.dim < 1:
+            raise SearchError(f"search dimension must be >= 1, got {self.dim}")
+        if self.popsize < 2:
+            raise SearchError(f"popsize must be >= 2, got {self.popsize}")
+        if self.budget < 1:
+            raise SearchError(f"budget must be >= 1 generation, got {self.budget}")
+        if not lo < hi:
+            raise SearchError(f"bounds must satisfy low < high, got {self.bounds}")
+        if not self.sigma0 > 0:
+            raise SearchError(f"sigma0 must be > 0, got {self.sigma0}")
+        if self.x0 is not None:
+            if len(self.x0) != self.dim:
+                raise SearchError(f"x0 has {len(self.x0)} values, the search has {self.dim} dimensions")
+            if any(not lo <= v <= hi for v in self.x0):
+                raise SearchError(f"x0 {self.x0} lies outside the bounds {self.bounds}")
+
+    def start(self) -> np.ndarray:
+        """Start point: x0, else the centre of the bounds."""
+        if self.x0 is not None:
+            return np.asarray(self.x0, dtype=float)
+        return np.full(self.dim, (self.bounds[0] + self.bounds[1]) / 2.0)
+
+
+class Optimizer:
+    """Maximiser with ask/tell; subclasses wrap one library."""
+
+    name = "base"
+
+    def __init__(self, config: OptimizerConfig):
+        self.config = config
+
+    def ask(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def tell(self, objectives: Sequence[float]) -> None:
+        raise NotImplementedError
+
+
+class CMAOptimizer(Optimizer):
+    """CMA-ES (pycma); minimises the negated objective."""
+
+    name = "cma"
+
+    def __init__(self, config: OptimizerConfig):
+        super().__init__(config)
+        import cma
+
+        lo, hi = config.bounds
+        opts = {
+            "popsize": config.popsize,
+            "bounds": [lo, hi],
+            "seed": config.seed + 1,  # pycma treats seed 0 as "random"
+            "verbose": -9,
+            "maxiter": config.budget,
+        }
+        self._es = cma.CMAEvolutionStrategy(config.start().tolist(), config.sigma0, opts)
+        self._asked: list[np.ndarray] = []
+
+    def ask(self) -> np.ndarray:
+        self._asked = self._es.ask()
+        return np.asarray(self._asked, dtype=float)
+
+    def tell(self, objectives: Sequence[float]) -> None:
+        self._es.tell(self._asked, [-float(v) for v in objectives])
+
+
+class _NevergradOptimizer(Optimizer):
+    """Nevergrad optimizers (optional dependency, imported on use)."""
+
+    ng_name = ""
+
+    def __init__(self, config: OptimizerConfig):
+        super().__init__(config)
+        try:
+            import nevergrad as ng
+        except ImportError as err:
+            raise SearchError(
+                f"optimizer {self.name!r} needs nevergrad: pip install 'prime-fl[search]'"
+            ) from err
+        lo, hi = config.bounds
+        param = ng.p.Array(init=config.start()).set_bounds(lo, hi).set_mutation(sigma=config.sigma0)
+        param.random_state = np.random.RandomState(config.seed)
+        self._opt = ng.optimizers.registry[self.ng_name](
+            parametrization=param, budget=config.budget * config.popsize, num_workers=config.popsize
+        )
+        self._asked: list = []
+
+    def ask(self) -> np.ndarray:
+        self._asked = [self._opt.ask() for _ in range(self.config.popsize)]
+        return np.asarray([cand.value for cand in self._asked], dtype=float)
+
+    def tell(self, objectives: Sequence[float]) -> None:
+        for cand, value in zip(self._asked, objectives):
+            self._opt.tell(cand, -float(value))
+
+
+class NgIohTunedOptimizer(_NevergradOptimizer):
+    name = "ngiohtuned"
+    ng_name = "NgIohTuned"
+
+
+class TBPSAOptimizer(_NevergradOptimizer):
+    name = "tbpsa"
+    ng_name = "TBPSA"
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (CMAOptimizer, NgIohTunedOptimizer, TBPSAOptimizer)}
+
+
+def make_optimizer(name: str, config: OptimizerConfig) -> Optimizer:
+    """Build a registered optimizer by name."""
+    key = name.strip().lower()
+    if key not in OPTIMIZERS:
+        raise SearchError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[key](config)
+
+
+@dataclass
+class SearchResult:
+    """Best weights found (None: the unmerged model won), their parts, and the per-generation record."""
+
+    best_weights: np.ndarray | None
+    best_parts: object
+    unmerged_parts: object
+    fallback: bool
+    trajectory: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "best_weights": None if self.best_weights is None else self.best_weights.tolist(),
+            "best": _parts_dict(self.best_parts),
+            "unmerged": _parts_dict(self.unmerged_parts),
+            "fallback": self.fallback,
+            "evaluations": self.evaluations,
+            "trajectory": self.trajectory,
+        }
+
+
+def _parts_dict(parts: object) -> dict[str, object]:
+    return parts.to_dict() if hasattr(parts, "to_dict") else dataclasses.asdict(parts)
+
+
+def run_search(
+    evaluate: Objective,
+    unmerged_parts: object,
+    optimizer: Optimizer,
+    *,
+    progress: bool = True,
+) -> SearchResult:
+    """Ask/evaluate/tell for `optimizer.config.budget` generations; keep the best candidate ever seen.
+
+    `evaluate` maps a population [P, dim] to one object per row with
+    `utility`, `privacy`, `objective` attributes (server.fitness.FitnessParts).
+    Falls back to the unmerged model when no candidate's objective beats
+    `unmerged_parts.objective`.
+    """
+    best_w: np.ndarray | None = None
+    best_parts = None
+    trajectory: list[dict] = []
+    evaluations = 0
+    bar = tqdm(range(optimizer.config.budget), desc="search", unit="gen", disable=not progress)
+    for gen in bar:
+        population = optimizer.ask()
+        parts = list(evaluate(population))
+        if len(parts) != len(population):
+            raise RuntimeError(f"objective returned {len(parts)} scores for {len(population)} candidates")
+        evaluations += len(parts)
+        objectives = [p.objective for p in parts]
+        optimizer.tell(objectives)
+        i = int(np.argmax(objectives))
+        if best_parts is None or parts[i].objective > best_parts.objective:
+            best_w, best_parts = population[i].copy(), parts[i]
+        trajectory.append(
+            {
+                "generation": gen,
+                "best_objective": float(parts[i].objective),
+                "mean_objective": float(np.mean(objectives)),
+                "best_utility": float(parts[i].utility),
+                "mean_utility": float(np.mean([p.utility for p in parts])),
+                "best_privacy": float(parts[i].privacy),
+                "mean_privacy": float(np.mean([p.privacy for p in parts])),
+                "best_weights": population[i].tolist(),
+                "best_so_far": float(best_parts.objective),
+            }
+        )
+        bar.set_postfix(best=f"{best_parts.objective:.4f}")
+    fallback = best_parts is None or not best_parts.objective > unmerged_parts.objective
+    return SearchResult(
+        best_weights=None if fallback else best_w,
+        best_parts=unmerged_parts if fallback else best_parts,
+        unmerged_parts=unmerged_parts,
+        fallback=fallback,
+        trajectory=trajectory,
+        evaluations=evaluations,
+    )

@@ -1,0 +1,90 @@
+"""Exact merging: the merged LoRA's delta is the weighted sum of the sharers' deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from common.adapters import LoraAdapter
+from common.lora_math import MergeError, delta, layer_ids, merge_exact, module_names, random_adapter
+from common.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0)[0]
+
+
+def _adapters(model, dtype=torch.float64, alphas=(8.0, 8.0, 8.0), ranks=(4, 4, 4)):
+    return [
+        random_adapter(model, r=r, lora_alpha=a, seed=10 + i, std=0.3, dtype=dtype)
+        for i, (r, a) in enumerate(zip(ranks, alphas))
+    ]
+
+
+def test_lora_level_merge_delta_is_weighted_sum(model):
+    adapters = _adapters(model)
+    w = torch.tensor([0.7, -1.2, 0.4], dtype=torch.float64)
+    merged = merge_exact(adapters, w)
+    assert merged.r == 12 and merged.scaling == adapters[0].scaling
+    for m in module_names(merged.tensors):
+        expected = sum(w[s] * delta(a, m) for s, a in enumerate(adapters))
+        torch.testing.assert_close(delta(merged, m), expected, rtol=0, atol=1e-12)
+
+
+def test_layer_level_merge_uses_each_layers_weight(model):
+    adapters = _adapters(model)
+    modules = module_names(adapters[0].tensors)
+    layers = layer_ids(modules)
+    w = torch.tensor([[0.5, -1.0], [1.5, 0.0], [-0.3, 0.9]], dtype=torch.float64)
+    assert w.shape[1] == len(layers)
+    merged = merge_exact(adapters, w)
+    for m in modules:
+        col = layers.index(int(m.split(".layers.")[1].split(".")[0]))
+        expected = sum(w[s, col] * delta(a, m) for s, a in enumerate(adapters))
+        torch.testing.assert_close(delta(merged, m), expected, rtol=0, atol=1e-12)
+
+
+def test_different_scalings_and_ranks_fold_into_b(model):
+    adapters = _adapters(model, alphas=(8.0, 2.0, 16.0), ranks=(4, 2, 8))
+    w = torch.tensor([1.0, 0.5, -0.25], dtype=torch.float64)
+    merged = merge_exact(adapters, w)
+    assert merged.r == 14
+    for m in module_names(merged.tensors):
+        expected = sum(w[s] * delta(a, m) for s, a in enumerate(adapters))
+        torch.testing.assert_close(delta(merged, m), expected, rtol=0, atol=1e-12)
+
+
+def test_merged_directory_loads_in_peft_with_manual_logits(model, tmp_path):
+    base, tok = tiny_model(seed=0)
+    adapters = _adapters(base, dtype=torch.float32)
+    w = torch.tensor([0.6, -0.8, 1.1])
+    merge_exact(adapters, w).save(tmp_path / "merged")
+    ids = tok(["Review: great film. Score:"], return_tensors="pt").input_ids
+
+    manual, _ = tiny_model(seed=0)
+    with torch.no_grad():
+        for m in module_names(adapters[0].tensors):
+            layer = manual.get_submodule(m.removeprefix("base_model.model."))
+            layer.weight += sum(w[s] * delta(a, m) for s, a in enumerate(adapters))
+        expected = manual(ids).logits
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "merged"))
+        got = peft_model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, tiny_model(seed=0)[0](ids).logits, atol=1e-3), "merge had no effect"
+    reloaded = LoraAdapter.load(tmp_path / "merged", base_model=tiny_model(seed=0)[0])
+    assert reloaded.r == 12
+
+
+def test_bad_weight_shape_and_incompatible_adapters(model):
+    adapters = _adapters(model)
+    with pytest.raises(MergeError, match="shape"):
+        merge_exact(adapters, torch.ones(2))
+    with pytest.raises(MergeError, match="shape"):
+        merge_exact(adapters, torch.ones(3, 5))
+    with pytest.raises(MergeError, match="no adapters"):
+        merge_exact([], torch.ones(0))
+    other = random_adapter(model, target_modules=("q_proj",), seed=3)
+    with pytest.raises(MergeError, match="different modules"):
+        merge_exact([adapters[0], other], torch.ones(2))
