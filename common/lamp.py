@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -268,9 +268,9 @@ def write_json_files(directory: str | Path, files: Mapping[str, Any]) -> None:
     temps: dict[str, str] = {}
     try:
         for name, text in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            tmp = str(directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
             temps[name] = tmp
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            with open(tmp, "x", encoding="utf-8") as handle:  # plain open: the umask decides permissions
                 handle.write(text)
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)

@@ -1,0 +1,106 @@
+"""Shared fixtures: small hand-made LaMP folders (tests never need the real data)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+def tagging_records() -> tuple[list[dict], dict]:
+    """A valid two-user LaMP-2 set: (questions, outputs)."""
+    profile = [
+        {"description": "A pilot in a sci-fi movie.", "tag": "sci-fi", "id": "p0"},
+        {"description": "Two friends in a comedy.", "tag": "comedy", "extra": 3},
+    ]
+    questions = [
+        {"id": "q1", "input": "Description: a robot story. Tag:", "profile": profile},
+        {"id": "q2", "input": "Description: a love story. Tag:", "profile": profile[:1]},
+    ]
+    outputs = {"task": "LaMP_2", "golds": [{"id": "q1", "output": "sci-fi"}, {"id": "q2", "output": "romance"}]}
+    return copy.deepcopy(questions), outputs
+
+
+@pytest.fixture
+def write_lamp_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Write questions/outputs (objects are JSON-encoded, str/bytes written raw) into a fresh folder."""
+    counter = iter(range(1000))
+
+    def write(questions: Any, outputs: Any, prefix: str = "", directory: Path | None = None) -> Path:
+        folder = directory or tmp_path / f"lamp{next(counter)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in ((f"{prefix}questions.json", questions), (f"{prefix}outputs.json", outputs)):
+            if isinstance(content, bytes):
+                (folder / name).write_bytes(content)
+            elif isinstance(content, str):
+                (folder / name).write_text(content, encoding="utf-8")
+            elif content is not None:
+                (folder / name).write_text(json.dumps(content), encoding="utf-8")
+        return folder
+
+    return write
+
+
+def _set(path: list, value: Any) -> Callable[[list, dict], tuple[Any, Any]]:
+    """Mutation: set questions[...]/outputs[...] at `path` (first key 'q' or 'o')."""
+
+    def mutate(questions: list, outputs: dict) -> tuple[Any, Any]:
+        target: Any = questions if path[0] == "q" else outputs
+        for key in path[1:-1]:
+            target = target[key]
+        if value is _DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+        return questions, outputs
+
+    return mutate
+
+
+_DELETE = object()
+
+# (case id, mutation of the valid tagging set, fragments the one-line error must contain)
+BAD_LAMP_CASES: list[tuple[str, Callable[[list, dict], tuple[Any, Any]], tuple[str, ...]]] = [
+    ("questions-not-json", lambda q, o: ('[{"id": ', o), ("questions.json", "not JSON", "line 1")),
+    ("outputs-not-json", lambda q, o: (q, "{task"), ("outputs.json", "not JSON")),
+    ("questions-not-utf8", lambda q, o: (json.dumps(q).encode("utf-16"), o), ("questions.json", "not UTF-8")),
+    ("outputs-not-utf8", lambda q, o: (q, b'{"task": "\xff"}'), ("outputs.json", "not UTF-8")),
+    ("questions-top-level", lambda q, o: ({"questions": q}, o), ("questions.json", "top level", "list")),
+    ("outputs-top-level", lambda q, o: (q, o["golds"]), ("outputs.json", "top level", "object")),
+    ("no-questions", lambda q, o: ([], {"task": "LaMP_2", "golds": []}), ("questions.json", "no questions")),
+    ("question-not-object", lambda q, o: (q + ["x"], o), ("record 2", "must be an object")),
+    ("missing-id", _set(["q", 0, "id"], _DELETE), ("record 0", "missing field 'id'")),
+    ("id-wrong-type", _set(["q", 0, "id"], ["q1"]), ("record 0", "'id' must be str or int", "list")),
+    ("missing-input", _set(["q", 1, "input"], _DELETE), ("questions.json", "record 1", "'q2'", "missing field 'input'")),
+    ("input-wrong-type", _set(["q", 0, "input"], 7), ("record 0", "'q1'", "'input' must be str", "int")),
+    ("missing-profile", _set(["q", 0, "profile"], _DELETE), ("'q1'", "missing field 'profile'")),
+    ("profile-wrong-type", _set(["q", 0, "profile"], "history"), ("'q1'", "'profile' must be list")),
+    ("empty-profile", _set(["q", 1, "profile"], []), ("record 1", "'q2'", "'profile' is empty")),
+    ("profile-item-not-object", _set(["q", 1, "profile"], ["x"]), ("'q2'", "profile item 0", "must be an object")),
+    ("profile-missing-field", _set(["q", 0, "profile", 1, "tag"], _DELETE), ("'q1'", "profile item 1", "missing field 'tag'")),
+    ("profile-field-wrong-type", _set(["q", 0, "profile", 0, "description"], 3), ("profile item 0", "'description' must be str")),
+    ("profile-label-unknown", _set(["q", 0, "profile", 0, "tag"], "western"), ("profile item 0", "'tag'", "not a LaMP_2 label")),
+    ("duplicate-question-id", _set(["q", 1, "id"], "q1"), ("questions.json", "record 1", "duplicate id 'q1'")),
+    ("question-without-gold", lambda q, o: (q + [dict(q[0], id="q3")], o), ("record 2", "'q3'", "no gold output")),
+    ("gold-without-question", lambda q, o: (q, dict(o, golds=o["golds"] + [{"id": "q9", "output": "comedy"}])), ("outputs.json", "'q9'", "no question")),
+    ("duplicate-gold-id", _set(["o", "golds", 1, "id"], "q1"), ("outputs.json", "record 1", "duplicate id 'q1'")),
+    ("gold-missing-output", _set(["o", "golds", 0, "output"], _DELETE), ("outputs.json", "record 0", "missing field 'output'")),
+    ("gold-output-wrong-type", _set(["o", "golds", 0, "output"], None), ("outputs.json", "'output' must be str", "NoneType")),
+    ("gold-label-unknown", _set(["o", "golds", 0, "output"], "western"), ("outputs.json", "'output'", "not a LaMP_2 label")),
+    ("golds-wrong-type", _set(["o", "golds"], {"q1": "comedy"}), ("outputs.json", "'golds' must be list")),
+    ("unknown-task", _set(["o", "task"], "LaMP_9"), ("outputs.json", "'task'", "unknown task 'LaMP_9'")),
+    ("missing-task", _set(["o", "task"], _DELETE), ("outputs.json", "missing field 'task'")),
+    ("user-profiles-differ", lambda q, o: ([dict(q[0], user_id="u"), dict(q[1], user_id="u")], o), ("record 1", "'profile' differs", "'u'")),
+    ("missing-outputs-file", lambda q, o: (q, None), ("outputs.json", "missing")),
+]
+
+
+@pytest.fixture(params=BAD_LAMP_CASES, ids=[case[0] for case in BAD_LAMP_CASES])
+def bad_lamp_dir(request: pytest.FixtureRequest, write_lamp_dir: Callable[..., Path]) -> tuple[Path, tuple[str, ...]]:
+    """A LaMP folder with one defect, and the fragments its error must name."""
+    _, mutate, fragments = request.param
+    questions, outputs = mutate(*tagging_records())
+    return write_lamp_dir(questions, outputs), fragments

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tagging_records
+
+from common.errors import PrimeError
+from common.lamp import LampDataset, LampFormatError, LampUser, Query, load_lamp, profile_pairs, write_lamp
+from common.tasks import get_task
+
+
+def test_loads_valid_set_one_user_per_question(write_lamp_dir):
+    data = load_lamp(write_lamp_dir(*tagging_records()))
+    assert data.task.lamp_id == "LaMP_2"
+    assert [u.user_id for u in data.users] == ["q1", "q2"]
+    user = data.user("q1")
+    assert user is data.by_id["q1"]
+    assert len(user.profile) == 2
+    assert user.queries == [Query(id="q1", input="Description: a robot story. Tag:", gold="sci-fi")]
+    with pytest.raises(PrimeError, match="unknown user 'nobody'"):
+        data.user("nobody")
+
+
+def test_bad_input_is_one_clear_error(bad_lamp_dir):
+    folder, fragments = bad_lamp_dir
+    with pytest.raises(LampFormatError) as info:
+        load_lamp(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_user_id_groups_questions(write_lamp_dir):
+    questions, outputs = tagging_records()
+    questions[1]["profile"] = questions[0]["profile"]
+    for q in questions:
+        q["user_id"] = "alice"
+    data = load_lamp(write_lamp_dir(questions, outputs))
+    assert [u.user_id for u in data.users] == ["alice"]
+    assert [q.id for q in data.user("alice").queries] == ["q1", "q2"]
+
+
+def test_rating_scores_may_be_int_or_str_and_ids_int(write_lamp_dir):
+    questions = [
+        {"id": 1, "input": "Review: fine. Score:", "profile": [{"text": "good", "score": 4}, {"text": "bad", "score": "1"}]}
+    ]
+    data = load_lamp(write_lamp_dir(questions, {"task": "LaMP-3", "golds": [{"id": 1, "output": 3}]}))
+    assert data.users[0].queries[0] == Query(id="1", input="Review: fine. Score:", gold="3")
+    pairs = profile_pairs(data.task, data.users[0].profile)
+    assert pairs[0][1] == "4" and pairs[0][0].endswith("Review: good Score:")
+
+
+def test_rating_score_out_of_range(write_lamp_dir):
+    questions = [{"id": "a", "input": "x", "profile": [{"text": "good", "score": 7}]}]
+    with pytest.raises(LampFormatError, match="profile item 0.*'score'.*not a LaMP_3 label"):
+        load_lamp(write_lamp_dir(questions, {"task": "LaMP_3", "golds": [{"id": "a", "output": "3"}]}))
+
+
+def test_profile_pairs_use_task_template():
+    task = get_task("tagging")
+    prompt, target = profile_pairs(task, [{"description": " A robot. ", "tag": "sci-fi", "other": 1}])[0]
+    assert prompt == task.template.format(description="A robot.") and target == "sci-fi"
+
+
+def test_lamp_split_names(write_lamp_dir, tmp_path):
+    q, o = tagging_records()
+    folder = write_lamp_dir(q, o, prefix="train_")
+    assert len(load_lamp(folder).users) == 2  # the only layout present
+    write_lamp_dir(q[:1], {"task": "LaMP_2", "golds": o["golds"][:1]}, prefix="dev_", directory=folder)
+    with pytest.raises(LampFormatError, match="ambiguous"):
+        load_lamp(folder)
+    assert len(load_lamp(folder, split="train").users) == 2
+    assert len(load_lamp(folder, split="dev").users) == 1
+    with pytest.raises(LampFormatError, match="unknown split"):
+        load_lamp(folder, split="test")
+    with pytest.raises(LampFormatError, match="no questions.json"):
+        load_lamp(write_lamp_dir(None, None))
+    with pytest.raises(LampFormatError, match="not a directory"):
+        load_lamp(tmp_path / "missing")
+
+
+def test_write_round_trip_regroups_users(tmp_path):
+    task = get_task("rating")
+    profile = [{"text": "good", "score": "4"}]
+    data = LampDataset(
+        task=task,
+        users=[
+            LampUser("u1", profile, [Query("u1-q0", "a", "4"), Query("u1-q1", "b", "2")]),
+            LampUser("q9", profile, [Query("q9", "c", "5")]),
+        ],
+    )
+    write_lamp(data, tmp_path / "out")
+    back = load_lamp(tmp_path / "out")
+    assert [(u.user_id, u.profile, u.queries) for u in back.users] == [(u.user_id, u.profile, u.queries) for u in data.users]
+    records = json.loads((tmp_path / "out" / "questions.json").read_text())
+    assert "user_id" not in records[2]  # a one-query user keeps the plain LaMP layout
+
+
+def test_write_failure_leaves_nothing_partial(tmp_path):
+    data = LampDataset(task=get_task("rating"), users=[LampUser("a", [{"text": "t", "score": "3"}], [Query("a", "x", "3")])])
+    out = tmp_path / "out"
+    write_lamp(data, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    data.users[0].queries.append(Query("a2", "y", "1"))
+    with pytest.raises(TypeError):
+        write_lamp(data, out, extra={"benchmark.json": {"bad": object()}})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_real_lamp4_set_loads():
+    folder = Path("/work/shared/data/huffpost-lamp4")
+    if not folder.exists():
+        pytest.skip("shared LaMP-4 set not present")
+    data = load_lamp(folder)
+    assert data.task.lamp_id == "LaMP_4" and len(data.users) == 152

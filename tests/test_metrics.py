@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from common.metrics import fitness, higher_is_better, parse_label, prediction_similarity, task_metrics
+from common.tasks import get_task
+
+TAGGING, RATING, HEADLINE, CITATION = (get_task(n) for n in ("tagging", "rating", "headline", "LaMP_1"))
+
+
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("comedy", "comedy"),
+        ("  Dark Comedy. ", "dark comedy"),
+        ("Tag: SCI-FI", "sci-fi"),
+        ("I think comedy, maybe dark comedy", "dark comedy"),  # longest contained tag
+        ("action or comedy", "action"),  # equal length: the earlier one
+        ("a chain reaction", None),  # no tag inside another word
+        ("", None),
+        ("based on a book, yes", "based on a book"),
+    ],
+)
+def test_parse_tags(text, label):
+    assert parse_label(TAGGING, text) == label
+
+
+@pytest.mark.parametrize(
+    "text, label",
+    [("4", "4"), ("Score: 4", "4"), (" 5 stars", "5"), ("3.5", "3"), ("10", None), ("zero 0", None), ("great", None), ("0 or 2", "2")],
+)
+def test_parse_ratings(text, label):
+    assert parse_label(RATING, text) == label
+
+
+@pytest.mark.parametrize("text, label", [("[1]", "[1]"), ("answer: [ 2 ]", "[2]"), ("2", "[2]"), ("[3]", None), ("none", None)])
+def test_parse_citation(text, label):
+    assert parse_label(CITATION, text) == label
+
+
+def test_parse_never_crashes_on_odd_input():
+    assert parse_label(RATING, None) is None  # type: ignore[arg-type]
+    assert parse_label(HEADLINE, "  A title \n") == "A title"
+
+
+def test_classification_metrics_by_hand():
+    # comedy right, action->sci-fi wrong, unparseable wrong. Per-class F1 over 15 tags:
+    # comedy 1.0; action (gold once, never predicted) 0; sci-fi (predicted once, gold once, wrong pair) 0.
+    values = task_metrics(TAGGING, ["Comedy", "sci-fi", "gibberish"], ["comedy", "action", "sci-fi"])
+    assert values == pytest.approx({"accuracy": 1 / 3, "f1": 1 / 15})
+    assert list(values) == ["accuracy", "f1"]
+    assert fitness(TAGGING, ["Comedy", "sci-fi", "gibberish"], ["comedy", "action", "sci-fi"]) == pytest.approx(1 / 3 + 1 / 15)
+
+
+def test_rating_metrics_unparseable_is_farthest_value():
+    # errors: |4-5|=1; "x" vs gold 3 -> 5 (tie goes to 5) -> 2; "x" vs 2 -> 5 -> 3; |1-1|=0
+    values = task_metrics(RATING, ["Score: 4", "x", "no idea", "1"], ["5", "3", "2", "1"])
+    assert values["mae"] == pytest.approx(6 / 4)
+    assert values["rmse"] == pytest.approx(math.sqrt(14 / 4))
+    expected = (1 - 1.5 / 4) + (1 - math.sqrt(14 / 4) / 4)
+    assert fitness(RATING, ["Score: 4", "x", "no idea", "1"], ["5", "3", "2", "1"]) == pytest.approx(expected)
+    assert task_metrics(RATING, ["none"], ["4"])["mae"] == 3.0  # 4 -> farthest is 1
+
+
+def test_generation_metrics_stemmed_rouge():
+    # "cats running fast" vs "the cat runs": stems cat, run match; P=2/3, R=2/3.
+    values = task_metrics(HEADLINE, ["cats running fast"], ["the cat runs"])
+    assert values == pytest.approx({"rouge1": 2 / 3, "rougeL": 2 / 3})
+    # LCS of "a b c d" vs "a c b d" is 3 of 4 tokens; unigram overlap is 4 of 4.
+    values = task_metrics(HEADLINE, ["alpha gamma beta delta"], ["alpha beta gamma delta"])
+    assert values == pytest.approx({"rouge1": 1.0, "rougeL": 0.75})
+
+
+def test_metrics_reject_mismatched_lists():
+    with pytest.raises(ValueError, match="length mismatch"):
+        task_metrics(TAGGING, ["comedy"], [])
+    with pytest.raises(ValueError, match="no predictions"):
+        fitness(RATING, [], [])
+    with pytest.raises(ValueError, match="not a LaMP_2 label"):
+        task_metrics(TAGGING, ["comedy"], ["western"])
+
+
+def test_prediction_similarity():
+    assert prediction_similarity(TAGGING, ["comedy", "Action", "x"], ["Comedy", "romance", "x"]) == pytest.approx(2 / 3)
+    assert prediction_similarity(TAGGING, ["x"], ["y"]) == 0.0
+    # |4-2|=2 -> 0.5; equal -> 1; unparseable vs 2 -> farthest 5 -> 1 - 3/4
+    assert prediction_similarity(RATING, ["4", "Score: 3", "?"], ["2", "3", "2"]) == pytest.approx((0.5 + 1 + 0.25) / 3)
+    assert prediction_similarity(HEADLINE, ["", "the cat runs"], ["", "the cat runs"]) == 1.0
+    assert prediction_similarity(HEADLINE, ["alpha beta"], ["gamma delta"]) == 0.0
+    sim = prediction_similarity(HEADLINE, ["alpha gamma beta delta"], ["alpha beta gamma delta"])
+    assert sim == pytest.approx(0.75)
+
+
+def test_orientation():
+    assert higher_is_better("accuracy") and higher_is_better("rougeL")
+    assert not higher_is_better("mae") and not higher_is_better("rmse")
+    with pytest.raises(ValueError, match="unknown metric"):
+        higher_is_better("bleu")
