@@ -1,0 +1,187 @@
+"""Batched label scoring and greedy generation on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.inference import encode_example, generate, predict, predict_labels, score_labels
+from common.models import tiny_model
+from common.tasks import completion_text, get_task
+
+PROMPTS = [
+    "Review: a great film Score:",
+    "What is the score of the following review on a scale of 1 to 5? Review: the story is bad, fine acting Score:",
+    "Description: a man and a woman Tag:",
+]
+LABELS = ["1", "2", "5", "sci-fi", "based on a book"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(seed=3)
+
+
+def _reference_scores(model, tokenizer, prompts, labels):
+    """Plain full-sequence forward, no cache, one example at a time."""
+    rows = []
+    for prompt in prompts:
+        row = []
+        for label in labels:
+            ids, n_prompt = encode_example(tokenizer, prompt, label)
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+            row.append(sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids))))
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def test_encode_example_concatenates_prompt_and_completion(tiny):
+    _, tok = tiny
+    ids, n = encode_example(tok, "Review: good Score:", "4")
+    assert ids[:n] == tok("Review: good Score:").input_ids
+    assert ids[n:] == tok(completion_text("4"), add_special_tokens=False).input_ids
+    assert encode_example(tok, "Review: good Score:") == (ids[:n], n)
+
+
+def test_encode_example_truncates_left_keeping_bos_and_template_end(tiny):
+    _, tok = tiny
+    prompt = "story " * 200 + "Score:"
+    ids, n = encode_example(tok, prompt, "3", max_prompt_tokens=20)
+    full = tok(prompt).input_ids
+    assert n == 20 and ids[0] == tok.bos_token_id
+    assert ids[1:n] == full[-19:]
+
+
+def test_score_labels_matches_full_forward_reference(tiny):
+    model, tok = tiny
+    got = score_labels(model, tok, PROMPTS, LABELS, batch_size=16)
+    assert got.shape == (len(PROMPTS), len(LABELS))
+    torch.testing.assert_close(got, _reference_scores(model, tok, PROMPTS, LABELS), atol=1e-4, rtol=1e-4)
+
+
+def test_batched_scores_equal_one_by_one(tiny):
+    model, tok = tiny
+    batched = score_labels(model, tok, PROMPTS, LABELS, batch_size=2)
+    single = torch.cat([score_labels(model, tok, [p], LABELS) for p in PROMPTS])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_score_rows_hook_sees_prompt_indices_per_forward(tiny):
+    model, tok = tiny
+    calls = []
+    score_labels(model, tok, PROMPTS, ["1", "based on a book"], batch_size=2, rows_hook=lambda r: calls.append(r.tolist()))
+    # per batch: prompt forward, then the label forward with each prompt repeated once per label
+    assert calls == [[0, 1], [0, 0, 1, 1], [2], [2, 2]]
+
+
+def test_predict_labels_is_argmax(tiny):
+    model, tok = tiny
+    scores = score_labels(model, tok, PROMPTS, LABELS)
+    assert predict_labels(model, tok, PROMPTS, LABELS) == [LABELS[i] for i in scores.argmax(1).tolist()]
+    assert predict_labels(model, tok, [], LABELS) == []
+
+
+def test_generate_batched_equals_one_by_one_and_hook_tracks_rows(tiny):
+    model, tok = tiny
+    calls = []
+    batched = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, rows_hook=lambda r: calls.append(r.tolist()))
+    single = [generate(model, tok, [p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert batched == single
+    assert calls[0] == [0, 1] and [2] in calls
+    assert all(set(c) <= {0, 1} for c in calls[: calls.index([2])])
+
+
+def test_generate_matches_reference_greedy_decoding(tiny):
+    model, tok = tiny
+    prompt = PROMPTS[1]
+    ids = tok(prompt).input_ids
+    for _ in range(5):
+        with torch.no_grad():
+            ids = ids + [int(model(torch.tensor([ids])).logits[0, -1].argmax())]
+    reference = tok.decode(ids[len(tok(prompt).input_ids) :], skip_special_tokens=True).split("\n")[0].strip()
+    assert generate(model, tok, [prompt], max_new_tokens=5) == [reference]
+
+
+def test_generate_stops_at_newline_and_eos(tiny):
+    """Force the LM head to favour a newline token, then EOS, and check decoding stops there."""
+    model, tok = tiny
+    newline = tok(completion_text("x") + "\n", add_special_tokens=False).input_ids[-1]
+    assert "\n" in tok.decode([newline])
+    for stop_token in (newline, tok.eos_token_id):
+        patched, _ = tiny_model(seed=3)
+        patched.config.tie_word_embeddings = False
+        head = torch.nn.Linear(patched.config.hidden_size, patched.config.vocab_size, bias=True)
+        head.weight.data.zero_()
+        head.bias.data.zero_()
+        head.bias.data[stop_token] = 10.0
+        patched.lm_head = head
+        assert generate(patched, tok, PROMPTS, max_new_tokens=5) == ["", "", ""]
+
+
+class _RowBiasedHead(torch.nn.Module):
+    """LM head that forces EOS for rows whose prompt index is in `stop_rows` (set through rows_hook)."""
+
+    def __init__(self, head: torch.nn.Module, eos: int, stop_rows: set[int]) -> None:
+        super().__init__()
+        self.head, self.eos, self.stop_rows, self.rows = head, eos, stop_rows, torch.empty(0)
+
+    def hook(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        for k, row in enumerate(self.rows.tolist()):
+            if row in self.stop_rows:
+                logits[k, self.eos] = 1e4
+        return logits
+
+
+def test_generate_drops_finished_rows_from_later_forwards(tiny):
+    _, tok = tiny
+    plain = generate(tiny[0], tok, PROMPTS, max_new_tokens=4)
+    patched, _ = tiny_model(seed=3)
+    head = _RowBiasedHead(patched.lm_head, tok.eos_token_id, {0})
+    patched.lm_head = head
+    calls = []
+
+    def hook(rows):
+        calls.append(rows.tolist())
+        head.hook(rows)
+
+    out = generate(patched, tok, PROMPTS, max_new_tokens=4, rows_hook=hook)
+    assert out == [""] + plain[1:]
+    assert calls[0] == [0, 1, 2] and len(calls) > 1
+    assert all(0 not in c for c in calls[1:])
+
+
+def test_predict_dispatches_on_task(tiny):
+    model, tok = tiny
+    rating = get_task("rating")
+    assert all(p in rating.query_labels for p in predict(rating, model, tok, PROMPTS))
+    headline = get_task("headline")
+    assert predict(headline, model, tok, PROMPTS[:1]) == generate(model, tok, PROMPTS[:1], max_new_tokens=headline.max_new_tokens)
+
+
+def test_works_through_peft_wrapper(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = tiny_model(seed=3)
+    reference = score_labels(base, tok, PROMPTS, LABELS)
+    wrapped = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for module in wrapped.modules():
+        if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+    wrapped.eval()
+    changed = score_labels(wrapped, tok, PROMPTS, LABELS)
+    assert not torch.allclose(changed, reference)
+    torch.testing.assert_close(changed, _reference_scores(wrapped, tok, PROMPTS, LABELS), atol=1e-4, rtol=1e-4)
+    assert len(generate(wrapped, tok, PROMPTS, max_new_tokens=3)) == 3
+
+
+def test_bad_arguments_raise(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError):
+        score_labels(model, tok, PROMPTS, [])
+    with pytest.raises(ValueError):
+        generate(model, tok, PROMPTS, max_new_tokens=0)
