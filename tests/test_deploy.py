@@ -1,0 +1,152 @@
+"""Local deployment launcher: a throwaway Flower app through real flower-superlink / flower-supernode processes."""
+
+import json
+import textwrap
+
+import psutil
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from simulations.cli import main
+from simulations.deploy import DeployConfig, DeployError, deploy, generate_node_keys, generate_tls
+
+PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tinyfed"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "prime-fl-tests"
+
+[tool.flwr.app.components]
+serverapp = "tinyfed.server:app"
+clientapp = "tinyfed.client:app"
+
+[tool.flwr.app.config]
+out-dir = "out"
+num-nodes = 2
+sleep = 0
+"""
+
+SERVER = """\
+import json, time
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    time.sleep(float(context.run_config["sleep"]))
+    want = int(context.run_config["num-nodes"])
+    deadline, nodes = time.time() + 60, []
+    while time.time() < deadline and len(nodes) < want:
+        nodes = sorted(grid.get_node_ids())
+        time.sleep(0.5)
+    msgs = [Message(RecordDict({"q": ConfigRecord({"hello": 1})}), dst_node_id=n, message_type="query") for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=60))
+    parts = sorted(int(r.content["r"]["partition-id"]) for r in replies if r.has_content())
+    out = Path(str(context.run_config["out-dir"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"nodes": len(nodes), "partitions": parts}))
+"""
+
+CLIENT = """\
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({"r": ConfigRecord({"partition-id": pid})}), reply_to=msg)
+"""
+
+
+@pytest.fixture()
+def app_dir(tmp_path):
+    root = tmp_path / "app"
+    (root / "tinyfed").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    (root / "tinyfed" / "__init__.py").write_text("")
+    (root / "tinyfed" / "server.py").write_text(SERVER)
+    (root / "tinyfed" / "client.py").write_text(CLIENT)
+    return root
+
+
+def _assert_all_stopped(report):
+    assert report["pids"], "the launcher recorded no processes"
+    alive = [pid for pid in report["pids"] if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+
+
+def test_deploy_runs_app_with_tls_and_node_auth(app_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["deploy", "--app", str(app_dir), "--nodes", "2", "--out", str(out), "--timeout", "150",
+                 "--run-config", "num-nodes=2"])
+    assert code == 0, capsys.readouterr()
+    assert json.loads((out / "app-out" / "result.json").read_text()) == {"nodes": 2, "partitions": [0, 1]}
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["status"] == "finished:completed" and report["app_outputs"] == ["result.json"]
+    superlink_cmd = (out / "logs" / "superlink.log").read_text().splitlines()[0]
+    assert "--enable-supernode-auth" in superlink_cmd and "--ssl-certfile" in superlink_cmd
+    assert "--insecure" not in superlink_cmd
+    assert (out / "logs" / "register.log").read_text().count("registered successfully") == 2
+    for i in range(2):
+        node_cmd = (out / "logs" / f"supernode-{i}.log").read_text().splitlines()[0]
+        assert f"partition-id={i} num-partitions=2" in node_cmd and "--auth-supernode-private-key" in node_cmd
+    _assert_all_stopped(report)
+    assert "finished:completed" in capsys.readouterr().out
+
+
+def test_timeout_stops_every_process(app_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DeployError, match="did not finish"):
+        deploy(DeployConfig(app_dir=app_dir, out=out, nodes=1, run_config="num-nodes=1 sleep=300", timeout=20))
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["status"] == "timeout"
+    assert len(report["pids"]) > 3  # superlink, supernode, log stream and their SuperExec / ServerApp children
+    _assert_all_stopped(report)
+    assert not (out / "app-out" / "result.json").exists()
+
+
+def test_bad_app_dirs(tmp_path, app_dir, capsys):
+    assert main(["deploy", "--app", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "no pyproject.toml" in capsys.readouterr().err
+    legacy = app_dir / "pyproject.toml"
+    legacy.write_text(PYPROJECT + "\n[tool.flwr.federations]\ndefault = \"x\"\n")
+    before = legacy.read_text()
+    with pytest.raises(DeployError, match="legacy"):
+        deploy(DeployConfig(app_dir=app_dir, out=tmp_path / "o"))
+    assert legacy.read_text() == before
+    with pytest.raises(DeployError, match="--nodes"):
+        DeployConfig(app_dir=app_dir, out=tmp_path / "o", nodes=0)
+
+
+def test_generated_certificates_and_node_keys(tmp_path):
+    tls = generate_tls(tmp_path / "certs")
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert oct(tls.server_key.stat().st_mode & 0o777) == "0o600"
+    keys = generate_node_keys(tmp_path / "keys", 2)
+    private = load_ssh_private_key(keys[1].private_key.read_bytes(), None)
+    public = load_ssh_public_key(keys[1].public_key.read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert keys[0].public_key.read_bytes() != keys[1].public_key.read_bytes()
