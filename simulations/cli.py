@@ -16,6 +16,8 @@ from common.errors import PrimeError
 
 COMMANDS: tuple[str, ...] = (
     "simulations.commands.data",
+    "simulations.commands.embed",
+    "simulations.commands.deploy",
 )
 
 
