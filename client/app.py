@@ -1,0 +1,196 @@
+"""Flower ClientApp: one node, one user, three jobs.
+
+- `train.adapt`: one local round of task-LoRA training (FedAvg'd by the coordinator);
+- `train.share`: train this user's LoRA on their private history, embed the
+  history, and reply with one upload sealed to the coordinator and signed;
+- `query.profile` then `evaluate.personalized`: as a target, send the
+  embedding and history (sealed), then receive the one merged adapter and
+  report metrics on the held-out queries.
+
+A node's user is `dataset.users[partition-id]` (or node config `user-id`);
+its data comes from node config `data-path`, else the path the coordinator
+names (the same machine in simulation). Everything else a handler needs
+arrives in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.privacy import clip_and_noise
+from client.training import TrainConfig, train_lora
+from common.adapters import LoraAdapter
+from common.crypto import NodeIdentity, new_upload_id, seal
+from common.encoder import load_encoder, user_embedding
+from common.federation import PHASE_PROFILE, PHASE_SHARE
+from common.inference import predict
+from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs
+from common.metrics import task_metrics
+from common.records import adapter_from_records, adapter_to_records, has_adapter
+from common.task_model import load_task_model
+from common.wire import encode_upload
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+_DATASETS: dict[str, LampDataset] = {}
+
+
+def _identity(context: Context) -> NodeIdentity:
+    """This node's signing key: from node config `identity-key` (a PEM path) or kept in node state."""
+    path = context.node_config.get("identity-key")
+    if path:
+        path = Path(str(path))
+        if not path.exists():
+            NodeIdentity.generate().save(path)
+        return NodeIdentity.load(path)
+    state = context.state.config_records.get("identity")
+    if state is None:
+        identity = NodeIdentity.generate()
+        context.state.config_records["identity"] = ConfigRecord({"key": identity.private_key.private_bytes_raw()})
+        return identity
+    return NodeIdentity(Ed25519PrivateKey.from_private_bytes(bytes(state["key"])))
+
+
+def _user(context: Context, config: ConfigRecord) -> tuple[LampDataset, LampUser]:
+    data_dir = str(context.node_config.get("data-path") or config["data-dir"])
+    if data_dir not in _DATASETS:
+        _DATASETS[data_dir] = load_lamp(data_dir)
+    dataset = _DATASETS[data_dir]
+    user_id = context.node_config.get("user-id")
+    if user_id:
+        return dataset, dataset.user(str(user_id))
+    return dataset, dataset.users[int(context.node_config["partition-id"]) % len(dataset.users)]
+
+
+def _train_config(config: ConfigRecord, epochs_key: str = "epochs") -> TrainConfig:
+    return TrainConfig(
+        r=int(config["lora-r"]),
+        lora_alpha=int(config["lora-alpha"]),
+        lr=float(config["lr"]),
+        epochs=int(config[epochs_key]),
+        seed=int(config["seed"]),
+    )
+
+
+def _task_model(msg: Message):
+    config = msg.content.config_records["config"]
+    task_adapter = adapter_from_records(msg.content, "task") if has_adapter(msg.content, "task") else None
+    return load_task_model(str(config["model-spec"]), str(config["model-cache"]) or None, task_adapter)
+
+
+def _history(dataset: LampDataset, user: LampUser, limit: int) -> list[tuple[str, str]]:
+    return profile_pairs(dataset.task, user.profile)[-limit:]
+
+
+@app.query("register")
+def register(msg: Message, context: Context) -> Message:
+    """Introduce this node: its user, history size and public signing key."""
+    config = msg.content.config_records["config"]
+    dataset, user = _user(context, config)
+    reply = ConfigRecord(
+        {
+            "user-id": user.user_id,
+            "identity": _identity(context).public_bytes,
+            "n-history": len(user.profile),
+            "n-queries": len(user.queries),
+        }
+    )
+    return msg.create_reply(RecordDict({"node": reply}))
+
+
+@app.train("adapt")
+def adapt(msg: Message, context: Context) -> Message:
+    """One local round of task-LoRA training, starting from the coordinator's current task LoRA."""
+    config = msg.content.config_records["config"]
+    dataset, user = _user(context, config)
+    model, tokenizer = load_task_model(str(config["model-spec"]), str(config["model-cache"]) or None, None)
+    init = adapter_from_records(msg.content, "global") if has_adapter(msg.content, "global") else None
+    pairs = profile_pairs(dataset.task, user.profile)
+    adapter, stats = train_lora(model, tokenizer, pairs, _train_config(config, "adapt-epochs"), progress=False, init=init)
+    reply = adapter_to_records(adapter, "update")
+    reply["metrics"] = MetricRecord({"num-examples": len(pairs), "loss": float(stats.final_loss)})
+    return msg.create_reply(reply)
+
+
+@app.train("share")
+def share(msg: Message, context: Context) -> Message:
+    """Train this user's LoRA, embed the history, seal both to the coordinator."""
+    config = msg.content.config_records["config"]
+    dataset, user = _user(context, config)
+    model, tokenizer = _task_model(msg)
+    started = time.perf_counter()
+    pairs = profile_pairs(dataset.task, user.profile)
+    adapter, stats = train_lora(model, tokenizer, pairs, _train_config(config), progress=False)
+    train_seconds = time.perf_counter() - started
+    tensors = clip_and_noise(
+        adapter.tensors, clip=float(config["dp-clip"]), noise=float(config["dp-noise"]), seed=int(config["seed"])
+    )
+    encoder = load_encoder(str(config["encoder"]))
+    embedding = user_embedding(encoder, dataset.task, user.profile)
+    meta = {"user-id": user.user_id, "r": adapter.r, "lora-alpha": adapter.lora_alpha,
+            "target-modules": list(adapter.target_modules), "n-train": len(pairs)}
+    payload = encode_upload(tensors, embedding, meta)
+    sealed = seal(
+        payload,
+        sender=_identity(context),
+        coordinator_public=bytes(config["coordinator-public"]),
+        run_id=str(config["run-id"]),
+        node_id=str(context.node_id),
+        phase=PHASE_SHARE,
+        upload_id=new_upload_id(),
+    )
+    raw = sum(t.numel() * 4 for t in adapter.tensors.values())
+    metrics = MetricRecord({"train-seconds": train_seconds, "loss": float(stats.final_loss),
+                            "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)})
+    return msg.create_reply(RecordDict({"upload": ConfigRecord({"sealed": sealed}), "metrics": metrics}))
+
+
+@app.query("profile")
+def profile(msg: Message, context: Context) -> Message:
+    """As a target: seal this user's embedding and (most recent) history to the coordinator."""
+    config = msg.content.config_records["config"]
+    dataset, user = _user(context, config)
+    encoder = load_encoder(str(config["encoder"]))
+    embedding = user_embedding(encoder, dataset.task, user.profile)
+    history = _history(dataset, user, int(config["max-history"]))
+    payload = encode_upload({}, embedding, {"user-id": user.user_id, "history": [list(p) for p in history]})
+    sealed = seal(
+        payload,
+        sender=_identity(context),
+        coordinator_public=bytes(config["coordinator-public"]),
+        run_id=str(config["run-id"]),
+        node_id=str(context.node_id),
+        phase=PHASE_PROFILE,
+        upload_id=new_upload_id(),
+    )
+    return msg.create_reply(RecordDict({"upload": ConfigRecord({"sealed": sealed})}))
+
+
+@app.evaluate("personalized")
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the unmerged task model (NP) and the merged adapter on this user's held-out queries."""
+    config = msg.content.config_records["config"]
+    dataset, user = _user(context, config)
+    task = dataset.task
+    model, tokenizer = _task_model(msg)
+    prompts = [q.input for q in user.queries]
+    golds = [q.gold for q in user.queries]
+    np_preds = predict(task, model, tokenizer, prompts)
+    merged_preds = np_preds
+    if has_adapter(msg.content, "merged"):
+        peft_model = adapter_from_records(msg.content, "merged").apply_to(model)
+        try:
+            merged_preds = predict(task, peft_model, tokenizer, prompts)
+        finally:
+            peft_model.unload()
+    metrics = {f"np-{k}": v for k, v in task_metrics(task, np_preds, golds).items()}
+    metrics |= {f"prime-{k}": v for k, v in task_metrics(task, merged_preds, golds).items()}
+    metrics["n-queries"] = len(prompts)
+    return msg.create_reply(RecordDict({"metrics": MetricRecord(metrics)}))

@@ -1,0 +1,113 @@
+"""The run report: what happened in each phase, written as JSON and CSV.
+
+One JSON with everything (config, plan, per-phase timings, skipped nodes with
+reasons, upload sizes, per-target search results and metrics) and one CSV row
+per target for spreadsheets and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    config: dict[str, Any]
+    plan: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    adapt_rounds: list[dict[str, Any]] = field(default_factory=list)
+    uploads: dict[str, dict[str, float]] = field(default_factory=dict)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def skip(self, phase: str, node_id: int, reason: str) -> None:
+        self.skipped.append({"phase": phase, "node_id": int(node_id), "reason": reason})
+
+    def skipped_in(self, phase: str) -> set[int]:
+        return {s["node_id"] for s in self.skipped if s["phase"] == phase}
+
+    def time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
+
+    def add_round(self, round_: int, n_nodes: int, loss: float) -> None:
+        self.adapt_rounds.append({"round": round_, "nodes": n_nodes, "loss": loss})
+
+    def add_upload(self, user_id: str, metrics: Mapping[str, Any], payload_bytes: int) -> None:
+        self.uploads[user_id] = {k: float(v) for k, v in metrics.items()} | {"payload-bytes": payload_bytes}
+
+    def add_search(self, user_id: str, result: Any, seconds: float) -> None:
+        self.targets[user_id] = {
+            "sharers": list(result.sharer_ids),
+            "weights": _plain(result.weights),
+            "fallback": bool(result.fallback),
+            "fitness": _plain(result.best_parts),
+            "unmerged_fitness": _plain(result.unmerged_parts),
+            "search_seconds": round(seconds, 3),
+        }
+
+    def add_evaluation(self, user_id: str, metrics: Mapping[str, Any]) -> None:
+        self.targets.setdefault(user_id, {})["metrics"] = {k: float(v) for k, v in metrics.items()}
+
+    def summary(self) -> dict[str, float]:
+        """Mean of each held-out metric over evaluated targets (NP and PriME side by side)."""
+        rows = [t["metrics"] for t in self.targets.values() if "metrics" in t]
+        keys = sorted({k for r in rows for k in r if k != "n-queries"})
+        return {k: sum(r[k] for r in rows) / len(rows) for k in keys} if rows else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "config": self.config,
+            "plan": self.plan,
+            "timings_s": self.timings,
+            "skipped": self.skipped,
+            "adapt_rounds": self.adapt_rounds,
+            "uploads": self.uploads,
+            "targets": self.targets,
+            "summary": self.summary(),
+        }
+
+    def write(self, directory: str | Path) -> Path:
+        """`report.json` and `targets.csv` in `directory`, each replaced atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        metric_keys = sorted({k for t in self.targets.values() for k in t.get("metrics", {})})
+        lines = [["user_id", "sharers", "weights", "fallback", "objective", "utility", "privacy", "search_s", *metric_keys]]
+        for user_id, t in sorted(self.targets.items()):
+            fit = t.get("fitness") or {}
+            lines.append([user_id, " ".join(t.get("sharers", [])), json.dumps(t.get("weights")), t.get("fallback"),
+                          fit.get("objective"), fit.get("utility"), fit.get("privacy"), t.get("search_seconds"),
+                          *[t.get("metrics", {}).get(k) for k in metric_keys]])
+        tmp = directory / "targets.csv.tmp"
+        with tmp.open("w", newline="") as handle:
+            csv.writer(handle).writerows(lines)
+        os.replace(tmp, directory / "targets.csv")
+        return directory / "report.json"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of numpy arrays / dataclasses found in search results."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
