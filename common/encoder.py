@@ -143,14 +143,16 @@ def embed_users(encoder: Encoder, dataset: LampDataset) -> dict[str, np.ndarray]
 def save_embeddings(path: str | Path, embeddings: Mapping[str, np.ndarray], encoder_name: str) -> None:
     """Write `.npz` with `user_ids` (str), `embeddings` (float32, one row each) and `encoder`; atomic."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ids = list(embeddings)
     matrix = np.stack([np.asarray(embeddings[u], dtype=np.float32) for u in ids]) if ids else np.zeros((0, 0), np.float32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as handle:
             np.savez(handle, user_ids=np.array(ids, dtype=str), embeddings=matrix, encoder=np.array(encoder_name))
         os.replace(tmp, path)
+    except OSError as err:
+        raise PrimeError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -264,9 +264,9 @@ def write_json_files(directory: str | Path, files: Mapping[str, Any]) -> None:
     """
     directory = Path(directory)
     texts = {name: json.dumps(obj, indent=1, ensure_ascii=False) + "\n" for name, obj in files.items()}
-    directory.mkdir(parents=True, exist_ok=True)
     temps: dict[str, str] = {}
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
             tmp = str(directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
             temps[name] = tmp
@@ -274,6 +274,8 @@ def write_json_files(directory: str | Path, files: Mapping[str, Any]) -> None:
                 handle.write(text)
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)
+    except OSError as err:
+        raise PrimeError(f"{directory}: cannot write ({err.strerror or err})") from None
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):

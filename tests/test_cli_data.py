@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tagging_records
+
+from common.encoder import load_embeddings
+from simulations.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_rejects_every_bad_input_with_one_line(bad_lamp_dir, capsys):
+    folder, fragments = bad_lamp_dir
+    code, out, err = _run(capsys, "data", "check", str(folder))
+    assert code == 2 and "valid" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prime-fl data: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_check_valid_folder_prints_statistics(write_lamp_dir, capsys):
+    code, out, _ = _run(capsys, "data", "check", str(write_lamp_dir(*tagging_records())))
+    assert code == 0
+    assert "valid" in out and "LaMP_2" in out and "users: 2" in out and "queries: 2" in out
+    assert "min 1 / mean 1.5 / max 2" in out
+    assert '"romance": 1' in out and '"sci-fi": 1' in out
+
+
+def test_check_split_option(write_lamp_dir, capsys):
+    q, o = tagging_records()
+    folder = write_lamp_dir(q, o, prefix="train_")
+    write_lamp_dir(q, o, prefix="dev_", directory=folder)
+    code, _, err = _run(capsys, "data", "check", str(folder))
+    assert code == 2 and "ambiguous" in err
+    code, out, _ = _run(capsys, "data", "check", str(folder), "--split", "dev")
+    assert code == 0 and "users: 2" in out
+
+
+@pytest.mark.parametrize("task, lamp_id", [("tagging", "LaMP_2"), ("rating", "LaMP_3"), ("headline", "LaMP_4")])
+def test_synth_then_check(tmp_path, capsys, task, lamp_id):
+    out_dir = tmp_path / task
+    code, out, _ = _run(capsys, "data", "synth", "--task", task, "--out", str(out_dir), "--users", "6", "--groups", "3",
+                        "--history", "4", "--queries", "2", "--seed", "5")
+    assert code == 0 and "oracle" in out and "majority" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["benchmark.json", "outputs.json", "questions.json"]
+    bench = json.loads((out_dir / "benchmark.json").read_text())
+    assert bench["task"] == lamp_id and bench["config"]["seed"] == 5
+    code, out, _ = _run(capsys, "data", "check", str(out_dir))
+    assert code == 0 and "users: 6" in out and "queries: 12" in out and "min 4 / mean 4.0 / max 4" in out
+    first = (out_dir / "questions.json").read_bytes()
+    _run(capsys, "data", "synth", "--task", task, "--out", str(out_dir), "--users", "6", "--groups", "3",
+         "--history", "4", "--queries", "2", "--seed", "5")
+    assert (out_dir / "questions.json").read_bytes() == first  # deterministic files
+
+
+def test_synth_bad_options_exit_2_and_write_nothing(tmp_path, capsys):
+    code, _, err = _run(capsys, "data", "synth", "--task", "tagging", "--out", str(tmp_path / "x"), "--groups", "7")
+    assert code == 2 and "groups must be between 1 and 4" in err
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "file").write_text("")
+    code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "file"))
+    assert code == 2 and "cannot write" in err
+
+
+def test_embed_hashing(tmp_path, capsys):
+    data = tmp_path / "d"
+    _run(capsys, "data", "synth", "--task", "rating", "--out", str(data), "--users", "5", "--groups", "2", "--history", "3")
+    code, out, _ = _run(capsys, "embed", "--data", str(data), "--out", str(tmp_path / "e.npz"), "--encoder", "hashing:16")
+    assert code == 0 and "5 user embeddings (dim 16" in out
+    emb = load_embeddings(tmp_path / "e.npz")
+    assert list(emb) == [f"u{i:03d}" for i in range(5)]
+    assert np.allclose([np.linalg.norm(v) for v in emb.values()], 1.0, atol=1e-6)
+
+
+def test_embed_errors(tmp_path, capsys, write_lamp_dir):
+    code, _, err = _run(capsys, "embed", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "e.npz"))
+    assert code == 2 and "not a directory" in err
+    folder = write_lamp_dir(*tagging_records())
+    code, _, err = _run(capsys, "embed", "--data", str(folder), "--out", str(tmp_path / "e.npz"), "--encoder", "word2vec")
+    assert code == 2 and "unknown encoder 'word2vec'" in err
+    assert not (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.parametrize("argv", [["data", "synth"], ["data", "check"], ["embed"], ["data"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    assert "usage: prime-fl" in capsys.readouterr().out
+
+
+def test_console_script_never_shows_a_traceback(write_lamp_dir):
+    q, o = tagging_records()
+    folder = write_lamp_dir(q, b"\xff\xfe")
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "data", "check", str(folder)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "not UTF-8" in result.stderr
+
+
+def test_real_lamp4_set_checks(capsys):
+    folder = Path("/work/shared/data/huffpost-lamp4")
+    if not folder.exists():
+        pytest.skip("shared LaMP-4 set not present")
+    code, out, _ = _run(capsys, "data", "check", str(folder))
+    assert code == 0 and "users: 152" in out and "LaMP_4" in out
