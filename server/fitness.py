@@ -1,0 +1,150 @@
+"""The search objective `U(w) - alpha * mean_s P(w, s)` over a target's history.
+
+One call scores a whole population: every (history item, candidate) pair is
+one prompt, each row mixes the sharers' LoRAs with its candidate's weights
+(server.mixed_lora), and common.inference batches them. The sharers' own
+predictions on the history do not depend on the weights, so they are
+computed once, through the same mixer with one-hot weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common import metrics
+from common.adapters import LoraAdapter
+from common.errors import PrimeError
+from common.inference import generate, predict_labels
+from common.tasks import TaskSpec
+from server.mixed_lora import PopulationMixer
+
+WEIGHT_LEVELS = ("lora", "layer")
+
+
+class FitnessError(PrimeError):
+    """Bad fitness inputs: empty history, bad fraction or alpha, unknown weight level."""
+
+
+@dataclass(frozen=True)
+class FitnessParts:
+    """One candidate's score: utility, mean privacy similarity, objective and per-sharer similarities."""
+
+    utility: float
+    privacy: float
+    objective: float
+    similarity: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self) | {"similarity": list(self.similarity)}
+
+
+def history_task(task: TaskSpec) -> TaskSpec:
+    """The task as its history pairs are scored.
+
+    Profile pairs usually share the query's label set; LaMP-1's do not (its
+    history is abstract -> title generation), so its history is scored as
+    generation with ROUGE.
+    """
+    if task.profile_labels is None and task.kind != "generation":
+        return dataclasses.replace(task, kind="generation", query_labels=None, metrics=("rouge1", "rougeL"))
+    return task
+
+
+def sample_history(
+    history: Sequence[tuple[str, str]], fraction: float, seed: int
+) -> list[tuple[str, str]]:
+    """A seeded subset of the history (paper Fig. 5); at least one item, order kept."""
+    if not history:
+        raise FitnessError("the target history is empty: nothing to score a merge on")
+    if not 0.0 < fraction <= 1.0:
+        raise FitnessError(f"history_fraction must be in (0, 1], got {fraction}")
+    items = list(history)
+    if fraction == 1.0:
+        return items
+    n = max(1, round(fraction * len(items)))
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def score_parts(task: TaskSpec, preds: list[str], golds: list[str], sharer_preds: Sequence[list[str]], alpha: float) -> FitnessParts:
+    """Utility, privacy term and objective of one candidate's predictions."""
+    utility = metrics.fitness(task, preds, golds)
+    sims = tuple(metrics.prediction_similarity(task, preds, sp) for sp in sharer_preds)
+    privacy = float(np.mean(sims)) if sims else 0.0
+    return FitnessParts(utility=utility, privacy=privacy, objective=utility - alpha * privacy, similarity=sims)
+
+
+class FitnessEvaluator:
+    """Scores populations of merge weights on a target's history in one batched pass."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: TaskSpec,
+        history: Sequence[tuple[str, str]],
+        adapters: Sequence[LoraAdapter],
+        alpha: float,
+        *,
+        weight_level: str = "lora",
+        history_fraction: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 32,
+    ):
+        if weight_level not in WEIGHT_LEVELS:
+            raise FitnessError(f"weight_level must be one of {WEIGHT_LEVELS}, got {weight_level!r}")
+        if not np.isfinite(alpha) or alpha < 0:
+            raise FitnessError(f"alpha must be a finite number >= 0, got {alpha}")
+        self.model, self.tokenizer = model, tokenizer
+        self.task = history_task(task)
+        self.alpha = float(alpha)
+        self.batch_size = batch_size
+        items = sample_history(history, history_fraction, seed)
+        # Longest first, so that rows of one forward have similar lengths (less padding).
+        order = sorted(range(len(items)), key=lambda i: -len(tokenizer(items[i][0]).input_ids))
+        self.prompts = [items[i][0] for i in order]
+        self.golds = [items[i][1] for i in order]
+        self.mixer = PopulationMixer(model, adapters)
+        self.k = self.mixer.k
+        self.weight_shape: tuple[int, ...] = (self.k,) if weight_level == "lora" else (self.k, len(self.mixer.layers))
+        self.dim = int(np.prod(self.weight_shape))
+        self.sharer_preds = self.predict(self.one_hot())
+        self.unmerged = self.evaluate(np.zeros((1, self.dim)))[0]
+
+    def one_hot(self) -> np.ndarray:
+        """Weights that select each sharer alone (its own adapter), [k, dim]."""
+        eye = np.eye(self.k)
+        if len(self.weight_shape) == 2:
+            eye = np.repeat(eye[:, :, None], self.weight_shape[1], axis=2)
+        return eye.reshape(self.k, self.dim)
+
+    def predict(self, population: np.ndarray | torch.Tensor) -> list[list[str]]:
+        """Predictions on the history for every candidate: [P][H] strings."""
+        flat = torch.as_tensor(np.asarray(population, dtype=np.float64)).reshape(-1, self.dim)
+        n_cand, n_hist = flat.shape[0], len(self.prompts)
+        prompts = [p for p in self.prompts for _ in range(n_cand)]  # item-major: equal lengths side by side
+        candidate_of_prompt = torch.arange(n_cand).repeat(n_hist)
+        with self.mixer:
+            self.mixer.set_population(flat.reshape(n_cand, *self.weight_shape), candidate_of_prompt)
+            if self.task.profile_labels is not None:
+                flat_preds = predict_labels(
+                    self.model, self.tokenizer, prompts, self.task.profile_labels,
+                    batch_size=self.batch_size, rows_hook=self.mixer.rows_hook,
+                )
+            else:
+                flat_preds = generate(
+                    self.model, self.tokenizer, prompts, max_new_tokens=self.task.max_new_tokens,
+                    batch_size=self.batch_size, rows_hook=self.mixer.rows_hook,
+                )
+        return [[flat_preds[h * n_cand + c] for h in range(n_hist)] for c in range(n_cand)]
+
+    def evaluate(self, population: np.ndarray | torch.Tensor) -> list[FitnessParts]:
+        """Utility, privacy and objective of each candidate (rows of `population`)."""
+        return [score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha) for preds in self.predict(population)]

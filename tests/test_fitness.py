@@ -1,0 +1,110 @@
+"""Fast population fitness vs the plain reference loop (the oracle), and fitness inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.lora_math import random_adapter
+from common.models import tiny_model
+from common.tasks import LAMP2_TAGS, get_task
+from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
+from server.reference import ReferenceEvaluator
+
+TAGGING = get_task("tagging")
+HEADLINE = get_task("headline")
+RATING = get_task("rating")
+
+
+def tag_history(n: int = 6) -> list[tuple[str, str]]:
+    items = [{"description": f"a film about {w} and a man", "tag": LAMP2_TAGS[i % 5]} for i, w in enumerate(["love", "war", "space", "a dog", "money", "a ship", "rain", "trains"][:n])]
+    return [TAGGING.profile_pair(it) for it in items]
+
+
+def rating_history(n: int = 4) -> list[tuple[str, str]]:
+    items = [{"text": f"the film was {w}", "score": str(i % 5 + 1)} for i, w in enumerate(["great", "bad", "fine", "long", "dull"][:n])]
+    return [RATING.profile_pair(it) for it in items]
+
+
+def headline_history(n: int = 4) -> list[tuple[str, str]]:
+    items = [{"text": f"the city council voted on {w} today", "title": f"council votes on {w}"} for w in ["roads", "taxes", "parks", "schools"][:n]]
+    return [HEADLINE.profile_pair(it) for it in items]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny_model(seed=0)
+    adapters = [random_adapter(model, r=2, lora_alpha=4.0, std=0.6, seed=s) for s in range(3)]
+    return model, tok, adapters
+
+
+POPULATION = np.array([[1.0, 0.0, 0.0], [0.3, -1.2, 0.8], [-1.5, 1.5, 0.2], [0.0, 0.0, 0.0]])
+
+
+def test_label_task_parity_with_reference_label_scoring(setup):
+    model, tok, adapters = setup
+    fast = FitnessEvaluator(model, tok, RATING, rating_history(), adapters, alpha=0.5, batch_size=5)
+    ref = ReferenceEvaluator(model, tok, RATING, rating_history(), adapters, alpha=0.5, mode="score")
+    order = [fast.prompts.index(p) for p in ref.prompts]
+    assert [[s[i] for i in order] for s in fast.sharer_preds] == ref.sharer_preds
+    fast_preds = [[p[i] for i in order] for p in fast.predict(POPULATION)]
+    ref_preds = ref.predict(POPULATION)
+    assert fast_preds == ref_preds
+    for f, preds in zip(fast.evaluate(POPULATION), ref_preds):
+        r = score_parts(ref.task, preds, ref.golds, ref.sharer_preds, 0.5)
+        assert f.utility == pytest.approx(r.utility, abs=1e-12)
+        assert f.privacy == pytest.approx(r.privacy, abs=1e-12)
+        assert f.objective == pytest.approx(f.utility - 0.5 * f.privacy)
+    assert fast.unmerged.objective == pytest.approx(ref.unmerged.objective, abs=1e-12)
+    # candidate 0 is sharer 0 alone: it agrees with that sharer on every item
+    assert fast.evaluate(POPULATION[:1])[0].similarity[0] == 1.0
+    # the adapters matter: not every candidate predicts the same
+    assert len({tuple(p) for p in fast_preds}) > 1
+
+
+def test_generation_parity_with_reference_free_generation(setup):
+    model, tok, adapters = setup
+    fast = FitnessEvaluator(model, tok, HEADLINE, headline_history(3), adapters, alpha=1.0, batch_size=4)
+    ref = ReferenceEvaluator(model, tok, HEADLINE, headline_history(3), adapters, alpha=1.0, mode="generate")
+    order = [fast.prompts.index(p) for p in ref.prompts]
+    pop = POPULATION[1:3]
+    ref_preds = ref.predict(pop)
+    assert [[p[i] for i in order] for p in fast.predict(pop)] == ref_preds
+    assert any(text for preds in ref_preds for text in preds), "nothing generated: the test would be vacuous"
+    for f, preds in zip(fast.evaluate(pop), ref_preds):
+        r = score_parts(ref.task, preds, ref.golds, ref.sharer_preds, 1.0)
+        assert (f.utility, f.privacy) == pytest.approx((r.utility, r.privacy), abs=1e-12)
+
+
+def test_layer_level_one_hot_and_dim(setup):
+    model, tok, adapters = setup
+    ev = FitnessEvaluator(model, tok, TAGGING, tag_history(4), adapters, alpha=0.0, weight_level="layer")
+    assert ev.dim == 3 * 2 and ev.one_hot().shape == (3, 6)
+    lora = FitnessEvaluator(model, tok, TAGGING, tag_history(4), adapters, alpha=0.0)
+    same = np.repeat(POPULATION[:2, :, None], 2, axis=2).reshape(2, 6)
+    assert ev.predict(same) == lora.predict(POPULATION[:2])
+
+
+def test_history_fraction_is_seeded_subset():
+    hist = tag_history(8)
+    a, b = sample_history(hist, 0.5, seed=3), sample_history(hist, 0.5, seed=3)
+    assert a == b and len(a) == 4 and all(item in hist for item in a)
+    assert sample_history(hist, 1.0, seed=0) == hist
+    assert len(sample_history(hist, 0.01, seed=0)) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"history": []}, "empty"),
+        ({"history_fraction": 0.0}, "history_fraction"),
+        ({"history_fraction": 1.5}, "history_fraction"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"weight_level": "neuron"}, "weight_level"),
+    ],
+)
+def test_bad_inputs(setup, kwargs, match):
+    model, tok, adapters = setup
+    args = {"history": tag_history(2), "alpha": 0.5} | kwargs
+    with pytest.raises(FitnessError, match=match):
+        FitnessEvaluator(model, tok, TAGGING, args.pop("history"), adapters, **args)
