@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,8 +223,7 @@ def validate(adapter: LoraAdapter) -> None:
 
 def _atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created by `write`: the umask decides permissions
     try:
         write(Path(tmp))
         os.replace(tmp, path)

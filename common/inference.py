@@ -60,18 +60,22 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _decoder(model: PreTrainedModel) -> torch.nn.Module:
+def decoder(model: PreTrainedModel) -> torch.nn.Module:
     """The transformer body (no LM head), through any PEFT wrapper."""
     return model.get_decoder()
 
 
-def _log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-softmax of the LM head (with Gemma's soft-capping) over selected hidden states [N, H]."""
+def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head (with Gemma's soft-capping) over selected final hidden states [N, H] -> float logits [N, V]."""
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1)
+    return logits
+
+
+def _log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(lm_logits(model, hidden), dim=-1)
 
 
 def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
@@ -83,7 +87,7 @@ def _prompt_forward(model, ids, mask, rows, rows_hook):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     if rows_hook is not None:
         rows_hook(rows)
-    out = _decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     return out.cache, out.last_hidden_state[:, -1]
 
 
@@ -137,7 +141,7 @@ def score_labels(
                 positions = n_real[:, None] + torch.arange(width - 1, device=device)[None, :]
                 if rows_hook is not None:
                     rows_hook(rows.repeat_interleave(n_labels))
-                hidden = _decoder(model)(
+                hidden = decoder(model)(
                     input_ids=inp, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
                 ).last_hidden_state
                 sel, targets = hidden[tgt_mask.to(device)], tgt[tgt_mask].to(device)
@@ -223,7 +227,7 @@ def generate(
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 if rows_hook is not None:
                     rows_hook(rows)
-                out = _decoder(model)(
+                out = decoder(model)(
                     input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache, use_cache=True
                 )
                 cache, last = out.cache, out.last_hidden_state[:, -1]

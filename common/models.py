@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -79,16 +79,7 @@ def gemma_checkpoint(cache_dir: Path) -> Path:
     if all((target / f).is_file() for f in _CHECKPOINT_FILES):
         return target
     model, tokenizer = load_gemma_gguf(Path(cache_dir))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{GEMMA_SPEC}."))
-    try:
-        save_checkpoint(model, tokenizer, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    save_checkpoint(model, tokenizer, target)
     log.info("cached converted %s checkpoint at %s", GEMMA_SPEC, target)
     return target
 
@@ -111,21 +102,37 @@ def load_gemma_gguf(cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tokenizer
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
     """Write model + tokenizer as a plain HF directory that `load_base(str(directory))` reads.
 
-    Written by hand because `save_pretrained` refuses models loaded from GGUF.
+    Written by hand because `save_pretrained` refuses models loaded from GGUF;
+    built in a sibling temporary directory and renamed into place, so readers
+    never see half a checkpoint. An existing model directory is replaced; any
+    other non-empty directory is refused.
     """
     from safetensors.torch import save_model
 
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(directory)
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not (directory / "config.json").is_file())):
+        raise ModelSpecError(f"{directory}: exists and is not a model directory; refusing to overwrite it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()  # plain mkdir: the umask decides permissions
+    try:
+        config = model.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory
 
 
 def _tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:

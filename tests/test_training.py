@@ -1,0 +1,159 @@
+"""LoRA training, federated rounds and task adaptation on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.training import (
+    TrainConfig,
+    TrainingError,
+    adapt,
+    encode_pairs,
+    merge_into,
+    save_model,
+    train_lora,
+    train_round,
+)
+from common.errors import PrimeError
+from common.inference import encode_example, predict_labels, score_labels
+from common.models import ModelSpecError, load_base, tiny_model
+
+LABELS = ["1", "2", "3", "4", "5"]
+PAIRS = [
+    ("Review: great film Score:", "5"),
+    ("Review: bad film Score:", "1"),
+    ("Review: fine film Score:", "3"),
+    ("Review: good film Score:", "4"),
+]
+FAST = TrainConfig(r=4, lora_alpha=8, lr=2e-2, epochs=12, batch_size=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, tok = tiny_model(seed=1)
+    adapter, stats = train_lora(model, tok, PAIRS, FAST, progress=False)
+    return adapter, stats
+
+
+def test_encode_pairs_is_scoring_sequence_plus_eos():
+    _, tok = tiny_model()
+    (ids, n_prompt), = encode_pairs(tok, PAIRS[:1], max_length=512)
+    scored, n_scored = encode_example(tok, *PAIRS[0])
+    assert ids == scored + [tok.eos_token_id] and n_prompt == n_scored
+
+
+def test_encode_pairs_cuts_long_prompts_from_the_left_within_max_length():
+    _, tok = tiny_model()
+    (ids, n_prompt), = encode_pairs(tok, [("story " * 300 + "Score:", "4")], max_length=40)
+    assert len(ids) <= 40 and ids[0] == tok.bos_token_id
+    assert ids[n_prompt:] == tok(" 4", add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def test_loss_goes_down_and_stats_are_filled(trained):
+    _, stats = trained
+    assert stats.examples == 4 and stats.steps == FAST.epochs and len(stats.epoch_losses) == FAST.epochs
+    # the tiny model's logits are bounded (tied 0.02-scale embeddings after RMS norm): ln(512) = 6.24 is chance
+    assert all(b < a for a, b in zip(stats.epoch_losses, stats.epoch_losses[1:]))
+    assert stats.final_loss < stats.first_loss - 0.2
+    assert stats.examples_per_s > 0 and stats.to_dict()["examples_per_s"] == stats.examples_per_s
+
+
+def test_training_is_deterministic_by_seed(trained):
+    adapter, _ = trained
+    again, _ = train_lora(tiny_model(seed=1)[0], tiny_model()[1], PAIRS, FAST, progress=False)
+    other, _ = train_lora(tiny_model(seed=1)[0], tiny_model()[1], PAIRS, TrainConfig(**{**FAST.__dict__, "seed": 1}), progress=False)
+    assert all(torch.equal(adapter.tensors[k], again.tensors[k]) for k in adapter.tensors)
+    assert not all(torch.equal(adapter.tensors[k], other.tensors[k]) for k in adapter.tensors)
+
+
+def test_base_model_is_left_unchanged():
+    model, tok = tiny_model(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    train_lora(model, tok, PAIRS, TrainConfig(r=2, lora_alpha=4, epochs=1, batch_size=4), progress=False)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert not any("lora" in name for name, _ in model.named_modules()) and not model.training
+
+
+def _hits(model, tok) -> int:
+    preds = predict_labels(model, tok, [p for p, _ in PAIRS], LABELS)
+    return sum(p == t for p, (_, t) in zip(preds, PAIRS))
+
+
+def test_trained_adapter_fits_the_training_labels(trained):
+    adapter, _ = trained
+    model, tok = tiny_model(seed=1)
+    assert _hits(model, tok) <= 1  # the random base
+    assert _hits(adapter.apply_to(model), tok) >= 3  # the tiny model's bounded logits cap what it can fit
+
+
+def test_train_round_continues_from_the_global_adapter(trained):
+    adapter, stats = trained
+    model, tok = tiny_model(seed=1)
+    config = TrainConfig(**{**FAST.__dict__, "epochs": 1})
+    _, warm = train_lora(model, tok, PAIRS, config, progress=False, init=adapter)
+    assert warm.first_loss < stats.epoch_losses[len(stats.epoch_losses) // 2]
+    updated = train_round(model, tok, PAIRS, config, init=adapter)
+    assert updated.tensors.keys() == adapter.tensors.keys()
+    assert not all(torch.equal(updated.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+
+
+def test_train_round_rejects_a_mismatched_initial_adapter(trained):
+    adapter, _ = trained
+    model, tok = tiny_model(seed=1)
+    with pytest.raises(TrainingError, match="does not match"):
+        train_round(model, tok, PAIRS, TrainConfig(r=8, epochs=1), init=adapter)
+
+
+def test_adapt_merges_and_save_model_reloads(tmp_path, trained):
+    model, tok = tiny_model(seed=1)
+    adapted = adapt(model, tok, PAIRS, FAST, progress=False)
+    assert not any("lora" in name for name, _ in adapted.named_modules())
+    assert _hits(adapted, tok) >= 3
+    out = save_model(adapted, tok, tmp_path / "adapted", info={"pairs": len(PAIRS)})
+    assert (out / "training.json").is_file()
+    reloaded, tok2 = load_base(str(out))
+    prompts = [p for p, _ in PAIRS]
+    torch.testing.assert_close(score_labels(reloaded, tok2, prompts, LABELS), score_labels(adapted, tok, prompts, LABELS))
+
+
+def test_merge_into_equals_wrapped_adapter(trained):
+    adapter, _ = trained
+    prompts = [p for p, _ in PAIRS]
+    model, tok = tiny_model(seed=1)
+    wrapped = score_labels(adapter.apply_to(tiny_model(seed=1)[0]), tok, prompts, LABELS)
+    torch.testing.assert_close(score_labels(merge_into(model, adapter), tok, prompts, LABELS), wrapped, atol=1e-4, rtol=1e-4)
+
+
+def test_save_model_refuses_to_overwrite_other_directories(tmp_path):
+    model, tok = tiny_model()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ModelSpecError, match="refusing"):
+        save_model(model, tok, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
+)
+def test_config_validation(changes):
+    with pytest.raises(TrainingError, match="training config"):
+        TrainConfig(**changes)
+
+
+@pytest.mark.parametrize("pairs", [[], [("prompt", "  ")], [("prompt",)], [("prompt", 3)]])
+def test_bad_pairs_raise_prime_errors(pairs):
+    model, tok = tiny_model()
+    with pytest.raises(PrimeError):
+        train_lora(model, tok, pairs, FAST, progress=False)
+
+
+def test_unknown_model_spec_is_a_prime_error(tmp_path):
+    with pytest.raises(ModelSpecError, match="unknown model spec"):
+        load_base("gpt-17")
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        load_base(str(tmp_path))
