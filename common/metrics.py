@@ -8,6 +8,7 @@ unparseable output is scored as wrong, never raised.
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import lru_cache
 
@@ -33,6 +34,8 @@ def higher_is_better(metric_name: str) -> bool:
 @lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
     # Building a scorer (stemmer, tokenizer) costs more than scoring a short pair.
+    # rouge-score logs "Using default tokenizer" at INFO through absl on every construction.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
 
