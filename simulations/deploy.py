@@ -53,6 +53,7 @@ CONNECTION = "prime-fl-deploy"
 HOST = "127.0.0.1"
 FINISHED = "finished"
 POLL_S = 3.0
+SLOW_POLL_S = 20.0
 
 
 class DeployError(PrimeError):
@@ -323,6 +324,33 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+def superlink_argv(tls: TlsFiles, port: int, database: Path | None = None) -> list[str]:
+    """`flower-superlink` with TLS and SuperNode authentication, all APIs on one loopback port."""
+    argv = [
+        _tool("flower-superlink"),
+        "--ssl-ca-certfile", str(tls.ca_cert),
+        "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host", HOST,
+        "--port", str(port),
+    ]
+    return argv + (["--database", str(database)] if database else [])
+
+
+def supernode_argv(address: str, ca_cert: Path, private_key: Path, index: int, nodes: int) -> list[str]:
+    """`flower-supernode` number `index` of `nodes`, authenticating with its private key over TLS."""
+    return [
+        _tool("flower-supernode"),
+        "--superlink", address,
+        "--root-certificates", str(ca_cert),
+        "--auth-supernode-private-key", str(private_key),
+        "--node-config", f"partition-id={index} num-partitions={nodes}",
+        "--port", str(free_port()),
+    ]
+
+
 def _app_config(app_dir: Path) -> dict:
     try:
         with (app_dir / "pyproject.toml").open("rb") as handle:
@@ -339,7 +367,7 @@ def _app_config(app_dir: Path) -> dict:
     return flwr.get("app", {}).get("config", {})
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, name: str, deadline: float) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, name: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise DeployError(f"{name} exited with code {proc.returncode} during startup (see its log)")
@@ -421,21 +449,8 @@ def _launch(
 ) -> None:
     address = f"{HOST}:{port}"
     deadline = time.monotonic() + config.startup_timeout
-    superlink = procs.start(
-        "superlink",
-        [
-            _tool("flower-superlink"),
-            "--ssl-ca-certfile", str(tls.ca_cert),
-            "--ssl-certfile", str(tls.server_cert),
-            "--ssl-keyfile", str(tls.server_key),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", HOST,
-            "--port", str(port),
-            "--database", str(Path(result.run_dir) / "superlink.db"),
-        ],
-    )
-    _wait_listening(port, superlink, "flower-superlink", deadline)
+    superlink = procs.start("superlink", superlink_argv(tls, port, Path(result.run_dir) / "superlink.db"))
+    wait_listening(port, superlink, "flower-superlink", deadline)
     for index, keys in enumerate(node_keys):
         done = procs.run(
             "register", [*_flwr_cli(), "supernode", "register", str(keys.public_key), CONNECTION], config.startup_timeout
@@ -443,17 +458,7 @@ def _launch(
         if done.returncode != 0:
             raise DeployError(f"registering supernode {index} failed: {(done.stdout + done.stderr).strip()[-300:]}")
     for index, keys in enumerate(node_keys):
-        procs.start(
-            f"supernode-{index}",
-            [
-                _tool("flower-supernode"),
-                "--superlink", address,
-                "--root-certificates", str(tls.ca_cert),
-                "--auth-supernode-private-key", str(keys.private_key),
-                "--node-config", f"partition-id={index} num-partitions={config.nodes}",
-                "--port", str(free_port()),
-            ],
-        )
+        procs.start(f"supernode-{index}", supernode_argv(address, tls.ca_cert, keys.private_key, index, config.nodes))
     run_argv = [*_flwr_cli(), "run", str(app_dir), CONNECTION, "--format", "json"]
     if run_config:
         run_argv += ["--run-config", run_config]
@@ -465,18 +470,21 @@ def _launch(
     result.status = "running"
     log.info("run %s started on %s with %d supernodes", result.run_id, address, config.nodes)
     stream = procs.start("flwr-run-stream", [*_flwr_cli(), "log", result.run_id, CONNECTION, "--stream"])
-    deadline = start + config.timeout
+    deadline, next_check = start + config.timeout, time.monotonic() + POLL_S
     while time.monotonic() < deadline:
         procs.remember_descendants()
         for name, proc in procs.started.items():
             if proc is not stream and proc.poll() is not None:
                 raise DeployError(f"{name} exited with code {proc.returncode} during the run (see its log)")
-        status, sub = _run_status(procs, result.run_id)
-        if status == FINISHED:
-            result.status = f"{status}:{sub}"
-            if sub != "completed":
-                raise DeployError(f"run {result.run_id} finished as {sub!r} (see logs/flwr-run-stream.log)")
-            return
-        time.sleep(POLL_S)
+        # The log stream ends when the run does; `flwr list` (a whole CLI process) is asked rarely until then.
+        if stream.poll() is not None or time.monotonic() >= next_check:
+            status, sub = _run_status(procs, result.run_id)
+            if status == FINISHED:
+                result.status = f"{status}:{sub}"
+                if sub != "completed":
+                    raise DeployError(f"run {result.run_id} finished as {sub!r} (see logs/flwr-run-stream.log)")
+                return
+            next_check = time.monotonic() + (POLL_S if stream.poll() is not None else SLOW_POLL_S)
+        time.sleep(0.5)
     result.status = "timeout"
     raise DeployError(f"run {result.run_id} did not finish within {config.timeout:.0f} s")

@@ -1,7 +1,11 @@
 """Local deployment launcher: a throwaway Flower app through real flower-superlink / flower-supernode processes."""
 
 import json
-import textwrap
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import psutil
 import pytest
@@ -10,7 +14,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from simulations.cli import main
-from simulations.deploy import DeployConfig, DeployError, deploy, generate_node_keys, generate_tls
+from simulations.deploy import (
+    HOST,
+    DeployConfig,
+    DeployError,
+    Processes,
+    deploy,
+    free_port,
+    generate_node_keys,
+    generate_tls,
+    superlink_argv,
+    supernode_argv,
+    wait_listening,
+)
 
 PYPROJECT = """\
 [build-system]
@@ -111,6 +127,7 @@ def test_deploy_runs_app_with_tls_and_node_auth(app_dir, tmp_path, capsys):
     assert "finished:completed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_timeout_stops_every_process(app_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DeployError, match="did not finish"):
@@ -120,6 +137,45 @@ def test_timeout_stops_every_process(app_dir, tmp_path):
     assert len(report["pids"]) > 3  # superlink, supernode, log stream and their SuperExec / ServerApp children
     _assert_all_stopped(report)
     assert not (out / "app-out" / "result.json").exists()
+
+
+def test_ctrl_c_stops_every_process(app_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "simulations.cli", "deploy", "--app", str(app_dir), "--nodes", "1", "--out", str(out),
+            "--run-config", "num-nodes=1 sleep=300", "--timeout", "300"]
+    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "logs" / "flwr-run-stream.log").exists() and time.monotonic() < deadline:
+            assert launcher.poll() is None, launcher.communicate()[0]
+            time.sleep(0.5)
+        time.sleep(3)  # let the ServerApp process start
+        launcher.send_signal(signal.SIGINT)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, output
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["status"] == "running" and len(report["pids"]) > 3
+    _assert_all_stopped(report)
+
+
+def test_unregistered_supernode_is_refused(tmp_path):
+    """SuperNode authentication is on: a key the SuperLink was not given cannot join."""
+    tls = generate_tls(tmp_path / "certs")
+    (key,) = generate_node_keys(tmp_path / "keys", 1)
+    (tmp_path / "logs").mkdir()
+    procs = Processes(tmp_path / "logs", dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1"))
+    port = free_port()
+    try:
+        superlink = procs.start("superlink", superlink_argv(tls, port))
+        wait_listening(port, superlink, "flower-superlink", time.monotonic() + 60)
+        node = procs.start("supernode", supernode_argv(f"{HOST}:{port}", tls.ca_cert, key.private_key, 0, 1) + ["--max-retries", "1"])
+        assert node.wait(timeout=60) != 0
+    finally:
+        assert procs.stop() == []
+    assert "Failed to activate SuperNode" in (tmp_path / "logs" / "supernode.log").read_text()
 
 
 def test_bad_app_dirs(tmp_path, app_dir, capsys):
