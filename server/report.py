@@ -46,8 +46,8 @@ class RunReport:
             "sharers": list(result.sharer_ids),
             "weights": _plain(result.weights),
             "fallback": bool(result.fallback),
-            "fitness": _plain(result.best_parts),
-            "unmerged_fitness": _plain(result.unmerged_parts),
+            "fitness": _plain(result.best),
+            "unmerged_fitness": _plain(result.unmerged),
             "search_seconds": round(seconds, 3),
         }
 
