@@ -163,6 +163,8 @@ class SearchResult:
     best_parts: object
     unmerged_parts: object
     fallback: bool
+    searched_weights: np.ndarray | None = None  # best candidate seen, even when it lost to the unmerged model
+    searched_parts: object = None
     trajectory: list[dict] = field(default_factory=list)
     evaluations: int = 0
 
@@ -172,6 +174,8 @@ class SearchResult:
             "best": _parts_dict(self.best_parts),
             "unmerged": _parts_dict(self.unmerged_parts),
             "fallback": self.fallback,
+            "searched_weights": None if self.searched_weights is None else self.searched_weights.tolist(),
+            "searched": None if self.searched_parts is None else _parts_dict(self.searched_parts),
             "evaluations": self.evaluations,
             "trajectory": self.trajectory,
         }
@@ -231,6 +235,8 @@ def run_search(
         best_parts=unmerged_parts if fallback else best_parts,
         unmerged_parts=unmerged_parts,
         fallback=fallback,
+        searched_weights=best_w,
+        searched_parts=best_parts,
         trajectory=trajectory,
         evaluations=evaluations,
     )

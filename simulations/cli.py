@@ -17,7 +17,11 @@ from common.errors import PrimeError
 COMMANDS: tuple[str, ...] = (
     "simulations.commands.data",
     "simulations.commands.embed",
+    "simulations.commands.adapt",
+    "simulations.commands.train_lora",
+    "simulations.commands.predict",
     "simulations.commands.deploy",
+    "simulations.commands.personalize",
 )
 
 

@@ -1,0 +1,162 @@
+"""personalize() end to end on the tiny model, the fallback, the guards, and the `prime-fl personalize` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from common.adapters import LoraAdapter
+from common.encoder import load_encoder, save_embeddings, user_embedding
+from common.lamp import profile_pairs, write_lamp
+from common.lora_math import delta, module_names, random_adapter
+from common.models import tiny_model
+from common.synthetic import synthesize
+from server.personalize import SearchConfig, SearchConfigError, personalize
+from server.selection import MinSharersError
+from simulations.cli import main
+
+FAST = dict(budget=2, popsize=3, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def world():
+    model, tok = tiny_model(seed=0)
+    data = synthesize("rating", n_users=6, n_groups=2, history=4, queries=1, seed=0)
+    encoder = load_encoder("hashing:32")
+    emb = {u.user_id: user_embedding(encoder, data.task, u.profile) for u in data.users}
+    adapters = {u.user_id: random_adapter(model, r=2, lora_alpha=4.0, std=0.6, seed=i) for i, u in enumerate(data.users)}
+    return model, tok, data, emb, adapters
+
+
+def _run(world, config, adapters=None):
+    model, tok, data, emb, default = world
+    adapters = adapters or default
+    target = data.users[0]
+    sharers = {u.user_id: (adapters[u.user_id], emb[u.user_id]) for u in data.users[1:]}
+    return personalize(model, tok, data.task, profile_pairs(data.task, target.profile), emb[target.user_id], sharers, config, progress=False)
+
+
+def test_personalize_merges_top_k_reproducibly(world, tmp_path):
+    model, tok, data, emb, adapters = world
+    ids = tok(["Review: fine. Score:"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**ids).logits
+    config = SearchConfig(k=3, alpha=0.5, seed=4, **FAST)
+    a, b = _run(world, config), _run(world, config)
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, before), "the base model must come back unchanged"
+    assert a.sharer_ids == b.sharer_ids and a.trajectory == b.trajectory and a.weights == b.weights
+    assert len(a.sharer_ids) == 3 and data.users[0].user_id not in a.sharer_ids
+    assert a.sharer_similarity == sorted(a.sharer_similarity, reverse=True)
+    assert len(a.trajectory) == 2 and a.evaluations == 6
+    assert set(a.timings) >= {"search_s", "total_s"}
+    assert not a.fallback and a.best.objective > a.unmerged.objective  # random adapters do move this model
+    w = torch.tensor(a.weights, dtype=torch.float64)
+    for m in module_names(a.adapter.tensors):
+        expected = sum(w[s] * delta(adapters[sid], m).double() for s, sid in enumerate(a.sharer_ids))
+        torch.testing.assert_close(delta(a.adapter, m).double(), expected, atol=1e-6, rtol=1e-5)
+    out = a.save(tmp_path / "res")
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["sharer_ids"] == a.sharer_ids and summary["fallback"] == a.fallback
+    assert summary["config"]["k"] == 3
+    assert json.loads((out / "trajectory.json").read_text()) == a.trajectory
+    assert LoraAdapter.load(out / "adapter", base_model=model).r == 3 * 2
+
+
+def test_layer_level_weights_shape(world):
+    result = _run(world, SearchConfig(k=2, weight_level="layer", seed=1, **FAST))
+    weights = result.weights if result.weights is not None else result.searched_weights
+    assert np.asarray(weights).shape == (2, 2)
+
+
+def test_fallback_to_unmerged_when_no_merge_helps(world, tmp_path):
+    model, tok, data, emb, adapters = world
+    inert = {
+        sid: LoraAdapter(
+            tensors={k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in a.tensors.items()},
+            r=a.r, lora_alpha=a.lora_alpha, target_modules=a.target_modules,
+        )
+        for sid, a in adapters.items()
+    }
+    result = _run(world, SearchConfig(k=2, seed=0, **FAST), adapters=inert)
+    assert result.fallback and result.adapter is None and result.weights is None
+    assert result.best == result.unmerged
+    result.save(tmp_path / "fb")
+    assert not (tmp_path / "fb" / "adapter").exists()
+    assert json.loads((tmp_path / "fb" / "result.json").read_text())["fallback"] is True
+
+
+def test_refuses_single_sharer_merge(world):
+    with pytest.raises(MinSharersError):
+        _run(world, SearchConfig(k=1, **FAST))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": -0.1}, "alpha"),
+        ({"k": 0}, "k must"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"weight_level": "head"}, "weight_level"),
+        ({"history_fraction": 0.0}, "history_fraction"),
+        ({"bounds": (1.0, 1.0)}, "bounds"),
+        ({"x0": 3.0}, "outside"),
+        ({"popsize": 1}, "popsize"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(SearchConfigError, match=match):
+        SearchConfig(**kwargs)
+
+
+@pytest.fixture()
+def disk_world(world, tmp_path):
+    model, tok, data, emb, adapters = world
+    write_lamp(data, tmp_path / "data")
+    for u in data.users:
+        adapters[u.user_id].save(tmp_path / "sharers" / u.user_id)
+    return tmp_path, data
+
+
+def test_cli_personalize_writes_result(disk_world, capsys):
+    tmp_path, data = disk_world
+    target = data.users[0].user_id
+    args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", target,
+            "--model", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "2", "--popsize", "3",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert summary["user"] == target and target not in summary["sharer_ids"] and len(summary["sharer_ids"]) == 2
+    assert "user " + target in capsys.readouterr().out
+    if not summary["fallback"]:
+        LoraAdapter.load(tmp_path / "out" / "adapter")
+        PeftModel.from_pretrained(tiny_model(seed=0)[0], str(tmp_path / "out" / "adapter"))
+
+
+def test_cli_uses_embeddings_file(disk_world):
+    tmp_path, data = disk_world
+    # embeddings from the file decide the sharers: make u005 and u004 the target's twins
+    ids = [u.user_id for u in data.users]
+    emb = {uid: np.eye(len(ids), dtype=np.float32)[i] for i, uid in enumerate(ids)}
+    emb["u005"] = emb["u004"] = emb[ids[0]] + 0.01
+    save_embeddings(tmp_path / "sharers" / "embeddings.npz", emb, "test")
+    args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", ids[0],
+            "--model", "tiny", "--k", "2", "--budget", "1", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["sharer_ids"] == ["u004", "u005"]
+
+
+def test_cli_errors_exit_2(disk_world, capsys):
+    tmp_path, data = disk_world
+    base = ["personalize", "--data", str(tmp_path / "data"), "--model", "tiny", "--encoder", "hashing:32", "--out", str(tmp_path / "x")]
+    assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", "nobody"]) == 2
+    assert "unknown user" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(base + ["--sharers", str(tmp_path / "empty"), "--user", data.users[0].user_id]) == 2
+    assert "no adapter sub-folders" in capsys.readouterr().err
+    assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", data.users[0].user_id, "--k", "1"]) == 2
+    assert "distinct sharers" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""Optimizer registry and search loop on a toy objective: reproducibility, best-ever, fallback, trajectory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from server.search import OPTIMIZERS, OptimizerConfig, SearchError, make_optimizer, run_search
+
+
+@dataclass(frozen=True)
+class Parts:
+    utility: float
+    privacy: float
+    objective: float
+
+    def to_dict(self) -> dict:
+        return {"utility": self.utility, "privacy": self.privacy, "objective": self.objective}
+
+
+TARGET = np.array([0.8, -0.4, 0.3])
+
+
+def toy(population: np.ndarray) -> list[Parts]:
+    out = []
+    for x in population:
+        u = -float(((x - TARGET) ** 2).sum())
+        p = float(np.abs(x).mean())
+        out.append(Parts(u, p, u - 0.1 * p))
+    return out
+
+
+UNMERGED = Parts(-10.0, 0.0, -10.0)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_seeded_runs_reproduce_and_improve(name):
+    def run(seed):
+        opt = make_optimizer(name, OptimizerConfig(dim=3, popsize=6, budget=8, seed=seed))
+        return run_search(toy, UNMERGED, opt, progress=False)
+
+    a, b, c = run(1), run(1), run(2)
+    assert np.array_equal(a.best_weights, b.best_weights) and a.trajectory == b.trajectory
+    assert not np.array_equal(a.best_weights, c.best_weights)
+    assert not a.fallback and a.evaluations == 48 and len(a.trajectory) == 8
+    assert a.best_parts.objective > toy(np.zeros((1, 3)))[0].objective
+    assert np.all(np.abs(a.best_weights) <= 1.5)
+
+
+def test_best_is_best_ever_seen_and_trajectory_is_json():
+    result = run_search(toy, UNMERGED, make_optimizer("cma", OptimizerConfig(dim=3, budget=6, seed=0)), progress=False)
+    best_per_gen = [g["best_objective"] for g in result.trajectory]
+    assert result.best_parts.objective == pytest.approx(max(best_per_gen))
+    assert [g["best_so_far"] for g in result.trajectory] == list(np.maximum.accumulate(best_per_gen))
+    assert toy(result.best_weights[None])[0].objective == pytest.approx(result.best_parts.objective)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert set(data["trajectory"][0]) >= {"best_objective", "mean_objective", "best_utility", "best_privacy", "best_weights"}
+    assert data["fallback"] is False and len(data["best_weights"]) == 3
+
+
+def test_fallback_when_nothing_beats_unmerged():
+    strong = Parts(0.0, 0.0, 0.0)  # the toy objective is never above 0
+    result = run_search(toy, strong, make_optimizer("cma", OptimizerConfig(dim=3, budget=2, seed=0)), progress=False)
+    assert result.fallback and result.best_weights is None and result.best_parts == strong
+    assert result.searched_weights is not None and result.searched_parts.objective < 0
+    assert json.loads(json.dumps(result.to_dict()))["fallback"] is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"popsize": 1}, "popsize"),
+        ({"budget": 0}, "budget"),
+        ({"bounds": (1.0, -1.0)}, "bounds"),
+        ({"sigma0": 0.0}, "sigma0"),
+        ({"x0": (0.0, 0.0)}, "x0"),
+        ({"x0": (0.0, 0.0, 9.0)}, "outside"),
+        ({"dim": 0}, "dimension"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(SearchError, match=match):
+        OptimizerConfig(**({"dim": 3} | kwargs))
+
+
+def test_unknown_optimizer():
+    with pytest.raises(SearchError, match="unknown optimizer"):
+        make_optimizer("adam", OptimizerConfig(dim=2))
+
+
+def test_objective_length_mismatch_is_an_error():
+    with pytest.raises(RuntimeError, match="scores"):
+        run_search(lambda pop: toy(pop)[:1], UNMERGED, make_optimizer("cma", OptimizerConfig(dim=3)), progress=False)
