@@ -1,0 +1,119 @@
+"""`prime-fl predict`: answer held-out queries with a base or task-adapted model (+ adapter) and score them.
+
+Also home of the model options every model-using command shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from common.adapters import LoraAdapter
+from common.inference import predict
+from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, write_json_files
+from common.metrics import task_metrics
+from common.models import CACHE_ENV, DEFAULT_SPEC, default_cache_dir, load_base
+from common.errors import PrimeError
+
+log = logging.getLogger(__name__)
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model-spec / --model / --cache-dir, shared by adapt, train-lora and predict."""
+    parser.add_argument(
+        "--model-spec",
+        default=DEFAULT_SPEC,
+        help="base model: gemma3-270m (embedded, default), tiny (random test model) or a local HF model folder",
+    )
+    parser.add_argument("--model", default=None, help=model_help)
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"where the converted Gemma checkpoint is cached (default: ${CACHE_ENV} or {default_cache_dir()})",
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer, name) from --model (a folder) or else --model-spec; the cache dir comes from flag or env."""
+    cache = args.cache_dir or os.environ.get(CACHE_ENV)
+    spec = args.model or args.model_spec
+    if args.model is not None and not Path(args.model).is_dir():
+        raise PrimeError(f"--model {args.model}: not a folder (give a folder written by `prime-fl adapt`)")
+    start = time.perf_counter()
+    model, tokenizer = load_base(spec, cache_dir=Path(cache) if cache else None)
+    log.info("loaded %s in %.1f s", spec, time.perf_counter() - start)
+    return model, tokenizer, spec
+
+
+def select_users(dataset: LampDataset, user_ids: list[str] | None, limit: int | None) -> list[LampUser]:
+    """The named users (in the given order), else the first `limit` users, else all."""
+    if user_ids:
+        return [dataset.user(u) for u in user_ids]
+    if limit is not None:
+        if limit < 1:
+            raise PrimeError(f"--users must be at least 1, got {limit}")
+        return dataset.users[:limit]
+    return dataset.users
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="answer held-out queries with a model (and optional adapter) and print the task metrics",
+        description=(
+            "Predict every held-out query of the chosen users: classification and rating by scoring the "
+            "task's label set (log-likelihood), generation tasks by greedy decoding. Writes the predictions "
+            "in the LaMP outputs layout ({\"task\", \"golds\": [{\"id\", \"output\"}]}) and the task metrics "
+            "against the folder's golds as JSON."
+        ),
+    )
+    parser.add_argument("--data", required=True, help="LaMP-layout folder")
+    parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
+    add_model_args(parser, "a model folder (e.g. written by `prime-fl adapt`); overrides --model-spec")
+    parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply on top of the model")
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--user", dest="user_ids", nargs="+", default=None, metavar="ID", help="only these users")
+    who.add_argument("--users", dest="limit", type=int, default=None, metavar="N", help="only the first N users")
+    parser.add_argument("--out", required=True, help="predictions file (LaMP outputs layout, written atomically)")
+    parser.add_argument("--metrics-out", default=None, help="metrics JSON file (default: <out>.metrics.json)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default %(default)s)")
+    parser.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise PrimeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    dataset = load_lamp(args.data, split=args.split)
+    users = select_users(dataset, args.user_ids, args.limit)
+    queries = [q for u in users for q in u.queries]
+    if not queries:
+        raise PrimeError(f"{args.data}: the selected users have no queries")
+    model, tokenizer, name = load_model(args)
+    if args.adapter is not None:
+        model = LoraAdapter.load(args.adapter, base_model=model).apply_to(model)
+        model.eval()
+    task = dataset.task
+    start = time.perf_counter()
+    preds = predict(task, model, tokenizer, [q.input for q in queries], batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    metrics = task_metrics(task, preds, [q.gold for q in queries])
+    out = Path(args.out)
+    metrics_out = Path(args.metrics_out) if args.metrics_out else out.with_name(out.name + ".metrics.json")
+    report = {
+        "task": task.lamp_id,
+        "model": name,
+        "adapter": args.adapter,
+        "users": len(users),
+        "queries": len(queries),
+        "metrics": metrics,
+        "seconds": round(seconds, 3),
+    }
+    write_json_files(out.parent, {out.name: {"task": task.lamp_id, "golds": [{"id": q.id, "output": p} for q, p in zip(queries, preds)]}})
+    write_json_files(metrics_out.parent, {metrics_out.name: report})
+    print(json.dumps(report, indent=1))
+    print(f"wrote {len(preds)} predictions -> {out}; metrics -> {metrics_out}")
+    return 0

@@ -1,0 +1,86 @@
+"""`prime-fl train-lora`: train one user's LoRA on their history and save it as a PEFT adapter.
+
+Also home of the training options shared with `prime-fl adapt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from client.training import TrainConfig, train_lora
+from common.lamp import SPLITS, load_lamp, profile_pairs
+from common.errors import PrimeError
+from simulations.commands.predict import add_model_args, load_model
+
+
+def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """LoRA and optimiser knobs (defaults from `TrainConfig`)."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--r", type=int, default=defaults.r, help="LoRA rank (default %(default)s)")
+    group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (default %(default)s)")
+    group.add_argument(
+        "--target-modules", nargs="+", default=list(defaults.target_modules), help="LoRA'd linear layers (default %(default)s)"
+    )
+    group.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default %(default)s)")
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the pairs (default %(default)s)")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="pairs per step (default %(default)s)")
+    group.add_argument("--max-length", type=int, default=defaults.max_length, help="max tokens per pair (default %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        target_modules=tuple(args.target_modules),
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-lora",
+        help="train one user's LoRA on their history and save it as a PEFT adapter folder",
+        description=(
+            "Train a LoRA on one user's history pairs (loss on the target tokens only) on top of the base or "
+            "task-adapted model, and write a PEFT adapter folder (adapter_config.json + "
+            "adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained) plus training_stats.json."
+        ),
+    )
+    parser.add_argument("--data", required=True, help="LaMP-layout folder")
+    parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
+    parser.add_argument("--user", required=True, help="the user whose history to train on")
+    parser.add_argument("--out", required=True, help="adapter folder to write")
+    add_model_args(parser, "a model folder to train on (e.g. from `prime-fl adapt`); overrides --model-spec")
+    add_training_args(parser, TrainConfig())
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = train_config(args)
+    dataset = load_lamp(args.data, split=args.split)
+    user = dataset.user(args.user)
+    pairs = profile_pairs(dataset.task, user.profile)
+    if not pairs:
+        raise PrimeError(f"{args.data}: user {args.user!r} has no history to train on")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PrimeError(f"--out {out}: exists and is not a folder")
+    model, tokenizer, name = load_model(args)
+    adapter, stats = train_lora(model, tokenizer, pairs, config, progress=not args.no_progress)
+    adapter.base_model = name
+    adapter.save(out)
+    info = {"user": user.user_id, "task": dataset.task.lamp_id, "model": name, "config": config.__dict__, "stats": stats.to_dict()}
+    (out / "training_stats.json").write_text(json.dumps(info, indent=1, default=list) + "\n")
+    print(
+        f"trained LoRA r={config.r} for {user.user_id} on {stats.examples} pairs: loss {stats.first_loss:.3f} -> "
+        f"{stats.final_loss:.3f} ({stats.examples_per_s:.1f} examples/s) -> {out}"
+    )
+    return 0
