@@ -102,7 +102,7 @@ def register(msg: Message, context: Context) -> Message:
             "n-queries": len(user.queries),
         }
     )
-    return msg.create_reply(RecordDict({"node": reply}))
+    return Message(reply_to=msg, content=RecordDict({"node": reply}))
 
 
 @app.train("adapt")
@@ -116,7 +116,7 @@ def adapt(msg: Message, context: Context) -> Message:
     adapter, stats = train_lora(model, tokenizer, pairs, _train_config(config, "adapt-epochs"), progress=False, init=init)
     reply = adapter_to_records(adapter, "update")
     reply["metrics"] = MetricRecord({"num-examples": len(pairs), "loss": float(stats.final_loss)})
-    return msg.create_reply(reply)
+    return Message(reply_to=msg, content=reply)
 
 
 @app.train("share")
@@ -149,7 +149,7 @@ def share(msg: Message, context: Context) -> Message:
     raw = sum(t.numel() * 4 for t in adapter.tensors.values())
     metrics = MetricRecord({"train-seconds": train_seconds, "loss": float(stats.final_loss),
                             "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)})
-    return msg.create_reply(RecordDict({"upload": ConfigRecord({"sealed": sealed}), "metrics": metrics}))
+    return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed}), "metrics": metrics}))
 
 
 @app.query("profile")
@@ -170,7 +170,7 @@ def profile(msg: Message, context: Context) -> Message:
         phase=PHASE_PROFILE,
         upload_id=new_upload_id(),
     )
-    return msg.create_reply(RecordDict({"upload": ConfigRecord({"sealed": sealed})}))
+    return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed})}))
 
 
 @app.evaluate("personalized")
@@ -193,4 +193,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {f"np-{k}": v for k, v in task_metrics(task, np_preds, golds).items()}
     metrics |= {f"prime-{k}": v for k, v in task_metrics(task, merged_preds, golds).items()}
     metrics["n-queries"] = len(prompts)
-    return msg.create_reply(RecordDict({"metrics": MetricRecord(metrics)}))
+    return Message(reply_to=msg, content=RecordDict({"metrics": MetricRecord(metrics)}))

@@ -23,9 +23,20 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_progress()
     config = FederationConfig.from_run_config(context.run_config)
     run_federation(grid, config)
+
+
+def _log_progress() -> None:
+    """Show our phase progress at INFO without raising every library (httpx, ray) to INFO."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("server", "common", "client"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> Path:

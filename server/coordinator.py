@@ -94,7 +94,8 @@ class Coordinator:
     def _exchange(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         """Send one message per node; return the good replies, recording failures as skipped."""
         messages = [
-            self.grid.create_message(content, message_type, node_id, group_id=phase) for node_id, content in contents.items()
+            Message(content, dst_node_id=node_id, message_type=message_type, group_id=phase)
+            for node_id, content in contents.items()
         ]
         started = time.perf_counter()
         replies = {}

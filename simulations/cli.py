@@ -22,6 +22,8 @@ COMMANDS: tuple[str, ...] = (
     "simulations.commands.predict",
     "simulations.commands.deploy",
     "simulations.commands.personalize",
+    "simulations.commands.eval",
+    "simulations.commands.simulate",
 )
 
 
