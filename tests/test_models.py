@@ -1,0 +1,97 @@
+"""load_base: specs, the converted-checkpoint cache, and (slow) the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import common.models as models
+from common.errors import PrimeError
+from common.inference import encode_example
+from common.models import GEMMA_SPEC, ModelSpecError, load_base, save_checkpoint, tiny_model
+
+TEXT = "Review: a great film Score:"
+
+
+def _logits(model, tok, text=TEXT):
+    with torch.no_grad():
+        return model(torch.tensor([tok(text).input_ids])).logits
+
+
+def test_tiny_spec_is_the_deterministic_tiny_model():
+    model, tok = load_base("tiny")
+    reference, ref_tok = tiny_model()
+    assert tok(TEXT).input_ids == ref_tok(TEXT).input_ids
+    torch.testing.assert_close(_logits(model, tok), _logits(reference, ref_tok))
+    assert not model.training
+
+
+def test_model_directory_round_trip(tmp_path):
+    model, tok = tiny_model(seed=2)
+    save_checkpoint(model, tok, tmp_path / "m")
+    loaded, loaded_tok = load_base(str(tmp_path / "m"))
+    assert loaded_tok(TEXT).input_ids == tok(TEXT).input_ids
+    torch.testing.assert_close(_logits(loaded, loaded_tok), _logits(model, tok))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
+
+
+def test_gemma_spec_converts_once_then_reads_the_cache(tmp_path, monkeypatch):
+    """The GGUF conversion is stubbed with the tiny model: this checks the cache logic, not Gemma."""
+    calls = []
+
+    def fake_convert(cache_dir):
+        calls.append(cache_dir)
+        return tiny_model(seed=4)
+
+    monkeypatch.setattr(models, "load_gemma_gguf", fake_convert)
+    first, tok = load_base(GEMMA_SPEC, cache_dir=tmp_path)
+    second, _ = load_base(GEMMA_SPEC, cache_dir=tmp_path)
+    assert len(calls) == 1 and (tmp_path / GEMMA_SPEC / "model.safetensors").is_file()
+    torch.testing.assert_close(_logits(first, tok), _logits(second, tok))
+    torch.testing.assert_close(_logits(first, tok), _logits(*tiny_model(seed=4)))
+
+
+def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
+    def failing_convert(cache_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_gemma_gguf", failing_convert)
+    with pytest.raises(KeyboardInterrupt):
+        load_base(GEMMA_SPEC, cache_dir=tmp_path)
+    assert not (tmp_path / GEMMA_SPEC).exists()
+
+
+def test_bad_specs_are_prime_errors(tmp_path):
+    with pytest.raises(ModelSpecError, match="unknown model spec 'llama-9000'"):
+        load_base("llama-9000")
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        load_base(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(PrimeError, match="cannot load model"):
+        load_base(str(tmp_path))
+
+
+def test_save_checkpoint_refuses_a_file_or_foreign_folder(tmp_path):
+    model, tok = tiny_model()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelSpecError, match="refusing"):
+        save_checkpoint(model, tok, tmp_path / "file")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.md").write_text("x")
+    with pytest.raises(ModelSpecError, match="refusing"):
+        save_checkpoint(model, tok, tmp_path / "folder")
+
+
+@pytest.mark.slow
+def test_gemma_cache_matches_the_gguf_and_reads_english(tmp_path):
+    gguf_model, gguf_tok = models.load_gemma_gguf(tmp_path)
+    cached, tok = load_base(GEMMA_SPEC, cache_dir=tmp_path)  # converts (once more) into tmp_path, then reads it
+    text = "The cat sat on the mat and looked out of the window at the rain."
+    torch.testing.assert_close(_logits(cached, tok, text), _logits(gguf_model, gguf_tok, text))
+    ids = torch.tensor([tok(text).input_ids])
+    with torch.no_grad():
+        loss = cached(ids, labels=ids).loss.item()
+    assert 0 < loss < 5.0  # random would be ln(262144) = 12.5
+    assert tok.convert_ids_to_tokens(encode_example(tok, "Review: good Score:", "4")[0]) == [
+        "<bos>", "Review", ":", "▁good", "▁Score", ":", "▁", "4"
+    ]
