@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.federation import ConfigError, FederationConfig
+from common.models import GEMMA_SPEC, default_cache_dir, gemma_checkpoint
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -48,6 +49,9 @@ def simulate(config: FederationConfig, num_nodes: int, cpus_per_node: float = 1.
     from client.app import app as client_app
     from server.app import run_federation
 
+    if config.model_spec == GEMMA_SPEC:
+        # Convert the packaged GGUF once here, not concurrently in every simulated node.
+        gemma_checkpoint(Path(config.model_cache) if config.model_cache else default_cache_dir())
     server_app = ServerApp()
 
     @server_app.main()
