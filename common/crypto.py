@@ -288,7 +288,7 @@ def open_sealed(
     node_id, upload_id = header["node_id"], header["upload_id"]
     try:
         Ed25519PublicKey.from_public_bytes(sender_public).verify(blob[-SIGNATURE_BYTES:], signed)
-    except InvalidSignature as err:
+    except (InvalidSignature, ValueError) as err:
         raise UploadRejected("bad_signature", f"signature of node {node_id!r} does not verify") from err
     if trusted_senders is not None and trusted_senders.get(node_id) != sender_public:
         raise UploadRejected("untrusted_sender", f"node {node_id!r} is not a trusted sender with this key")

@@ -113,7 +113,10 @@ def _header(blob: bytes) -> dict[str, Any]:
 
 
 def _metadata(header: Mapping[str, Any]) -> dict[str, Any]:
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY, "{}")
+    st_meta = header.get("__metadata__") or {}
+    if not isinstance(st_meta, dict):
+        raise UploadRejected("malformed", "safetensors __metadata__ is not an object")
+    raw = st_meta.get(METADATA_KEY, "{}")
     if not isinstance(raw, str) or len(raw.encode("utf-8")) > MAX_METADATA_BYTES:
         raise UploadRejected("schema", f"metadata is not a JSON string under {MAX_METADATA_BYTES} bytes")
     try:
@@ -151,7 +154,10 @@ def decode_upload(blob: bytes, schema: UploadSchema) -> DecodedUpload:
         if not isinstance(entry, dict) or entry.get("dtype") != st_dtype:
             found = entry.get("dtype") if isinstance(entry, dict) else None
             raise UploadRejected("schema", f"tensor {name!r} has dtype {found!r}, expected {st_dtype}")
-        shape = tuple(entry.get("shape") or ())
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise UploadRejected("malformed", f"tensor {name!r} has no valid shape in the safetensors header")
+        shape = tuple(shape)
         if shape != tuple(expected[name]):
             what = "embedding dim" if name == EMBEDDING_KEY else "shape"
             raise UploadRejected("schema", f"tensor {name!r} has {what} {list(shape)}, expected {list(expected[name])}")

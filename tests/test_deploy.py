@@ -52,6 +52,7 @@ clientapp = "tinyfed.client:app"
 out-dir = "out"
 num-nodes = 2
 sleep = 0
+fail = false
 """
 
 SERVER = """\
@@ -65,6 +66,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     time.sleep(float(context.run_config["sleep"]))
+    if context.run_config["fail"]:
+        raise RuntimeError("the throwaway app failed on purpose")
     want = int(context.run_config["num-nodes"])
     deadline, nodes = time.time() + 60, []
     while time.time() < deadline and len(nodes) < want:
@@ -176,6 +179,17 @@ def test_unregistered_supernode_is_refused(tmp_path):
     finally:
         assert procs.stop() == []
     assert "Failed to activate SuperNode" in (tmp_path / "logs" / "supernode.log").read_text()
+
+
+@pytest.mark.slow
+def test_failing_app_is_an_error(app_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DeployError, match="failed"):
+        deploy(DeployConfig(app_dir=app_dir, out=out, nodes=1, run_config="num-nodes=1 fail=true", timeout=120))
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["status"] == "finished:failed"
+    assert "failed on purpose" in (out / "logs" / "flwr-run-stream.log").read_text()
+    _assert_all_stopped(report)
 
 
 def test_bad_app_dirs(tmp_path, app_dir, capsys):

@@ -95,3 +95,28 @@ def test_size_report_counts_raw_encoded_sealed():
     assert rep["raw_tensor_bytes"] == (4 * 32 + 32 * 4) * 4
     assert rep["raw_embedding_bytes"] == 32
     assert rep["raw_tensor_bytes"] + 32 < rep["encoded_bytes"] < rep["sealed_bytes"] == len(sealed)
+
+
+def _raw_safetensors(header: dict, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {A: {"dtype": "F32", "shape": 5, "data_offsets": [0, 20]}},
+        {A: {"dtype": "F32", "shape": ["4", 32], "data_offsets": [0, 512]}},
+        {A: "not an entry"},
+        {"__metadata__": ["x"], A: {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 512]}},
+    ],
+)
+def test_hostile_headers_are_rejected_not_crashing(header):
+    full = {B: {"dtype": "F32", "shape": [32, 4], "data_offsets": [0, 512]},
+            EMBEDDING_KEY: {"dtype": "F32", "shape": [8], "data_offsets": [512, 544]}}
+    full.update(header)
+    with pytest.raises(UploadRejected):
+        decode_upload(_raw_safetensors(full, bytes(1100)), _schema())
