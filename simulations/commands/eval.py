@@ -1,0 +1,111 @@
+"""`prime-fl eval`: run the evaluation grid (NP, RAG, OPPU, top-1, uniform, LoraHub, PriME) with a resumable cache.
+
+    prime-fl eval --synthetic tagging --out runs/tagging [--config FILE] [flags]
+    prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
+    prime-fl eval table OUT... --out DIR   one table from several runs (e.g. several tasks)
+
+Flags override config-file keys (same names, `-` or `_`), which override the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from simulations import experiment, tables
+from simulations.experiment import EvalConfig, EvalConfigError
+
+_LIST = "comma-separated"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate PriME against NP, RAG, OPPU, top-1, uniform and LoraHub on one machine (Table 1, plots)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--config", help="JSON or TOML file of settings (keys as the flags below; a TOML [eval] table is used if present)")
+    add("--out", help="output folder: cells/, prepare/, results.json, table.{md,csv,json}, plots/")
+    add("--data", help="LaMP-layout folder")
+    add("--split", choices=("train", "dev"), help="which split when the folder holds several")
+    add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline) into OUT/data")
+    add("--synth-users", type=int, help="synthetic: number of users (default 48)")
+    add("--synth-groups", type=int, help="synthetic: latent preference groups (default 4)")
+    add("--synth-history", type=int, help="synthetic: history items per user (default 24)")
+    add("--synth-queries", type=int, help="synthetic: held-out queries per user (default 4)")
+    add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
+    add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
+    add("--alphas", help=f"{_LIST} PriME privacy weights (default 0,0.5,1,2)")
+    add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
+    add("--model-spec", help="gemma3-270m (default), tiny (tests), or an HF model folder")
+    add("--model-cache", help="cache folder for the converted Gemma checkpoint")
+    add("--encoder", help="user encoder: minilm (default), hashing[:DIM], or a sentence-transformers folder")
+    add("--targets", type=int, help="target users per seed (default 4)")
+    add("--sharers", type=int, help="sharers per seed (default 8)")
+    add("--adapt-fraction", type=float, help="share of users for task adaptation (default 0.25)")
+    add("--adapt-epochs", type=int, help="task-adaptation epochs (default 2)")
+    add("--adapt-max-pairs", type=int, help="cap on pooled task-adaptation pairs (default 384)")
+    add("--max-history", type=int, help="most recent history items a user trains / is scored on (default 16)")
+    add("--ks", help=f"{_LIST} numbers of merged sharers (ablation axis; default 3)")
+    add("--budget", type=int, help="search generations (default 6)")
+    add("--popsize", type=int, help="search population size (default 6)")
+    add("--optimizers", help=f"{_LIST}: cma, ngiohtuned, tbpsa (ablation axis; default cma)")
+    add("--weight-levels", help=f"{_LIST}: lora, layer (ablation axis; default lora)")
+    add("--history-fractions", help=f"{_LIST} shares of the history used by the fitness (ablation axis; default 1)")
+    add("--min-sharers", type=int, help="minimum distinct sharers in a merge (default 2)")
+    add("--rag-k", type=int, help="history items retrieved for RAG (default 3)")
+    add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
+    add("--lora-r", type=int, help="LoRA rank (default 8)")
+    add("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    add("--lr", type=float, help="LoRA learning rate (default 1e-3)")
+    add("--epochs", type=int, help="LoRA epochs for sharers and OPPU (default 3)")
+    add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
+    add("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
+
+    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table}")
+    plot = sub.add_parser("plot", help="redraw the figures of a finished run")
+    plot.add_argument("run", help="a run folder (holding results.json)")
+    plot.set_defaults(func=_plot)
+    table = sub.add_parser("table", help="one Table-1 layout table from one or more runs")
+    table.add_argument("runs", nargs="+", help="run folders (holding results.json)")
+    table.add_argument("--out", dest="table_out", required=True, help="folder for table.{md,csv,json}")
+    table.set_defaults(func=_table)
+
+
+_NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command"}
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Defaults < config file < flags."""
+    values = experiment.read_config_file(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()} | flags
+    return EvalConfig.from_mapping(values, where=args.config or "flags")
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    report = experiment.run_grid(config, progress=not args.no_progress)
+    print(f"{len(report.records)} cells ({report.computed} computed, {report.reused} from the cache) -> {report.out}")
+    print((report.out / "table.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from simulations import plots
+
+    index = plots.write_plots(experiment.load_results(args.run), Path(args.run) / "plots")
+    print(f"wrote {len(index['written'])} figures to {Path(args.run) / 'plots'} ({len(index['skipped'])} skipped)")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    records = [r for run in args.runs for r in experiment.load_results(run)]
+    if not records:
+        raise EvalConfigError("the runs hold no finished cells")
+    tables.write_tables(tables.build_table(records), args.table_out)
+    print(tables.to_markdown(tables.build_table(records)), end="")
+    return 0

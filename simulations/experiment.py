@@ -1,0 +1,452 @@
+"""The evaluation grid: every method on the same users, splits and seeds, one cached JSON file per cell.
+
+For each seed, `prepare` builds what all methods share (user plan, task-adapted
+model, the sharers' adapters as PEFT directories under OUT/prepare/) and each
+(method, params, seed, target) cell is written to OUT/cells/ as soon as it is
+done. A rerun skips finished cells and, when a seed has nothing left to do,
+does not even load the model: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from tqdm.auto import tqdm
+
+from common.adapters import AdapterError, LoraAdapter
+from common.encoder import embed_users, load_encoder, save_embeddings
+from common.errors import PrimeError
+from common.lamp import LampDataset, load_lamp, profile_pairs
+from common.models import load_base
+from common.plan import UserPlan, make_plan
+from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate, write_synthetic
+from common.task_model import load_task_model
+from simulations.methods import Context, MethodResult, get_method
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("np", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
+CELLS_DIR, PREPARE_DIR, RESULTS_FILE, CONFIG_FILE = "cells", "prepare", "results.json", "config.json"
+
+
+class EvalConfigError(PrimeError):
+    """A bad evaluation setting (CLI flag or config-file key)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
+
+    out: str
+    data: str | None = None
+    split: str | None = None
+    synthetic: str | None = None
+    synth_users: int = 48
+    synth_groups: int = 4
+    synth_history: int = 24
+    synth_queries: int = 4
+    synth_seed: int = 0
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    seeds: int = 1
+    model_spec: str = "gemma3-270m"
+    model_cache: str | None = None
+    encoder: str = "minilm"
+    targets: int = 4
+    sharers: int = 8
+    adapt_fraction: float = 0.25
+    adapt_epochs: int = 2
+    adapt_max_pairs: int = 384
+    max_history: int = 16
+    ks: tuple[int, ...] = (3,)
+    budget: int = 6
+    popsize: int = 6
+    optimizers: tuple[str, ...] = ("cma",)
+    weight_levels: tuple[str, ...] = ("lora",)
+    history_fractions: tuple[float, ...] = (1.0,)
+    min_sharers: int = 2
+    rag_k: int = 3
+    lorahub_l1: float = 0.05
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 1e-3
+    epochs: int = 3
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.synthetic is None):
+            raise EvalConfigError("give exactly one of --data DIR and --synthetic TASK")
+        if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
+            raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.synthetic!r}")
+        for name in self.methods:
+            get_method(name)  # raises MethodError for unknown names
+        if not self.methods:
+            raise EvalConfigError("--methods is empty")
+        positive = ("seeds", "targets", "sharers", "adapt_epochs", "adapt_max_pairs", "max_history", "budget",
+                    "popsize", "min_sharers", "rag_k", "lora_r", "epochs", "synth_users", "synth_history", "synth_queries")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise EvalConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.popsize < 2:
+            raise EvalConfigError(f"popsize must be >= 2, got {self.popsize}")
+        for name in ("alphas", "ks", "optimizers", "weight_levels", "history_fractions"):
+            if not getattr(self, name):
+                raise EvalConfigError(f"{name.replace('_', '-')} needs at least one value")
+        if any(a < 0 for a in self.alphas):
+            raise EvalConfigError(f"alphas must be >= 0, got {list(self.alphas)}")
+        if any(k < 1 for k in self.ks):
+            raise EvalConfigError(f"ks must be >= 1, got {list(self.ks)}")
+        if any(not 0 < f <= 1 for f in self.history_fractions):
+            raise EvalConfigError(f"history-fractions must be in (0, 1], got {list(self.history_fractions)}")
+        if not 0 <= self.adapt_fraction < 1:
+            raise EvalConfigError(f"adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
+        if not (self.lr > 0 and self.lora_alpha > 0 and self.lorahub_l1 >= 0):
+            raise EvalConfigError("lr and lora-alpha must be > 0, lorahub-l1 >= 0")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> "EvalConfig":
+        """Build from flag-like keys (`model-spec` or `model_spec`); lists may be lists or comma strings."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in fields:
+                raise EvalConfigError(f"{where}: unknown key {raw_key!r}")
+            if value is None:
+                continue
+            kwargs[key] = _coerce(fields[key], value, f"{where}: key {raw_key!r}")
+        if "out" not in kwargs:
+            raise EvalConfigError(f"{where}: missing 'out' (the output folder)")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+_ITEM_TYPES = {"methods": str, "alphas": float, "ks": int, "optimizers": str, "weight_levels": str, "history_fractions": float}
+_SCALAR_TYPES = {int: int, float: float, str: str, bool: bool}
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    try:
+        if f.name in _ITEM_TYPES:
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            kind = _ITEM_TYPES[f.name]
+            return tuple(kind(v.strip().lower()) if kind is str else kind(v) for v in items)
+        if f.name == "plots":
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        base = {"int": int, "float": float, "str": str, "str | None": str}.get(str(f.type), str)
+        if base is int and (isinstance(value, float) and not value.is_integer() or isinstance(value, bool)):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return base(value)
+    except (TypeError, ValueError) as err:
+        raise EvalConfigError(f"{where}: {err}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON object or TOML table of EvalConfig keys (an `[eval]` table is used when present)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise EvalConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise EvalConfigError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} ({err})") from None
+    if isinstance(data, dict) and isinstance(data.get("eval"), dict):
+        data = data["eval"]
+    if not isinstance(data, dict):
+        raise EvalConfigError(f"{path}: expected an object of settings at the top level")
+    return data
+
+
+# ------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, params, seed, target) to compute; `key` ties it to the prepared inputs it used."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    target: str
+    prepare_key: str
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([self.prepare_key, self.method, list(self.params), self.seed, self.target], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def path(self, out: Path) -> Path:
+        return out / CELLS_DIR / f"seed{self.seed}" / self.target / f"{self.method}-{self.key}.json"
+
+
+def method_params(config: EvalConfig, method: str) -> list[dict[str, Any]]:
+    """The parameter sets a method is run with: ablation axes (k, optimizer, ...) are grid axes."""
+    c, k0 = config, config.ks[0]
+    if method in ("np", "oppu"):
+        return [{"k": k0}]
+    if method == "rag":
+        return [{"k": k0, "rag_k": c.rag_k}]
+    if method == "top1":
+        return [{}]
+    if method == "uniform":
+        return [{"k": k, "min_sharers": c.min_sharers} for k in c.ks]
+    if method == "lorahub":
+        return [{"k": k, "min_sharers": c.min_sharers, "budget": c.budget, "popsize": c.popsize, "l1": c.lorahub_l1} for k in c.ks]
+    if method in ("prime", "prime-rag"):
+        grid = itertools.product(c.alphas, c.ks, c.optimizers, c.weight_levels, c.history_fractions)
+        return [
+            {"alpha": a, "k": k, "optimizer": o, "weight_level": w, "history_fraction": h, "budget": c.budget,
+             "popsize": c.popsize, "min_sharers": c.min_sharers, "rag_k": c.rag_k}
+            for a, k, o, w, h in grid
+        ]
+    raise EvalConfigError(f"no grid rule for method {method!r}")
+
+
+def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
+    """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
+    users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
+    fields = ("data", "split", "synthetic", "synth_users", "synth_groups", "synth_history", "synth_queries", "synth_seed",
+              "model_spec", "encoder", "targets", "sharers", "adapt_fraction", "adapt_epochs", "adapt_max_pairs",
+              "max_history", "lora_r", "lora_alpha", "lr", "epochs")
+    text = json.dumps([dataset.task.lamp_id, users, {f: getattr(config, f) for f in fields}], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_dataset(config: EvalConfig) -> LampDataset:
+    """The user's LaMP folder, or the synthetic benchmark generated (once) into OUT/data/TASK."""
+    if config.data is not None:
+        return load_lamp(config.data, split=config.split)
+    directory = Path(config.out) / "data" / str(config.synthetic)
+    synth = generate(SyntheticConfig(task=str(config.synthetic), n_users=config.synth_users, n_groups=config.synth_groups,
+                                     history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed))
+    if not (directory / "questions.json").is_file():
+        write_synthetic(synth, directory)
+    return synth.dataset
+
+
+def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> list[Cell]:
+    """Every cell of the grid, seed by seed, target by target, in method order."""
+    cells = []
+    for seed, plan in plans.items():
+        for target in plan.targets:
+            for method in config.methods:
+                for params in method_params(config, method):
+                    full = get_method(method).params(params)
+                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key))
+    return cells
+
+
+# ------------------------------------------------------------------ preparation
+
+
+def _train_config(config: EvalConfig, seed: int, epochs: int | None = None):
+    from client.training import TrainConfig
+
+    return TrainConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lr=config.lr,
+                       epochs=epochs or config.epochs, seed=seed)
+
+
+def _cached_adapter(path: Path, model, train) -> LoraAdapter:
+    """Load the PEFT directory at `path`, or train, save and return (a half-written directory is retrained)."""
+    if path.is_dir():
+        try:
+            return LoraAdapter.load(path, model)
+        except AdapterError as err:
+            log.warning("retraining %s: %s", path, err)
+    adapter = train()
+    adapter.save(path)
+    return adapter
+
+
+@dataclass
+class Prepared:
+    """Per-run shared inputs: the dataset, its embeddings and the seeds' plans (cheap, always built)."""
+
+    config: EvalConfig
+    dataset: LampDataset
+    embeddings: dict
+    plans: dict[int, UserPlan]
+    key: str
+    contexts: dict[int, Context] = field(default_factory=dict)
+
+    def folder(self, seed: int) -> Path:
+        return Path(self.config.out) / PREPARE_DIR / f"seed{seed}-{self.key}"
+
+    def context(self, seed: int, progress: bool) -> Context:
+        """Task-adapted model and sharers' adapters for `seed`, trained once and cached as PEFT dirs."""
+        if seed not in self.contexts:
+            self.contexts.clear()  # one model in memory at a time
+            self.contexts[seed] = self._build(seed, progress)
+        return self.contexts[seed]
+
+    def _build(self, seed: int, progress: bool) -> Context:
+        from client.training import train_lora
+
+        c, plan, folder = self.config, self.plans[seed], self.folder(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        task = self.dataset.task
+        task_adapter = None
+        if plan.adaptation:
+            pairs = [p for u in plan.adaptation for p in profile_pairs(task, self.dataset.user(u).profile)[-c.max_history :]]
+            pairs = random.Random(seed).sample(pairs, min(len(pairs), c.adapt_max_pairs))
+            base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None)
+            task_adapter = _cached_adapter(
+                folder / "task_adapter", base,
+                lambda: train_lora(base, tokenizer, pairs, _train_config(c, seed, c.adapt_epochs), progress=progress)[0],
+            )
+            del base
+        model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter)
+
+        def history(user: str) -> list[tuple[str, str]]:
+            return profile_pairs(task, self.dataset.user(user).profile)[-c.max_history :]
+
+        def train_adapter(pairs: list[tuple[str, str]], name: str) -> LoraAdapter:
+            return _cached_adapter(folder / "adapters" / name, model,
+                                   lambda: train_lora(model, tokenizer, pairs, _train_config(c, seed), progress=False)[0])
+
+        sharers = {}
+        for sid in tqdm(plan.sharers, desc=f"sharers (seed {seed})", unit="adapter", disable=not progress, leave=False):
+            sharers[sid] = train_adapter(history(sid), f"sharer-{sid}")
+        return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
+                       sharer_adapters=sharers, seed=seed, max_history=c.max_history, train_adapter=train_adapter)
+
+
+def prepare(config: EvalConfig) -> Prepared:
+    """Dataset, user embeddings (saved to OUT/prepare/embeddings.npz) and one plan per seed."""
+    dataset = load_dataset(config)
+    encoder = load_encoder(config.encoder)
+    embeddings = embed_users(encoder, dataset)
+    save_embeddings(Path(config.out) / PREPARE_DIR / "embeddings.npz", embeddings, encoder.name)
+    plans = {seed: make_plan(dataset, embeddings, config.adapt_fraction, config.targets, config.sharers, seed)
+             for seed in range(config.seeds)}
+    return Prepared(config=config, dataset=dataset, embeddings=embeddings, plans=plans, key=prepare_key(config, dataset))
+
+
+# ------------------------------------------------------------------ running
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=float))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) -> dict[str, Any]:
+    """The JSON content of a finished cell."""
+    params = dict(cell.params)
+    return {
+        "method": cell.method,
+        "label": get_method(cell.method).label(params),
+        "params": params,
+        "seed": cell.seed,
+        "target": cell.target,
+        "task": task_id,
+        "prepare_key": cell.prepare_key,
+        "seconds": seconds,
+        **dataclasses.asdict(result),
+    }
+
+
+def read_cell(path: Path) -> dict[str, Any] | None:
+    """A finished cell's record, or None when the file is missing or unreadable (then it is recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("recomputing %s: unreadable cell (%s)", path, err)
+        return None
+
+
+@dataclass
+class GridReport:
+    """All cells' records in grid order, and how many were computed now vs read from the cache."""
+
+    records: list[dict[str, Any]]
+    computed: int
+    reused: int
+    out: Path
+
+
+def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True) -> GridReport:
+    """Run (or resume) the grid; write OUT/config.json, OUT/results.json and, if `outputs`, tables and plots."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(out / CONFIG_FILE, config.to_dict())
+    prepared = prepare(config)
+    cells = plan_cells(config, prepared.plans, prepared.key)
+    records: list[dict[str, Any] | None] = [read_cell(c.path(out)) for c in cells]
+    reused = sum(r is not None for r in records)
+    computed = 0
+    bar = tqdm(total=len(cells), initial=reused, desc="eval cells", unit="cell", disable=not progress)
+    try:
+        for i, cell in enumerate(cells):
+            if records[i] is not None:
+                continue
+            ctx = prepared.context(cell.seed, progress)
+            ctx.progress = False
+            bar.set_postfix_str(f"{cell.method} seed={cell.seed} target={cell.target}")
+            start = time.perf_counter()
+            result = get_method(cell.method).run(ctx, cell.target, dict(cell.params))
+            records[i] = cell_record(cell, prepared.dataset.task.lamp_id, result, time.perf_counter() - start)
+            _atomic_json(cell.path(out), records[i])
+            computed += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    done = [r for r in records if r is not None]
+    _atomic_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "cells": done})
+    report = GridReport(records=done, computed=computed, reused=reused, out=out)
+    if outputs:
+        write_outputs(out, done, plots=config.plots)
+    return report
+
+
+def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) -> None:
+    """Tables (always) and plots (when asked) from finished cells."""
+    from simulations import tables
+
+    tables.write_tables(tables.build_table(records), out)
+    if plots:
+        from simulations import plots as plotting
+
+        plotting.write_plots(records, out / "plots")
+
+
+def load_results(out: str | Path) -> list[dict[str, Any]]:
+    """The cells of a finished run (OUT/results.json)."""
+    path = Path(out) / RESULTS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvalConfigError(f"{path}: missing (run `prime-fl eval` first)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise EvalConfigError(f"{path}: unreadable ({err})") from None
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, list):
+        raise EvalConfigError(f"{path}: field 'cells' must be a list")
+    return cells

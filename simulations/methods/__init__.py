@@ -1,0 +1,198 @@
+"""Evaluation methods: one registry entry per file, all over one common base.
+
+A method answers a target's held-out queries. Everything that does not depend
+on the method (task-adapted model, user plan, embeddings, the sharers' trained
+adapters) is built once per (dataset, seed) by `simulations.experiment.prepare`
+and handed to every method as a `Context`, so all methods see the same users,
+splits and seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy  # not `as np`: the submodule simulations.methods.np is bound to that name below
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common import metrics
+from common.adapters import LoraAdapter
+from common.errors import PrimeError
+from common.inference import predict
+from common.lamp import LampDataset, LampUser
+from common.plan import UserPlan
+from common.tasks import TaskSpec
+
+
+class MethodError(PrimeError):
+    """An unknown method name or a parameter a method cannot use."""
+
+
+@dataclass
+class Context:
+    """What every method of one (dataset, seed) shares.
+
+    `train_adapter(pairs, seed)` trains a LoRA with the run's settings on the
+    task-adapted model (OPPU uses it); `cache` holds per-run memoised values
+    such as a sharer's predictions on a target's queries.
+    """
+
+    dataset: LampDataset
+    model: PreTrainedModel  # task-adapted (the task LoRA folded in)
+    tokenizer: PreTrainedTokenizerBase
+    plan: UserPlan
+    embeddings: Mapping[str, numpy.ndarray]
+    sharer_adapters: Mapping[str, LoraAdapter]
+    seed: int
+    max_history: int
+    train_adapter: Callable[[list[tuple[str, str]], str], LoraAdapter]
+    progress: bool = False
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.dataset.task
+
+    def user(self, user_id: str) -> LampUser:
+        return self.dataset.user(user_id)
+
+    def history(self, user_id: str) -> list[tuple[str, str]]:
+        """The user's (prompt, target) history pairs, most recent `max_history` (as a federation node sends them)."""
+        from common.lamp import profile_pairs
+
+        return profile_pairs(self.task, self.user(user_id).profile)[-self.max_history :]
+
+    def sharers(self) -> dict[str, tuple[LoraAdapter, numpy.ndarray]]:
+        """{sharer id: (adapter, embedding)} in the form server.personalize expects."""
+        return {sid: (self.sharer_adapters[sid], numpy.asarray(self.embeddings[sid])) for sid in self.plan.sharers}
+
+
+@dataclass
+class MethodResult:
+    """One target's outcome under one method (a cell of the grid, before caching)."""
+
+    predictions: list[str]
+    golds: list[str]
+    metrics: dict[str, float]
+    sharer_ids: list[str] = field(default_factory=list)
+    similarity: float | None = None  # mean prediction similarity with the chosen sharers, held-out queries
+    weights: Any = None
+    fallback: bool | None = None
+    trajectory: list[dict] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def applied(model: PreTrainedModel, adapter: LoraAdapter | None) -> Iterator[PreTrainedModel]:
+    """The model with `adapter` on top for the block (the model itself when None); always unloaded after."""
+    if adapter is None:
+        yield model
+        return
+    peft_model = adapter.apply_to(model)
+    try:
+        peft_model.eval()
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+def query_prompts(ctx: Context, target: str) -> tuple[list[str], list[str]]:
+    """(prompts, golds) of the target's held-out queries."""
+    queries = ctx.user(target).queries
+    return [q.input for q in queries], [q.gold for q in queries]
+
+
+def answer(ctx: Context, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
+    """Predictions of the task model (+ adapter) on `prompts`."""
+    with applied(ctx.model, adapter) as model:
+        return predict(ctx.task, model, ctx.tokenizer, prompts)
+
+
+def sharer_predictions(ctx: Context, sharer: str, target: str) -> list[str]:
+    """A sharer's own adapter's answers to the target's held-out queries (memoised per run)."""
+    key = ("sharer-preds", sharer, target)
+    if key not in ctx.cache:
+        ctx.cache[key] = answer(ctx, ctx.sharer_adapters[sharer], query_prompts(ctx, target)[0])
+    return ctx.cache[key]
+
+
+def mean_similarity(ctx: Context, target: str, predictions: list[str], sharer_ids: list[str]) -> float | None:
+    """Mean over the chosen sharers of the prediction similarity on the target's held-out queries."""
+    if not sharer_ids:
+        return None
+    sims = [metrics.prediction_similarity(ctx.task, predictions, sharer_predictions(ctx, s, target)) for s in sharer_ids]
+    return float(numpy.mean(sims))
+
+
+def top_k(ctx: Context, target: str, k: int, min_sharers: int) -> list[str]:
+    """The k sharers most similar to the target by embedding cosine (server.selection)."""
+    from server.selection import select_top_k
+
+    sharer_embeddings = {sid: numpy.asarray(ctx.embeddings[sid]) for sid in ctx.plan.sharers}
+    return [sid for sid, _ in select_top_k(numpy.asarray(ctx.embeddings[target]), sharer_embeddings, k, min_sharers=min_sharers)]
+
+
+def finish(ctx: Context, target: str, predictions: list[str], sharer_ids: list[str], **extra: Any) -> MethodResult:
+    """Score predictions on the held-out queries and attach the similarity with `sharer_ids`."""
+    golds = query_prompts(ctx, target)[1]
+    return MethodResult(
+        predictions=predictions,
+        golds=golds,
+        metrics=metrics.task_metrics(ctx.task, predictions, golds),
+        sharer_ids=list(sharer_ids),
+        similarity=mean_similarity(ctx, target, predictions, list(sharer_ids)),
+        **extra,
+    )
+
+
+class Method:
+    """Base of every evaluation method.
+
+    `defaults` lists the method's parameters (anything else is refused);
+    `label(params)` names the table column; `run` produces one target's result.
+    """
+
+    name: str = ""
+    title: str = ""
+    defaults: dict[str, Any] = {}
+
+    def params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's full parameters: defaults overridden by `given` (unknown keys refused)."""
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            raise MethodError(f"method {self.name!r} has no parameter {unknown[0]!r} (has: {', '.join(self.defaults) or 'none'})")
+        return {**self.defaults, **given}
+
+    def label(self, params: Mapping[str, Any]) -> str:
+        """Column name: the title, plus the parameters that shape it."""
+        return self.title
+
+    def run(self, ctx: Context, target: str, params: Mapping[str, Any]) -> MethodResult:
+        raise NotImplementedError
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add one instance of the method to the registry under its name."""
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise MethodError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[key]
+
+
+# One file per method; importing them fills the registry (order = default table column order).
+from simulations.methods import np as _np  # noqa: E402,F401
+from simulations.methods import rag as _rag  # noqa: E402,F401
+from simulations.methods import oppu as _oppu  # noqa: E402,F401
+from simulations.methods import top1 as _top1  # noqa: E402,F401
+from simulations.methods import uniform as _uniform  # noqa: E402,F401
+from simulations.methods import lorahub as _lorahub  # noqa: E402,F401
+from simulations.methods import prime as _prime  # noqa: E402,F401

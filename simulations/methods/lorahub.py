@@ -1,0 +1,80 @@
+"""LoraHub-style merge: element-wise weighted sum of the A and B matrices, weights searched by nevergrad.
+
+NOT the exact merge. LoraHub builds `A' = sum_s w_s A_s`, `B' = sum_s w_s B_s`
+(one rank-r LoRA), whose update `B'A' = sum_s sum_t w_s w_t B_s A_t` carries
+cross terms between different users' factors; PriME and `uniform` use the
+exact rank-k*r merge `sum_s w_s B_s A_s` (common/lora_math.py). The search
+maximises the fitness on the target's history minus an L1 penalty
+`l1 * mean_s |w_s|` (LoraHub's regulariser), with nevergrad's NGOpt, weights
+in [-1.5, 1.5] starting at 1/k, and the same number of evaluations as PriME
+(budget x popsize). Candidates are evaluated one at a time with a PEFT merge
+each (no population batching: the element-wise merge is not linear in w).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy
+import torch
+
+from common import metrics
+from common.adapters import LoraAdapter
+from common.inference import predict
+from server.fitness import history_task
+from simulations.methods import Context, Method, MethodResult, answer, applied, finish, query_prompts, register, top_k
+
+BOUNDS = (-1.5, 1.5)
+
+
+def elementwise_merge(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> LoraAdapter:
+    """`sum_s w_s A_s` and `sum_s w_s B_s` key by key (same rank and scaling as the inputs)."""
+    first = adapters[0]
+    if any(set(a.tensors) != set(first.tensors) or a.r != first.r or a.lora_alpha != first.lora_alpha for a in adapters):
+        raise ValueError("element-wise merge needs adapters with the same modules, rank and lora_alpha")
+    tensors = {
+        key: sum(float(w) * a.tensors[key].to(torch.float32) for a, w in zip(adapters, weights)).to(first.tensors[key].dtype)
+        for key in first.tensors
+    }
+    return LoraAdapter(tensors=tensors, r=first.r, lora_alpha=first.lora_alpha, target_modules=first.target_modules)
+
+
+@register
+class LoraHub(Method):
+    name = "lorahub"
+    title = "LoraHub"
+    defaults = {"k": 3, "min_sharers": 2, "budget": 6, "popsize": 6, "l1": 0.05}
+
+    def label(self, params: Mapping) -> str:
+        return f"LoraHub k={params['k']}"
+
+    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+        import nevergrad as ng
+
+        sharers = top_k(ctx, target, int(params["k"]), min_sharers=int(params["min_sharers"]))
+        adapters = [ctx.sharer_adapters[s] for s in sharers]
+        task = history_task(ctx.task)
+        history = ctx.history(target)
+        prompts, golds = [p for p, _ in history], [y for _, y in history]
+        l1 = float(params["l1"])
+
+        def objective(w: numpy.ndarray) -> tuple[float, float]:
+            with applied(ctx.model, elementwise_merge(adapters, w)) as model:
+                utility = metrics.fitness(task, predict(task, model, ctx.tokenizer, prompts), golds)
+            return utility - l1 * float(numpy.mean(numpy.abs(w))), utility
+
+        param = ng.p.Array(init=numpy.full(len(adapters), 1.0 / len(adapters))).set_bounds(*BOUNDS)
+        param.random_state = numpy.random.RandomState(ctx.seed)
+        total = int(params["budget"]) * int(params["popsize"])
+        optimizer = ng.optimizers.NGOpt(parametrization=param, budget=total, num_workers=1)
+        best_w, best, trajectory = None, -numpy.inf, []
+        for step in range(total):
+            candidate = optimizer.ask()
+            value, utility = objective(candidate.value)
+            optimizer.tell(candidate, -value)
+            if value > best:
+                best_w, best = numpy.array(candidate.value), value
+            trajectory.append({"evaluation": step, "objective": value, "utility": utility, "best_so_far": best})
+        merged = elementwise_merge(adapters, best_w)
+        preds = answer(ctx, merged, query_prompts(ctx, target)[0])
+        return finish(ctx, target, preds, sharers, weights=best_w.tolist(), trajectory=trajectory)

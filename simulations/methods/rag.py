@@ -1,0 +1,76 @@
+"""RAG: BM25 top-k items of the target's own history prepended to each query (non-personalized model).
+
+Prompt format (kept short: each retrieved item's input is cut to
+`ITEM_WORDS` words; the model's prompt is cut from the left if still too
+long, so the query itself always survives):
+
+    Examples from this user's history:
+    <input words of item 1> -> <its output>
+    <input words of item 2> -> <its output>
+
+    <the query prompt, unchanged>
+
+Retrieval indexes the non-output fields of each history item (description,
+text, abstract...) with `bm25s` (English stopwords, no stemming); ties keep
+the more recent item first.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy
+
+from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, top_k
+
+ITEM_WORDS = 24
+HEADER = "Examples from this user's history:"
+
+
+def _short(text: str, words: int = ITEM_WORDS) -> str:
+    parts = text.split()
+    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+
+
+def retrieve(ctx: Context, target: str, query: str, k: int) -> list[dict]:
+    """The k history items of `target` that BM25 ranks highest for `query` (most recent first on ties)."""
+    import bm25s
+
+    task = ctx.task
+    profile = ctx.user(target).profile[-ctx.max_history :]
+    key = ("bm25", target)
+    if key not in ctx.cache:
+        docs = [" ".join(str(item[f]) for f in task.profile_fields if f != task.target_field) for item in profile]
+        index = bm25s.BM25()
+        index.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
+        ctx.cache[key] = index
+    tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+    scores = ctx.cache[key].get_scores(tokens) if tokens else numpy.zeros(len(profile))
+    order = sorted(range(len(profile)), key=lambda i: (-float(scores[i]), -i))
+    return [profile[i] for i in order[:k]]
+
+
+def rag_prompt(ctx: Context, target: str, query: str, k: int) -> str:
+    """The query with its user's k most relevant history items in front (format in the module doc)."""
+    task = ctx.task
+    lines = [HEADER]
+    for item in retrieve(ctx, target, query, k):
+        source = " ".join(str(item[f]) for f in task.profile_fields if f != task.target_field)
+        lines.append(f"{_short(source)} -> {str(item[task.target_field]).strip()}")
+    return "\n".join(lines) + "\n\n" + query
+
+
+def rag_prompts(ctx: Context, target: str, k: int) -> list[str]:
+    return [rag_prompt(ctx, target, p, k) for p in query_prompts(ctx, target)[0]]
+
+
+@register
+class RAG(Method):
+    name = "rag"
+    title = "RAG"
+    defaults = {"rag_k": 3, "k": 3}  # k: only picks the sharers its similarity is reported against
+
+    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+        prompts = rag_prompts(ctx, target, int(params["rag_k"]))
+        sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
+        return finish(ctx, target, answer(ctx, None, prompts), sharers)

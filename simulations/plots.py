@@ -1,0 +1,189 @@
+"""Figures from finished cells: each a PNG with its data next to it as JSON and CSV.
+
+- `tradeoff`: utility vs mean prediction similarity with the chosen sharers,
+  one point per PriME alpha (paper Fig. 2), with NP, top-1 and uniform as
+  reference points;
+- `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`: the
+  utility of PriME (and uniform / LoraHub where they have the axis) along one
+  ablation axis, the other parameters fixed;
+- `convergence`: PriME's best-so-far search objective per generation.
+
+Utility is the task's first metric (accuracy, MAE, ROUGE-1) over the pooled
+held-out queries of all targets, averaged over seeds (error bars: std over
+seeds). A figure whose axis has fewer than two values in the run is skipped
+and listed as such in `index.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common.metrics import higher_is_better  # noqa: E402
+from common.tasks import get_task  # noqa: E402
+from simulations.tables import SIMILARITY, seed_scores  # noqa: E402
+
+AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level"}
+_FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
+_REFERENCE = ("np", "top1", "uniform")
+
+
+def _points(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (task, method, params): utility, fitness and similarity, mean and std over seeds."""
+    scores = seed_scores(records)
+    by_label: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        by_label.setdefault((r["task"], r["label"]), {"task": r["task"], "label": r["label"], "method": r["method"], "params": r["params"]})
+    points = []
+    for (task, label), point in by_label.items():
+        metric = get_task(task).metrics[0]
+        seeds = [v for (t, lab, _), v in sorted(scores.items()) if t == task and lab == label]
+        utility = [v[metric] for v in seeds]
+        sims = [v[SIMILARITY] for v in seeds if SIMILARITY in v]
+        points.append({
+            **point, "metric": metric, "n_seeds": len(seeds),
+            "utility": float(np.mean(utility)), "utility_std": float(np.std(utility)),
+            "similarity": float(np.mean(sims)) if sims else None, "similarity_std": float(np.std(sims)) if sims else None,
+        })
+    return points
+
+
+def _save(fig: plt.Figure, rows: list[dict[str, Any]], folder: Path, name: str) -> list[Path]:
+    """PNG + JSON + CSV of one figure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.json", folder / f"{name}.csv"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    paths[1].write_text(json.dumps(rows, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with paths[2].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()} for row in rows])
+    return paths
+
+
+def _ylabel(metric: str) -> str:
+    return f"{metric} {'↑' if higher_is_better(metric) else '↓'} (held-out queries)"
+
+
+def tradeoff(points: list[dict[str, Any]], task: str) -> tuple[plt.Figure, list[dict]] | None:
+    """Utility vs similarity over alpha (PriME at its base ablation settings), with reference points."""
+    prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p["similarity"] is not None]
+    base = _base_settings(prime)
+    prime = sorted((p for p in prime if all(p["params"].get(a) == v for a, v in base.items())), key=lambda p: p["params"]["alpha"])
+    refs = [p for p in points if p["task"] == task and p["method"] in _REFERENCE and p["similarity"] is not None
+            and (p["method"] != "uniform" or p["params"]["k"] == base.get("k", p["params"]["k"]))]
+    if not prime:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.errorbar([p["similarity"] for p in prime], [p["utility"] for p in prime],
+                xerr=[p["similarity_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
+    for p in prime:
+        ax.annotate(f"α={p['params']['alpha']:g}", (p["similarity"], p["utility"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for p, marker in zip(refs, "s^Dv"):
+        ax.scatter([p["similarity"]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
+    ax.set_xlabel("mean prediction similarity with chosen sharers")
+    ax.set_ylabel(_ylabel(prime[0]["metric"]))
+    ax.set_title(f"privacy-utility trade-off, {task}")
+    ax.legend(fontsize=8)
+    rows = [{"series": "PriME", **_row(p)} for p in prime] + [{"series": p["label"], **_row(p)} for p in refs]
+    return fig, rows
+
+
+def _row(p: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("task", "label", "method", "metric", "utility", "utility_std", "similarity", "similarity_std", "n_seeds")
+    return {**{k: p[k] for k in keep}, **{f"param_{k}": v for k, v in sorted(p["params"].items())}}
+
+
+def _base_settings(prime: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each ablation axis at its most common value among PriME's points (the run's base setting)."""
+    base = {}
+    for axis in AXES:
+        values = [p["params"].get(axis) for p in prime]
+        if values:
+            base[axis] = max(set(values), key=lambda v: (values.count(v), str(v)))
+    return base
+
+
+def axis_plot(points: list[dict[str, Any]], task: str, axis: str) -> tuple[plt.Figure, list[dict]] | None:
+    """Utility along `axis`, one line per method and setting of the other (non-fixed) parameters."""
+    chosen = [p for p in points if p["task"] == task and axis in p["params"] and p["method"] in ("prime", "prime-rag", "uniform", "lorahub")]
+    varying = {k for k in {k for p in chosen for k in p["params"]} - {axis, *_FIXED}
+               if len({str(p["params"][k]) for p in chosen if k in p["params"]}) > 1}  # name a line only by what tells it apart
+    series: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for p in chosen:
+        others = ", ".join(f"{k}={v}" for k, v in sorted(p["params"].items()) if k in varying)
+        series[(p["method"], others)].append(p)
+    series = {key: ps for key, ps in series.items() if len({str(p["params"][axis]) for p in ps}) >= 2}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    values = sorted({p["params"][axis] for ps in series.values() for p in ps})
+    position = {v: i for i, v in enumerate(values)}  # categorical axis: optimizers, levels, or numbers alike
+    rows = []
+    for (method, others), ps in sorted(series.items()):
+        ps = sorted(ps, key=lambda p: p["params"][axis])
+        x = [position[p["params"][axis]] for p in ps]
+        ax.errorbar(x, [p["utility"] for p in ps], yerr=[p["utility_std"] for p in ps], marker="o",
+                    label=f"{method} ({others})" if others else method)
+        rows += [{"series": f"{method} ({others})", axis: p["params"][axis], **_row(p)} for p in ps]
+    ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlabel(axis.replace("_", " "))
+    ax.set_ylabel(_ylabel(rows[0]["metric"]))
+    ax.set_title(f"effect of {axis.replace('_', ' ')}, {task}")
+    ax.legend(fontsize=6)
+    return fig, rows
+
+
+def convergence(records: list[Mapping[str, Any]], task: str) -> tuple[plt.Figure, list[dict]] | None:
+    """Best-so-far objective on the history per generation, mean over targets and seeds, per PriME label."""
+    curves: dict[str, list[list[float]]] = defaultdict(list)
+    for r in records:
+        if r["task"] == task and r["method"] in ("prime", "prime-rag") and r.get("trajectory"):
+            curves[r["label"]].append([float(g["best_so_far"]) for g in r["trajectory"]])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    rows = []
+    for label, runs in curves.items():
+        n = min(len(run) for run in runs)
+        mean = np.mean([run[:n] for run in runs], axis=0)
+        ax.plot(range(n), mean, marker=".", label=label)
+        rows += [{"label": label, "generation": g, "best_so_far_mean": float(v), "runs": len(runs)} for g, v in enumerate(mean)]
+    ax.set_xlabel("generation")
+    ax.set_ylabel("best objective so far (target history)")
+    ax.set_title(f"search convergence, {task}")
+    ax.legend(fontsize=6)
+    return fig, rows
+
+
+def write_plots(records: Iterable[Mapping[str, Any]], folder: str | Path) -> dict[str, Any]:
+    """Every figure the cells allow, into `folder`; returns (and writes) the index of written / skipped figures."""
+    records, folder = list(records), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    points = _points(records)
+    index: dict[str, Any] = {"written": [], "skipped": {}}
+    for task in dict.fromkeys(r["task"] for r in records):
+        figures = {"tradeoff": tradeoff(points, task), "convergence": convergence(records, task)}
+        figures |= {name: axis_plot(points, task, axis) for axis, name in AXES.items()}
+        for name, made in figures.items():
+            stem = f"{name}_{task}"
+            if made is None:
+                index["skipped"][stem] = "the run has no data varying along this figure's axis"
+                continue
+            fig, rows = made
+            _save(fig, rows, folder, stem)
+            index["written"].append(stem)
+    (folder / "index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return index

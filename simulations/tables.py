@@ -1,0 +1,145 @@
+"""The results table in the layout of the paper's Table 1: task and metric rows, method columns.
+
+Per seed, a method's metrics are computed over the pooled held-out queries of
+all its targets (as LaMP scores a test set); a table entry is the mean over
+seeds, ± the sample standard deviation (ddof=1) when there are two or more
+seeds, the mean alone otherwise. A last row per task gives the mean
+prediction similarity with the chosen sharers (lower = less of any one
+sharer's behaviour handed over).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from common.metrics import higher_is_better, task_metrics
+from common.tasks import get_task
+
+SIMILARITY = "similarity with sharers"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean over seeds, sample std (None with one seed) and the number of seeds."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> "Stat":
+        v = np.asarray(list(values), dtype=float)
+        return cls(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, n=len(v))
+
+    def text(self, digits: int = 3) -> str:
+        return f"{self.mean:.{digits}f}" if self.std is None else f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    higher_is_better: bool
+    values: dict[str, Stat] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[Row]
+
+
+def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
+    """{(task, label, seed): pooled metrics of all targets, plus mean similarity when known}."""
+    pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(lambda: {"preds": [], "golds": [], "sims": []})
+    for r in records:
+        slot = pooled[(r["task"], r["label"], int(r["seed"]))]
+        slot["preds"] += r["predictions"]
+        slot["golds"] += r["golds"]
+        if r.get("similarity") is not None:
+            slot["sims"].append(float(r["similarity"]))
+    scores = {}
+    for (task, label, seed), slot in pooled.items():
+        values = task_metrics(get_task(task), slot["preds"], slot["golds"])
+        if slot["sims"]:
+            values[SIMILARITY] = float(np.mean(slot["sims"]))
+        scores[(task, label, seed)] = values
+    return scores
+
+
+def build_table(records: Iterable[Mapping[str, Any]]) -> Table:
+    """Aggregate finished cells into the table (columns in order of first appearance)."""
+    records = list(records)
+    columns = list(dict.fromkeys(r["label"] for r in records))
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    scores = seed_scores(records)
+    rows = []
+    for task in tasks:
+        names = list(get_task(task).metrics) + [SIMILARITY]
+        for name in names:
+            row = Row(task=task, metric=name, higher_is_better=name != SIMILARITY and higher_is_better(name))
+            for label in columns:
+                per_seed = [v[name] for (t, lab, _), v in sorted(scores.items()) if t == task and lab == label and name in v]
+                if per_seed:
+                    row.values[label] = Stat.of(per_seed)
+            if row.values:
+                rows.append(row)
+    return Table(columns=columns, rows=rows)
+
+
+def _task_name(task: str) -> str:
+    return f"{task} ({get_task(task).name})"
+
+
+def _metric_name(row: Row) -> str:
+    return f"{row.metric} {'↑' if row.higher_is_better else '↓'}"
+
+
+def _grid(table: Table) -> list[list[str]]:
+    header = ["task", "metric", *table.columns]
+    body = [[_task_name(r.task), _metric_name(r), *(r.values[c].text() if c in r.values else "-" for c in table.columns)]
+            for r in table.rows]
+    return [header, *body]
+
+
+def to_markdown(table: Table) -> str:
+    header, *body = _grid(table)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(_grid(table))
+    return buffer.getvalue()
+
+
+def to_json(table: Table) -> dict[str, Any]:
+    return {
+        "columns": table.columns,
+        "rows": [
+            {"task": r.task, "metric": r.metric, "higher_is_better": r.higher_is_better,
+             "values": {c: {"mean": s.mean, "std": s.std, "n_seeds": s.n} for c, s in r.values.items()}}
+            for r in table.rows
+        ],
+    }
+
+
+def write_tables(table: Table, out: str | Path) -> list[Path]:
+    """OUT/table.md, OUT/table.csv, OUT/table.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "table.md", out / "table.csv", out / "table.json"]
+    paths[0].write_text(to_markdown(table), encoding="utf-8")
+    paths[1].write_text(to_csv(table), encoding="utf-8")
+    paths[2].write_text(json.dumps(to_json(table), indent=2, ensure_ascii=False), encoding="utf-8")
+    return paths
