@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "simulations.commands.deploy",
     "simulations.commands.personalize",
     "simulations.commands.eval",
+    "simulations.commands.eval",
     "simulations.commands.simulate",
 )
 
