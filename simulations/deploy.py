@@ -274,7 +274,11 @@ class Processes:
         return alive
 
     def stop(self, grace: float = 10.0) -> list[int]:
-        """SIGTERM every process group and known descendant, SIGKILL what remains; returns pids still alive."""
+        """SIGTERM every process group and known descendant, SIGKILL what remains; returns pids still alive.
+
+        Signals go through psutil handles (safe against pid reuse) or to the
+        groups of children not yet reaped (whose group ids cannot be reused).
+        """
         self.remember_descendants()
         for proc in self.started.values():
             if proc.poll() is None:
@@ -282,17 +286,17 @@ class Processes:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
+        for proc in self.alive():
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                continue
         _, alive = psutil.wait_procs(self.alive(), timeout=grace)
         for proc in alive:
             log.warning("process %s ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
-                continue
-        for proc in self.started.values():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
                 continue
         _, alive = psutil.wait_procs(self.alive(), timeout=5)
         for proc in self.started.values():
