@@ -1,0 +1,157 @@
+"""`prime-fl threats`: the privacy-threat experiments (see docs/threats.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import PrimeError
+from common.lora_math import random_adapter
+from common.models import load_base
+from simulations.threats import write_json
+from simulations.threats import membership as mia
+from simulations.threats import recovery as rec
+from simulations.threats.embedding import EmbeddingConfig, embedding_probe
+from simulations.threats.leak import ThreatError, block_leak
+
+ATTACKS = ("leak", "recovery", "membership", "embedding", "all")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "threats",
+        help="run the privacy attacks: block leak, adapter recovery, membership inference, embedding probe",
+        description=(
+            "Measure what the parties of PriME-FL can learn. leak: read sharers' factors out of a stacked merge "
+            "vs the released (SVD) adapter; recovery: individual adapters from m merges of the same sharers; "
+            "membership: loss-based membership inference on sharers' training items through what the target "
+            "receives; embedding: group probe on user embeddings. Each writes OUT/<attack>.json (+ .csv/.png)."
+        ),
+    )
+    m, e, r = mia.MembershipConfig(), EmbeddingConfig(), rec.RecoveryConfig()
+    parser.add_argument("attack", choices=ATTACKS, help="which attack (all: every one, leak/recovery on the trained adapters)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--model-spec", default="gemma3-270m", help="gemma3-270m (default), tiny, or an HF model folder")
+    parser.add_argument("--model-cache", default=None, help="folder of converted checkpoints (default ~/.cache/prime-fl)")
+    parser.add_argument("--task", default=m.task, help="synthetic task: tagging (default), rating, headline")
+    parser.add_argument("--seed", type=int, default=m.seed, help="random seed (default %(default)s)")
+    parser.add_argument("--sharers", type=int, default=m.sharers, help="k, sharers in a merge (default %(default)s)")
+    parser.add_argument("--rank", type=int, default=m.r, help="LoRA rank r (default %(default)s)")
+    parser.add_argument("--lora-alpha", type=float, default=m.lora_alpha, help="LoRA alpha (default %(default)s)")
+    parser.add_argument("--adapters", choices=["random", "trained"], default="random",
+                        help="leak/recovery alone: random adapters (instant) or sharers' trained ones (default %(default)s; all: trained)")
+    parser.add_argument("--max-merges", type=int, default=r.max_merges, help="recovery: largest m (default %(default)s)")
+    parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
+    parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
+    parser.add_argument("--history", type=int, default=m.history, help="membership: training items per sharer (default %(default)s)")
+    parser.add_argument("--nonmembers", type=int, default=m.nonmembers, help="membership: fresh items per sharer (default %(default)s)")
+    parser.add_argument("--adapt-users", type=int, default=m.adapt_users, help="membership: users that task-adapt the base first (default %(default)s)")
+    parser.add_argument("--alphas", type=_floats, default=m.alphas, help="membership: PriME alphas, comma-separated (default 0,1,4)")
+    parser.add_argument("--budget", type=int, default=m.budget, help="membership: search generations (default %(default)s)")
+    parser.add_argument("--popsize", type=int, default=m.popsize, help="membership: candidates per generation (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=m.epochs, help="LoRA training epochs (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=m.lr, help="LoRA learning rate (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=m.batch_size, help="rows per forward (default %(default)s)")
+    parser.add_argument("--users", type=int, default=e.users, help="embedding: users probed (default %(default)s)")
+    parser.add_argument("--embed-groups", type=int, default=e.groups, help="embedding: latent groups (default %(default)s)")
+    parser.add_argument("--embed-history", type=int, default=e.history, help="embedding: history items per user (default %(default)s)")
+    parser.add_argument("--encoders", type=_names, default=e.encoders, help="embedding: encoders, comma-separated (default minilm,hashing)")
+    parser.add_argument("--folds", type=int, default=e.folds, help="embedding: cross-validation folds (default %(default)s)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=_threats)
+
+
+def _membership_config(args: argparse.Namespace) -> mia.MembershipConfig:
+    return mia.MembershipConfig(
+        task=args.task, sharers=args.sharers, groups=args.groups, history=args.history, nonmembers=args.nonmembers,
+        adapt_users=args.adapt_users, alphas=args.alphas, budget=args.budget, popsize=args.popsize, r=args.rank,
+        lora_alpha=args.lora_alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+    )
+
+
+def _leak_weights(k: int, seed: int) -> list[float]:
+    """Non-zero weights inside the search bounds, random signs: like a searched merge."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0.2, 1.5, k) * rng.choice([-1.0, 1.0], k)).tolist()
+
+
+def _threats(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    meta = {"command": " ".join(["prime-fl", *sys.argv[1:]]), "model_spec": args.model_spec}
+    plots = not args.no_plots
+    progress = not args.no_progress
+    mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
+    rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed)
+    written: list[Path] = []
+    if args.attack in ("embedding", "all"):
+        t = time.perf_counter()
+        result = embedding_probe(EmbeddingConfig(task=args.task, users=args.users, groups=args.embed_groups,
+                                                 history=args.embed_history, encoders=args.encoders, folds=args.folds, seed=args.seed))
+        written += [write_json(out / "embedding.json", {**result.to_dict(), **meta, "seconds": time.perf_counter() - t}),
+                    result.write_csv(out / "embedding.csv")]
+        for row in result.rows:
+            print(f"embedding {row['encoder']:>8} {row['probe']:<20} accuracy {row['accuracy']:.3f} "
+                  f"(shuffled {row['shuffled_accuracy']:.3f}, chance {row['chance']:.3f})")
+    if args.attack == "embedding":
+        return _done(written)
+    model, tokenizer = load_base(args.model_spec, Path(args.model_cache) if args.model_cache else None)
+    adapters = None
+    if mconfig is not None:
+        t = time.perf_counter()
+        model, world = mia.build_world(model, tokenizer, mconfig, progress=progress)
+        adapters = [world.adapters[s] for s in world.sharer_ids]
+        if args.attack in ("membership", "all"):
+            result = mia.membership_attack(model, tokenizer, world, mconfig, progress=progress)
+            written += [write_json(out / "membership.json", {**result.to_dict(), **meta, "seconds": time.perf_counter() - t}),
+                        result.write_csv(out / "membership.csv")]
+            if plots:
+                written.append(mia.plot(result, out / "membership.png"))
+            for row in result.rows:
+                print(f"membership {row['setting']:<42} AUROC {row['auroc']:.3f} "
+                      f"(member loss {row['member_loss']:.3f}, non-member {row['nonmember_loss']:.3f})")
+    if adapters is None and args.attack in ("leak", "recovery"):
+        if args.sharers < 2:
+            raise ThreatError(f"--sharers must be >= 2, got {args.sharers}")
+        adapters = [random_adapter(model, r=args.rank, lora_alpha=args.lora_alpha, seed=args.seed + s) for s in range(args.sharers)]
+    source = {"adapters": "trained" if mconfig is not None else "random"}
+    if args.attack in ("leak", "all"):
+        t = time.perf_counter()
+        leak = block_leak(adapters, _leak_weights(len(adapters), args.seed))
+        written.append(write_json(out / "leak.json", {**leak.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}))
+        print(f"leak: stacked merge A error {leak.stacked_a_error:.2e}, B error {leak.stacked_b_error:.2e}; released best-block "
+              f"A error {leak.released_a_error:.3f} (angle {leak.released_a_angle_deg:.1f} deg); sharer A inside released "
+              f"row space: angle {leak.released_union_angle_deg:.2e} deg")
+    if args.attack in ("recovery", "all"):
+        t = time.perf_counter()
+        recovery = rec.linear_recovery(adapters, rconfig)
+        written += [write_json(out / "recovery.json", {**recovery.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}),
+                    recovery.write_csv(out / "recovery.csv")]
+        if plots:
+            written.append(rec.plot(recovery, out / "recovery.png"))
+        for row in recovery.rows:
+            print(f"recovery m={row['m']}: known weights {row['released_known']:.2e}, guessed {row['released_guessed']:.3f}, "
+                  f"low-rank unmixing (scale-free) {row['released_lowrank_scale_free']:.2e}")
+    return _done(written)
+
+
+def _done(written: list[Path]) -> int:
+    if not written:
+        raise PrimeError("nothing was written")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
