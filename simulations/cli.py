@@ -22,7 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "simulations.commands.predict",
     "simulations.commands.deploy",
     "simulations.commands.personalize",
-    "simulations.commands.eval",
+    "simulations.commands.threats",
     "simulations.commands.eval",
     "simulations.commands.simulate",
 )
