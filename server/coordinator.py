@@ -214,8 +214,8 @@ class Coordinator:
         nodes = self._nodes_of(plan.targets)
         replies = self._exchange(PHASE_PROFILE, PROFILE, {n: RecordDict({"config": self._config()}) for n in nodes})
         schema = UploadSchema(tensor_shapes={}, embedding_dim=embedding_dim, required_metadata=("user-id", "history"))
-        sharers = {sid: (_stored_adapter(self.registry, sid), self.registry.get(sid).embedding)
-                   for sid in self.registry.sharers()}
+        embeddings = self.registry.embeddings()
+        sharers = {sid: (_stored_adapter(self.registry, sid), embeddings[sid]) for sid in self.registry.sharers()}
         c = self.config
         search = SearchConfig(alpha=c.alpha, k=c.k, budget=c.budget, popsize=c.popsize, optimizer=c.optimizer,
                               weight_level=c.weight_level, history_fraction=c.history_fraction,
