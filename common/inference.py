@@ -172,7 +172,7 @@ def predict_labels(
     return [labels[i] for i in best.tolist()]
 
 
-def _stop_ids(tokenizer: PreTrainedTokenizerBase, seen: dict[int, bool], token: int) -> bool:
+def _is_stop(tokenizer: PreTrainedTokenizerBase, seen: dict[int, bool], token: int) -> bool:
     """Whether a token ends generation: EOS, or any text containing a newline (memoised)."""
     if token not in seen:
         eos = tokenizer.eos_token_id
@@ -214,7 +214,7 @@ def generate(
                 tokens = _log_probs(model, last).argmax(-1)
                 keep = []
                 for k, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist())):
-                    if _stop_ids(tokenizer, stops, tok):
+                    if _is_stop(tokenizer, stops, tok):
                         continue
                     outputs[row].append(tok)
                     keep.append(k)
