@@ -9,9 +9,9 @@
 - `convergence`: PriME's best-so-far search objective per generation.
 
 Utility is the task's first metric (accuracy, MAE, ROUGE-1) over the pooled
-held-out queries of all targets, averaged over seeds (error bars: std over
-seeds). A figure whose axis has fewer than two values in the run is skipped
-and listed as such in `index.json`.
+held-out queries of all targets, averaged over seeds (error bars: sample
+std over seeds, as in the tables). A figure whose axis has fewer than two
+values in the run is skipped and listed as such in `index.json`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ import numpy as np  # noqa: E402
 
 from common.metrics import higher_is_better  # noqa: E402
 from common.tasks import get_task  # noqa: E402
-from simulations.tables import SIMILARITY, seed_scores  # noqa: E402
+from simulations.tables import SIMILARITY, Stat, seed_scores  # noqa: E402
 
 AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
 _REFERENCE = ("np", "top1", "uniform")
+
+
+def _std(values: list[float]) -> float:
+    """Sample std over seeds as in the tables (0 with one seed, so error bars vanish)."""
+    return Stat.of(values).std or 0.0
 
 
 def _points(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -51,8 +56,8 @@ def _points(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         sims = [v[SIMILARITY] for v in seeds if SIMILARITY in v]
         points.append({
             **point, "metric": metric, "n_seeds": len(seeds),
-            "utility": float(np.mean(utility)), "utility_std": float(np.std(utility)),
-            "similarity": float(np.mean(sims)) if sims else None, "similarity_std": float(np.std(sims)) if sims else None,
+            "utility": float(np.mean(utility)), "utility_std": _std(utility),
+            "similarity": float(np.mean(sims)) if sims else None, "similarity_std": _std(sims) if sims else None,
         })
     return points
 

@@ -1,0 +1,149 @@
+"""The grid runner: config parsing and validation, per-cell cache, resume after an interruption, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import simulations.experiment as experiment
+from simulations.cli import main
+from simulations.experiment import EvalConfig, EvalConfigError, run_grid
+from simulations.methods import METHODS
+
+SMALL = {
+    "synthetic": "tagging", "synth_users": 12, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",
+    "encoder": "hashing", "targets": 2, "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 1, "popsize": 2,
+    "methods": "np,top1,uniform,prime", "alphas": "0,1", "plots": False,
+}
+N_CELLS = 2 * (1 + 1 + 1 + 2)  # targets x (np, top1, uniform, prime at two alphas)
+
+
+def _config(out: Path, **over) -> EvalConfig:
+    return EvalConfig.from_mapping({**SMALL, "out": str(out), **over})
+
+
+def _cell_files(out: Path) -> list[Path]:
+    return sorted((out / "cells").rglob("*.json"))
+
+
+def test_rerun_computes_nothing_and_does_not_load_the_model(tmp_path, monkeypatch):
+    first = run_grid(_config(tmp_path), progress=False)
+    assert (first.computed, first.reused) == (N_CELLS, 0)
+    assert len(_cell_files(tmp_path)) == N_CELLS
+    table = (tmp_path / "table.md").read_text()
+    assert "PriME α=0" in table and "PriME α=1" in table and "| NP |" in table
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a fully cached run must not load the model")
+
+    monkeypatch.setattr(experiment, "load_task_model", no_model)
+    second = run_grid(_config(tmp_path), progress=False)
+    assert (second.computed, second.reused) == (0, N_CELLS)
+    assert [r["predictions"] for r in second.records] == [r["predictions"] for r in first.records]
+    assert (tmp_path / "table.md").read_text() == table
+
+
+def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
+    prime = METHODS["prime"]
+    real_run = prime.run
+    calls = {"n": 0}
+
+    def flaky(ctx, target, params):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(ctx, target, params)
+
+    monkeypatch.setattr(prime, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(_config(tmp_path), progress=False)
+    done_before = len(_cell_files(tmp_path))
+    assert 0 < done_before < N_CELLS
+    assert not (tmp_path / "results.json").exists()
+    monkeypatch.setattr(prime, "run", real_run)
+    resumed = run_grid(_config(tmp_path), progress=False)
+    assert resumed.reused == done_before
+    assert resumed.computed == N_CELLS - done_before
+    assert len(_cell_files(tmp_path)) == N_CELLS
+
+
+def test_corrupt_cell_is_recomputed_and_changed_settings_make_new_cells(tmp_path):
+    run_grid(_config(tmp_path, methods="np"), progress=False, outputs=False)
+    (cell,) = _cell_files(tmp_path)[:1]
+    cell.write_text("{half")
+    again = run_grid(_config(tmp_path, methods="np"), progress=False, outputs=False)
+    assert (again.computed, again.reused) == (1, 1)
+    assert json.loads(cell.read_text())["method"] == "np"
+    retrained = run_grid(_config(tmp_path, methods="np", epochs=2), progress=False, outputs=False)
+    assert retrained.computed == 2  # another training setting: other prepared inputs, other cells
+
+
+def test_grid_axes_expand_prime_and_uniform():
+    config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
+    assert len(experiment.method_params(config, "prime")) == 2 * 2 * 2  # alphas x ks x optimizers
+    assert [p["k"] for p in experiment.method_params(config, "uniform")] == [2, 3]
+    assert experiment.method_params(config, "np") == [{"k": 2}]
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"data": "somewhere"}, "exactly one of --data DIR and --synthetic"),
+        ({"synthetic": "poetry"}, "--synthetic must be one of"),
+        ({"methods": "np,pag"}, "unknown method 'pag'"),
+        ({"alphas": "0,-1"}, "alphas must be >= 0"),
+        ({"alphas": "0,x"}, "key 'alphas'"),
+        ({"history_fractions": "0"}, r"history-fractions must be in \(0, 1\]"),
+        ({"popsize": 1}, "popsize must be >= 2"),
+        ({"targets": 0}, "targets must be >= 1"),
+        ({"seeds": 1.5}, "expected an integer"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(over, match):
+    with pytest.raises(EvalConfigError if "method" not in match else Exception, match=match):
+        EvalConfig.from_mapping({**SMALL, "out": "x", **over})
+
+
+def test_config_file_json_and_toml_with_flags_winning(tmp_path):
+    (tmp_path / "c.toml").write_text('[eval]\nsynthetic = "rating"\nalphas = [0.0, 3.0]\nks = "2"\nout = "o"\n')
+    args = _parse(["--config", str(tmp_path / "c.toml"), "--ks", "4", "--model-spec", "tiny"])
+    from simulations.commands.eval import config_from_args
+
+    config = config_from_args(args)
+    assert (config.synthetic, config.alphas, config.ks, config.model_spec, config.out) == ("rating", (0.0, 3.0), (4,), "tiny", "o")
+    (tmp_path / "c.json").write_text(json.dumps({"synthetic": "tagging", "out": "o", "model-spec": "tiny"}))
+    assert config_from_args(_parse(["--config", str(tmp_path / "c.json")])).model_spec == "tiny"
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(EvalConfigError, match="bad.json: expected an object"):
+        config_from_args(_parse(["--config", str(tmp_path / "bad.json")]))
+    with pytest.raises(EvalConfigError, match="not valid TOML"):
+        (tmp_path / "bad.toml").write_text("out = ")
+        config_from_args(_parse(["--config", str(tmp_path / "bad.toml")]))
+
+
+def _parse(argv):
+    from simulations.cli import build_parser
+
+    return build_parser().parse_args(["eval", *argv])
+
+
+def test_cli_runs_plots_and_reports_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["eval", "--synthetic", "tagging", "--out", str(out), "--synth-users", "12", "--synth-history", "5",
+            "--synth-queries", "2", "--model-spec", "tiny", "--encoder", "hashing", "--targets", "2", "--sharers", "4",
+            "--epochs", "1", "--adapt-epochs", "1", "--methods", "np,top1", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 cells (4 computed, 0 from the cache)" in printed and "| NP | top-1 |" in printed
+    for name in ("table.md", "table.csv", "table.json", "results.json", "config.json", "plots/index.json"):
+        assert (out / name).is_file(), name
+    assert main(["eval", "plot", str(out)]) == 0
+    assert main(["eval", "table", str(out), str(out), "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "table.csv").is_file()
+    assert main(["eval", "plot", str(tmp_path / "nowhere")]) == 2
+    assert "results.json: missing" in capsys.readouterr().err
+    assert main(["eval", "--synthetic", "tagging"]) == 2
+    assert "missing 'out'" in capsys.readouterr().err

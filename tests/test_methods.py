@@ -1,0 +1,147 @@
+"""Each evaluation method end to end on the tiny model and a tiny synthetic set, plus their building blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.lora_math import delta, merge_exact, module_names, random_adapter
+from common.models import tiny_model
+from server.selection import cosine_scores
+from simulations.experiment import EvalConfig, prepare
+from simulations.methods import METHODS, MethodError, applied, get_method
+from simulations.methods.lorahub import elementwise_merge
+from simulations.methods.rag import HEADER, rag_prompt, retrieve
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    config = EvalConfig(
+        out=str(tmp_path_factory.mktemp("methods")), synthetic="tagging", synth_users=12, synth_history=5,
+        synth_queries=2, model_spec="tiny", encoder="hashing", targets=2, sharers=4, epochs=1, adapt_epochs=1,
+        budget=1, popsize=2,
+    )
+    return prepare(config)
+
+
+@pytest.fixture(scope="module")
+def ctx(prepared):
+    return prepared.context(0, progress=False)
+
+
+def _run(ctx, name, **params):
+    method = get_method(name)
+    target = ctx.plan.targets[0]
+    return target, method.run(ctx, target, method.params(params))
+
+
+def _check_common(ctx, target, result):
+    queries = ctx.user(target).queries
+    assert len(result.predictions) == len(queries)
+    assert result.golds == [q.gold for q in queries]
+    assert set(result.metrics) == set(ctx.task.metrics)
+    assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
+    assert set(result.sharer_ids) <= set(ctx.plan.sharers)
+    if result.sharer_ids:
+        assert 0.0 <= result.similarity <= 1.0
+
+
+def _no_lora_left(model) -> bool:
+    return not any("lora" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("name", ["np", "rag", "oppu", "top1", "uniform", "lorahub", "prime", "prime-rag"])
+def test_every_method_answers_the_targets_queries(prepared, ctx, name):
+    target, result = _run(ctx, name, **({"budget": 1, "popsize": 2} if name in ("lorahub", "prime", "prime-rag") else {}))
+    _check_common(ctx, target, result)
+    assert _no_lora_left(ctx.model), f"{name} left LoRA layers on the shared model"
+    assert {f"sharer-{s}" for s in ctx.plan.sharers} <= {p.name for p in (prepared.folder(0) / "adapters").iterdir()}
+
+
+def test_registry_has_one_entry_per_method_and_rejects_unknowns():
+    assert list(METHODS) == ["np", "rag", "oppu", "top1", "uniform", "lorahub", "prime", "prime-rag"]
+    with pytest.raises(MethodError, match="unknown method 'pag'"):
+        get_method("pag")
+    with pytest.raises(MethodError, match="no parameter 'alpha'"):
+        get_method("uniform").params({"alpha": 1.0})
+
+
+def test_top1_hands_over_the_most_similar_sharer_as_is(ctx):
+    target, result = _run(ctx, "top1")
+    scores = cosine_scores(ctx.embeddings[target], {s: ctx.embeddings[s] for s in ctx.plan.sharers})
+    assert result.sharer_ids == [sorted(scores, key=lambda s: (-scores[s], s))[0]]
+    assert result.similarity == 1.0  # its predictions are that sharer's predictions
+
+
+def test_uniform_uses_equal_weights_over_top_k(ctx):
+    _, result = _run(ctx, "uniform", k=3)
+    assert len(result.sharer_ids) == 3
+    assert result.weights == pytest.approx([1 / 3] * 3)
+    with pytest.raises(MethodError):
+        _run(ctx, "uniform", r=2)
+
+
+def test_prime_runs_the_search_with_the_given_budget(ctx):
+    _, result = _run(ctx, "prime", alpha=1.0, k=2, budget=2, popsize=2)
+    assert len(result.sharer_ids) == 2
+    assert len(result.trajectory) == 2
+    assert isinstance(result.fallback, bool)
+    assert (result.weights is None) == result.fallback
+    assert result.extra["evaluations"] == 4
+
+
+def test_prime_label_names_alpha_and_non_default_axes():
+    prime = get_method("prime")
+    assert prime.label(prime.params({"alpha": 0.5})) == "PriME α=0.5"
+    assert prime.label(prime.params({"alpha": 2.0, "k": 5, "optimizer": "tbpsa"})) == "PriME α=2 k=5 opt=tbpsa"
+    assert get_method("prime-rag").label(prime.params({"alpha": 0.0})) == "PriME+RAG α=0"
+
+
+def test_oppu_adapter_is_trained_once_and_cached_on_disk(prepared, ctx):
+    target, first = _run(ctx, "oppu")
+    folder = prepared.folder(0) / "adapters" / f"oppu-{target}"
+    assert (folder / "adapter_model.safetensors").is_file()
+    stamp = folder.joinpath("adapter_model.safetensors").stat().st_mtime_ns
+    _, second = _run(ctx, "oppu")
+    assert first.predictions == second.predictions
+    assert folder.joinpath("adapter_model.safetensors").stat().st_mtime_ns == stamp  # loaded, not retrained
+
+
+def test_rag_retrieves_the_matching_history_item_and_keeps_the_query_last(ctx):
+    target = ctx.plan.targets[0]
+    item = ctx.user(target).profile[-2]
+    query = f"Description: {item['description']} Tag:"
+    assert retrieve(ctx, target, query, 1)[0] is item
+    prompt = rag_prompt(ctx, target, query, 2)
+    lines = prompt.split("\n")
+    assert lines[0] == HEADER
+    assert lines[1].endswith(f"-> {item['tag']}")
+    assert len([line for line in lines if " -> " in line]) == 2
+    assert prompt.endswith("\n\n" + query)
+
+
+def test_applied_unloads_even_when_the_block_fails():
+    model, _ = tiny_model()
+    adapter = random_adapter(model)
+    with pytest.raises(RuntimeError):
+        with applied(model, adapter) as peft_model:
+            assert not _no_lora_left(peft_model)
+            raise RuntimeError("boom")
+    assert _no_lora_left(model)
+
+
+def test_elementwise_merge_is_not_the_exact_merge():
+    model, _ = tiny_model()
+    adapters = [random_adapter(model, seed=s) for s in (1, 2)]
+    w = [0.7, 0.4]
+    merged = elementwise_merge(adapters, w)
+    key = next(iter(merged.tensors))
+    assert torch.allclose(merged.tensors[key], 0.7 * adapters[0].tensors[key] + 0.4 * adapters[1].tensors[key])
+    assert merged.r == adapters[0].r
+    module = module_names(merged.tensors)[0]
+    exact = delta(merge_exact(adapters, w), module)
+    assert not torch.allclose(delta(merged, module), exact, atol=1e-6)  # cross terms B_s A_t
+    one = elementwise_merge(adapters[:1], [1.0])  # a single adapter at weight 1 is itself
+    assert torch.allclose(delta(one, module), delta(adapters[0], module))
+    assert np.isfinite(float(exact.abs().sum()))

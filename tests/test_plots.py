@@ -1,0 +1,87 @@
+"""Figures from hand-built cells: files written, the data next to each PNG matches the cells, skipped axes listed."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from simulations.cli import main
+from simulations.plots import write_plots
+
+
+def cell(method, label, params, preds, sim, seed=0, trajectory=()):
+    return {"task": "LaMP_2", "method": method, "label": label, "params": params, "seed": seed, "target": "t1",
+            "predictions": preds, "golds": ["comedy", "action"], "similarity": sim,
+            "trajectory": [{"generation": g, "best_so_far": v} for g, v in enumerate(trajectory)]}
+
+
+def prime(alpha, k, preds, sim, trajectory):
+    params = {"alpha": alpha, "k": k, "optimizer": "cma", "weight_level": "lora", "history_fraction": 1.0, "budget": 2}
+    return cell("prime", f"PriME α={alpha:g}" + (f" k={k}" if k != 3 else ""), params, preds, sim, trajectory=trajectory)
+
+
+RIGHT, HALF, WRONG = ["comedy", "action"], ["comedy", "sci-fi"], ["sci-fi", "sci-fi"]
+CELLS = [
+    cell("np", "NP", {"k": 3}, HALF, 0.25),
+    cell("top1", "top-1", {}, WRONG, 1.0),
+    cell("uniform", "uniform k=3", {"k": 3, "min_sharers": 2}, HALF, 0.6),
+    prime(0.0, 3, RIGHT, 0.8, [0.5, 1.0]),
+    prime(2.0, 3, HALF, 0.3, [0.2, 0.4]),
+    prime(0.0, 5, WRONG, 0.7, [0.1, 0.3]),
+]
+
+
+@pytest.fixture
+def index(tmp_path):
+    return write_plots(CELLS, tmp_path), tmp_path
+
+
+def test_figures_and_their_data_are_written(index):
+    written, folder = index
+    assert set(written["written"]) == {"tradeoff_LaMP_2", "convergence_LaMP_2", "effect_k_LaMP_2"}
+    assert set(written["skipped"]) == {"effect_history_fraction_LaMP_2", "optimizers_LaMP_2", "weight_level_LaMP_2"}
+    for stem in written["written"]:
+        for ext in ("png", "json", "csv"):
+            assert (folder / f"{stem}.{ext}").stat().st_size > 0
+    assert (folder / f"tradeoff_LaMP_2.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((folder / "index.json").read_text()) == written
+
+
+def test_tradeoff_data_matches_the_cells(index):
+    _, folder = index
+    rows = json.loads((folder / "tradeoff_LaMP_2.json").read_text())
+    prime_rows = [r for r in rows if r["series"] == "PriME"]
+    assert [(r["param_alpha"], r["utility"], r["similarity"]) for r in prime_rows] == [(0.0, 1.0, 0.8), (2.0, 0.5, 0.3)]
+    refs = {r["series"]: (r["utility"], r["similarity"]) for r in rows if r["series"] != "PriME"}
+    assert refs == {"NP": (0.5, 0.25), "top-1": (0.0, 1.0), "uniform k=3": (0.5, 0.6)}
+    with (folder / "tradeoff_LaMP_2.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+
+
+def test_effect_of_k_and_convergence_data(index):
+    _, folder = index
+    k_rows = json.loads((folder / "effect_k_LaMP_2.json").read_text())
+    assert [(r["k"], r["utility"]) for r in k_rows if r["series"] == "prime (alpha=0.0)"] == [(3, 1.0), (5, 0.0)]
+    curves = json.loads((folder / "convergence_LaMP_2.json").read_text())
+    assert [(r["label"], r["generation"], r["best_so_far_mean"]) for r in curves if r["label"] == "PriME α=0"] == [
+        ("PriME α=0", 0, 0.5), ("PriME α=0", 1, 1.0)]
+
+
+def test_seeds_average_with_std(tmp_path):
+    cells = [cell("top1", "top-1", {}, RIGHT, 1.0, seed=0), cell("top1", "top-1", {}, WRONG, 0.5, seed=1),
+             prime(0.0, 3, RIGHT, 0.8, [1.0])]
+    write_plots(cells, tmp_path)
+    (ref,) = [r for r in json.loads((tmp_path / "tradeoff_LaMP_2.json").read_text()) if r["series"] == "top-1"]
+    assert (ref["utility"], ref["utility_std"], ref["similarity"], ref["n_seeds"]) == (0.5, pytest.approx(0.5**0.5), 0.75, 2)
+
+
+def test_plot_command_redraws_from_results(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"cells": CELLS}))
+    assert main(["eval", "plot", str(tmp_path)]) == 0
+    assert "wrote 3 figures" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "effect_k_LaMP_2.png").is_file()
+    (tmp_path / "results.json").write_text(json.dumps({"cells": {}}))
+    assert main(["eval", "plot", str(tmp_path)]) == 2
+    assert "'cells' must be a list" in capsys.readouterr().err

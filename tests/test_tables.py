@@ -1,0 +1,77 @@
+"""The Table-1 writer on hand-built cells: pooled metrics per seed, mean ± std over seeds, exact file contents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations.tables import build_table, to_csv, to_json, to_markdown, write_tables
+
+
+def cell(label, seed, target, preds, golds, similarity=None, task="LaMP_3"):
+    return {"task": task, "label": label, "method": label.lower(), "params": {}, "seed": seed, "target": target,
+            "predictions": preds, "golds": golds, "similarity": similarity}
+
+
+# Rating: method A, seed 0 errors (0, 1) -> MAE 0.5, RMSE 0.7071; seed 1 errors (2, 0) -> MAE 1.0, RMSE 1.4142.
+# Each seed pools two targets of one query each. Method B has one seed: errors (4, 0) -> MAE 2, RMSE sqrt(8) = 2.8284
+# (pooled; the mean of per-target RMSEs would be 2.0).
+CELLS = [
+    cell("A", 0, "t1", ["3"], ["3"], 0.2),
+    cell("A", 0, "t2", ["4"], ["5"], 0.2),
+    cell("A", 1, "t1", ["5"], ["3"], 0.4),
+    cell("A", 1, "t2", ["5"], ["5"], 0.4),
+    cell("B", 0, "t1", ["1"], ["5"]),
+    cell("B", 0, "t2", ["5"], ["5"]),
+]
+
+MARKDOWN = """| task | metric | A | B |
+|---|---|---|---|
+| LaMP_3 (rating) | mae ↓ | 0.750 ± 0.354 | 2.000 |
+| LaMP_3 (rating) | rmse ↓ | 1.061 ± 0.500 | 2.828 |
+| LaMP_3 (rating) | similarity with sharers ↓ | 0.300 ± 0.141 | - |
+"""
+
+CSV = """task,metric,A,B
+LaMP_3 (rating),mae ↓,0.750 ± 0.354,2.000
+LaMP_3 (rating),rmse ↓,1.061 ± 0.500,2.828
+LaMP_3 (rating),similarity with sharers ↓,0.300 ± 0.141,-
+"""
+
+
+def test_markdown_and_csv_exact():
+    table = build_table(CELLS)
+    assert to_markdown(table) == MARKDOWN
+    assert to_csv(table) == CSV
+
+
+def test_json_has_numbers_and_seed_counts(tmp_path):
+    paths = write_tables(build_table(CELLS), tmp_path)
+    assert [p.name for p in paths] == ["table.md", "table.csv", "table.json"]
+    data = json.loads((tmp_path / "table.json").read_text())
+    assert data["columns"] == ["A", "B"]
+    mae = data["rows"][0]
+    assert (mae["metric"], mae["higher_is_better"]) == ("mae", False)
+    assert mae["values"]["A"] == {"mean": pytest.approx(0.75), "std": pytest.approx(0.3535534, rel=1e-6), "n_seeds": 2}
+    assert mae["values"]["B"] == {"mean": 2.0, "std": None, "n_seeds": 1}
+    assert (tmp_path / "table.md").read_text() == MARKDOWN
+    assert to_json(build_table(CELLS)) == data
+
+
+def test_several_tasks_give_row_blocks_and_missing_entries_dash():
+    tagging = [cell("A", 0, "t1", ["comedy", "sci-fi"], ["comedy", "action"], task="LaMP_2"),
+               cell("C", 0, "t1", ["comedy", "comedy"], ["comedy", "action"], task="LaMP_2")]
+    table = build_table(CELLS + tagging)
+    assert table.columns == ["A", "B", "C"]
+    rows = [(r.task, r.metric) for r in table.rows]
+    assert rows[:3] == [("LaMP_3", "mae"), ("LaMP_3", "rmse"), ("LaMP_3", "similarity with sharers")]
+    assert rows[3:] == [("LaMP_2", "accuracy"), ("LaMP_2", "f1")]  # no similarity known there: no row
+    text = to_markdown(table)
+    assert "| LaMP_2 (tagging) | accuracy ↑ | 0.500 | - | 0.500 |" in text
+    assert "| LaMP_3 (rating) | mae ↓ | 0.750 ± 0.354 | 2.000 | - |" in text
+
+
+def test_unparseable_rating_counts_as_the_farthest_value():
+    table = build_table([cell("A", 0, "t1", ["no idea"], ["2"])])
+    assert table.rows[0].values["A"].mean == 3.0  # farthest rating from 2 is 5
