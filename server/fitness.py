@@ -96,7 +96,7 @@ class FitnessEvaluator:
         weight_level: str = "lora",
         history_fraction: float = 1.0,
         seed: int = 0,
-        batch_size: int = 32,
+        batch_size: int = 16,
     ):
         if weight_level not in WEIGHT_LEVELS:
             raise FitnessError(f"weight_level must be one of {WEIGHT_LEVELS}, got {weight_level!r}")

@@ -47,7 +47,7 @@ class SearchConfig:
     history_fraction: float = 1.0
     min_sharers: int = 2
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
         checks = [

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from common.lora_math import random_adapter
 from common.models import tiny_model
 from common.tasks import LAMP2_TAGS, get_task
 from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
 from server.reference import ReferenceEvaluator
+
+# The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
+torch.set_num_threads(1)
 
 TAGGING = get_task("tagging")
 HEADLINE = get_task("headline")

@@ -10,6 +10,9 @@ from common.adapters import LoraAdapter
 from common.lora_math import MergeError, delta, layer_ids, merge_exact, module_names, random_adapter
 from common.models import tiny_model
 
+# The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -11,6 +11,9 @@ from common.lora_math import merge_exact, random_adapter
 from common.models import tiny_model
 from server.mixed_lora import PopulationMixer
 
+# The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
+torch.set_num_threads(1)
+
 PROMPTS = ["Review: great film. Score:", "Generate a headline for the following article. Article: rain Headline:"]
 
 

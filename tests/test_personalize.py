@@ -19,6 +19,9 @@ from server.personalize import SearchConfig, SearchConfigError, personalize
 from server.selection import MinSharersError
 from simulations.cli import main
 
+# The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
+torch.set_num_threads(1)
+
 FAST = dict(budget=2, popsize=3, batch_size=16)
 
 
