@@ -55,7 +55,7 @@ def bench_task(task: str, args: argparse.Namespace, cache_dir: Path | None) -> d
     )
     dataset, spec = synth.dataset, synth.dataset.task
     adapt_users, eval_users = dataset.users[: args.adapt_users], dataset.users[args.adapt_users :]
-    pairs = [p for u in adapt_users for p in profile_pairs(spec, u.profile)]
+    pairs = [p for u in adapt_users for p in profile_pairs(spec, u.profile)[: args.pairs_per_user]]
     queries = [q for u in eval_users for q in u.queries]
     prompts, golds = [q.input for q in queries], [q.gold for q in queries]
     model, tok = load_base(args.model_spec, cache_dir=cache_dir)
@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-spec", default=GEMMA_SPEC, help="model for the task figures (tiny: smoke test)")
     parser.add_argument("--skip-load", action="store_true", help="do not time Gemma loading")
     parser.add_argument("--skip-gguf", action="store_true", help="do not time the (slow) GGUF load")
-    parser.add_argument("--adapt-users", type=int, default=2, help="users pooled for task adaptation")
-    parser.add_argument("--eval-users", type=int, default=8, help="held-out users whose queries are scored")
+    parser.add_argument("--adapt-users", type=int, default=8, help="users pooled for task adaptation (the first ones)")
+    parser.add_argument("--pairs-per-user", type=int, default=3, help="history pairs taken from each adaptation user (default %(default)s)")
+    parser.add_argument("--eval-users", type=int, default=6, help="held-out users whose queries are scored")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--history", type=int, default=24)
     parser.add_argument("--queries", type=int, default=4)
-    parser.add_argument("--gen-queries", type=int, default=16, help="rating queries for scoring vs generation")
+    parser.add_argument("--gen-queries", type=int, default=12, help="rating queries for scoring vs generation")
     defaults = TrainConfig()
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
