@@ -11,8 +11,7 @@ come off when the context manager exits, leaving the model as it was.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -79,11 +78,6 @@ class PopulationMixer:
             a_all = torch.cat([fac[m][0] for fac in per_adapter], dim=0).to(dtype)
             b_all = torch.cat([fac[m][1] * g for fac, g in zip(per_adapter, scalings)], dim=1).to(dtype)
             self._stacks[m] = (a_all.contiguous(), b_all.contiguous())
-
-    @property
-    def dim(self) -> int:
-        """Number of LoRA-level weights (k); layer-level has k * n_layers."""
-        return self.k
 
     def _rank_expand(self) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(self.k), torch.tensor(self.ranks))
