@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -85,6 +84,22 @@ def _membership_config(args: argparse.Namespace) -> mia.MembershipConfig:
     )
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The full equivalent command, every option spelled out (recorded with the results)."""
+    parts = ["prime-fl", "threats", args.attack]
+    for key, value in vars(args).items():
+        if key in ("attack", "command", "func", "verbose") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, tuple):
+            parts += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
 def _leak_weights(k: int, seed: int) -> list[float]:
     """Non-zero weights inside the search bounds, random signs: like a searched merge."""
     rng = np.random.default_rng(seed)
@@ -93,7 +108,7 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 
 def _threats(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    meta = {"command": " ".join(["prime-fl", *sys.argv[1:]]), "model_spec": args.model_spec}
+    meta = {"command": command_line(args), "model_spec": args.model_spec}
     plots = not args.no_plots
     progress = not args.no_progress
     mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None

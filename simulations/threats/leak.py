@@ -59,11 +59,11 @@ def relative_error(estimate: np.ndarray, truth: np.ndarray) -> float:
 def scale_free_error(estimate: np.ndarray, truth: np.ndarray) -> float:
     """min over scalars c of ||c * estimate - truth|| / ||truth|| = sin of the angle between them."""
     x, y = estimate.ravel(), truth.ravel()
-    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    nx, ny = float(x @ x), np.linalg.norm(y)
     if nx == 0 or ny == 0:
         return 1.0
-    cos = min(1.0, abs(float(x @ y)) / (nx * ny))
-    return float(np.sqrt(max(0.0, 1.0 - cos * cos)))
+    residual = y - (float(x @ y) / nx) * x  # computed directly: sqrt(1 - cos^2) loses digits near 0
+    return float(min(1.0, np.linalg.norm(residual) / ny))
 
 
 def _row_basis(rows: np.ndarray, rel_tol: float = 1e-9) -> np.ndarray:
