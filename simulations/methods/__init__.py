@@ -20,7 +20,7 @@ from common import metrics
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.inference import predict
-from common.lamp import LampDataset, LampUser
+from common.lamp import LampDataset, LampUser, profile_pairs
 from common.plan import UserPlan
 from common.tasks import TaskSpec
 
@@ -59,8 +59,6 @@ class Context:
 
     def history(self, user_id: str) -> list[tuple[str, str]]:
         """The user's (prompt, target) history pairs, most recent `max_history` (as a federation node sends them)."""
-        from common.lamp import profile_pairs
-
         return profile_pairs(self.task, self.user(user_id).profile)[-self.max_history :]
 
     def sharers(self) -> dict[str, tuple[LoraAdapter, numpy.ndarray]]:
