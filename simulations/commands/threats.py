@@ -150,7 +150,8 @@ def _threats(args: argparse.Namespace) -> int:
         leak = block_leak(adapters, _leak_weights(len(adapters), args.seed))
         written.append(write_json(out / "leak.json", {**leak.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}))
         print(f"leak: stacked merge A error {leak.stacked_a_error:.2e}, B error {leak.stacked_b_error:.2e}; released best-block "
-              f"A error {leak.released_a_error:.3f} (angle {leak.released_a_angle_deg:.1f} deg); sharer A inside released "
+              f"A error {leak.released_a_error:.3f} (angle {leak.released_a_angle_deg:.1f} deg, median {leak.released_a_angle_deg_median:.1f}); "
+              f"top-r part vs a sharer's update {leak.released_top_r_error:.3f} (median {leak.released_top_r_error_median:.3f}); sharer A inside released "
               f"row space: angle {leak.released_union_angle_deg:.2e} deg")
     if args.attack in ("recovery", "all"):
         t = time.perf_counter()

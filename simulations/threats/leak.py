@@ -39,6 +39,9 @@ class LeakResult:
     stacked_b_error: float  # same for the B block against w_s B_s
     released_a_error: float  # min over modules, blocks, sharers of the scale-free relative error
     released_a_angle_deg: float  # min over the same of the largest principal angle between row spaces
+    released_a_angle_deg_median: float  # median over modules of that per-module minimum
+    released_top_r_error: float  # min over modules, sharers: scale-free error of the released update's best rank-r part vs w_s D_s
+    released_top_r_error_median: float  # median over modules of the per-module minimum
     released_union_angle_deg: float  # max over modules, sharers: A_s's row space vs the released A's
     release_delta_error: float  # max relative change of a module's update by release (should be ~0)
     per_module: list[dict]
@@ -116,10 +119,13 @@ def block_leak(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> Lea
         union = max(max_principal_angle(true_a[s], a_rel) for s in range(k))
         d_st = stacked.scaling * b_st @ a_st
         d_rel = released.scaling * b_rel @ a_rel
+        top_r = released.scaling * b_rel[:, :r] @ a_rel[:r]  # SVD order: the r largest singular values
+        top_err = min(scale_free_error(top_r, stacked.scaling * true_wb[s] @ true_a[s]) for s in range(k))
         rows.append({
             "module": module, "stacked_a_error": a_err, "stacked_b_error": b_err,
             "released_a_error": rel_err, "released_a_angle_deg": rel_angle,
             "released_union_angle_deg": union, "release_delta_error": relative_error(d_rel, d_st),
+            "released_top_r_error": top_err,
         })
     return LeakResult(
         k=k, r=r, weights=[float(w) for w in weights], modules=len(rows),
@@ -127,6 +133,9 @@ def block_leak(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> Lea
         stacked_b_error=max(x["stacked_b_error"] for x in rows),
         released_a_error=min(x["released_a_error"] for x in rows),
         released_a_angle_deg=min(x["released_a_angle_deg"] for x in rows),
+        released_a_angle_deg_median=float(np.median([x["released_a_angle_deg"] for x in rows])),
+        released_top_r_error=min(x["released_top_r_error"] for x in rows),
+        released_top_r_error_median=float(np.median([x["released_top_r_error"] for x in rows])),
         released_union_angle_deg=max(x["released_union_angle_deg"] for x in rows),
         release_delta_error=max(x["release_delta_error"] for x in rows),
         per_module=rows,
