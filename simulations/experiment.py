@@ -393,7 +393,8 @@ class GridReport:
 
 
 def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True) -> GridReport:
-    """Run (or resume) the grid; write OUT/config.json, OUT/results.json and, if `outputs`, tables and plots."""
+    """Run (or resume) the grid; write OUT/config.json, OUT/results.json (even when interrupted) and,
+    once complete and if `outputs`, the tables and plots."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_json(out / CONFIG_FILE, config.to_dict())
@@ -403,6 +404,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
     reused = sum(r is not None for r in records)
     computed = 0
     bar = tqdm(total=len(cells), initial=reused, desc="eval cells", unit="cell", disable=not progress)
+    complete = False
     try:
         for i, cell in enumerate(cells):
             if records[i] is not None:
@@ -416,10 +418,13 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
             _atomic_json(cell.path(out), records[i])
             computed += 1
             bar.update(1)
+        complete = True
     finally:
         bar.close()
-    done = [r for r in records if r is not None]
-    _atomic_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "cells": done})
+        # Also when interrupted: `prime-fl eval table/plot OUT` then work on the finished cells.
+        done = [r for r in records if r is not None]
+        _atomic_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
+                                          "cells": done})
     report = GridReport(records=done, computed=computed, reused=reused, out=out)
     if outputs:
         write_outputs(out, done, plots=config.plots)

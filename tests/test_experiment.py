@@ -61,12 +61,15 @@ def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
         run_grid(_config(tmp_path), progress=False)
     done_before = len(_cell_files(tmp_path))
     assert 0 < done_before < N_CELLS
-    assert not (tmp_path / "results.json").exists()
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert (partial["complete"], len(partial["cells"])) == (False, done_before)
+    assert not (tmp_path / "table.md").exists()
     monkeypatch.setattr(prime, "run", real_run)
     resumed = run_grid(_config(tmp_path), progress=False)
     assert resumed.reused == done_before
     assert resumed.computed == N_CELLS - done_before
     assert len(_cell_files(tmp_path)) == N_CELLS
+    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
 
 
 def test_corrupt_cell_is_recomputed_and_changed_settings_make_new_cells(tmp_path):
