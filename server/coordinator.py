@@ -34,7 +34,6 @@ from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
 from server.personalize import SearchConfig, personalize
 from server.registry import Registry
-from server.release import release
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -237,7 +236,7 @@ class Coordinator:
             self.report.add_search(user_id, result, time.perf_counter() - started)
             content = self._task_content()
             if result.adapter is not None:
-                adapter_to_records(release(result.adapter), "merged", content)
+                adapter_to_records(result.adapter, "merged", content)
             evaluations[node_id] = content
         self.report.time("search", sum(t["search_seconds"] for t in self.report.targets.values()))
         for node_id, reply in self._exchange("evaluate", EVALUATE, evaluations).items():

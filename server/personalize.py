@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.lora_math import merge_exact
+from server.release import release
 from common.tasks import TaskSpec
 from server.fitness import WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
 from server.search import OPTIMIZERS, OptimizerConfig, make_optimizer, run_search
@@ -74,7 +75,7 @@ class SearchConfig:
 class PersonalizationResult:
     """What the target gets (one adapter, or None = keep the unmerged model) and how it was found."""
 
-    adapter: LoraAdapter | None
+    adapter: LoraAdapter | None  # released (SVD) form of the exact merge; None on fallback
     weights: list | None  # [k] or [k][n_layers]; None on fallback
     sharer_ids: list[str]
     sharer_similarity: list[float]  # cosine of the target's embedding with each chosen sharer's
@@ -158,7 +159,8 @@ def personalize(
     adapter = None
     if not found.fallback:
         shaped = found.best_weights.reshape(evaluator.weight_shape)
-        adapter = merge_exact(adapters, torch.as_tensor(shaped))
+        # Released form: the stacked merge would show the target every sharer's own factors.
+        adapter = release(merge_exact(adapters, torch.as_tensor(shaped)))
         weights = shaped.tolist()
     t4 = time.perf_counter()
     return PersonalizationResult(

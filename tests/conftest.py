@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
+
+# The tiny test model is faster on one thread than on two contended ones, and CI has two cores.
+torch.set_num_threads(1)
 
 
 def tagging_records() -> tuple[list[dict], dict]:
