@@ -96,6 +96,7 @@ class Coordinator:
             Message(content, dst_node_id=node_id, message_type=message_type, group_id=phase)
             for node_id, content in contents.items()
         ]
+        log.info("%s: waiting for %d node(s) (timeout %.0f s)", phase, len(contents), self.config.phase_timeout)
         started = time.perf_counter()
         replies = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.config.phase_timeout):
@@ -234,6 +235,9 @@ class Coordinator:
             result = personalize(model, tokenizer, task, history, upload.embedding, candidates, search, progress=False)
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
+            log.info("target %s: sharers %s, objective %.3f (unmerged %.3f)%s, %.0f s", user_id,
+                     ",".join(result.sharer_ids), result.best.objective, result.unmerged.objective,
+                     " -> fallback to the unmerged model" if result.fallback else "", time.perf_counter() - started)
             content = self._task_content()
             if result.adapter is not None:
                 adapter_to_records(result.adapter, "merged", content)
