@@ -10,6 +10,8 @@ row's LoRA merge weights.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -20,7 +22,7 @@ from common.tasks import TaskSpec, completion_text
 RowsHook = Callable[[torch.Tensor], None]
 
 DEFAULT_MAX_PROMPT_TOKENS = 448  # below Gemma 3's 512-token sliding window
-_HEAD_CHUNK = 256  # rows of hidden states sent through the LM head at once
+_HEAD_CHUNK = 64  # rows of hidden states sent through the LM head at once (64 x 262k fp32 = 67 MB)
 
 
 def encode_example(
@@ -78,17 +80,162 @@ def _log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(lm_logits(model, hidden), dim=-1)
 
 
+def _gather_log_probs(model: PreTrainedModel, hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the given vocabulary columns: hidden [N, H], columns [N, C] -> float [N, C], all <= 0.
+
+    The LM head runs in chunks and only a log-sum-exp per row is kept, so no
+    [N, V] log-softmax is materialised next to the logits. Clamping at 0
+    removes rounding above 0, which the label search's bound relies on.
+    """
+    out = []
+    for i in range(0, len(hidden), _HEAD_CHUNK):
+        logits = lm_logits(model, hidden[i : i + _HEAD_CHUNK])
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        out.append((logits.gather(1, columns[i : i + _HEAD_CHUNK]) - lse).clamp_(max=0.0))
+        del logits
+    return torch.cat(out) if out else hidden.new_zeros((0, columns.shape[1]), dtype=torch.float32)
+
+
 def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
     return [encode_example(tokenizer, p, max_prompt_tokens=max_prompt_tokens)[0] for p in prompts]
 
 
-def _prompt_forward(model, ids, mask, rows, rows_hook):
-    """Forward a left-padded prompt batch; returns (cache, last hidden state [B, H])."""
+def _prompt_forward(model, ids, mask, rows, rows_hook, n_last: int = 1):
+    """Forward a left-padded prompt batch; returns (cache, hidden states of the last `n_last` positions [B, n_last, H])."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     if rows_hook is not None:
         rows_hook(rows)
     out = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return out.cache, out.last_hidden_state[:, -1]
+    return out.cache, out.last_hidden_state[:, -n_last:]
+
+
+def _select_rows(cache, index: torch.Tensor):
+    """A cache holding rows `index` of `cache` (repeats allowed); `cache` itself is left as it was."""
+    sub = copy.copy(cache)
+    sub.layers = [copy.copy(layer) for layer in cache.layers]
+    sub.batch_select_indices(index)
+    return sub
+
+
+@dataclass(frozen=True)
+class _LabelSet:
+    """Labels as token sequences: the prefix all share, and each distinct label's tokens after it.
+
+    `column[j]` is label j's index among the distinct sequences, in order of
+    first occurrence, so that the lowest distinct index of a tie is also the
+    lowest label index (torch.argmax's tie rule).
+    """
+
+    prefix: list[int]
+    rests: list[list[int]]
+    column: list[int]
+
+    @property
+    def first(self) -> torch.Tensor:
+        """First token after the prefix of each non-empty rest."""
+        return torch.tensor([r[0] for r in self.rests if r], dtype=torch.long)
+
+    @property
+    def nonempty(self) -> torch.Tensor:
+        return torch.tensor([bool(r) for r in self.rests])
+
+    @property
+    def needs_continuation(self) -> torch.Tensor:
+        """Labels with tokens beyond the first one after the prefix."""
+        return torch.tensor([len(r) > 1 for r in self.rests])
+
+
+def _label_set(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -> _LabelSet:
+    if not labels:
+        raise ValueError("label scoring needs at least one label")
+    seqs = [tuple(tokenizer(completion_text(lab), add_special_tokens=False).input_ids) for lab in labels]
+    if any(not s for s in seqs):
+        raise ValueError("a label encodes to no tokens")
+    distinct = list(dict.fromkeys(seqs))
+    n = 0
+    while all(len(s) > n for s in distinct) and len({s[n] for s in distinct}) == 1:
+        n += 1
+    return _LabelSet(
+        prefix=list(distinct[0][:n]),
+        rests=[list(s[n:]) for s in distinct],
+        column=[distinct.index(s) for s in seqs],
+    )
+
+
+class _LabelBatch:
+    """One prompt batch after the prompt forward: cache, and each label's upper bound on its score.
+
+    The shared label prefix is appended to every prompt, so one forward gives
+    the prefix's log-likelihood `P` (same for all labels) and, at the last
+    position, the log-prob `f_j` of each label's first distinguishing token.
+    `bound[r, j] = P + f_j` (just `P` for a label that is the prefix itself)
+    is label j's full score if it has no more tokens, and an upper bound on
+    it otherwise, since the remaining log-probs are <= 0.
+    """
+
+    def __init__(self, model, pad: int, encoded, rows: torch.Tensor, labels: _LabelSet, rows_hook: RowsHook | None):
+        self.model, self.pad, self.rows, self.labels, self.rows_hook = model, pad, rows, labels, rows_hook
+        device = next(model.parameters()).device
+        n_prefix = len(labels.prefix)
+        ids, mask = _left_pad([encoded[i] + labels.prefix for i in rows.tolist()], pad)
+        self.mask = mask.to(device)
+        self.cache, hidden = _prompt_forward(model, ids.to(device), self.mask, rows, rows_hook, n_last=n_prefix + 1)
+        b = len(rows)
+        prefix_lp = torch.zeros(b, dtype=torch.float32)
+        if n_prefix:
+            targets = torch.tensor(labels.prefix, dtype=torch.long, device=device).repeat(b)[:, None]
+            per_token = _gather_log_probs(model, hidden[:, :-1].reshape(b * n_prefix, -1), targets).view(b, n_prefix).cpu()
+            for t in range(n_prefix):  # left to right, the order a full-sequence sum uses
+                prefix_lp += per_token[:, t]
+        first = _gather_log_probs(model, hidden[:, -1], labels.first.to(device).expand(b, -1).contiguous()).cpu()
+        self.bound = prefix_lp[:, None].repeat(1, len(labels.rests))
+        self.bound[:, labels.nonempty] += first
+
+    def continuations(self, pair_row: torch.Tensor, pair_label: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Summed log-probs of tokens 2.. after the prefix, for (row in batch, distinct label) pairs: [n_pairs].
+
+        Pairs are scored `chunk` at a time on an index-selected copy of the
+        prompt cache (never all rows x labels at once); `rows_hook` gets each
+        pair's prompt index.
+        """
+        device = self.mask.device
+        n_real = self.mask.sum(-1)
+        totals = torch.zeros(len(pair_row), dtype=torch.float32)
+        for s in range(0, len(pair_row), chunk):
+            prow, plab = pair_row[s : s + chunk], pair_label[s : s + chunk].tolist()
+            seqs = [self.labels.rests[j] for j in plab]
+            width = max(len(q) for q in seqs) - 1
+            inp = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+            tgt = torch.zeros((len(seqs), width), dtype=torch.long)
+            tmask = torch.zeros((len(seqs), width), dtype=torch.bool)
+            for k, q in enumerate(seqs):
+                inp[k, : len(q) - 1] = torch.tensor(q[:-1])
+                tgt[k, : len(q) - 1] = torch.tensor(q[1:])
+                tmask[k, : len(q) - 1] = True
+            prow_dev = prow.to(device)
+            cache = _select_rows(self.cache, prow_dev)
+            full_mask = torch.cat([self.mask[prow_dev], tmask.long().to(device)], 1)
+            positions = n_real[prow_dev][:, None] + torch.arange(width, device=device)[None, :]
+            if self.rows_hook is not None:
+                self.rows_hook(self.rows[prow])
+            hidden = decoder(self.model)(
+                input_ids=inp.to(device), attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
+            ).last_hidden_state
+            del cache
+            picked = _gather_log_probs(self.model, hidden[tmask.to(device)], tgt[tmask].to(device)[:, None])[:, 0].cpu()
+            per_token = torch.zeros((len(seqs), width), dtype=torch.float32)
+            per_token[tmask] = picked
+            for t in range(width):  # left to right; padding adds exact zeros
+                totals[s : s + len(seqs)] += per_token[:, t]
+        return totals
+
+
+def _label_batches(model, tokenizer, prompts, labels: _LabelSet, batch_size, rows_hook, max_prompt_tokens):
+    pad = _pad_id(tokenizer)
+    encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    for start in range(0, len(prompts), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(prompts)))
+        yield _LabelBatch(model, pad, encoded, rows, labels, rows_hook)
 
 
 def score_labels(
@@ -103,58 +250,23 @@ def score_labels(
 ) -> torch.Tensor:
     """Summed log-likelihood of each label's completion tokens after each prompt: [len(prompts), len(labels)].
 
-    One forward per prompt batch fills the KV cache; the cache is expanded to
-    (prompt x label) rows and one more forward scores the label tokens, so
-    the prompt is never recomputed per label.
+    One forward per prompt batch (prompt plus the labels' common token
+    prefix) fills the KV cache and scores every label's first distinguishing
+    token; labels with more tokens are scored on index-selected copies of
+    that cache, `batch_size` (prompt, label) pairs per forward, so the
+    prompt is never recomputed per label and no prompts x labels cache is
+    built at once. Use `predict_labels` when only the argmax is needed.
     """
-    if not labels:
-        raise ValueError("score_labels needs at least one label")
-    device = next(model.parameters()).device
-    label_ids = [list(tokenizer(completion_text(lab), add_special_tokens=False).input_ids) for lab in labels]
-    if any(not ids for ids in label_ids):
-        raise ValueError("a label encodes to no tokens")
-    n_labels, width = len(label_ids), max(len(ids) for ids in label_ids)
-    pad = _pad_id(tokenizer)
-    lab = torch.full((n_labels, width), pad, dtype=torch.long)
-    lab_mask = torch.zeros((n_labels, width), dtype=torch.long)
-    for j, ids in enumerate(label_ids):
-        lab[j, : len(ids)] = torch.tensor(ids)
-        lab_mask[j, : len(ids)] = 1
-    first = lab[:, 0]
-    encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
-    scores = torch.zeros((len(prompts), n_labels), dtype=torch.float32)
+    label_set = _label_set(tokenizer, labels)
+    multi = label_set.needs_continuation
+    scores = torch.zeros((len(prompts), len(labels)), dtype=torch.float32)
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            rows = torch.arange(start, min(start + batch_size, len(prompts)))
-            ids, mask = _left_pad([encoded[i] for i in rows.tolist()], pad)
-            ids, mask = ids.to(device), mask.to(device)
-            cache, last = _prompt_forward(model, ids, mask, rows, rows_hook)
-            batch_scores = _log_probs(model, last)[:, first.to(device)].cpu()  # [b, L]
-            if width > 1:
-                b = len(rows)
-                cache.batch_repeat_interleave(n_labels)
-                inp = lab[:, :-1].repeat(b, 1).to(device)  # row r*L + j: prompt r, label j
-                tgt = lab[:, 1:].repeat(b, 1)
-                tgt_mask = lab_mask[:, 1:].repeat(b, 1).bool()
-                full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), lab_mask[:, :-1].repeat(b, 1).to(device)], 1)
-                n_real = mask.sum(-1).repeat_interleave(n_labels)
-                positions = n_real[:, None] + torch.arange(width - 1, device=device)[None, :]
-                if rows_hook is not None:
-                    rows_hook(rows.repeat_interleave(n_labels))
-                hidden = decoder(model)(
-                    input_ids=inp, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
-                ).last_hidden_state
-                sel, targets = hidden[tgt_mask.to(device)], tgt[tgt_mask].to(device)
-                picked = torch.cat(
-                    [
-                        _log_probs(model, sel[i : i + _HEAD_CHUNK]).gather(1, targets[i : i + _HEAD_CHUNK, None])[:, 0]
-                        for i in range(0, len(sel), _HEAD_CHUNK)
-                    ]
-                ).cpu()
-                rest = torch.zeros(tgt.shape, dtype=torch.float32)
-                rest[tgt_mask] = picked
-                batch_scores += rest.sum(-1).view(b, n_labels)
-            scores[rows] = batch_scores
+        for batch in _label_batches(model, tokenizer, prompts, label_set, batch_size, rows_hook, max_prompt_tokens):
+            full = batch.bound.clone()
+            pairs = multi[None, :].expand_as(full).nonzero()
+            if len(pairs):
+                full[pairs[:, 0], pairs[:, 1]] += batch.continuations(pairs[:, 0], pairs[:, 1], batch_size)
+            scores[batch.rows] = full[:, label_set.column]
     return scores
 
 
@@ -163,13 +275,53 @@ def predict_labels(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     labels: Sequence[str],
-    **kw,
+    *,
+    batch_size: int = 16,
+    rows_hook: RowsHook | None = None,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
 ) -> list[str]:
-    """The most likely label for each prompt (argmax of `score_labels`)."""
+    """The most likely label for each prompt: exactly argmax of `score_labels`, lowest label index on ties.
+
+    Branch and bound, two continuation rounds at most. Let `u_j = P + f_j`
+    (see `_LabelBatch`): label j's full score `s_j <= u_j`, with equality
+    when j has no token after its first distinguishing one.
+    1. Per row take `j1`, the lowest index maximising `u`. If `j1` has no
+       more tokens, `s_j1 = max u >= u_j >= s_j` for every j, and a tie
+       `s_j = s_j1` needs `u_j = max u`, hence `j > j1`: `j1` wins. Otherwise
+       score `j1`'s continuation (all such rows in one batched forward):
+       `s* = s_j1`.
+    2. A label with `u_j < s*` has `s_j < s*` and can neither beat nor tie
+       the argmax; every other label (`u_j >= s*`, so equal bounds are kept)
+       is scored exactly (again all rows' pairs in one forward), and the
+       argmax is taken over the exactly scored labels.
+    Continuation log-probs are clamped at <= 0 and summed after the bound
+    in order, so `s_j <= u_j` also holds in floating point.
+    """
     if not prompts:
         return []
-    best = score_labels(model, tokenizer, prompts, labels, **kw).argmax(dim=1)
-    return [labels[i] for i in best.tolist()]
+    label_set = _label_set(tokenizer, labels)
+    multi = label_set.needs_continuation
+    first_label = {col: j for j, col in reversed(list(enumerate(label_set.column)))}
+    preds: list[str] = []
+    with torch.inference_mode():
+        for batch in _label_batches(model, tokenizer, prompts, label_set, batch_size, rows_hook, max_prompt_tokens):
+            bound = batch.bound
+            full, known = bound.clone(), ~multi[None, :].expand_as(bound).clone()
+            best = bound.argmax(dim=1)
+            open_rows = multi[best].nonzero()[:, 0]
+            if len(open_rows):
+                full[open_rows, best[open_rows]] += batch.continuations(open_rows, best[open_rows], batch_size)
+                known[open_rows, best[open_rows]] = True
+                s_star = full[open_rows, best[open_rows]]
+                candidates = torch.zeros_like(known)
+                candidates[open_rows] = (bound[open_rows] >= s_star[:, None]) & ~known[open_rows]
+                pairs = candidates.nonzero()
+                if len(pairs):
+                    full[pairs[:, 0], pairs[:, 1]] += batch.continuations(pairs[:, 0], pairs[:, 1], batch_size)
+                    known[pairs[:, 0], pairs[:, 1]] = True
+            winners = torch.where(known, full, torch.full_like(full, float("-inf"))).argmax(dim=1)
+            preds.extend(labels[first_label[c]] for c in winners.tolist())
+    return preds
 
 
 def _is_stop(tokenizer: PreTrainedTokenizerBase, seen: dict[int, bool], token: int) -> bool:
@@ -209,6 +361,7 @@ def generate(
             ids, mask = _left_pad([encoded[i] for i in rows.tolist()], pad)
             ids, mask = ids.to(device), mask.to(device)
             cache, last = _prompt_forward(model, ids, mask, rows, rows_hook)
+            last = last[:, -1]
             next_pos = mask.sum(-1)
             for step in range(max_new_tokens):
                 tokens = _log_probs(model, last).argmax(-1)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+import random
+
 from common.inference import encode_example, generate, predict, predict_labels, score_labels
+from common.lora_math import merge_exact, random_adapter
 from common.models import tiny_model
 from common.tasks import completion_text, get_task
+from server.mixed_lora import PopulationMixer
+
+# The tiny model's matmuls are microscopic: more threads only add sync cost.
+torch.set_num_threads(1)
 
 PROMPTS = [
     "Review: a great film Score:",
@@ -71,8 +78,45 @@ def test_score_rows_hook_sees_prompt_indices_per_forward(tiny):
     model, tok = tiny
     calls = []
     score_labels(model, tok, PROMPTS, ["1", "based on a book"], batch_size=2, rows_hook=lambda r: calls.append(r.tolist()))
-    # per batch: prompt forward, then the label forward with each prompt repeated once per label
-    assert calls == [[0, 1], [0, 0, 1, 1], [2], [2, 2]]
+    # per batch: prompt forward, then one forward for the only label with tokens after its first
+    assert calls == [[0, 1], [0, 1], [2], [2]]
+
+
+def test_score_continuations_are_chunked_to_batch_size(tiny):
+    """Never prompts x labels cache rows at once: each continuation forward has at most batch_size rows."""
+    model, tok = tiny
+    labels = ["dark comedy", "true story", "sci-fi", "based on a book", "comedy"]
+    calls = []
+    got = score_labels(model, tok, PROMPTS, labels, batch_size=2, rows_hook=lambda r: calls.append(r.tolist()))
+    assert max(len(c) for c in calls) == 2
+    # batch [0, 1]: 2 x 4 multi-token pairs in 4 forwards; batch [2]: 4 pairs in 2 forwards
+    assert calls == [[0, 1]] + [[0, 0], [0, 0], [1, 1], [1, 1]] + [[2]] + [[2, 2], [2, 2]]
+    torch.testing.assert_close(got, _reference_scores(model, tok, PROMPTS, labels), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["[1]", "[2]"],  # common prefix, then two tokens each
+        ["[1", "[2"],  # common prefix, then one token each
+        ["dark", "dark comedy"],  # one label is the common prefix itself
+        ["dark comedy", "dark", "comedy", "true story"],  # a label that is a prefix of another
+        ["sci-fi"],  # one label: all of it is the prefix
+    ],
+)
+def test_common_prefix_scores_match_full_forward_reference(tiny, labels):
+    model, tok = tiny
+    got = score_labels(model, tok, PROMPTS, labels, batch_size=2)
+    torch.testing.assert_close(got, _reference_scores(model, tok, PROMPTS, labels), atol=1e-4, rtol=1e-4)
+    assert predict_labels(model, tok, PROMPTS, labels, batch_size=2) == [labels[i] for i in got.argmax(1).tolist()]
+
+
+def test_single_token_after_prefix_needs_one_forward(tiny):
+    model, tok = tiny
+    for labels in (["[1", "[2"], ["1", "2", "5"]):
+        calls = []
+        predict_labels(model, tok, PROMPTS, labels, batch_size=2, rows_hook=lambda r: calls.append(r.tolist()))
+        assert calls == [[0, 1], [2]]
 
 
 def test_predict_labels_is_argmax(tiny):
@@ -80,6 +124,93 @@ def test_predict_labels_is_argmax(tiny):
     scores = score_labels(model, tok, PROMPTS, LABELS)
     assert predict_labels(model, tok, PROMPTS, LABELS) == [LABELS[i] for i in scores.argmax(1).tolist()]
     assert predict_labels(model, tok, [], LABELS) == []
+
+
+_WORDS = ["dark", "comedy", "action", "sci-fi", "based", "on", "a", "book", "[1]", "[2]", "1", "2", "true", "story"]
+
+
+def _random_label_sets(n: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    sets = []
+    for _ in range(n):
+        labels = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 3))) for _ in range(rng.randint(1, 6))]
+        if rng.random() < 0.5:  # a label that is a prefix of another one
+            longest = max(labels, key=len)
+            labels.insert(rng.randrange(len(labels) + 1), longest.split(" ")[0])
+        sets.append(labels)
+    return sets
+
+
+def _random_prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(_WORDS + ["Score:", "Tag:", "review", "film"], k=rng.randint(1, 30))) for _ in range(n)]
+
+
+def test_fast_predictions_equal_full_matrix_argmax_on_random_label_sets(tiny):
+    model, tok = tiny
+    prompts = PROMPTS + _random_prompts(5, seed=1)
+    for labels in _random_label_sets(25, seed=2):
+        scores = score_labels(model, tok, prompts, labels, batch_size=3)
+        expected = [labels[i] for i in scores.argmax(1).tolist()]
+        assert predict_labels(model, tok, prompts, labels, batch_size=3) == expected, labels
+
+
+class _ConstantHead(torch.nn.Module):
+    """LM head giving every token the same logit: every token has log-prob -log V, so bounds tie exactly."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros((*hidden.shape[:-1], self.vocab))
+
+
+def test_exact_ties_go_to_the_lowest_label_index():
+    model, tok = tiny_model(seed=3)
+    model.config.tie_word_embeddings = False
+    model.lm_head = _ConstantHead(model.config.vocab_size)
+    # every first-token bound ties; the two-token label is scored first and loses to the single-token ones
+    for labels, winner in ((["dark comedy", "comedy", "action", "dark"], "comedy"), (["x ", "x", "dark comedy"], "x ")):
+        scores = score_labels(model, tok, PROMPTS, labels)
+        assert [labels[i] for i in scores.argmax(1).tolist()] == [winner] * len(PROMPTS)
+        assert predict_labels(model, tok, PROMPTS, labels, batch_size=2) == [winner] * len(PROMPTS)
+
+
+def test_labels_with_equal_tokens_share_scores(tiny):
+    model, tok = tiny
+    labels = ["dark comedy ", "comedy", "dark comedy"]  # completion_text strips: labels 0 and 2 are one sequence
+    scores = score_labels(model, tok, PROMPTS, labels)
+    torch.testing.assert_close(scores[:, 0], scores[:, 2], atol=0, rtol=0)
+    assert "dark comedy" not in predict_labels(model, tok, PROMPTS, labels)
+
+
+def test_mixed_population_predictions_equal_per_candidate_merged_models():
+    """Fast predictions through the mixer (rows_hook followed) equal each candidate's PEFT-merged model's."""
+    model, tok = tiny_model(seed=0)
+    adapters = [random_adapter(model, r=2, lora_alpha=4.0, std=0.4, seed=s) for s in range(3)]
+    population = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.5, 0.7], [0.5, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    prompts = PROMPTS + _random_prompts(3, seed=4)
+    labels = ["dark comedy", "dark", "comedy", "true story", "[1]", "based on a book"]
+    n_cand = len(population)
+    flat = [p for p in prompts for _ in range(n_cand)]  # item-major, as the fitness lays them out
+    seen = []
+    mixer = PopulationMixer(model, adapters)
+    with mixer:
+        mixer.set_population(population, torch.arange(n_cand).repeat(len(prompts)))
+
+        def hook(rows):
+            seen.append(rows.clone())
+            mixer.rows_hook(rows)
+
+        mixed = predict_labels(model, tok, flat, labels, batch_size=5, rows_hook=hook)
+    assert all(r.dtype == torch.long and 0 <= int(r.min()) and int(r.max()) < len(flat) for r in seen)
+    per_candidate = []
+    for c in range(n_cand):
+        merged = merge_exact(adapters, population[c].double()).apply_to(tiny_model(seed=0)[0])
+        per_candidate.append(predict_labels(merged, tok, prompts, labels))
+        assert mixed[c::n_cand] == per_candidate[c]
+    assert len({tuple(p) for p in per_candidate}) > 1  # the candidates really differ
 
 
 def test_generate_batched_equals_one_by_one_and_hook_tracks_rows(tiny):
@@ -183,5 +314,7 @@ def test_bad_arguments_raise(tiny):
     model, tok = tiny
     with pytest.raises(ValueError):
         score_labels(model, tok, PROMPTS, [])
+    with pytest.raises(ValueError):
+        predict_labels(model, tok, PROMPTS, [])
     with pytest.raises(ValueError):
         generate(model, tok, PROMPTS, max_new_tokens=0)
