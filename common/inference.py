@@ -100,12 +100,16 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], 
     return [encode_example(tokenizer, p, max_prompt_tokens=max_prompt_tokens)[0] for p in prompts]
 
 
-def _prompt_forward(model, ids, mask, rows, rows_hook, n_last: int = 1):
-    """Forward a left-padded prompt batch; returns (cache, hidden states of the last `n_last` positions [B, n_last, H])."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+def _prompt_forward(model, ids, mask, rows, rows_hook, n_last: int = 1, cache=None):
+    """Forward a left-padded prompt batch; returns (cache, hidden states of the last `n_last` positions [B, n_last, H]).
+
+    With `cache` (rows already holding a shared prompt start), `mask` covers
+    the cached tokens too and `ids` only the new ones.
+    """
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
     if rows_hook is not None:
         rows_hook(rows)
-    out = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.cache, out.last_hidden_state[:, -n_last:]
 
 
@@ -115,6 +119,62 @@ def _select_rows(cache, index: torch.Tensor):
     sub.layers = [copy.copy(layer) for layer in cache.layers]
     sub.batch_select_indices(index)
     return sub
+
+
+def _concat_rows(caches: list):
+    """One cache holding the rows of several equally long caches, in order."""
+    if len(caches) == 1:
+        return caches[0]
+    out = copy.copy(caches[0])
+    out.layers = [copy.copy(layer) for layer in caches[0].layers]
+    for i, layer in enumerate(out.layers):
+        if layer.is_initialized:
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+    return out
+
+
+class _SharedStart:
+    """KV cache of the token prefix all prompts share, computed once per prefix group.
+
+    Prompts of one group see the same weights (e.g. one candidate of a mixed
+    population), so their common start has the same keys and values: for
+    LaMP-2 the ~80-token template with the tag list precedes every item's
+    description. Each group's start runs once, with `rows_hook` given the
+    group's first prompt; every prompt keeps at least one token of its own.
+    """
+
+    def __init__(self, model, encoded: list[list[int]], groups: torch.Tensor, rows_hook: RowsHook | None, batch_size: int):
+        length = min(len(e) for e in encoded) - 1
+        first = encoded[0]
+        for e in encoded[1:]:
+            n = 0
+            while n < length and e[n] == first[n]:
+                n += 1
+            length = n
+        self.length = length
+        unique, self.group_of = torch.unique(groups, return_inverse=True)
+        reps = [int((groups == g).nonzero()[0, 0]) for g in unique.tolist()]
+        self.cache = None
+        if length == 0:
+            return
+        device = next(model.parameters()).device
+        caches = []
+        for s in range(0, len(reps), batch_size):
+            chunk = torch.tensor(reps[s : s + batch_size])
+            ids = torch.tensor(first[:length], dtype=torch.long, device=device).repeat(len(chunk), 1)
+            caches.append(_prompt_forward(model, ids, torch.ones_like(ids), chunk, rows_hook)[0])
+        self.cache = _concat_rows(caches)
+
+
+def _prompt_groups(prefix_groups, n_prompts: int, rows_hook: RowsHook | None) -> torch.Tensor | None:
+    if prefix_groups is None:
+        # Without a hook every prompt sees the same weights; with one, only the caller knows which rows share them.
+        return torch.zeros(n_prompts, dtype=torch.long) if rows_hook is None else None
+    groups = torch.as_tensor(prefix_groups, dtype=torch.long).reshape(-1)
+    if len(groups) != n_prompts:
+        raise ValueError(f"prefix_groups has {len(groups)} entries for {n_prompts} prompts")
+    return groups
 
 
 @dataclass(frozen=True)
@@ -173,14 +233,21 @@ class _LabelBatch:
     it otherwise, since the remaining log-probs are <= 0.
     """
 
-    def __init__(self, model, pad: int, encoded, rows: torch.Tensor, labels: _LabelSet, rows_hook: RowsHook | None):
+    def __init__(
+        self, model, pad: int, encoded, rows: torch.Tensor, labels: _LabelSet, rows_hook: RowsHook | None, shared: _SharedStart | None
+    ):
         self.model, self.pad, self.rows, self.labels, self.rows_hook = model, pad, rows, labels, rows_hook
         device = next(model.parameters()).device
         n_prefix = len(labels.prefix)
-        ids, mask = _left_pad([encoded[i] + labels.prefix for i in rows.tolist()], pad)
-        self.mask = mask.to(device)
-        self.cache, hidden = _prompt_forward(model, ids.to(device), self.mask, rows, rows_hook, n_last=n_prefix + 1)
         b = len(rows)
+        start = shared.length if shared is not None and shared.cache is not None else 0
+        ids, mask = _left_pad([encoded[i][start:] + labels.prefix for i in rows.tolist()], pad)
+        cache = None
+        if start:
+            cache = _select_rows(shared.cache, shared.group_of[rows].to(device))
+            mask = torch.cat([torch.ones((b, start), dtype=torch.long), mask], 1)
+        self.mask = mask.to(device)
+        self.cache, hidden = _prompt_forward(model, ids.to(device), self.mask, rows, rows_hook, n_prefix + 1, cache)
         prefix_lp = torch.zeros(b, dtype=torch.float32)
         if n_prefix:
             targets = torch.tensor(labels.prefix, dtype=torch.long, device=device).repeat(b)[:, None]
@@ -230,12 +297,14 @@ class _LabelBatch:
         return totals
 
 
-def _label_batches(model, tokenizer, prompts, labels: _LabelSet, batch_size, rows_hook, max_prompt_tokens):
+def _label_batches(model, tokenizer, prompts, labels: _LabelSet, batch_size, rows_hook, max_prompt_tokens, prefix_groups):
     pad = _pad_id(tokenizer)
     encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    groups = _prompt_groups(prefix_groups, len(prompts), rows_hook)
+    shared = _SharedStart(model, encoded, groups, rows_hook, batch_size) if groups is not None and prompts else None
     for start in range(0, len(prompts), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(prompts)))
-        yield _LabelBatch(model, pad, encoded, rows, labels, rows_hook)
+        yield _LabelBatch(model, pad, encoded, rows, labels, rows_hook, shared)
 
 
 def score_labels(
@@ -247,6 +316,7 @@ def score_labels(
     batch_size: int = 16,
     rows_hook: RowsHook | None = None,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    prefix_groups: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed log-likelihood of each label's completion tokens after each prompt: [len(prompts), len(labels)].
 
@@ -256,12 +326,18 @@ def score_labels(
     that cache, `batch_size` (prompt, label) pairs per forward, so the
     prompt is never recomputed per label and no prompts x labels cache is
     built at once. Use `predict_labels` when only the argmax is needed.
+
+    The token prefix all prompts share (a task template) is run once per
+    `prefix_groups` value: prompts with equal ids must see the same weights
+    (under a `PopulationMixer`, pass each prompt's candidate). Without
+    `rows_hook` all prompts form one group; with a hook and no groups
+    nothing is shared.
     """
     label_set = _label_set(tokenizer, labels)
     multi = label_set.needs_continuation
     scores = torch.zeros((len(prompts), len(labels)), dtype=torch.float32)
     with torch.inference_mode():
-        for batch in _label_batches(model, tokenizer, prompts, label_set, batch_size, rows_hook, max_prompt_tokens):
+        for batch in _label_batches(model, tokenizer, prompts, label_set, batch_size, rows_hook, max_prompt_tokens, prefix_groups):
             full = batch.bound.clone()
             pairs = multi[None, :].expand_as(full).nonzero()
             if len(pairs):
@@ -279,6 +355,7 @@ def predict_labels(
     batch_size: int = 16,
     rows_hook: RowsHook | None = None,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    prefix_groups: Sequence[int] | torch.Tensor | None = None,
 ) -> list[str]:
     """The most likely label for each prompt: exactly argmax of `score_labels`, lowest label index on ties.
 
@@ -295,7 +372,8 @@ def predict_labels(
        is scored exactly (again all rows' pairs in one forward), and the
        argmax is taken over the exactly scored labels.
     Continuation log-probs are clamped at <= 0 and summed after the bound
-    in order, so `s_j <= u_j` also holds in floating point.
+    in order, so `s_j <= u_j` also holds in floating point. `prefix_groups`
+    as in `score_labels`.
     """
     if not prompts:
         return []
@@ -304,7 +382,7 @@ def predict_labels(
     first_label = {col: j for j, col in reversed(list(enumerate(label_set.column)))}
     preds: list[str] = []
     with torch.inference_mode():
-        for batch in _label_batches(model, tokenizer, prompts, label_set, batch_size, rows_hook, max_prompt_tokens):
+        for batch in _label_batches(model, tokenizer, prompts, label_set, batch_size, rows_hook, max_prompt_tokens, prefix_groups):
             bound = batch.bound
             full, known = bound.clone(), ~multi[None, :].expand_as(bound).clone()
             best = bound.argmax(dim=1)

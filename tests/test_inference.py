@@ -213,6 +213,52 @@ def test_mixed_population_predictions_equal_per_candidate_merged_models():
     assert len({tuple(p) for p in per_candidate}) > 1  # the candidates really differ
 
 
+def _template_prompts(n: int, seed: int) -> list[str]:
+    """Tagging prompts: a long shared template start, then each item's own description."""
+    task = get_task("tagging")
+    return [task.template.format(description=p) for p in _random_prompts(n, seed)]
+
+
+def test_shared_template_start_scores_match_full_forward_reference(tiny):
+    model, tok = tiny
+    prompts = _template_prompts(4, seed=5)
+    labels = ["dark comedy", "dark", "comedy", "sci-fi"]
+    for batch_size in (1, 3):  # the start is computed once, then index-selected into every batch
+        got = score_labels(model, tok, prompts, labels, batch_size=batch_size)
+        torch.testing.assert_close(got, _reference_scores(model, tok, prompts, labels), atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_groups_share_the_start_per_candidate_under_the_mixer():
+    """With prefix_groups = candidate, the template start runs once per candidate and predictions do not change."""
+    model, tok = tiny_model(seed=0)
+    adapters = [random_adapter(model, r=2, lora_alpha=4.0, std=0.4, seed=s) for s in range(3)]
+    population = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.5, 0.7], [0.5, 0.5, -1.0]])
+    prompts = _template_prompts(4, seed=6)
+    labels = ["dark comedy", "dark", "comedy", "true story", "sci-fi"]
+    n_cand = len(population)
+    flat = [p for p in prompts for _ in range(n_cand)]
+    cand = torch.arange(n_cand).repeat(len(prompts))
+    calls = []
+    mixer = PopulationMixer(model, adapters)
+    with mixer:
+        mixer.set_population(population, cand)
+
+        def hook(rows):
+            calls.append(rows.tolist())
+            mixer.rows_hook(rows)
+
+        shared = score_labels(model, tok, flat, labels, batch_size=2, rows_hook=hook, prefix_groups=cand)
+        plain = score_labels(model, tok, flat, labels, batch_size=2, rows_hook=mixer.rows_hook)
+        preds = predict_labels(model, tok, flat, labels, batch_size=4, rows_hook=mixer.rows_hook, prefix_groups=cand)
+    assert calls[:2] == [[0, 1], [2]]  # each candidate's start, from its first prompt, batch_size at a time
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+    for c in range(n_cand):
+        merged = merge_exact(adapters, population[c].double()).apply_to(tiny_model(seed=0)[0])
+        assert preds[c::n_cand] == predict_labels(merged, tok, prompts, labels)
+    with pytest.raises(ValueError, match="prefix_groups"):
+        predict_labels(model, tok, flat, labels, prefix_groups=cand[:-1])
+
+
 def test_generate_batched_equals_one_by_one_and_hook_tracks_rows(tiny):
     model, tok = tiny
     calls = []
