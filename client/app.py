@@ -15,19 +15,19 @@ arrives in the message.
 
 from __future__ import annotations
 
-import logging
+import functools
 import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import clip_and_noise
 from client.training import TrainConfig, train_lora
-from common.adapters import LoraAdapter
+from common.adapters import applied
 from common.crypto import NodeIdentity, new_upload_id, seal
-from common.encoder import load_encoder, user_embedding
+from common.encoder import Encoder, load_encoder, user_embedding
 from common.federation import PHASE_PROFILE, PHASE_SHARE
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs
@@ -36,7 +36,6 @@ from common.records import adapter_from_records, adapter_to_records, has_adapter
 from common.task_model import load_task_model
 from common.wire import encode_upload
 
-log = logging.getLogger(__name__)
 app = ClientApp()
 
 _DATASETS: dict[str, LampDataset] = {}
@@ -77,6 +76,25 @@ def _train_config(config: ConfigRecord, epochs_key: str = "epochs") -> TrainConf
         epochs=int(config[epochs_key]),
         seed=int(config["seed"]),
     )
+
+
+def _seal(payload: bytes, context: Context, config: ConfigRecord, phase: str) -> bytes:
+    """Encrypt to the coordinator key named in the message, bound to this run, node and phase; sign."""
+    return seal(
+        payload,
+        sender=_identity(context),
+        coordinator_public=bytes(config["coordinator-public"]),
+        run_id=str(config["run-id"]),
+        node_id=str(context.node_id),
+        phase=phase,
+        upload_id=new_upload_id(),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(spec: str) -> Encoder:
+    """One encoder per process: MiniLM takes seconds to load and every share/profile message needs it."""
+    return load_encoder(spec)
 
 
 def _task_model(msg: Message):
@@ -132,20 +150,11 @@ def share(msg: Message, context: Context) -> Message:
     tensors = clip_and_noise(
         adapter.tensors, clip=float(config["dp-clip"]), noise=float(config["dp-noise"]), seed=int(config["seed"])
     )
-    encoder = load_encoder(str(config["encoder"]))
+    encoder = _encoder(str(config["encoder"]))
     embedding = user_embedding(encoder, dataset.task, user.profile)
     meta = {"user-id": user.user_id, "r": adapter.r, "lora-alpha": adapter.lora_alpha,
             "target-modules": list(adapter.target_modules), "n-train": len(pairs)}
-    payload = encode_upload(tensors, embedding, meta)
-    sealed = seal(
-        payload,
-        sender=_identity(context),
-        coordinator_public=bytes(config["coordinator-public"]),
-        run_id=str(config["run-id"]),
-        node_id=str(context.node_id),
-        phase=PHASE_SHARE,
-        upload_id=new_upload_id(),
-    )
+    sealed = _seal(encode_upload(tensors, embedding, meta), context, config, PHASE_SHARE)
     raw = sum(t.numel() * 4 for t in adapter.tensors.values())
     metrics = MetricRecord({"train-seconds": train_seconds, "loss": float(stats.final_loss),
                             "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)})
@@ -157,19 +166,11 @@ def profile(msg: Message, context: Context) -> Message:
     """As a target: seal this user's embedding and (most recent) history to the coordinator."""
     config = msg.content.config_records["config"]
     dataset, user = _user(context, config)
-    encoder = load_encoder(str(config["encoder"]))
+    encoder = _encoder(str(config["encoder"]))
     embedding = user_embedding(encoder, dataset.task, user.profile)
     history = _history(dataset, user, int(config["max-history"]))
     payload = encode_upload({}, embedding, {"user-id": user.user_id, "history": [list(p) for p in history]})
-    sealed = seal(
-        payload,
-        sender=_identity(context),
-        coordinator_public=bytes(config["coordinator-public"]),
-        run_id=str(config["run-id"]),
-        node_id=str(context.node_id),
-        phase=PHASE_PROFILE,
-        upload_id=new_upload_id(),
-    )
+    sealed = _seal(payload, context, config, PHASE_PROFILE)
     return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed})}))
 
 
@@ -185,11 +186,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     np_preds = predict(task, model, tokenizer, prompts)
     merged_preds = np_preds
     if has_adapter(msg.content, "merged"):
-        peft_model = adapter_from_records(msg.content, "merged").apply_to(model)
-        try:
-            merged_preds = predict(task, peft_model, tokenizer, prompts)
-        finally:
-            peft_model.unload()
+        with applied(model, adapter_from_records(msg.content, "merged")) as merged:
+            merged_preds = predict(task, merged, tokenizer, prompts)
     metrics = {f"np-{k}": v for k, v in task_metrics(task, np_preds, golds).items()}
     metrics |= {f"prime-{k}": v for k, v in task_metrics(task, merged_preds, golds).items()}
     metrics["n-queries"] = len(prompts)

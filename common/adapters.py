@@ -10,6 +10,7 @@ before any tensor reaches a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -230,3 +232,21 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, adapter: LoraAdapter | None) -> Iterator[torch.nn.Module]:
+    """The model with `adapter` on top inside the block (the model itself when None), the plain model after.
+
+    Every caller that evaluates one adapter on a shared base model goes
+    through here, so no LoRA layer is ever left behind on the base.
+    """
+    if adapter is None:
+        yield model
+        return
+    peft_model = adapter.apply_to(model)
+    try:
+        peft_model.eval()
+        yield peft_model
+    finally:
+        peft_model.unload()

@@ -9,15 +9,14 @@ splits and seeds.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy  # not `as np`: the submodule simulations.methods.np is bound to that name below
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common import metrics
-from common.adapters import LoraAdapter
+from common.adapters import LoraAdapter, applied
 from common.errors import PrimeError
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, profile_pairs
@@ -79,20 +78,6 @@ class MethodResult:
     fallback: bool | None = None
     trajectory: list[dict] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def applied(model: PreTrainedModel, adapter: LoraAdapter | None) -> Iterator[PreTrainedModel]:
-    """The model with `adapter` on top for the block (the model itself when None); always unloaded after."""
-    if adapter is None:
-        yield model
-        return
-    peft_model = adapter.apply_to(model)
-    try:
-        peft_model.eval()
-        yield peft_model
-    finally:
-        peft_model.unload()
 
 
 def query_prompts(ctx: Context, target: str) -> tuple[list[str], list[str]]:

@@ -13,11 +13,10 @@ and PriME merges at several alpha, all released as the coordinator does.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.adapters import LoraAdapter
+from common.adapters import LoraAdapter, applied
 from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits
 from common.lamp import profile_pairs
@@ -152,20 +151,6 @@ def example_losses(
                 target = torch.tensor(seq[n_prompt:], device=device)
                 losses.append(float(torch.nn.functional.cross_entropy(logits, target)))
     return np.asarray(losses)
-
-
-@contextlib.contextmanager
-def applied(model: PreTrainedModel, adapter: LoraAdapter | None) -> Iterator[PreTrainedModel]:
-    """The model with `adapter` on it for the block, the plain model again afterwards."""
-    if adapter is None:
-        yield model
-        return
-    peft_model = adapter.apply_to(model)
-    try:
-        peft_model.eval()
-        yield peft_model
-    finally:
-        peft_model.unload()
 
 
 def _fresh_items(config: MembershipConfig, groups_needed: dict[str, int], exclude: set[Pair]) -> dict[str, list[Pair]]:
