@@ -12,8 +12,10 @@
    with `--node-config "partition-id=I num-partitions=N"`;
 4. runs `flwr run APP prime-fl-deploy --stream`, then polls `flwr list` until
    the run has finished;
-5. stops every process it started (process groups and their descendants),
-   also on failure, timeout, Ctrl-C or SIGTERM, and writes `deploy.json`.
+5. stops every process it started and everything they spawned (found by
+   session, parent link or an environment marker, so orphans are reached too),
+   also on failure, timeout, Ctrl-C or SIGTERM; a second Ctrl-C cannot abort
+   this cleanup, it only skips the SIGTERM grace period. Then it writes `deploy.json`.
 
 Each process logs to `logs/<name>.log` under the run directory. Every child
 gets `FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1` so Flower uses the
@@ -35,8 +37,8 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -212,15 +214,30 @@ def write_flwr_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
 
 
 # -- processes ---------------------------------------------------------------
+MARKER = "PRIME_FL_DEPLOY_ID"
+KILL_WAIT_S = 5.0
+
+
 class Processes:
-    """Children started in their own sessions, each logging to a file; `stop()` ends them all."""
+    """Children started in their own sessions, each logging to a file; `stop()` ends them and all they spawned.
+
+    Flower processes spawn further ones (the SuperLink starts a SuperExec in a
+    session of its own, which starts the ServerApp), and those outlive their
+    parents. So `stop()` does not trust the parent links alone: it also takes
+    every process created since `self.since` that is in a session recorded
+    here or carries this deployment's `MARKER` environment variable.
+    """
 
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir = log_dir
-        self.env = env
+        self.token = uuid.uuid4().hex
+        self.env = dict(env, **{MARKER: self.token})
+        self.since = time.time() - 1.0  # create_time has a coarse clock
         self.started: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self._known: dict[int, psutil.Process] = {}
+        self._sessions: set[int] = set()
+        self._own_session = os.getsid(0)
 
     def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen:
         path = self.log_dir / f"{name}.log"
@@ -233,7 +250,8 @@ class Processes:
             )
         self.started[name] = proc
         self.logs[name] = path
-        self._known[proc.pid] = psutil.Process(proc.pid)
+        self._sessions.add(proc.pid)
+        self._remember(psutil.Process(proc.pid))
         return proc
 
     def run(self, name: str, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
@@ -249,14 +267,43 @@ class Processes:
         self.logs[name] = path
         return done
 
+    def _remember(self, proc: psutil.Process) -> None:
+        self._known.setdefault(proc.pid, proc)
+        try:
+            sid = os.getsid(proc.pid)
+        except OSError:
+            return
+        if sid != self._own_session:
+            self._sessions.add(sid)
+
     def remember_descendants(self) -> None:
-        """Record grandchildren (SuperExec, ServerApp, ClientApp) while their parents still live."""
+        """Record grandchildren (SuperExec, ServerApp, ClientApp) and their sessions while their parents live."""
         for proc in list(self._known.values()):
             try:
                 for child in proc.children(recursive=True):
-                    self._known.setdefault(child.pid, child)
+                    self._remember(child)
             except psutil.NoSuchProcess:
                 continue
+
+    def _belongs(self, proc: psutil.Process) -> bool:
+        """Created by this deployment: in one of its sessions, or carrying its marker (pid-reuse safe by age)."""
+        try:
+            if proc.create_time() < self.since:
+                return False
+            if os.getsid(proc.pid) in self._sessions:
+                return True
+            return proc.environ().get(MARKER) == self.token
+        except (psutil.Error, OSError):
+            return False
+
+    def collect(self) -> None:
+        """Find every live process of this deployment, also orphans whose parents are already gone."""
+        self.remember_descendants()
+        me = os.getpid()
+        for proc in psutil.process_iter():
+            if proc.pid != me and proc.pid not in self._known and self._belongs(proc):
+                self._remember(proc)
+        self.remember_descendants()
 
     @property
     def pids(self) -> list[int]:
@@ -271,53 +318,82 @@ class Processes:
                     alive.append(proc)
             except psutil.NoSuchProcess:
                 continue
+        for proc in self.started.values():
+            proc.poll()  # reap our own children so they do not linger as zombies
         return alive
 
-    def stop(self, grace: float = 10.0) -> list[int]:
-        """SIGTERM every process group and known descendant, SIGKILL what remains; returns pids still alive.
+    def _signal_all(self, sig: int) -> None:
+        for proc in self.started.values():
+            if proc.poll() is None:  # an unreaped child's group id cannot have been reused
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+        for proc in self.alive():
+            try:
+                proc.send_signal(sig)  # psutil checks the process is still the one recorded
+            except psutil.NoSuchProcess:
+                continue
 
+    def _wait(self, timeout: float, hurry: Callable[[], bool]) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while (alive := self.alive()) and time.monotonic() < deadline and not hurry():
+            psutil.wait_procs(alive, timeout=0.2)
+        return alive
+
+    def stop(self, grace: float = 10.0, hurry: Callable[[], bool] = lambda: False) -> list[int]:
+        """SIGTERM everything of this deployment, SIGKILL what remains after `grace` s; returns pids still alive.
+
+        `hurry()` becoming true (a second Ctrl-C) cuts the grace period short.
         Signals go through psutil handles (safe against pid reuse) or to the
         groups of children not yet reaped (whose group ids cannot be reused).
         """
-        self.remember_descendants()
-        for proc in self.started.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-        for proc in self.alive():
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                continue
-        _, alive = psutil.wait_procs(self.alive(), timeout=grace)
-        for proc in alive:
-            log.warning("process %s ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                continue
-        _, alive = psutil.wait_procs(self.alive(), timeout=5)
-        for proc in self.started.values():
-            proc.poll()
-        return [p.pid for p in alive]
+        self.collect()
+        self._signal_all(signal.SIGTERM)
+        alive = self._wait(grace, hurry)
+        self.collect()  # anything spawned while shutting down
+        alive = self.alive()
+        if alive:
+            log.warning("killing %d process(es) still running after SIGTERM: %s", len(alive), [p.pid for p in alive])
+        self._signal_all(signal.SIGKILL)
+        return [p.pid for p in self._wait(KILL_WAIT_S, lambda: False)]
 
 
-@contextmanager
-def _terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so the same cleanup runs as for Ctrl-C."""
-    def handler(signum: int, frame: object) -> None:
+class _Interrupts:
+    """Ctrl-C / SIGTERM handling: the first signal raises KeyboardInterrupt, later ones never interrupt cleanup.
+
+    After the first signal (and once `stopping()` is entered) further signals
+    only set `hurry`, which makes `Processes.stop` skip the SIGTERM grace period.
+    Signal handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.hurry = False
+        self._interrupted = False
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._interrupted:
+            self.hurry = True
+            log.warning("signal %d: already stopping; killing the remaining processes now", signum)
+            return
+        self._interrupted = True
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        return self
+
+    def stopping(self) -> None:
+        """From now on no signal raises: the cleanup must run to its end."""
+        self._interrupted = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 # -- the deployment ----------------------------------------------------------
@@ -426,22 +502,27 @@ def deploy(config: DeployConfig) -> DeployResult:
     procs = Processes(log_dir, env)
     result = DeployResult(str(run_dir), None, "not started", 0.0, address, config.nodes,
                           str(app_out) if app_out else None)
-    try:
-        with _terminate_on_sigterm():
+    with _Interrupts() as interrupts:
+        try:
             _launch(procs, config, tls, node_keys, port, app_dir, run_config, result, start)
-    finally:
-        leftover = procs.stop()
-        result.wall_s = round(time.monotonic() - start, 2)
-        result.logs = {name: str(path) for name, path in sorted(procs.logs.items())}
-        result.pids = procs.pids
-        if app_out is not None and app_out.exists():
-            result.app_outputs = sorted(str(p.relative_to(app_out)) for p in app_out.rglob("*") if p.is_file())
-        (run_dir / "deploy.json").write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
-        if leftover:
-            log.error("processes %s could not be stopped", leftover)
+        finally:
+            interrupts.stopping()
+            leftover = procs.stop(hurry=lambda: interrupts.hurry)
+            _write_report(procs, result, start, app_out, run_dir)
+            if leftover:
+                log.error("processes %s could not be stopped", leftover)
     if leftover:
         raise DeployError(f"processes {leftover} could not be stopped")
     return result
+
+
+def _write_report(procs: Processes, result: DeployResult, start: float, app_out: Path | None, run_dir: Path) -> None:
+    result.wall_s = round(time.monotonic() - start, 2)
+    result.logs = {name: str(path) for name, path in sorted(procs.logs.items())}
+    result.pids = procs.pids
+    if app_out is not None and app_out.exists():
+        result.app_outputs = sorted(str(p.relative_to(app_out)) for p in app_out.rglob("*") if p.is_file())
+    (run_dir / "deploy.json").write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
 
 
 def _launch(

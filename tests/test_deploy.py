@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -105,10 +106,28 @@ def app_dir(tmp_path):
     return root
 
 
+def _leftovers(run_dir):
+    """Live processes started for this run dir: every deployment process inherits FLWR_HOME=<run dir>/flwr-home."""
+    home, found = str(run_dir / "flwr-home"), []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FLWR_HOME") == home and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    for proc in found:  # never leak them into later tests, even when the assertion below fails
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return [" ".join(p.cmdline()[:2]) if p.is_running() else p.pid for p in found]
+
+
 def _assert_all_stopped(report):
     assert report["pids"], "the launcher recorded no processes"
     alive = [pid for pid in report["pids"] if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+    assert _leftovers(Path(report["run_dir"])) == []
 
 
 def test_deploy_runs_app_with_tls_and_node_auth(app_dir, tmp_path, capsys):
@@ -142,26 +161,66 @@ def test_timeout_stops_every_process(app_dir, tmp_path):
     assert not (out / "app-out" / "result.json").exists()
 
 
-def test_ctrl_c_stops_every_process(app_dir, tmp_path):
-    out = tmp_path / "run"
+def _launch(app_dir, out):
     argv = [sys.executable, "-m", "simulations.cli", "deploy", "--app", str(app_dir), "--nodes", "1", "--out", str(out),
             "--run-config", "num-nodes=1 sleep=300", "--timeout", "300"]
-    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path, launcher, seconds=90):
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()[0]
+        time.sleep(0.2)
+    assert path.exists(), f"{path.name} never appeared"
+
+
+@pytest.mark.parametrize("moment", ["startup", "run"])
+def test_ctrl_c_twice_stops_every_process(app_dir, tmp_path, moment):
+    """Ctrl-C during startup or during the run, and a second Ctrl-C while it is stopping: nothing is left."""
+    out = tmp_path / "run"
+    launcher = _launch(app_dir, out)
     try:
-        deadline = time.monotonic() + 90
-        while not (out / "logs" / "flwr-run-stream.log").exists() and time.monotonic() < deadline:
-            assert launcher.poll() is None, launcher.communicate()[0]
-            time.sleep(0.5)
-        time.sleep(3)  # let the ServerApp process start
+        if moment == "startup":
+            _wait_for(out / "logs" / "superlink.log", launcher)
+        else:
+            _wait_for(out / "logs" / "flwr-run-stream.log", launcher)
+            time.sleep(3)  # let the ServerApp process start
         launcher.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        launcher.send_signal(signal.SIGINT)  # impatient user: must not abort the cleanup
         output, _ = launcher.communicate(timeout=180)  # stopping every process is slow on a loaded machine
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 130, output
+        leftovers = _leftovers(out)
+    assert leftovers == []
+    # 130 from the CLI; or killed by SIGINT when the second one lands after deploy() has returned
+    assert launcher.returncode in (130, -signal.SIGINT), output
+    assert "interrupted" in output
     report = json.loads((out / "deploy.json").read_text())
-    assert report["status"] == "running" and len(report["pids"]) > 3
+    assert report["status"] == ("not started" if moment == "startup" else "running")
+    if moment == "run":
+        assert len(report["pids"]) > 3
     _assert_all_stopped(report)
+
+
+def test_stop_reaches_orphans_in_their_own_sessions(tmp_path):
+    """Like SuperLink's SuperExec: a grandchild in a new session whose parent has already exited is still stopped."""
+    spawn = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+             "start_new_session=True); print(p.pid, flush=True)")
+    procs = Processes(tmp_path, dict(os.environ))
+    parent = procs.start("parent", [sys.executable, "-c", spawn])
+    assert parent.wait(timeout=60) == 0
+    orphan = psutil.Process(int((tmp_path / "parent.log").read_text().splitlines()[-1]))
+    assert orphan.is_running() and os.getsid(orphan.pid) != parent.pid  # parent.pid: the session it led
+    try:
+        assert procs.stop(grace=5) == []
+        assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+        assert orphan.pid in procs.pids
+    finally:
+        if orphan.is_running():
+            orphan.kill()
 
 
 def test_unregistered_supernode_is_refused(tmp_path):
