@@ -137,6 +137,7 @@ class FitnessEvaluator:
                 flat_preds = predict_labels(
                     self.model, self.tokenizer, prompts, self.task.profile_labels,
                     batch_size=self.batch_size, rows_hook=self.mixer.rows_hook,
+                    prefix_groups=candidate_of_prompt,  # the shared template runs once per candidate
                 )
             else:
                 flat_preds = generate(
