@@ -35,9 +35,10 @@ class ConfigError(PrimeError):
 class FederationConfig:
     """A whole federated run; the field names are the run-config keys with `-` for `_`.
 
-    The defaults are the README demo, sized for about ten minutes on two CPU
-    cores with Gemma 3 270M: 24 synthetic users (6 adapt, 2 targets, 6
-    sharers), 12 history items each, search budget 6 x population 6.
+    The defaults are the README demo with Gemma 3 270M: 24 synthetic users
+    (6 adapt, 2 targets, 6 sharers), 12 history items each, search budget
+    6 x population 6; about four minutes on two quiet CPU cores, within ten
+    on a busy machine.
     """
 
     task: str = "tagging"
