@@ -37,8 +37,8 @@ class FederationConfig:
 
     The defaults are the README demo with Gemma 3 270M: 24 synthetic users
     (6 adapt, 2 targets, 6 sharers), 12 history items each, search budget
-    6 x population 6; about four minutes on two quiet CPU cores, within ten
-    on a busy machine.
+    6 x population 6; about four minutes on two quiet CPU cores (23 when
+    another Gemma job shared them).
     """
 
     task: str = "tagging"
