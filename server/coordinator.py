@@ -9,9 +9,11 @@ coordinator key and leave it only inside one merged adapter per target.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -232,7 +234,9 @@ class Coordinator:
                 continue
             started = time.perf_counter()
             candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
-            result = personalize(model, tokenizer, task, history, upload.embedding, candidates, search, progress=False)
+            # A seed per target (stable across restarts): one shared seed made every search draw the same samples.
+            seeded = dataclasses.replace(search, seed=(c.seed * 1_000_003 + zlib.crc32(user_id.encode())) % 2**31)
+            result = personalize(model, tokenizer, task, history, upload.embedding, candidates, seeded, progress=False)
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
             log.info("target %s: sharers %s, objective %.3f (unmerged %.3f)%s, %.0f s", user_id,

@@ -49,6 +49,7 @@ class RunReport:
             "fitness": _plain(result.best),
             "unmerged_fitness": _plain(result.unmerged),
             "search_seconds": round(seconds, 3),
+            "seed": int(result.config.seed),
         }
 
     def add_evaluation(self, user_id: str, metrics: Mapping[str, Any]) -> None:
