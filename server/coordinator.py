@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.adapters import LoraAdapter
+from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, UploadRejected, open_sealed
 from common.encoder import HashingEncoder, embed_users, load_encoder
 from common.federation import ADAPT, EVALUATE, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig
@@ -104,10 +105,12 @@ class Coordinator:
         for reply in self.grid.send_and_receive(messages, timeout=self.config.phase_timeout):
             node_id = reply.metadata.src_node_id
             if reply.has_error():
+                log.warning("%s: node %s failed: %s", phase, node_id, reply.error.reason)
                 self.report.skip(phase, node_id, f"node error: {reply.error.reason}")
             else:
                 replies[node_id] = reply
         for node_id in set(contents) - set(replies) - self.report.skipped_in(phase):
+            log.warning("%s: node %s sent no reply within %.0f s", phase, node_id, self.config.phase_timeout)
             self.report.skip(phase, node_id, f"no reply within {self.config.phase_timeout:.0f} s")
         self.report.time(phase, time.perf_counter() - started)
         return replies
@@ -141,11 +144,20 @@ class Coordinator:
     def register(self) -> None:
         node_ids = sorted(self.grid.get_node_ids())
         replies = self._exchange("register", REGISTER, {n: RecordDict({"config": self._config()}) for n in node_ids})
+        missing = [n for n in node_ids if n not in replies]
+        if missing:  # one more try: a node still starting its ClientApp runtime may fail the first message
+            time.sleep(5)
+            retry = self._exchange("register-retry", REGISTER, {n: RecordDict({"config": self._config()}) for n in missing})
+            replies |= retry
+            self.report.skipped = [s for s in self.report.skipped if not (s["phase"] == "register" and s["node_id"] in retry)]
         for node_id, reply in sorted(replies.items()):
             info = reply.content.config_records["node"]
             self.nodes[node_id] = Node(node_id, str(info["user-id"]), bytes(info["identity"]),
                                        int(info["n-history"]), int(info["n-queries"]))
         log.info("registered %d of %d nodes", len(self.nodes), len(node_ids))
+        if not self.nodes:
+            reasons = sorted({s["reason"] for s in self.report.skipped if s["phase"].startswith("register")})
+            raise PrimeError(f"no node registered (of {len(node_ids)}): {'; '.join(reasons) or 'no nodes connected'}")
 
     def plan(self, dataset: LampDataset) -> UserPlan:
         """Roles for the users the registered nodes hold (the simulation harness's split)."""
