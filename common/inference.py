@@ -76,10 +76,6 @@ def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(lm_logits(model, hidden), dim=-1)
-
-
 def _gather_log_probs(model: PreTrainedModel, hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Log-probs of the given vocabulary columns: hidden [N, H], columns [N, C] -> float [N, C], all <= 0.
 
@@ -442,7 +438,7 @@ def generate(
             last = last[:, -1]
             next_pos = mask.sum(-1)
             for step in range(max_new_tokens):
-                tokens = _log_probs(model, last).argmax(-1)
+                tokens = lm_logits(model, last).argmax(-1)  # greedy: no softmax needed
                 keep = []
                 for k, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist())):
                     if _is_stop(tokenizer, stops, tok):

@@ -23,7 +23,7 @@ from common.errors import PrimeError
 from common.lora_math import merge_exact
 from server.release import release
 from common.tasks import TaskSpec
-from server.fitness import WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
+from server.fitness import DEFAULT_BATCH_SIZE, WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
 from server.search import OPTIMIZERS, OptimizerConfig, make_optimizer, run_search
 from server.selection import select_top_k
 
@@ -48,7 +48,7 @@ class SearchConfig:
     history_fraction: float = 1.0
     min_sharers: int = 2
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
         checks = [
