@@ -1,8 +1,10 @@
 """`prime-fl`: the command line.
 
 Each subcommand lives in its own module under `simulations/commands/` and
-exposes `register(subparsers)`; adding a command is adding a module and one
-line to `COMMANDS`.
+exposes `register(subparsers, summary)`; adding a command is adding a module
+and one line to `COMMANDS`. Only the module of the command being run is
+imported: most of them pull in torch and transformers (seconds), which
+`prime-fl --help`, `data` and `deploy` do not need.
 """
 
 from __future__ import annotations
@@ -11,24 +13,44 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NamedTuple, Sequence
 
 from common.errors import PrimeError
 
-COMMANDS: tuple[str, ...] = (
-    "simulations.commands.data",
-    "simulations.commands.embed",
-    "simulations.commands.adapt",
-    "simulations.commands.train_lora",
-    "simulations.commands.predict",
-    "simulations.commands.deploy",
-    "simulations.commands.personalize",
-    "simulations.commands.threats",
-    "simulations.commands.eval",
-    "simulations.commands.simulate",
+
+class Command(NamedTuple):
+    name: str
+    module: str
+    summary: str  # the line `prime-fl --help` shows
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("data", "simulations.commands.data", "generate the synthetic benchmark or check a LaMP-layout folder"),
+    Command("embed", "simulations.commands.embed", "compute user embeddings (mean of history item embeddings) into an .npz file"),
+    Command("adapt", "simulations.commands.adapt",
+            "task adaptation: train one LoRA on the pooled adaptation users and save the merged model"),
+    Command("train-lora", "simulations.commands.train_lora",
+            "train one user's LoRA on their history and save it as a PEFT adapter folder"),
+    Command("predict", "simulations.commands.predict",
+            "answer held-out queries with a model (and optional adapter) and print the task metrics"),
+    Command("deploy", "simulations.commands.deploy",
+            "run the app on a local multi-process Flower deployment with TLS and SuperNode authentication"),
+    Command("personalize", "simulations.commands.personalize",
+            "merge sharers' LoRA adapters into one personalized adapter for a target user"),
+    Command("threats", "simulations.commands.threats",
+            "run the privacy attacks: block leak, adapter recovery, membership inference, embedding probe"),
+    Command("eval", "simulations.commands.eval",
+            "evaluate PriME against NP, RAG, OPPU, top-1, uniform and LoraHub on one machine (Table 1, plots)"),
+    Command("simulate", "simulations.commands.simulate",
+            "run the full PriME-FL protocol as a Flower simulation (embedded defaults: Gemma 3 270M, synthetic tagging)"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `only` a command name (or "" for none) the parser that can run that one command.
+
+    The other commands are listed with their summary but their modules are not imported.
+    """
     parser = argparse.ArgumentParser(
         prog="prime-fl",
         description=(
@@ -38,14 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
-        importlib.import_module(module).register(sub)
+    for command in COMMANDS:
+        if only is None or command.name == only:
+            importlib.import_module(command.module).register(sub, command.summary)
+        else:
+            sub.add_parser(command.name, help=command.summary)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str:
+    """The subcommand named on the command line ("" when there is none yet): the first non-option word."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_in(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

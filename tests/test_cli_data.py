@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from conftest import tagging_records
 
 from common.encoder import load_embeddings
-from simulations.cli import main
+from simulations.cli import COMMANDS, build_parser, main
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -116,3 +117,34 @@ def test_real_lamp4_set_checks(capsys):
         pytest.skip("shared LaMP-4 set not present")
     code, out, _ = _run(capsys, "data", "check", str(folder))
     assert code == 0 and "users: 152" in out and "LaMP_4" in out
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from simulations.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+        "print(out.getvalue())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported_torch, _, text = result.stdout.partition("\n")
+    assert imported_torch == "False"
+    for command in COMMANDS:
+        assert command.name in text
+
+
+def test_command_table_matches_the_modules():
+    """Each module registers the command under the name the lazy table lists."""
+    full = build_parser()
+    (sub,) = [a for a in full._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == [c.name for c in COMMANDS]
+    for command in COMMANDS:  # a one-command parser parses that command like the full one
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser(command.name).parse_args([command.name, "--help"])
+        assert exit_info.value.code == 0

@@ -26,10 +26,10 @@ def adaptation_users(dataset: LampDataset, user_ids: list[str] | None, fraction:
     return [dataset.users[i] for i in order[:n]]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "adapt",
-        help="task adaptation: train one LoRA on the pooled adaptation users and save the merged model",
+        help=summary,
         description=(
             "Pool the history pairs of the adaptation users, train one LoRA on them, merge it into the base "
             "weights and save the task-adapted model as a Hugging Face folder (use it with --model). "

@@ -13,10 +13,10 @@ from common.metrics import parse_label
 from common.synthetic import BENCHMARK_FILE, SYNTHETIC_TASKS, SyntheticConfig, generate, write_synthetic
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "data",
-        help="generate the synthetic benchmark or check a LaMP-layout folder",
+        help=summary,
         description="Data tools: `synth` writes the embedded synthetic benchmark, `check` validates a LaMP folder.",
     )
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)

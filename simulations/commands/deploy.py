@@ -11,10 +11,10 @@ from simulations.deploy import DeployConfig, deploy
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "deploy",
-        help="run the app on a local multi-process Flower deployment with TLS and SuperNode authentication",
+        help=summary,
         description=(
             "Start one flower-superlink and N flower-supernode processes on loopback with generated TLS "
             "certificates and registered SuperNode keys, run the Flower app, and stop every process."

@@ -8,10 +8,10 @@ from common.encoder import DEFAULT_ENCODER, embed_users, load_encoder, save_embe
 from common.lamp import SPLITS, load_lamp
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "embed",
-        help="compute user embeddings (mean of history item embeddings) into an .npz file",
+        help=summary,
         description=(
             "Embed each user's history items with a sentence encoder and write the L2-normalised mean per "
             "user to an .npz file with arrays `user_ids` (str), `embeddings` (float32, one row per user) "

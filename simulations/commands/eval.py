@@ -18,10 +18,10 @@ from simulations.experiment import EvalConfig, EvalConfigError
 _LIST = "comma-separated"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate PriME against NP, RAG, OPPU, top-1, uniform and LoraHub on one machine (Table 1, plots)",
+        help=summary,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -19,10 +19,10 @@ from server.search import OPTIMIZERS
 EMBEDDINGS_FILE = "embeddings.npz"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "personalize",
-        help="merge sharers' LoRA adapters into one personalized adapter for a target user",
+        help=summary,
         description=(
             "PriME on one machine: pick the top-k sharers by embedding similarity, search merge weights with "
             "CMA-ES (or nevergrad) maximising utility on the target's history minus alpha times the similarity "

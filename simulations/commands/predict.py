@@ -60,10 +60,10 @@ def select_users(dataset: LampDataset, user_ids: list[str] | None, limit: int | 
     return dataset.users
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="answer held-out queries with a model (and optional adapter) and print the task metrics",
+        help=summary,
         description=(
             "Predict every held-out query of the chosen users: classification and rating by scoring the "
             "task's label set (log-likelihood), generation tasks by greedy decoding. Writes the predictions "

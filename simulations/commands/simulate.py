@@ -10,10 +10,10 @@ from common.federation import FederationConfig
 from simulations.simulate import default_nodes, parse_overrides, results_table, simulate
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "simulate",
-        help="run the full PriME-FL protocol as a Flower simulation (embedded defaults: Gemma 3 270M, synthetic tagging)",
+        help=summary,
         description=(
             "Run the ServerApp and one ClientApp per user as a Flower simulation on this machine: FedAvg task "
             "adaptation, sealed LoRA uploads into the encrypted registry, privacy-penalized CMA-ES merges for the "

@@ -31,10 +31,10 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "threats",
-        help="run the privacy attacks: block leak, adapter recovery, membership inference, embedding probe",
+        help=summary,
         description=(
             "Measure what the parties of PriME-FL can learn. leak: read sharers' factors out of a stacked merge "
             "vs the released (SVD) adapter; recovery: individual adapters from m merges of the same sharers; "

@@ -43,10 +43,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "train-lora",
-        help="train one user's LoRA on their history and save it as a PEFT adapter folder",
+        help=summary,
         description=(
             "Train a LoRA on one user's history pairs (loss on the target tokens only) on top of the base or "
             "task-adapted model, and write a PEFT adapter folder (adapter_config.json + "
