@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,7 +34,7 @@ from common.synthetic import SyntheticConfig, generate, write_synthetic
 from common.task_model import load_task_model
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
-from server.personalize import SearchConfig, personalize
+from server.personalize import SearchConfig, personalize, target_seed
 from server.registry import Registry
 from server.report import RunReport
 
@@ -246,8 +245,7 @@ class Coordinator:
                 continue
             started = time.perf_counter()
             candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
-            # A seed per target (stable across restarts): one shared seed made every search draw the same samples.
-            seeded = dataclasses.replace(search, seed=(c.seed * 1_000_003 + zlib.crc32(user_id.encode())) % 2**31)
+            seeded = dataclasses.replace(search, seed=target_seed(c.seed, user_id))
             result = personalize(model, tokenizer, task, history, upload.embedding, candidates, seeded, progress=False)
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)

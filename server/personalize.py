@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -69,6 +70,17 @@ class SearchConfig:
                 raise SearchConfigError(message)
         if self.x0 is not None and not self.bounds[0] <= self.x0 <= self.bounds[1]:
             raise SearchConfigError(f"x0 {self.x0} lies outside the bounds {self.bounds}")
+
+
+def target_seed(seed: int, user_id: str) -> int:
+    """The search seed of one target: stable for a user and run seed, different across targets.
+
+    One shared seed makes every target's search draw the same first samples,
+    so targets whose first generation already fits their history all end on
+    the same weights. The coordinator and `prime-fl eval` both use this, so
+    the federation and the experiments search alike.
+    """
+    return (seed * 1_000_003 + zlib.crc32(user_id.encode())) % 2**31
 
 
 @dataclass

@@ -145,3 +145,13 @@ def test_elementwise_merge_is_not_the_exact_merge():
     one = elementwise_merge(adapters[:1], [1.0])  # a single adapter at weight 1 is itself
     assert torch.allclose(delta(one, module), delta(adapters[0], module))
     assert np.isfinite(float(exact.abs().sum()))
+
+
+def test_prime_seeds_each_target_as_the_coordinator_does(ctx):
+    from server.personalize import target_seed
+
+    method = get_method("prime")
+    params = method.params({})
+    a, b = ctx.plan.targets[:2]
+    assert method.search_config(ctx, a, params).seed == target_seed(ctx.seed, a)
+    assert method.search_config(ctx, a, params).seed != method.search_config(ctx, b, params).seed

@@ -163,3 +163,12 @@ def test_cli_errors_exit_2(disk_world, capsys):
     assert "no adapter sub-folders" in capsys.readouterr().err
     assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", data.users[0].user_id, "--k", "1"]) == 2
     assert "distinct sharers" in capsys.readouterr().err
+
+
+def test_target_seed_is_stable_per_user_and_differs_across_users():
+    from server.personalize import target_seed
+
+    seeds = {user: target_seed(0, user) for user in ("u000", "u001", "u002", "LaMP_4-60")}
+    assert len(set(seeds.values())) == len(seeds)  # every target's search draws its own samples
+    assert all(0 <= s < 2**31 for s in seeds.values())
+    assert target_seed(0, "u001") == seeds["u001"] and target_seed(1, "u001") != seeds["u001"]

@@ -22,6 +22,7 @@ from common import metrics
 from common.adapters import LoraAdapter
 from common.inference import predict
 from server.fitness import history_task
+from server.personalize import target_seed
 from simulations.methods import Context, Method, MethodResult, answer, applied, finish, query_prompts, register, top_k
 
 BOUNDS = (-1.5, 1.5)
@@ -64,7 +65,7 @@ class LoraHub(Method):
             return utility - l1 * float(numpy.mean(numpy.abs(w))), utility
 
         param = ng.p.Array(init=numpy.full(len(adapters), 1.0 / len(adapters))).set_bounds(*BOUNDS)
-        param.random_state = numpy.random.RandomState(ctx.seed)
+        param.random_state = numpy.random.RandomState(target_seed(ctx.seed, target))  # as PriME seeds each target
         total = int(params["budget"]) * int(params["popsize"])
         optimizer = ng.optimizers.NGOpt(parametrization=param, budget=total, num_workers=1)
         best_w, best, trajectory = None, -numpy.inf, []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from server.personalize import SearchConfig, personalize
+from server.personalize import SearchConfig, personalize, target_seed
 from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
 from simulations.methods.rag import rag_prompts
 
@@ -38,7 +38,7 @@ class PriME(Method):
         extra = [f"{short}={params[key]}" for key, (short, default) in _LABELLED.items() if params[key] != default]
         return " ".join([f"{self.title} α={params['alpha']:g}", *extra])
 
-    def search_config(self, ctx: Context, params: Mapping) -> SearchConfig:
+    def search_config(self, ctx: Context, target: str, params: Mapping) -> SearchConfig:
         return SearchConfig(
             alpha=float(params["alpha"]),
             k=int(params["k"]),
@@ -48,13 +48,13 @@ class PriME(Method):
             weight_level=str(params["weight_level"]),
             history_fraction=float(params["history_fraction"]),
             min_sharers=int(params["min_sharers"]),
-            seed=ctx.seed,
+            seed=target_seed(ctx.seed, target),  # as the coordinator seeds each target's search
         )
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
         result = personalize(
             ctx.model, ctx.tokenizer, ctx.task, ctx.history(target), ctx.embeddings[target], ctx.sharers(),
-            self.search_config(ctx, params), progress=ctx.progress,
+            self.search_config(ctx, target, params), progress=ctx.progress,
         )
         prompts = rag_prompts(ctx, target, int(params["rag_k"])) if self.rag else query_prompts(ctx, target)[0]
         preds = answer(ctx, result.adapter, prompts)
