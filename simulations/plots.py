@@ -94,8 +94,11 @@ def tradeoff(points: list[dict[str, Any]], task: str) -> tuple[plt.Figure, list[
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.errorbar([p["similarity"] for p in prime], [p["utility"] for p in prime],
                 xerr=[p["similarity_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
+    spots: dict[tuple[float, float], list[str]] = {}  # alphas that landed on the same point share one label
     for p in prime:
-        ax.annotate(f"α={p['params']['alpha']:g}", (p["similarity"], p["utility"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        spots.setdefault((p["similarity"], p["utility"]), []).append(f"{p['params']['alpha']:g}")
+    for xy, alphas in spots.items():
+        ax.annotate(f"α={','.join(alphas)}", xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     for p, marker in zip(refs, "s^Dv"):
         ax.scatter([p["similarity"]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
     ax.set_xlabel("mean prediction similarity with chosen sharers")

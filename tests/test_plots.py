@@ -85,3 +85,11 @@ def test_plot_command_redraws_from_results(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"cells": {}}))
     assert main(["eval", "plot", str(tmp_path)]) == 2
     assert "'cells' must be a list" in capsys.readouterr().err
+
+
+def test_tradeoff_labels_alphas_that_land_on_one_point_once():
+    from simulations.plots import _points, tradeoff
+
+    cells = [prime(0.0, 3, RIGHT, 0.8, [1.0]), prime(0.5, 3, RIGHT, 0.8, [1.0]), prime(2.0, 3, HALF, 0.3, [0.4])]
+    fig, _ = tradeoff(_points(cells), "LaMP_2")
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["α=0,0.5", "α=2"]
