@@ -181,7 +181,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     dataset, user = _user(context, config)
     task = dataset.task
     model, tokenizer = _task_model(msg)
-    prompts = [q.input for q in user.queries]
+    prompts = [task.query_prompt(q.input) for q in user.queries]
     golds = [q.gold for q in user.queries]
     np_preds = predict(task, model, tokenizer, prompts)
     merged_preds = np_preds

@@ -55,11 +55,35 @@ class TaskSpec:
     query_labels: tuple[str, ...] | None
     metrics: tuple[str, str]
     max_new_tokens: int
+    # LaMP's own query text ends in "<marker> <payload>"; the payload fills
+    # `template`'s only field, so a query reads like the history pairs the
+    # LoRAs were trained on (None: queries are used as LaMP wrote them).
+    query_marker: str | None = None
 
     def profile_pair(self, item: Mapping[str, object]) -> tuple[str, str]:
         """(prompt, target) training pair for one profile item."""
         fields = {f: str(item[f]).strip() for f in self.profile_fields}
         return self.template.format(**fields), fields[self.target_field]
+
+    def query_prompt(self, raw: str) -> str:
+        """The prompt for one held-out query, in the format of the training pairs.
+
+        LaMP writes queries as a bare instruction plus the item ("Generate a
+        headline for the following article: ...") with no answer cue, while
+        the history pairs end in "Headline:"; without the cue a model trained
+        on the pairs continues the article or stops at once (empty headlines
+        on huffpost-lamp4). Queries already in the template's form (the
+        synthetic benchmark) are returned as they are; an input without the
+        marker is taken whole as the item.
+        """
+        if self.query_marker is None or raw.startswith(self.template.split("{", 1)[0]):
+            return raw
+        at = raw.lower().find(self.query_marker)
+        payload = raw[at + len(self.query_marker):] if at >= 0 else raw  # no marker: the whole input is the item
+        cue = self.template.rsplit("}", 1)[1].strip()
+        payload = payload.strip().removesuffix(cue).strip()
+        (field,) = [f for f in self.profile_fields if "{" + f + "}" in self.template]
+        return self.template.format(**{field: payload})
 
     @property
     def profile_labels(self) -> tuple[str, ...] | None:
@@ -102,6 +126,7 @@ TASKS: dict[str, TaskSpec] = {
             query_labels=LAMP2_TAGS,
             metrics=("accuracy", "f1"),
             max_new_tokens=8,
+            query_marker="description:",
         ),
         TaskSpec(
             name="rating",
@@ -116,6 +141,7 @@ TASKS: dict[str, TaskSpec] = {
             query_labels=RATING_LABELS,
             metrics=("mae", "rmse"),
             max_new_tokens=3,
+            query_marker="review:",
         ),
         TaskSpec(
             name="headline",
@@ -127,6 +153,7 @@ TASKS: dict[str, TaskSpec] = {
             query_labels=None,
             metrics=("rouge1", "rougeL"),
             max_new_tokens=24,
+            query_marker="article:",
         ),
         TaskSpec(
             name="scholarly-title",
@@ -138,6 +165,7 @@ TASKS: dict[str, TaskSpec] = {
             query_labels=None,
             metrics=("rouge1", "rougeL"),
             max_new_tokens=32,
+            query_marker="paper:",
         ),
         TaskSpec(
             name="tweet-paraphrase",
@@ -152,6 +180,7 @@ TASKS: dict[str, TaskSpec] = {
             query_labels=None,
             metrics=("rouge1", "rougeL"),
             max_new_tokens=48,
+            query_marker="it:",
         ),
     )
 }

@@ -57,7 +57,7 @@ def bench_task(task: str, args: argparse.Namespace, cache_dir: Path | None) -> d
     adapt_users, eval_users = dataset.users[: args.adapt_users], dataset.users[args.adapt_users :]
     pairs = [p for u in adapt_users for p in profile_pairs(spec, u.profile)[: args.pairs_per_user]]
     queries = [q for u in eval_users for q in u.queries]
-    prompts, golds = [q.input for q in queries], [q.gold for q in queries]
+    prompts, golds = [spec.query_prompt(q.input) for q in queries], [q.gold for q in queries]
     model, tok = load_base(args.model_spec, cache_dir=cache_dir)
     base_preds, base_s = _timed(lambda: predict(spec, model, tok, prompts))
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)

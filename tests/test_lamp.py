@@ -116,3 +116,41 @@ def test_real_lamp4_set_loads():
         pytest.skip("shared LaMP-4 set not present")
     data = load_lamp(folder)
     assert data.task.lamp_id == "LaMP_4" and len(data.users) == 152
+
+
+@pytest.mark.parametrize(
+    "task, raw, item",
+    [
+        ("LaMP_4", "Generate a headline for the following article: The council met. It voted.", "The council met. It voted."),
+        ("LaMP_3", "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 "
+                   "without further explanation. review: Cold soup.", "Cold soup."),
+        ("LaMP_2", "Which tag does this movie relate to among the following tags? Just answer with the tag name without "
+                   "further explanation. tags: [sci-fi, comedy] description: A robot falls in love.", "A robot falls in love."),
+        ("LaMP_5", "Generate a title for the following abstract of a paper: We prove a bound.", "We prove a bound."),
+        ("LaMP_7", "Paraphrase the following tweet without any explanation before or after it: so tired: going home",
+                   "so tired: going home"),
+        ("LaMP_2", "Description: a robot story. Tag:", "a robot story."),  # the answer cue is not doubled
+        ("LaMP_3", "fine", "fine"),  # no LaMP instruction: the whole input is the item
+    ],
+)
+def test_lamp_queries_are_prompted_like_the_training_pairs(task, raw, item):
+    spec = get_task(task)
+    field = next(f for f in spec.profile_fields if "{" + f + "}" in spec.template)
+    assert spec.query_prompt(raw) == spec.template.format(**{field: item})
+
+
+def test_queries_already_in_template_form_and_lamp1_are_kept():
+    tagging = get_task("LaMP_2")
+    prompt, _ = tagging.profile_pair({"description": "A robot falls in love.", "tag": "sci-fi"})
+    assert tagging.query_prompt(prompt) == prompt
+    citation = 'For an author who has written the paper with the title "X", which reference is related? [1]: "a" [2]: "b"'
+    assert get_task("LaMP_1").query_prompt(citation) == citation
+
+
+def test_huffpost_queries_get_the_headline_cue():
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "huffpost-lamp4"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/huffpost-lamp4 is not on this machine")
+    data = load_lamp(folder)
+    prompts = [data.task.query_prompt(q.input) for u in data.users for q in u.queries]
+    assert all(p.startswith("Generate a headline for the following article. Article: ") and p.endswith(" Headline:") for p in prompts)

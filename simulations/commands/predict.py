@@ -98,7 +98,7 @@ def _predict(args: argparse.Namespace) -> int:
         model.eval()
     task = dataset.task
     start = time.perf_counter()
-    preds = predict(task, model, tokenizer, [q.input for q in queries], batch_size=args.batch_size)
+    preds = predict(task, model, tokenizer, [task.query_prompt(q.input) for q in queries], batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     metrics = task_metrics(task, preds, [q.gold for q in queries])
     out = Path(args.out)

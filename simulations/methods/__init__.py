@@ -83,7 +83,7 @@ class MethodResult:
 def query_prompts(ctx: Context, target: str) -> tuple[list[str], list[str]]:
     """(prompts, golds) of the target's held-out queries."""
     queries = ctx.user(target).queries
-    return [q.input for q in queries], [q.gold for q in queries]
+    return [ctx.task.query_prompt(q.input) for q in queries], [q.gold for q in queries]
 
 
 def answer(ctx: Context, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
