@@ -30,7 +30,7 @@ from common.crypto import NodeIdentity, new_upload_id, seal
 from common.encoder import Encoder, load_encoder, user_embedding
 from common.federation import PHASE_PROFILE, PHASE_SHARE
 from common.inference import predict
-from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs
+from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs, query_prompts
 from common.metrics import task_metrics
 from common.records import adapter_from_records, adapter_to_records, has_adapter
 from common.task_model import load_task_model
@@ -181,7 +181,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     dataset, user = _user(context, config)
     task = dataset.task
     model, tokenizer = _task_model(msg)
-    prompts = [task.query_prompt(q.input) for q in user.queries]
+    prompts = query_prompts(task, user.queries)
     golds = [q.gold for q in user.queries]
     np_preds = predict(task, model, tokenizer, prompts)
     merged_preds = np_preds

@@ -19,7 +19,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from common.errors import PrimeError
 from common.tasks import TaskSpec, UnknownTaskError, get_task
@@ -79,6 +79,11 @@ class LampDataset:
 def profile_pairs(task: TaskSpec, profile: list[dict]) -> list[tuple[str, str]]:
     """(prompt, target) training pairs of a user's history, via the task template."""
     return [task.profile_pair(item) for item in profile]
+
+
+def query_prompts(task: TaskSpec, queries: Sequence[Query]) -> list[str]:
+    """The prompts of held-out queries, in the format of the training pairs (`TaskSpec.query_prompt`)."""
+    return [task.query_prompt(q.input) for q in queries]
 
 
 # ---------------------------------------------------------------- reading

@@ -25,7 +25,7 @@ import torch
 
 from client.training import TrainConfig, merge_into, train_lora
 from common.inference import generate, predict, predict_labels
-from common.lamp import profile_pairs, write_json_files
+from common.lamp import profile_pairs, query_prompts, write_json_files
 from common.metrics import fitness, parse_label, task_metrics
 from common.models import CACHE_ENV, GEMMA_SPEC, load_base, load_gemma_gguf
 from common.synthetic import SyntheticConfig, baseline_scores, generate as synth_generate
@@ -57,7 +57,7 @@ def bench_task(task: str, args: argparse.Namespace, cache_dir: Path | None) -> d
     adapt_users, eval_users = dataset.users[: args.adapt_users], dataset.users[args.adapt_users :]
     pairs = [p for u in adapt_users for p in profile_pairs(spec, u.profile)[: args.pairs_per_user]]
     queries = [q for u in eval_users for q in u.queries]
-    prompts, golds = [spec.query_prompt(q.input) for q in queries], [q.gold for q in queries]
+    prompts, golds = query_prompts(spec, queries), [q.gold for q in queries]
     model, tok = load_base(args.model_spec, cache_dir=cache_dir)
     base_preds, base_s = _timed(lambda: predict(spec, model, tok, prompts))
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)

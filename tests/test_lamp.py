@@ -7,7 +7,7 @@ import pytest
 from conftest import tagging_records
 
 from common.errors import PrimeError
-from common.lamp import LampDataset, LampFormatError, LampUser, Query, load_lamp, profile_pairs, write_lamp
+from common.lamp import LampDataset, LampFormatError, LampUser, Query, load_lamp, profile_pairs, query_prompts, write_lamp
 from common.tasks import get_task
 
 
@@ -152,5 +152,5 @@ def test_huffpost_queries_get_the_headline_cue():
     if not folder.is_dir():
         pytest.skip("../shared/data/huffpost-lamp4 is not on this machine")
     data = load_lamp(folder)
-    prompts = [data.task.query_prompt(q.input) for u in data.users for q in u.queries]
+    prompts = [p for u in data.users for p in query_prompts(data.task, u.queries)]
     assert all(p.startswith("Generate a headline for the following article. Article: ") and p.endswith(" Headline:") for p in prompts)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.adapters import LoraAdapter
 from common.inference import predict
-from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, write_json_files
+from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, query_prompts, write_json_files
 from common.metrics import task_metrics
 from common.models import CACHE_ENV, DEFAULT_SPEC, default_cache_dir, load_base
 from common.errors import PrimeError
@@ -98,7 +98,7 @@ def _predict(args: argparse.Namespace) -> int:
         model.eval()
     task = dataset.task
     start = time.perf_counter()
-    preds = predict(task, model, tokenizer, [task.query_prompt(q.input) for q in queries], batch_size=args.batch_size)
+    preds = predict(task, model, tokenizer, query_prompts(task, queries), batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     metrics = task_metrics(task, preds, [q.gold for q in queries])
     out = Path(args.out)

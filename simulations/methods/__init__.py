@@ -20,6 +20,7 @@ from common.adapters import LoraAdapter, applied
 from common.errors import PrimeError
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, profile_pairs
+from common.lamp import query_prompts as lamp_query_prompts
 from common.plan import UserPlan
 from common.tasks import TaskSpec
 
@@ -83,7 +84,7 @@ class MethodResult:
 def query_prompts(ctx: Context, target: str) -> tuple[list[str], list[str]]:
     """(prompts, golds) of the target's held-out queries."""
     queries = ctx.user(target).queries
-    return [ctx.task.query_prompt(q.input) for q in queries], [q.gold for q in queries]
+    return lamp_query_prompts(ctx.task, queries), [q.gold for q in queries]
 
 
 def answer(ctx: Context, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
