@@ -22,7 +22,7 @@ the gap that personalization can close is on record (`benchmark.json`).
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,6 +113,8 @@ _STYLES: tuple[str, ...] = (
     "Everything to know as {kp}",
     "{kp}? Readers react",
 )
+# A quirk fires on one value of one of these aspects: a third of the items.
+_QUIRK_TRIGGER_ASPECTS: tuple[str, ...] = ("source", "theme")
 _MAX_GROUPS = {"tagging": len(_ASPECT_ORDER), "rating": len(_HARSHNESS), "headline": len(_STYLES)}
 
 
@@ -126,10 +128,13 @@ class SyntheticConfig:
     history: int = 24
     queries: int = 4
     seed: int = 0
+    quirks: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in SYNTHETIC_TASKS:
             raise PrimeError(f"synthetic task {self.task!r} unknown (known: {', '.join(SYNTHETIC_TASKS)})")
+        if self.quirks and self.task != "tagging":
+            raise PrimeError(f"quirks exist for the tagging task only, not {self.task!r}")
         top = _MAX_GROUPS[self.task]
         if not 1 <= self.n_groups <= top:
             raise PrimeError(f"groups must be between 1 and {top} for {self.task}, got {self.n_groups}")
@@ -140,18 +145,43 @@ class SyntheticConfig:
                 raise PrimeError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class Quirk:
+    """A user's own exception to their group's rule: items whose `aspect`
+    is `trigger` are tagged `tag` (never the group's answer)."""
+
+    aspect: str
+    trigger: str
+    tag: str
+
+    def applies(self, features: dict[str, Any]) -> bool:
+        return features[self.aspect] == self.trigger
+
+
 @dataclass
 class Synthetic:
     """A generated benchmark with its latent truth (kept out of the LaMP files).
 
     `latent` maps each query id to the features the group rules read
-    (aspect tags, sentiment level, key phrase).
+    (aspect tags, sentiment level, key phrase); `quirks` each user's
+    exception when the config asks for them.
     """
 
     config: SyntheticConfig
     dataset: LampDataset
     groups: dict[str, int]
     latent: dict[str, dict[str, Any]]
+    quirks: dict[str, Quirk] = field(default_factory=dict)
+
+    def gold(self, user_id: str, features: dict[str, Any]) -> str:
+        """The user's own answer for an item (group rule, or quirk where it fires)."""
+        return _user_gold(self.config.task, self.groups[user_id], self.quirks.get(user_id), features)
+
+
+def _user_gold(task: str, group: int, quirk: Quirk | None, features: dict[str, Any]) -> str:
+    if quirk is not None and quirk.applies(features):
+        return quirk.tag
+    return _GENERATORS[task][1](features, group)
 
 
 # An item generator draws latent features; a rule maps (features, group) to the gold.
@@ -199,6 +229,16 @@ _GENERATORS: dict[str, tuple[Callable[[random.Random], tuple[str, dict]], Callab
 }
 
 
+def _draw_quirk(rng: random.Random, group: int) -> Quirk:
+    """A trigger on an aspect the group does not tag, and a personal tag from
+    a third aspect, so the quirk never coincides with the group's answer."""
+    own = _ASPECT_ORDER[group]
+    aspect = rng.choice([a for a in _QUIRK_TRIGGER_ASPECTS if a != own])
+    trigger = rng.choice(sorted(_ASPECTS[aspect]))
+    tag = rng.choice(sorted(t for a in _ASPECT_ORDER if a not in (own, aspect) for t in _ASPECTS[a]))
+    return Quirk(aspect=aspect, trigger=trigger, tag=tag)
+
+
 def group_rule_names(task: str, n_groups: int) -> list[str]:
     """Human-readable rule of each group, for benchmark.json and the docs."""
     if task == "tagging":
@@ -211,27 +251,32 @@ def group_rule_names(task: str, n_groups: int) -> list[str]:
 def generate(config: SyntheticConfig) -> Synthetic:
     """Build the benchmark; the same config always gives the same data."""
     rng = random.Random(f"prime-fl-synthetic/{config.task}/{config.seed}")
-    make_item, rule, text_field, target_field = _GENERATORS[config.task]
+    make_item, _, text_field, target_field = _GENERATORS[config.task]
     spec = get_task(config.task)
     group_of = [i % config.n_groups for i in range(config.n_users)]
     rng.shuffle(group_of)  # balanced groups, in no particular order
-    users, groups, latent = [], {}, {}
-    for i, group in enumerate(group_of):
-        user_id = f"u{i:03d}"
+    groups = {f"u{i:03d}": group for i, group in enumerate(group_of)}
+    quirks: dict[str, Quirk] = {}
+    if config.quirks:  # own generator: the items and golds of the quirk-free benchmark stay as they were
+        quirk_rng = random.Random(f"prime-fl-synthetic/{config.task}/{config.seed}/quirks")
+        quirks = {user_id: _draw_quirk(quirk_rng, group) for user_id, group in groups.items()}
+    users, latent = [], {}
+    for user_id, group in groups.items():
+        quirk = quirks.get(user_id)
         profile = []
         for j in range(config.history):
             text, features = make_item(rng)
-            profile.append({"id": f"{user_id}-p{j}", text_field: text, target_field: rule(features, group)})
+            profile.append({"id": f"{user_id}-p{j}", text_field: text, target_field: _user_gold(config.task, group, quirk, features)})
         queries = []
         for j in range(config.queries):
             text, features = make_item(rng)
             query_id = f"{user_id}-q{j}"
-            prompt, gold = spec.profile_pair({text_field: text, target_field: rule(features, group)})
-            queries.append(Query(id=query_id, input=prompt, gold=gold))
+            prompt, answer = spec.profile_pair({text_field: text, target_field: _user_gold(config.task, group, quirk, features)})
+            queries.append(Query(id=query_id, input=prompt, gold=answer))
             latent[query_id] = features
         users.append(LampUser(user_id=user_id, profile=profile, queries=queries))
-        groups[user_id] = group
-    return Synthetic(config=config, dataset=LampDataset(task=spec, users=users), groups=groups, latent=latent)
+    dataset = LampDataset(task=spec, users=users)
+    return Synthetic(config=config, dataset=dataset, groups=groups, latent=latent, quirks=quirks)
 
 
 def synthesize(
@@ -256,7 +301,8 @@ def _best(spec: TaskSpec, candidates: dict[str, list[str]], golds: list[str]) ->
 
 def baseline_scores(synth: Synthetic) -> dict[str, dict[str, Any]]:
     """Scores on all held-out queries of: the best constant (majority) rule,
-    the best user-agnostic rule that reads the text, and the group oracle.
+    the best user-agnostic rule that reads the text, the oracle (the user's
+    own rule) and, with quirks, the group rule without the user's quirk.
 
     User-agnostic rules get the same answer for the same text whoever asks:
     tagging, one fixed aspect for everybody (with balanced groups this is the
@@ -279,8 +325,13 @@ def baseline_scores(synth: Synthetic) -> dict[str, dict[str, Any]]:
             agnostic = _best(spec, {f"tag the {a} aspect": [f[a] for f in feats] for a in _ASPECT_ORDER}, golds)
         else:
             agnostic = _best_rating_map(spec, [f["level"] for f in feats], golds)
-    oracle = _score(spec, "the user's group rule", [_GENERATORS[task][1](f, synth.groups[uid]) for (uid, _), f in zip(queries, feats)], golds)
-    return {"majority": majority, "user_agnostic_best": agnostic, "oracle": oracle}
+    oracle = _score(spec, "the user's own rule", [synth.gold(uid, f) for (uid, _), f in zip(queries, feats)], golds)
+    scores = {"majority": majority, "user_agnostic_best": agnostic, "oracle": oracle}
+    if synth.quirks:  # the best any merge of other users can do: their shared rule, none of their quirks
+        group_rule = _GENERATORS[task][1]
+        scores["group_rule"] = _score(spec, "the user's group rule, quirk ignored",
+                                      [group_rule(f, synth.groups[uid]) for (uid, _), f in zip(queries, feats)], golds)
+    return scores
 
 
 def _best_rating_map(spec: TaskSpec, levels: list[int], golds: list[str]) -> dict[str, Any]:
@@ -296,12 +347,13 @@ def _best_rating_map(spec: TaskSpec, levels: list[int], golds: list[str]) -> dic
 
 
 def benchmark_report(synth: Synthetic) -> dict[str, Any]:
-    """Contents of `benchmark.json`: config, group rules, user groups and baselines."""
+    """Contents of `benchmark.json`: config, group rules, user groups (and quirks) and baselines."""
     return {
         "task": synth.dataset.task.lamp_id,
         "config": asdict(synth.config),
         "group_rules": group_rule_names(synth.config.task, synth.config.n_groups),
         "user_groups": synth.groups,
+        **({"user_quirks": {u: asdict(q) for u, q in synth.quirks.items()}} if synth.quirks else {}),
         "baselines": baseline_scores(synth),
     }
 

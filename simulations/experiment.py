@@ -58,6 +58,7 @@ class EvalConfig:
     synth_history: int = 24
     synth_queries: int = 4
     synth_seed: int = 0
+    synth_quirks: bool = False
     methods: tuple[str, ...] = DEFAULT_METHODS
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     seeds: int = 1
@@ -90,6 +91,8 @@ class EvalConfig:
             raise EvalConfigError("give exactly one of --data DIR and --synthetic TASK")
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
             raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.synthetic!r}")
+        if self.synth_quirks and self.synthetic != "tagging":
+            raise EvalConfigError("--synth-quirks needs --synthetic tagging")
         for name in self.methods:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:
@@ -226,7 +229,10 @@ def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     fields = ("data", "split", "synthetic", "synth_users", "synth_groups", "synth_history", "synth_queries", "synth_seed",
               "model_spec", "encoder", "targets", "sharers", "adapt_fraction", "adapt_epochs", "adapt_max_pairs",
               "max_history", "lora_r", "lora_alpha", "lr", "epochs")
-    text = json.dumps([dataset.task.lamp_id, users, {f: getattr(config, f) for f in fields}], sort_keys=True, default=str)
+    settings = {f: getattr(config, f) for f in fields}
+    if config.synth_quirks:  # only when set, so the caches of quirk-free runs keep their keys
+        settings["synth_quirks"] = True
+    text = json.dumps([dataset.task.lamp_id, users, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -236,7 +242,8 @@ def load_dataset(config: EvalConfig) -> LampDataset:
         return load_lamp(config.data, split=config.split)
     directory = Path(config.out) / "data" / str(config.synthetic)
     synth = generate(SyntheticConfig(task=str(config.synthetic), n_users=config.synth_users, n_groups=config.synth_groups,
-                                     history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed))
+                                     history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed,
+                                     quirks=config.synth_quirks))
     if not (directory / "questions.json").is_file():
         write_synthetic(synth, directory)
     return synth.dataset

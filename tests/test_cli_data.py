@@ -65,6 +65,14 @@ def test_synth_then_check(tmp_path, capsys, task, lamp_id):
     assert (out_dir / "questions.json").read_bytes() == first  # deterministic files
 
 
+def test_synth_quirks(tmp_path, capsys):
+    code, out, _ = _run(capsys, "data", "synth", "--task", "tagging", "--quirks", "--out", str(tmp_path / "q"), "--users", "4")
+    assert code == 0 and "group_rule" in out
+    assert len(json.loads((tmp_path / "q" / "benchmark.json").read_text())["user_quirks"]) == 4
+    code, _, err = _run(capsys, "data", "synth", "--task", "rating", "--quirks", "--out", str(tmp_path / "r"))
+    assert code == 2 and "tagging task only" in err and not (tmp_path / "r").exists()
+
+
 def test_synth_bad_options_exit_2_and_write_nothing(tmp_path, capsys):
     code, _, err = _run(capsys, "data", "synth", "--task", "tagging", "--out", str(tmp_path / "x"), "--groups", "7")
     assert code == 2 and "groups must be between 1 and 4" in err

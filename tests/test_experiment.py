@@ -83,6 +83,14 @@ def test_corrupt_cell_is_recomputed_and_changed_settings_make_new_cells(tmp_path
     assert retrained.computed == 2  # another training setting: other prepared inputs, other cells
 
 
+def test_quirks_are_part_of_the_prepared_inputs_key(tmp_path):
+    plain = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path / "a")})
+    quirky = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path / "b"), "synth_quirks": "true"})
+    plain_data, quirky_data = experiment.load_dataset(plain), experiment.load_dataset(quirky)
+    assert [q.gold for u in plain_data.users for q in u.queries] != [q.gold for u in quirky_data.users for q in u.queries]
+    assert experiment.prepare_key(plain, plain_data) != experiment.prepare_key(quirky, quirky_data)
+
+
 def test_grid_axes_expand_prime_and_uniform():
     config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
     assert len(experiment.method_params(config, "prime")) == 2 * 2 * 2  # alphas x ks x optimizers
@@ -103,6 +111,7 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"targets": 0}, "targets must be >= 1"),
         ({"seeds": 1.5}, "expected an integer"),
         ({"colour": "red"}, "unknown key 'colour'"),
+        ({"synthetic": "rating", "synth_quirks": True}, "--synth-quirks needs --synthetic tagging"),
     ],
 )
 def test_bad_settings_are_one_line_errors(over, match):

@@ -91,3 +91,39 @@ def test_write_synthetic_round_trips_with_benchmark(tmp_path):
 def test_config_validation(kwargs, message):
     with pytest.raises(PrimeError, match=message):
         SyntheticConfig(**kwargs)
+
+
+def test_quirks_change_only_the_items_they_fire_on():
+    plain = generate(SyntheticConfig(task="tagging", n_users=16, history=12, queries=6))
+    quirky = generate(SyntheticConfig(task="tagging", n_users=16, history=12, queries=6, quirks=True))
+    assert plain.groups == quirky.groups and not plain.quirks and len(quirky.quirks) == 16
+    fired = 0
+    for a, b in zip(plain.dataset.users, quirky.dataset.users):
+        quirk = quirky.quirks[b.user_id]
+        assert quirk.aspect in ("source", "theme") and quirk.aspect != ["genre", "tone", "source", "theme"][quirky.groups[b.user_id]]
+        for qa, qb in zip(a.queries, b.queries):
+            assert qa.input == qb.input  # same items: quirks draw from a generator of their own
+            features = quirky.latent[qb.id]
+            if quirk.applies(features):
+                fired += 1
+                assert qb.gold == quirk.tag != qa.gold  # never the group's answer
+            else:
+                assert qb.gold == qa.gold
+    assert 0.2 < fired / quirky.dataset.n_queries < 0.5  # one of three cue values
+
+
+def test_quirks_leave_a_gap_only_the_user_can_close(tmp_path):
+    synth = generate(SyntheticConfig(task="tagging", n_users=16, history=2, queries=12, quirks=True))
+    scores = baseline_scores(synth)
+    assert scores["oracle"]["metrics"]["accuracy"] == 1.0
+    assert 0.5 < scores["group_rule"]["metrics"]["accuracy"] < 0.9
+    assert scores["group_rule"]["fitness"] > scores["user_agnostic_best"]["fitness"]
+    report = write_synthetic(synth, tmp_path / "data")
+    assert report["user_quirks"]["u000"] == {"aspect": synth.quirks["u000"].aspect, "trigger": synth.quirks["u000"].trigger,
+                                             "tag": synth.quirks["u000"].tag}
+
+
+@pytest.mark.parametrize("task", ["rating", "headline"])
+def test_quirks_are_for_tagging_only(task):
+    with pytest.raises(PrimeError, match="tagging task only"):
+        SyntheticConfig(task=task, quirks=True)

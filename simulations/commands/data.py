@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     synth.add_argument("--groups", type=int, default=defaults.n_groups, help="latent preference groups (default %(default)s)")
     synth.add_argument("--history", type=int, default=defaults.history, help="profile items per user (default %(default)s)")
     synth.add_argument("--queries", type=int, default=defaults.queries, help="held-out queries per user (default %(default)s)")
+    synth.add_argument("--quirks", action="store_true",
+                       help="tagging only: every user also tags one source/theme cue with a personal tag (see docs/data.md)")
     synth.set_defaults(func=_synth)
 
     check = sub.add_parser(
@@ -56,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 def _synth(args: argparse.Namespace) -> int:
     config = SyntheticConfig(
-        task=args.task, n_users=args.users, n_groups=args.groups, history=args.history, queries=args.queries, seed=args.seed
+        task=args.task, n_users=args.users, n_groups=args.groups, history=args.history, queries=args.queries, seed=args.seed,
+        quirks=args.quirks,
     )
     report = write_synthetic(generate(config), args.out)
     print(f"wrote {args.task} ({report['task']}): {config.n_users} users, {config.n_groups} groups -> {args.out}")

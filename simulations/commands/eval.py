@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--synth-history", type=int, help="synthetic: history items per user (default 24)")
     add("--synth-queries", type=int, help="synthetic: held-out queries per user (default 4)")
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
+    add("--synth-quirks", action="store_const", const=True,
+        help="synthetic tagging: give every user a personal exception to the group rule, so no sharer is a clone")
     add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
     add("--alphas", help=f"{_LIST} PriME privacy weights (default 0,0.5,1,2)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
