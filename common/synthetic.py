@@ -24,13 +24,13 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from common.errors import PrimeError
 from common.lamp import LampDataset, LampUser, Query, write_lamp
-from common.metrics import fitness, task_metrics
+from common.metrics import fitness, parse_label, task_metrics
 from common.tasks import TaskSpec, get_task
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("tagging", "rating", "headline")
@@ -176,6 +176,26 @@ class Synthetic:
     def gold(self, user_id: str, features: dict[str, Any]) -> str:
         """The user's own answer for an item (group rule, or quirk where it fires)."""
         return _user_gold(self.config.task, self.groups[user_id], self.quirks.get(user_id), features)
+
+    def quirk_copies(self, target: str, sharer_ids: Sequence[str], predictions: Sequence[str]) -> tuple[int, int]:
+        """(copies, chances): a *chance* is a target query on which a chosen
+        sharer's quirk fires and its tag is not the target's gold; a *copy* is
+        a chance where the prediction is that tag. Copies are the sharer's
+        private habit showing through the target's model, so the rate is a
+        direct leakage measure that needs the latent truth only this
+        benchmark has."""
+        queries = self.dataset.by_id[target].queries
+        if len(predictions) != len(queries):
+            raise PrimeError(f"{target}: {len(predictions)} predictions for {len(queries)} queries")
+        copies = chances = 0
+        for query, prediction in zip(queries, predictions):
+            features, said = self.latent[query.id], parse_label(self.dataset.task, prediction)
+            for sharer in sharer_ids:
+                quirk = self.quirks.get(sharer)
+                if quirk is not None and quirk.applies(features) and quirk.tag != query.gold:
+                    chances += 1
+                    copies += said == quirk.tag
+        return copies, chances
 
 
 def _user_gold(task: str, group: int, quirk: Quirk | None, features: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from common.errors import PrimeError
 from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.models import load_base
 from common.plan import UserPlan, make_plan
-from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate, write_synthetic
+from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
 from common.task_model import load_task_model
 from simulations.methods import Context, MethodResult, get_method
 
@@ -236,17 +236,33 @@ def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def synthetic_truth(config: EvalConfig) -> Synthetic:
+    """The synthetic benchmark of a `--synthetic` run, with its latent truth (regenerated: deterministic)."""
+    return generate(SyntheticConfig(task=str(config.synthetic), n_users=config.synth_users, n_groups=config.synth_groups,
+                                    history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed,
+                                    quirks=config.synth_quirks))
+
+
 def load_dataset(config: EvalConfig) -> LampDataset:
     """The user's LaMP folder, or the synthetic benchmark generated (once) into OUT/data/TASK."""
     if config.data is not None:
         return load_lamp(config.data, split=config.split)
     directory = Path(config.out) / "data" / str(config.synthetic)
-    synth = generate(SyntheticConfig(task=str(config.synthetic), n_users=config.synth_users, n_groups=config.synth_groups,
-                                     history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed,
-                                     quirks=config.synth_quirks))
+    synth = synthetic_truth(config)
     if not (directory / "questions.json").is_file():
         write_synthetic(synth, directory)
     return synth.dataset
+
+
+def add_quirk_copies(config: EvalConfig, records: list[dict[str, Any]]) -> None:
+    """With `synth_quirks`, give every record `quirk_copies` and `quirk_chances`
+    (see `Synthetic.quirk_copies`); the table turns them into a leakage row."""
+    if not config.synth_quirks:
+        return
+    synth = synthetic_truth(config)
+    for record in records:
+        copies, chances = synth.quirk_copies(record["target"], record.get("sharer_ids") or [], record["predictions"])
+        record["quirk_copies"], record["quirk_chances"] = copies, chances
 
 
 def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> list[Cell]:
@@ -430,6 +446,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
         bar.close()
         # Also when interrupted: `prime-fl eval table/plot OUT` then work on the finished cells.
         done = [r for r in records if r is not None]
+        add_quirk_copies(config, done)
         _atomic_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
                                           "cells": done})
     report = GridReport(records=done, computed=computed, reused=reused, out=out)

@@ -5,7 +5,9 @@ all its targets (as LaMP scores a test set); a table entry is the mean over
 seeds, ± the sample standard deviation (ddof=1) when there are two or more
 seeds, the mean alone otherwise. A last row per task gives the mean
 prediction similarity with the chosen sharers (lower = less of any one
-sharer's behaviour handed over).
+sharer's behaviour handed over); runs on the synthetic benchmark with
+quirks add the share of chances on which a chosen sharer's quirk was
+copied (pooled over the seed's targets).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from common.metrics import higher_is_better, task_metrics
 from common.tasks import get_task
 
 SIMILARITY = "similarity with sharers"
+QUIRKS = "copied sharer quirks"
 
 
 @dataclass(frozen=True)
@@ -58,19 +61,25 @@ class Table:
 
 
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
-    """{(task, label, seed): pooled metrics of all targets, plus mean similarity when known}."""
-    pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(lambda: {"preds": [], "golds": [], "sims": []})
+    """{(task, label, seed): pooled metrics of all targets, plus mean similarity and quirk copy rate when known}."""
+    pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(
+        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": []})
     for r in records:
         slot = pooled[(r["task"], r["label"], int(r["seed"]))]
         slot["preds"] += r["predictions"]
         slot["golds"] += r["golds"]
         if r.get("similarity") is not None:
             slot["sims"].append(float(r["similarity"]))
+        if r.get("quirk_chances") is not None:
+            slot["copies"].append(int(r["quirk_copies"]))
+            slot["chances"].append(int(r["quirk_chances"]))
     scores = {}
     for (task, label, seed), slot in pooled.items():
         values = task_metrics(get_task(task), slot["preds"], slot["golds"])
         if slot["sims"]:
             values[SIMILARITY] = float(np.mean(slot["sims"]))
+        if sum(slot["chances"]):
+            values[QUIRKS] = sum(slot["copies"]) / sum(slot["chances"])
         scores[(task, label, seed)] = values
     return scores
 
@@ -83,9 +92,9 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> Table:
     scores = seed_scores(records)
     rows = []
     for task in tasks:
-        names = list(get_task(task).metrics) + [SIMILARITY]
+        names = list(get_task(task).metrics) + [SIMILARITY, QUIRKS]
         for name in names:
-            row = Row(task=task, metric=name, higher_is_better=name != SIMILARITY and higher_is_better(name))
+            row = Row(task=task, metric=name, higher_is_better=name not in (SIMILARITY, QUIRKS) and higher_is_better(name))
             for label in columns:
                 per_seed = [v[name] for (t, lab, _), v in sorted(scores.items()) if t == task and lab == label and name in v]
                 if per_seed:

@@ -91,6 +91,14 @@ def test_quirks_are_part_of_the_prepared_inputs_key(tmp_path):
     assert experiment.prepare_key(plain, plain_data) != experiment.prepare_key(quirky, quirky_data)
 
 
+def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
+    run_grid(_config(tmp_path, methods="top1", synth_quirks=True), progress=False, outputs=True)
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert cells and all(0 <= c["quirk_copies"] <= c["quirk_chances"] for c in cells)
+    assert sum(c["quirk_chances"] for c in cells) > 0  # this data has chances: the row must be there
+    assert "copied sharer quirks" in (tmp_path / "table.md").read_text()
+
+
 def test_grid_axes_expand_prime_and_uniform():
     config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
     assert len(experiment.method_params(config, "prime")) == 2 * 2 * 2  # alphas x ks x optimizers

@@ -127,3 +127,18 @@ def test_quirks_leave_a_gap_only_the_user_can_close(tmp_path):
 def test_quirks_are_for_tagging_only(task):
     with pytest.raises(PrimeError, match="tagging task only"):
         SyntheticConfig(task=task, quirks=True)
+
+
+def test_quirk_copies_count_a_sharers_quirk_in_the_targets_answers():
+    synth = generate(SyntheticConfig(task="tagging", n_users=8, history=2, queries=12, quirks=True))
+    target, sharer = "u000", "u001"
+    quirk = synth.quirks[sharer]
+    queries = synth.dataset.by_id[target].queries
+    expected = sum(quirk.applies(synth.latent[q.id]) and quirk.tag != q.gold for q in queries)
+    assert expected > 0
+    copying = [quirk.tag] * len(queries)
+    assert synth.quirk_copies(target, [sharer], copying) == (expected, expected)
+    assert synth.quirk_copies(target, [sharer], [q.gold for q in queries]) == (0, expected)
+    assert synth.quirk_copies(target, [], copying) == (0, 0)
+    with pytest.raises(PrimeError, match="2 predictions for 12 queries"):
+        synth.quirk_copies(target, [sharer], copying[:2])

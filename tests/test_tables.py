@@ -75,3 +75,16 @@ def test_several_tasks_give_row_blocks_and_missing_entries_dash():
 def test_unparseable_rating_counts_as_the_farthest_value():
     table = build_table([cell("A", 0, "t1", ["no idea"], ["2"])])
     assert table.rows[0].values["A"].mean == 3.0  # farthest rating from 2 is 5
+
+
+def test_quirk_copies_are_pooled_over_targets_per_seed():
+    quirky = [
+        {**cell("top-1", 0, "t1", ["comedy"], ["comedy"], task="LaMP_2"), "quirk_copies": 1, "quirk_chances": 1},
+        {**cell("top-1", 0, "t2", ["comedy"], ["comedy"], task="LaMP_2"), "quirk_copies": 0, "quirk_chances": 3},
+        {**cell("NP", 0, "t1", ["comedy"], ["comedy"], task="LaMP_2"), "quirk_copies": 0, "quirk_chances": 0},
+    ]
+    rows = {r.metric: r for r in build_table(quirky).rows}
+    row = rows["copied sharer quirks"]
+    assert not row.higher_is_better and row.values["top-1"].mean == 0.25  # 1 of 4 pooled chances, not mean(1, 0)
+    assert "NP" not in row.values  # no chance, no rate
+    assert "copied sharer quirks" not in {r.metric for r in build_table(CELLS).rows}
