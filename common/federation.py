@@ -69,6 +69,7 @@ class FederationConfig:
     synth_users: int = 24
     synth_history: int = 12
     synth_queries: int = 4
+    synth_quirks: bool = False
     phase_timeout: float = 3600.0
     registry_key_file: str = ""
     reuse_registry: bool = False
@@ -96,6 +97,8 @@ class FederationConfig:
             raise ConfigError("run config dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
         if self.weight_level not in ("lora", "layer"):
             raise ConfigError(f"run config weight-level must be 'lora' or 'layer', got {self.weight_level!r}")
+        if self.synth_quirks and (self.data_dir or self.task != "tagging"):
+            raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
         if self.phase_timeout <= 0:
             raise ConfigError("run config phase-timeout must be > 0 seconds")
 

@@ -136,7 +136,7 @@ class Coordinator:
         else:
             self.data_dir = (self.out_dir / "data" / c.task).resolve()
             synth = generate(SyntheticConfig(task=c.task, n_users=c.synth_users, history=c.synth_history,
-                                             queries=c.synth_queries, seed=c.seed))
+                                             queries=c.synth_queries, seed=c.seed, quirks=c.synth_quirks))
             write_synthetic(synth, self.data_dir)
         return load_lamp(self.data_dir)
 

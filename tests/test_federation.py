@@ -72,6 +72,9 @@ def test_run_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match="min-sharers"):
         FederationConfig.from_run_config({"k": 1})
     assert FederationConfig.from_run_config({"alpha": 1, "budget": 3.0}).alpha == 1.0
+    with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
+        FederationConfig.from_run_config({"synth-quirks": True, "task": "rating"})
+    assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth_quirks is True
 
 
 def test_pyproject_run_config_matches_the_config_defaults():
