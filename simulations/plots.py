@@ -2,7 +2,8 @@
 
 - `tradeoff`: utility vs mean prediction similarity with the chosen sharers,
   one point per PriME alpha (paper Fig. 2), with NP, top-1 and uniform as
-  reference points;
+  reference points; `tradeoff_quirks` the same against the share of copied
+  sharer quirks, for runs on the synthetic benchmark with quirks;
 - `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`: the
   utility of PriME (and uniform / LoraHub where they have the axis) along one
   ablation axis, the other parameters fixed;
@@ -30,11 +31,16 @@ import numpy as np  # noqa: E402
 
 from common.metrics import higher_is_better  # noqa: E402
 from common.tasks import get_task  # noqa: E402
-from simulations.tables import SIMILARITY, Stat, seed_scores  # noqa: E402
+from simulations.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E402
 
 AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
 _REFERENCE = ("np", "top1", "uniform")
+# privacy measure of a trade-off figure -> (score key in seed_scores, x-axis label)
+PRIVACY_AXES = {
+    "similarity": (SIMILARITY, "mean prediction similarity with chosen sharers"),
+    "quirks": (QUIRKS, "share of chances a chosen sharer's quirk was copied"),
+}
 
 
 def _std(values: list[float]) -> float:
@@ -43,7 +49,7 @@ def _std(values: list[float]) -> float:
 
 
 def _points(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (task, method, params): utility, fitness and similarity, mean and std over seeds."""
+    """One point per (task, method, params): utility and each privacy measure, mean and std over seeds."""
     scores = seed_scores(records)
     by_label: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
@@ -53,12 +59,12 @@ def _points(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         metric = get_task(task).metrics[0]
         seeds = [v for (t, lab, _), v in sorted(scores.items()) if t == task and lab == label]
         utility = [v[metric] for v in seeds]
-        sims = [v[SIMILARITY] for v in seeds if SIMILARITY in v]
-        points.append({
-            **point, "metric": metric, "n_seeds": len(seeds),
-            "utility": float(np.mean(utility)), "utility_std": _std(utility),
-            "similarity": float(np.mean(sims)) if sims else None, "similarity_std": _std(sims) if sims else None,
-        })
+        point |= {"metric": metric, "n_seeds": len(seeds), "utility": float(np.mean(utility)), "utility_std": _std(utility)}
+        for name, (key, _) in PRIVACY_AXES.items():
+            values = [v[key] for v in seeds if key in v]
+            point[name] = float(np.mean(values)) if values else None
+            point[f"{name}_std"] = _std(values) if values else None
+        points.append(point)
     return points
 
 
@@ -82,26 +88,28 @@ def _ylabel(metric: str) -> str:
     return f"{metric} {'↑' if higher_is_better(metric) else '↓'} (held-out queries)"
 
 
-def tradeoff(points: list[dict[str, Any]], task: str) -> tuple[plt.Figure, list[dict]] | None:
-    """Utility vs similarity over alpha (PriME at its base ablation settings), with reference points."""
-    prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p["similarity"] is not None]
+def tradeoff(points: list[dict[str, Any]], task: str, privacy: str = "similarity") -> tuple[plt.Figure, list[dict]] | None:
+    """Utility vs a privacy measure (`PRIVACY_AXES`) over alpha (PriME at its
+    base ablation settings), with reference points."""
+    x = privacy
+    prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p[x] is not None]
     base = _base_settings(prime)
     prime = sorted((p for p in prime if all(p["params"].get(a) == v for a, v in base.items())), key=lambda p: p["params"]["alpha"])
-    refs = [p for p in points if p["task"] == task and p["method"] in _REFERENCE and p["similarity"] is not None
+    refs = [p for p in points if p["task"] == task and p["method"] in _REFERENCE and p[x] is not None
             and (p["method"] != "uniform" or p["params"]["k"] == base.get("k", p["params"]["k"]))]
     if not prime:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar([p["similarity"] for p in prime], [p["utility"] for p in prime],
-                xerr=[p["similarity_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
+    ax.errorbar([p[x] for p in prime], [p["utility"] for p in prime],
+                xerr=[p[f"{x}_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
     spots: dict[tuple[float, float], list[str]] = {}  # alphas that landed on the same point share one label
     for p in prime:
-        spots.setdefault((p["similarity"], p["utility"]), []).append(f"{p['params']['alpha']:g}")
+        spots.setdefault((p[x], p["utility"]), []).append(f"{p['params']['alpha']:g}")
     for xy, alphas in spots.items():
         ax.annotate(f"α={','.join(alphas)}", xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     for p, marker in zip(refs, "s^Dv"):
-        ax.scatter([p["similarity"]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
-    ax.set_xlabel("mean prediction similarity with chosen sharers")
+        ax.scatter([p[x]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
+    ax.set_xlabel(PRIVACY_AXES[x][1])
     ax.set_ylabel(_ylabel(prime[0]["metric"]))
     ax.set_title(f"privacy-utility trade-off, {task}")
     ax.legend(fontsize=8)
@@ -111,7 +119,8 @@ def tradeoff(points: list[dict[str, Any]], task: str) -> tuple[plt.Figure, list[
 
 def _row(p: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("task", "label", "method", "metric", "utility", "utility_std", "similarity", "similarity_std", "n_seeds")
-    return {**{k: p[k] for k in keep}, **{f"param_{k}": v for k, v in sorted(p["params"].items())}}
+    quirks = {k: p[k] for k in ("quirks", "quirks_std") if p.get("quirks") is not None}
+    return {**{k: p[k] for k in keep}, **quirks, **{f"param_{k}": v for k, v in sorted(p["params"].items())}}
 
 
 def _base_settings(prime: list[dict[str, Any]]) -> dict[str, Any]:
@@ -184,6 +193,8 @@ def write_plots(records: Iterable[Mapping[str, Any]], folder: str | Path) -> dic
     index: dict[str, Any] = {"written": [], "skipped": {}}
     for task in dict.fromkeys(r["task"] for r in records):
         figures = {"tradeoff": tradeoff(points, task), "convergence": convergence(records, task)}
+        if any(p["task"] == task and p["quirks"] is not None for p in points):  # only the quirk benchmark has this measure
+            figures["tradeoff_quirks"] = tradeoff(points, task, privacy="quirks")
         figures |= {name: axis_plot(points, task, axis) for axis, name in AXES.items()}
         for name, made in figures.items():
             stem = f"{name}_{task}"

@@ -93,3 +93,15 @@ def test_tradeoff_labels_alphas_that_land_on_one_point_once():
     cells = [prime(0.0, 3, RIGHT, 0.8, [1.0]), prime(0.5, 3, RIGHT, 0.8, [1.0]), prime(2.0, 3, HALF, 0.3, [0.4])]
     fig, _ = tradeoff(_points(cells), "LaMP_2")
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["α=0,0.5", "α=2"]
+
+
+def test_quirk_runs_get_a_second_tradeoff_against_copied_quirks(tmp_path):
+    copies = {"top-1": (2, 2), "PriME α=0": (1, 4), "PriME α=2": (0, 4)}
+    cells = [{**c, "quirk_copies": copies[c["label"]][0], "quirk_chances": copies[c["label"]][1]}
+             for c in CELLS if c["label"] in copies]
+    index = write_plots(cells, tmp_path)
+    assert "tradeoff_quirks_LaMP_2" in index["written"]
+    rows = json.loads((tmp_path / "tradeoff_quirks_LaMP_2.json").read_text())
+    assert [(r["label"], r["quirks"]) for r in rows] == [("PriME α=0", 0.25), ("PriME α=2", 0.0), ("top-1", 1.0)]
+    figure = json.loads((tmp_path / "tradeoff_LaMP_2.json").read_text())
+    assert [r["similarity"] for r in figure] == [0.8, 0.3, 1.0]  # the similarity figure is unchanged
