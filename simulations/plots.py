@@ -91,25 +91,24 @@ def _ylabel(metric: str) -> str:
 def tradeoff(points: list[dict[str, Any]], task: str, privacy: str = "similarity") -> tuple[plt.Figure, list[dict]] | None:
     """Utility vs a privacy measure (`PRIVACY_AXES`) over alpha (PriME at its
     base ablation settings), with reference points."""
-    x = privacy
-    prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p[x] is not None]
+    prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p[privacy] is not None]
     base = _base_settings(prime)
     prime = sorted((p for p in prime if all(p["params"].get(a) == v for a, v in base.items())), key=lambda p: p["params"]["alpha"])
-    refs = [p for p in points if p["task"] == task and p["method"] in _REFERENCE and p[x] is not None
+    refs = [p for p in points if p["task"] == task and p["method"] in _REFERENCE and p[privacy] is not None
             and (p["method"] != "uniform" or p["params"]["k"] == base.get("k", p["params"]["k"]))]
     if not prime:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar([p[x] for p in prime], [p["utility"] for p in prime],
-                xerr=[p[f"{x}_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
+    ax.errorbar([p[privacy] for p in prime], [p["utility"] for p in prime],
+                xerr=[p[f"{privacy}_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
     spots: dict[tuple[float, float], list[str]] = {}  # alphas that landed on the same point share one label
     for p in prime:
-        spots.setdefault((p[x], p["utility"]), []).append(f"{p['params']['alpha']:g}")
+        spots.setdefault((p[privacy], p["utility"]), []).append(f"{p['params']['alpha']:g}")
     for xy, alphas in spots.items():
         ax.annotate(f"α={','.join(alphas)}", xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     for p, marker in zip(refs, "s^Dv"):
-        ax.scatter([p[x]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
-    ax.set_xlabel(PRIVACY_AXES[x][1])
+        ax.scatter([p[privacy]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
+    ax.set_xlabel(PRIVACY_AXES[privacy][1])
     ax.set_ylabel(_ylabel(prime[0]["metric"]))
     ax.set_title(f"privacy-utility trade-off, {task}")
     ax.legend(fontsize=8)
