@@ -23,12 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import injectable
 from client.privacy import clip_and_noise
 from client.training import TrainConfig, train_lora
 from common.adapters import applied
 from common.crypto import NodeIdentity, new_upload_id, seal
 from common.encoder import Encoder, load_encoder, user_embedding
 from common.federation import PHASE_PROFILE, PHASE_SHARE
+from common.key_endorsement import parse_pinned_identity, trusted_identity, verify_endorsement
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs, query_prompts
 from common.metrics import task_metrics
@@ -78,12 +80,34 @@ def _train_config(config: ConfigRecord, epochs_key: str = "epochs") -> TrainConf
     )
 
 
+def _coordinator_key(context: Context, config: ConfigRecord) -> tuple[bytes, str]:
+    """The run's sealing key once its endorsement verifies under the coordinator identity this node trusts.
+
+    Trust comes from node config `coordinator-identity` (pinned) or else from
+    the first identity this node saw (remembered in its state): see
+    `common.key_endorsement`. A relay that swapped the key is refused here.
+    """
+    pinned = context.node_config.get("coordinator-identity")
+    state = context.state.config_records.get("coordinator")
+    identity, mode = trusted_identity(
+        config.get("coordinator-identity"),
+        parse_pinned_identity(str(pinned)) if pinned else None,
+        bytes(state["identity"]) if state is not None else None,
+    )
+    verify_endorsement(identity, config.get("run-id"), config.get("coordinator-public"),
+                       config.get("coordinator-endorsement"))
+    if state is None and not pinned:
+        context.state.config_records["coordinator"] = ConfigRecord({"identity": identity})
+    return bytes(config["coordinator-public"]), mode
+
+
 def _seal(payload: bytes, context: Context, config: ConfigRecord, phase: str) -> bytes:
-    """Encrypt to the coordinator key named in the message, bound to this run, node and phase; sign."""
+    """Encrypt to the endorsed coordinator key of this run, bound to this run, node and phase; sign."""
+    coordinator_public, _ = _coordinator_key(context, config)
     return seal(
         payload,
         sender=_identity(context),
-        coordinator_public=bytes(config["coordinator-public"]),
+        coordinator_public=coordinator_public,
         run_id=str(config["run-id"]),
         node_id=str(context.node_id),
         phase=phase,
@@ -108,22 +132,26 @@ def _history(dataset: LampDataset, user: LampUser, limit: int) -> list[tuple[str
 
 
 @app.query("register")
+@injectable("register")
 def register(msg: Message, context: Context) -> Message:
-    """Introduce this node: its user, history size and public signing key."""
+    """Introduce this node: its user, history size, public signing key, and how it trusts the coordinator."""
     config = msg.content.config_records["config"]
     dataset, user = _user(context, config)
+    _, trust = _coordinator_key(context, config)
     reply = ConfigRecord(
         {
             "user-id": user.user_id,
             "identity": _identity(context).public_bytes,
             "n-history": len(user.profile),
             "n-queries": len(user.queries),
+            "coordinator-trust": trust,
         }
     )
     return Message(reply_to=msg, content=RecordDict({"node": reply}))
 
 
 @app.train("adapt")
+@injectable("adapt")
 def adapt(msg: Message, context: Context) -> Message:
     """One local round of task-LoRA training, starting from the coordinator's current task LoRA."""
     config = msg.content.config_records["config"]
@@ -138,6 +166,7 @@ def adapt(msg: Message, context: Context) -> Message:
 
 
 @app.train("share")
+@injectable("share")
 def share(msg: Message, context: Context) -> Message:
     """Train this user's LoRA, embed the history, seal both to the coordinator."""
     config = msg.content.config_records["config"]
@@ -162,6 +191,7 @@ def share(msg: Message, context: Context) -> Message:
 
 
 @app.query("profile")
+@injectable("profile")
 def profile(msg: Message, context: Context) -> Message:
     """As a target: seal this user's embedding and (most recent) history to the coordinator."""
     config = msg.content.config_records["config"]
@@ -175,6 +205,7 @@ def profile(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate("personalized")
+@injectable("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the unmerged task model (NP) and the merged adapter on this user's held-out queries."""
     config = msg.content.config_records["config"]

@@ -10,6 +10,7 @@ it may not have been given (simulation hands ClientApps an empty one).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -21,6 +22,10 @@ ADAPT = "train.adapt"
 SHARE = "train.share"
 PROFILE = "query.profile"
 EVALUATE = "evaluate.personalized"
+
+# What fault injection (client.faults) can do, and where.
+FAULT_KINDS = ("error", "silent", "malformed")
+FAULT_PHASES = ("register", "adapt", "share", "profile", "evaluate")
 
 # Phase names bound into sealed uploads (a share upload cannot be replayed as a profile).
 PHASE_SHARE = "share"
@@ -72,11 +77,20 @@ class FederationConfig:
     synth_quirks: bool = False
     phase_timeout: float = 3600.0
     registry_key_file: str = ""
+    coordinator_key_file: str = ""
     reuse_registry: bool = False
     out_dir: str = "runs/flwr"
     seed: int = 0
+    fault_fraction: float = 0.0
+    fault_kinds: str = "error,silent,malformed"
+    fault_phases: str = "register,adapt,share,profile,evaluate"
+    fault_seed: int = 0
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"run config {_key(f.name)} must be a finite number, got {value}")
         positive = ("k", "budget", "popsize", "max_history", "num_targets", "lora_r", "lora_alpha", "epochs")
         for name in positive:
             if getattr(self, name) < 1:
@@ -101,6 +115,13 @@ class FederationConfig:
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
         if self.phase_timeout <= 0:
             raise ConfigError("run config phase-timeout must be > 0 seconds")
+        if not 0.0 <= self.fault_fraction <= 1.0:
+            raise ConfigError(f"run config fault-fraction must be in [0, 1], got {self.fault_fraction}")
+        for key, value, allowed in (("fault-kinds", self.fault_kinds, FAULT_KINDS),
+                                    ("fault-phases", self.fault_phases, FAULT_PHASES)):
+            unknown = sorted(set(value.split(",")) - set(allowed))
+            if unknown:
+                raise ConfigError(f"run config {key} names {unknown[0]!r}; choose from {','.join(allowed)}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

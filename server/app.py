@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.federation import FederationConfig
+from common.errors import PrimeError
+from common.federation import ConfigError, FederationConfig
 from server.coordinator import Coordinator
 from server.registry import load_registry_key
+from server.replies import one_line
+from server.report import RunReport
 
 app = ServerApp()
 
@@ -24,8 +29,21 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_progress()
-    config = FederationConfig.from_run_config(context.run_config)
+    try:
+        config = FederationConfig.from_run_config(context.run_config)
+    except ConfigError as err:
+        write_failed_report(context.run_config, err)
+        raise
     run_federation(grid, config)
+
+
+def write_failed_report(run_config: Mapping[str, Any], err: Exception) -> Path:
+    """A report for a run whose config is unusable, in the out-dir it names (or the default one)."""
+    out_dir = run_config.get("out-dir")
+    out_dir = Path(out_dir if isinstance(out_dir, str) and out_dir else FederationConfig().out_dir)
+    report = RunReport(run_id="", config=dict(run_config))
+    report.fail(f"run config rejected: {one_line(err)}")
+    return report.write(out_dir)
 
 
 def _log_progress() -> None:
@@ -43,7 +61,15 @@ def run_federation(grid: Grid, config: FederationConfig) -> Path:
     """Run every phase on `grid`; returns the path of the written report."""
     env_key = os.environ.get("PRIME_FL_REGISTRY_KEY")
     key_file = None if env_key else (config.registry_key_file or str(Path(config.out_dir) / "registry.key"))
-    key = load_registry_key(key_file, env_key, create=True)
+    try:
+        key = load_registry_key(key_file, env_key, create=True)
+    except PrimeError as err:
+        write_failed_report(config.to_run_config(), err)
+        raise
     report = Coordinator(grid=grid, config=config, registry_key=key).run()
-    logging.getLogger(__name__).info("summary: %s", report.summary())
+    log = logging.getLogger(__name__)
+    if report.status == "complete":
+        log.info("summary: %s", report.summary())
+    else:
+        log.error("run %s: %s", report.status, "; ".join(report.reasons))
     return Path(config.out_dir) / "report.json"

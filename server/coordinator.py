@@ -1,10 +1,18 @@
 """The coordinator's phases over a Flower `Grid`: register -> adapt -> share -> personalize.
 
 Each phase sends one message type to the nodes the user plan gives it and
-waits at most `phase-timeout` seconds; a node that errs, times out or sends
-an upload that fails verification is recorded in the report and skipped, and
-the run goes on. Sharers' adapters reach this process only sealed to the
-coordinator key and leave it only inside one merged adapter per target.
+waits at most `phase-timeout` seconds. Every reply is hostile input: it is
+read through `server.replies` (types, ranges, sizes, finiteness) and, for
+sealed uploads, `common.crypto` and `common.wire`; a node that errs, times
+out or sends anything that fails a check is recorded in the report with a
+one-line reason and skipped, and the run goes on. Whatever happens, the run
+ends with report.json saying how far it got (`status`) and why.
+
+Sharers' adapters reach this process only sealed to a per-run key that the
+coordinator's long-term identity endorses (`common.key_endorsement`), and
+leave it only inside one merged adapter per target. A restart with
+`reuse-registry` resumes: it reloads the saved task adapter and asks only
+the planned sharers whose upload the registry lacks.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -24,18 +32,23 @@ from flwr.serverapp import Grid
 
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
-from common.crypto import CoordinatorKeys, UploadRejected, open_sealed
+from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
+from common.key_endorsement import endorse, load_or_create_identity
 from common.encoder import HashingEncoder, embed_users, load_encoder
 from common.federation import ADAPT, EVALUATE, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig
 from common.lamp import LampDataset, load_lamp
 from common.plan import UserPlan, make_plan
-from common.records import adapter_from_records, adapter_to_records
+from common.records import adapter_to_records
 from common.synthetic import SyntheticConfig, generate, write_synthetic
 from common.task_model import load_task_model
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
 from server.personalize import SearchConfig, personalize, target_seed
 from server.registry import Registry
+from server.replies import (
+    LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_history, read_metrics,
+    read_registration, read_sealed,
+)
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -50,6 +63,7 @@ class Node:
     identity: bytes
     n_history: int
     n_queries: int
+    coordinator_trust: str = ""
 
 
 @dataclass
@@ -61,14 +75,26 @@ class Coordinator:
     registry_key: bytes
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     keys: CoordinatorKeys = field(default_factory=CoordinatorKeys.generate)
+    identity: NodeIdentity | None = None
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.report = RunReport(run_id=self.run_id, config=self.config.to_run_config())
-        self.registry = Registry(self.out_dir / "registry", self.registry_key)
         self.task_adapter: LoraAdapter | None = None
+        self.lora_shape: LoraShape | None = None
         self.nodes: dict[int, Node] = {}
+
+    def _prepare(self) -> None:
+        """Everything that can fail on settings or files, before any node is asked for anything."""
+        c = self.config
+        self.search = SearchConfig(alpha=c.alpha, k=c.k, budget=c.budget, popsize=c.popsize, optimizer=c.optimizer,
+                                   weight_level=c.weight_level, history_fraction=c.history_fraction,
+                                   min_sharers=c.min_sharers, seed=c.seed)
+        if self.identity is None:
+            self.identity = load_or_create_identity(c.coordinator_key_file or self.out_dir / "coordinator.key")
+        self.endorsement = endorse(self.identity, self.run_id, self.keys.public_bytes)
+        self.registry = Registry(self.out_dir / "registry", self.registry_key)
 
     # -- plumbing ---------------------------------------------------------
     def _config(self, **extra: Any) -> ConfigRecord:
@@ -89,6 +115,13 @@ class Coordinator:
             "max-history": c.max_history,
             "seed": c.seed,
             "coordinator-public": self.keys.public_bytes,
+            "coordinator-identity": self.identity.public_bytes,
+            "coordinator-endorsement": self.endorsement,
+            "fault-fraction": c.fault_fraction,
+            "fault-kinds": c.fault_kinds,
+            "fault-phases": c.fault_phases,
+            "fault-seed": c.fault_seed,
+            "fault-silence-s": c.phase_timeout + 1.0,
         }
         return ConfigRecord(values | extra)
 
@@ -103,9 +136,12 @@ class Coordinator:
         replies = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.config.phase_timeout):
             node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("%s: node %s failed: %s", phase, node_id, reply.error.reason)
-                self.report.skip(phase, node_id, f"node error: {reply.error.reason}")
+            if node_id not in contents or node_id in replies:
+                log.warning("%s: ignoring an unasked or repeated reply from node %s", phase, node_id)
+            elif reply.has_error():
+                reason = one_line(reply.error.reason)
+                log.warning("%s: node %s failed: %s", phase, node_id, reason)
+                self.report.skip(phase, node_id, f"node error: {reason}")
             else:
                 replies[node_id] = reply
         for node_id in set(contents) - set(replies) - self.report.skipped_in(phase):
@@ -114,11 +150,29 @@ class Coordinator:
         self.report.time(phase, time.perf_counter() - started)
         return replies
 
+    def _each(self, phase: str, replies: dict[int, Message], handle: Callable[[int, Message], None]) -> None:
+        """`handle` every reply; whatever one node's reply makes it raise, skip that node with a reason.
+
+        Checks raise `PrimeError`s with a reason written for the report
+        (`NodeReplyError`, `UploadRejected`, ...). Anything else is a reply
+        our checks missed: it is still that node's fault and must not stop
+        the run, so it is recorded with its type and logged with the trace.
+        """
+        for node_id, reply in sorted(replies.items()):
+            try:
+                handle(node_id, reply)
+            except PrimeError as err:
+                log.warning("%s: node %s skipped: %s", phase, node_id, one_line(err))
+                self.report.skip(phase, node_id, one_line(err))
+            except Exception as err:
+                log.exception("%s: node %s: unexpected failure on its reply", phase, node_id)
+                self.report.skip(phase, node_id, f"reply not usable ({type(err).__name__}: {one_line(err)})")
+
     def _open(self, reply: Message, phase: str) -> tuple[bytes, str]:
         """Verify and decrypt a sealed upload; `UploadRejected` names what failed."""
         node = self.nodes[reply.metadata.src_node_id]
         opened = open_sealed(
-            bytes(reply.content.config_records["upload"]["sealed"]),
+            read_sealed(reply.content),
             coordinator=self.keys,
             expected_run_id=self.run_id,
             expected_phase=phase,
@@ -149,10 +203,20 @@ class Coordinator:
             retry = self._exchange("register-retry", REGISTER, {n: RecordDict({"config": self._config()}) for n in missing})
             replies |= retry
             self.report.skipped = [s for s in self.report.skipped if not (s["phase"] == "register" and s["node_id"] in retry)]
-        for node_id, reply in sorted(replies.items()):
-            info = reply.content.config_records["node"]
-            self.nodes[node_id] = Node(node_id, str(info["user-id"]), bytes(info["identity"]),
-                                       int(info["n-history"]), int(info["n-queries"]))
+
+        def accept(node_id: int, reply: Message) -> None:
+            info = read_registration(reply.content)
+            holder = next((n.node_id for n in self.nodes.values() if n.user_id == info.user_id), None)
+            if holder is not None:
+                raise NodeReplyError(f"user id {info.user_id!r} is already registered by node {holder}")
+            trust = reply.content.config_records["node"].get("coordinator-trust", "")
+            self.nodes[node_id] = Node(node_id, info.user_id, info.identity, info.n_history, info.n_queries,
+                                       trust if isinstance(trust, str) else "")
+
+        self._each("register", replies, accept)
+        self.report.coordinator_trust = {mode: sum(n.coordinator_trust == mode for n in self.nodes.values())
+                                         for mode in sorted({n.coordinator_trust for n in self.nodes.values()})}
+        self.report.phase("register", asked=[str(n) for n in node_ids], arrived=[n.user_id for n in self.nodes.values()])
         log.info("registered %d of %d nodes", len(self.nodes), len(node_ids))
         if not self.nodes:
             reasons = sorted({s["reason"] for s in self.report.skipped if s["phase"].startswith("register")})
@@ -181,14 +245,26 @@ class Coordinator:
                     adapter_to_records(self.task_adapter, "global", content)
                 contents[n] = content
             replies = self._exchange(f"adapt-{round_}", ADAPT, contents)
-            if not replies:
-                log.warning("adapt round %d: no node replied; keeping the previous task adapter", round_)
+            accepted: dict[int, tuple[LoraAdapter, int, float]] = {}
+
+            def accept(node_id: int, reply: Message) -> None:
+                update = self.lora_shape.read_update(reply.content, "update")
+                metrics = read_metrics(reply.content, ("num-examples", "loss"))
+                # A node's weight in the average is at most the history it announced when it registered.
+                examples = min(int(metrics["num-examples"]), self.nodes[node_id].n_history)
+                if examples < 1:
+                    raise NodeReplyError(f"'num-examples' is {metrics['num-examples']:g}: no training examples")
+                accepted[node_id] = (update, examples, metrics["loss"])
+
+            self._each(f"adapt-{round_}", replies, accept)
+            self.report.phase(f"adapt-{round_}", asked=[self.nodes[n].user_id for n in nodes],
+                              arrived=[self.nodes[n].user_id for n in sorted(accepted)])
+            if not accepted:
+                log.warning("adapt round %d: no usable update; keeping the previous task adapter", round_)
                 continue
-            updates = [adapter_from_records(r.content, "update") for r in replies.values()]
-            sizes = [int(r.content.metric_records["metrics"]["num-examples"]) for r in replies.values()]
-            self.task_adapter = fedavg(updates, sizes)
-            losses = [float(r.content.metric_records["metrics"]["loss"]) for r in replies.values()]
-            self.report.add_round(round_, len(replies), float(np.average(losses, weights=sizes)))
+            updates, sizes, losses = zip(*accepted.values())
+            self.task_adapter = fedavg(list(updates), list(sizes), start=self.task_adapter)
+            self.report.add_round(round_, len(accepted), float(np.average(losses, weights=sizes)))
         if self.task_adapter is not None:
             self.task_adapter.save(self.out_dir / "task_adapter")
 
@@ -198,55 +274,85 @@ class Coordinator:
             adapter_to_records(self.task_adapter, "task", content)
         return content
 
-    def share(self, plan: UserPlan, model: torch.nn.Module, embedding_dim: int) -> None:
-        """Sharers train and upload; each upload is verified, validated, then stored."""
-        if self.config.reuse_registry and len(self.registry):
-            log.info("reusing %d sharers from the registry; no share phase", len(self.registry))
+    def share(self, plan: UserPlan, embedding_dim: int) -> None:
+        """Sharers train and upload; each upload is verified, validated, then stored.
+
+        With `reuse-registry`, only the planned sharers whose upload the
+        registry lacks are asked (a restart after a kill mid-share resumes).
+        """
+        stored = set(self.registry.sharers()) if self.config.reuse_registry else set()
+        wanted = [u for u in plan.sharers if u not in stored]
+        if stored:
+            log.info("registry already holds %d of %d planned sharers; asking %d", len(set(plan.sharers) & stored),
+                     len(plan.sharers), len(wanted))
+        if not wanted:
+            self.report.phase("share", asked=[], arrived=[], reused=sorted(set(plan.sharers) & stored))
             return
-        schema = UploadSchema.from_tensors(_reference_lora(model, self.config), embedding_dim,
-                                           required_metadata=("user-id", "r", "lora-alpha", "target-modules"))
-        nodes = self._nodes_of(plan.sharers)
-        replies = self._exchange("share", SHARE, {n: self._task_content() for n in nodes})
-        for node_id, reply in sorted(replies.items()):
-            try:
-                payload, upload_id = self._open(reply, PHASE_SHARE)
-                upload = decode_upload(payload, schema)
-                _check_lora_meta(upload.metadata, self.config)
-            except UploadRejected as err:
-                self.report.skip("share", node_id, f"upload rejected: {err}")
-                continue
+        schema = UploadSchema(tensor_shapes=self.lora_shape.shapes, embedding_dim=embedding_dim,
+                              required_metadata=("user-id", "r", "lora-alpha", "target-modules"))
+        arrived: list[str] = []
+
+        def accept(node_id: int, reply: Message) -> None:
             node = self.nodes[node_id]
+            payload, upload_id = self._open(reply, PHASE_SHARE)
+            upload = decode_upload(payload, schema)
+            if upload.metadata.get("user-id") != node.user_id:
+                raise NodeReplyError(f"upload names user {upload.metadata.get('user-id')!r}, node registered {node.user_id!r}")
+            meta = self.lora_shape.check_meta(upload.metadata)
+            check_tensors({k: torch.from_numpy(v) for k, v in upload.tensors.items()}, self.lora_shape.shapes, "upload")
+            embedding = check_embedding(upload.embedding)
+            metrics = read_metrics(reply.content)
             self.registry.add(node.user_id, node_id=str(node_id), user_id=node.user_id, upload_id=upload_id,
-                              tensors=upload.tensors, embedding=upload.embedding,
-                              metadata={k: upload.metadata[k] for k in ("r", "lora-alpha", "target-modules")})
-            self.report.add_upload(node.user_id, reply.content.metric_records["metrics"], len(payload))
+                              tensors=upload.tensors, embedding=embedding, metadata=meta)
+            self.report.add_upload(node.user_id, metrics, len(payload))
+            arrived.append(node.user_id)
+
+        replies = self._exchange("share", SHARE, {n: self._task_content() for n in self._nodes_of(wanted)})
+        self._each("share", replies, accept)
+        self.report.phase("share", asked=wanted, arrived=arrived, reused=sorted(set(plan.sharers) & stored))
         log.info("registry holds %d sharers", len(self.registry))
+
+    def _usable_sharers(self) -> dict[str, tuple[LoraAdapter, np.ndarray]]:
+        """The registry's sharers that pass today's checks (an entry from an older run may not)."""
+        usable = {}
+        for sharer_id in self.registry.sharers():
+            try:
+                stored = self.registry.get(sharer_id)
+                meta = self.lora_shape.check_meta(stored.metadata)
+                tensors = {k: torch.from_numpy(np.array(v)) for k, v in stored.tensors.items()}
+                check_tensors(tensors, self.lora_shape.shapes, "stored adapter")
+                adapter = LoraAdapter(tensors=tensors, r=meta["r"], lora_alpha=meta["lora-alpha"],
+                                      target_modules=tuple(meta["target-modules"]))
+                usable[sharer_id] = (adapter, check_embedding(stored.embedding))
+            except PrimeError as err:
+                log.warning("registry entry %s not used: %s", sharer_id, one_line(err))
+                self.report.skip_sharer(sharer_id, one_line(err))
+        return usable
 
     def personalize(self, plan: UserPlan, model: torch.nn.Module, tokenizer: Any, task: Any, embedding_dim: int) -> None:
         """Per target: sealed profile in, privacy-penalized merge, one merged adapter out, metrics back."""
+        sharers = self._usable_sharers()
+        if len(sharers) < self.config.min_sharers:
+            self.report.incomplete(f"only {len(sharers)} usable sharer(s) in the registry, min-sharers is "
+                                   f"{self.config.min_sharers}: no target personalized")
+            return
         nodes = self._nodes_of(plan.targets)
         replies = self._exchange(PHASE_PROFILE, PROFILE, {n: RecordDict({"config": self._config()}) for n in nodes})
         schema = UploadSchema(tensor_shapes={}, embedding_dim=embedding_dim, required_metadata=("user-id", "history"))
-        embeddings = self.registry.embeddings()
-        sharers = {sid: (_stored_adapter(self.registry, sid), embeddings[sid]) for sid in self.registry.sharers()}
-        c = self.config
-        search = SearchConfig(alpha=c.alpha, k=c.k, budget=c.budget, popsize=c.popsize, optimizer=c.optimizer,
-                              weight_level=c.weight_level, history_fraction=c.history_fraction,
-                              min_sharers=c.min_sharers, seed=c.seed)
         evaluations: dict[int, RecordDict] = {}
-        for node_id, reply in sorted(replies.items()):
+
+        def search(node_id: int, reply: Message) -> None:
             user_id = self.nodes[node_id].user_id
-            try:
-                payload, _ = self._open(reply, PHASE_PROFILE)
-                upload = decode_upload(payload, schema)
-                history = _history(upload.metadata["history"])
-            except UploadRejected as err:
-                self.report.skip("profile", node_id, f"upload rejected: {err}")
-                continue
+            payload, _ = self._open(reply, PHASE_PROFILE)
+            upload = decode_upload(payload, schema)
+            if upload.metadata.get("user-id") != user_id:
+                raise NodeReplyError(f"profile names user {upload.metadata.get('user-id')!r}, node registered {user_id!r}")
+            history = read_history(upload.metadata["history"], task, self.config.max_history)
+            embedding = check_embedding(upload.embedding)
             started = time.perf_counter()
             candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
-            seeded = dataclasses.replace(search, seed=target_seed(c.seed, user_id))
-            result = personalize(model, tokenizer, task, history, upload.embedding, candidates, seeded, progress=False)
+            seeded = dataclasses.replace(self.search, seed=target_seed(self.config.seed, user_id))
+            result = personalize(model, tokenizer, task, history, embedding, candidates, seeded, progress=False)
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
             log.info("target %s: sharers %s, objective %.3f (unmerged %.3f)%s, %.0f s", user_id,
@@ -256,58 +362,81 @@ class Coordinator:
             if result.adapter is not None:
                 adapter_to_records(result.adapter, "merged", content)
             evaluations[node_id] = content
-        self.report.time("search", sum(t["search_seconds"] for t in self.report.targets.values()))
-        for node_id, reply in self._exchange("evaluate", EVALUATE, evaluations).items():
-            self.report.add_evaluation(self.nodes[node_id].user_id, reply.content.metric_records["metrics"])
 
-    def run(self) -> RunReport:
-        started = time.perf_counter()
+        self._each("profile", replies, search)
+        self.report.time("search", sum(t["search_seconds"] for t in self.report.targets.values()))
+
+        def evaluated(node_id: int, reply: Message) -> None:
+            self.report.add_evaluation(self.nodes[node_id].user_id, read_metrics(reply.content, ("n-queries",)))
+
+        self._each("evaluate", self._exchange("evaluate", EVALUATE, evaluations), evaluated)
+        self.report.phase("personalize", asked=[self.nodes[n].user_id for n in nodes],
+                          arrived=sorted(u for u, t in self.report.targets.items() if "metrics" in t))
+
+    def _reload_task_adapter(self) -> bool:
+        """On `reuse-registry`, the task adapter the registry's sharers were trained on, if one was saved."""
+        saved = self.out_dir / "task_adapter"
+        if not (self.config.reuse_registry and saved.is_dir()):
+            return False
+        self.task_adapter = LoraAdapter.load(saved)
+        check_tensors(self.task_adapter.tensors, self.lora_shape.shapes, "saved task adapter")
+        log.info("reloaded the saved task adapter from %s; adaptation skipped (the registry's sharers build on it)", saved)
+        self.report.phase("adapt", asked=[], arrived=[], reused=[str(saved)])
+        return True
+
+    def _phases(self) -> None:
+        self._prepare()
         dataset = self.prepare_data()
+        base, _ = load_task_model(self.config.model_spec, self.config.model_cache or None, None)
+        reference = _reference_lora(base, self.config)
+        self.lora_shape = LoraShape(shapes={k: tuple(v.shape) for k, v in reference.items()}, r=self.config.lora_r,
+                                    lora_alpha=float(self.config.lora_alpha), target_modules=TARGET_MODULES)
         self.register()
+        self._checkpoint()
         plan = self.plan(dataset)
         self.report.plan = plan.to_dict()
-        if self.config.adapt_rounds:
+        if not self._reload_task_adapter() and self.config.adapt_rounds:
             self.adapt(plan)
+            self._checkpoint()
         model, tokenizer = load_task_model(self.config.model_spec, self.config.model_cache or None, self.task_adapter)
         embedding_dim = int(load_encoder(self.config.encoder).encode(["dimension probe"]).shape[1])
-        self.share(plan, model, embedding_dim)
+        self.share(plan, embedding_dim)
+        self._checkpoint()
         self.personalize(plan, model, tokenizer, dataset.task, embedding_dim)
-        self.report.time("total", time.perf_counter() - started)
+
+    def _checkpoint(self) -> None:
+        """The report so far, so that a killed run leaves a report that says it stopped early."""
+        self.report.write(self.out_dir)
+
+    def run(self) -> RunReport:
+        """Every phase; the report is written whatever happens (`status` says how far the run got)."""
+        started = time.perf_counter()
+        try:
+            self._phases()
+        except PrimeError as err:
+            log.error("run stopped: %s", one_line(err))
+            self.report.fail(one_line(err))
+        except BaseException as err:
+            self.report.fail(f"crashed: {type(err).__name__}: {one_line(err)}")
+            self.report.write(self.out_dir)
+            raise
+        finally:
+            self.report.time("total", time.perf_counter() - started)
+        self.report.finish()
         self.report.write(self.out_dir)
         return self.report
+
+
+TARGET_MODULES = ("q_proj", "v_proj")
 
 
 def _reference_lora(model: torch.nn.Module, config: FederationConfig) -> dict[str, torch.Tensor]:
     """State-dict shapes a well-formed sharer LoRA has on this base model (the upload schema)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    targets = ["q_proj", "v_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets))
+    peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                  target_modules=list(TARGET_MODULES)))
     try:
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     finally:
         peft_model.unload()
-
-
-def _check_lora_meta(meta: dict[str, Any], config: FederationConfig) -> None:
-    if int(meta["r"]) != config.lora_r or float(meta["lora-alpha"]) != float(config.lora_alpha):
-        raise UploadRejected("schema", f"LoRA r/alpha {meta['r']}/{meta['lora-alpha']} differ from the run's "
-                                       f"{config.lora_r}/{config.lora_alpha}")
-
-
-def _stored_adapter(registry: Registry, sharer_id: str) -> LoraAdapter:
-    stored = registry.get(sharer_id)
-    return LoraAdapter(
-        tensors={k: torch.from_numpy(np.array(v)) for k, v in stored.tensors.items()},
-        r=int(stored.metadata["r"]),
-        lora_alpha=float(stored.metadata["lora-alpha"]),
-        target_modules=tuple(stored.metadata["target-modules"]),
-    )
-
-
-def _history(raw: Any) -> list[tuple[str, str]]:
-    if not isinstance(raw, list) or not raw or not all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in raw
-    ):
-        raise UploadRejected("schema", "metadata 'history' must be a non-empty list of [prompt, gold] strings")
-    return [(p, g) for p, g in raw]

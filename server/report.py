@@ -1,8 +1,14 @@
 """The run report: what happened in each phase, written as JSON and CSV.
 
-One JSON with everything (config, plan, per-phase timings, skipped nodes with
-reasons, upload sizes, per-target search results and metrics) and one CSV row
-per target for spreadsheets and plots.
+One JSON with everything (status and its reasons, config, plan, per-phase
+timings, what each phase asked for and what arrived, skipped nodes and
+registry entries with one-line reasons, upload sizes, per-target search
+results and metrics) and one CSV row per target for spreadsheets and plots.
+
+`status` is `running` in the checkpoints written between phases (a run killed
+there leaves a report that says it did not finish), then `complete`,
+`incomplete` (the run ended but a phase could not do its job, e.g. too few
+sharers) or `failed` (a fatal error: bad config, no node registered).
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from typing import Any, Mapping
 class RunReport:
     run_id: str
     config: dict[str, Any]
+    status: str = "running"
+    reasons: list[str] = field(default_factory=list)
+    phases: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    coordinator_trust: dict[str, int] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -28,6 +38,27 @@ class RunReport:
 
     def skip(self, phase: str, node_id: int, reason: str) -> None:
         self.skipped.append({"phase": phase, "node_id": int(node_id), "reason": reason})
+
+    def skip_sharer(self, sharer_id: str, reason: str) -> None:
+        """A registry entry left out of every merge (stored by an older, less strict run, or corrupted)."""
+        self.skipped.append({"phase": "registry", "sharer_id": sharer_id, "reason": reason})
+
+    def phase(self, name: str, *, asked: list[str], arrived: list[str], reused: list[str] | None = None) -> None:
+        """Who a phase asked and whose contribution it accepted (a restart resumes from this)."""
+        self.phases[name] = {"asked": list(asked), "arrived": list(arrived)} | ({"reused": list(reused)} if reused else {})
+
+    def incomplete(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.status = "incomplete"
+
+    def fail(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.status = "failed"
+
+    def finish(self) -> None:
+        """End a run that neither failed nor was marked incomplete."""
+        if self.status == "running":
+            self.status = "complete"
 
     def skipped_in(self, phase: str) -> set[int]:
         return {s["node_id"] for s in self.skipped if s["phase"] == phase}
@@ -64,7 +95,11 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "status": self.status,
+            "reasons": self.reasons,
             "config": self.config,
+            "phases": self.phases,
+            "coordinator_trust": self.coordinator_trust,
             "plan": self.plan,
             "timings_s": self.timings,
             "skipped": self.skipped,

@@ -1,0 +1,57 @@
+"""A Flower `Grid` that hands each message to the real ClientApp in this process.
+
+The coordinator's phases run unchanged over it, with no Ray and no
+SuperLink, so the hostile-participant and restart tests can play a node by
+rewriting its reply (`tamper`: per node id, or `"*"` for every node) and finish in seconds. Node failures become
+error replies carrying the traceback, as Flower's own runtimes send them.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+Tamper = Callable[[Message, Message, Context], "Message | None"]
+
+
+class InProcessGrid:
+    def __init__(self, client_app: ClientApp, num_nodes: int, node_config: dict | None = None,
+                 tamper: dict[int | str, Tamper] | None = None,
+                 relay: Callable[[Message], Message] | None = None) -> None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        self.client_app = client_app
+        self.contexts = {
+            self.node_id(i): Context(run_id=1, node_id=self.node_id(i), state=RecordDict(), run_config={},
+                                     node_config={"partition-id": i, "num-partitions": num_nodes} | (node_config or {}))
+            for i in range(num_nodes)
+        }
+        self.tamper = dict(tamper or {})
+        self.relay = relay  # what a SuperLink operator could do to each message on its way to a node
+        self.sent: list[Message] = []
+
+    @staticmethod
+    def node_id(partition: int) -> int:
+        return 7_000 + partition
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        for msg in messages:
+            self.sent.append(msg)
+            node_id = msg.metadata.dst_node_id
+            if self.relay is not None:
+                msg = self.relay(msg)
+            try:
+                reply = self.client_app(msg, self.contexts[node_id])
+            except Exception:
+                reply = Message(reply_to=msg, error=Error(code=0, reason=traceback.format_exc()))
+            hook = self.tamper.get(node_id, self.tamper.get("*"))
+            if hook is not None:
+                reply = hook(msg, reply, self.contexts[node_id])
+            if reply is not None:
+                yield reply

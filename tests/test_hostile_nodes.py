@@ -1,0 +1,259 @@
+"""One hostile node against the real coordinator phases: the run finishes, the offender is named, the registry stays clean.
+
+Every case here is an attack that stopped or poisoned a run before the
+replies were validated (issue 11). Each runs the whole protocol on the tiny
+model through `InProcessGrid`, with one node's reply rewritten: signed and
+sealed with that node's own key where the attack is by a signed participant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from client.app import app as client_app
+from common.crypto import NodeIdentity, new_upload_id, seal
+from common.federation import FederationConfig
+from common.wire import encode_upload
+from inprocess_grid import InProcessGrid
+from server.coordinator import Coordinator
+from server.registry import Registry
+
+NODES = 10
+
+
+def _config(tmp_path, **overrides) -> FederationConfig:
+    values = dict(task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=2, popsize=4,
+                  num_targets=2, num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4,
+                  synth_users=NODES, synth_history=6, synth_queries=2, max_history=4,
+                  out_dir=str(tmp_path / "run"), phase_timeout=60.0)
+    return FederationConfig(**(values | overrides))
+
+
+class Hostile:
+    """Rewrites the reply of the first node that answers `message_type`; remembers which node that was."""
+
+    def __init__(self, message_type: str, rewrite) -> None:
+        self.message_type, self.rewrite, self.node_id = message_type, rewrite, None
+        self.coordinator: Coordinator | None = None
+
+    def __call__(self, msg: Message, reply: Message, context: Context) -> Message | None:
+        if msg.metadata.message_type != self.message_type or self.node_id not in (None, context.node_id):
+            return reply
+        self.node_id = context.node_id
+        return self.rewrite(self, msg, reply, context)
+
+
+def _run(tmp_path, hostile: Hostile | None = None, **overrides) -> tuple[dict, Coordinator]:
+    grid = InProcessGrid(client_app, NODES, tamper={"*": hostile} if hostile else None)
+    coordinator = Coordinator(grid=grid, config=_config(tmp_path, **overrides), registry_key=b"k" * 32)
+    if hostile is not None:
+        hostile.coordinator = coordinator
+    coordinator.run()
+    return json.loads((tmp_path / "run" / "report.json").read_text()), coordinator
+
+
+def _content(records: dict) -> RecordDict:
+    return RecordDict(records)
+
+
+def _sealed_reply(msg: Message, context: Context, payload: bytes, phase: str, metrics: bool = True) -> Message:
+    """A reply signed with this node's own key and sealed to the run's coordinator key: a signed participant."""
+    config = msg.content.config_records["config"]
+    identity = NodeIdentity(Ed25519PrivateKey.from_private_bytes(bytes(context.state.config_records["identity"]["key"])))
+    sealed = seal(payload, sender=identity, coordinator_public=bytes(config["coordinator-public"]),
+                  run_id=str(config["run-id"]), node_id=str(context.node_id), phase=phase, upload_id=new_upload_id())
+    content = {"upload": ConfigRecord({"sealed": sealed})}
+    if metrics:
+        content["metrics"] = MetricRecord({"loss": 1.0})
+    return Message(reply_to=msg, content=_content(content))
+
+
+def _user_id(hostile: Hostile, context: Context) -> str:
+    return hostile.coordinator.nodes[context.node_id].user_id
+
+
+def _share_upload(embedding=np.ones, tensors=lambda t: t, **meta_overrides):
+    """A share reply with well-shaped tensors, `embedding(dim)`, `tensors(...)` applied, metadata overridden."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        shape = h.coordinator.lora_shape
+        values = tensors({k: np.full(v, 0.01, dtype=np.float32) for k, v in shape.shapes.items()})
+        meta = {"user-id": _user_id(h, context), "r": shape.r, "lora-alpha": shape.lora_alpha,
+                "target-modules": list(shape.target_modules)} | meta_overrides
+        payload = encode_upload(values, embedding(_dim(h)).astype(np.float32), meta)
+        return _sealed_reply(msg, context, payload, "share")
+
+    return rewrite
+
+
+def _dim(h: Hostile) -> int:
+    from common.encoder import load_encoder
+
+    return int(load_encoder(h.coordinator.config.encoder).encode(["x"]).shape[1])
+
+
+def _deep_json(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def _envelope_with_header(header: bytes) -> bytes:
+    return struct.pack(">7sBI", b"PRIMEFL", 1, len(header)) + header + b"\0" * 80
+
+
+def _deep_metadata_upload(h: Hostile, msg, reply, context):
+    """A signed, sealed share payload whose metadata JSON nests 3,000 lists deep (json.loads recurses on it)."""
+    from safetensors.numpy import save
+
+    arrays = {k: np.zeros(v, np.float32) for k, v in h.coordinator.lora_shape.shapes.items()}
+    arrays["__embedding__"] = np.ones(_dim(h), np.float32)
+    payload = save(arrays, metadata={"prime_fl": '{"deep": ' + "[" * 3000 + "]" * 3000 + "}"})
+    return _sealed_reply(msg, context, payload, "share")
+
+
+def _profile_upload(history, embedding=None):
+    def rewrite(h: Hostile, msg, reply, context):
+        emb = np.ones(_dim(h), dtype=np.float32) if embedding is None else embedding(h)
+        payload = encode_upload({}, emb, {"user-id": _user_id(h, context), "history": history})
+        return _sealed_reply(msg, context, payload, "profile", metrics=False)
+
+    return rewrite
+
+
+def _adapt_update(change):
+    """An adapt reply built from the honest one by `change(tensors, metrics) -> (tensors, metrics, lora)`."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        tensors = dict(reply.content.array_records["update.tensors"].to_torch_state_dict())
+        metrics = dict(reply.content.metric_records["metrics"])
+        lora = dict(reply.content.config_records["update.lora"])
+        tensors, metrics, lora = change(tensors, metrics, lora)
+        return Message(reply_to=msg, content=_content({
+            "update.tensors": ArrayRecord({k: v.contiguous() for k, v in tensors.items()}),
+            "update.lora": ConfigRecord(lora), "metrics": MetricRecord(metrics)}))
+
+    return rewrite
+
+
+def _first(tensors):
+    return sorted(tensors)[0]
+
+
+def _set_first(tensors, value):
+    key = _first(tensors)
+    return tensors | {key: value(tensors[key])}
+
+
+CASES = [
+    # (id, message type, rewrite, phase in the report, fragment of the reason)
+    ("envelope-header-nested-2000-deep", "train.share",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"upload": ConfigRecord({"sealed": _envelope_with_header(_deep_json(2000))}),
+                                                              "metrics": MetricRecord({"loss": 1.0})})),
+     "share", "malformed"),
+    ("share-reply-without-upload", "train.share",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"metrics": MetricRecord({"loss": 1.0})})), "share", "upload"),
+    ("share-reply-without-metrics", "train.share",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"upload": r.content.config_records["upload"]})), "share", "metrics"),
+    ("share-r-wrong-type", "train.share", _share_upload(r="two"), "share", "'r'"),
+    ("share-lora-alpha-wrong-type", "train.share", _share_upload(**{"lora-alpha": "x"}), "share", "lora-alpha"),
+    ("share-target-modules-int", "train.share", _share_upload(**{"target-modules": 5}), "share", "target-modules"),
+    ("share-target-modules-str", "train.share", _share_upload(**{"target-modules": "q_proj"}), "share", "target-modules"),
+    ("share-target-modules-short", "train.share", _share_upload(**{"target-modules": ["q_proj"]}), "share", "target-modules"),
+    ("share-zero-embedding", "train.share", _share_upload(embedding=np.zeros), "share", "embedding"),
+    ("share-huge-values", "train.share", _share_upload(tensors=lambda t: _set_first(t, lambda v: v * 0 + 1e30)),
+     "share", "value"),
+    ("share-for-another-user", "train.share", _share_upload(**{"user-id": "u999"}), "share", "names user"),
+    ("share-metadata-nested-3000-deep", "train.share", _deep_metadata_upload, "share", "metadata"),
+    ("profile-gold-outside-labels", "query.profile", _profile_upload([["Review: fine. Score:", "11"]]), "profile", "label"),
+    ("profile-history-not-pairs", "query.profile", _profile_upload([["only one"]]), "profile", "pair"),
+    ("profile-zero-embedding", "query.profile",
+     _profile_upload([["Review: fine. Score:", "4"]], embedding=lambda h: np.zeros(_dim(h), dtype=np.float32)),
+     "profile", "embedding"),
+    ("adapt-nan", "train.adapt", _adapt_update(lambda t, m, l: (_set_first(t, lambda v: v * math.nan), m, l)), "adapt-1", "non-finite"),
+    ("adapt-wrong-shape", "train.adapt", _adapt_update(lambda t, m, l: (_set_first(t, lambda v: v[:, :1].clone()), m, l)),
+     "adapt-1", "shape"),
+    ("adapt-extra-module", "train.adapt",
+     _adapt_update(lambda t, m, l: (t | {"base_model.model.extra.lora_A.weight": torch.zeros(2, 2)}, m, l)), "adapt-1", "unexpected"),
+    ("adapt-wrong-rank", "train.adapt", _adapt_update(lambda t, m, l: (t, m, l | {"r": 3})), "adapt-1", "'r'"),
+    ("adapt-negative-examples", "train.adapt", _adapt_update(lambda t, m, l: (t, m | {"num-examples": -5}, l)),
+     "adapt-1", "num-examples"),
+    ("adapt-no-metrics", "train.adapt",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({k: v for k, v in r.content.items() if k != "metrics"})),
+     "adapt-1", "metrics"),
+    ("register-path-user-id", "query.register",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"node": ConfigRecord(dict(r.content.config_records["node"]) | {"user-id": "../../x"})})),
+     "register", "user id"),
+    ("register-space-user-id", "query.register",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"node": ConfigRecord(dict(r.content.config_records["node"]) | {"user-id": "u 000"})})),
+     "register", "user id"),
+    ("register-count-wrong-type", "query.register",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"node": ConfigRecord(dict(r.content.config_records["node"]) | {"n-history": "lots"})})),
+     "register", "n-history"),
+    ("evaluate-nan-metric", "evaluate.personalized",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"metrics": MetricRecord({"n-queries": 2, "np-mae": math.nan})})),
+     "evaluate", "finite"),
+    ("node-error-with-long-traceback", "train.share",
+     lambda h, m, r, c: Message(reply_to=m, error=Error(code=0, reason="Traceback (most recent call last):\n" + "  x\n" * 500 + "ValueError: boom")),
+     "share", "ValueError: boom"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_one_hostile_reply_is_skipped_with_a_reason_and_the_run_finishes(tmp_path, case):
+    _, message_type, rewrite, phase, fragment = case
+    hostile = Hostile(message_type, rewrite)
+    report, coordinator = _run(tmp_path, hostile)
+    assert hostile.node_id is not None, "the case never reached its phase"
+    assert report["status"] == "complete", report["reasons"]
+    offenders = [s for s in report["skipped"] if s.get("node_id") == hostile.node_id]
+    assert len(offenders) == 1 and offenders[0]["phase"] == phase, report["skipped"]
+    reason = offenders[0]["reason"]
+    assert fragment in reason and "\n" not in reason and len(reason) <= 300, reason
+    # Only the offender is skipped; the registry holds exactly the valid sharers, each well-formed.
+    assert [s for s in report["skipped"] if s.get("node_id") != hostile.node_id] == []
+    registry = coordinator.registry
+    offender_user = coordinator.nodes.get(hostile.node_id)
+    if offender_user is not None:
+        assert offender_user.user_id not in registry.sharers() or phase != "share"
+    for sharer_id in registry.sharers():
+        stored = registry.get(sharer_id)
+        coordinator.lora_shape.check_meta(stored.metadata)
+        assert np.linalg.norm(stored.embedding) > 0
+    assert len(report["targets"]) >= 1
+
+
+def test_a_loud_adapt_node_moves_fedavg_no_more_than_its_share(tmp_path):
+    from common.adapters import LoraAdapter
+
+    _run(tmp_path / "honest")
+
+    clean = LoraAdapter.load(tmp_path / "honest" / "run" / "task_adapter")
+    loud = Hostile("train.adapt", _adapt_update(
+        lambda t, m, l: ({k: v * 1000 for k, v in t.items()}, m | {"num-examples": 1e9}, l)))
+    report, _ = _run(tmp_path / "loud", loud)
+    poisoned = LoraAdapter.load(tmp_path / "loud" / "run" / "task_adapter")
+    peak_clean = max(float(v.abs().max()) for v in clean.tensors.values())
+    peak_poisoned = max(float(v.abs().max()) for v in poisoned.tensors.values())
+    # Unbounded, the x1000 node with 1e9 claimed examples made the average ~1000x the honest one.
+    assert peak_poisoned < 3 * peak_clean, (peak_poisoned, peak_clean)
+    assert report["status"] == "complete"
+
+
+def test_a_poisoned_registry_entry_is_left_out_and_the_run_goes_on(tmp_path):
+    config = _config(tmp_path)
+    os.makedirs(config.out_dir, exist_ok=True)
+    registry = Registry(os.path.join(config.out_dir, "registry"), b"k" * 32)
+    registry.add("u999", node_id="1", user_id="u999", upload_id="poison", tensors={"x": np.zeros(2, np.float32)},
+                 embedding=np.zeros(8, np.float32), metadata={"r": 2, "lora-alpha": 4.0, "target-modules": 5})
+    report, _ = _run(tmp_path)
+    assert report["status"] == "complete"
+    assert [s["sharer_id"] for s in report["skipped"] if s["phase"] == "registry"] == ["u999"]
+    assert all("u999" not in t["sharers"] for t in report["targets"].values())
