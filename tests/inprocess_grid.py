@@ -8,6 +8,7 @@ error replies carrying the traceback, as Flower's own runtimes send them.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 
@@ -37,6 +38,22 @@ class InProcessGrid:
     def node_id(partition: int) -> int:
         return 7_000 + partition
 
+    def _deliver(self, msg: Message, context: Context, timeout: float | None) -> Message | None:
+        """The node's reply, or None if it takes longer than `timeout` (each node gets the whole timeout,
+        as independent nodes would; an abandoned handler finishes in the background)."""
+        box: list[Message] = []
+
+        def handle() -> None:
+            try:
+                box.append(self.client_app(msg, context))
+            except Exception:
+                box.append(Message(reply_to=msg, error=Error(code=0, reason=traceback.format_exc())))
+
+        worker = threading.Thread(target=handle, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        return box[0] if box else None
+
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
@@ -46,10 +63,9 @@ class InProcessGrid:
             node_id = msg.metadata.dst_node_id
             if self.relay is not None:
                 msg = self.relay(msg)
-            try:
-                reply = self.client_app(msg, self.contexts[node_id])
-            except Exception:
-                reply = Message(reply_to=msg, error=Error(code=0, reason=traceback.format_exc()))
+            reply = self._deliver(msg, self.contexts[node_id], timeout)
+            if reply is None:  # the node is still busy at the deadline: no reply, as from a silent node
+                continue
             hook = self.tamper.get(node_id, self.tamper.get("*"))
             if hook is not None:
                 reply = hook(msg, reply, self.contexts[node_id])
