@@ -21,11 +21,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from common import safe_json
 from common.crypto import UploadRejected
 
 EMBEDDING_KEY = "__embedding__"
 METADATA_KEY = "prime_fl"
 MAX_METADATA_BYTES = 64 * 1024
+_HEADER_DEPTH = 3  # {name: {"shape": [...]}}: safetensors headers nest no deeper
 _DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
 
 
@@ -104,9 +106,9 @@ def _header(blob: bytes) -> dict[str, Any]:
     if size > min(len(blob) - 8, 16 * 1024 * 1024):
         raise UploadRejected("malformed", f"safetensors header length {size} does not fit the payload")
     try:
-        header = json.loads(blob[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UploadRejected("malformed", "safetensors header is not valid JSON") from err
+        header = safe_json.loads(blob[8 : 8 + size], max_depth=_HEADER_DEPTH)
+    except safe_json.UnsafeJsonError as err:
+        raise UploadRejected("malformed", f"safetensors header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
         raise UploadRejected("malformed", "safetensors header is not an object")
     return header
@@ -120,9 +122,9 @@ def _metadata(header: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, str) or len(raw.encode("utf-8")) > MAX_METADATA_BYTES:
         raise UploadRejected("schema", f"metadata is not a JSON string under {MAX_METADATA_BYTES} bytes")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise UploadRejected("schema", "metadata is not valid JSON") from err
+        meta = safe_json.loads(raw, max_bytes=MAX_METADATA_BYTES)
+    except safe_json.UnsafeJsonError as err:
+        raise UploadRejected("schema", f"metadata is not valid JSON: {err}") from None
     if not isinstance(meta, dict):
         raise UploadRejected("schema", "metadata must be a JSON object")
     return meta

@@ -120,3 +120,22 @@ def test_hostile_headers_are_rejected_not_crashing(header):
     full.update(header)
     with pytest.raises(UploadRejected):
         decode_upload(_raw_safetensors(full, bytes(1100)), _schema())
+
+
+def test_deeply_nested_safetensors_header_is_malformed():
+    import struct
+
+    text = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(UploadRejected, match="nested") as info:
+        decode_upload(struct.pack("<Q", len(text)) + text, _schema())
+    assert info.value.reason == "malformed"
+
+
+def test_deeply_nested_metadata_is_a_schema_rejection():
+    from safetensors.numpy import save
+
+    arrays = {k: v.numpy() for k, v in _tensors().items()} | {EMBEDDING_KEY: np.zeros(8, np.float32)}
+    blob = save(arrays, metadata={"prime_fl": "[" * 5000 + "]" * 5000})
+    with pytest.raises(UploadRejected, match="nested") as info:
+        decode_upload(blob, _schema())
+    assert info.value.reason == "schema"
