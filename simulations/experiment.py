@@ -111,6 +111,10 @@ class EvalConfig:
             raise EvalConfigError(f"alphas must be >= 0, got {list(self.alphas)}")
         if any(k < 1 for k in self.ks):
             raise EvalConfigError(f"ks must be >= 1, got {list(self.ks)}")
+        if max(self.ks) > self.sharers:
+            # Refused, not clamped: a cell labelled k=5 must merge five adapters (top_k would quietly take fewer).
+            raise EvalConfigError(f"ks: k={max(self.ks)} is more than the {self.sharers} sharers per seed "
+                                  "(raise --sharers or lower --ks)")
         if any(not 0 < f <= 1 for f in self.history_fractions):
             raise EvalConfigError(f"history-fractions must be in (0, 1], got {list(self.history_fractions)}")
         if not 0 <= self.adapt_fraction < 1:
