@@ -54,8 +54,12 @@ class MiniLMEncoder:
             raise EncoderError(f"{model_dir}: not a sentence-transformers model folder (no modules.json or config.json)")
         from sentence_transformers import SentenceTransformer
 
+        from common.models import require_safetensors  # lazy: torch and transformers only when a model is loaded
+
+        require_safetensors(model_dir)
         try:
-            self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+            self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True,
+                                             model_kwargs={"use_safetensors": True})
         except (OSError, ValueError) as err:
             raise EncoderError(f"{model_dir}: cannot load encoder ({str(err).splitlines()[0]})") from None
         self.name = f"sentence-transformers:{model_dir.name}"

@@ -33,6 +33,10 @@ class ModelSpecError(PrimeError, ValueError):
     """A model spec that is neither a known name nor a usable model directory."""
 
 
+class UnsafeWeightsError(ModelSpecError):
+    """A model folder whose weights are not safetensors (pickles are never loaded)."""
+
+
 def default_cache_dir() -> Path:
     """Where converted checkpoints live unless a caller says otherwise."""
     return Path.home() / ".cache" / "prime-fl"
@@ -55,19 +59,19 @@ def load_base(
     raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
 
 
-def _refuse_pickle_weights(path: Path) -> None:
+def require_safetensors(path: Path) -> None:
     """Raise unless `path` holds safetensors weights: a pickle (`pytorch_model.bin`, `.pt`, ...) can run code when loaded.
 
     Checked before transformers sees the folder, so a pickle-only model is
     refused with a message instead of being unpickled or failing deep inside
-    torch; `use_safetensors=True` below keeps transformers from ever falling
-    back to a pickle that sits next to safetensors files.
+    torch; callers also pass `use_safetensors=True` so transformers never
+    falls back to a pickle that sits next to safetensors files.
     """
     if any(path.glob("*.safetensors")):
         return
     pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern))
     found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no model.safetensors"
-    raise ModelSpecError(
+    raise UnsafeWeightsError(
         f"{path}: {found}; only safetensors weights are loaded (pickle files can run code): convert the model with "
         "`save_pretrained(..., safe_serialization=True)` on a trusted machine"
     )
@@ -76,7 +80,7 @@ def _refuse_pickle_weights(path: Path) -> None:
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _refuse_pickle_weights(path)
+    require_safetensors(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
