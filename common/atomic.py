@@ -186,11 +186,12 @@ def replace_folder(path: str | Path, marker: str) -> Iterator[Path]:
         raise _cannot_write(path, err) from None
     try:
         yield tmp
-        try:
-            _fsync_tree(tmp)
-            _swap_in(tmp, path)
-            _fsync_path(path.parent, directory=True)
-        except OSError as err:
-            raise _cannot_write(path, err) from None
+        _fsync_tree(tmp)
+        _swap_in(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    except OutputError:
+        raise
+    except OSError as err:  # disk full or no permission, in the block's writes or in the swap
+        raise _cannot_write(path, err) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -174,3 +174,19 @@ def test_check_magnitudes_refuses_finite_but_absurd_values():
     adapter.tensors[key][0, 0] = float("nan")
     with pytest.raises(AdapterError, match="non-finite"):
         check_magnitudes(adapter, max_abs=1e31)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_adapter(saved, monkeypatch):
+    adapter, directory = saved
+    import common.adapters as adapters_module
+
+    def half_write(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapters_module, "save_file", half_write)
+    with pytest.raises(PrimeError, match="cannot write"):
+        _trained_like_adapter(seed=1).save(directory)
+    reloaded = LoraAdapter.load(directory)
+    assert all(torch.equal(reloaded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]

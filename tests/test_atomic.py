@@ -105,3 +105,13 @@ def test_write_csv_round_trips_rows_with_missing_keys(tmp_path):
     path = write_csv(tmp_path / "t.csv", rows)
     with path.open(newline="") as handle:
         assert list(csv.reader(handle)) == [["a", "b", "c"], ["1", "x,y", ""], ["2", "", "new"]]
+
+
+def test_a_disk_error_inside_the_folder_writer_is_one_clear_error(tmp_path):
+    folder = _old_folder(tmp_path)
+    before = _tree(folder)
+    with pytest.raises(OutputError, match=r"out: cannot write \(No space left on device\)"):
+        with replace_folder(folder, marker="result.json") as tmp:
+            (tmp / "result.json").write_text("half")
+            raise OSError(28, "No space left on device")
+    assert _tree(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -92,6 +93,42 @@ def test_open_sealed_raises_only_upload_rejected(blob):
     except UploadRejected:
         return
     assert opened.payload == UPLOAD  # only an intact (signed) blob opens, and then to exactly what was sealed
+
+
+def _framed(header: dict, tail: bytes, prefix: str) -> bytes:
+    text = json.dumps(header).encode()
+    if prefix == "sealed":
+        return struct.pack(">7sBI", b"PRIMEFL", 1, len(text)) + text + tail
+    return struct.pack("<Q", len(text)) + text + tail
+
+
+HEADER_FIELDS = ["eph", "node_id", "nonce", "phase", "run_id", "sender", "upload_id", "v"]
+
+
+@given(st.dictionaries(st.sampled_from(HEADER_FIELDS) | st.text(max_size=4), json_values, max_size=9), st.binary(max_size=200))
+def test_open_sealed_on_well_framed_hostile_headers(header, tail):
+    try:
+        _open(_framed(header, tail + bytes(64), "sealed"))
+    except UploadRejected:
+        pass
+
+
+tensor_entries = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F16", "I64", "BOOL"]) | json_values,
+    "shape": st.lists(st.integers(-2, 8), max_size=3) | json_values,
+    "data_offsets": st.lists(st.integers(-8, 80), min_size=2, max_size=2) | json_values,
+})
+
+
+@given(st.dictionaries(st.sampled_from([A, B, EMBEDDING_KEY, "__metadata__"]), tensor_entries | json_values, max_size=4),
+       st.binary(max_size=120))
+def test_decode_upload_on_well_framed_hostile_headers(header, tail):
+    blob = _framed(header, tail, "safetensors")
+    for decode in (lambda: decode_upload(blob, SCHEMA), lambda: read_upload(blob)):
+        try:
+            decode()
+        except UploadRejected:
+            pass
 
 
 @given(st.binary(max_size=600) | mutated(UPLOAD))
