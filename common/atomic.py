@@ -1,6 +1,7 @@
 """Atomic outputs: a file or a whole folder is either the old one or the new one, never half written.
 
-Every result this project writes goes through here. Files are written to a
+Results (adapters, models, data folders, reports, tables, plots, cells,
+registry files) go through here. Files are written to a
 temporary sibling, fsynced and renamed over the target. Multi-file outputs
 (a PEFT adapter, a model, a LaMP folder, a personalization result) are built
 in a temporary sibling folder that replaces the target in one step when the

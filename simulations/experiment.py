@@ -344,7 +344,7 @@ class Prepared:
 
         c, plan, folder = self.config, self.plans[seed], self.folder(seed)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        _write_json(folder / "plan.json", plan.to_dict())
         task = self.dataset.task
         task_adapter = None
         if plan.adaptation:

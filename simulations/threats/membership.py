@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.atomic import write_csv
+from common.atomic import write_csv, write_with
 from common.adapters import LoraAdapter, applied
 from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits
@@ -262,6 +262,6 @@ def plot(result: MembershipResult, path: str | Path) -> Path:
     ax.set_xlabel("AUROC of the loss attack (members vs fresh same-group items)")
     ax.set_title("Membership inference on sharers' training items")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return Path(path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from common.atomic import dict_rows, write_csv
+from common.atomic import dict_rows, write_csv, write_with
 from common.adapters import LoraAdapter
 from common.lora_math import check_compatible, factors, merge_exact
 from server.release import release
@@ -229,6 +229,6 @@ def plot(result: RecoveryResult, path: str | Path) -> Path:
     ax.set_title(f"Recovering individual LoRA updates (r={result.r}, {result.modules} modules)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return Path(path)
