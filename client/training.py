@@ -26,7 +26,7 @@ from common.adapters import LoraAdapter
 from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
-from common.models import write_checkpoint
+from common.models import MODEL_CONFIG_FILE, write_checkpoint
 from common.tasks import completion_text
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
 
     The folder is replaced whole (model and training.json together), as `save_checkpoint` does.
     """
-    with replace_folder(directory, marker="config.json") as tmp:
+    with replace_folder(directory, marker=MODEL_CONFIG_FILE) as tmp:
         write_checkpoint(model, tokenizer, tmp)
         if info is not None:
             (tmp / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))

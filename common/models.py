@@ -25,7 +25,8 @@ TINY_SPEC = "tiny"
 GEMMA_SPEC = "gemma3-270m"
 DEFAULT_SPEC = GEMMA_SPEC
 CACHE_ENV = "PRIME_FL_CACHE"  # read by entry points only, passed down as `cache_dir`
-_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+MODEL_CONFIG_FILE = "config.json"  # marks a model folder: `save_checkpoint` replaces only folders holding one
+_CHECKPOINT_FILES = (MODEL_CONFIG_FILE, "model.safetensors", "tokenizer_config.json")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -147,7 +148,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
     readers never see half a checkpoint. An existing model directory (one
     with config.json) is replaced; any other non-empty directory is refused.
     """
-    with replace_folder(directory, marker="config.json") as tmp:
+    with replace_folder(directory, marker=MODEL_CONFIG_FILE) as tmp:
         write_checkpoint(model, tokenizer, tmp)
     return Path(directory)
 
