@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter
+from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
-from common.models import save_checkpoint
+from common.models import MODEL_CONFIG_FILE, write_checkpoint
 from common.tasks import completion_text
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,12 @@ def adapt(
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, info: dict | None = None) -> Path:
-    """Save a task-adapted model as an HF directory that `load_base(directory)` loads; `info` goes to training.json."""
-    directory = save_checkpoint(model, tokenizer, Path(directory))
-    if info is not None:
-        (directory / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    return directory
+    """Save a task-adapted model as an HF directory that `load_base(directory)` loads; `info` goes to training.json.
+
+    The folder is replaced whole (model and training.json together), as `save_checkpoint` does.
+    """
+    with replace_folder(directory, marker=MODEL_CONFIG_FILE) as tmp:
+        write_checkpoint(model, tokenizer, tmp)
+        if info is not None:
+            (tmp / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return Path(directory)

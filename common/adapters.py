@@ -13,22 +13,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common import safe_json
+from common.atomic import replace_folder
 from common.errors import PrimeError
+from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+_MAX_CONFIG_BYTES = 1024 * 1024  # a PEFT config is a few kilobytes; anything near this is not one
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -85,17 +87,16 @@ class LoraAdapter:
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Write a PEFT adapter directory; each file is replaced atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write a PEFT adapter directory, replacing an earlier adapter there whole (see `common.atomic`)."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         config = self.peft_config().to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         config["peft_type"] = "LORA"
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text))
-        return directory
+        with replace_folder(directory, marker=CONFIG_FILE) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(text)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, base_model: torch.nn.Module | None = None) -> "LoraAdapter":
@@ -108,16 +109,17 @@ class LoraAdapter:
             if not path.is_file():
                 raise AdapterError(f"{path}: missing (a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            config = safe_json.loads(config_path.read_bytes(), max_bytes=_MAX_CONFIG_BYTES)
+        except safe_json.UnsafeJsonError as err:
             raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise AdapterError(f"{config_path}: expected a JSON object")
         if config.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{config_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
-        for field in ("rank_pattern", "alpha_pattern"):
-            if config.get(field):
-                raise AdapterError(f"{config_path}: field {field!r} is not supported (one rank and alpha per adapter)")
+        try:
+            check_options(config)
+        except AdapterError as err:
+            raise AdapterError(f"{config_path}: {err}") from None
         r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise AdapterError(f"{config_path}: field 'r' must be a positive integer, got {r!r}")
@@ -170,6 +172,7 @@ class LoraAdapter:
         from peft import get_peft_model_state_dict
 
         config = peft_model.peft_config[adapter_name]
+        check_options(config.to_dict())
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
         return cls(
             tensors={k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()},
@@ -192,6 +195,37 @@ class LoraAdapter:
                 f"adapter does not fit the model: {len(result.unexpected_keys)} unexpected, {len(missing)} missing LoRA keys"
             )
         return peft_model
+
+
+# adapter_config.json options that change what a LoRA layer computes beyond `W + (lora_alpha / r) * B A`
+# (or add weights that are not A and B): the exact merge cannot represent them, so they are refused
+# instead of being silently dropped.
+UNSUPPORTED_OPTIONS = (
+    "use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
+    "layers_to_transform", "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
+    "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config",
+)
+
+
+def check_options(config: Mapping[str, Any]) -> None:
+    """AdapterError naming the first option of a PEFT LoRA config our merge math cannot represent (DoRA, rsLoRA, ...)."""
+    for name in UNSUPPORTED_OPTIONS:
+        if config.get(name):
+            raise AdapterError(f"field {name!r} is {config[name]!r}: not supported (plain LoRA only: W + lora_alpha/r * B A)")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"field 'bias' is {config['bias']!r}: not supported (plain LoRA only, bias 'none')")
+
+
+def check_magnitudes(adapter: LoraAdapter, max_abs: float = DEFAULT_MAX_ABS) -> None:
+    """AdapterError unless every tensor is finite with |value| <= `max_abs` (see `common.wire.DEFAULT_MAX_ABS`).
+
+    For adapters that did not come through `decode_upload` (which applies
+    the same bound), e.g. FedAvg updates before they are averaged.
+    """
+    for key in sorted(adapter.tensors):
+        problem = magnitude_problem(adapter.tensors[key].detach().to("cpu", torch.float32).numpy(), max_abs)
+        if problem:
+            raise AdapterError(f"tensor {key!r} {problem}")
 
 
 def validate(adapter: LoraAdapter) -> None:
@@ -221,17 +255,6 @@ def validate(adapter: LoraAdapter) -> None:
     for module, parts in seen.items():
         if parts != {"A", "B"}:
             raise AdapterError(f"module {module!r}: has lora_{''.join(parts)} but not both lora_A and lora_B")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, then rename over `path`."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # created by `write`: the umask decides permissions
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common import safe_json
 from common.errors import PrimeError
 
 MAGIC = b"PRIMEFL"
@@ -48,6 +49,7 @@ NONCE_BYTES = 12
 MAX_HEADER_BYTES = 4096
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 _PREFIX = struct.Struct(">7sBI")  # magic, version, header length
+_HEADER_DEPTH = 1  # the header is one flat object of strings and an int
 _HEADER_FIELDS = ("eph", "node_id", "nonce", "phase", "run_id", "sender", "upload_id", "v")
 
 REASONS = (
@@ -249,9 +251,9 @@ def _parse(blob: bytes) -> tuple[dict, bytes, bytes, bytes]:
         raise UploadRejected("malformed", f"header length {header_len} does not fit the blob")
     header_bytes = blob[_PREFIX.size : _PREFIX.size + header_len]
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UploadRejected("malformed", "header is not valid JSON") from err
+        header = safe_json.loads(header_bytes, max_bytes=MAX_HEADER_BYTES, max_depth=_HEADER_DEPTH)
+    except safe_json.UnsafeJsonError as err:
+        raise UploadRejected("malformed", f"header is not valid JSON: {err}") from None
     if not isinstance(header, dict) or tuple(sorted(header)) != _HEADER_FIELDS:
         raise UploadRejected("malformed", f"header fields must be exactly {list(_HEADER_FIELDS)}")
     if header["v"] != VERSION:

@@ -9,15 +9,14 @@ every row is L2-normalised.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Mapping, Protocol
 
 import numpy as np
 
+from common.atomic import write_with
 from common.errors import PrimeError
 from common.lamp import LampDataset
 from common.tasks import TaskSpec
@@ -55,8 +54,12 @@ class MiniLMEncoder:
             raise EncoderError(f"{model_dir}: not a sentence-transformers model folder (no modules.json or config.json)")
         from sentence_transformers import SentenceTransformer
 
+        from common.models import require_safetensors  # lazy: torch and transformers only when a model is loaded
+
+        require_safetensors(model_dir)
         try:
-            self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+            self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True,
+                                             model_kwargs={"use_safetensors": True})
         except (OSError, ValueError) as err:
             raise EncoderError(f"{model_dir}: cannot load encoder ({str(err).splitlines()[0]})") from None
         self.name = f"sentence-transformers:{model_dir.name}"
@@ -145,17 +148,12 @@ def save_embeddings(path: str | Path, embeddings: Mapping[str, np.ndarray], enco
     path = Path(path)
     ids = list(embeddings)
     matrix = np.stack([np.asarray(embeddings[u], dtype=np.float32) for u in ids]) if ids else np.zeros((0, 0), np.float32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         with open(tmp, "xb") as handle:
             np.savez(handle, user_ids=np.array(ids, dtype=str), embeddings=matrix, encoder=np.array(encoder_name))
-        os.replace(tmp, path)
-    except OSError as err:
-        raise PrimeError(f"{path}: cannot write ({err.strerror or err})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_with(path, write)
 
 
 def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:

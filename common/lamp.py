@@ -15,13 +15,14 @@ names the file, the record (index and id) and the field.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common import safe_json
+from common.atomic import replace_folder, write_text
 from common.errors import PrimeError
+from common.ids import InvalidIdError, check_user_id
 from common.tasks import TaskSpec, UnknownTaskError, get_task
 
 SPLITS: tuple[str, ...] = ("train", "dev")
@@ -118,15 +119,13 @@ def _resolve_files(directory: Path, split: str | None) -> tuple[Path, Path]:
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LampFormatError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
+        data = path.read_bytes()
     except OSError as err:
         raise LampFormatError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LampFormatError(f"{path}: not JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+        return safe_json.loads(data)
+    except safe_json.UnsafeJsonError as err:
+        raise LampFormatError(f"{path}: {err}") from None
 
 
 def _where(path: Path, index: int, record: Any) -> str:
@@ -223,6 +222,10 @@ def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
         text = _get(record, "input", (str,), where)
         profile = _read_profile(task, record, where)
         user_id = str(_get(record, "user_id", (str, int), where)) if "user_id" in record else qid
+        try:
+            check_user_id(user_id, where=f"{where}: field {'user_id' if 'user_id' in record else 'id'!r}")
+        except InvalidIdError as err:
+            raise LampFormatError(str(err)) from None
         if qid not in golds:
             raise LampFormatError(f"{where}: no gold output for id {qid!r} in {outputs_path.name}")
         query = Query(id=qid, input=text, gold=golds[qid])
@@ -261,37 +264,25 @@ def _to_files(dataset: LampDataset) -> tuple[list[dict], dict]:
     return questions, {"task": dataset.task.lamp_id, "golds": golds}
 
 
-def write_json_files(directory: str | Path, files: Mapping[str, Any]) -> None:
-    """Write several JSON files so that none is left partial.
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
 
-    Everything is serialised first, then written to temporary files in the
-    target folder and renamed into place; on failure the temporaries go.
-    """
-    directory = Path(directory)
-    texts = {name: json.dumps(obj, indent=1, ensure_ascii=False) + "\n" for name, obj in files.items()}
-    temps: dict[str, str] = {}
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, text in texts.items():
-            tmp = str(directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-            temps[name] = tmp
-            with open(tmp, "x", encoding="utf-8") as handle:  # plain open: the umask decides permissions
-                handle.write(text)
-        for name, tmp in temps.items():
-            os.replace(tmp, directory / name)
-    except OSError as err:
-        raise PrimeError(f"{directory}: cannot write ({err.strerror or err})") from None
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+def write_json_files(directory: str | Path, files: Mapping[str, Any]) -> None:
+    """Write JSON files into `directory`, each replaced atomically (a reader sees the old or the new file)."""
+    for name, obj in files.items():
+        write_text(Path(directory) / name, _json_text(obj))
 
 
 def write_lamp(dataset: LampDataset, directory: str | Path, extra: Mapping[str, Any] | None = None) -> None:
-    """Write `questions.json` + `outputs.json` (and `extra` JSON files) atomically.
+    """Write `questions.json` + `outputs.json` (and `extra` JSON files) as one folder that replaces `directory` whole.
 
     Users with several queries (or a user id that is not their query id) get
     a `user_id` field on each question, so `load_lamp` regroups them.
     """
     questions, outputs = _to_files(dataset)
-    write_json_files(directory, {QUESTIONS_FILE: questions, OUTPUTS_FILE: outputs, **(extra or {})})
+    files = {QUESTIONS_FILE: questions, OUTPUTS_FILE: outputs, **(extra or {})}
+    texts = {name: _json_text(obj) for name, obj in files.items()}
+    with replace_folder(directory, marker=QUESTIONS_FILE) as tmp:
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")

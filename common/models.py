@@ -9,15 +9,13 @@ task templates, so the test suite needs no files and no network.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.tasks import LAMP2_TAGS, TASKS
 
@@ -27,11 +25,17 @@ TINY_SPEC = "tiny"
 GEMMA_SPEC = "gemma3-270m"
 DEFAULT_SPEC = GEMMA_SPEC
 CACHE_ENV = "PRIME_FL_CACHE"  # read by entry points only, passed down as `cache_dir`
-_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+MODEL_CONFIG_FILE = "config.json"  # marks a model folder: `save_checkpoint` replaces only folders holding one
+_CHECKPOINT_FILES = (MODEL_CONFIG_FILE, "model.safetensors", "tokenizer_config.json")
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 class ModelSpecError(PrimeError, ValueError):
     """A model spec that is neither a known name nor a usable model directory."""
+
+
+class UnsafeWeightsError(ModelSpecError):
+    """A model folder whose weights are not safetensors (pickles are never loaded)."""
 
 
 def default_cache_dir() -> Path:
@@ -56,12 +60,31 @@ def load_base(
     raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
 
 
+def require_safetensors(path: Path) -> None:
+    """Raise unless `path` holds safetensors weights: a pickle (`pytorch_model.bin`, `.pt`, ...) can run code when loaded.
+
+    Checked before transformers sees the folder, so a pickle-only model is
+    refused with a message instead of being unpickled or failing deep inside
+    torch; callers also pass `use_safetensors=True` so transformers never
+    falls back to a pickle that sits next to safetensors files.
+    """
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern))
+    found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no model.safetensors"
+    raise UnsafeWeightsError(
+        f"{path}: {found}; only safetensors weights are loaded (pickle files can run code): convert the model with "
+        "`save_pretrained(..., safe_serialization=True)` on a trusted machine"
+    )
+
+
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_safetensors(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as err:
         raise ModelSpecError(f"{path}: cannot load model ({err})") from None
     model.eval()
@@ -102,37 +125,32 @@ def load_gemma_gguf(cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tokenizer
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
-    """Write model + tokenizer as a plain HF directory that `load_base(str(directory))` reads.
+def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """Write model + tokenizer files into the existing `folder` (a `replace_folder` block: see `save_checkpoint`).
 
-    Written by hand because `save_pretrained` refuses models loaded from GGUF;
-    built in a sibling temporary directory and renamed into place, so readers
-    never see half a checkpoint. An existing model directory is replaced; any
-    other non-empty directory is refused.
+    Written by hand because `save_pretrained` refuses models loaded from GGUF.
     """
     from safetensors.torch import save_model
 
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not (directory / "config.json").is_file())):
-        raise ModelSpecError(f"{directory}: exists and is not a model directory; refusing to overwrite it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()  # plain mkdir: the umask decides permissions
-    try:
-        config = model.config
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return directory
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
+    """Write model + tokenizer as a plain HF directory that `load_base(str(directory))` reads.
+
+    Built in a temporary sibling folder that replaces `directory` whole, so
+    readers never see half a checkpoint. An existing model directory (one
+    with config.json) is replaced; any other non-empty directory is refused.
+    """
+    with replace_folder(directory, marker=MODEL_CONFIG_FILE) as tmp:
+        write_checkpoint(model, tokenizer, tmp)
+    return Path(directory)
 
 
 def _tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:

@@ -21,11 +21,19 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from common import safe_json
 from common.crypto import UploadRejected
 
 EMBEDDING_KEY = "__embedding__"
 METADATA_KEY = "prime_fl"
 MAX_METADATA_BYTES = 64 * 1024
+DEFAULT_MAX_ABS = 1e4
+"""Largest |value| an upload may carry. LoRA A starts near 1/sqrt(fan_in) (~0.03-0.2), B starts at 0 and
+stays well under 1 after training, DP clipping shrinks both, and embeddings are unit vectors: 1e4 is
+three orders of magnitude above any honest value, so no real upload is refused, while finite-but-absurd
+values (1e30, which turn into inf in a float16 forward pass or in w * B) are. It bounds values, not
+influence: an adapter can still be large within the bound, which clipping and the merge guards handle."""
+_HEADER_DEPTH = 3  # {name: {"shape": [...]}}: safetensors headers nest no deeper
 _DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
 
 
@@ -62,6 +70,16 @@ def encode_upload(
     return st_save(arrays, metadata={METADATA_KEY: meta})
 
 
+def magnitude_problem(values: np.ndarray, max_abs: float) -> str | None:
+    """Why `values` may not enter a merge (non-finite, or some |value| over `max_abs`), or None when they may."""
+    if not np.isfinite(values).all():
+        return "has non-finite values"
+    peak = float(np.abs(values).max(initial=0.0))
+    if peak > max_abs:
+        return f"has values up to {peak:.3g}, over the bound {max_abs:g}"
+    return None
+
+
 @dataclass(frozen=True)
 class UploadSchema:
     """What the coordinator expects from a sharer: exact tensor names and shapes, dtype, embedding size."""
@@ -71,12 +89,15 @@ class UploadSchema:
     dtype: str = "float32"
     max_bytes: int = 256 * 1024 * 1024
     required_metadata: tuple[str, ...] = field(default=())
+    max_abs: float = DEFAULT_MAX_ABS
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.embedding_dim < 1 or self.max_bytes < 1:
             raise ValueError("embedding_dim and max_bytes must be positive")
+        if not (np.isfinite(self.max_abs) and self.max_abs > 0):
+            raise ValueError(f"max_abs must be a positive finite number, got {self.max_abs!r}")
         if EMBEDDING_KEY in self.tensor_shapes:
             raise ValueError(f"tensor name {EMBEDDING_KEY!r} is reserved for the embedding")
 
@@ -104,9 +125,9 @@ def _header(blob: bytes) -> dict[str, Any]:
     if size > min(len(blob) - 8, 16 * 1024 * 1024):
         raise UploadRejected("malformed", f"safetensors header length {size} does not fit the payload")
     try:
-        header = json.loads(blob[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UploadRejected("malformed", "safetensors header is not valid JSON") from err
+        header = safe_json.loads(blob[8 : 8 + size], max_depth=_HEADER_DEPTH)
+    except safe_json.UnsafeJsonError as err:
+        raise UploadRejected("malformed", f"safetensors header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
         raise UploadRejected("malformed", "safetensors header is not an object")
     return header
@@ -120,9 +141,9 @@ def _metadata(header: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, str) or len(raw.encode("utf-8")) > MAX_METADATA_BYTES:
         raise UploadRejected("schema", f"metadata is not a JSON string under {MAX_METADATA_BYTES} bytes")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise UploadRejected("schema", "metadata is not valid JSON") from err
+        meta = safe_json.loads(raw, max_bytes=MAX_METADATA_BYTES)
+    except safe_json.UnsafeJsonError as err:
+        raise UploadRejected("schema", f"metadata is not valid JSON: {err}") from None
     if not isinstance(meta, dict):
         raise UploadRejected("schema", "metadata must be a JSON object")
     return meta
@@ -167,8 +188,9 @@ def decode_upload(blob: bytes, schema: UploadSchema) -> DecodedUpload:
         raise UploadRejected("schema", f"metadata key {absent[0]!r} is missing")
     arrays = _load(blob)
     for name in sorted(arrays):
-        if not np.isfinite(arrays[name]).all():
-            raise UploadRejected("schema", f"tensor {name!r} has non-finite values")
+        problem = magnitude_problem(arrays[name], schema.max_abs)
+        if problem:
+            raise UploadRejected("schema", f"tensor {name!r} {problem}")
     embedding = arrays.pop(EMBEDDING_KEY)
     return DecodedUpload(tensors=arrays, embedding=embedding, metadata=metadata)
 

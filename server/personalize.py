@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter
+from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.lora_math import merge_exact
 from server.release import release
@@ -27,6 +28,8 @@ from common.tasks import TaskSpec
 from server.fitness import DEFAULT_BATCH_SIZE, WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
 from server.search import OPTIMIZERS, OptimizerConfig, make_optimizer, run_search
 from server.selection import select_top_k
+
+RESULT_FILE = "result.json"
 
 
 class SearchConfigError(PrimeError):
@@ -120,14 +123,17 @@ class PersonalizationResult:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write `adapter/` (PEFT dir, unless fallback), `result.json` and `trajectory.json`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.adapter is not None:
-            self.adapter.save(directory / "adapter")
-        (directory / "result.json").write_text(json.dumps(self.summary(), indent=2))
-        (directory / "trajectory.json").write_text(json.dumps(self.trajectory, indent=2))
-        return directory
+        """Write `adapter/` (PEFT dir, unless fallback), `result.json` and `trajectory.json`.
+
+        The folder is replaced whole: a fallback written over an earlier merge
+        must not leave that merge's adapter next to the new result.json.
+        """
+        with replace_folder(directory, marker=RESULT_FILE) as tmp:
+            if self.adapter is not None:
+                self.adapter.save(tmp / "adapter")
+            (tmp / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2))
+            (tmp / "trajectory.json").write_text(json.dumps(self.trajectory, indent=2))
+        return Path(directory)
 
 
 def personalize(

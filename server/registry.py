@@ -31,6 +31,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from common.atomic import write_bytes
 from common.crypto import KeyFileError, UploadRejected
 from common.errors import PrimeError
 from common.wire import encode_upload, read_upload
@@ -99,21 +100,6 @@ class StoredUpload:
     metadata: dict[str, Any]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class Registry:
     """Accepted uploads, one encrypted file per sharer; a sharer's new upload replaces its old one."""
 
@@ -155,7 +141,7 @@ class Registry:
         return self._sharer_dir / f"{sharer_id}.bin"
 
     def _write_index(self) -> None:
-        _atomic_write(self._index_path, self._seal(json.dumps(self._index, sort_keys=True).encode(), _INDEX_AAD))
+        write_bytes(self._index_path, self._seal(json.dumps(self._index, sort_keys=True).encode(), _INDEX_AAD), mode=0o600)
 
     def _recover(self) -> None:
         """Fold back sharer files whose index entry a crash lost (file written, index not yet)."""
@@ -214,7 +200,7 @@ class Registry:
             "upload_id": upload_id,
             "received_at": time.time() if received_at is None else float(received_at),
         }
-        _atomic_write(path, self._seal(encode_upload(tensors, embedding, meta), sharer_id.encode("utf-8")))
+        write_bytes(path, self._seal(encode_upload(tensors, embedding, meta), sharer_id.encode("utf-8")), mode=0o600)
         stored = self.get(sharer_id)
         self._index["sharers"][sharer_id] = self._entry(stored)
         self._index["upload_ids"].append(upload_id)

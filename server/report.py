@@ -13,12 +13,12 @@ sharers) or `failed` (a fatal error: bad config, no node registered).
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from common.atomic import write_csv, write_text
 
 
 @dataclass
@@ -113,7 +113,7 @@ class RunReport:
         """`report.json` and `targets.csv` in `directory`, each replaced atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        write_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
         metric_keys = sorted({k for t in self.targets.values() for k in t.get("metrics", {})})
         lines = [["user_id", "sharers", "weights", "fallback", "objective", "utility", "privacy", "search_s", *metric_keys]]
         for user_id, t in sorted(self.targets.items()):
@@ -121,10 +121,7 @@ class RunReport:
             lines.append([user_id, " ".join(t.get("sharers", [])), json.dumps(t.get("weights")), t.get("fallback"),
                           fit.get("objective"), fit.get("utility"), fit.get("privacy"), t.get("search_seconds"),
                           *[t.get("metrics", {}).get(k) for k in metric_keys]])
-        tmp = directory / "targets.csv.tmp"
-        with tmp.open("w", newline="") as handle:
-            csv.writer(handle).writerows(lines)
-        os.replace(tmp, directory / "targets.csv")
+        write_csv(directory / "targets.csv", lines)
         return directory / "report.json"
 
 
@@ -141,9 +138,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -21,13 +21,13 @@ import json
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import psutil
 import torch
 
+from common.atomic import write_text
 from common import metrics
 from common.adapters import LoraAdapter
 from common.lamp import profile_pairs
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": list(psutil.getloadavg()),
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_text(args.out, json.dumps(report, indent=2))
     header = f"{'task':8} {'fast ev/s':>10} {'ref ev/s':>9} {'speedup':>8} {'peak/model RSS':>15} {'wall (budget)':>14} {'wall@10':>8}"
     print(header)
     for r in rows:

@@ -14,17 +14,17 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 import time
 import tomllib
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from tqdm.auto import tqdm
 
+from common import safe_json
+from common.atomic import output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
@@ -111,6 +111,10 @@ class EvalConfig:
             raise EvalConfigError(f"alphas must be >= 0, got {list(self.alphas)}")
         if any(k < 1 for k in self.ks):
             raise EvalConfigError(f"ks must be >= 1, got {list(self.ks)}")
+        if max(self.ks) > self.sharers:
+            # Refused, not clamped: a cell labelled k=5 must merge five adapters (top_k would quietly take fewer).
+            raise EvalConfigError(f"ks: k={max(self.ks)} is more than the {self.sharers} sharers per seed "
+                                  "(raise --sharers or lower --ks)")
         if any(not 0 < f <= 1 for f in self.history_fractions):
             raise EvalConfigError(f"history-fractions must be in (0, 1], got {list(self.history_fractions)}")
         if not 0 <= self.adapt_fraction < 1:
@@ -164,18 +168,33 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON object or TOML table of EvalConfig keys (an `[eval]` table is used when present)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
         raise EvalConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise EvalConfigError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} ({err})") from None
+    if path.suffix.lower() == ".toml":
+        data = _read_toml(path, raw)
+    else:
+        try:
+            data = safe_json.loads(raw)
+        except safe_json.UnsafeJsonError as err:
+            raise EvalConfigError(f"{path}: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("eval"), dict):
         data = data["eval"]
     if not isinstance(data, dict):
         raise EvalConfigError(f"{path}: expected an object of settings at the top level")
     return data
+
+
+def _read_toml(path: Path, raw: bytes) -> Any:
+    """Parse a TOML config; tomllib recurses per nesting level, so its RecursionError is a user error here."""
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise EvalConfigError(f"{path}: not UTF-8 (bad byte at offset {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise EvalConfigError(f"{path}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise EvalConfigError(f"{path}: not usable TOML (nested too deeply)") from None
 
 
 # ------------------------------------------------------------------ the grid
@@ -325,7 +344,7 @@ class Prepared:
 
         c, plan, folder = self.config, self.plans[seed], self.folder(seed)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        _write_json(folder / "plan.json", plan.to_dict())
         task = self.dataset.task
         task_adapter = None
         if plan.adaptation:
@@ -367,15 +386,8 @@ def prepare(config: EvalConfig) -> Prepared:
 # ------------------------------------------------------------------ running
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=float))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=float))
 
 
 def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) -> dict[str, Any]:
@@ -397,10 +409,10 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) 
 def read_cell(path: Path) -> dict[str, Any] | None:
     """A finished cell's record, or None when the file is missing or unreadable (then it is recomputed)."""
     try:
-        return json.loads(path.read_text())
+        return safe_json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, safe_json.UnsafeJsonError) as err:
         log.warning("recomputing %s: unreadable cell (%s)", path, err)
         return None
 
@@ -418,9 +430,8 @@ class GridReport:
 def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True) -> GridReport:
     """Run (or resume) the grid; write OUT/config.json, OUT/results.json (even when interrupted) and,
     once complete and if `outputs`, the tables and plots."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out / CONFIG_FILE, config.to_dict())
+    out = output_folder(config.out)
+    _write_json(out / CONFIG_FILE, config.to_dict())
     prepared = prepare(config)
     cells = plan_cells(config, prepared.plans, prepared.key)
     records: list[dict[str, Any] | None] = [read_cell(c.path(out)) for c in cells]
@@ -438,7 +449,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
             start = time.perf_counter()
             result = get_method(cell.method).run(ctx, cell.target, dict(cell.params))
             records[i] = cell_record(cell, prepared.dataset.task.lamp_id, result, time.perf_counter() - start)
-            _atomic_json(cell.path(out), records[i])
+            _write_json(cell.path(out), records[i])
             computed += 1
             bar.update(1)
         complete = True
@@ -447,7 +458,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
         # Also when interrupted: `prime-fl eval table/plot OUT` then work on the finished cells.
         done = [r for r in records if r is not None]
         add_quirk_copies(config, done)
-        _atomic_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
+        _write_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
                                           "cells": done})
     report = GridReport(records=done, computed=computed, reused=reused, out=out)
     if outputs:
@@ -470,12 +481,12 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
     """The cells of a finished run (OUT/results.json)."""
     path = Path(out) / RESULTS_FILE
     try:
-        data = json.loads(path.read_text())
+        data = safe_json.loads(path.read_bytes())
     except FileNotFoundError:
         raise EvalConfigError(f"{path}: missing (run `prime-fl eval` first)") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, safe_json.UnsafeJsonError) as err:
         raise EvalConfigError(f"{path}: unreadable ({err})") from None
     cells = data.get("cells") if isinstance(data, dict) else None
-    if not isinstance(cells, list):
-        raise EvalConfigError(f"{path}: field 'cells' must be a list")
+    if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
+        raise EvalConfigError(f"{path}: field 'cells' must be a list of objects")
     return cells

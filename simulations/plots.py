@@ -17,7 +17,6 @@ values in the run is skipped and listed as such in `index.json`.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +28,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.atomic import dict_rows, output_folder, write_csv, write_text, write_with  # noqa: E402
 from common.metrics import higher_is_better  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from simulations.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E402
@@ -70,18 +70,13 @@ def _points(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _save(fig: plt.Figure, rows: list[dict[str, Any]], folder: Path, name: str) -> list[Path]:
     """PNG + JSON + CSV of one figure."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.json", folder / f"{name}.csv"]
+    png = folder / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    paths[1].write_text(json.dumps(rows, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with paths[2].open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows([{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()} for row in rows])
-    return paths
+    flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()} for row in rows]
+    return [png, write_text(folder / f"{name}.json", json.dumps(rows, indent=2, ensure_ascii=False, default=str)),
+            write_csv(folder / f"{name}.csv", dict_rows(flat))]
 
 
 def _ylabel(metric: str) -> str:
@@ -186,8 +181,7 @@ def convergence(records: list[Mapping[str, Any]], task: str) -> tuple[plt.Figure
 
 def write_plots(records: Iterable[Mapping[str, Any]], folder: str | Path) -> dict[str, Any]:
     """Every figure the cells allow, into `folder`; returns (and writes) the index of written / skipped figures."""
-    records, folder = list(records), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    records, folder = list(records), output_folder(folder)
     points = _points(records)
     index: dict[str, Any] = {"written": [], "skipped": {}}
     for task in dict.fromkeys(r["task"] for r in records):
@@ -203,5 +197,5 @@ def write_plots(records: Iterable[Mapping[str, Any]], folder: str | Path) -> dic
             fig, rows = made
             _save(fig, rows, folder, stem)
             index["written"].append(stem)
-    (folder / "index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    write_text(folder / "index.json", json.dumps(index, indent=2))
     return index

@@ -12,8 +12,6 @@ copied (pooled over the seed's targets).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from common.atomic import csv_text, output_folder, write_text
 from common.metrics import higher_is_better, task_metrics
 from common.tasks import get_task
 
@@ -127,9 +126,7 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(_grid(table))
-    return buffer.getvalue()
+    return csv_text(_grid(table))
 
 
 def to_json(table: Table) -> dict[str, Any]:
@@ -145,10 +142,6 @@ def to_json(table: Table) -> dict[str, Any]:
 
 def write_tables(table: Table, out: str | Path) -> list[Path]:
     """OUT/table.md, OUT/table.csv, OUT/table.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "table.md", out / "table.csv", out / "table.json"]
-    paths[0].write_text(to_markdown(table), encoding="utf-8")
-    paths[1].write_text(to_csv(table), encoding="utf-8")
-    paths[2].write_text(json.dumps(to_json(table), indent=2, ensure_ascii=False), encoding="utf-8")
-    return paths
+    out = output_folder(out)
+    return [write_text(out / "table.md", to_markdown(table)), write_text(out / "table.csv", to_csv(table)),
+            write_text(out / "table.json", json.dumps(to_json(table), indent=2, ensure_ascii=False))]

@@ -99,6 +99,12 @@ BAD_LAMP_CASES: list[tuple[str, Callable[[list, dict], tuple[Any, Any]], tuple[s
     ("missing-task", _set(["o", "task"], _DELETE), ("outputs.json", "missing field 'task'")),
     ("user-profiles-differ", lambda q, o: ([dict(q[0], user_id="u"), dict(q[1], user_id="u")], o), ("record 1", "'profile' differs", "'u'")),
     ("missing-outputs-file", lambda q, o: (q, None), ("outputs.json", "missing")),
+    ("questions-nested-deep", lambda q, o: ("[" * 5000 + "]" * 5000, o), ("questions.json", "nested 5000 levels deep")),
+    ("outputs-nested-deep", lambda q, o: (q, '{"task": ' + "{" * 3000), ("outputs.json", "nested 3001 levels deep")),
+    ("user-id-path", _set(["q", 0, "user_id"], "../../x"), ("record 0", "'user_id'", "'../../x'", "not a valid user id")),
+    ("question-id-as-user-id-unsafe",
+     lambda q, o: ([dict(q[0], id="u 000"), q[1]], dict(o, golds=[dict(o["golds"][0], id="u 000"), o["golds"][1]])),
+     ("record 0", "'id'", "'u 000'", "not a valid user id")),
 ]
 
 

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter, base_module_name
+from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter, base_module_name, check_magnitudes
 from common.errors import PrimeError
 from common.models import tiny_model
 
@@ -102,6 +102,12 @@ Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
         (lambda d: _rewrite_config(d, target_modules=["k_proj"]), "not in target_modules"),
         (lambda d: _rewrite_config(d, peft_type="IA3"), "only LORA"),
         (lambda d: _rewrite_config(d, rank_pattern={"q_proj": 2}), "rank_pattern"),
+        (lambda d: _rewrite_config(d, use_dora=True), "'use_dora' is True: not supported"),
+        (lambda d: _rewrite_config(d, use_rslora=True), "'use_rslora' is True: not supported"),
+        (lambda d: _rewrite_config(d, fan_in_fan_out=True), "'fan_in_fan_out'"),
+        (lambda d: _rewrite_config(d, bias="lora_only"), "'bias' is 'lora_only'"),
+        (lambda d: _rewrite_config(d, modules_to_save=["lm_head"]), "'modules_to_save'"),
+        (lambda d: (d / CONFIG_FILE).write_text("[" * 3000 + "]" * 3000), "nested 3000 levels deep"),
         (lambda d: _rewrite_tensors(d, lambda t: t.pop(Q_B)), "not both"),
         (lambda d: _rewrite_tensors(d, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(2, 2)})), "not a LoRA weight key"),
         (lambda d: _rewrite_tensors(d, lambda t: t.update({Q_A: t[Q_A][:2]})), "rank 2 does not match"),
@@ -147,3 +153,40 @@ def test_save_overwrites_atomically_and_leaves_no_temp_files(saved):
     other.save(directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     torch.testing.assert_close(LoraAdapter.load(directory).tensors[Q_A], other.tensors[Q_A])
+
+
+def test_from_peft_model_refuses_dora():
+    base, _ = tiny_model()
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(AdapterError, match="'use_dora' is True: not supported"):
+        LoraAdapter.from_peft_model(peft_model)
+
+
+def test_check_magnitudes_refuses_finite_but_absurd_values():
+    adapter = _trained_like_adapter()
+    check_magnitudes(adapter)  # honest values pass the default bound
+    key = sorted(adapter.tensors)[1]
+    adapter.tensors[key][0, 0] = 1e30
+    with pytest.raises(AdapterError, match=r"over the bound 10000") as info:
+        check_magnitudes(adapter)
+    assert key in str(info.value)
+    check_magnitudes(adapter, max_abs=1e31)
+    adapter.tensors[key][0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="non-finite"):
+        check_magnitudes(adapter, max_abs=1e31)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_adapter(saved, monkeypatch):
+    adapter, directory = saved
+    import common.adapters as adapters_module
+
+    def half_write(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapters_module, "save_file", half_write)
+    with pytest.raises(PrimeError, match="cannot write"):
+        _trained_like_adapter(seed=1).save(directory)
+    reloaded = LoraAdapter.load(directory)
+    assert all(torch.equal(reloaded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]

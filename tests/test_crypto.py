@@ -141,3 +141,14 @@ def test_key_files(tmp_path, keys):
         NodeIdentity.load(tmp_path / "junk.pem")
     with pytest.raises(KeyFileError, match="missing.pem"):
         NodeIdentity.load(tmp_path / "missing.pem")
+
+
+def test_deeply_nested_header_is_malformed_not_a_crash(keys):
+    # 2,000 levels of brackets fit the 4 KiB header limit and used to raise RecursionError inside json.loads.
+    import struct
+
+    header = b"[" * 2000 + b"]" * 2000
+    blob = struct.pack(">7sBI", b"PRIMEFL", 1, len(header)) + header + bytes(64)
+    with pytest.raises(UploadRejected, match="nested") as info:
+        _open(keys, blob)
+    assert info.value.reason == "malformed"

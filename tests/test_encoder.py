@@ -80,6 +80,13 @@ def test_load_encoder_specs(tmp_path):
         load_encoder(str(tmp_path))
 
 
+def test_encoder_folder_with_pickle_weights_is_refused_unread(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle: never opened")
+    with pytest.raises(PrimeError, match=r"only pickle weights \(pytorch_model.bin\)"):
+        load_encoder(str(tmp_path))
+
+
 @pytest.mark.slow
 def test_minilm_embeds_offline():
     enc = MiniLMEncoder()

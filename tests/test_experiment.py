@@ -120,6 +120,7 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"seeds": 1.5}, "expected an integer"),
         ({"colour": "red"}, "unknown key 'colour'"),
         ({"synthetic": "rating", "synth_quirks": True}, "--synth-quirks needs --synthetic tagging"),
+        ({"ks": "2,5"}, "k=5 is more than the 4 sharers per seed"),
     ],
 )
 def test_bad_settings_are_one_line_errors(over, match):

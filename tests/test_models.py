@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common.models as models
+from common.atomic import OutputError
 from common.errors import PrimeError
 from common.inference import encode_example
 from common.models import GEMMA_SPEC, ModelSpecError, load_base, save_checkpoint, tiny_model
@@ -67,6 +68,9 @@ def test_bad_specs_are_prime_errors(tmp_path):
     with pytest.raises(ModelSpecError, match="no config.json"):
         load_base(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelSpecError, match="no model.safetensors"):
+        load_base(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(PrimeError, match="cannot load model"):
         load_base(str(tmp_path))
 
@@ -74,12 +78,13 @@ def test_bad_specs_are_prime_errors(tmp_path):
 def test_save_checkpoint_refuses_a_file_or_foreign_folder(tmp_path):
     model, tok = tiny_model()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ModelSpecError, match="refusing"):
+    with pytest.raises(OutputError, match="exists and is not a folder"):
         save_checkpoint(model, tok, tmp_path / "file")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "notes.md").write_text("x")
-    with pytest.raises(ModelSpecError, match="refusing"):
+    with pytest.raises(OutputError, match="refusing to overwrite"):
         save_checkpoint(model, tok, tmp_path / "folder")
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["notes.md"]
 
 
 @pytest.mark.slow

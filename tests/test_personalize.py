@@ -88,8 +88,10 @@ def test_fallback_to_unmerged_when_no_merge_helps(world, tmp_path):
     result = _run(world, SearchConfig(k=2, seed=0, **FAST), adapters=inert)
     assert result.fallback and result.adapter is None and result.weights is None
     assert result.best == result.unmerged
+    next(iter(adapters.values())).save(tmp_path / "fb" / "adapter")  # an earlier merged result in the same folder
+    (tmp_path / "fb" / "result.json").write_text('{"fallback": false}')
     result.save(tmp_path / "fb")
-    assert not (tmp_path / "fb" / "adapter").exists()
+    assert not (tmp_path / "fb" / "adapter").exists()  # the old merge must not pass for this result's adapter
     assert json.loads((tmp_path / "fb" / "result.json").read_text())["fallback"] is True
 
 

@@ -15,6 +15,7 @@ from client.training import (
     train_lora,
     train_round,
 )
+from common.atomic import OutputError
 from common.errors import PrimeError
 from common.inference import encode_example, predict_labels, score_labels
 from common.models import ModelSpecError, load_base, tiny_model
@@ -131,7 +132,7 @@ def test_merge_into_equals_wrapped_adapter(trained):
 def test_save_model_refuses_to_overwrite_other_directories(tmp_path):
     model, tok = tiny_model()
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ModelSpecError, match="refusing"):
+    with pytest.raises(OutputError, match="refusing"):
         save_model(model, tok, tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 

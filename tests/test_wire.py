@@ -120,3 +120,34 @@ def test_hostile_headers_are_rejected_not_crashing(header):
     full.update(header)
     with pytest.raises(UploadRejected):
         decode_upload(_raw_safetensors(full, bytes(1100)), _schema())
+
+
+def test_deeply_nested_safetensors_header_is_malformed():
+    import struct
+
+    text = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(UploadRejected, match="nested") as info:
+        decode_upload(struct.pack("<Q", len(text)) + text, _schema())
+    assert info.value.reason == "malformed"
+
+
+def test_deeply_nested_metadata_is_a_schema_rejection():
+    from safetensors.numpy import save
+
+    arrays = {k: v.numpy() for k, v in _tensors().items()} | {EMBEDDING_KEY: np.zeros(8, np.float32)}
+    blob = save(arrays, metadata={"prime_fl": "[" * 5000 + "]" * 5000})
+    with pytest.raises(UploadRejected, match="nested") as info:
+        decode_upload(blob, _schema())
+    assert info.value.reason == "schema"
+
+
+def test_finite_but_absurd_values_are_refused():
+    tensors = _tensors()
+    tensors[A][1, 2] = 2e4
+    msg = _reject(encode_upload(tensors, np.zeros(8)))
+    assert A in msg and "over the bound 10000" in msg
+    tensors[A][1, 2] = -9e3  # within the default bound; a schema may be stricter
+    assert decode_upload(encode_upload(tensors, np.zeros(8)), _schema()).tensors[A][1, 2] == -9e3
+    assert "over the bound 100" in _reject(encode_upload(tensors, np.zeros(8)), _schema(max_abs=100.0))
+    with pytest.raises(ValueError, match="max_abs"):
+        _schema(max_abs=float("inf"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import random
-from pathlib import Path
 
 import numpy as np
 
 from client.training import TrainConfig, merge_into, save_model, train_lora
+from common.atomic import check_replaceable
 from common.errors import PrimeError
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, profile_pairs
+from common.models import MODEL_CONFIG_FILE
 from simulations.commands.predict import add_model_args, load_model
 from simulations.commands.train_lora import add_training_args, train_config
 
@@ -55,9 +56,7 @@ def _adapt(args: argparse.Namespace) -> int:
     config = train_config(args)
     if args.max_pairs is not None and args.max_pairs < 1:
         raise PrimeError(f"--max-pairs must be at least 1, got {args.max_pairs}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise PrimeError(f"--out {out}: exists and is not a folder")
+    out = check_replaceable(args.out, MODEL_CONFIG_FILE)
     dataset = load_lamp(args.data, split=args.split)
     users = adaptation_users(dataset, args.user_ids, args.fraction, args.seed)
     pairs = [pair for u in users for pair in profile_pairs(dataset.task, u.profile)]

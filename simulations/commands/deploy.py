@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from common.atomic import output_folder
 from simulations.deploy import DeployConfig, deploy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S")
+    out = output_folder(args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S"))
     result = deploy(
         DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
     )

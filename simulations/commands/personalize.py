@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from common.adapters import CONFIG_FILE, LoraAdapter
+from common.atomic import check_replaceable
 from common.encoder import DEFAULT_ENCODER, load_embeddings, load_encoder, user_embedding
 from common.errors import PrimeError
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
-from server.personalize import SearchConfig, personalize
+from server.personalize import RESULT_FILE, SearchConfig, personalize
 from server.search import OPTIMIZERS
 
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -74,6 +75,7 @@ def _personalize(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, weight_level=args.weight_level, history_fraction=args.history_fraction,
         min_sharers=args.min_sharers, seed=args.seed, batch_size=args.batch_size,
     )
+    check_replaceable(args.out, RESULT_FILE)
     dataset = load_lamp(args.data, split=args.split)
     target = dataset.user(args.user)
     sharers_root = Path(args.sharers)

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from common.atomic import output_folder
 from common.federation import FederationConfig
 from simulations.simulate import default_nodes, parse_overrides, results_table, simulate
 
@@ -34,6 +35,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.out:
         overrides["out-dir"] = args.out
     config = FederationConfig.from_run_config(overrides)
+    output_folder(config.out_dir)  # a file there is a one-line error now, not a traceback after the run
     started = time.perf_counter()
     report = simulate(config, args.nodes or default_nodes(config))
     print(results_table(report))

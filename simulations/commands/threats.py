@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import output_folder
 from common.errors import PrimeError
 from common.lora_math import random_adapter
 from common.models import load_base
@@ -107,7 +108,7 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 
 
 def _threats(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = output_folder(args.out)
     meta = {"command": command_line(args), "model_spec": args.model_spec}
     plots = not args.no_plots
     progress = not args.no_progress

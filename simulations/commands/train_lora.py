@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from client.training import TrainConfig, train_lora
+from common.adapters import CONFIG_FILE
+from common.atomic import check_replaceable, replace_folder
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
 from simulations.commands.predict import add_model_args, load_model
@@ -70,15 +71,14 @@ def _train(args: argparse.Namespace) -> int:
     pairs = profile_pairs(dataset.task, user.profile)
     if not pairs:
         raise PrimeError(f"{args.data}: user {args.user!r} has no history to train on")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise PrimeError(f"--out {out}: exists and is not a folder")
+    out = check_replaceable(args.out, CONFIG_FILE)
     model, tokenizer, name = load_model(args)
     adapter, stats = train_lora(model, tokenizer, pairs, config, progress=not args.no_progress)
     adapter.base_model = name
-    adapter.save(out)
     info = {"user": user.user_id, "task": dataset.task.lamp_id, "model": name, "config": config.__dict__, "stats": stats.to_dict()}
-    (out / "training_stats.json").write_text(json.dumps(info, indent=1, default=list) + "\n")
+    with replace_folder(out, marker=CONFIG_FILE) as tmp:  # adapter and its stats replace an earlier run together
+        adapter.save(tmp)
+        (tmp / "training_stats.json").write_text(json.dumps(info, indent=1, default=list) + "\n")
     print(
         f"trained LoRA r={config.r} for {user.user_id} on {stats.examples} pairs: loss {stats.first_loss:.3f} -> "
         f"{stats.final_loss:.3f} ({stats.examples_per_s:.1f} examples/s) -> {out}"

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic import write_text
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe copy: numpy scalars to Python, non-finite floats to None."""
@@ -35,7 +37,5 @@ def _clean(value: Any) -> Any:
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write one attack's result (non-finite numbers become null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(payload), indent=2) + "\n")
-    return path
+    return write_text(path, json.dumps(_clean(payload), indent=2) + "\n")
+

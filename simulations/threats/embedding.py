@@ -10,7 +10,6 @@ majority group's share) and against the same probe on shuffled labels.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -20,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
 
+from common.atomic import dict_rows, write_csv
 from common.encoder import Encoder, embed_users, load_encoder
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate
 from simulations.threats.leak import ThreatError
@@ -66,12 +66,7 @@ class EmbeddingResult:
         return {"attack": "embedding", **asdict(self)}
 
     def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        return path
+        return write_csv(path, dict_rows(self.rows))
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, probe: str, folds: int, seed: int) -> tuple[float, float]:

@@ -13,7 +13,6 @@ and PriME merges at several alpha, all released as the coordinator does.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common.atomic import write_csv, write_with
 from common.adapters import LoraAdapter, applied
 from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits
@@ -108,13 +108,9 @@ class MembershipResult:
         return {"attack": "membership", **asdict(self)}
 
     def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["setting", "auroc", "member_loss", "nonmember_loss", *[f"auroc_{s}" for s in self.sharer_ids]])
-            for row in self.rows:
-                writer.writerow([row["setting"], row["auroc"], row["member_loss"], row["nonmember_loss"], *row["auroc_per_sharer"]])
-        return path
+        header = ["setting", "auroc", "member_loss", "nonmember_loss", *[f"auroc_{s}" for s in self.sharer_ids]]
+        return write_csv(path, [header] + [[row["setting"], row["auroc"], row["member_loss"], row["nonmember_loss"],
+                                            *row["auroc_per_sharer"]] for row in self.rows])
 
 
 def membership_auroc(member_losses: Sequence[float], nonmember_losses: Sequence[float]) -> float:
@@ -266,6 +262,6 @@ def plot(result: MembershipResult, path: str | Path) -> Path:
     ax.set_xlabel("AUROC of the loss attack (members vs fresh same-group items)")
     ax.set_title("Membership inference on sharers' training items")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return Path(path)

@@ -16,7 +16,6 @@ Per module, merge i is `M_i = sum_s W_is D_s` (D_s = sharer s's update).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from common.atomic import dict_rows, write_csv, write_with
 from common.adapters import LoraAdapter
 from common.lora_math import check_compatible, factors, merge_exact
 from server.release import release
@@ -66,12 +66,7 @@ class RecoveryResult:
         return {"attack": "recovery", "settings": list(SETTINGS), **asdict(self)}
 
     def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        return path
+        return write_csv(path, dict_rows(self.rows))
 
 
 def delta64(adapter: LoraAdapter, module: str) -> np.ndarray:
@@ -234,6 +229,6 @@ def plot(result: RecoveryResult, path: str | Path) -> Path:
     ax.set_title(f"Recovering individual LoRA updates (r={result.r}, {result.modules} modules)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return Path(path)
