@@ -298,8 +298,7 @@ class Coordinator:
             upload = decode_upload(payload, schema)
             if upload.metadata.get("user-id") != node.user_id:
                 raise NodeReplyError(f"upload names user {upload.metadata.get('user-id')!r}, node registered {node.user_id!r}")
-            meta = self.lora_shape.check_meta(upload.metadata)
-            check_tensors({k: torch.from_numpy(v) for k, v in upload.tensors.items()}, self.lora_shape.shapes, "upload")
+            meta = self.lora_shape.check_meta(upload.metadata)  # shapes and magnitudes: decode_upload checked them
             embedding = check_embedding(upload.embedding)
             metrics = read_metrics(reply.content)
             self.registry.add(node.user_id, node_id=str(node_id), user_id=node.user_id, upload_id=upload_id,

@@ -25,12 +25,8 @@ from common.adapters import AdapterError, LoraAdapter
 from common.errors import PrimeError
 from common.ids import check_user_id
 from common.tasks import TaskSpec
+from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
-MAX_ABS_WEIGHT = 1e4
-"""Largest |value| accepted in a LoRA tensor. Trained LoRA factors here are
-O(0.01-1) (A starts at ~1/sqrt(d_in), B at 0); 1e4 leaves four orders of
-magnitude for honest drift and refuses the finite-but-absurd values (1e30)
-that would overflow every merge they enter."""
 MAX_HISTORY_ITEMS = 4096
 MAX_TEXT_CHARS = 64 * 1024
 MAX_COUNT = 10_000_000
@@ -128,7 +124,7 @@ def read_metrics(content: RecordDict, required: tuple[str, ...] = ()) -> dict[st
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
-    """Exact key set and shapes, finite values, |value| <= MAX_ABS_WEIGHT."""
+    """Exact key set and shapes, finite values, |value| <= `common.wire.DEFAULT_MAX_ABS`."""
     extra = sorted(set(tensors) - set(shapes))
     if extra:
         raise NodeReplyError(f"{what} has an unexpected tensor {extra[0]!r}")
@@ -139,11 +135,9 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
         value = tensors[name]
         if tuple(value.shape) != tuple(shapes[name]):
             raise NodeReplyError(f"{what} tensor {name!r} has shape {list(value.shape)}, expected {list(shapes[name])}")
-        if not torch.isfinite(value).all():
-            raise NodeReplyError(f"{what} tensor {name!r} has non-finite values")
-        peak = float(value.abs().max()) if value.numel() else 0.0
-        if peak > MAX_ABS_WEIGHT:
-            raise NodeReplyError(f"{what} tensor {name!r} has |value| {peak:.3g} > {MAX_ABS_WEIGHT:g}")
+        problem = magnitude_problem(value.detach().to("cpu", torch.float32).numpy(), DEFAULT_MAX_ABS)
+        if problem:
+            raise NodeReplyError(f"{what} tensor {name!r} {problem}")
 
 
 @dataclass(frozen=True)
