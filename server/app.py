@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.federation import FederationConfig
+from common.logs import setup_app
 from server.coordinator import Coordinator
 from server.registry import load_registry_key
 
@@ -29,14 +30,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _log_progress() -> None:
-    """Show our phase progress at INFO without raising every library (httpx, ray) to INFO."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("server", "common", "client"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
+    """Show our phase and search progress at INFO, without third-party INFO lines or deprecation warnings."""
+    setup_app()
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> Path:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 import common.models as models
+import simulations.simulate as simulate_module
 from common.errors import PrimeError
 from common.models import CACHE_ENV, GEMMA_SPEC, default_cache_dir, resolve_cache_dir
 from simulations.cli import build_parser, main
 
 # The arguments each command needs besides the model options (only parsed, never run).
 REQUIRED = {
+    "simulate": [],
     "eval": [],
     "personalize": ["--data", "d", "--sharers", "s", "--user", "u", "--out", "o"],
     "threats": ["leak", "--out", "o"],
@@ -59,6 +61,7 @@ def cache_seen(monkeypatch, tmp_path):
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "moved-cache"))
     monkeypatch.setattr(models, "gemma_checkpoint", convert)
+    monkeypatch.setattr(simulate_module, "gemma_checkpoint", convert)
     return seen
 
 
@@ -75,6 +78,7 @@ def test_prime_fl_cache_moves_the_cache_of_every_model_command(cache_seen, tmp_p
     (sharer / "adapter_config.json").write_text("{}")
     gemma = ["--model-spec", GEMMA_SPEC]
     runs = {
+        "simulate": ["simulate", "--out", str(tmp_path / "sim"), *gemma],
         "eval": ["eval", "--synthetic", "rating", "--synth-users", "8", "--synth-history", "4", "--synth-queries", "1",
                  "--targets", "1", "--sharers", "2", "--encoder", "hashing", "--out", str(tmp_path / "eval"), "--no-progress", *gemma],
         "personalize": ["personalize", "--data", str(data), "--sharers", str(tmp_path / "sharers"), "--user", "u000",
