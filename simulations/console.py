@@ -21,6 +21,7 @@ from common.progress import Progress, parse
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _OWN_LINE = re.compile(r"^\S+ \S+ [A-Z]+ (?:" + "|".join(OWN_LOGGERS) + r")(?:\.[\w.]+)?: ")
 _ERROR = re.compile(r"\bERROR\b")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): ")  # the last line of a traceback: what went wrong
 
 # Environment for the processes of a run (SuperLink, ServerApp, Ray actors): their
 # libraries' progress bars and advisory warnings off at the source, where a filter
@@ -35,18 +36,18 @@ QUIET_ENV = {
 
 
 def shown(line: str, verbose: bool) -> bool:
-    """Whether a relayed line reaches the user: with `verbose` every line, else ours and errors."""
+    """Whether a relayed line reaches the user: with `verbose` every line, else ours, errors and raised exceptions."""
     text = _ANSI.sub("", line)
-    return verbose or bool(_OWN_LINE.match(text) or _ERROR.search(text))
+    return verbose or bool(_OWN_LINE.match(text) or _ERROR.search(text) or _RAISED.match(text))
 
 
 class RelayedRun:
     """Prints the shown lines of a relayed run to `out`, drawing progress lines as one bar per phase."""
 
-    def __init__(self, out: TextIO = sys.stdout, verbose: bool = False) -> None:
-        self.out = out
+    def __init__(self, out: TextIO | None = None, verbose: bool = False) -> None:
+        self.out = out or sys.stdout  # looked up per run: pytest and redirections replace sys.stdout
         self.verbose = verbose
-        self.bars = out.isatty()
+        self.bars = self.out.isatty()
         self._bar: tqdm | None = None
         self._bar_name = ""
 

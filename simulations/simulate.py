@@ -77,8 +77,6 @@ def simulate(
     num_nodes: int,
     *,
     verbose: bool = False,
-    relay: RelayedRun | None = None,
-    app_dir: Path = PROJECT_ROOT,
 ) -> dict[str, Any]:
     """Run every phase as a Flower simulation with `num_nodes` SuperNodes; returns the written report."""
     run_config = absolute_paths(config)
@@ -100,10 +98,11 @@ def simulate(
     else:
         env.update(QUIET_ENV)
     procs = Processes(flower / "logs", env)
-    relay = relay or RelayedRun(verbose=verbose)
+    relay = RelayedRun(verbose=verbose)
+    started = time.time()
     with Interrupts() as interrupts:
         try:
-            _run(procs, app_dir, port, num_nodes, config_file, verbose, relay)
+            _run(procs, port, num_nodes, config_file, verbose, relay)
         finally:
             relay.close()
             interrupts.stopping()
@@ -111,8 +110,8 @@ def simulate(
     if leftover:
         raise LaunchError(f"processes {leftover} could not be stopped")
     report_path = out / "report.json"
-    if not report_path.exists():
-        raise ConfigError(f"the simulation ended without a report at {report_path}: see {flower / 'logs'}")
+    if not report_path.exists() or report_path.stat().st_mtime < started:  # not an earlier run's report
+        raise ConfigError(f"the simulation ended without a report at {report_path}: see {procs.logs['flwr-run']}")
     return json.loads(report_path.read_text())
 
 
@@ -123,7 +122,7 @@ def _write_connection(flwr_home: Path, address: str) -> None:
     (flwr_home / "config.toml").write_text(tomli_w.dumps(connections), encoding="utf-8")
 
 
-def _run(procs: Processes, app_dir: Path, port: int, num_nodes: int, config_file: Path, verbose: bool,
+def _run(procs: Processes, port: int, num_nodes: int, config_file: Path, verbose: bool,
          relay: RelayedRun) -> None:
     """Start the SuperLink, submit the run and relay its output until `flwr run --stream` ends."""
     superlink = procs.start("superlink", [
@@ -134,7 +133,7 @@ def _run(procs: Processes, app_dir: Path, port: int, num_nodes: int, config_file
     federation = (f"num-supernodes={num_nodes} client-resources-num-cpus=1 init-args-num-cpus={os.cpu_count() or 1} "
                   f"verbose={'true' if verbose else 'false'}")
     run = procs.start("flwr-run", [
-        tool("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+        tool("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
         "--federation-config", federation, "--run-config", str(config_file),
     ])
     log_file = procs.logs["flwr-run"]
