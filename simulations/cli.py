@@ -73,10 +73,18 @@ def _command_in(argv: Sequence[str]) -> str:
     return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
+def _verbose_in(argv: Sequence[str]) -> bool:
+    """Whether -v/--verbose comes before the subcommand (where the full parser takes it)."""
+    words = list(argv)
+    command = _command_in(words)
+    before = words[: words.index(command)] if command else words
+    return "-v" in before or "--verbose" in before
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    setup_command_line(_verbose_in(argv))  # before the command's module is imported: imports warn too
     args = build_parser(_command_in(argv)).parse_args(argv)
-    setup_command_line(args.verbose)
     try:
         return int(args.func(args) or 0)
     except PrimeError as err:
