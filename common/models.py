@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 TINY_SPEC = "tiny"
 GEMMA_SPEC = "gemma3-270m"
 DEFAULT_SPEC = GEMMA_SPEC
-CACHE_ENV = "PRIME_FL_CACHE"  # read by entry points only, passed down as `cache_dir`
+CACHE_ENV = "PRIME_FL_CACHE"  # read by `resolve_cache_dir` at entry points only, passed down as `cache_dir`
 MODEL_CONFIG_FILE = "config.json"  # marks a model folder: `save_checkpoint` replaces only folders holding one
 _CHECKPOINT_FILES = (MODEL_CONFIG_FILE, "model.safetensors", "tokenizer_config.json")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -41,6 +43,16 @@ class UnsafeWeightsError(ModelSpecError):
 def default_cache_dir() -> Path:
     """Where converted checkpoints live unless a caller says otherwise."""
     return Path.home() / ".cache" / "prime-fl"
+
+
+def resolve_cache_dir(option: str | Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The cache folder a command uses: its --model-cache option, else $PRIME_FL_CACHE, else the default.
+
+    The one place the variable is read, by every command that loads a model,
+    so that it moves the cache for all of them alike.
+    """
+    chosen = option or environ.get(CACHE_ENV)
+    return Path(chosen).expanduser() if chosen else default_cache_dir()
 
 
 def load_base(

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.errors import PrimeError
 from common.federation import ConfigError, FederationConfig
+from common.logs import setup_app
 from server.coordinator import Coordinator
 from server.registry import load_registry_key
 from server.replies import one_line
@@ -47,14 +48,8 @@ def write_failed_report(run_config: Mapping[str, Any], err: Exception) -> Path:
 
 
 def _log_progress() -> None:
-    """Show our phase progress at INFO without raising every library (httpx, ray) to INFO."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("server", "common", "client"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
+    """Show our phase and search progress at INFO, without third-party INFO lines or deprecation warnings."""
+    setup_app()
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> Path:

@@ -351,7 +351,8 @@ class Coordinator:
             started = time.perf_counter()
             candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
             seeded = dataclasses.replace(self.search, seed=target_seed(self.config.seed, user_id))
-            result = personalize(model, tokenizer, task, history, embedding, candidates, seeded, progress=False)
+            result = personalize(model, tokenizer, task, history, embedding, candidates, seeded, progress=False,
+                                 progress_name=f"search {user_id}")
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
             log.info("target %s: sharers %s, objective %.3f (unmerged %.3f)%s, %.0f s", user_id,

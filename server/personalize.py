@@ -13,7 +13,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from common.adapters import LoraAdapter
 from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.lora_math import merge_exact
+from common.progress import report as report_progress
 from server.release import release
 from common.tasks import TaskSpec
 from server.fitness import DEFAULT_BATCH_SIZE, WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
@@ -146,8 +147,14 @@ def personalize(
     config: SearchConfig = SearchConfig(),
     *,
     progress: bool = True,
+    progress_name: str | None = None,
 ) -> PersonalizationResult:
-    """Run PriME for one target on `model` (the task-adapted base; left unchanged)."""
+    """Run PriME for one target on `model` (the task-adapted base; left unchanged).
+
+    `progress` draws a terminal bar. With `progress_name`, each generation is
+    also logged as a `common.progress` line under that name with the best
+    objective so far, for processes whose output is relayed as text (the ServerApp).
+    """
     t0 = time.perf_counter()
     chosen = select_top_k(
         np.asarray(target_embedding), {sid: np.asarray(emb) for sid, (_, emb) in sharers.items()},
@@ -171,7 +178,8 @@ def personalize(
         ),
     )
     with torch.inference_mode():
-        found = run_search(evaluator.evaluate, evaluator.unmerged, optimizer, progress=progress)
+        found = run_search(evaluator.evaluate, evaluator.unmerged, optimizer, progress=progress,
+                           on_generation=_progress_lines(progress_name, config.budget))
     t3 = time.perf_counter()
     weights = None
     adapter = None
@@ -199,3 +207,10 @@ def personalize(
         searched_weights=None if found.searched_weights is None else found.searched_weights.reshape(evaluator.weight_shape).tolist(),
         history_size=len(evaluator.prompts),
     )
+
+
+def _progress_lines(name: str | None, budget: int) -> Callable[[int, float], None] | None:
+    """A search callback logging one `common.progress` line per generation (None without a name)."""
+    if name is None:
+        return None
+    return lambda done, best: report_progress(name, done, budget, best=f"{best:.4f}")

@@ -191,8 +191,13 @@ def run_search(
     optimizer: Optimizer,
     *,
     progress: bool = True,
+    on_generation: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
     """Ask/evaluate/tell for `optimizer.config.budget` generations; keep the best candidate ever seen.
+
+    `progress` draws a terminal bar; `on_generation(generations done, best
+    objective so far)` is for callers that report progress elsewhere (the
+    ServerApp, whose output Flower relays as text).
 
     `evaluate` maps a population [P, dim] to one object per row with
     `utility`, `privacy`, `objective` attributes (server.fitness.FitnessParts).
@@ -229,6 +234,8 @@ def run_search(
             }
         )
         bar.set_postfix(best=f"{best_parts.objective:.4f}")
+        if on_generation is not None:
+            on_generation(gen + 1, float(best_parts.objective))
     fallback = best_parts is None or not best_parts.objective > unmerged_parts.objective
     return SearchResult(
         best_weights=None if fallback else best_w,

@@ -37,6 +37,7 @@ from common.task_model import load_task_model
 from server.fitness import history_task
 from server.personalize import SearchConfig, personalize
 from server.reference import reference_predictions
+from simulations.model_options import add_model_options, model_cache
 
 
 class PeakRSS:
@@ -117,7 +118,7 @@ def bench_task(model, tokenizer, task_name: str, args: argparse.Namespace, model
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--model", default="gemma3-270m", help="model spec or HF model folder (default %(default)s)")
+    add_model_options(parser)
     parser.add_argument("--task-adapter", default=None, help="task LoRA folded into the model (task-adapted base)")
     parser.add_argument("--tasks", nargs="+", default=["tagging", "headline"], help="default %(default)s")
     parser.add_argument("--k", type=int, default=3)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = psutil.Process()
     before = proc.memory_info().rss
     task_adapter = LoraAdapter.load(args.task_adapter) if args.task_adapter else None
-    model, tokenizer = load_task_model(args.model, None, task_adapter)
+    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter)
     loaded_rss = proc.memory_info().rss
     with torch.inference_mode():  # page every weight in: the resident size of a model that has served once
         model(**tokenizer(["Warm-up."], return_tensors="pt"))
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = [bench_task(model, tokenizer, name, args, model_rss, before) for name in args.tasks]
     report = {
-        "model": args.model,
+        "model": args.model_spec,
         "task_adapted": task_adapter is not None,
         "sharer_adapters": f"random-initialised non-zero LoRAs (r={args.rank}, std={args.lora_std}), not trained",
         "settings": vars(args),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,8 +26,9 @@ from client.training import TrainConfig, merge_into, train_lora
 from common.inference import generate, predict, predict_labels
 from common.lamp import profile_pairs, query_prompts, write_json_files
 from common.metrics import fitness, parse_label, task_metrics
-from common.models import CACHE_ENV, GEMMA_SPEC, load_base, load_gemma_gguf
+from common.models import GEMMA_SPEC, load_base, load_gemma_gguf
 from common.synthetic import SyntheticConfig, baseline_scores, generate as synth_generate
+from simulations.model_options import add_model_options, model_cache
 
 
 def _timed(fn):
@@ -114,9 +114,8 @@ def _table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON report file")
-    parser.add_argument("--cache-dir", default=None, help=f"converted-checkpoint cache (default ${CACHE_ENV} or ~/.cache/prime-fl)")
     parser.add_argument("--tasks", nargs="+", default=["rating", "tagging"], choices=["rating", "tagging"])
-    parser.add_argument("--model-spec", default=GEMMA_SPEC, help="model for the task figures (tiny: smoke test)")
+    add_model_options(parser, default=GEMMA_SPEC, spec_help="model for the task figures (tiny: smoke test)")
     parser.add_argument("--skip-load", action="store_true", help="do not time Gemma loading")
     parser.add_argument("--skip-gguf", action="store_true", help="do not time the (slow) GGUF load")
     parser.add_argument("--adapt-users", type=int, default=8, help="users pooled for task adaptation (the first ones)")
@@ -132,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cache = args.cache_dir or os.environ.get(CACHE_ENV)
-    cache_dir = Path(cache) if cache else None
+    cache_dir = model_cache(args)
     report = {"threads": torch.get_num_threads(), "args": vars(args), "tasks": {}}
     report["load"] = {} if args.skip_load else bench_load(cache_dir, not args.skip_gguf)
     for task in args.tasks:

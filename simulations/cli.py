@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import NamedTuple, Sequence
 
 from common.errors import PrimeError
+from common.logs import setup_command_line
 
 
 class Command(NamedTuple):
@@ -58,7 +58,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "evolutionary merging of LoRA adapters shared by other users."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages, and show third-party output and warnings")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         if only is None or command.name == only:
@@ -73,13 +73,18 @@ def _command_in(argv: Sequence[str]) -> str:
     return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
+def _verbose_in(argv: Sequence[str]) -> bool:
+    """Whether -v/--verbose comes before the subcommand (where the full parser takes it)."""
+    words = list(argv)
+    command = _command_in(words)
+    before = words[: words.index(command)] if command else words
+    return "-v" in before or "--verbose" in before
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    setup_command_line(_verbose_in(argv))  # before the command's module is imported: imports warn too
     args = build_parser(_command_in(argv)).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         return int(args.func(args) or 0)
     except PrimeError as err:

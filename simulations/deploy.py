@@ -24,42 +24,26 @@ current environment instead of building one per run.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import logging
 import os
-import shlex
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 import tomllib
-import uuid
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from common.errors import PrimeError
+from simulations.deploy_keys import NodeKeys, TlsFiles, generate_node_keys, generate_tls
+from simulations.supervisor import HOST, Interrupts, LaunchError, Processes, free_port, tool, wait_listening
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "prime-fl-deploy"
-HOST = "127.0.0.1"
 FINISHED = "finished"
 POLL_S = 3.0
 SLOW_POLL_S = 20.0
 
 
-class DeployError(PrimeError):
+class DeployError(LaunchError):
     """The deployment could not start, timed out, or the run did not complete."""
 
 
@@ -83,19 +67,6 @@ class DeployConfig:
             raise DeployError(f"{self.app_dir}: not a Flower app directory (no pyproject.toml)")
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-@dataclass(frozen=True)
-class NodeKeys:
-    private_key: Path
-    public_key: Path
-
-
 @dataclass
 class DeployResult:
     """Summary written to `deploy.json`."""
@@ -110,92 +81,6 @@ class DeployResult:
     app_outputs: list[str] = field(default_factory=list)
     logs: dict[str, str] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
-
-
-# -- key material ------------------------------------------------------------
-def _write_secret(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
-def generate_tls(directory: Path, days: int = 7) -> TlsFiles:
-    """A throwaway CA and a SuperLink server certificate for 127.0.0.1 / localhost, signed by it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "PriME-FL local deployment CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_secret(
-        files.server_key,
-        server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
-    return files
-
-
-def generate_node_keys(directory: Path, count: int) -> list[NodeKeys]:
-    """ECDSA P-384 key pairs in OpenSSH format: what `flower-supernode --auth-supernode-private-key` reads."""
-    directory.mkdir(parents=True, exist_ok=True)
-    keys = []
-    for index in range(count):
-        key = ec.generate_private_key(ec.SECP384R1())
-        pair = NodeKeys(directory / f"supernode-{index}", directory / f"supernode-{index}.pub")
-        _write_secret(
-            pair.private_key,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            ),
-        )
-        pair.public_key.write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            + b"\n"
-        )
-        keys.append(pair)
-    return keys
-
-
-def free_port() -> int:
-    """A TCP port the kernel considers free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def write_flwr_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
@@ -213,205 +98,14 @@ def write_flwr_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
     return path
 
 
-# -- processes ---------------------------------------------------------------
-MARKER = "PRIME_FL_DEPLOY_ID"
-KILL_WAIT_S = 5.0
-
-
-class Processes:
-    """Children started in their own sessions, each logging to a file; `stop()` ends them and all they spawned.
-
-    Flower processes spawn further ones (the SuperLink starts a SuperExec in a
-    session of its own, which starts the ServerApp), and those outlive their
-    parents. So `stop()` does not trust the parent links alone: it also takes
-    every process created since `self.since` that is in a session recorded
-    here or carries this deployment's `MARKER` environment variable.
-    """
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.token = uuid.uuid4().hex
-        self.env = dict(env, **{MARKER: self.token})
-        self.since = time.time() - 1.0  # create_time has a coarse clock
-        self.started: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-        self._known: dict[int, psutil.Process] = {}
-        self._sessions: set[int] = set()
-        self._own_session = os.getsid(0)
-
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen:
-        path = self.log_dir / f"{name}.log"
-        with path.open("ab") as handle:
-            handle.write(f"$ {shlex.join(argv)}\n".encode())
-            handle.flush()
-            proc = subprocess.Popen(
-                list(argv), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True,
-            )
-        self.started[name] = proc
-        self.logs[name] = path
-        self._sessions.add(proc.pid)
-        self._remember(psutil.Process(proc.pid))
-        return proc
-
-    def run(self, name: str, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
-        """A short command (CLI call) with its output captured and appended to its log."""
-        try:
-            done = subprocess.run(list(argv), capture_output=True, text=True, env=self.env, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as err:
-            raise DeployError(f"`{shlex.join(argv)}` did not finish within {timeout:.0f} s") from err
-        path = self.log_dir / f"{name}.log"
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}[exit {done.returncode}]\n")
-        self.logs[name] = path
-        return done
-
-    def _remember(self, proc: psutil.Process) -> None:
-        self._known.setdefault(proc.pid, proc)
-        try:
-            sid = os.getsid(proc.pid)
-        except OSError:
-            return
-        if sid != self._own_session:
-            self._sessions.add(sid)
-
-    def remember_descendants(self) -> None:
-        """Record grandchildren (SuperExec, ServerApp, ClientApp) and their sessions while their parents live."""
-        for proc in list(self._known.values()):
-            try:
-                for child in proc.children(recursive=True):
-                    self._remember(child)
-            except psutil.NoSuchProcess:
-                continue
-
-    def _belongs(self, proc: psutil.Process) -> bool:
-        """Created by this deployment: in one of its sessions, or carrying its marker (pid-reuse safe by age)."""
-        try:
-            if proc.create_time() < self.since:
-                return False
-            if os.getsid(proc.pid) in self._sessions:
-                return True
-            return proc.environ().get(MARKER) == self.token
-        except (psutil.Error, OSError):
-            return False
-
-    def collect(self) -> None:
-        """Find every live process of this deployment, also orphans whose parents are already gone."""
-        self.remember_descendants()
-        me = os.getpid()
-        for proc in psutil.process_iter():
-            if proc.pid != me and proc.pid not in self._known and self._belongs(proc):
-                self._remember(proc)
-        self.remember_descendants()
-
-    @property
-    def pids(self) -> list[int]:
-        """Every process seen: started ones and their recorded descendants."""
-        return sorted(self._known)
-
-    def alive(self) -> list[psutil.Process]:
-        alive = []
-        for proc in self._known.values():
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.NoSuchProcess:
-                continue
-        for proc in self.started.values():
-            proc.poll()  # reap our own children so they do not linger as zombies
-        return alive
-
-    def _signal_all(self, sig: int) -> None:
-        for proc in self.started.values():
-            if proc.poll() is None:  # an unreaped child's group id cannot have been reused
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-        for proc in self.alive():
-            try:
-                proc.send_signal(sig)  # psutil checks the process is still the one recorded
-            except psutil.NoSuchProcess:
-                continue
-
-    def _wait(self, timeout: float, hurry: Callable[[], bool]) -> list[psutil.Process]:
-        deadline = time.monotonic() + timeout
-        while (alive := self.alive()) and time.monotonic() < deadline and not hurry():
-            psutil.wait_procs(alive, timeout=0.2)
-        return alive
-
-    def stop(self, grace: float = 10.0, hurry: Callable[[], bool] = lambda: False) -> list[int]:
-        """SIGTERM everything of this deployment, SIGKILL what remains after `grace` s; returns pids still alive.
-
-        `hurry()` becoming true (a second Ctrl-C) cuts the grace period short.
-        Signals go through psutil handles (safe against pid reuse) or to the
-        groups of children not yet reaped (whose group ids cannot be reused).
-        """
-        self.collect()
-        self._signal_all(signal.SIGTERM)
-        alive = self._wait(grace, hurry)
-        self.collect()  # anything spawned while shutting down
-        alive = self.alive()
-        if alive:
-            log.warning("killing %d process(es) still running after SIGTERM: %s", len(alive), [p.pid for p in alive])
-        self._signal_all(signal.SIGKILL)
-        return [p.pid for p in self._wait(KILL_WAIT_S, lambda: False)]
-
-
-class _Interrupts:
-    """Ctrl-C / SIGTERM handling: the first signal raises KeyboardInterrupt, later ones never interrupt cleanup.
-
-    After the first signal (and once `stopping()` is entered) further signals
-    only set `hurry`, which makes `Processes.stop` skip the SIGTERM grace period.
-    Signal handlers can only be set from the main thread; elsewhere this does nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.hurry = False
-        self._interrupted = False
-        self._previous: dict[int, object] = {}
-
-    def _handler(self, signum: int, frame: object) -> None:
-        if self._interrupted:
-            self.hurry = True
-            log.warning("signal %d: already stopping; killing the remaining processes now", signum)
-            return
-        self._interrupted = True
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
-        return self
-
-    def stopping(self) -> None:
-        """From now on no signal raises: the cleanup must run to its end."""
-        self._interrupted = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-# -- the deployment ----------------------------------------------------------
 def _flwr_cli() -> list[str]:
-    return [_tool("flwr")]
-
-
-def _tool(name: str) -> str:
-    path = Path(sys.executable).with_name(name)
-    if not path.exists():
-        raise DeployError(f"{name} not found next to {sys.executable}: is flwr installed in this environment?")
-    return str(path)
+    return [tool("flwr")]
 
 
 def superlink_argv(tls: TlsFiles, port: int, database: Path | None = None) -> list[str]:
     """`flower-superlink` with TLS and SuperNode authentication, all APIs on one loopback port."""
     argv = [
-        _tool("flower-superlink"),
+        tool("flower-superlink"),
         "--ssl-ca-certfile", str(tls.ca_cert),
         "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key),
@@ -426,7 +120,7 @@ def superlink_argv(tls: TlsFiles, port: int, database: Path | None = None) -> li
 def supernode_argv(address: str, ca_cert: Path, private_key: Path, index: int, nodes: int) -> list[str]:
     """`flower-supernode` number `index` of `nodes`, authenticating with its private key over TLS."""
     return [
-        _tool("flower-supernode"),
+        tool("flower-supernode"),
         "--superlink", address,
         "--root-certificates", str(ca_cert),
         "--auth-supernode-private-key", str(private_key),
@@ -449,18 +143,6 @@ def _app_config(app_dir: Path) -> dict:
             "`flwr run` (flwr >= 1.42) would move out by rewriting the file; remove it first"
         )
     return flwr.get("app", {}).get("config", {})
-
-
-def wait_listening(port: int, proc: subprocess.Popen, name: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeployError(f"{name} exited with code {proc.returncode} during startup (see its log)")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise DeployError(f"{name} did not listen on {HOST}:{port} within the startup timeout")
 
 
 def _run_status(procs: Processes, run_id: str) -> tuple[str, str]:
@@ -502,7 +184,7 @@ def deploy(config: DeployConfig) -> DeployResult:
     procs = Processes(log_dir, env)
     result = DeployResult(str(run_dir), None, "not started", 0.0, address, config.nodes,
                           str(app_out) if app_out else None)
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         try:
             _launch(procs, config, tls, node_keys, port, app_dir, run_config, result, start)
         finally:

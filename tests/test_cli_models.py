@@ -50,7 +50,7 @@ def test_adapt_then_predict_with_the_adapted_model(data_dirs, tmp_path, capsys):
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
 
     preds_file = tmp_path / "preds" / "outputs.json"
-    code, out, _ = _run(capsys, "predict", "--data", str(data_dirs["rating"]), "--model", str(model_dir), "--users", "3", "--out", str(preds_file))
+    code, out, _ = _run(capsys, "predict", "--data", str(data_dirs["rating"]), "--model-spec", str(model_dir), "--users", "3", "--out", str(preds_file))
     assert code == 0
     preds = json.loads(preds_file.read_text())
     assert preds["task"] == "LaMP_3" and len(preds["golds"]) == 6
@@ -108,7 +108,7 @@ def test_train_lora_is_deterministic(data_dirs, tmp_path, capsys):
         (["adapt", *TINY, "--fraction", "0"], "adapt", "--fraction must be in (0, 1]"),
         (["adapt", *TINY, "--max-pairs", "0"], "adapt", "--max-pairs"),
         (["adapt", *TINY, "--epochs", "0"], "adapt", "epochs must be >= 1"),
-        (["predict", "--model", "/no/such/folder"], "predict", "not a folder"),
+        (["predict", "--model-spec", "/no/such/folder"], "predict", "unknown model spec"),
         (["predict", *TINY, "--users", "0"], "predict", "--users must be at least 1"),
         (["predict", *TINY, "--batch-size", "0"], "predict", "--batch-size"),
     ],

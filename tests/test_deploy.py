@@ -15,19 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from simulations.cli import main
-from simulations.deploy import (
-    HOST,
-    DeployConfig,
-    DeployError,
-    Processes,
-    deploy,
-    free_port,
-    generate_node_keys,
-    generate_tls,
-    superlink_argv,
-    supernode_argv,
-    wait_listening,
-)
+from simulations.deploy import DeployConfig, DeployError, deploy, superlink_argv, supernode_argv
+from simulations.deploy_keys import generate_node_keys, generate_tls
+from simulations.supervisor import HOST, Processes, free_port, wait_listening
 
 PYPROJECT = """\
 [build-system]

@@ -23,22 +23,10 @@ def _config(tmp_path, **overrides) -> FederationConfig:
 
 
 def _simulate(config: FederationConfig, num_nodes: int) -> dict:
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
+    """Through `prime-fl simulate`'s launcher: a simulation-mode SuperLink, `flwr run`, every process stopped."""
+    from simulations.simulate import simulate
 
-    from client.app import app as client_app
-    from server.app import run_federation
-
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context) -> None:  # the run config travels in the closure, as --run-config would set it
-        run_federation(grid, config)
-
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    run_simulation(server_app, client_app, num_supernodes=num_nodes,
-                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
-    return json.loads((config.out_dir and open(os.path.join(config.out_dir, "report.json")).read()))
+    return simulate(config, num_nodes)
 
 
 def test_full_protocol_on_tiny_model(tmp_path):

@@ -131,7 +131,7 @@ def test_cli_personalize_writes_result(disk_world, capsys):
     tmp_path, data = disk_world
     target = data.users[0].user_id
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", target,
-            "--model", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "2", "--popsize", "3",
+            "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "2", "--popsize", "3",
             "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -150,14 +150,14 @@ def test_cli_uses_embeddings_file(disk_world):
     emb["u005"] = emb["u004"] = emb[ids[0]] + 0.01
     save_embeddings(tmp_path / "sharers" / "embeddings.npz", emb, "test")
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", ids[0],
-            "--model", "tiny", "--k", "2", "--budget", "1", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
+            "--model-spec", "tiny", "--k", "2", "--budget", "1", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(args) == 0
     assert json.loads((tmp_path / "o" / "result.json").read_text())["sharer_ids"] == ["u004", "u005"]
 
 
 def test_cli_errors_exit_2(disk_world, capsys):
     tmp_path, data = disk_world
-    base = ["personalize", "--data", str(tmp_path / "data"), "--model", "tiny", "--encoder", "hashing:32", "--out", str(tmp_path / "x")]
+    base = ["personalize", "--data", str(tmp_path / "data"), "--model-spec", "tiny", "--encoder", "hashing:32", "--out", str(tmp_path / "x")]
     assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", "nobody"]) == 2
     assert "unknown user" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -12,7 +12,7 @@ from common.atomic import check_replaceable
 from common.errors import PrimeError
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, profile_pairs
 from common.models import MODEL_CONFIG_FILE
-from simulations.commands.predict import add_model_args, load_model
+from simulations.model_options import add_model_options, load_model
 from simulations.commands.train_lora import add_training_args, train_config
 
 
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         help=summary,
         description=(
             "Pool the history pairs of the adaptation users, train one LoRA on them, merge it into the base "
-            "weights and save the task-adapted model as a Hugging Face folder (use it with --model). "
+            "weights and save the task-adapted model as a Hugging Face folder (use it with --model-spec). "
             "training.json in that folder records the users, settings and losses."
         ),
     )
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         "--fraction", type=float, default=0.25, help="else this share of users, seeded by --seed (default %(default)s)"
     )
     parser.add_argument("--max-pairs", type=int, default=None, help="train on at most this many pooled pairs (sampled by seed)")
-    add_model_args(parser, "start from this model folder instead of --model-spec")
+    add_model_options(parser)
     add_training_args(parser, TrainConfig())
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_adapt)

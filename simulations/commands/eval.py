@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.models import resolve_cache_dir
 from simulations import experiment, tables
 from simulations.experiment import EvalConfig, EvalConfigError
+from simulations.model_options import add_model_options
 
 _LIST = "comma-separated"
 
@@ -41,8 +43,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
     add("--alphas", help=f"{_LIST} PriME privacy weights (default 0,0.5,1,2)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
-    add("--model-spec", help="gemma3-270m (default), tiny (tests), or an HF model folder")
-    add("--model-cache", help="cache folder for the converted Gemma checkpoint")
+    add_model_options(parser, default=None, spec_help="gemma3-270m (default), tiny (tests), or an HF model folder")
     add("--encoder", help="user encoder: minilm (default), hashing[:DIM], or a sentence-transformers folder")
     add("--targets", type=int, help="target users per seed (default 4)")
     add("--sharers", type=int, help="sharers per seed (default 8)")
@@ -85,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     values = experiment.read_config_file(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     values = {str(k).replace("-", "_"): v for k, v in values.items()} | flags
+    values["model_cache"] = str(resolve_cache_dir(values.get("model_cache")))
     return EvalConfig.from_mapping(values, where=args.config or "flags")
 
 

@@ -16,6 +16,7 @@ from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
 from server.personalize import RESULT_FILE, SearchConfig, personalize
 from server.search import OPTIMIZERS
+from simulations.model_options import add_model_options, model_cache
 
 EMBEDDINGS_FILE = "embeddings.npz"
 
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     parser.add_argument("--user", required=True, help="target user id")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--model", default="gemma3-270m", help="base model: gemma3-270m (default), tiny, or an HF model folder")
+    add_model_options(parser)
     parser.add_argument("--task-adapter", default=None, help="task LoRA folder folded into the base model before merging")
     parser.add_argument("--embeddings", default=None, help=f".npz of user embeddings (default: SHARERS/{EMBEDDINGS_FILE} if present)")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder for embeddings missing from the file (default %(default)s)")
@@ -82,7 +83,7 @@ def _personalize(args: argparse.Namespace) -> int:
     dirs = _sharer_dirs(sharers_root)
     dirs.pop(args.user, None)  # a target never merges its own adapter
     task_adapter = LoraAdapter.load(args.task_adapter) if args.task_adapter else None
-    model, tokenizer = load_task_model(args.model, None, task_adapter)
+    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter)
 
     emb_path = Path(args.embeddings) if args.embeddings else sharers_root / EMBEDDINGS_FILE
     if args.embeddings and not emb_path.is_file():
@@ -101,7 +102,7 @@ def _personalize(args: argparse.Namespace) -> int:
         model, tokenizer, dataset.task, profile_pairs(dataset.task, target.profile),
         np.asarray(embeddings[args.user]), sharers, config, progress=not args.no_progress,
     )
-    result.extra = {"user": args.user, "task": dataset.task.lamp_id, "model": args.model}
+    result.extra = {"user": args.user, "task": dataset.task.lamp_id, "model": args.model_spec}
     out = result.save(args.out)
     verdict = "unmerged model kept (no merge beat it)" if result.fallback else f"weights {json.dumps(result.weights)}"
     print(

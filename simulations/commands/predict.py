@@ -1,14 +1,9 @@
-"""`prime-fl predict`: answer held-out queries with a base or task-adapted model (+ adapter) and score them.
-
-Also home of the model options every model-using command shares.
-"""
+"""`prime-fl predict`: answer held-out queries with a base or task-adapted model (+ adapter) and score them."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import time
 from pathlib import Path
 
@@ -16,37 +11,8 @@ from common.adapters import LoraAdapter
 from common.inference import predict
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, query_prompts, write_json_files
 from common.metrics import task_metrics
-from common.models import CACHE_ENV, DEFAULT_SPEC, default_cache_dir, load_base
 from common.errors import PrimeError
-
-log = logging.getLogger(__name__)
-
-
-def add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
-    """--model-spec / --model / --cache-dir, shared by adapt, train-lora and predict."""
-    parser.add_argument(
-        "--model-spec",
-        default=DEFAULT_SPEC,
-        help="base model: gemma3-270m (embedded, default), tiny (random test model) or a local HF model folder",
-    )
-    parser.add_argument("--model", default=None, help=model_help)
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help=f"where the converted Gemma checkpoint is cached (default: ${CACHE_ENV} or {default_cache_dir()})",
-    )
-
-
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer, name) from --model (a folder) or else --model-spec; the cache dir comes from flag or env."""
-    cache = args.cache_dir or os.environ.get(CACHE_ENV)
-    spec = args.model or args.model_spec
-    if args.model is not None and not Path(args.model).is_dir():
-        raise PrimeError(f"--model {args.model}: not a folder (give a folder written by `prime-fl adapt`)")
-    start = time.perf_counter()
-    model, tokenizer = load_base(spec, cache_dir=Path(cache) if cache else None)
-    log.info("loaded %s in %.1f s", spec, time.perf_counter() - start)
-    return model, tokenizer, spec
+from simulations.model_options import add_model_options, load_model
 
 
 def select_users(dataset: LampDataset, user_ids: list[str] | None, limit: int | None) -> list[LampUser]:
@@ -73,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     parser.add_argument("--data", required=True, help="LaMP-layout folder")
     parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
-    add_model_args(parser, "a model folder (e.g. written by `prime-fl adapt`); overrides --model-spec")
+    add_model_options(parser)
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to apply on top of the model")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--user", dest="user_ids", nargs="+", default=None, metavar="ID", help="only these users")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from common.atomic import output_folder
 from common.federation import FederationConfig
-from simulations.simulate import default_nodes, parse_overrides, results_table, simulate
+from common.models import resolve_cache_dir
+from simulations.model_options import add_model_options
+from simulations.simulate import default_nodes, parse_overrides, phase_lines, results_table, simulate
 
 
 def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
@@ -16,17 +18,20 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         "simulate",
         help=summary,
         description=(
-            "Run the ServerApp and one ClientApp per user as a Flower simulation on this machine: FedAvg task "
-            "adaptation, sealed LoRA uploads into the encrypted registry, privacy-penalized CMA-ES merges for the "
-            "targets, held-out evaluation. Every key of [tool.flwr.app.config] in pyproject.toml can be overridden "
-            "with --run-config, exactly as with `flwr run . --run-config`. Writes OUT/report.json, OUT/targets.csv, "
-            "each target's search trace under OUT/targets/, and prints the results table."
+            "Run the ServerApp and one ClientApp per user as a Flower simulation on this machine (a SuperLink in "
+            "simulation mode, started and stopped here): FedAvg task adaptation, sealed LoRA uploads into the "
+            "encrypted registry, privacy-penalized CMA-ES merges for the targets, held-out evaluation. Every key of "
+            "[tool.flwr.app.config] in pyproject.toml can be overridden with --run-config, exactly as with "
+            "`flwr run . --run-config`. Writes OUT/report.json, OUT/targets.csv, each target's search trace under "
+            "OUT/targets/, Flower's logs under OUT/flower/logs/, and prints the results table. Shows our phase lines "
+            "and search progress; `prime-fl -v simulate` shows everything Flower relays."
         ),
     )
     parser.add_argument("--run-config", default="", metavar="'K=V ...'",
                         help="overrides, e.g. 'task=\"rating\" alpha=1.0 budget=4' (TOML values)")
     parser.add_argument("--out", default=None, help="output folder (default: the run config's out-dir)")
     parser.add_argument("--nodes", type=int, default=None, help="simulated SuperNodes (default: one per user)")
+    add_model_options(parser, default=None, spec_help="base model (default: the run config's model-spec, gemma3-270m)")
     parser.set_defaults(func=_simulate)
 
 
@@ -34,10 +39,15 @@ def _simulate(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.run_config)
     if args.out:
         overrides["out-dir"] = args.out
+    if args.model_spec:
+        overrides["model-spec"] = args.model_spec
+    overrides["model-cache"] = str(resolve_cache_dir(args.model_cache or overrides.get("model-cache")))
     config = FederationConfig.from_run_config(overrides)
     output_folder(config.out_dir)  # a file there is a one-line error now, not a traceback after the run
     started = time.perf_counter()
-    report = simulate(config, args.nodes or default_nodes(config))
+    report = simulate(config, args.nodes or default_nodes(config), verbose=args.verbose)
+    print("\n".join(phase_lines(report)))
+    print()
     print(results_table(report))
-    print(f"\nwall time {time.perf_counter() - started:.0f} s; report: {Path(config.out_dir) / 'report.json'}")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s; report: {Path(config.out_dir).resolve() / 'report.json'}")
     return 0

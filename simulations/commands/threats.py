@@ -11,7 +11,7 @@ import numpy as np
 from common.atomic import output_folder
 from common.errors import PrimeError
 from common.lora_math import random_adapter
-from common.models import load_base
+from simulations.model_options import add_model_options, load_model
 from simulations.threats import write_json
 from simulations.threats import membership as mia
 from simulations.threats import recovery as rec
@@ -46,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     m, e, r = mia.MembershipConfig(), EmbeddingConfig(), rec.RecoveryConfig()
     parser.add_argument("attack", choices=ATTACKS, help="which attack (all: every one, leak/recovery on the trained adapters)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--model-spec", default="gemma3-270m", help="gemma3-270m (default), tiny, or an HF model folder")
-    parser.add_argument("--model-cache", default=None, help="folder of converted checkpoints (default ~/.cache/prime-fl)")
+    add_model_options(parser)
     parser.add_argument("--task", default=m.task, help="synthetic task: tagging (default), rating, headline")
     parser.add_argument("--seed", type=int, default=m.seed, help="random seed (default %(default)s)")
     parser.add_argument("--sharers", type=int, default=m.sharers, help="k, sharers in a merge (default %(default)s)")
@@ -126,7 +125,7 @@ def _threats(args: argparse.Namespace) -> int:
                   f"(shuffled {row['shuffled_accuracy']:.3f}, chance {row['chance']:.3f})")
     if args.attack == "embedding":
         return _done(written)
-    model, tokenizer = load_base(args.model_spec, Path(args.model_cache) if args.model_cache else None)
+    model, tokenizer, _ = load_model(args)
     adapters = None
     if mconfig is not None:
         t = time.perf_counter()

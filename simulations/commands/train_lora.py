@@ -13,7 +13,7 @@ from common.adapters import CONFIG_FILE
 from common.atomic import check_replaceable, replace_folder
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
-from simulations.commands.predict import add_model_args, load_model
+from simulations.model_options import add_model_options, load_model
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
     parser.add_argument("--user", required=True, help="the user whose history to train on")
     parser.add_argument("--out", required=True, help="adapter folder to write")
-    add_model_args(parser, "a model folder to train on (e.g. from `prime-fl adapt`); overrides --model-spec")
+    add_model_options(parser)
     add_training_args(parser, TrainConfig())
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_train)
