@@ -29,16 +29,16 @@ def _uniform(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def fault_for(config: ConfigRecord, node_id: int, phase: str) -> str | None:
-    """The fault this node injects in `phase` under the run's fault settings, or None."""
+def fault_for(config: ConfigRecord, node: int, phase: str) -> str | None:
+    """The fault node `node` (its partition id, else its node id) injects in `phase`, or None."""
     fraction = float(config.get("fault-fraction", 0.0))
     if fraction <= 0 or phase not in str(config.get("fault-phases", "")).split(","):
         return None
     seed = int(config.get("fault-seed", 0))
-    if _uniform(seed, node_id, phase) >= fraction:
+    if _uniform(seed, node, phase) >= fraction:
         return None
     kinds = [k for k in str(config.get("fault-kinds", "")).split(",") if k in FAULT_KINDS]
-    return kinds[int(_uniform(seed, node_id, phase, "kind") * len(kinds))] if kinds else None
+    return kinds[int(_uniform(seed, node, phase, "kind") * len(kinds))] if kinds else None
 
 
 def _malformed(phase: str) -> RecordDict:
@@ -59,7 +59,8 @@ def injectable(phase: str) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         def run(msg: Message, context: Context) -> Message:
             config = msg.content.config_records.get("config", ConfigRecord())
-            fault = fault_for(config, context.node_id, phase)
+            # Partition ids are stable across runs (simulated node ids are not): the same seed, the same offenders.
+            fault = fault_for(config, int(context.node_config.get("partition-id", context.node_id)), phase)
             if fault == "error":
                 raise RuntimeError(f"injected fault: node fails in phase {phase}")
             if fault == "silent":

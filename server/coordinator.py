@@ -141,12 +141,12 @@ class Coordinator:
             elif reply.has_error():
                 reason = one_line(reply.error.reason)
                 log.warning("%s: node %s failed: %s", phase, node_id, reason)
-                self.report.skip(phase, node_id, f"node error: {reason}")
+                self.report.skip(phase, node_id, f"node error: {reason}", self._user_of(node_id))
             else:
                 replies[node_id] = reply
         for node_id in set(contents) - set(replies) - self.report.skipped_in(phase):
             log.warning("%s: node %s sent no reply within %.0f s", phase, node_id, self.config.phase_timeout)
-            self.report.skip(phase, node_id, f"no reply within {self.config.phase_timeout:.0f} s")
+            self.report.skip(phase, node_id, f"no reply within {self.config.phase_timeout:.0f} s", self._user_of(node_id))
         self.report.time(phase, time.perf_counter() - started)
         return replies
 
@@ -163,10 +163,15 @@ class Coordinator:
                 handle(node_id, reply)
             except PrimeError as err:
                 log.warning("%s: node %s skipped: %s", phase, node_id, one_line(err))
-                self.report.skip(phase, node_id, one_line(err))
+                self.report.skip(phase, node_id, one_line(err), self._user_of(node_id))
             except Exception as err:
                 log.exception("%s: node %s: unexpected failure on its reply", phase, node_id)
-                self.report.skip(phase, node_id, f"reply not usable ({type(err).__name__}: {one_line(err)})")
+                self.report.skip(phase, node_id, f"reply not usable ({type(err).__name__}: {one_line(err)})",
+                                 self._user_of(node_id))
+
+    def _user_of(self, node_id: int) -> str | None:
+        node = self.nodes.get(node_id)
+        return node.user_id if node else None
 
     def _open(self, reply: Message, phase: str) -> tuple[bytes, str]:
         """Verify and decrypt a sealed upload; `UploadRejected` names what failed."""

@@ -36,8 +36,9 @@ class RunReport:
     uploads: dict[str, dict[str, float]] = field(default_factory=dict)
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def skip(self, phase: str, node_id: int, reason: str) -> None:
-        self.skipped.append({"phase": phase, "node_id": int(node_id), "reason": reason})
+    def skip(self, phase: str, node_id: int, reason: str, user_id: str | None = None) -> None:
+        entry = {"phase": phase, "node_id": int(node_id), "reason": reason}
+        self.skipped.append(entry | ({"user_id": user_id} if user_id else {}))
 
     def skip_sharer(self, sharer_id: str, reason: str) -> None:
         """A registry entry left out of every merge (stored by an older, less strict run, or corrupted)."""

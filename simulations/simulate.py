@@ -177,6 +177,9 @@ def phase_lines(report: Mapping[str, Any]) -> list[str]:
     for phase, seconds in sorted(report.get("timings_s", {}).items(), key=lambda item: _phase_rank(item[0])):
         note = counts.get(phase) or rounds.get(phase, "")
         lines.append(f"{phase:<10} {seconds:8.1f} s  {note}".rstrip())
+    skipped = report.get("skipped", [])
+    if skipped:
+        lines.append(f"skipped    {len(skipped)} node reply(ies) or registry entries, each with its reason in report.json")
     return lines
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -50,4 +51,7 @@ def _simulate(args: argparse.Namespace) -> int:
     print()
     print(results_table(report))
     print(f"\nwall time {time.perf_counter() - started:.0f} s; report: {Path(config.out_dir).resolve() / 'report.json'}")
+    if report.get("status") != "complete":
+        print(f"run {report.get('status')}: {'; '.join(report.get('reasons', []))}", file=sys.stderr)
+        return 2
     return 0
