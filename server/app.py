@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.federation import FederationConfig
 from server.coordinator import Coordinator
+from server.personalize import check_optimizer
 from server.registry import load_registry_key
 
 app = ServerApp()
@@ -41,6 +42,7 @@ def _log_progress() -> None:
 
 def run_federation(grid: Grid, config: FederationConfig) -> Path:
     """Run every phase on `grid`; returns the path of the written report."""
+    check_optimizer(config.search)  # before any node works: common's run config cannot see server's registry
     env_key = os.environ.get("PRIME_FL_REGISTRY_KEY")
     key_file = None if env_key else (config.registry_key_file or str(Path(config.out_dir) / "registry.key"))
     key = load_registry_key(key_file, env_key, create=True)

@@ -22,19 +22,22 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.adapters import LoraAdapter
+from common.adapters import LoraAdapter, lora_shapes
 from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, UploadRejected, open_sealed
 from common.encoder import HashingEncoder, embed_users, load_encoder
-from common.federation import ADAPT, EVALUATE, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig
+from common.federation import (
+    ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig,
+)
 from common.lamp import LampDataset, load_lamp
 from common.plan import UserPlan, make_plan
 from common.records import adapter_from_records, adapter_to_records
+from common.settings import TrainConfig, recent, to_flat
 from common.synthetic import SyntheticConfig, generate, write_synthetic
 from common.task_model import load_task_model
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
-from server.personalize import SearchConfig, personalize, target_seed
+from server.personalize import personalize, target_seed
 from server.registry import Registry
 from server.report import RunReport
 
@@ -79,18 +82,13 @@ class Coordinator:
             "model-spec": c.model_spec,
             "model-cache": c.model_cache,
             "encoder": c.encoder,
-            "lora-r": c.lora_r,
-            "lora-alpha": c.lora_alpha,
-            "lr": c.lr,
-            "epochs": c.epochs,
-            "adapt-epochs": c.adapt_epochs,
-            "dp-clip": c.dp_clip,
-            "dp-noise": c.dp_noise,
-            "max-history": c.max_history,
-            "seed": c.seed,
             "coordinator-public": self.keys.public_bytes,
         }
         return ConfigRecord(values | extra)
+
+    def _settings(self, epochs: int | None = None) -> ConfigRecord:
+        """The node settings of a job, as one record (`common.settings.NodeConfig`)."""
+        return ConfigRecord(to_flat(self.config.node_config(epochs)))
 
     def _exchange(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         """Send one message per node; return the good replies, recording failures as skipped."""
@@ -176,7 +174,8 @@ class Coordinator:
         for round_ in range(1, self.config.adapt_rounds + 1):
             contents = {}
             for n in nodes:
-                content = RecordDict({"config": self._config(round=round_)})
+                content = RecordDict({"config": self._config(round=round_),
+                                      NODE_SETTINGS: self._settings(self.config.adapt_epochs)})
                 if self.task_adapter is not None:
                     adapter_to_records(self.task_adapter, "global", content)
                 contents[n] = content
@@ -193,7 +192,7 @@ class Coordinator:
             self.task_adapter.save(self.out_dir / "task_adapter")
 
     def _task_content(self, **extra: Any) -> RecordDict:
-        content = RecordDict({"config": self._config(**extra)})
+        content = RecordDict({"config": self._config(**extra), NODE_SETTINGS: self._settings()})
         if self.task_adapter is not None:
             adapter_to_records(self.task_adapter, "task", content)
         return content
@@ -203,15 +202,16 @@ class Coordinator:
         if self.config.reuse_registry and len(self.registry):
             log.info("reusing %d sharers from the registry; no share phase", len(self.registry))
             return
-        schema = UploadSchema.from_tensors(_reference_lora(model, self.config), embedding_dim,
-                                           required_metadata=("user-id", "r", "lora-alpha", "target-modules"))
+        train = self.config.node.train
+        schema = UploadSchema.from_tensors(lora_shapes(model, train.r, train.lora_alpha, train.target_modules),
+                                           embedding_dim, required_metadata=("user-id", "r", "lora-alpha", "target-modules"))
         nodes = self._nodes_of(plan.sharers)
         replies = self._exchange("share", SHARE, {n: self._task_content() for n in nodes})
         for node_id, reply in sorted(replies.items()):
             try:
                 payload, upload_id = self._open(reply, PHASE_SHARE)
                 upload = decode_upload(payload, schema)
-                _check_lora_meta(upload.metadata, self.config)
+                _check_lora_meta(upload.metadata, train)
             except UploadRejected as err:
                 self.report.skip("share", node_id, f"upload rejected: {err}")
                 continue
@@ -225,27 +225,25 @@ class Coordinator:
     def personalize(self, plan: UserPlan, model: torch.nn.Module, tokenizer: Any, task: Any, embedding_dim: int) -> None:
         """Per target: sealed profile in, privacy-penalized merge, one merged adapter out, metrics back."""
         nodes = self._nodes_of(plan.targets)
-        replies = self._exchange(PHASE_PROFILE, PROFILE, {n: RecordDict({"config": self._config()}) for n in nodes})
+        requests = {n: RecordDict({"config": self._config(), NODE_SETTINGS: self._settings()}) for n in nodes}
+        replies = self._exchange(PHASE_PROFILE, PROFILE, requests)
         schema = UploadSchema(tensor_shapes={}, embedding_dim=embedding_dim, required_metadata=("user-id", "history"))
         embeddings = self.registry.embeddings()
         sharers = {sid: (_stored_adapter(self.registry, sid), embeddings[sid]) for sid in self.registry.sharers()}
         c = self.config
-        search = SearchConfig(alpha=c.alpha, k=c.k, budget=c.budget, popsize=c.popsize, optimizer=c.optimizer,
-                              weight_level=c.weight_level, history_fraction=c.history_fraction,
-                              min_sharers=c.min_sharers, seed=c.seed)
         evaluations: dict[int, RecordDict] = {}
         for node_id, reply in sorted(replies.items()):
             user_id = self.nodes[node_id].user_id
             try:
                 payload, _ = self._open(reply, PHASE_PROFILE)
                 upload = decode_upload(payload, schema)
-                history = _history(upload.metadata["history"])
+                history = recent(_history(upload.metadata["history"]), c.node.max_history)
             except UploadRejected as err:
                 self.report.skip("profile", node_id, f"upload rejected: {err}")
                 continue
             started = time.perf_counter()
             candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
-            seeded = dataclasses.replace(search, seed=target_seed(c.seed, user_id))
+            seeded = dataclasses.replace(c.search, seed=target_seed(c.seed, user_id))
             result = personalize(model, tokenizer, task, history, upload.embedding, candidates, seeded, progress=False)
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
@@ -277,22 +275,13 @@ class Coordinator:
         return self.report
 
 
-def _reference_lora(model: torch.nn.Module, config: FederationConfig) -> dict[str, torch.Tensor]:
-    """State-dict shapes a well-formed sharer LoRA has on this base model (the upload schema)."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
-    targets = ["q_proj", "v_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets))
-    try:
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    finally:
-        peft_model.unload()
-
-
-def _check_lora_meta(meta: dict[str, Any], config: FederationConfig) -> None:
-    if int(meta["r"]) != config.lora_r or float(meta["lora-alpha"]) != float(config.lora_alpha):
-        raise UploadRejected("schema", f"LoRA r/alpha {meta['r']}/{meta['lora-alpha']} differ from the run's "
-                                       f"{config.lora_r}/{config.lora_alpha}")
+def _check_lora_meta(meta: dict[str, Any], train: TrainConfig) -> None:
+    """The upload's LoRA settings must be the ones the run asked its sharers to train with."""
+    modules = meta["target-modules"]
+    got = (int(meta["r"]), float(meta["lora-alpha"]), sorted(map(str, modules)) if isinstance(modules, list) else modules)
+    want = (train.r, float(train.lora_alpha), sorted(train.target_modules))
+    if got != want:
+        raise UploadRejected("schema", f"LoRA r/alpha/modules {got} differ from the run's {want}")
 
 
 def _stored_adapter(registry: Registry, sharer_id: str) -> LoraAdapter:

@@ -22,15 +22,9 @@ from common import metrics
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.inference import generate, predict_labels
+from common.settings import DEFAULT_BATCH_SIZE, WEIGHT_LEVELS
 from common.tasks import TaskSpec
 from server.mixed_lora import PopulationMixer
-
-WEIGHT_LEVELS = ("lora", "layer")
-# Rows (history item x candidate) per forward. On 2 CPU cores, Gemma 270M
-# decodes 3x faster per row at 32 than at 8 (the LM head and weights are read
-# once per step for the whole batch) and label scoring 1.4x; the KV cache and
-# logits of 32 short rows stay in the tens of MB (docs/engine.md).
-DEFAULT_BATCH_SIZE = 32
 
 
 class FitnessError(PrimeError):

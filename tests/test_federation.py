@@ -19,7 +19,7 @@ def _config(tmp_path, **overrides) -> FederationConfig:
         synth_users=10, synth_history=6, synth_queries=2, max_history=4, out_dir=str(tmp_path / "run"),
         phase_timeout=600.0,
     )
-    return FederationConfig(**(values | overrides))
+    return FederationConfig.from_run_config(values | overrides)
 
 
 def _simulate(config: FederationConfig, num_nodes: int) -> dict:
@@ -65,13 +65,17 @@ def test_full_protocol_on_tiny_model(tmp_path):
 
 
 def test_run_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ConfigError, match="unknown run config key 'alpah'"):
+    with pytest.raises(ConfigError, match="run config unknown key 'alpah'"):
         FederationConfig.from_run_config({"alpah": 1.0})
     with pytest.raises(ConfigError, match="'k' must be int"):
         FederationConfig.from_run_config({"k": "three"})
     with pytest.raises(ConfigError, match="min-sharers"):
         FederationConfig.from_run_config({"k": 1})
-    assert FederationConfig.from_run_config({"alpha": 1, "budget": 3.0}).alpha == 1.0
+    assert FederationConfig.from_run_config({"alpha": 1, "budget": 3.0}).search.alpha == 1.0
+    with pytest.raises(ConfigError, match="alpha must be a finite number >= 0"):  # SearchConfig's own check
+        FederationConfig.from_run_config({"alpha": -1})
+    with pytest.raises(ConfigError, match="dp-noise needs dp-clip"):  # NodeConfig's
+        FederationConfig.from_run_config({"dp-noise": 1.0})
     with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
         FederationConfig.from_run_config({"synth-quirks": True, "task": "rating"})
     assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth_quirks is True
