@@ -10,7 +10,6 @@ ClientApps an empty one).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -98,6 +97,5 @@ class FederationConfig:
         return to_flat(self, exposed_only=True)
 
     def node_config(self, epochs: int | None = None) -> NodeConfig:
-        """The record a node gets: the run's node settings, trained with the run seed (and `epochs` if given)."""
-        train = dataclasses.replace(self.node.train, seed=self.seed, epochs=epochs or self.node.train.epochs)
-        return dataclasses.replace(self.node, train=train)
+        """The record a node gets for a job: the run's node settings with the run seed (and `epochs` if given)."""
+        return self.node.for_job(self.seed, epochs)

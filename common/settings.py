@@ -299,6 +299,11 @@ class NodeConfig:
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise SettingError("node config: dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
 
+    def for_job(self, seed: int, epochs: int | None = None) -> NodeConfig:
+        """These settings for one job: trained with `seed` (the run's), for `epochs` when given (task adaptation)."""
+        train = dataclasses.replace(self.train, seed=seed, epochs=epochs or self.train.epochs)
+        return dataclasses.replace(self, train=train)
+
 
 def recent(items: Sequence[Any], limit: int) -> list[Any]:
     """The last `limit` items of a user's history: the one rule for how much of it is trained on and scored.
