@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from common.jsonable import plain
+
 
 @dataclass
 class RunReport:
@@ -44,10 +46,10 @@ class RunReport:
     def add_search(self, user_id: str, result: Any, seconds: float) -> None:
         self.targets[user_id] = {
             "sharers": list(result.sharer_ids),
-            "weights": _plain(result.weights),
+            "weights": plain(result.weights),
             "fallback": bool(result.fallback),
-            "fitness": _plain(result.best),
-            "unmerged_fitness": _plain(result.unmerged),
+            "fitness": plain(result.best),
+            "unmerged_fitness": plain(result.unmerged),
             "search_seconds": round(seconds, 3),
             "seed": int(result.config.seed),
         }
@@ -91,21 +93,6 @@ class RunReport:
             csv.writer(handle).writerows(lines)
         os.replace(tmp, directory / "targets.csv")
         return directory / "report.json"
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able copy of numpy arrays / dataclasses found in search results."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return _plain(asdict(value))
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from common.adapters import AdapterError, LoraAdapter
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
+from common.jsonable import plain
 from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.models import load_base
 from common.plan import UserPlan, make_plan
@@ -379,7 +380,7 @@ def _atomic_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=float))
+        tmp.write_text(json.dumps(plain(data), indent=2))
         os.replace(tmp, path)
     finally:
         if tmp.exists():

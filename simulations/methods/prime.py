@@ -54,7 +54,8 @@ class PriME(Method):
             ctx, target, preds, result.sharer_ids, weights=result.weights, fallback=result.fallback,
             trajectory=result.trajectory,
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
-                   "evaluations": result.evaluations, "timings": result.timings},
+                   "evaluations": result.evaluations, "timings": result.timings,
+                   "searched_weights": result.searched_weights},  # the best candidate, also when it lost
         )
 
 
