@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from common.settings import (
-    NAME, Check, NodeConfig, SearchConfig, SettingError, above, at_least, from_flat, section, setting, to_flat, validate,
+    NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, from_flat, section, setting, to_flat, validate,
 )
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
@@ -65,7 +65,7 @@ class FederationConfig:
     synth_history: int = setting(12, "synthetic: history items per user", at_least(1))
     synth_queries: int = setting(4, "synthetic: held-out queries per user", at_least(1))
     synth_quirks: bool = setting(False, "synthetic tagging: a personal exception to the group rule per user")
-    phase_timeout: float = setting(3600.0, "seconds a phase waits for its nodes", above(0))
+    phase_timeout: float = setting(3600.0, "seconds a phase waits for its nodes", POSITIVE)
     registry_key_file: str = setting("", "registry key file ('': OUT-DIR/registry.key or $PRIME_FL_REGISTRY_KEY)")
     reuse_registry: bool = setting(False, "skip the share phase when the registry already holds sharers")
     out_dir: str = setting("runs/flwr", "run folder: report, registry, targets' results", NAME)

@@ -55,14 +55,11 @@ def at_least(low: float) -> Check:
     return Check(lambda v: v >= low, f">= {low}")
 
 
-def above(low: float) -> Check:
-    return Check(lambda v: math.isfinite(v) and v > low, f"a finite number > {low}")
-
-
 def one_of(*values: str) -> Check:
     return Check(lambda v: v in values, f"one of {', '.join(values)}")
 
 
+POSITIVE = Check(lambda v: math.isfinite(v) and v > 0, "a positive number")
 NON_NEGATIVE = Check(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 FRACTION = Check(lambda v: 0 < v <= 1, "in (0, 1]")
 NAME = Check(lambda v: bool(str(v).strip()), "a non-empty name")
@@ -88,38 +85,39 @@ def section(record: type, **overrides: Any) -> Any:
 
 @dataclass(frozen=True)
 class Option:
-    """One setting as the flat surfaces see it: key, where it sits in the record tree, type, default, help, check."""
+    """One setting as the flat surfaces see it: key, where it sits in the record tree, type, help, ablation name."""
 
     key: str
     path: tuple[str, ...]
     kind: Any
-    default: Any
     help: str
-    check: Check | None
-    exposed: bool
     sweep: str | None
 
     @property
     def name(self) -> str:
         return self.path[-1]
 
+    def value_in(self, record: Any) -> Any:
+        """This setting's value in `record` (the record `options` was called on)."""
+        for name in self.path:
+            record = getattr(record, name)
+        return record
+
 
 def options(record: type, *, exposed_only: bool = False) -> list[Option]:
     """Every setting of `record` and its sections, in declaration order."""
     found: list[Option] = []
     hints = typing.get_type_hints(record)
-    instance = record()
     for f in dataclasses.fields(record):
         if f.metadata.get("section"):
             for opt in options(hints[f.name], exposed_only=exposed_only):
                 found.append(dataclasses.replace(opt, path=(f.name, *opt.path)))
         elif "help" in f.metadata and (f.metadata["exposed"] or not exposed_only):
             found.append(Option(key=f.metadata["key"] or f.name.replace("_", "-"), path=(f.name,), kind=hints[f.name],
-                                default=getattr(instance, f.name), help=f.metadata["help"], check=f.metadata["check"],
-                                exposed=f.metadata["exposed"], sweep=f.metadata["sweep"]))
+                                help=f.metadata["help"], sweep=f.metadata["sweep"]))
     keys = [o.key for o in found]
     if len(set(keys)) != len(keys):
-        raise TypeError(f"{record.__name__}: two settings share a key: {sorted(k for k in keys if keys.count(k) > 1)}")
+        raise TypeError(f"{record.__name__}: two settings share a key: {sorted({k for k in keys if keys.count(k) > 1})}")
     return found
 
 
@@ -144,9 +142,7 @@ def to_flat(record: Any, *, exposed_only: bool = False) -> dict[str, Any]:
     """{key: value} of every setting (tuples as lists, the form Flower records and TOML hold)."""
     flat = {}
     for opt in options(type(record), exposed_only=exposed_only):
-        value = record
-        for name in opt.path:
-            value = getattr(value, name)
+        value = opt.value_in(record)
         flat[opt.key] = list(value) if isinstance(value, tuple) else value
     return flat
 
@@ -235,7 +231,7 @@ class SearchConfig:
     k: int = setting(3, "number of sharers merged (top-k by embedding similarity)", at_least(1), sweep="ks")
     budget: int = setting(6, "search generations", at_least(1))
     popsize: int = setting(6, "candidates per generation", at_least(2))
-    sigma0: float = setting(0.5, "initial step size of the search", above(0))
+    sigma0: float = setting(0.5, "initial step size of the search", POSITIVE)
     optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned or tbpsa (server.search)", NAME,
                              sweep="optimizers")
     weight_level: str = setting("lora", "one weight per sharer (lora) or per sharer per layer (layer)",
@@ -267,9 +263,9 @@ class TrainConfig:
     """
 
     r: int = setting(8, "LoRA rank", at_least(1), key="lora-r")
-    lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", above(0))
+    lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
     target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers", NAMES, exposed=False)
-    lr: float = setting(1e-3, "LoRA learning rate", above(0))
+    lr: float = setting(1e-3, "LoRA learning rate", POSITIVE)
     epochs: int = setting(3, "LoRA epochs over a user's history", at_least(1))
     batch_size: int = setting(8, "training pairs per step", at_least(1), exposed=False)
     max_length: int = setting(512, "most tokens per training pair", at_least(2 * MIN_PROMPT_TOKENS), exposed=False)

@@ -118,11 +118,7 @@ def personalize(
     ids = [sid for sid, _ in chosen]
     adapters = [sharers[sid][0] for sid in ids]
     t1 = time.perf_counter()
-    evaluator = FitnessEvaluator(
-        model, tokenizer, task, target_history, adapters, config.alpha,
-        weight_level=config.weight_level, history_fraction=config.history_fraction,
-        seed=config.seed, batch_size=config.batch_size,
-    )
+    evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config)
     t2 = time.perf_counter()
     start = 1.0 / len(ids) if config.x0 is None else config.x0
     optimizer = make_optimizer(config.optimizer, OptimizerConfig(evaluator.dim, replace(config, x0=start)))

@@ -28,7 +28,7 @@ def add_setting_options(
     instead, `sweeps` giving the default values shown.
     """
     for opt in options(type(current), exposed_only=True):
-        value = _value(current, opt)
+        value = opt.value_in(current)
         if sweeps is not None and opt.sweep:
             shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sweeps.get(opt.name, (value,)))
             parser.add_argument(f"--{opt.sweep}", help=f"comma-separated: {opt.help} (ablation axis; default {shown})")
@@ -41,12 +41,6 @@ def setting_values(record: type, args: argparse.Namespace) -> dict[str, Any]:
     """{key: value} of the record's exposed settings given on the command line (None: not given)."""
     given = {opt.key: getattr(args, opt.key.replace("-", "_"), None) for opt in options(record, exposed_only=True)}
     return {key: value for key, value in given.items() if value is not None}
-
-
-def _value(record: Any, opt: Option) -> Any:
-    for name in opt.path:
-        record = getattr(record, name)
-    return record
 
 
 def _typed(opt: Option) -> Callable[[str], Any]:
