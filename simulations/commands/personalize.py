@@ -14,7 +14,7 @@ from common.errors import PrimeError
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
 from common.settings import SearchConfig, from_flat
-from server.personalize import personalize
+from server.personalize import check_optimizer, personalize
 from simulations.options import add_setting_options, setting_values
 
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -61,6 +61,7 @@ def _sharer_dirs(root: Path) -> dict[str, Path]:
 
 def _personalize(args: argparse.Namespace) -> int:
     config = from_flat(SearchConfig, setting_values(SearchConfig, args) | {"seed": args.seed})
+    check_optimizer(config)  # before the model loads
     dataset = load_lamp(args.data, split=args.split)
     target = dataset.user(args.user)
     sharers_root = Path(args.sharers)
