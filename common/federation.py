@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from common.settings import (
     NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, from_flat, section, setting, to_flat, validate,
 )
+from common.synthetic import SyntheticConfig
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
 REGISTER = "query.register"
@@ -61,10 +62,7 @@ class FederationConfig:
                                     Check(lambda v: 0 <= v < 1, "in [0, 1)"))
     adapt_rounds: int = setting(1, "FedAvg rounds of the task LoRA (0: no task adaptation)", at_least(0))
     adapt_epochs: int = setting(2, "local epochs of one adaptation round", at_least(1))
-    synth_users: int = setting(24, "synthetic: number of users", at_least(1))
-    synth_history: int = setting(12, "synthetic: history items per user", at_least(1))
-    synth_queries: int = setting(4, "synthetic: held-out queries per user", at_least(1))
-    synth_quirks: bool = setting(False, "synthetic tagging: a personal exception to the group rule per user")
+    synth: SyntheticConfig = section(SyntheticConfig, n_users=24, history=12)  # data from the run's task and seed
     phase_timeout: float = setting(3600.0, "seconds a phase waits for its nodes", POSITIVE)
     registry_key_file: str = setting("", "registry key file ('': OUT-DIR/registry.key or $PRIME_FL_REGISTRY_KEY)")
     reuse_registry: bool = setting(False, "skip the share phase when the registry already holds sharers")
@@ -80,7 +78,7 @@ class FederationConfig:
             raise ConfigError(f"run config k={s.k} is below min-sharers={s.min_sharers}")
         if self.num_sharers < s.k:
             raise ConfigError(f"run config num-sharers={self.num_sharers} is below k={s.k}")
-        if self.synth_quirks and (self.data_dir or self.task != "tagging"):
+        if self.synth.quirks and (self.data_dir or self.task != "tagging"):
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
 
     @classmethod

@@ -33,7 +33,7 @@ from common.lamp import LampDataset, load_lamp
 from common.plan import UserPlan, make_plan
 from common.records import adapter_from_records, adapter_to_records
 from common.settings import TrainConfig, recent, to_flat
-from common.synthetic import SyntheticConfig, generate, write_synthetic
+from common.synthetic import generate, write_synthetic
 from common.task_model import load_task_model
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
@@ -133,8 +133,7 @@ class Coordinator:
             self.data_dir = Path(c.data_dir).resolve()
         else:
             self.data_dir = (self.out_dir / "data" / c.task).resolve()
-            synth = generate(SyntheticConfig(task=c.task, n_users=c.synth_users, history=c.synth_history,
-                                             queries=c.synth_queries, seed=c.seed, quirks=c.synth_quirks))
+            synth = generate(dataclasses.replace(c.synth, task=c.task, seed=c.seed))
             write_synthetic(synth, self.data_dir)
         return load_lamp(self.data_dir)
 

@@ -56,12 +56,8 @@ class EvalConfig:
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
-    synth_users: int = 48
-    synth_groups: int = 4
-    synth_history: int = 24
-    synth_queries: int = 4
+    synth: SyntheticConfig = field(default_factory=SyntheticConfig)  # its task is `synthetic`, its seed `synth_seed`
     synth_seed: int = 0
-    synth_quirks: bool = False
     methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: int = 1
     model_spec: str = "gemma3-270m"
@@ -84,14 +80,13 @@ class EvalConfig:
             raise EvalConfigError("give exactly one of --data DIR and --synthetic TASK")
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
             raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.synthetic!r}")
-        if self.synth_quirks and self.synthetic != "tagging":
+        if self.synth.quirks and self.synthetic != "tagging":
             raise EvalConfigError("--synth-quirks needs --synthetic tagging")
         for name in self.methods:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:
             raise EvalConfigError("--methods is empty")
-        positive = ("seeds", "targets", "sharers", "adapt_epochs", "adapt_max_pairs", "rag_k", "synth_users",
-                    "synth_history", "synth_queries")
+        positive = ("seeds", "targets", "sharers", "adapt_epochs", "adapt_max_pairs", "rag_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise EvalConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -127,8 +122,10 @@ class EvalConfig:
         own = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
         search_keys = {o.key for o in options(SearchConfig, exposed_only=True) if not o.sweep}
         node_keys = {o.key for o in options(NodeConfig, exposed_only=True)}
+        synth_keys = {o.key for o in options(SyntheticConfig, exposed_only=True)}
         kwargs: dict[str, Any] = {}
         search: dict[str, Any] = {}
+        synth: dict[str, Any] = {}
         node: dict[str, Any] = to_flat(DEFAULT_NODE, exposed_only=True)
         sweeps: dict[str, tuple] = dict(DEFAULT_SWEEPS)
         for raw_key, value in values.items():
@@ -144,6 +141,8 @@ class EvalConfig:
                     search[key] = value
                 elif key in node_keys:
                     node[key] = value
+                elif key in synth_keys:
+                    synth[key] = value
                 elif key.replace("-", "_") in own:
                     kwargs[key.replace("-", "_")] = _coerce(own[key.replace("-", "_")], value, f"{where}: key {raw_key!r}")
                 else:
@@ -155,6 +154,7 @@ class EvalConfig:
         try:
             kwargs["search"] = from_flat(SearchConfig, search, exposed_only=True)
             kwargs["node"] = from_flat(NodeConfig, node, exposed_only=True)
+            kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
         except SettingError as err:
             raise EvalConfigError(f"{where}: {err}") from None
         return cls(sweeps=sweeps, **kwargs)
@@ -164,11 +164,11 @@ class EvalConfig:
         own = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in _SECTIONS}
         search = {k: v for k, v in to_flat(self.search, exposed_only=True).items() if k not in _SWEPT_KEYS}
         sweeps = {_plural(name): list(values) for name, values in self.sweeps.items()}
-        settings = search | sweeps | to_flat(self.node, exposed_only=True)
+        settings = to_flat(self.synth, exposed_only=True) | search | sweeps | to_flat(self.node, exposed_only=True)
         return own | {key.replace("-", "_"): value for key, value in settings.items()}
 
 
-_SECTIONS = ("search", "sweeps", "node")
+_SECTIONS = ("synth", "search", "sweeps", "node")
 _SEARCH_OPTIONS = {o.name: o for o in options(SearchConfig, exposed_only=True)}
 SWEEPS = {o.sweep: o.name for o in _SEARCH_OPTIONS.values() if o.sweep}  # plural key -> SearchConfig field
 _SWEPT_KEYS = {o.key for o in _SEARCH_OPTIONS.values() if o.sweep}
@@ -242,20 +242,16 @@ class Cell:
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
     users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
-    fields = ("data", "split", "synthetic", "synth_users", "synth_groups", "synth_history", "synth_queries", "synth_seed",
-              "model_spec", "encoder", "targets", "sharers", "adapt_fraction", "adapt_epochs", "adapt_max_pairs")
-    settings = {f: getattr(config, f) for f in fields} | {"node": to_flat(config.node)}
-    if config.synth_quirks:  # only when set, so the caches of quirk-free runs keep their keys
-        settings["synth_quirks"] = True
+    fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
+              "adapt_epochs", "adapt_max_pairs")
+    settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": to_flat(config.node)}
     text = json.dumps([dataset.task.lamp_id, users, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def synthetic_truth(config: EvalConfig) -> Synthetic:
     """The synthetic benchmark of a `--synthetic` run, with its latent truth (regenerated: deterministic)."""
-    return generate(SyntheticConfig(task=str(config.synthetic), n_users=config.synth_users, n_groups=config.synth_groups,
-                                    history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed,
-                                    quirks=config.synth_quirks))
+    return generate(dataclasses.replace(config.synth, task=str(config.synthetic), seed=config.synth_seed))
 
 
 def load_dataset(config: EvalConfig) -> LampDataset:
@@ -270,9 +266,9 @@ def load_dataset(config: EvalConfig) -> LampDataset:
 
 
 def add_quirk_copies(config: EvalConfig, records: list[dict[str, Any]]) -> None:
-    """With `synth_quirks`, give every record `quirk_copies` and `quirk_chances`
+    """With `synth-quirks`, give every record `quirk_copies` and `quirk_chances`
     (see `Synthetic.quirk_copies`); the table turns them into a leakage row."""
-    if not config.synth_quirks:
+    if not config.synth.quirks:
         return
     synth = synthetic_truth(config)
     for record in records:

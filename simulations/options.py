@@ -32,6 +32,9 @@ def add_setting_options(
         if sweeps is not None and opt.sweep:
             shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sweeps.get(opt.name, (value,)))
             parser.add_argument(f"--{opt.sweep}", help=f"comma-separated: {opt.help} (ablation axis; default {shown})")
+        elif opt.kind is bool:  # a switch: --name / --no-name
+            parser.add_argument(f"--{opt.key}", action=argparse.BooleanOptionalAction, default=None if layered else value,
+                                help=f"{opt.help} (default {'on' if value else 'off'})")
         else:
             parser.add_argument(f"--{opt.key}", type=_typed(opt), default=None if layered else value,
                                 help=f"{opt.help} (default {value})")

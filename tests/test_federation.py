@@ -78,7 +78,7 @@ def test_run_config_rejects_unknown_keys_and_bad_values():
         FederationConfig.from_run_config({"dp-noise": 1.0})
     with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
         FederationConfig.from_run_config({"synth-quirks": True, "task": "rating"})
-    assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth_quirks is True
+    assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth.quirks is True
 
 
 def test_pyproject_run_config_matches_the_config_defaults():

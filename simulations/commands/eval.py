@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from common.settings import SearchConfig
+from common.synthetic import SyntheticConfig
 from simulations import experiment, tables
 from simulations.experiment import EvalConfig, EvalConfigError
 from simulations.options import add_setting_options
@@ -33,13 +34,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--data", help="LaMP-layout folder")
     add("--split", choices=("train", "dev"), help="which split when the folder holds several")
     add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline) into OUT/data")
-    add("--synth-users", type=int, help="synthetic: number of users (default 48)")
-    add("--synth-groups", type=int, help="synthetic: latent preference groups (default 4)")
-    add("--synth-history", type=int, help="synthetic: history items per user (default 24)")
-    add("--synth-queries", type=int, help="synthetic: held-out queries per user (default 4)")
+    add_setting_options(parser, SyntheticConfig(), layered=True)
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
-    add("--synth-quirks", action="store_const", const=True,
-        help="synthetic tagging: give every user a personal exception to the group rule, so no sharer is a clone")
     add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
     add("--model-spec", help="gemma3-270m (default), tiny (tests), or an HF model folder")
