@@ -24,17 +24,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.faults import injectable
-from client.privacy import clip_and_noise
-from client.training import TrainConfig, train_lora
+from client.training import train_lora, train_sharer
 from common.adapters import applied
 from common.crypto import NodeIdentity, new_upload_id, seal
 from common.encoder import Encoder, load_encoder, user_embedding
-from common.federation import PHASE_PROFILE, PHASE_SHARE
+from common.federation import NODE_SETTINGS, PHASE_PROFILE, PHASE_SHARE
 from common.key_endorsement import parse_pinned_identity, trusted_identity, verify_endorsement
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs, query_prompts
 from common.metrics import task_metrics
 from common.records import adapter_from_records, adapter_to_records, has_adapter
+from common.settings import NodeConfig, from_flat, recent
 from common.task_model import load_task_model
 from common.wire import encode_upload
 
@@ -70,14 +70,9 @@ def _user(context: Context, config: ConfigRecord) -> tuple[LampDataset, LampUser
     return dataset, dataset.users[int(context.node_config["partition-id"]) % len(dataset.users)]
 
 
-def _train_config(config: ConfigRecord, epochs_key: str = "epochs") -> TrainConfig:
-    return TrainConfig(
-        r=int(config["lora-r"]),
-        lora_alpha=int(config["lora-alpha"]),
-        lr=float(config["lr"]),
-        epochs=int(config[epochs_key]),
-        seed=int(config["seed"]),
-    )
+def _settings(msg: Message) -> NodeConfig:
+    """The node settings the coordinator sent for this job (training, history cut, upload privacy)."""
+    return from_flat(NodeConfig, dict(msg.content.config_records[NODE_SETTINGS]))
 
 
 def _coordinator_key(context: Context, config: ConfigRecord) -> tuple[bytes, str]:
@@ -127,10 +122,6 @@ def _task_model(msg: Message):
     return load_task_model(str(config["model-spec"]), str(config["model-cache"]) or None, task_adapter)
 
 
-def _history(dataset: LampDataset, user: LampUser, limit: int) -> list[tuple[str, str]]:
-    return profile_pairs(dataset.task, user.profile)[-limit:]
-
-
 @app.query("register")
 @injectable("register")
 def register(msg: Message, context: Context) -> Message:
@@ -158,8 +149,9 @@ def adapt(msg: Message, context: Context) -> Message:
     dataset, user = _user(context, config)
     model, tokenizer = load_task_model(str(config["model-spec"]), str(config["model-cache"]) or None, None)
     init = adapter_from_records(msg.content, "global") if has_adapter(msg.content, "global") else None
-    pairs = profile_pairs(dataset.task, user.profile)
-    adapter, stats = train_lora(model, tokenizer, pairs, _train_config(config, "adapt-epochs"), progress=False, init=init)
+    settings = _settings(msg)
+    pairs = recent(profile_pairs(dataset.task, user.profile), settings.max_history)
+    adapter, stats = train_lora(model, tokenizer, pairs, settings.train, progress=False, init=init)
     reply = adapter_to_records(adapter, "update")
     reply["metrics"] = MetricRecord({"num-examples": len(pairs), "loss": float(stats.final_loss)})
     return Message(reply_to=msg, content=reply)
@@ -173,17 +165,13 @@ def share(msg: Message, context: Context) -> Message:
     dataset, user = _user(context, config)
     model, tokenizer = _task_model(msg)
     started = time.perf_counter()
-    pairs = profile_pairs(dataset.task, user.profile)
-    adapter, stats = train_lora(model, tokenizer, pairs, _train_config(config), progress=False)
+    adapter, stats = train_sharer(model, tokenizer, profile_pairs(dataset.task, user.profile), _settings(msg))
     train_seconds = time.perf_counter() - started
-    tensors = clip_and_noise(
-        adapter.tensors, clip=float(config["dp-clip"]), noise=float(config["dp-noise"]), seed=int(config["seed"])
-    )
     encoder = _encoder(str(config["encoder"]))
     embedding = user_embedding(encoder, dataset.task, user.profile)
     meta = {"user-id": user.user_id, "r": adapter.r, "lora-alpha": adapter.lora_alpha,
-            "target-modules": list(adapter.target_modules), "n-train": len(pairs)}
-    sealed = _seal(encode_upload(tensors, embedding, meta), context, config, PHASE_SHARE)
+            "target-modules": list(adapter.target_modules), "n-train": stats.examples}
+    sealed = _seal(encode_upload(adapter.tensors, embedding, meta), context, config, PHASE_SHARE)
     raw = sum(t.numel() * 4 for t in adapter.tensors.values())
     metrics = MetricRecord({"train-seconds": train_seconds, "loss": float(stats.final_loss),
                             "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)})
@@ -198,7 +186,7 @@ def profile(msg: Message, context: Context) -> Message:
     dataset, user = _user(context, config)
     encoder = _encoder(str(config["encoder"]))
     embedding = user_embedding(encoder, dataset.task, user.profile)
-    history = _history(dataset, user, int(config["max-history"]))
+    history = recent(profile_pairs(dataset.task, user.profile), _settings(msg).max_history)
     payload = encode_upload({}, embedding, {"user-id": user.user_id, "history": [list(p) for p in history]})
     sealed = _seal(payload, context, config, PHASE_PROFILE)
     return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed})}))

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,52 +22,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.adapters import LoraAdapter
+from client.privacy import clip_and_noise
+from common.adapters import LoraAdapter, lora_config
 from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
 from common.models import MODEL_CONFIG_FILE, write_checkpoint
+from common.settings import MIN_PROMPT_TOKENS, NodeConfig, TrainConfig, recent
 from common.tasks import completion_text
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
-_MIN_PROMPT_TOKENS = 8
 
 
 class TrainingError(PrimeError, ValueError):
     """Training data or settings that cannot produce an adapter."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """LoRA training settings. Defaults measured to teach Gemma 3 270M a synthetic rule from ~24 examples."""
-
-    r: int = 8
-    lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 1e-3
-    epochs: int = 3
-    batch_size: int = 8
-    max_length: int = 512
-    weight_decay: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        checks = [
-            (self.r >= 1, "r must be >= 1"),
-            (self.lora_alpha > 0, "lora_alpha must be > 0"),
-            (len(self.target_modules) > 0 and all(self.target_modules), "target_modules must name at least one module"),
-            (math.isfinite(self.lr) and self.lr > 0, "lr must be a positive number"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.max_length >= 2 * _MIN_PROMPT_TOKENS, f"max_length must be >= {2 * _MIN_PROMPT_TOKENS}"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingError(f"training config: {message}")
 
 
 @dataclass
@@ -107,7 +77,7 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_
         if not target.strip():
             raise TrainingError(f"training pair {i}: empty target")
         target_len = len(tokenizer(completion_text(target), add_special_tokens=False).input_ids)
-        budget = min(DEFAULT_MAX_PROMPT_TOKENS, max(_MIN_PROMPT_TOKENS, max_length - target_len - 1))
+        budget = min(DEFAULT_MAX_PROMPT_TOKENS, max(MIN_PROMPT_TOKENS, max_length - target_len - 1))
         ids, n_prompt = encode_example(tokenizer, prompt, target, max_prompt_tokens=budget)
         encoded.append(((ids + [tokenizer.eos_token_id])[:max_length], n_prompt))
     return encoded
@@ -144,7 +114,7 @@ def train_lora(
     Deterministic for a given seed: LoRA init, shuffling and dropout-free
     training all draw from a private generator.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, set_peft_model_state_dict
 
     encoded = encode_pairs(tokenizer, pairs, config.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -157,17 +127,9 @@ def train_lora(
         init.checked_against(model)
     was_training = model.training
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    lora_config = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=list(config.target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        peft_model = get_peft_model(model, lora_config)
+        peft_model = get_peft_model(model, lora_config(config.r, config.lora_alpha, config.target_modules))
     try:
         if init is not None:
             set_peft_model_state_dict(peft_model, init.tensors)
@@ -179,6 +141,24 @@ def train_lora(
             param.requires_grad_(grad_flags.get(name, param.requires_grad))
         model.train(was_training)
     return adapter, stats
+
+
+def train_sharer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    history: Sequence[Pair],
+    node: NodeConfig,
+    progress: bool = False,
+) -> tuple[LoraAdapter, TrainStats]:
+    """What a sharer uploads: its LoRA trained on its recent history, clipped and noised as `node` asks.
+
+    The federation's share handler and `prime-fl eval` both train their
+    sharers with this, so the two train the same adapters on the same items.
+    """
+    pairs = recent(history, node.max_history)
+    adapter, stats = train_lora(model, tokenizer, pairs, node.train, progress=progress)
+    tensors = clip_and_noise(adapter.tensors, clip=node.dp_clip, noise=node.dp_noise, seed=node.train.seed)
+    return replace(adapter, tensors=tensors), stats
 
 
 def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: TrainConfig, progress: bool) -> TrainStats:

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +41,35 @@ class AdapterError(PrimeError, ValueError):
 def base_module_name(module: str) -> str:
     """`base_model.model.model.layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj` (name in the base model)."""
     return module[len(KEY_PREFIX) :] if module.startswith(KEY_PREFIX) else module
+
+
+def lora_config(r: int, lora_alpha: float, target_modules: Sequence[str], base_model: str = ""):
+    """The one `peft.LoraConfig` of this project: training, saving and the upload schema all build it here.
+
+    No dropout: adapters here are for inference or fresh, dropout-free training.
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model or None,
+    )
+
+
+def lora_shapes(model: torch.nn.Module, r: int, lora_alpha: float, target_modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Freshly initialised LoRA tensors, keyed and shaped as any adapter of these settings on `model` is (model left unchanged)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    peft_model = get_peft_model(model, lora_config(r, lora_alpha, target_modules))
+    try:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    finally:
+        peft_model.unload()
 
 
 @dataclass
@@ -73,18 +102,8 @@ class LoraAdapter:
         return out
 
     def peft_config(self):
-        """The equivalent `peft.LoraConfig` (no dropout: adapters here are for inference or fresh training)."""
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            target_modules=list(self.target_modules),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=self.base_model or None,
-        )
+        """The equivalent `peft.LoraConfig`."""
+        return lora_config(self.r, self.lora_alpha, self.target_modules, self.base_model)
 
     def save(self, directory: str | Path) -> Path:
         """Write a PEFT adapter directory, replacing an earlier adapter there whole (see `common.atomic`)."""

@@ -2,19 +2,21 @@
 
 Every knob of a federated run lives in `FederationConfig`, read once from
 Flower's run config (`[tool.flwr.app.config]`, overridable with
-`flwr run . --run-config "alpha=1.0 k=4"`). The coordinator sends the parts a
-node needs inside each message, so a ClientApp never depends on a run config
-it may not have been given (simulation hands ClientApps an empty one).
+`flwr run . --run-config "alpha=1.0 k=4"`). The coordinator sends what a
+node needs inside each message (`NodeConfig`, one record), so a ClientApp
+never depends on a run config it may not have been given (simulation hands
+ClientApps an empty one).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from common.errors import PrimeError
+from common.settings import (
+    NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, from_flat, section, setting, to_flat, validate,
+)
+from common.synthetic import SyntheticConfig
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
 REGISTER = "query.register"
@@ -27,139 +29,89 @@ EVALUATE = "evaluate.personalized"
 FAULT_KINDS = ("error", "silent", "malformed")
 FAULT_PHASES = ("register", "adapt", "share", "profile", "evaluate")
 
+# The record of a request that carries its `NodeConfig` (`to_flat` keys).
+NODE_SETTINGS = "settings"
+
 # Phase names bound into sealed uploads (a share upload cannot be replayed as a profile).
 PHASE_SHARE = "share"
 PHASE_PROFILE = "profile"
 
 
-class ConfigError(PrimeError):
+class ConfigError(SettingError):
     """A run-config key that does not exist or has a value of the wrong type or range."""
+
+
+def _subset_of(allowed: tuple[str, ...]) -> Check:
+    return Check(lambda v: bool(v) and set(v.split(",")) <= set(allowed), f"comma-separated names from {','.join(allowed)}")
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """A whole federated run; the field names are the run-config keys with `-` for `_`.
+    """A whole federated run; the run-config keys are the settings' keys, sections flattened.
 
-    The defaults are the README demo with Gemma 3 270M: 24 synthetic users
-    (6 adapt, 2 targets, 6 sharers), 12 history items each, search budget
-    6 x population 6; about four minutes on two quiet CPU cores (23 when
-    another Gemma job shared them).
+    The search settings are `SearchConfig`'s and a node's are `NodeConfig`'s
+    (`common.settings`): their defaults, help and checks are written there
+    once. The defaults are the README demo with Gemma 3 270M: 24 synthetic
+    users (6 adapt, 2 targets, 6 sharers), 12 history items each, search
+    budget 6 x population 6; about four minutes on two quiet CPU cores (23
+    when another Gemma job shared them).
     """
 
-    task: str = "tagging"
-    data_dir: str = ""
-    model_spec: str = "gemma3-270m"
-    model_cache: str = ""
-    encoder: str = "minilm"
-    alpha: float = 0.5
-    k: int = 3
-    budget: int = 6
-    popsize: int = 6
-    optimizer: str = "cma"
-    weight_level: str = "lora"
-    history_fraction: float = 1.0
-    max_history: int = 12
-    min_sharers: int = 2
-    num_targets: int = 2
-    num_sharers: int = 6
-    adapt_fraction: float = 0.25
-    adapt_rounds: int = 1
-    adapt_epochs: int = 2
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lr: float = 1e-3
-    epochs: int = 3
-    dp_clip: float = 0.0
-    dp_noise: float = 0.0
-    synth_users: int = 24
-    synth_history: int = 12
-    synth_queries: int = 4
-    synth_quirks: bool = False
-    phase_timeout: float = 3600.0
-    registry_key_file: str = ""
-    coordinator_key_file: str = ""
-    reuse_registry: bool = False
-    out_dir: str = "runs/flwr"
-    seed: int = 0
-    fault_fraction: float = 0.0
-    fault_kinds: str = "error,silent,malformed"
-    fault_phases: str = "register,adapt,share,profile,evaluate"
-    fault_seed: int = 0
+    task: str = setting("tagging", "task of the synthetic benchmark, or of data-dir", NAME)
+    data_dir: str = setting("", "LaMP-layout folder ('': generate the synthetic benchmark into out-dir)")
+    model_spec: str = setting("gemma3-270m", "base model: gemma3-270m, tiny (tests) or an HF model folder", NAME)
+    model_cache: str = setting("", "cache folder for the converted Gemma checkpoint ('': the default)")
+    encoder: str = setting("minilm", "user encoder: minilm, hashing[:DIM] or a sentence-transformers folder", NAME)
+    search: SearchConfig = section(SearchConfig)
+    node: NodeConfig = section(NodeConfig)
+    num_targets: int = setting(2, "target users", at_least(1))
+    num_sharers: int = setting(6, "sharing users", at_least(1))
+    adapt_fraction: float = setting(0.25, "share of users for task adaptation",
+                                    Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    adapt_rounds: int = setting(1, "FedAvg rounds of the task LoRA (0: no task adaptation)", at_least(0))
+    adapt_epochs: int = setting(2, "local epochs of one adaptation round", at_least(1))
+    synth: SyntheticConfig = section(SyntheticConfig, n_users=24, history=12)  # data from the run's task and seed
+    phase_timeout: float = setting(3600.0, "seconds a phase waits for its nodes", POSITIVE)
+    registry_key_file: str = setting("", "registry key file ('': OUT-DIR/registry.key or $PRIME_FL_REGISTRY_KEY)")
+    coordinator_key_file: str = setting("", "coordinator identity key, Ed25519 PEM ('': OUT-DIR/coordinator.key, "
+                                             "created on first use); nodes pin its public half")
+    reuse_registry: bool = setting(False, "resume: reload the saved task adapter and ask only the planned sharers "
+                                          "the registry lacks")
+    out_dir: str = setting("runs/flwr", "run folder: report, registry, targets' results", NAME)
+    seed: int = setting(0, "seed of the data, the plan, training and the search")
+    fault_fraction: float = setting(0.0, "fault injection: share of nodes that misbehave in each faulty phase",
+                                    Check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    fault_kinds: str = setting("error,silent,malformed", "fault injection: what a faulty node does (comma-separated)",
+                               _subset_of(FAULT_KINDS))
+    fault_phases: str = setting(",".join(FAULT_PHASES), "fault injection: phases in which nodes may misbehave",
+                                _subset_of(FAULT_PHASES))
+    fault_seed: int = setting(0, "fault injection: seed that picks the faulty nodes and their faults")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"run config {_key(f.name)} must be a finite number, got {value}")
-        positive = ("k", "budget", "popsize", "max_history", "num_targets", "lora_r", "lora_alpha", "epochs")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run config {_key(name)} must be >= 1, got {getattr(self, name)}")
-        if self.min_sharers < 2:
-            raise ConfigError(f"run config min-sharers must be >= 2 (one sharer's merge hands over its adapter)")
-        if self.k < self.min_sharers:
-            raise ConfigError(f"run config k={self.k} is below min-sharers={self.min_sharers}")
-        if self.num_sharers < self.k:
-            raise ConfigError(f"run config num-sharers={self.num_sharers} is below k={self.k}")
-        if not 0.0 < self.history_fraction <= 1.0:
-            raise ConfigError(f"run config history-fraction must be in (0, 1], got {self.history_fraction}")
-        if not 0.0 <= self.adapt_fraction < 1.0:
-            raise ConfigError(f"run config adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
-        if self.adapt_rounds < 0 or self.alpha < 0 or self.dp_clip < 0 or self.dp_noise < 0 or self.lr <= 0:
-            raise ConfigError("run config adapt-rounds, alpha, dp-clip and dp-noise must be >= 0 and lr > 0")
-        if self.dp_noise > 0 and self.dp_clip <= 0:
-            raise ConfigError("run config dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
-        if self.weight_level not in ("lora", "layer"):
-            raise ConfigError(f"run config weight-level must be 'lora' or 'layer', got {self.weight_level!r}")
-        if self.synth_quirks and (self.data_dir or self.task != "tagging"):
+        validate(self, ConfigError, "run config")
+        s = self.search
+        if s.min_sharers < 2:
+            raise ConfigError("run config min-sharers must be >= 2 (one sharer's merge hands over its adapter)")
+        if s.k < s.min_sharers:
+            raise ConfigError(f"run config k={s.k} is below min-sharers={s.min_sharers}")
+        if self.num_sharers < s.k:
+            raise ConfigError(f"run config num-sharers={self.num_sharers} is below k={s.k}")
+        if self.synth.quirks and (self.data_dir or self.task != "tagging"):
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
-        if self.phase_timeout <= 0:
-            raise ConfigError("run config phase-timeout must be > 0 seconds")
-        if not 0.0 <= self.fault_fraction <= 1.0:
-            raise ConfigError(f"run config fault-fraction must be in [0, 1], got {self.fault_fraction}")
-        for key, value, allowed in (("fault-kinds", self.fault_kinds, FAULT_KINDS),
-                                    ("fault-phases", self.fault_phases, FAULT_PHASES)):
-            unknown = sorted(set(value.split(",")) - set(allowed))
-            if unknown:
-                raise ConfigError(f"run config {key} names {unknown[0]!r}; choose from {','.join(allowed)}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
-        """Parse Flower's run config (keys with `-`), rejecting unknown keys and wrong types."""
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for raw_key, value in run_config.items():
-            name = str(raw_key).replace("-", "_")
-            if name not in known:
-                options = ", ".join(sorted(_key(n) for n in known))
-                raise ConfigError(f"unknown run config key {raw_key!r} (known: {options})")
-            values[name] = _coerce(raw_key, value, type(getattr(cls(), name)))
-        return cls(**values)
+        """Parse Flower's run config (keys with `-`), rejecting unknown keys, wrong types and ranges."""
+        try:
+            return from_flat(cls, run_config, exposed_only=True)
+        except ConfigError:
+            raise
+        except SettingError as err:
+            raise ConfigError(f"run config {err}") from None
 
     def to_run_config(self) -> dict[str, Any]:
-        return {_key(name): value for name, value in dataclasses.asdict(self).items()}
+        return to_flat(self, exposed_only=True)
 
-
-def _key(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Flower parses TOML, so 1 may arrive where 1.0 is meant; accept that, refuse the rest."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"run config {key!r} must be {kind.__name__}, got {value!r}")
+    def node_config(self, epochs: int | None = None) -> NodeConfig:
+        """The record a node gets for a job: the run's node settings with the run seed (and `epochs` if given)."""
+        return self.node.for_job(self.seed, epochs)

@@ -31,6 +31,7 @@ import numpy as np
 from common.errors import PrimeError
 from common.lamp import LampDataset, LampUser, Query, write_lamp
 from common.metrics import fitness, parse_label, task_metrics
+from common.settings import SettingError, at_least, setting, validate
 from common.tasks import TaskSpec, get_task
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("tagging", "rating", "headline")
@@ -120,17 +121,23 @@ _MAX_GROUPS = {"tagging": len(_ASPECT_ORDER), "rating": len(_HARSHNESS), "headli
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Size and seed of a synthetic benchmark; defaults fit a CPU demo."""
+    """Size and seed of a synthetic benchmark; defaults fit a CPU demo.
 
-    task: str = "tagging"
-    n_users: int = 48
-    n_groups: int = 4
-    history: int = 24
-    queries: int = 4
-    seed: int = 0
-    quirks: bool = False
+    The run config's and `prime-fl eval`'s `synth-*` settings are these
+    (their task and data seed are their own settings).
+    """
+
+    task: str = setting("tagging", "synthetic task: tagging, rating or headline", exposed=False)
+    n_users: int = setting(48, "synthetic: number of users", at_least(1), key="synth-users")
+    n_groups: int = setting(4, "synthetic: latent preference groups", at_least(1), key="synth-groups")
+    history: int = setting(24, "synthetic: history items per user", at_least(1), key="synth-history")
+    queries: int = setting(4, "synthetic: held-out queries per user", at_least(1), key="synth-queries")
+    seed: int = setting(0, "synthetic data seed", exposed=False)
+    quirks: bool = setting(False, "synthetic tagging: give every user a personal exception to the group rule, "
+                                  "so no sharer is a clone", key="synth-quirks")
 
     def __post_init__(self) -> None:
+        validate(self, SettingError, "synthetic config")
         if self.task not in SYNTHETIC_TASKS:
             raise PrimeError(f"synthetic task {self.task!r} unknown (known: {', '.join(SYNTHETIC_TASKS)})")
         if self.quirks and self.task != "tagging":
@@ -140,9 +147,6 @@ class SyntheticConfig:
             raise PrimeError(f"groups must be between 1 and {top} for {self.task}, got {self.n_groups}")
         if self.n_users < self.n_groups:
             raise PrimeError(f"users ({self.n_users}) must be at least groups ({self.n_groups})")
-        for name in ("history", "queries"):
-            if getattr(self, name) < 1:
-                raise PrimeError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

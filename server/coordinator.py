@@ -30,20 +30,23 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.adapters import LoraAdapter
+from common.adapters import LoraAdapter, lora_shapes
 from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
 from common.key_endorsement import endorse, load_or_create_identity
 from common.encoder import HashingEncoder, embed_users, load_encoder
-from common.federation import ADAPT, EVALUATE, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig
+from common.federation import (
+    ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig,
+)
 from common.lamp import LampDataset, load_lamp
 from common.plan import UserPlan, make_plan
 from common.records import adapter_to_records
-from common.synthetic import SyntheticConfig, generate, write_synthetic
+from common.settings import to_flat
+from common.synthetic import generate, write_synthetic
 from common.task_model import load_task_model
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
-from server.personalize import SearchConfig, personalize, target_seed
+from server.personalize import check_optimizer, personalize, target_seed
 from server.registry import Registry
 from server.replies import (
     LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_history, read_metrics,
@@ -88,9 +91,8 @@ class Coordinator:
     def _prepare(self) -> None:
         """Everything that can fail on settings or files, before any node is asked for anything."""
         c = self.config
-        self.search = SearchConfig(alpha=c.alpha, k=c.k, budget=c.budget, popsize=c.popsize, optimizer=c.optimizer,
-                                   weight_level=c.weight_level, history_fraction=c.history_fraction,
-                                   min_sharers=c.min_sharers, seed=c.seed)
+        check_optimizer(c.search)  # the run config (common) cannot see the optimizer registry (server)
+        self.search = c.search
         if self.identity is None:
             self.identity = load_or_create_identity(c.coordinator_key_file or self.out_dir / "coordinator.key")
         self.endorsement = endorse(self.identity, self.run_id, self.keys.public_bytes)
@@ -105,15 +107,6 @@ class Coordinator:
             "model-spec": c.model_spec,
             "model-cache": c.model_cache,
             "encoder": c.encoder,
-            "lora-r": c.lora_r,
-            "lora-alpha": c.lora_alpha,
-            "lr": c.lr,
-            "epochs": c.epochs,
-            "adapt-epochs": c.adapt_epochs,
-            "dp-clip": c.dp_clip,
-            "dp-noise": c.dp_noise,
-            "max-history": c.max_history,
-            "seed": c.seed,
             "coordinator-public": self.keys.public_bytes,
             "coordinator-identity": self.identity.public_bytes,
             "coordinator-endorsement": self.endorsement,
@@ -124,6 +117,10 @@ class Coordinator:
             "fault-silence-s": c.phase_timeout + 1.0,
         }
         return ConfigRecord(values | extra)
+
+    def _settings(self, epochs: int | None = None) -> ConfigRecord:
+        """The node settings of a job, as one record (`common.settings.NodeConfig`)."""
+        return ConfigRecord(to_flat(self.config.node_config(epochs)))
 
     def _exchange(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         """Send one message per node; return the good replies, recording failures as skipped."""
@@ -194,8 +191,7 @@ class Coordinator:
             self.data_dir = Path(c.data_dir).resolve()
         else:
             self.data_dir = (self.out_dir / "data" / c.task).resolve()
-            synth = generate(SyntheticConfig(task=c.task, n_users=c.synth_users, history=c.synth_history,
-                                             queries=c.synth_queries, seed=c.seed, quirks=c.synth_quirks))
+            synth = generate(dataclasses.replace(c.synth, task=c.task, seed=c.seed))
             write_synthetic(synth, self.data_dir)
         return load_lamp(self.data_dir)
 
@@ -245,7 +241,8 @@ class Coordinator:
         for round_ in range(1, self.config.adapt_rounds + 1):
             contents = {}
             for n in nodes:
-                content = RecordDict({"config": self._config(round=round_)})
+                content = RecordDict({"config": self._config(round=round_),
+                                      NODE_SETTINGS: self._settings(self.config.adapt_epochs)})
                 if self.task_adapter is not None:
                     adapter_to_records(self.task_adapter, "global", content)
                 contents[n] = content
@@ -274,7 +271,7 @@ class Coordinator:
             self.task_adapter.save(self.out_dir / "task_adapter")
 
     def _task_content(self, **extra: Any) -> RecordDict:
-        content = RecordDict({"config": self._config(**extra)})
+        content = RecordDict({"config": self._config(**extra), NODE_SETTINGS: self._settings()})
         if self.task_adapter is not None:
             adapter_to_records(self.task_adapter, "task", content)
         return content
@@ -336,12 +333,13 @@ class Coordinator:
     def personalize(self, plan: UserPlan, model: torch.nn.Module, tokenizer: Any, task: Any, embedding_dim: int) -> None:
         """Per target: sealed profile in, privacy-penalized merge, one merged adapter out, metrics back."""
         sharers = self._usable_sharers()
-        if len(sharers) < self.config.min_sharers:
+        if len(sharers) < self.config.search.min_sharers:
             self.report.incomplete(f"only {len(sharers)} usable sharer(s) in the registry, min-sharers is "
-                                   f"{self.config.min_sharers}: no target personalized")
+                                   f"{self.config.search.min_sharers}: no target personalized")
             return
         nodes = self._nodes_of(plan.targets)
-        replies = self._exchange(PHASE_PROFILE, PROFILE, {n: RecordDict({"config": self._config()}) for n in nodes})
+        requests = {n: RecordDict({"config": self._config(), NODE_SETTINGS: self._settings()}) for n in nodes}
+        replies = self._exchange(PHASE_PROFILE, PROFILE, requests)
         schema = UploadSchema(tensor_shapes={}, embedding_dim=embedding_dim, required_metadata=("user-id", "history"))
         evaluations: dict[int, RecordDict] = {}
 
@@ -351,7 +349,7 @@ class Coordinator:
             upload = decode_upload(payload, schema)
             if upload.metadata.get("user-id") != user_id:
                 raise NodeReplyError(f"profile names user {upload.metadata.get('user-id')!r}, node registered {user_id!r}")
-            history = read_history(upload.metadata["history"], task, self.config.max_history)
+            history = read_history(upload.metadata["history"], task, self.config.node.max_history)
             embedding = check_embedding(upload.embedding)
             started = time.perf_counter()
             candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
@@ -393,9 +391,10 @@ class Coordinator:
         self._prepare()
         dataset = self.prepare_data()
         base, _ = load_task_model(self.config.model_spec, self.config.model_cache or None, None)
-        reference = _reference_lora(base, self.config)
-        self.lora_shape = LoraShape(shapes={k: tuple(v.shape) for k, v in reference.items()}, r=self.config.lora_r,
-                                    lora_alpha=float(self.config.lora_alpha), target_modules=TARGET_MODULES)
+        train = self.config.node.train
+        reference = lora_shapes(base, train.r, train.lora_alpha, train.target_modules)
+        self.lora_shape = LoraShape(shapes={k: tuple(v.shape) for k, v in reference.items()}, r=train.r,
+                                    lora_alpha=float(train.lora_alpha), target_modules=tuple(sorted(train.target_modules)))
         self.register()
         self._checkpoint()
         plan = self.plan(dataset)
@@ -432,16 +431,3 @@ class Coordinator:
         return self.report
 
 
-TARGET_MODULES = ("q_proj", "v_proj")
-
-
-def _reference_lora(model: torch.nn.Module, config: FederationConfig) -> dict[str, torch.Tensor]:
-    """State-dict shapes a well-formed sharer LoRA has on this base model (the upload schema)."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
-    peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                  target_modules=list(TARGET_MODULES)))
-    try:
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    finally:
-        peft_model.unload()

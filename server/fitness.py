@@ -22,19 +22,13 @@ from common import metrics
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.inference import generate, predict_labels
+from common.settings import SearchConfig
 from common.tasks import TaskSpec
 from server.mixed_lora import PopulationMixer
 
-WEIGHT_LEVELS = ("lora", "layer")
-# Rows (history item x candidate) per forward. On 2 CPU cores, Gemma 270M
-# decodes 3x faster per row at 32 than at 8 (the LM head and weights are read
-# once per step for the whole batch) and label scoring 1.4x; the KV cache and
-# logits of 32 short rows stay in the tens of MB (docs/engine.md).
-DEFAULT_BATCH_SIZE = 32
-
 
 class FitnessError(PrimeError):
-    """Bad fitness inputs: empty history, bad fraction or alpha, unknown weight level."""
+    """Bad fitness inputs: an empty history or a history fraction outside (0, 1]."""
 
 
 @dataclass(frozen=True)
@@ -96,29 +90,21 @@ class FitnessEvaluator:
         task: TaskSpec,
         history: Sequence[tuple[str, str]],
         adapters: Sequence[LoraAdapter],
-        alpha: float,
-        *,
-        weight_level: str = "lora",
-        history_fraction: float = 1.0,
-        seed: int = 0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        search: SearchConfig = SearchConfig(),
     ):
-        if weight_level not in WEIGHT_LEVELS:
-            raise FitnessError(f"weight_level must be one of {WEIGHT_LEVELS}, got {weight_level!r}")
-        if not np.isfinite(alpha) or alpha < 0:
-            raise FitnessError(f"alpha must be a finite number >= 0, got {alpha}")
+        """Score on `history` with the search's alpha, weight level, history fraction, seed and batch size."""
         self.model, self.tokenizer = model, tokenizer
         self.task = history_task(task)
-        self.alpha = float(alpha)
-        self.batch_size = batch_size
-        items = sample_history(history, history_fraction, seed)
+        self.alpha = search.alpha
+        self.batch_size = search.batch_size
+        items = sample_history(history, search.history_fraction, search.seed)
         # Longest first, so that rows of one forward have similar lengths (less padding).
         order = sorted(range(len(items)), key=lambda i: -len(tokenizer(items[i][0]).input_ids))
         self.prompts = [items[i][0] for i in order]
         self.golds = [items[i][1] for i in order]
         self.mixer = PopulationMixer(model, adapters)
         self.k = self.mixer.k
-        self.weight_shape: tuple[int, ...] = (self.k,) if weight_level == "lora" else (self.k, len(self.mixer.layers))
+        self.weight_shape: tuple[int, ...] = (self.k,) if search.weight_level == "lora" else (self.k, len(self.mixer.layers))
         self.dim = int(np.prod(self.weight_shape))
         self.sharer_preds = self.predict(self.one_hot())
         self.unmerged = self.evaluate(np.zeros((1, self.dim)))[0]

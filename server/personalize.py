@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -21,59 +21,26 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter
 from common.atomic import replace_folder
-from common.errors import PrimeError
 from common.lora_math import merge_exact
 from common.progress import report as report_progress
-from server.release import release
+from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
-from server.fitness import DEFAULT_BATCH_SIZE, WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
+from server.fitness import FitnessEvaluator, FitnessParts
+from server.release import release
 from server.search import OPTIMIZERS, OptimizerConfig, make_optimizer, run_search
 from server.selection import select_top_k
 
 RESULT_FILE = "result.json"
 
 
-class SearchConfigError(PrimeError):
-    """An invalid personalization setting."""
+def check_optimizer(config: SearchConfig) -> None:
+    """Refuse an optimizer name server.search does not know, before any model work.
 
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Every knob of one personalization (paper defaults where the paper has one)."""
-
-    alpha: float = 0.5
-    k: int = 3
-    budget: int = 10
-    popsize: int = 6
-    sigma0: float = 0.5
-    bounds: tuple[float, float] = (-1.5, 1.5)
-    x0: float | None = None  # start value of every weight; None: 1/k (the plain average of the sharers)
-    optimizer: str = "cma"
-    weight_level: str = "lora"
-    history_fraction: float = 1.0
-    min_sharers: int = 2
-    seed: int = 0
-    batch_size: int = DEFAULT_BATCH_SIZE
-
-    def __post_init__(self) -> None:
-        checks = [
-            (np.isfinite(self.alpha) and self.alpha >= 0, f"alpha must be a finite number >= 0, got {self.alpha}"),
-            (self.k >= 1, f"k must be >= 1, got {self.k}"),
-            (self.budget >= 1, f"budget must be >= 1 generation, got {self.budget}"),
-            (self.popsize >= 2, f"popsize must be >= 2, got {self.popsize}"),
-            (self.sigma0 > 0, f"sigma0 must be > 0, got {self.sigma0}"),
-            (len(self.bounds) == 2 and self.bounds[0] < self.bounds[1], f"bounds must be (low, high) with low < high, got {self.bounds}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.weight_level in WEIGHT_LEVELS, f"weight_level must be one of {list(WEIGHT_LEVELS)}, got {self.weight_level!r}"),
-            (0 < self.history_fraction <= 1, f"history_fraction must be in (0, 1], got {self.history_fraction}"),
-            (self.min_sharers >= 1, f"min_sharers must be >= 1, got {self.min_sharers}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SearchConfigError(message)
-        if self.x0 is not None and not self.bounds[0] <= self.x0 <= self.bounds[1]:
-            raise SearchConfigError(f"x0 {self.x0} lies outside the bounds {self.bounds}")
+    `SearchConfig` lives in common, which cannot see the server's registry,
+    so this check runs where the search does.
+    """
+    if config.optimizer not in OPTIMIZERS:
+        raise SearchConfigError(f"search config: optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
 
 
 def target_seed(seed: int, user_id: str) -> int:
@@ -155,6 +122,7 @@ def personalize(
     also logged as a `common.progress` line under that name with the best
     objective so far, for processes whose output is relayed as text (the ServerApp).
     """
+    check_optimizer(config)
     t0 = time.perf_counter()
     chosen = select_top_k(
         np.asarray(target_embedding), {sid: np.asarray(emb) for sid, (_, emb) in sharers.items()},
@@ -163,20 +131,10 @@ def personalize(
     ids = [sid for sid, _ in chosen]
     adapters = [sharers[sid][0] for sid in ids]
     t1 = time.perf_counter()
-    evaluator = FitnessEvaluator(
-        model, tokenizer, task, target_history, adapters, config.alpha,
-        weight_level=config.weight_level, history_fraction=config.history_fraction,
-        seed=config.seed, batch_size=config.batch_size,
-    )
+    evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config)
     t2 = time.perf_counter()
     start = 1.0 / len(ids) if config.x0 is None else config.x0
-    optimizer = make_optimizer(
-        config.optimizer,
-        OptimizerConfig(
-            dim=evaluator.dim, popsize=config.popsize, budget=config.budget, sigma0=config.sigma0,
-            bounds=tuple(config.bounds), x0=tuple([start] * evaluator.dim), seed=config.seed,
-        ),
-    )
+    optimizer = make_optimizer(config.optimizer, OptimizerConfig(evaluator.dim, replace(config, x0=start)))
     with torch.inference_mode():
         found = run_search(evaluator.evaluate, evaluator.unmerged, optimizer, progress=progress,
                            on_generation=_progress_lines(progress_name, config.budget))

@@ -28,6 +28,7 @@ from common.adapters import LoraAdapter
 from common.inference import encode_example
 from common.lora_math import merge_exact
 from common.metrics import parse_label
+from common.settings import SearchConfig
 from common.tasks import TaskSpec
 from server.fitness import FitnessError, FitnessParts, history_task, sample_history, score_parts
 
@@ -102,18 +103,16 @@ class ReferenceEvaluator:
         task: TaskSpec,
         history: Sequence[tuple[str, str]],
         adapters: Sequence[LoraAdapter],
-        alpha: float,
+        search: SearchConfig = SearchConfig(),
         *,
         weight_shape: tuple[int, ...] | None = None,
-        history_fraction: float = 1.0,
-        seed: int = 0,
         mode: str = "generate",
     ):
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
         self.task = history_task(task)
-        self.alpha = float(alpha)
+        self.alpha = search.alpha
         self.adapters = list(adapters)
-        items = sample_history(history, history_fraction, seed)
+        items = sample_history(history, search.history_fraction, search.seed)
         self.prompts = [p for p, _ in items]
         self.golds = [g for _, g in items]
         self.weight_shape = weight_shape or (len(self.adapters),)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.atomic import write_csv, write_text
+from common.jsonable import plain
 
 
 @dataclass
@@ -76,10 +77,10 @@ class RunReport:
     def add_search(self, user_id: str, result: Any, seconds: float) -> None:
         self.targets[user_id] = {
             "sharers": list(result.sharer_ids),
-            "weights": _plain(result.weights),
+            "weights": plain(result.weights),
             "fallback": bool(result.fallback),
-            "fitness": _plain(result.best),
-            "unmerged_fitness": _plain(result.unmerged),
+            "fitness": plain(result.best),
+            "unmerged_fitness": plain(result.unmerged),
             "search_seconds": round(seconds, 3),
             "seed": int(result.config.seed),
         }
@@ -126,16 +127,3 @@ class RunReport:
         return directory / "report.json"
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able copy of numpy arrays / dataclasses found in search results."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return _plain(asdict(value))
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

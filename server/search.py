@@ -16,49 +16,33 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common.errors import PrimeError
+from common.settings import SearchConfig
 
 Objective = Callable[[np.ndarray], Sequence[Any]]  # population [P, dim] -> FitnessParts-like per row
 
 
 class SearchError(PrimeError):
-    """Unknown optimizer, bad bounds/popsize/budget, or a missing optional dependency."""
+    """Unknown optimizer, a bad search dimension, or a missing optional dependency."""
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """Knobs every optimizer understands."""
+    """One search's settings (`SearchConfig`: population, budget, step, bounds, seed) and its `dim` weights.
+
+    Every weight starts at `search.x0`, else at the centre of the bounds.
+    """
 
     dim: int
-    popsize: int = 6
-    budget: int = 10  # generations
-    sigma0: float = 0.5
-    bounds: tuple[float, float] = (-1.5, 1.5)
-    x0: tuple[float, ...] | None = None
-    seed: int = 0
+    search: SearchConfig = SearchConfig()
 
     def __post_init__(self) -> None:
-        lo, hi = self.bounds
         if self.dim < 1:
             raise SearchError(f"search dimension must be >= 1, got {self.dim}")
-        if self.popsize < 2:
-            raise SearchError(f"popsize must be >= 2, got {self.popsize}")
-        if self.budget < 1:
-            raise SearchError(f"budget must be >= 1 generation, got {self.budget}")
-        if not lo < hi:
-            raise SearchError(f"bounds must satisfy low < high, got {self.bounds}")
-        if not self.sigma0 > 0:
-            raise SearchError(f"sigma0 must be > 0, got {self.sigma0}")
-        if self.x0 is not None:
-            if len(self.x0) != self.dim:
-                raise SearchError(f"x0 has {len(self.x0)} values, the search has {self.dim} dimensions")
-            if any(not lo <= v <= hi for v in self.x0):
-                raise SearchError(f"x0 {self.x0} lies outside the bounds {self.bounds}")
 
     def start(self) -> np.ndarray:
-        """Start point: x0, else the centre of the bounds."""
-        if self.x0 is not None:
-            return np.asarray(self.x0, dtype=float)
-        return np.full(self.dim, (self.bounds[0] + self.bounds[1]) / 2.0)
+        """Start point: x0 in every dimension, else the centre of the bounds."""
+        lo, hi = self.search.bounds
+        return np.full(self.dim, (lo + hi) / 2.0 if self.search.x0 is None else self.search.x0)
 
 
 class Optimizer:
@@ -85,15 +69,15 @@ class CMAOptimizer(Optimizer):
         super().__init__(config)
         import cma
 
-        lo, hi = config.bounds
+        search = config.search
         opts = {
-            "popsize": config.popsize,
-            "bounds": [lo, hi],
-            "seed": config.seed + 1,  # pycma treats seed 0 as "random"
+            "popsize": search.popsize,
+            "bounds": list(search.bounds),
+            "seed": search.seed + 1,  # pycma treats seed 0 as "random"
             "verbose": -9,
-            "maxiter": config.budget,
+            "maxiter": search.budget,
         }
-        self._es = cma.CMAEvolutionStrategy(config.start().tolist(), config.sigma0, opts)
+        self._es = cma.CMAEvolutionStrategy(config.start().tolist(), search.sigma0, opts)
         self._asked: list[np.ndarray] = []
 
     def ask(self) -> np.ndarray:
@@ -117,16 +101,16 @@ class _NevergradOptimizer(Optimizer):
             raise SearchError(
                 f"optimizer {self.name!r} needs nevergrad: pip install 'prime-fl[search]'"
             ) from err
-        lo, hi = config.bounds
-        param = ng.p.Array(init=config.start()).set_bounds(lo, hi).set_mutation(sigma=config.sigma0)
-        param.random_state = np.random.RandomState(config.seed)
+        search = config.search
+        param = ng.p.Array(init=config.start()).set_bounds(*search.bounds).set_mutation(sigma=search.sigma0)
+        param.random_state = np.random.RandomState(search.seed)
         self._opt = ng.optimizers.registry[self.ng_name](
-            parametrization=param, budget=config.budget * config.popsize, num_workers=config.popsize
+            parametrization=param, budget=search.budget * search.popsize, num_workers=search.popsize
         )
         self._asked: list = []
 
     def ask(self) -> np.ndarray:
-        self._asked = [self._opt.ask() for _ in range(self.config.popsize)]
+        self._asked = [self._opt.ask() for _ in range(self.config.search.popsize)]
         return np.asarray([cand.value for cand in self._asked], dtype=float)
 
     def tell(self, objectives: Sequence[float]) -> None:
@@ -193,7 +177,7 @@ def run_search(
     progress: bool = True,
     on_generation: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
-    """Ask/evaluate/tell for `optimizer.config.budget` generations; keep the best candidate ever seen.
+    """Ask/evaluate/tell for `optimizer.config.search.budget` generations; keep the best candidate ever seen.
 
     `progress` draws a terminal bar; `on_generation(generations done, best
     objective so far)` is for callers that report progress elsewhere (the
@@ -208,7 +192,7 @@ def run_search(
     best_parts = None
     trajectory: list[dict] = []
     evaluations = 0
-    bar = tqdm(range(optimizer.config.budget), desc="search", unit="gen", disable=not progress)
+    bar = tqdm(range(optimizer.config.search.budget), desc="search", unit="gen", disable=not progress)
     for gen in bar:
         population = optimizer.ask()
         parts = list(evaluate(population))

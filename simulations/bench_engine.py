@@ -35,7 +35,8 @@ from common.lora_math import merge_exact, random_adapter
 from common.synthetic import synthesize
 from common.task_model import load_task_model
 from server.fitness import history_task
-from server.personalize import SearchConfig, personalize
+from common.settings import SearchConfig
+from server.personalize import personalize
 from server.reference import reference_predictions
 from simulations.model_options import add_model_options, model_cache
 

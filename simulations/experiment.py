@@ -28,11 +28,14 @@ from common.atomic import output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
+from common.jsonable import plain
 from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.models import load_base
 from common.plan import UserPlan, make_plan
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
+from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
 from common.task_model import load_task_model
+from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
 
 log = logging.getLogger(__name__)
@@ -53,14 +56,9 @@ class EvalConfig:
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
-    synth_users: int = 48
-    synth_groups: int = 4
-    synth_history: int = 24
-    synth_queries: int = 4
+    synth: SyntheticConfig = field(default_factory=SyntheticConfig)  # its task is `synthetic`, its seed `synth_seed`
     synth_seed: int = 0
-    synth_quirks: bool = False
     methods: tuple[str, ...] = DEFAULT_METHODS
-    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     seeds: int = 1
     model_spec: str = "gemma3-270m"
     model_cache: str | None = None
@@ -70,20 +68,11 @@ class EvalConfig:
     adapt_fraction: float = 0.25
     adapt_epochs: int = 2
     adapt_max_pairs: int = 384
-    max_history: int = 16
-    ks: tuple[int, ...] = (3,)
-    budget: int = 6
-    popsize: int = 6
-    optimizers: tuple[str, ...] = ("cma",)
-    weight_levels: tuple[str, ...] = ("lora",)
-    history_fractions: tuple[float, ...] = (1.0,)
-    min_sharers: int = 2
+    search: SearchConfig = field(default_factory=SearchConfig)  # every cell's search, but for the swept settings
+    sweeps: dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_SWEEPS))  # setting name -> its values
+    node: NodeConfig = field(default_factory=lambda: DEFAULT_NODE)  # sharers' and OPPU's training
     rag_k: int = 3
     lorahub_l1: float = 0.05
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lr: float = 1e-3
-    epochs: int = 3
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -91,59 +80,110 @@ class EvalConfig:
             raise EvalConfigError("give exactly one of --data DIR and --synthetic TASK")
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_TASKS:
             raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.synthetic!r}")
-        if self.synth_quirks and self.synthetic != "tagging":
+        if self.synth.quirks and self.synthetic != "tagging":
             raise EvalConfigError("--synth-quirks needs --synthetic tagging")
         for name in self.methods:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:
             raise EvalConfigError("--methods is empty")
-        positive = ("seeds", "targets", "sharers", "adapt_epochs", "adapt_max_pairs", "max_history", "budget",
-                    "popsize", "min_sharers", "rag_k", "lora_r", "epochs", "synth_users", "synth_history", "synth_queries")
+        positive = ("seeds", "targets", "sharers", "adapt_epochs", "adapt_max_pairs", "rag_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise EvalConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.popsize < 2:
-            raise EvalConfigError(f"popsize must be >= 2, got {self.popsize}")
-        for name in ("alphas", "ks", "optimizers", "weight_levels", "history_fractions"):
-            if not getattr(self, name):
-                raise EvalConfigError(f"{name.replace('_', '-')} needs at least one value")
-        if any(a < 0 for a in self.alphas):
-            raise EvalConfigError(f"alphas must be >= 0, got {list(self.alphas)}")
-        if any(k < 1 for k in self.ks):
-            raise EvalConfigError(f"ks must be >= 1, got {list(self.ks)}")
-        if max(self.ks) > self.sharers:
-            # Refused, not clamped: a cell labelled k=5 must merge five adapters (top_k would quietly take fewer).
-            raise EvalConfigError(f"ks: k={max(self.ks)} is more than the {self.sharers} sharers per seed "
-                                  "(raise --sharers or lower --ks)")
-        if any(not 0 < f <= 1 for f in self.history_fractions):
-            raise EvalConfigError(f"history-fractions must be in (0, 1], got {list(self.history_fractions)}")
         if not 0 <= self.adapt_fraction < 1:
             raise EvalConfigError(f"adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
-        if not (self.lr > 0 and self.lora_alpha > 0 and self.lorahub_l1 >= 0):
-            raise EvalConfigError("lr and lora-alpha must be > 0, lorahub-l1 >= 0")
+        if self.lorahub_l1 < 0:
+            raise EvalConfigError(f"lorahub-l1 must be >= 0, got {self.lorahub_l1}")
+        for name, values in self.sweeps.items():
+            if name not in SWEEPS.values():
+                raise EvalConfigError(f"{name!r} is not a swept search setting (those are: {', '.join(SWEEPS)})")
+            if not values:
+                raise EvalConfigError(f"{_plural(name)} needs at least one value")
+        try:
+            for search in self.searches():  # each cell's settings pass SearchConfig's own checks
+                check_optimizer(search)
+        except SettingError as err:
+            raise EvalConfigError(str(err)) from None
+        largest_k = max(search.k for search in self.searches())
+        if largest_k > self.sharers:
+            # Refused, not clamped: a cell labelled k=5 must merge five adapters (top_k would quietly take fewer).
+            raise EvalConfigError(f"ks: k={largest_k} is more than the {self.sharers} sharers per seed "
+                                  "(raise --sharers or lower --ks)")
+
+    def searches(self) -> list[SearchConfig]:
+        """The search settings of every PriME cell: `search` with each combination of the swept values."""
+        names = list(self.sweeps)
+        return [dataclasses.replace(self.search, **dict(zip(names, combo)))
+                for combo in itertools.product(*(self.sweeps[n] for n in names))]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> "EvalConfig":
-        """Build from flag-like keys (`model-spec` or `model_spec`); lists may be lists or comma strings."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        """Build from flag-like keys (`model-spec` or `model_spec`); lists may be lists or comma strings.
+
+        The search and node settings take their keys, types and checks from
+        `SearchConfig` and `NodeConfig`; a swept search setting takes a list
+        under its plural key (`alphas`, `ks`, ...).
+        """
+        own = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
+        search_keys = {o.key for o in options(SearchConfig, exposed_only=True) if not o.sweep}
+        node_keys = {o.key for o in options(NodeConfig, exposed_only=True)}
+        synth_keys = {o.key for o in options(SyntheticConfig, exposed_only=True)}
         kwargs: dict[str, Any] = {}
+        search: dict[str, Any] = {}
+        synth: dict[str, Any] = {}
+        node: dict[str, Any] = to_flat(DEFAULT_NODE, exposed_only=True)
+        sweeps: dict[str, tuple] = dict(DEFAULT_SWEEPS)
         for raw_key, value in values.items():
-            key = str(raw_key).replace("-", "_")
-            if key not in fields:
-                raise EvalConfigError(f"{where}: unknown key {raw_key!r}")
+            key = str(raw_key).replace("_", "-")
             if value is None:
                 continue
-            kwargs[key] = _coerce(fields[key], value, f"{where}: key {raw_key!r}")
+            try:
+                if key in SWEEPS:
+                    opt = _SEARCH_OPTIONS[SWEEPS[key]]
+                    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+                    sweeps[opt.name] = tuple(coerce(opt, v) for v in items)
+                elif key in search_keys:
+                    search[key] = value
+                elif key in node_keys:
+                    node[key] = value
+                elif key in synth_keys:
+                    synth[key] = value
+                elif key.replace("-", "_") in own:
+                    kwargs[key.replace("-", "_")] = _coerce(own[key.replace("-", "_")], value, f"{where}: key {raw_key!r}")
+                else:
+                    raise EvalConfigError(f"{where}: unknown key {raw_key!r}")
+            except (SettingError, TypeError) as err:
+                raise EvalConfigError(f"{where}: key {raw_key!r}: {err}") from None
         if "out" not in kwargs:
             raise EvalConfigError(f"{where}: missing 'out' (the output folder)")
-        return cls(**kwargs)
+        try:
+            kwargs["search"] = from_flat(SearchConfig, search, exposed_only=True)
+            kwargs["node"] = from_flat(NodeConfig, node, exposed_only=True)
+            kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
+        except SettingError as err:
+            raise EvalConfigError(f"{where}: {err}") from None
+        return cls(sweeps=sweeps, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """Flag-like keys, as `from_mapping` reads them back."""
+        own = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in _SECTIONS}
+        search = {k: v for k, v in to_flat(self.search, exposed_only=True).items() if k not in _SWEPT_KEYS}
+        sweeps = {_plural(name): list(values) for name, values in self.sweeps.items()}
+        settings = to_flat(self.synth, exposed_only=True) | search | sweeps | to_flat(self.node, exposed_only=True)
+        return own | {key.replace("-", "_"): value for key, value in settings.items()}
 
 
-_ITEM_TYPES = {"methods": str, "alphas": float, "ks": int, "optimizers": str, "weight_levels": str, "history_fractions": float}
-_SCALAR_TYPES = {int: int, float: float, str: str, bool: bool}
+_SECTIONS = ("synth", "search", "sweeps", "node")
+_SEARCH_OPTIONS = {o.name: o for o in options(SearchConfig, exposed_only=True)}
+SWEEPS = {o.sweep: o.name for o in _SEARCH_OPTIONS.values() if o.sweep}  # plural key -> SearchConfig field
+_SWEPT_KEYS = {o.key for o in _SEARCH_OPTIONS.values() if o.sweep}
+DEFAULT_SWEEPS = {"alpha": (0.0, 0.5, 1.0, 2.0)}  # the trade-off curve; every other search setting at its default
+DEFAULT_NODE = NodeConfig(max_history=16)  # the eval benchmark's users have 24 history items (the federation's 12)
+_ITEM_TYPES = {"methods": str}
+
+
+def _plural(name: str) -> str:
+    return next(plural for plural, field_name in SWEEPS.items() if field_name == name)
 
 
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
@@ -152,7 +192,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             kind = _ITEM_TYPES[f.name]
             return tuple(kind(v.strip().lower()) if kind is str else kind(v) for v in items)
-        if f.name == "plots":
+        if f.type == "bool":  # "False" from a flag or a file must not become a truthy string
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "on")
             return bool(value)
@@ -219,47 +259,19 @@ class Cell:
         return out / CELLS_DIR / f"seed{self.seed}" / self.target / f"{self.method}-{self.key}.json"
 
 
-def method_params(config: EvalConfig, method: str) -> list[dict[str, Any]]:
-    """The parameter sets a method is run with: ablation axes (k, optimizer, ...) are grid axes."""
-    c, k0 = config, config.ks[0]
-    if method in ("np", "oppu"):
-        return [{"k": k0}]
-    if method == "rag":
-        return [{"k": k0, "rag_k": c.rag_k}]
-    if method == "top1":
-        return [{}]
-    if method == "uniform":
-        return [{"k": k, "min_sharers": c.min_sharers} for k in c.ks]
-    if method == "lorahub":
-        return [{"k": k, "min_sharers": c.min_sharers, "budget": c.budget, "popsize": c.popsize, "l1": c.lorahub_l1} for k in c.ks]
-    if method in ("prime", "prime-rag"):
-        grid = itertools.product(c.alphas, c.ks, c.optimizers, c.weight_levels, c.history_fractions)
-        return [
-            {"alpha": a, "k": k, "optimizer": o, "weight_level": w, "history_fraction": h, "budget": c.budget,
-             "popsize": c.popsize, "min_sharers": c.min_sharers, "rag_k": c.rag_k}
-            for a, k, o, w, h in grid
-        ]
-    raise EvalConfigError(f"no grid rule for method {method!r}")
-
-
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
     users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
-    fields = ("data", "split", "synthetic", "synth_users", "synth_groups", "synth_history", "synth_queries", "synth_seed",
-              "model_spec", "encoder", "targets", "sharers", "adapt_fraction", "adapt_epochs", "adapt_max_pairs",
-              "max_history", "lora_r", "lora_alpha", "lr", "epochs")
-    settings = {f: getattr(config, f) for f in fields}
-    if config.synth_quirks:  # only when set, so the caches of quirk-free runs keep their keys
-        settings["synth_quirks"] = True
+    fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
+              "adapt_epochs", "adapt_max_pairs")
+    settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": to_flat(config.node)}
     text = json.dumps([dataset.task.lamp_id, users, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def synthetic_truth(config: EvalConfig) -> Synthetic:
     """The synthetic benchmark of a `--synthetic` run, with its latent truth (regenerated: deterministic)."""
-    return generate(SyntheticConfig(task=str(config.synthetic), n_users=config.synth_users, n_groups=config.synth_groups,
-                                    history=config.synth_history, queries=config.synth_queries, seed=config.synth_seed,
-                                    quirks=config.synth_quirks))
+    return generate(dataclasses.replace(config.synth, task=str(config.synthetic), seed=config.synth_seed))
 
 
 def load_dataset(config: EvalConfig) -> LampDataset:
@@ -274,9 +286,9 @@ def load_dataset(config: EvalConfig) -> LampDataset:
 
 
 def add_quirk_copies(config: EvalConfig, records: list[dict[str, Any]]) -> None:
-    """With `synth_quirks`, give every record `quirk_copies` and `quirk_chances`
+    """With `synth-quirks`, give every record `quirk_copies` and `quirk_chances`
     (see `Synthetic.quirk_copies`); the table turns them into a leakage row."""
-    if not config.synth_quirks:
+    if not config.synth.quirks:
         return
     synth = synthetic_truth(config)
     for record in records:
@@ -290,20 +302,13 @@ def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> l
     for seed, plan in plans.items():
         for target in plan.targets:
             for method in config.methods:
-                for params in method_params(config, method):
+                for params in get_method(method).grid(config):
                     full = get_method(method).params(params)
                     cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key))
     return cells
 
 
 # ------------------------------------------------------------------ preparation
-
-
-def _train_config(config: EvalConfig, seed: int, epochs: int | None = None):
-    from client.training import TrainConfig
-
-    return TrainConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lr=config.lr,
-                       epochs=epochs or config.epochs, seed=seed)
 
 
 def _cached_adapter(path: Path, model, train) -> LoraAdapter:
@@ -340,7 +345,7 @@ class Prepared:
         return self.contexts[seed]
 
     def _build(self, seed: int, progress: bool) -> Context:
-        from client.training import train_lora
+        from client.training import train_lora, train_sharer
 
         c, plan, folder = self.config, self.plans[seed], self.folder(seed)
         folder.mkdir(parents=True, exist_ok=True)
@@ -348,28 +353,29 @@ class Prepared:
         task = self.dataset.task
         task_adapter = None
         if plan.adaptation:
-            pairs = [p for u in plan.adaptation for p in profile_pairs(task, self.dataset.user(u).profile)[-c.max_history :]]
+            pairs = [p for u in plan.adaptation for p in recent(profile_pairs(task, self.dataset.user(u).profile), c.node.max_history)]
             pairs = random.Random(seed).sample(pairs, min(len(pairs), c.adapt_max_pairs))
             base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None)
             task_adapter = _cached_adapter(
                 folder / "task_adapter", base,
-                lambda: train_lora(base, tokenizer, pairs, _train_config(c, seed, c.adapt_epochs), progress=progress)[0],
+                lambda: train_lora(base, tokenizer, pairs, c.node.for_job(seed, c.adapt_epochs).train, progress=progress)[0],
             )
             del base
         model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter)
-
-        def history(user: str) -> list[tuple[str, str]]:
-            return profile_pairs(task, self.dataset.user(user).profile)[-c.max_history :]
+        node = c.node.for_job(seed)
 
         def train_adapter(pairs: list[tuple[str, str]], name: str) -> LoraAdapter:
             return _cached_adapter(folder / "adapters" / name, model,
-                                   lambda: train_lora(model, tokenizer, pairs, _train_config(c, seed), progress=False)[0])
+                                   lambda: train_lora(model, tokenizer, pairs, node.train, progress=False)[0])
 
         sharers = {}
         for sid in tqdm(plan.sharers, desc=f"sharers (seed {seed})", unit="adapter", disable=not progress, leave=False):
-            sharers[sid] = train_adapter(history(sid), f"sharer-{sid}")
+            # As a federation node trains and uploads it (recent history, clipping and noise included).
+            pairs = profile_pairs(task, self.dataset.user(sid).profile)
+            sharers[sid] = _cached_adapter(folder / "adapters" / f"sharer-{sid}", model,
+                                           lambda: train_sharer(model, tokenizer, pairs, node)[0])
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
-                       sharer_adapters=sharers, seed=seed, max_history=c.max_history, train_adapter=train_adapter)
+                       sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter)
 
 
 def prepare(config: EvalConfig) -> Prepared:
@@ -387,7 +393,7 @@ def prepare(config: EvalConfig) -> Prepared:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, default=float))
+    write_text(path, json.dumps(plain(data), indent=2))
 
 
 def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) -> dict[str, Any]:

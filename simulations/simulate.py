@@ -54,7 +54,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 def default_nodes(config: FederationConfig) -> int:
     """One node per user (simulated nodes are cheap: Ray runs them on one actor per core)."""
     if not config.data_dir:
-        return config.synth_users
+        return config.synth.n_users
     from common.lamp import load_lamp
 
     return len(load_lamp(config.data_dir).users)

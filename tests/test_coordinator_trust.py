@@ -25,7 +25,7 @@ def _config(tmp_path, **overrides) -> FederationConfig:
                   num_targets=2, num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4,
                   synth_users=NODES, synth_history=6, synth_queries=2, max_history=4,
                   out_dir=str(tmp_path / "run"), phase_timeout=60.0)
-    return FederationConfig(**(values | overrides))
+    return FederationConfig.from_run_config(values | overrides)
 
 
 def _report(tmp_path) -> dict:

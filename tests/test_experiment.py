@@ -101,9 +101,14 @@ def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
 
 def test_grid_axes_expand_prime_and_uniform():
     config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
-    assert len(experiment.method_params(config, "prime")) == 2 * 2 * 2  # alphas x ks x optimizers
-    assert [p["k"] for p in experiment.method_params(config, "uniform")] == [2, 3]
-    assert experiment.method_params(config, "np") == [{"k": 2}]
+    prime = METHODS["prime"].grid(config)
+    assert len(prime) == 2 * 2 * 2  # alphas x ks x optimizers
+    assert {(p["alpha"], p["k"], p["optimizer"]) for p in prime} == {
+        (a, k, o) for a in (0.0, 1.0) for k in (2, 3) for o in ("cma", "tbpsa")}
+    assert all(p["budget"] == 1 and p["popsize"] == 2 for p in prime)  # the unswept settings, as given
+    assert [p["k"] for p in METHODS["uniform"].grid(config)] == [2, 3]
+    assert METHODS["np"].grid(config) == [{"k": 2}]
+    assert EvalConfig.from_mapping(config.to_dict()) == config  # config.json reads back as the same run
 
 
 @pytest.mark.parametrize(
@@ -112,9 +117,11 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"data": "somewhere"}, "exactly one of --data DIR and --synthetic"),
         ({"synthetic": "poetry"}, "--synthetic must be one of"),
         ({"methods": "np,pag"}, "unknown method 'pag'"),
-        ({"alphas": "0,-1"}, "alphas must be >= 0"),
+        ({"alphas": "0,-1"}, "alpha must be a finite number >= 0"),
         ({"alphas": "0,x"}, "key 'alphas'"),
-        ({"history_fractions": "0"}, r"history-fractions must be in \(0, 1\]"),
+        ({"history_fractions": "0"}, r"history-fraction must be in \(0, 1\]"),
+        ({"optimizers": "cma,adam"}, "optimizer must be one of"),
+        ({"dp_noise": 1.0}, "dp-noise needs dp-clip"),
         ({"popsize": 1}, "popsize must be >= 2"),
         ({"targets": 0}, "targets must be >= 1"),
         ({"seeds": 1.5}, "expected an integer"),
@@ -134,7 +141,8 @@ def test_config_file_json_and_toml_with_flags_winning(tmp_path):
     from simulations.commands.eval import config_from_args
 
     config = config_from_args(args)
-    assert (config.synthetic, config.alphas, config.ks, config.model_spec, config.out) == ("rating", (0.0, 3.0), (4,), "tiny", "o")
+    assert (config.synthetic, config.sweeps["alpha"], config.sweeps["k"], config.model_spec, config.out) == (
+        "rating", (0.0, 3.0), (4,), "tiny", "o")
     (tmp_path / "c.json").write_text(json.dumps({"synthetic": "tagging", "out": "o", "model-spec": "tiny"}))
     assert config_from_args(_parse(["--config", str(tmp_path / "c.json")])).model_spec == "tiny"
     (tmp_path / "bad.json").write_text("[1, 2]")

@@ -33,7 +33,7 @@ def _config(tmp_path, seed: int, **overrides) -> FederationConfig:
                   num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4, synth_users=12,
                   synth_history=6, synth_queries=2, max_history=4, out_dir=str(tmp_path / f"run{seed}"),
                   phase_timeout=15.0, fault_fraction=0.3, fault_seed=seed)
-    return FederationConfig(**(values | overrides))
+    return FederationConfig.from_run_config(values | overrides)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -19,7 +19,7 @@ def _config(tmp_path, **overrides) -> FederationConfig:
         synth_users=10, synth_history=6, synth_queries=2, max_history=4, out_dir=str(tmp_path / "run"),
         phase_timeout=600.0,
     )
-    return FederationConfig(**(values | overrides))
+    return FederationConfig.from_run_config(values | overrides)
 
 
 def _simulate(config: FederationConfig, num_nodes: int) -> dict:
@@ -53,16 +53,20 @@ def test_full_protocol_on_tiny_model(tmp_path):
 
 
 def test_run_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ConfigError, match="unknown run config key 'alpah'"):
+    with pytest.raises(ConfigError, match="run config unknown key 'alpah'"):
         FederationConfig.from_run_config({"alpah": 1.0})
     with pytest.raises(ConfigError, match="'k' must be int"):
         FederationConfig.from_run_config({"k": "three"})
     with pytest.raises(ConfigError, match="min-sharers"):
         FederationConfig.from_run_config({"k": 1})
-    assert FederationConfig.from_run_config({"alpha": 1, "budget": 3.0}).alpha == 1.0
+    assert FederationConfig.from_run_config({"alpha": 1, "budget": 3.0}).search.alpha == 1.0
+    with pytest.raises(ConfigError, match="alpha must be a finite number >= 0"):  # SearchConfig's own check
+        FederationConfig.from_run_config({"alpha": -1})
+    with pytest.raises(ConfigError, match="dp-noise needs dp-clip"):  # NodeConfig's
+        FederationConfig.from_run_config({"dp-noise": 1.0})
     with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
         FederationConfig.from_run_config({"synth-quirks": True, "task": "rating"})
-    assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth_quirks is True
+    assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth.quirks is True
 
 
 def test_pyproject_run_config_matches_the_config_defaults():
@@ -99,3 +103,49 @@ def test_synth_quirks_reach_the_generated_data(tmp_path):
     dataset = coordinator.prepare_data()
     bench = json.loads((coordinator.data_dir / "benchmark.json").read_text())
     assert sorted(bench["user_quirks"]) == sorted(u.user_id for u in dataset.users) and "group_rule" in bench["baselines"]
+
+
+
+def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tmp_path):
+    """Same users, settings and seed: `prime-fl eval` reproduces what the federation's nodes and coordinator did."""
+    import torch
+
+    from common.settings import options, to_flat
+    from server.registry import Registry, load_registry_key
+    from simulations.experiment import EvalConfig, prepare
+    from simulations.methods import METHODS
+
+    # No task adaptation (FedAvg rounds and eval's pooled training differ by design); DP on: its noise must match too.
+    config = _config(tmp_path, adapt_rounds=0, adapt_fraction=0.0, dp_clip=1.0, dp_noise=0.01)
+    report = _simulate(config, num_nodes=10)
+
+    # The eval run of the same settings: the run config's search and node settings, as eval's keys.
+    sweeps = {o.key: o.sweep for o in options(type(config.search), exposed_only=True) if o.sweep}
+    search = {sweeps.get(k, k): [v] if k in sweeps else v for k, v in to_flat(config.search, exposed_only=True).items()}
+    eval_config = EvalConfig.from_mapping(search | to_flat(config.node, exposed_only=True) | {
+        "data": str(tmp_path / "run" / "data" / "rating"), "out": str(tmp_path / "eval"), "methods": "prime",
+        "model_spec": "tiny", "encoder": "hashing", "targets": 2, "sharers": 4, "adapt_fraction": 0.0,
+    })
+    assert eval_config.searches() == [config.search] and eval_config.node == config.node
+    prepared = prepare(eval_config)
+    plan = prepared.plans[config.seed]
+    assert [list(plan.targets), list(plan.sharers)] == [report["plan"]["targets"], report["plan"]["sharers"]]
+    ctx = prepared.context(config.seed, progress=False)
+
+    registry = Registry(tmp_path / "run" / "registry", load_registry_key(tmp_path / "run" / "registry.key", None))
+    for sharer in plan.sharers:
+        uploaded, trained = registry.get(sharer).tensors, ctx.sharer_adapters[sharer].tensors
+        assert set(uploaded) == set(trained)
+        assert all(torch.equal(torch.as_tensor(uploaded[key]), trained[key]) for key in trained), sharer
+
+    prime = METHODS["prime"]
+    (params,) = prime.grid(eval_config)
+    for target in plan.targets:
+        found, federated = prime.run(ctx, target, params), report["targets"][target]
+        assert found.sharer_ids == federated["sharers"]
+        assert found.weights == federated["weights"] and found.fallback == federated["fallback"]
+        assert found.extra["history_best"] == federated["fitness"]
+        # Also when no merge beat the unmerged model (then `weights` is None): the same search, step by step.
+        saved = tmp_path / "run" / "targets" / target
+        assert found.extra["searched_weights"] == json.loads((saved / "result.json").read_text())["searched_weights"]
+        assert found.trajectory == json.loads((saved / "trajectory.json").read_text())

@@ -8,6 +8,8 @@ import torch
 
 from common.lora_math import delta, merge_exact, module_names, random_adapter
 from common.models import tiny_model
+from common.settings import NodeConfig, SearchConfig, TrainConfig
+from common.synthetic import SyntheticConfig
 from server.selection import cosine_scores
 from simulations.experiment import EvalConfig, prepare
 from simulations.methods import METHODS, MethodError, applied, get_method
@@ -18,9 +20,9 @@ from simulations.methods.rag import HEADER, rag_prompt, retrieve
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     config = EvalConfig(
-        out=str(tmp_path_factory.mktemp("methods")), synthetic="tagging", synth_users=12, synth_history=5,
-        synth_queries=2, model_spec="tiny", encoder="hashing", targets=2, sharers=4, epochs=1, adapt_epochs=1,
-        budget=1, popsize=2,
+        out=str(tmp_path_factory.mktemp("methods")), synthetic="tagging",
+        synth=SyntheticConfig(n_users=12, history=5, queries=2), model_spec="tiny", encoder="hashing", targets=2, sharers=4, adapt_epochs=1,
+        search=SearchConfig(budget=1, popsize=2), node=NodeConfig(train=TrainConfig(epochs=1), max_history=16),
     )
     return prepare(config)
 

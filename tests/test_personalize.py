@@ -15,7 +15,8 @@ from common.lamp import profile_pairs, write_lamp
 from common.lora_math import delta, module_names, random_adapter
 from common.models import tiny_model
 from common.synthetic import synthesize
-from server.personalize import SearchConfig, SearchConfigError, personalize
+from common.settings import SearchConfig, SearchConfigError
+from server.personalize import personalize
 from server.selection import MinSharersError
 from simulations.cli import main
 
@@ -100,14 +101,18 @@ def test_refuses_single_sharer_merge(world):
         _run(world, SearchConfig(k=1, **FAST))
 
 
+def test_refuses_an_unknown_optimizer_before_any_work(world):
+    with pytest.raises(SearchConfigError, match="optimizer must be one of cma"):
+        _run(world, SearchConfig(optimizer="sgd", **FAST))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"alpha": -0.1}, "alpha"),
         ({"k": 0}, "k must"),
-        ({"optimizer": "sgd"}, "optimizer"),
-        ({"weight_level": "head"}, "weight_level"),
-        ({"history_fraction": 0.0}, "history_fraction"),
+        ({"weight_level": "head"}, "weight-level"),
+        ({"history_fraction": 0.0}, "history-fraction"),
         ({"bounds": (1.0, 1.0)}, "bounds"),
         ({"x0": 3.0}, "outside"),
         ({"popsize": 1}, "popsize"),

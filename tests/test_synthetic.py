@@ -84,8 +84,8 @@ def test_write_synthetic_round_trips_with_benchmark(tmp_path):
         (dict(task="poetry"), "unknown"),
         (dict(task="tagging", n_groups=5), "between 1 and 4"),
         (dict(task="rating", n_users=2, n_groups=3), "at least groups"),
-        (dict(task="headline", history=0), "history must be at least 1"),
-        (dict(task="headline", queries=0), "queries must be at least 1"),
+        (dict(task="headline", history=0), "synth-history must be >= 1"),
+        (dict(task="headline", queries=0), "synth-queries must be >= 1"),
     ],
 )
 def test_config_validation(kwargs, message):

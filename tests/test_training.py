@@ -19,6 +19,7 @@ from common.atomic import OutputError
 from common.errors import PrimeError
 from common.inference import encode_example, predict_labels, score_labels
 from common.models import ModelSpecError, load_base, tiny_model
+from common.settings import SettingError
 
 LABELS = ["1", "2", "3", "4", "5"]
 PAIRS = [
@@ -142,7 +143,7 @@ def test_save_model_refuses_to_overwrite_other_directories(tmp_path):
     [{"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
 )
 def test_config_validation(changes):
-    with pytest.raises(TrainingError, match="training config"):
+    with pytest.raises(SettingError, match="training config"):
         TrainConfig(**changes)
 
 

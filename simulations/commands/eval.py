@@ -13,9 +13,12 @@ import argparse
 from pathlib import Path
 
 from common.models import resolve_cache_dir
+from common.settings import SearchConfig
+from common.synthetic import SyntheticConfig
 from simulations import experiment, tables
 from simulations.experiment import EvalConfig, EvalConfigError
 from simulations.model_options import add_model_options
+from simulations.options import add_setting_options
 
 _LIST = "comma-separated"
 
@@ -33,15 +36,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--data", help="LaMP-layout folder")
     add("--split", choices=("train", "dev"), help="which split when the folder holds several")
     add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline) into OUT/data")
-    add("--synth-users", type=int, help="synthetic: number of users (default 48)")
-    add("--synth-groups", type=int, help="synthetic: latent preference groups (default 4)")
-    add("--synth-history", type=int, help="synthetic: history items per user (default 24)")
-    add("--synth-queries", type=int, help="synthetic: held-out queries per user (default 4)")
+    add_setting_options(parser, SyntheticConfig(), layered=True)
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
-    add("--synth-quirks", action="store_const", const=True,
-        help="synthetic tagging: give every user a personal exception to the group rule, so no sharer is a clone")
     add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
-    add("--alphas", help=f"{_LIST} PriME privacy weights (default 0,0.5,1,2)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
     add_model_options(parser, default=None, spec_help="gemma3-270m (default), tiny (tests), or an HF model folder")
     add("--encoder", help="user encoder: minilm (default), hashing[:DIM], or a sentence-transformers folder")
@@ -50,20 +47,12 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--adapt-fraction", type=float, help="share of users for task adaptation (default 0.25)")
     add("--adapt-epochs", type=int, help="task-adaptation epochs (default 2)")
     add("--adapt-max-pairs", type=int, help="cap on pooled task-adaptation pairs (default 384)")
-    add("--max-history", type=int, help="most recent history items a user trains / is scored on (default 16)")
-    add("--ks", help=f"{_LIST} numbers of merged sharers (ablation axis; default 3)")
-    add("--budget", type=int, help="search generations (default 6)")
-    add("--popsize", type=int, help="search population size (default 6)")
-    add("--optimizers", help=f"{_LIST}: cma, ngiohtuned, tbpsa (ablation axis; default cma)")
-    add("--weight-levels", help=f"{_LIST}: lora, layer (ablation axis; default lora)")
-    add("--history-fractions", help=f"{_LIST} shares of the history used by the fitness (ablation axis; default 1)")
-    add("--min-sharers", type=int, help="minimum distinct sharers in a merge (default 2)")
+    add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's budget)"), SearchConfig(),
+                        layered=True, sweeps=experiment.DEFAULT_SWEEPS)
+    add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),
+                        experiment.DEFAULT_NODE, layered=True)
     add("--rag-k", type=int, help="history items retrieved for RAG (default 3)")
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
-    add("--lora-r", type=int, help="LoRA rank (default 8)")
-    add("--lora-alpha", type=float, help="LoRA alpha (default 16)")
-    add("--lr", type=float, help="LoRA learning rate (default 1e-3)")
-    add("--epochs", type=int, help="LoRA epochs for sharers and OPPU (default 3)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)

@@ -14,9 +14,10 @@ from common.encoder import DEFAULT_ENCODER, load_embeddings, load_encoder, user_
 from common.errors import PrimeError
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
-from server.personalize import RESULT_FILE, SearchConfig, personalize
-from server.search import OPTIMIZERS
+from common.settings import SearchConfig, from_flat
+from server.personalize import RESULT_FILE, check_optimizer, personalize
 from simulations.model_options import add_model_options, model_cache
+from simulations.options import add_setting_options, setting_values
 
 EMBEDDINGS_FILE = "embeddings.npz"
 
@@ -33,7 +34,6 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
             "result.json says fallback: true."
         ),
     )
-    d = SearchConfig()
     parser.add_argument("--data", required=True, help="LaMP-layout folder holding the target user")
     parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
     parser.add_argument(
@@ -46,17 +46,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--task-adapter", default=None, help="task LoRA folder folded into the base model before merging")
     parser.add_argument("--embeddings", default=None, help=f".npz of user embeddings (default: SHARERS/{EMBEDDINGS_FILE} if present)")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder for embeddings missing from the file (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=d.alpha, help="privacy penalty weight (default %(default)s)")
-    parser.add_argument("--k", type=int, default=d.k, help="number of sharers merged (default %(default)s)")
-    parser.add_argument("--budget", type=int, default=d.budget, help="generations of the search (default %(default)s)")
-    parser.add_argument("--popsize", type=int, default=d.popsize, help="candidates per generation (default %(default)s)")
-    parser.add_argument("--sigma0", type=float, default=d.sigma0, help="initial step size (default %(default)s)")
-    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer, help="default %(default)s")
-    parser.add_argument("--weight-level", choices=["lora", "layer"], default=d.weight_level, help="one weight per sharer, or per sharer per layer")
-    parser.add_argument("--history-fraction", type=float, default=d.history_fraction, help="share of the target history scored (default %(default)s)")
-    parser.add_argument("--min-sharers", type=int, default=d.min_sharers, help="refuse merges of fewer distinct sharers (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward pass (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    add_setting_options(parser.add_argument_group("search"), SearchConfig())
+    parser.add_argument("--seed", type=int, default=0, help="search seed (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_personalize)
 
@@ -71,11 +62,8 @@ def _sharer_dirs(root: Path) -> dict[str, Path]:
 
 
 def _personalize(args: argparse.Namespace) -> int:
-    config = SearchConfig(
-        alpha=args.alpha, k=args.k, budget=args.budget, popsize=args.popsize, sigma0=args.sigma0,
-        optimizer=args.optimizer, weight_level=args.weight_level, history_fraction=args.history_fraction,
-        min_sharers=args.min_sharers, seed=args.seed, batch_size=args.batch_size,
-    )
+    config = from_flat(SearchConfig, setting_values(SearchConfig, args) | {"seed": args.seed})
+    check_optimizer(config)  # before the model loads
     check_replaceable(args.out, RESULT_FILE)
     dataset = load_lamp(args.data, split=args.split)
     target = dataset.user(args.user)

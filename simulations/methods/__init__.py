@@ -10,7 +10,7 @@ splits and seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy  # not `as np`: the submodule simulations.methods.np is bound to that name below
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,7 +22,11 @@ from common.inference import predict
 from common.lamp import LampDataset, LampUser, profile_pairs
 from common.lamp import query_prompts as lamp_query_prompts
 from common.plan import UserPlan
+from common.settings import SearchConfig, recent
 from common.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
 
 
 class MethodError(PrimeError):
@@ -59,7 +63,7 @@ class Context:
 
     def history(self, user_id: str) -> list[tuple[str, str]]:
         """The user's (prompt, target) history pairs, most recent `max_history` (as a federation node sends them)."""
-        return profile_pairs(self.task, self.user(user_id).profile)[-self.max_history :]
+        return recent(profile_pairs(self.task, self.user(user_id).profile), self.max_history)
 
     def sharers(self) -> dict[str, tuple[LoraAdapter, numpy.ndarray]]:
         """{sharer id: (adapter, embedding)} in the form server.personalize expects."""
@@ -117,6 +121,19 @@ def top_k(ctx: Context, target: str, k: int, min_sharers: int) -> list[str]:
     return [sid for sid, _ in select_top_k(numpy.asarray(ctx.embeddings[target]), sharer_embeddings, k, min_sharers=min_sharers)]
 
 
+def per_k(config: EvalConfig) -> list[SearchConfig]:
+    """The first of the evaluation's searches for each k: the k axis of the merging baselines."""
+    firsts: dict[int, SearchConfig] = {}
+    for search in config.searches():
+        firsts.setdefault(search.k, search)
+    return list(firsts.values())
+
+
+def similarity_k(config: EvalConfig) -> dict[str, int]:
+    """{k} of the first search: the sharers a non-merging method's similarity is reported against."""
+    return {"k": config.searches()[0].k}
+
+
 def finish(ctx: Context, target: str, predictions: list[str], sharer_ids: list[str], **extra: Any) -> MethodResult:
     """Score predictions on the held-out queries and attach the similarity with `sharer_ids`."""
     golds = query_prompts(ctx, target)[1]
@@ -134,7 +151,9 @@ class Method:
     """Base of every evaluation method.
 
     `defaults` lists the method's parameters (anything else is refused);
-    `label(params)` names the table column; `run` produces one target's result.
+    `grid(config)` the parameter sets an evaluation runs it with (its
+    ablation axes); `label(params)` names the table column; `run` produces
+    one target's result.
     """
 
     name: str = ""
@@ -147,6 +166,10 @@ class Method:
         if unknown:
             raise MethodError(f"method {self.name!r} has no parameter {unknown[0]!r} (has: {', '.join(self.defaults) or 'none'})")
         return {**self.defaults, **given}
+
+    def grid(self, config: EvalConfig) -> list[dict[str, Any]]:
+        """The parameter sets `prime-fl eval` runs this method with (default: its defaults, once)."""
+        return [{}]
 
     def label(self, params: Mapping[str, Any]) -> str:
         """Column name: the title, plus the parameters that shape it."""

@@ -13,7 +13,7 @@ each (no population batching: the element-wise merge is not linear in w).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy
 import torch
@@ -23,7 +23,12 @@ from common.adapters import LoraAdapter
 from common.inference import predict
 from server.fitness import history_task
 from server.personalize import target_seed
-from simulations.methods import Context, Method, MethodResult, answer, applied, finish, query_prompts, register, top_k
+from simulations.methods import (
+    Context, Method, MethodResult, answer, applied, finish, per_k, query_prompts, register, top_k,
+)
+
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
 
 BOUNDS = (-1.5, 1.5)
 
@@ -45,6 +50,11 @@ class LoraHub(Method):
     name = "lorahub"
     title = "LoraHub"
     defaults = {"k": 3, "min_sharers": 2, "budget": 6, "popsize": 6, "l1": 0.05}
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        """Per k, as many evaluations as PriME's search (budget x popsize)."""
+        return [{"k": s.k, "min_sharers": s.min_sharers, "budget": s.budget, "popsize": s.popsize, "l1": config.lorahub_l1}
+                for s in per_k(config)]
 
     def label(self, params: Mapping) -> str:
         return f"LoraHub k={params['k']}"

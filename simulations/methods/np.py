@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, top_k
+from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
 
 
 @register
@@ -12,6 +15,9 @@ class NonPersonalized(Method):
     name = "np"
     title = "NP"
     defaults = {"k": 3}  # only picks the sharers its similarity is reported against
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        return [similarity_k(config)]
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
         prompts, _ = query_prompts(ctx, target)

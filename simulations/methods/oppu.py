@@ -7,9 +7,12 @@ personalizing from other users' adapters.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, top_k
+from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
 
 
 @register
@@ -17,6 +20,9 @@ class OPPU(Method):
     name = "oppu"
     title = "OPPU"
     defaults = {"k": 3}  # only picks the sharers its similarity is reported against
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        return [similarity_k(config)]
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
         adapter = ctx.train_adapter(ctx.history(target), f"oppu-{target}")

@@ -7,14 +7,21 @@ plain history prompts, as in PriME.
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Mapping
 
-from server.personalize import SearchConfig, personalize, target_seed
+from common.settings import SearchConfig, options
+from server.personalize import personalize, target_seed
 from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
 from simulations.methods.rag import rag_prompts
 
-# Ablation axes shown in a column's label when they differ from these.
-_LABELLED = {"k": ("k", 3), "optimizer": ("opt", "cma"), "weight_level": ("level", "lora"), "history_fraction": ("hist", 1.0)}
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
+
+# A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
+SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
+# Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
+_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist"}
 
 
 @register
@@ -22,34 +29,19 @@ class PriME(Method):
     name = "prime"
     title = "PriME"
     rag = False
-    defaults = {
-        "alpha": 0.5,
-        "k": 3,
-        "budget": 6,
-        "popsize": 6,
-        "optimizer": "cma",
-        "weight_level": "lora",
-        "history_fraction": 1.0,
-        "min_sharers": 2,
-        "rag_k": 3,
-    }
+    defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS}, "rag_k": 3}
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        """One cell per search of the evaluation (its swept settings' product)."""
+        return [{name: getattr(s, name) for name in SEARCH_PARAMS} | {"rag_k": config.rag_k} for s in config.searches()]
 
     def label(self, params: Mapping) -> str:
-        extra = [f"{short}={params[key]}" for key, (short, default) in _LABELLED.items() if params[key] != default]
+        extra = [f"{short}={params[key]}" for key, short in _LABELLED.items() if params[key] != self.defaults[key]]
         return " ".join([f"{self.title} α={params['alpha']:g}", *extra])
 
     def search_config(self, ctx: Context, target: str, params: Mapping) -> SearchConfig:
-        return SearchConfig(
-            alpha=float(params["alpha"]),
-            k=int(params["k"]),
-            budget=int(params["budget"]),
-            popsize=int(params["popsize"]),
-            optimizer=str(params["optimizer"]),
-            weight_level=str(params["weight_level"]),
-            history_fraction=float(params["history_fraction"]),
-            min_sharers=int(params["min_sharers"]),
-            seed=target_seed(ctx.seed, target),  # as the coordinator seeds each target's search
-        )
+        # Seeded per target, as the coordinator seeds each target's search.
+        return SearchConfig(**{name: params[name] for name in SEARCH_PARAMS}, seed=target_seed(ctx.seed, target))
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
         result = personalize(
@@ -62,7 +54,8 @@ class PriME(Method):
             ctx, target, preds, result.sharer_ids, weights=result.weights, fallback=result.fallback,
             trajectory=result.trajectory,
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
-                   "evaluations": result.evaluations, "timings": result.timings},
+                   "evaluations": result.evaluations, "timings": result.timings,
+                   "searched_weights": result.searched_weights},  # the best candidate, also when it lost
         )
 
 

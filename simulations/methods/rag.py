@@ -17,11 +17,15 @@ the more recent item first.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy
 
-from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, top_k
+from common.settings import recent
+from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
 
 ITEM_WORDS = 24
 HEADER = "Examples from this user's history:"
@@ -37,7 +41,7 @@ def retrieve(ctx: Context, target: str, query: str, k: int) -> list[dict]:
     import bm25s
 
     task = ctx.task
-    profile = ctx.user(target).profile[-ctx.max_history :]
+    profile = recent(ctx.user(target).profile, ctx.max_history)
     key = ("bm25", target)
     if key not in ctx.cache:
         docs = [" ".join(str(item[f]) for f in task.profile_fields if f != task.target_field) for item in profile]
@@ -69,6 +73,9 @@ class RAG(Method):
     name = "rag"
     title = "RAG"
     defaults = {"rag_k": 3, "k": 3}  # k: only picks the sharers its similarity is reported against
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        return [similarity_k(config) | {"rag_k": config.rag_k}]
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
         prompts = rag_prompts(ctx, target, int(params["rag_k"]))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from common.lora_math import merge_exact
-from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, top_k
+from simulations.methods import Context, Method, MethodResult, answer, finish, per_k, query_prompts, register, top_k
+
+if TYPE_CHECKING:
+    from simulations.experiment import EvalConfig
 
 
 @register
@@ -13,6 +16,9 @@ class Uniform(Method):
     name = "uniform"
     title = "uniform"
     defaults = {"k": 3, "min_sharers": 2}
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        return [{"k": s.k, "min_sharers": s.min_sharers} for s in per_k(config)]
 
     def label(self, params: Mapping) -> str:
         return f"uniform k={params['k']}"

@@ -31,8 +31,9 @@ from common.lamp import profile_pairs
 from common.lora_math import merge_exact
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate
 from common.tasks import TaskSpec
-from client.training import TrainConfig, adapt, encode_pairs, train_lora
-from server.personalize import SearchConfig, personalize
+from client.training import adapt, encode_pairs, train_lora
+from common.settings import SearchConfig, TrainConfig
+from server.personalize import personalize
 from server.release import release
 from simulations.threats.leak import ThreatError
 

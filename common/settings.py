@@ -1,0 +1,316 @@
+"""Typed settings records, each setting defined once with its default, help text and check.
+
+A record is a frozen dataclass whose fields are declared with `setting(...)`
+(a value) or `section(...)` (a nested record). Everything a surface needs
+follows from that one declaration: the Flower run config and the node
+messages read and write records with `to_flat`/`from_flat`, the command line
+derives its options from `options(...)`, and `validate` runs the checks, so
+a default, a help text or a range is written in one place only.
+
+The records shared by the coordinator, the nodes and the one-machine
+commands live here (common may not import client or server):
+`SearchConfig` (one personalization), `TrainConfig` (one LoRA training run)
+and `NodeConfig` (everything a node needs for its jobs, sent in every
+message as one record).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from common.errors import PrimeError
+
+# Search granularity: one weight per sharer's adapter, or one per sharer per layer.
+WEIGHT_LEVELS = ("lora", "layer")
+# Rows (history item x candidate) per forward. On 2 CPU cores, Gemma 270M
+# decodes 3x faster per row at 32 than at 8 (the LM head and weights are read
+# once per step for the whole batch) and label scoring 1.4x; the KV cache and
+# logits of 32 short rows stay in the tens of MB (docs/engine.md).
+DEFAULT_BATCH_SIZE = 32
+MIN_PROMPT_TOKENS = 8  # a training prompt keeps at least this many tokens (client.training)
+
+
+class SettingError(PrimeError, ValueError):
+    """A setting with a value of the wrong type or outside its range, or an unknown setting name."""
+
+
+class SearchConfigError(SettingError):
+    """An invalid personalization setting."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A rule a setting's value must follow: `test(value)`, and what it `says` in an error message."""
+
+    test: Callable[[Any], bool]
+    says: str
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f">= {low}")
+
+
+def one_of(*values: str) -> Check:
+    return Check(lambda v: v in values, f"one of {', '.join(values)}")
+
+
+POSITIVE = Check(lambda v: math.isfinite(v) and v > 0, "a positive number")
+NON_NEGATIVE = Check(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION = Check(lambda v: 0 < v <= 1, "in (0, 1]")
+NAME = Check(lambda v: bool(str(v).strip()), "a non-empty name")
+NAMES = Check(lambda v: len(v) > 0 and all(str(x).strip() for x in v), "at least one non-empty name")
+
+
+def setting(default: Any, help: str, check: Check | None = None, *, key: str | None = None,
+            exposed: bool = True, sweep: str | None = None) -> Any:
+    """A dataclass field with its help text and check.
+
+    `key` is the run-config key and flag (default: the name with `-` for `_`);
+    `exposed=False` keeps a setting off the run config and the command line
+    (it still travels in messages); `sweep` names the plural option under
+    which `prime-fl eval` takes a list of values (an ablation axis).
+    """
+    return field(default=default, metadata={"help": help, "check": check, "key": key, "exposed": exposed, "sweep": sweep})
+
+
+def section(record: type, **overrides: Any) -> Any:
+    """A dataclass field holding a nested settings record (its settings are flattened into the parent's keys)."""
+    return field(default_factory=lambda: record(**overrides), metadata={"section": True})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the flat surfaces see it: key, where it sits in the record tree, type, help, ablation name."""
+
+    key: str
+    path: tuple[str, ...]
+    kind: Any
+    help: str
+    sweep: str | None
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+    def value_in(self, record: Any) -> Any:
+        """This setting's value in `record` (the record `options` was called on)."""
+        for name in self.path:
+            record = getattr(record, name)
+        return record
+
+
+def options(record: type, *, exposed_only: bool = False) -> list[Option]:
+    """Every setting of `record` and its sections, in declaration order."""
+    found: list[Option] = []
+    hints = typing.get_type_hints(record)
+    for f in dataclasses.fields(record):
+        if f.metadata.get("section"):
+            for opt in options(hints[f.name], exposed_only=exposed_only):
+                found.append(dataclasses.replace(opt, path=(f.name, *opt.path)))
+        elif "help" in f.metadata and (f.metadata["exposed"] or not exposed_only):
+            found.append(Option(key=f.metadata["key"] or f.name.replace("_", "-"), path=(f.name,), kind=hints[f.name],
+                                help=f.metadata["help"], sweep=f.metadata["sweep"]))
+    keys = [o.key for o in found]
+    if len(set(keys)) != len(keys):
+        raise TypeError(f"{record.__name__}: two settings share a key: {sorted({k for k in keys if keys.count(k) > 1})}")
+    return found
+
+
+def validate(record: Any, error: type[SettingError], what: str) -> None:
+    """Run the checks of `record`'s own settings (sections validate themselves when built)."""
+    for f in dataclasses.fields(record):
+        check = f.metadata.get("check")
+        value = getattr(record, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison-free check
+            key = f.metadata.get("key") or f.name.replace("_", "-")
+            raise error(f"{what}: {key} must be a finite number, got {value!r}")
+        if check is not None and not _passes(check, value):
+            key = f.metadata["key"] or f.name.replace("_", "-")
+            raise error(f"{what}: {key} must be {check.says}, got {value!r}")
+
+
+def _passes(check: Check, value: Any) -> bool:
+    try:
+        return bool(check.test(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def to_flat(record: Any, *, exposed_only: bool = False) -> dict[str, Any]:
+    """{key: value} of every setting (tuples as lists, the form Flower records and TOML hold)."""
+    flat = {}
+    for opt in options(type(record), exposed_only=exposed_only):
+        value = opt.value_in(record)
+        flat[opt.key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def from_flat(record: type, values: Mapping[str, Any], *, exposed_only: bool = False) -> Any:
+    """Build `record` from {key: value} (`-` or `_` in keys); unknown keys and wrong types are refused."""
+    known = {o.key: o for o in options(record, exposed_only=exposed_only)}
+    nested: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("_", "-")
+        if key not in known:
+            raise SettingError(f"unknown key {raw_key!r} (known: {', '.join(sorted(known))})")
+        opt = known[key]
+        target = nested
+        for name in opt.path[:-1]:
+            target = target.setdefault(name, {})
+        target[opt.name] = coerce(opt, value)
+    return _build(record, nested)
+
+
+def _build(record: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(record)
+    kwargs = {name: _build(hints[name], value) if isinstance(value, dict) else value for name, value in values.items()}
+    return record(**kwargs)
+
+
+def coerce(opt: Option, value: Any) -> Any:
+    """`value` as the setting's type. TOML and Flower give 1 where 1.0 is meant and the CLI gives strings."""
+    kind = _base(opt.kind)
+    if typing.get_origin(kind) is tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            item_kind = typing.get_args(kind)[0]
+            return tuple(_scalar(opt.key, item_kind, v) for v in items)
+        raise SettingError(f"{opt.key!r} must be a list, got {value!r}")
+    return _scalar(opt.key, kind, value)
+
+
+def _base(kind: Any) -> Any:
+    """`X | None` -> X."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def _scalar(key: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value.strip()
+    raise SettingError(f"{key!r} must be {kind.__name__}, got {value!r}")
+
+
+# ------------------------------------------------------------------ the records
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every knob of one personalization (paper defaults where the paper has one).
+
+    The run config, `prime-fl personalize` and `prime-fl eval` all take
+    their search settings from here.
+    """
+
+    alpha: float = setting(0.5, "privacy penalty weight: fitness is utility minus alpha x mean similarity to the sharers",
+                           NON_NEGATIVE, sweep="alphas")
+    k: int = setting(3, "number of sharers merged (top-k by embedding similarity)", at_least(1), sweep="ks")
+    budget: int = setting(6, "search generations", at_least(1))
+    popsize: int = setting(6, "candidates per generation", at_least(2))
+    sigma0: float = setting(0.5, "initial step size of the search", POSITIVE)
+    optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned or tbpsa (server.search)", NAME,
+                             sweep="optimizers")
+    weight_level: str = setting("lora", "one weight per sharer (lora) or per sharer per layer (layer)",
+                                one_of(*WEIGHT_LEVELS), sweep="weight-levels")
+    history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
+                                      sweep="history-fractions")
+    min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
+    batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass", at_least(1))
+    bounds: tuple[float, ...] = setting((-1.5, 1.5), "(low, high) of every weight", exposed=False)
+    x0: float | None = setting(None, "start value of every weight; None: 1/k (the plain average of the sharers)",
+                               exposed=False)
+    seed: int = setting(0, "search seed (the federation and eval derive one per target)", exposed=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bounds", tuple(float(b) for b in self.bounds))
+        validate(self, SearchConfigError, "search config")
+        if not (len(self.bounds) == 2 and self.bounds[0] < self.bounds[1]):
+            raise SearchConfigError(f"search config: bounds must be (low, high) with low < high, got {self.bounds}")
+        if self.x0 is not None and not self.bounds[0] <= self.x0 <= self.bounds[1]:
+            raise SearchConfigError(f"search config: x0 {self.x0} lies outside the bounds {self.bounds}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """LoRA training settings. Defaults measured to teach Gemma 3 270M a synthetic rule from ~24 examples.
+
+    The target modules are part of the record, so the coordinator's upload
+    schema follows from the same record the nodes train with.
+    """
+
+    r: int = setting(8, "LoRA rank", at_least(1), key="lora-r")
+    lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
+    target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers", NAMES, exposed=False)
+    lr: float = setting(1e-3, "LoRA learning rate", POSITIVE)
+    epochs: int = setting(3, "LoRA epochs over a user's history", at_least(1))
+    batch_size: int = setting(8, "training pairs per step", at_least(1), exposed=False)
+    max_length: int = setting(512, "most tokens per training pair", at_least(2 * MIN_PROMPT_TOKENS), exposed=False)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE, exposed=False)
+    seed: int = setting(0, "seed of LoRA init and shuffling", exposed=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        validate(self, SettingError, "training config")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node needs for its jobs, sent by the coordinator in every message as one record.
+
+    `prime-fl eval` trains its sharers with the same record, so both
+    train on the same items with the same settings.
+    """
+
+    train: TrainConfig = section(TrainConfig)
+    max_history: int = setting(12, "most recent history items a user trains on and is scored on", at_least(1))
+    dp_clip: float = setting(0.0, "clip norm of a sharer's upload (0: no clipping)", NON_NEGATIVE)
+    dp_noise: float = setting(0.0, "Gaussian noise multiplier on the clipped upload (needs dp-clip)", NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        validate(self, SettingError, "node config")
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise SettingError("node config: dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
+
+    def for_job(self, seed: int, epochs: int | None = None) -> NodeConfig:
+        """These settings for one job: trained with `seed` (the run's), for `epochs` when given (task adaptation)."""
+        train = dataclasses.replace(self.train, seed=seed, epochs=epochs or self.train.epochs)
+        return dataclasses.replace(self, train=train)
+
+
+def recent(items: Sequence[Any], limit: int) -> list[Any]:
+    """The last `limit` items of a user's history: the one rule for how much of it is trained on and scored.
+
+    Histories are in time order, so these are the most recent ones. The
+    node, the coordinator (on a target's upload) and `prime-fl eval` all
+    cut with this.
+    """
+    if limit < 1:
+        raise SettingError(f"max-history must be >= 1, got {limit}")
+    return list(items[-limit:])
