@@ -9,7 +9,10 @@
    connection `prime-fl-deploy` pointing at the SuperLink with the CA;
 3. starts `flower-superlink` (TLS, `--enable-supernode-auth`), registers every
    SuperNode public key with `flwr supernode register`, starts the SuperNodes
-   with `--node-config "partition-id=I num-partitions=N"`;
+   with `--node-config "partition-id=I num-partitions=N"`; for an app with a
+   `coordinator-key-file` setting (ours) it first creates the coordinator's
+   identity key and pins its public half on every SuperNode
+   (`coordinator-identity`), so the SuperLink cannot swap the sealing key;
 4. runs `flwr run APP prime-fl-deploy --stream`, then polls `flwr list` until
    the run has finished;
 5. stops every process it started and everything they spawned (found by
@@ -32,6 +35,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.key_endorsement import load_or_create_identity
 from simulations.deploy_keys import NodeKeys, TlsFiles, generate_node_keys, generate_tls
 from simulations.supervisor import HOST, Interrupts, LaunchError, Processes, free_port, tool, wait_listening
 
@@ -117,14 +121,23 @@ def superlink_argv(tls: TlsFiles, port: int, database: Path | None = None) -> li
     return argv + (["--database", str(database)] if database else [])
 
 
-def supernode_argv(address: str, ca_cert: Path, private_key: Path, index: int, nodes: int) -> list[str]:
-    """`flower-supernode` number `index` of `nodes`, authenticating with its private key over TLS."""
+def supernode_argv(address: str, ca_cert: Path, private_key: Path, index: int, nodes: int,
+                   coordinator_identity: bytes | None = None) -> list[str]:
+    """`flower-supernode` number `index` of `nodes`, authenticating with its private key over TLS.
+
+    With `coordinator_identity`, the node pins the coordinator's long-term
+    public key: it seals uploads only to a key that identity endorsed, so
+    the SuperLink cannot swap in its own (`common.key_endorsement`).
+    """
+    node_config = f"partition-id={index} num-partitions={nodes}"
+    if coordinator_identity is not None:
+        node_config += f' coordinator-identity="{coordinator_identity.hex()}"'
     return [
         tool("flower-supernode"),
         "--superlink", address,
         "--root-certificates", str(ca_cert),
         "--auth-supernode-private-key", str(private_key),
-        "--node-config", f"partition-id={index} num-partitions={nodes}",
+        "--node-config", node_config,
         "--port", str(free_port()),
     ]
 
@@ -181,12 +194,18 @@ def deploy(config: DeployConfig) -> DeployResult:
     if "out-dir" in app_config and "out-dir=" not in run_config:
         app_out = run_dir / "app-out"
         run_config = f'{run_config} out-dir="{app_out}"'.strip()
+    coordinator_identity = None
+    if "coordinator-key-file" in app_config and "coordinator-key-file=" not in run_config:
+        # The coordinator's identity is made here, before any node starts, so every node can pin it.
+        key_file = run_dir / "keys" / "coordinator.pem"
+        coordinator_identity = load_or_create_identity(key_file).public_bytes
+        run_config = f'{run_config} coordinator-key-file="{key_file}"'.strip()
     procs = Processes(log_dir, env)
     result = DeployResult(str(run_dir), None, "not started", 0.0, address, config.nodes,
                           str(app_out) if app_out else None)
     with Interrupts() as interrupts:
         try:
-            _launch(procs, config, tls, node_keys, port, app_dir, run_config, result, start)
+            _launch(procs, config, tls, node_keys, port, app_dir, run_config, result, start, coordinator_identity)
         finally:
             interrupts.stopping()
             leftover = procs.stop(hurry=lambda: interrupts.hurry)
@@ -217,6 +236,7 @@ def _launch(
     run_config: str,
     result: DeployResult,
     start: float,
+    coordinator_identity: bytes | None,
 ) -> None:
     address = f"{HOST}:{port}"
     deadline = time.monotonic() + config.startup_timeout
@@ -229,7 +249,8 @@ def _launch(
         if done.returncode != 0:
             raise DeployError(f"registering supernode {index} failed: {(done.stdout + done.stderr).strip()[-300:]}")
     for index, keys in enumerate(node_keys):
-        procs.start(f"supernode-{index}", supernode_argv(address, tls.ca_cert, keys.private_key, index, config.nodes))
+        procs.start(f"supernode-{index}", supernode_argv(address, tls.ca_cert, keys.private_key, index, config.nodes,
+                                                         coordinator_identity))
     run_argv = [*_flwr_cli(), "run", str(app_dir), CONNECTION, "--format", "json"]
     if run_config:
         run_argv += ["--run-config", run_config]

@@ -46,7 +46,7 @@ def test_predict_refuses_pickle_weights_without_unpickling(data, tmp_path, capsy
     (model_dir / "model.safetensors").unlink()
     marker = tmp_path / "unpickled"
     (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
-    argv = ["predict", "--data", str(data), "--model", str(model_dir), "--out", str(tmp_path / "p.json")]
+    argv = ["predict", "--data", str(data), "--model-spec", str(model_dir), "--out", str(tmp_path / "p.json")]
     _one_line_error(capsys, argv, "predict", "only pickle weights (pytorch_model.bin)")
     assert not marker.exists()
 
@@ -57,7 +57,7 @@ def test_predict_refuses_pickle_weights_without_unpickling(data, tmp_path, capsy
         (["data", "synth"], "data"),
         (["adapt", "--data", "{data}", "--model-spec", "tiny"], "adapt"),
         (["train-lora", "--data", "{data}", "--user", "u000", "--model-spec", "tiny"], "train-lora"),
-        (["personalize", "--data", "{data}", "--sharers", "{data}", "--user", "u000", "--model", "tiny"], "personalize"),
+        (["personalize", "--data", "{data}", "--sharers", "{data}", "--user", "u000", "--model-spec", "tiny"], "personalize"),
         (["threats", "leak", "--model-spec", "tiny"], "threats"),
         (["eval", "--synthetic", "tagging", "--model-spec", "tiny"], "eval"),
         (["simulate"], "simulate"),

@@ -269,3 +269,15 @@ def test_generated_certificates_and_node_keys(tmp_path):
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     assert private.public_key().public_numbers() == public.public_numbers()
     assert keys[0].public_key.read_bytes() != keys[1].public_key.read_bytes()
+
+
+def test_supernode_pins_the_coordinator_identity_when_given_one():
+    """The node config carries the identity as a quoted hex string (unquoted digits would parse as a number)."""
+    from flwr.common.config import parse_config_args
+
+    key = bytes(range(32))
+    argv = supernode_argv(f"{HOST}:1", Path("ca.pem"), Path("node.key"), 3, 5, key)
+    parsed = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert parsed == {"partition-id": 3, "num-partitions": 5, "coordinator-identity": key.hex()}
+    plain = supernode_argv(f"{HOST}:1", Path("ca.pem"), Path("node.key"), 3, 5)
+    assert "coordinator-identity" not in plain[plain.index("--node-config") + 1]

@@ -91,6 +91,7 @@ def test_real_deployment_runs_the_protocol_with_tls_and_node_auth(tmp_path):
                                  run_config=overrides, timeout=1200))
     report = json.loads((tmp_path / "deploy" / "app-out" / "report.json").read_text())
     assert report["skipped"] == [] and len(report["targets"]) == 2
+    assert report["coordinator_trust"] == {"pinned": 10}, "prime-fl deploy pins the coordinator identity on every node"
     assert all("metrics" in t for t in report["targets"].values())
     assert result.run_id
 

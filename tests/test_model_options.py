@@ -80,7 +80,7 @@ def test_prime_fl_cache_moves_the_cache_of_every_model_command(cache_seen, tmp_p
     runs = {
         "simulate": ["simulate", "--out", str(tmp_path / "sim"), *gemma],
         "eval": ["eval", "--synthetic", "rating", "--synth-users", "8", "--synth-history", "4", "--synth-queries", "1",
-                 "--targets", "1", "--sharers", "2", "--encoder", "hashing", "--out", str(tmp_path / "eval"), "--no-progress", *gemma],
+                 "--targets", "1", "--sharers", "2", "--ks", "2", "--encoder", "hashing", "--out", str(tmp_path / "eval"), "--no-progress", *gemma],
         "personalize": ["personalize", "--data", str(data), "--sharers", str(tmp_path / "sharers"), "--user", "u000",
                         "--out", str(tmp_path / "p"), *gemma],
         "threats": ["threats", "membership", "--out", str(tmp_path / "t"), "--no-progress", *gemma],
