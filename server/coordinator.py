@@ -40,6 +40,7 @@ from common.federation import (
 )
 from common.lamp import LampDataset, load_lamp
 from common.plan import UserPlan, make_plan
+from common.progress import report as report_progress
 from common.records import adapter_to_records
 from common.settings import to_flat
 from common.synthetic import generate, write_synthetic
@@ -131,7 +132,9 @@ class Coordinator:
         log.info("%s: waiting for %d node(s) (timeout %.0f s)", phase, len(contents), self.config.phase_timeout)
         started = time.perf_counter()
         replies = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.config.phase_timeout):
+        report_progress(phase, 0, len(messages))
+        for answered, reply in enumerate(self.grid.send_and_receive(messages, timeout=self.config.phase_timeout), 1):
+            report_progress(phase, answered, len(messages))
             node_id = reply.metadata.src_node_id
             if node_id not in contents or node_id in replies:
                 log.warning("%s: ignoring an unasked or repeated reply from node %s", phase, node_id)

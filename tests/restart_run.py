@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from client.app import app as client_app  # noqa: E402
-from common.federation import FederationConfig  # noqa: E402
-from inprocess_grid import InProcessGrid  # noqa: E402
+from inprocess_grid import InProcessGrid, tiny_config  # noqa: E402
 from server.coordinator import Coordinator  # noqa: E402
 from server.registry import Registry  # noqa: E402
 
@@ -52,10 +51,7 @@ def main(out_dir: str, reuse: bool, kill_at: str) -> None:
             return result
 
         Registry.add = add_then_die
-    config = FederationConfig.from_run_config(dict(task="rating", model_spec="tiny", encoder="hashing", k=2, budget=2, popsize=4,
-                              num_targets=2, num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2,
-                              lora_alpha=4, synth_users=10, synth_history=6, synth_queries=2, max_history=4,
-                              out_dir=out_dir, phase_timeout=60.0, reuse_registry=reuse))
+    config = tiny_config(out_dir, reuse_registry=reuse)
     Coordinator(grid=InProcessGrid(client_app, 10), config=config, registry_key=b"k" * 32).run()
 
 

@@ -23,7 +23,7 @@ from client.app import app as client_app
 from common.crypto import NodeIdentity, new_upload_id, seal
 from common.federation import FederationConfig
 from common.wire import encode_upload
-from inprocess_grid import InProcessGrid
+from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
 from server.registry import Registry
 
@@ -31,11 +31,7 @@ NODES = 10
 
 
 def _config(tmp_path, **overrides) -> FederationConfig:
-    values = dict(task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=2, popsize=4,
-                  num_targets=2, num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4,
-                  synth_users=NODES, synth_history=6, synth_queries=2, max_history=4,
-                  out_dir=str(tmp_path / "run"), phase_timeout=60.0)
-    return FederationConfig.from_run_config(values | overrides)
+    return tiny_config(str(tmp_path / "run"), **overrides)
 
 
 class Hostile:
