@@ -28,13 +28,14 @@ from client.training import train_lora, train_sharer
 from common.adapters import applied
 from common.crypto import NodeIdentity, new_upload_id, seal
 from common.encoder import Encoder, load_encoder, user_embedding
-from common.federation import NODE_SETTINGS, PHASE_PROFILE, PHASE_SHARE
+from common.federation import NODE_SETTINGS, PHASE_PROFILE, PHASE_REGISTER, PHASE_SHARE, SYNTHETIC
 from common.key_endorsement import parse_pinned_identity, trusted_identity, verify_endorsement
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs, query_prompts
 from common.metrics import task_metrics
 from common.records import adapter_from_records, adapter_to_records, has_adapter
 from common.settings import NodeConfig, from_flat, recent
+from common.synthetic import SyntheticConfig, generate
 from common.task_model import load_task_model
 from common.wire import encode_upload
 
@@ -59,11 +60,24 @@ def _identity(context: Context) -> NodeIdentity:
     return NodeIdentity(Ed25519PrivateKey.from_private_bytes(bytes(state["key"])))
 
 
-def _user(context: Context, config: ConfigRecord) -> tuple[LampDataset, LampUser]:
-    data_dir = str(context.node_config.get("data-path") or config["data-dir"])
-    if data_dir not in _DATASETS:
-        _DATASETS[data_dir] = load_lamp(data_dir)
-    dataset = _DATASETS[data_dir]
+def _user(context: Context, content: RecordDict) -> tuple[LampDataset, LampUser]:
+    """This node's dataset and user: its own data folder, or the synthetic benchmark generated here.
+
+    The folder is node config `data-path`, else the run's `data-dir`; with
+    neither, the node generates the synthetic benchmark from the settings in
+    the message (deterministic, so every node builds the same one) and keeps
+    its user. The coordinator never opens a data folder.
+    """
+    config = content.config_records["config"]
+    data_dir = str(context.node_config.get("data-path") or config.get("data-dir") or "")
+    if data_dir:
+        key, load = data_dir, lambda: load_lamp(data_dir)
+    else:
+        synth = from_flat(SyntheticConfig, dict(content.config_records[SYNTHETIC]))
+        key, load = repr(synth), lambda: generate(synth).dataset
+    if key not in _DATASETS:
+        _DATASETS[key] = load()
+    dataset = _DATASETS[key]
     user_id = context.node_config.get("user-id")
     if user_id:
         return dataset, dataset.user(str(user_id))
@@ -127,7 +141,7 @@ def _task_model(msg: Message):
 def register(msg: Message, context: Context) -> Message:
     """Introduce this node: its user, history size, public signing key, and how it trusts the coordinator."""
     config = msg.content.config_records["config"]
-    dataset, user = _user(context, config)
+    dataset, user = _user(context, msg.content)
     _, trust = _coordinator_key(context, config)
     reply = ConfigRecord(
         {
@@ -135,10 +149,15 @@ def register(msg: Message, context: Context) -> Message:
             "identity": _identity(context).public_bytes,
             "n-history": len(user.profile),
             "n-queries": len(user.queries),
+            "partition": int(context.node_config.get("partition-id", -1)),
+            "task": dataset.task.lamp_id,
             "coordinator-trust": trust,
         }
     )
-    return Message(reply_to=msg, content=RecordDict({"node": reply}))
+    # The embedding the coordinator plans roles with; sealed, since it sketches this user's history.
+    embedding = user_embedding(_encoder(str(config["encoder"])), dataset.task, user.profile)
+    sealed = _seal(encode_upload({}, embedding, {"user-id": user.user_id}), context, config, PHASE_REGISTER)
+    return Message(reply_to=msg, content=RecordDict({"node": reply, "upload": ConfigRecord({"sealed": sealed})}))
 
 
 @app.train("adapt")
@@ -146,7 +165,7 @@ def register(msg: Message, context: Context) -> Message:
 def adapt(msg: Message, context: Context) -> Message:
     """One local round of task-LoRA training, starting from the coordinator's current task LoRA."""
     config = msg.content.config_records["config"]
-    dataset, user = _user(context, config)
+    dataset, user = _user(context, msg.content)
     model, tokenizer = load_task_model(str(config["model-spec"]), str(config["model-cache"]) or None, None)
     init = adapter_from_records(msg.content, "global") if has_adapter(msg.content, "global") else None
     settings = _settings(msg)
@@ -162,7 +181,7 @@ def adapt(msg: Message, context: Context) -> Message:
 def share(msg: Message, context: Context) -> Message:
     """Train this user's LoRA, embed the history, seal both to the coordinator."""
     config = msg.content.config_records["config"]
-    dataset, user = _user(context, config)
+    dataset, user = _user(context, msg.content)
     model, tokenizer = _task_model(msg)
     started = time.perf_counter()
     adapter, stats = train_sharer(model, tokenizer, profile_pairs(dataset.task, user.profile), _settings(msg))
@@ -183,7 +202,7 @@ def share(msg: Message, context: Context) -> Message:
 def profile(msg: Message, context: Context) -> Message:
     """As a target: seal this user's embedding and (most recent) history to the coordinator."""
     config = msg.content.config_records["config"]
-    dataset, user = _user(context, config)
+    dataset, user = _user(context, msg.content)
     encoder = _encoder(str(config["encoder"]))
     embedding = user_embedding(encoder, dataset.task, user.profile)
     history = recent(profile_pairs(dataset.task, user.profile), _settings(msg).max_history)
@@ -196,8 +215,7 @@ def profile(msg: Message, context: Context) -> Message:
 @injectable("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the unmerged task model (NP) and the merged adapter on this user's held-out queries."""
-    config = msg.content.config_records["config"]
-    dataset, user = _user(context, config)
+    dataset, user = _user(context, msg.content)
     task = dataset.task
     model, tokenizer = _task_model(msg)
     prompts = query_prompts(task, user.queries)

@@ -31,8 +31,12 @@ FAULT_PHASES = ("register", "adapt", "share", "profile", "evaluate")
 
 # The record of a request that carries its `NodeConfig` (`to_flat` keys).
 NODE_SETTINGS = "settings"
+# The record that carries the synthetic benchmark's settings (`SyntheticConfig`), when there is no data-dir:
+# each node generates the benchmark itself, so the coordinator never holds user data.
+SYNTHETIC = "synthetic"
 
 # Phase names bound into sealed uploads (a share upload cannot be replayed as a profile).
+PHASE_REGISTER = "register"
 PHASE_SHARE = "share"
 PHASE_PROFILE = "profile"
 

@@ -103,11 +103,28 @@ def make_plan(
     seed: int = 0,
 ) -> UserPlan:
     """Deterministic split of the dataset's users by `seed` (see module doc)."""
+    return plan_users({u.user_id: len(u.profile) for u in dataset.users}, embeddings, adapt_fraction, n_targets,
+                      n_sharers, seed)
+
+
+def plan_users(
+    history: Mapping[str, int],
+    embeddings: Mapping[str, np.ndarray],
+    adapt_fraction: float = 0.25,
+    n_targets: int = 8,
+    n_sharers: int = 8,
+    seed: int = 0,
+) -> UserPlan:
+    """The same split from what nodes report (user id -> history size, in dataset order), with no data in hand.
+
+    The coordinator of a federation plans from this: it never opens a data
+    folder, so the plan must need no more than ids, sizes and embeddings.
+    """
     if not 0.0 <= adapt_fraction < 1.0:
         raise PlanError(f"adapt fraction must be in [0, 1), got {adapt_fraction}")
     if n_targets < 1 or n_sharers < 1:
         raise PlanError(f"need at least one target and one sharer, got {n_targets} and {n_sharers}")
-    ids = [u.user_id for u in dataset.users]
+    ids = list(history)
     n_adapt = int(round(adapt_fraction * len(ids)))
     needed = n_adapt + n_targets + n_sharers
     if needed > len(ids):
@@ -117,7 +134,6 @@ def make_plan(
         )
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     adaptation, targets, candidates = order[:n_adapt], order[n_adapt : n_adapt + n_targets], order[n_adapt + n_targets :]
-    history = {u.user_id: len(u.profile) for u in dataset.users}
     sharers = choose_sharers(candidates, history, embeddings, n_sharers, seed)
     return UserPlan(
         adaptation=tuple(adaptation), targets=tuple(targets), sharers=sharers, candidates=tuple(candidates), seed=seed

@@ -17,7 +17,9 @@ the planned sharers whose upload the registry lacks.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import logging
 import time
 import uuid
@@ -34,17 +36,17 @@ from common.adapters import LoraAdapter, lora_shapes
 from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
 from common.key_endorsement import endorse, load_or_create_identity
-from common.encoder import HashingEncoder, embed_users, load_encoder
+from common.encoder import load_encoder
 from common.federation import (
-    ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_SHARE, PROFILE, REGISTER, SHARE, FederationConfig,
+    ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_REGISTER, PHASE_SHARE, PROFILE, REGISTER, SHARE, SYNTHETIC,
+    FederationConfig,
 )
-from common.lamp import LampDataset, load_lamp
-from common.plan import UserPlan, make_plan
+from common.plan import UserPlan, plan_users
 from common.progress import report as report_progress
 from common.records import adapter_to_records
 from common.settings import to_flat
-from common.synthetic import generate, write_synthetic
 from common.task_model import load_task_model
+from common.tasks import TaskSpec, get_task
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
 from server.personalize import check_optimizer, personalize, target_seed
@@ -68,6 +70,9 @@ class Node:
     n_history: int
     n_queries: int
     coordinator_trust: str = ""
+    partition: int = -1
+    task: TaskSpec | None = None
+    plan_embedding: np.ndarray | None = None  # the history sketch the plan clusters (`common.plan`)
 
 
 @dataclass
@@ -98,13 +103,15 @@ class Coordinator:
             self.identity = load_or_create_identity(c.coordinator_key_file or self.out_dir / "coordinator.key")
         self.endorsement = endorse(self.identity, self.run_id, self.keys.public_bytes)
         self.registry = Registry(self.out_dir / "registry", self.registry_key)
+        self.synthetic = dataclasses.replace(c.synth, task=c.task, seed=c.seed)
 
     # -- plumbing ---------------------------------------------------------
     def _config(self, **extra: Any) -> ConfigRecord:
         c = self.config
         values = {
             "run-id": self.run_id,
-            "data-dir": str(self.data_dir),
+            # A path the nodes open (never this process): a string, so nothing here touches the folder.
+            "data-dir": os.path.abspath(c.data_dir) if c.data_dir else "",
             "model-spec": c.model_spec,
             "model-cache": c.model_cache,
             "encoder": c.encoder,
@@ -119,9 +126,14 @@ class Coordinator:
         }
         return ConfigRecord(values | extra)
 
-    def _settings(self, epochs: int | None = None) -> ConfigRecord:
-        """The node settings of a job, as one record (`common.settings.NodeConfig`)."""
-        return ConfigRecord(to_flat(self.config.node_config(epochs)))
+    def _request(self, epochs: int | None = None, **extra: Any) -> RecordDict:
+        """A request: the run's config record, the node settings of the job (`common.settings.NodeConfig`) and,
+        without a data-dir, the synthetic benchmark's settings, from which each node generates its own data."""
+        content = RecordDict({"config": self._config(**extra),
+                              NODE_SETTINGS: ConfigRecord(to_flat(self.config.node_config(epochs)))})
+        if not self.config.data_dir:
+            content[SYNTHETIC] = ConfigRecord(to_flat(self.synthetic))
+        return content
 
     def _exchange(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         """Send one message per node; return the good replies, recording failures as skipped."""
@@ -187,37 +199,43 @@ class Coordinator:
         return opened.payload, opened.upload_id
 
     # -- phases -----------------------------------------------------------
-    def prepare_data(self) -> LampDataset:
-        """The user's data dir, or the embedded synthetic benchmark generated into the run dir."""
-        c = self.config
-        if c.data_dir:
-            self.data_dir = Path(c.data_dir).resolve()
-        else:
-            self.data_dir = (self.out_dir / "data" / c.task).resolve()
-            synth = generate(dataclasses.replace(c.synth, task=c.task, seed=c.seed))
-            write_synthetic(synth, self.data_dir)
-        return load_lamp(self.data_dir)
-
     def register(self) -> None:
+        """Every node: its user, history size, task and a sealed embedding of its history (for the plan)."""
         node_ids = sorted(self.grid.get_node_ids())
-        replies = self._exchange("register", REGISTER, {n: RecordDict({"config": self._config()}) for n in node_ids})
+        replies = self._exchange("register", REGISTER, {n: self._request() for n in node_ids})
         missing = [n for n in node_ids if n not in replies]
         if missing:  # one more try: a node still starting its ClientApp runtime may fail the first message
             time.sleep(5)
-            retry = self._exchange("register-retry", REGISTER, {n: RecordDict({"config": self._config()}) for n in missing})
+            retry = self._exchange("register-retry", REGISTER, {n: self._request() for n in missing})
             replies |= retry
             self.report.skipped = [s for s in self.report.skipped if not (s["phase"] == "register" and s["node_id"] in retry)]
+
+        schema = UploadSchema(tensor_shapes={}, embedding_dim=self.embedding_dim, required_metadata=("user-id",))
+        expected_task = None if self.config.data_dir else get_task(self.config.task)
 
         def accept(node_id: int, reply: Message) -> None:
             info = read_registration(reply.content)
             holder = next((n.node_id for n in self.nodes.values() if n.user_id == info.user_id), None)
             if holder is not None:
                 raise NodeReplyError(f"user id {info.user_id!r} is already registered by node {holder}")
+            if expected_task is not None and info.task != expected_task:
+                raise NodeReplyError(f"node holds {info.task.lamp_id} data, the run is {expected_task.lamp_id}")
             trust = reply.content.config_records["node"].get("coordinator-trust", "")
             self.nodes[node_id] = Node(node_id, info.user_id, info.identity, info.n_history, info.n_queries,
-                                       trust if isinstance(trust, str) else "")
+                                       trust if isinstance(trust, str) else "", info.partition, info.task)
+            # The plan's embedding arrives sealed: it sketches the user's history, which the relay must not read.
+            try:
+                payload, _ = self._open(reply, PHASE_REGISTER)
+                upload = decode_upload(payload, schema)
+                if upload.metadata.get("user-id") != info.user_id:
+                    raise NodeReplyError(f"sealed registration names user {upload.metadata.get('user-id')!r}")
+                self.nodes[node_id].plan_embedding = check_embedding(upload.embedding)
+            except PrimeError:
+                del self.nodes[node_id]
+                raise
 
         self._each("register", replies, accept)
+        self._agree_on_task()
         self.report.coordinator_trust = {mode: sum(n.coordinator_trust == mode for n in self.nodes.values())
                                          for mode in sorted({n.coordinator_trust for n in self.nodes.values()})}
         self.report.phase("register", asked=[str(n) for n in node_ids], arrived=[n.user_id for n in self.nodes.values()])
@@ -226,13 +244,28 @@ class Coordinator:
             reasons = sorted({s["reason"] for s in self.report.skipped if s["phase"].startswith("register")})
             raise PrimeError(f"no node registered (of {len(node_ids)}): {'; '.join(reasons) or 'no nodes connected'}")
 
-    def plan(self, dataset: LampDataset) -> UserPlan:
-        """Roles for the users the registered nodes hold (the simulation harness's split)."""
-        present = {n.user_id for n in self.nodes.values()}
-        users = LampDataset(task=dataset.task, users=[u for u in dataset.users if u.user_id in present])
-        embeddings = embed_users(HashingEncoder(), users)
+    def _agree_on_task(self) -> None:
+        """The run's task: the one most registered nodes hold (a node with another task's data is skipped)."""
+        if not self.nodes:
+            return
+        counts = collections.Counter(n.task.lamp_id for n in self.nodes.values())
+        majority = max(sorted(counts), key=counts.__getitem__)
+        for node in [n for n in self.nodes.values() if n.task.lamp_id != majority]:
+            self.report.skip("register", node.node_id, f"node holds {node.task.lamp_id} data, most nodes hold {majority}",
+                             node.user_id)
+            del self.nodes[node.node_id]
+        self.task = next(iter(self.nodes.values())).task
+
+    def plan(self) -> UserPlan:
+        """Roles for the registered users from what their nodes reported: no data folder is opened here.
+
+        Users are ordered as the data holds them (partition id), so the plan
+        is the one `prime-fl eval` makes from the same folder and seed.
+        """
+        nodes = sorted(self.nodes.values(), key=lambda n: (n.partition, n.user_id))
         c = self.config
-        return make_plan(users, embeddings, c.adapt_fraction, c.num_targets, c.num_sharers, c.seed)
+        return plan_users({n.user_id: n.n_history for n in nodes}, {n.user_id: n.plan_embedding for n in nodes},
+                          c.adapt_fraction, c.num_targets, c.num_sharers, c.seed)
 
     def _nodes_of(self, user_ids: Iterable[str]) -> list[int]:
         wanted = set(user_ids)
@@ -244,8 +277,7 @@ class Coordinator:
         for round_ in range(1, self.config.adapt_rounds + 1):
             contents = {}
             for n in nodes:
-                content = RecordDict({"config": self._config(round=round_),
-                                      NODE_SETTINGS: self._settings(self.config.adapt_epochs)})
+                content = self._request(self.config.adapt_epochs, round=round_)
                 if self.task_adapter is not None:
                     adapter_to_records(self.task_adapter, "global", content)
                 contents[n] = content
@@ -274,7 +306,7 @@ class Coordinator:
             self.task_adapter.save(self.out_dir / "task_adapter")
 
     def _task_content(self, **extra: Any) -> RecordDict:
-        content = RecordDict({"config": self._config(**extra), NODE_SETTINGS: self._settings()})
+        content = self._request(**extra)
         if self.task_adapter is not None:
             adapter_to_records(self.task_adapter, "task", content)
         return content
@@ -341,7 +373,7 @@ class Coordinator:
                                    f"{self.config.search.min_sharers}: no target personalized")
             return
         nodes = self._nodes_of(plan.targets)
-        requests = {n: RecordDict({"config": self._config(), NODE_SETTINGS: self._settings()}) for n in nodes}
+        requests = {n: self._request() for n in nodes}
         replies = self._exchange(PHASE_PROFILE, PROFILE, requests)
         schema = UploadSchema(tensor_shapes={}, embedding_dim=embedding_dim, required_metadata=("user-id", "history"))
         evaluations: dict[int, RecordDict] = {}
@@ -392,24 +424,23 @@ class Coordinator:
 
     def _phases(self) -> None:
         self._prepare()
-        dataset = self.prepare_data()
         base, _ = load_task_model(self.config.model_spec, self.config.model_cache or None, None)
         train = self.config.node.train
         reference = lora_shapes(base, train.r, train.lora_alpha, train.target_modules)
         self.lora_shape = LoraShape(shapes={k: tuple(v.shape) for k, v in reference.items()}, r=train.r,
                                     lora_alpha=float(train.lora_alpha), target_modules=tuple(sorted(train.target_modules)))
+        self.embedding_dim = int(load_encoder(self.config.encoder).encode(["dimension probe"]).shape[1])
         self.register()
         self._checkpoint()
-        plan = self.plan(dataset)
+        plan = self.plan()
         self.report.plan = plan.to_dict()
         if not self._reload_task_adapter() and self.config.adapt_rounds:
             self.adapt(plan)
             self._checkpoint()
         model, tokenizer = load_task_model(self.config.model_spec, self.config.model_cache or None, self.task_adapter)
-        embedding_dim = int(load_encoder(self.config.encoder).encode(["dimension probe"]).shape[1])
-        self.share(plan, embedding_dim)
+        self.share(plan, self.embedding_dim)
         self._checkpoint()
-        self.personalize(plan, model, tokenizer, dataset.task, embedding_dim)
+        self.personalize(plan, model, tokenizer, self.task, self.embedding_dim)
 
     def _checkpoint(self) -> None:
         """The report so far, so that a killed run leaves a report that says it stopped early."""

@@ -24,7 +24,7 @@ from flwr.app import RecordDict
 from common.adapters import AdapterError, LoraAdapter
 from common.errors import PrimeError
 from common.ids import check_user_id
-from common.tasks import TaskSpec
+from common.tasks import TaskSpec, get_task
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 MAX_HISTORY_ITEMS = 4096
@@ -86,19 +86,25 @@ class Registration:
     identity: bytes
     n_history: int
     n_queries: int
+    partition: int  # the node's partition id (its place in the dataset order), -1 when it has none
+    task: TaskSpec
 
 
 def read_registration(content: RecordDict) -> Registration:
-    """The `node` record of a register reply: safe user id, 32-byte Ed25519 key, sane counts."""
+    """The `node` record of a register reply: safe user id, 32-byte Ed25519 key, sane counts, a known task."""
     node = _record(content, "config", "node")
     try:
         user_id = check_user_id(node.get("user-id"), "'user-id'")
+        task = get_task(node.get("task")) if isinstance(node.get("task"), str) else None
     except PrimeError as err:
-        raise NodeReplyError(str(err)) from None
+        raise NodeReplyError(one_line(err)) from None
+    if task is None:
+        raise NodeReplyError("'task' must name a LaMP task")
     identity = node.get("identity")
     if not isinstance(identity, bytes) or len(identity) != 32:
         raise NodeReplyError("'identity' must be a 32-byte Ed25519 public key")
-    return Registration(user_id, identity, _int(node, "n-history", 0, MAX_COUNT), _int(node, "n-queries", 0, MAX_COUNT))
+    return Registration(user_id, identity, _int(node, "n-history", 1, MAX_COUNT), _int(node, "n-queries", 0, MAX_COUNT),
+                        _int(node, "partition", -1, MAX_COUNT), task)
 
 
 def read_sealed(content: RecordDict) -> bytes:

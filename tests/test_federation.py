@@ -96,17 +96,6 @@ def test_real_deployment_runs_the_protocol_with_tls_and_node_auth(tmp_path):
     assert result.run_id
 
 
-def test_synth_quirks_reach_the_generated_data(tmp_path):
-    from server.coordinator import Coordinator
-
-    config = _config(tmp_path, task="tagging", synth_quirks=True)
-    coordinator = Coordinator(grid=None, config=config, registry_key=os.urandom(32))
-    dataset = coordinator.prepare_data()
-    bench = json.loads((coordinator.data_dir / "benchmark.json").read_text())
-    assert sorted(bench["user_quirks"]) == sorted(u.user_id for u in dataset.users) and "group_rule" in bench["baselines"]
-
-
-
 def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tmp_path):
     """Same users, settings and seed: `prime-fl eval` reproduces what the federation's nodes and coordinator did."""
     import torch
