@@ -89,10 +89,13 @@ def test_silent_nodes_time_out_and_the_run_goes_on(tmp_path):
     assert report["status"] in ("complete", "incomplete") and (report["targets"] or report["reasons"])
 
 
-def test_a_simulation_where_every_sharer_fails_reports_too_few_sharers(tmp_path):
-    from simulations.simulate import simulate
+def test_a_run_where_every_sharer_fails_reports_too_few_sharers(tmp_path):
+    """Injected through the same run config keys; over the in-process grid (a Flower simulation costs a minute)."""
+    from client.app import app as client_app
+    from inprocess_grid import InProcessGrid
+    from server.coordinator import Coordinator
 
-    config = _config(tmp_path, 0, fault_fraction=1.0, fault_phases="share", fault_kinds="error", phase_timeout=600.0)
-    report = simulate(config, 12)
+    config = _config(tmp_path, 0, fault_fraction=1.0, fault_phases="share", fault_kinds="error")
+    report = Coordinator(grid=InProcessGrid(client_app, 12), config=config, registry_key=b"k" * 32).run().to_dict()
     assert report["status"] == "incomplete" and "min-sharers" in report["reasons"][0]
     assert len([s for s in report["skipped"] if s["phase"] == "share"]) == 4

@@ -109,11 +109,18 @@ def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tm
     config = _config(tmp_path, adapt_rounds=0, adapt_fraction=0.0, dp_clip=1.0, dp_noise=0.01)
     report = _simulate(config, num_nodes=10)
 
+    # The benchmark the nodes generated for themselves, written out for eval (the coordinator writes no data).
+    import dataclasses
+
+    from common.synthetic import generate, write_synthetic
+
+    write_synthetic(generate(dataclasses.replace(config.synth, task=config.task, seed=config.seed)), tmp_path / "data")
+
     # The eval run of the same settings: the run config's search and node settings, as eval's keys.
     sweeps = {o.key: o.sweep for o in options(type(config.search), exposed_only=True) if o.sweep}
     search = {sweeps.get(k, k): [v] if k in sweeps else v for k, v in to_flat(config.search, exposed_only=True).items()}
     eval_config = EvalConfig.from_mapping(search | to_flat(config.node, exposed_only=True) | {
-        "data": str(tmp_path / "run" / "data" / "rating"), "out": str(tmp_path / "eval"), "methods": "prime",
+        "data": str(tmp_path / "data"), "out": str(tmp_path / "eval"), "methods": "prime",
         "model_spec": "tiny", "encoder": "hashing", "targets": 2, "sharers": 4, "adapt_fraction": 0.0,
     })
     assert eval_config.searches() == [config.search] and eval_config.node == config.node
