@@ -79,6 +79,9 @@ class FederationConfig:
     registry_key_file: str = setting("", "registry key file ('': OUT-DIR/registry.key or $PRIME_FL_REGISTRY_KEY)")
     coordinator_key_file: str = setting("", "coordinator identity key, Ed25519 PEM ('': OUT-DIR/coordinator.key, "
                                              "created on first use); nodes pin its public half")
+    release_budget: int = setting(0, "how many released merges one sharer's adapter may take part in, over every run "
+                                     "on this registry (0: no limit); 1 stops the unmixing of docs/threats.md",
+                                  at_least(0))
     reuse_registry: bool = setting(False, "resume: reload the saved task adapter and ask only the planned sharers "
                                           "the registry lacks")
     out_dir: str = setting("runs/flwr", "run folder: report, registry, targets' results", NAME)

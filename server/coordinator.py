@@ -348,6 +348,25 @@ class Coordinator:
         self.report.phase("share", asked=wanted, arrived=arrived, reused=sorted(set(plan.sharers) & stored))
         log.info("registry holds %d sharers", len(self.registry))
 
+    def _candidates(self, sharers: dict[str, tuple[LoraAdapter, np.ndarray]], target: str
+                    ) -> tuple[dict[str, tuple[LoraAdapter, np.ndarray]], str]:
+        """The sharers a merge for `target` may use, and the reason a release is refused ('' when it is not).
+
+        A target never merges its own upload. With `release-budget` B > 0, a
+        sharer that has taken part in B released merges (over every run on
+        this registry, whichever sharer set it was in) is no longer offered:
+        the target gets the most similar sharers with budget left, and a
+        release is refused when fewer than min-sharers remain.
+        """
+        budget = self.config.release_budget
+        spent = self.registry.release_counts()
+        exhausted = sorted(sid for sid in sharers if budget and spent.get(sid, 0) >= budget)
+        candidates = {sid: v for sid, v in sharers.items() if sid != target and sid not in exhausted}
+        if len(candidates) >= self.search.min_sharers:
+            return candidates, ""
+        return candidates, (f"release refused: {len(exhausted)} sharer(s) have used their release budget of {budget}, "
+                            f"{len(candidates)} left and a merge needs min-sharers={self.search.min_sharers}")
+
     def _usable_sharers(self) -> dict[str, tuple[LoraAdapter, np.ndarray]]:
         """The registry's sharers that pass today's checks (an entry from an older run may not)."""
         usable = {}
@@ -387,7 +406,12 @@ class Coordinator:
             history = read_history(upload.metadata["history"], task, self.config.node.max_history)
             embedding = check_embedding(upload.embedding)
             started = time.perf_counter()
-            candidates = {sid: v for sid, v in sharers.items() if sid != user_id}
+            candidates, refusal = self._candidates(sharers, user_id)
+            if refusal:
+                log.warning("target %s: %s", user_id, refusal)
+                self.report.refuse(user_id, refusal)
+                evaluations[node_id] = self._task_content()  # the target still scores the unmerged model
+                return
             seeded = dataclasses.replace(self.search, seed=target_seed(self.config.seed, user_id))
             result = personalize(model, tokenizer, task, history, embedding, candidates, seeded, progress=False,
                                  progress_name=f"search {user_id}")
@@ -398,11 +422,13 @@ class Coordinator:
                      " -> fallback to the unmerged model" if result.fallback else "", time.perf_counter() - started)
             content = self._task_content()
             if result.adapter is not None:
+                # In the ledger before it leaves: a crash after sending must not hand out an unrecorded release.
+                self.registry.add_release(user_id, result.sharer_ids, float(np.linalg.norm(result.weights)), self.run_id)
                 adapter_to_records(result.adapter, "merged", content)
             evaluations[node_id] = content
 
         self._each("profile", replies, search)
-        self.report.time("search", sum(t["search_seconds"] for t in self.report.targets.values()))
+        self.report.time("search", sum(t.get("search_seconds", 0.0) for t in self.report.targets.values()))
 
         def evaluated(node_id: int, reply: Message) -> None:
             self.report.add_evaluation(self.nodes[node_id].user_id, read_metrics(reply.content, ("n-queries",)))

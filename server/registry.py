@@ -5,9 +5,10 @@ Layout of a registry directory (mode 0700):
     sharers/<sharer_id>.bin   one file per sharer: the wire-encoded upload
                               (adapter tensors, embedding, metadata), AES-256-GCM
                               with the registry key, AAD = sharer id
-    index.bin                 accepted upload ids and per-sharer metadata
-                              (AAD = "index"), so replay protection and
-                              `embeddings()` survive restarts without
+    index.bin                 accepted upload ids, per-sharer metadata and the
+                              release ledger (AAD = "index"), so replay
+                              protection, `embeddings()` and every sharer's
+                              release count survive restarts without
                               decrypting every adapter
 
 Every file is `MAGIC | nonce | ciphertext` and is written atomically (tmp,
@@ -115,6 +116,7 @@ class Registry:
         self._index: dict[str, Any] = {"upload_ids": [], "sharers": {}}
         if self._index_path.exists():
             self._index = json.loads(self._read(self._index_path, _INDEX_AAD))
+        self._index.setdefault("releases", [])  # an index written before the ledger existed has none
         self._recover()
 
     # -- encryption -------------------------------------------------------
@@ -242,3 +244,22 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._index["sharers"])
+
+    # -- release ledger ---------------------------------------------------
+    def add_release(self, target: str, sharers: list[str], weights_scale: float, run_id: str) -> None:
+        """Record one merged adapter handed to `target` (persisted before the adapter leaves the coordinator)."""
+        self._index["releases"].append({"target": target, "sharers": sorted(sharers), "weights_scale": float(weights_scale),
+                                        "run_id": run_id, "time": time.time()})
+        self._write_index()
+
+    def releases(self) -> list[dict[str, Any]]:
+        """Every recorded release, oldest first."""
+        return [dict(entry) for entry in self._index["releases"]]
+
+    def release_counts(self) -> dict[str, int]:
+        """How many released merges each sharer id has taken part in (a new upload of a sharer does not reset it)."""
+        counts: dict[str, int] = {}
+        for entry in self._index["releases"]:
+            for sharer in entry["sharers"]:
+                counts[sharer] = counts.get(sharer, 0) + 1
+        return counts

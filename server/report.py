@@ -49,6 +49,10 @@ class RunReport:
         """Who a phase asked and whose contribution it accepted (a restart resumes from this)."""
         self.phases[name] = {"asked": list(asked), "arrived": list(arrived)} | ({"reused": list(reused)} if reused else {})
 
+    def refuse(self, user_id: str, reason: str) -> None:
+        """A target that gets no merged adapter because a release guard said no (it still scores the unmerged model)."""
+        self.targets.setdefault(user_id, {})["refused"] = reason
+
     def incomplete(self, reason: str) -> None:
         self.reasons.append(reason)
         self.status = "incomplete"
@@ -117,11 +121,12 @@ class RunReport:
         directory.mkdir(parents=True, exist_ok=True)
         write_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
         metric_keys = sorted({k for t in self.targets.values() for k in t.get("metrics", {})})
-        lines = [["user_id", "sharers", "weights", "fallback", "objective", "utility", "privacy", "search_s", *metric_keys]]
+        lines = [["user_id", "sharers", "weights", "fallback", "refused", "objective", "utility", "privacy", "search_s",
+                  *metric_keys]]
         for user_id, t in sorted(self.targets.items()):
             fit = t.get("fitness") or {}
             lines.append([user_id, " ".join(t.get("sharers", [])), json.dumps(t.get("weights")), t.get("fallback"),
-                          fit.get("objective"), fit.get("utility"), fit.get("privacy"), t.get("search_seconds"),
+                          t.get("refused", ""), fit.get("objective"), fit.get("utility"), fit.get("privacy"), t.get("search_seconds"),
                           *[t.get("metrics", {}).get(k) for k in metric_keys]])
         write_csv(directory / "targets.csv", lines)
         return directory / "report.json"
