@@ -242,6 +242,8 @@ class SearchConfig:
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
                                       sweep="history-fractions")
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
+    share_cap: float = setting(1.0, "largest share of a merged update one sharer may carry (1: no cap; at least 1/k): "
+                                    "every candidate is repaired onto it (server.share_cap)", FRACTION)
     batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass", at_least(1))
     bounds: tuple[float, ...] = setting((-1.5, 1.5), "(low, high) of every weight", exposed=False)
     x0: float | None = setting(None, "start value of every weight; None: 1/k (the plain average of the sharers)",

@@ -29,6 +29,7 @@ from server.fitness import FitnessEvaluator, FitnessParts
 from server.release import release
 from server.search import OPTIMIZERS, OptimizerConfig, make_optimizer, run_search
 from server.selection import select_top_k
+from server.share_cap import cap_shares, update_norms
 
 RESULT_FILE = "result.json"
 
@@ -104,6 +105,15 @@ class PersonalizationResult:
         return Path(directory)
 
 
+def _share_capped(adapters: Sequence[LoraAdapter], weight_shape: tuple[int, ...], cap: float):
+    """Population [P, dim] -> the same population repaired onto the share cap (identity without a cap)."""
+    if cap >= 1.0:
+        return lambda population: population
+    norms = update_norms(adapters, weight_shape)
+    return lambda population: np.stack(
+        [cap_shares(np.asarray(w).reshape(weight_shape), norms, cap).ravel() for w in population])
+
+
 def personalize(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -135,9 +145,13 @@ def personalize(
     t2 = time.perf_counter()
     start = 1.0 / len(ids) if config.x0 is None else config.x0
     optimizer = make_optimizer(config.optimizer, OptimizerConfig(evaluator.dim, replace(config, x0=start)))
+    capped = _share_capped(adapters, evaluator.weight_shape, config.share_cap)
     with torch.inference_mode():
-        found = run_search(evaluator.evaluate, evaluator.unmerged, optimizer, progress=progress,
-                           on_generation=_progress_lines(progress_name, config.budget))
+        found = run_search(lambda population: evaluator.evaluate(capped(population)), evaluator.unmerged, optimizer,
+                           progress=progress, on_generation=_progress_lines(progress_name, config.budget))
+    # What the search scored is the capped form of what the optimizer proposed: return that form.
+    found.best_weights = None if found.best_weights is None else capped(found.best_weights[None])[0]
+    found.searched_weights = None if found.searched_weights is None else capped(found.searched_weights[None])[0]
     t3 = time.perf_counter()
     weights = None
     adapter = None
