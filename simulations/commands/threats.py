@@ -11,6 +11,7 @@ import numpy as np
 from common.atomic import output_folder
 from common.errors import PrimeError
 from common.lora_math import random_adapter
+from server.share_cap import cap_shares, update_norms
 from simulations.model_options import add_model_options, load_model
 from simulations.threats import write_json
 from simulations.threats import membership as mia
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--lora-alpha", type=float, default=m.lora_alpha, help="LoRA alpha (default %(default)s)")
     parser.add_argument("--adapters", choices=["random", "trained"], default="random",
                         help="leak/recovery alone: random adapters (instant) or sharers' trained ones (default %(default)s; all: trained)")
+    parser.add_argument("--share-cap", type=float, default=1.0,
+                        help="leak: repair the merge weights onto this per-sharer share cap first, as the search does "
+                             "(server.share_cap; default %(default)s = no cap)")
     parser.add_argument("--max-merges", type=int, default=r.max_merges, help="recovery: largest m (default %(default)s)")
     parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
     parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
@@ -108,7 +112,7 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 
 def _threats(args: argparse.Namespace) -> int:
     out = output_folder(args.out)
-    meta = {"command": command_line(args), "model_spec": args.model_spec}
+    meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap}
     plots = not args.no_plots
     progress = not args.no_progress
     mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
@@ -147,7 +151,9 @@ def _threats(args: argparse.Namespace) -> int:
     source = {"adapters": "trained" if mconfig is not None else "random"}
     if args.attack in ("leak", "all"):
         t = time.perf_counter()
-        leak = block_leak(adapters, _leak_weights(len(adapters), args.seed))
+        weights = np.asarray(_leak_weights(len(adapters), args.seed))
+        weights = cap_shares(weights, update_norms(adapters, weights.shape), args.share_cap)
+        leak = block_leak(adapters, weights.tolist())
         written.append(write_json(out / "leak.json", {**leak.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}))
         print(f"leak: stacked merge A error {leak.stacked_a_error:.2e}, B error {leak.stacked_b_error:.2e}; released best-block "
               f"A error {leak.released_a_error:.3f} (angle {leak.released_a_angle_deg:.1f} deg, median {leak.released_a_angle_deg_median:.1f}); "
