@@ -159,3 +159,111 @@ def test_privacy_metadata_missing_a_key_is_refused():
     del meta["dp-delta"]
     with pytest.raises(PrimeError, match="lacks 'dp-delta'"):
         Guarantee.from_meta(meta)
+
+
+# ------------------------------------------------------------------ where the guarantee is recorded
+
+
+def test_share_upload_carries_the_guarantee_and_no_loss(tmp_path):
+    """A federation sharer with dp-sgd on seals its guarantee into the upload and keeps its training loss home."""
+    from client.app import app as client_app
+    from common.crypto import open_sealed
+    from common.wire import read_upload
+    from inprocess_grid import InProcessGrid, tiny_config
+    from server.coordinator import Coordinator
+
+    shares = []
+
+    def observe(msg, reply, context):
+        if msg.metadata.message_type == "train.share":
+            shares.append(reply)
+        return reply
+
+    config = tiny_config(str(tmp_path / "run"), adapt_rounds=0, dp_sgd=True, dp_noise_multiplier=1.0)
+    coordinator = Coordinator(grid=InProcessGrid(client_app, 10, tamper={"*": observe}), config=config,
+                              registry_key=b"k" * 32)
+    coordinator.run()
+    assert len(shares) == config.num_sharers
+    steps = math.ceil(config.node.max_history / config.node.train.batch_size) * config.node.train.epochs
+    for reply in shares:
+        opened = open_sealed(bytes(reply.content.config_records["upload"]["sealed"]), coordinator=coordinator.keys,
+                             expected_run_id=coordinator.run_id, expected_phase="share", trusted_senders=None,
+                             seen_upload_ids=lambda _: False)
+        meta = read_upload(opened.payload).metadata
+        guarantee = Guarantee.from_meta(meta)  # recomputes the epsilon from the declared noise, rate and steps
+        assert (guarantee.noise_multiplier, guarantee.steps) == (1.0, steps)
+        assert guarantee.delta == default_delta(meta["n-train"])
+        assert "loss" not in reply.content.metric_records["metrics"]
+
+
+def _lamp_folder(tmp_path):
+    from common.lamp import write_lamp
+    from common.synthetic import synthesize
+
+    write_lamp(synthesize("rating", n_users=4, n_groups=2, history=6, queries=2, seed=0), tmp_path / "data")
+    return str(tmp_path / "data")
+
+
+def test_train_lora_cli_writes_and_prints_the_guarantee(tmp_path, capsys):
+    import json
+
+    from simulations.cli import main
+
+    out = tmp_path / "lora"
+    code = main(["train-lora", "--data", _lamp_folder(tmp_path), "--user", "u001", "--out", str(out), "--model-spec",
+                 "tiny", "--epochs", "2", "--batch-size", "4", "--r", "2", "--no-progress", "--dp-sgd",
+                 "--dp-noise-multiplier", "1.5"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    info = json.loads((out / "training_stats.json").read_text())
+    privacy = info["stats"]["privacy"]
+    assert info["dp_sgd"]["dp-sgd"] is True and privacy["steps"] == info["stats"]["steps"] == 2 * 2
+    assert privacy["epsilon"] == pytest.approx(_accounted(1.5, 0.5, 4, privacy["delta"]), rel=1e-9)
+    assert f"epsilon {privacy['epsilon']:.3f}" in printed
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--dp-sgd", "--dp-epsilon", "0"], "dp-sgd needs dp-epsilon > 0"),
+        (["--dp-sgd", "--dp-epsilon", "-2"], "dp-epsilon must be a finite number >= 0"),
+        (["--dp-sgd", "--dp-epsilon", "1", "--dp-delta", "1"], "dp-delta must be in [0, 1)"),
+        (["--dp-epsilon", "1"], "dp-epsilon needs dp-sgd = true"),
+    ],
+)
+def test_train_lora_cli_refuses_bad_dp_settings_in_one_line(tmp_path, capsys, flags, fragment):
+    from simulations.cli import main
+
+    code = main(["train-lora", "--data", _lamp_folder(tmp_path), "--user", "u001", "--out", str(tmp_path / "lora"),
+                 "--model-spec", "tiny", "--no-progress", *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], lines
+    assert not (tmp_path / "lora").exists()
+
+
+def test_eval_records_the_guarantee_of_cells_built_on_sharers(tmp_path, monkeypatch):
+    import client.training
+    from simulations.experiment import EvalConfig, run_grid
+
+    config = EvalConfig.from_mapping({
+        "synthetic": "tagging", "synth_users": 10, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",
+        "encoder": "hashing", "targets": 1, "sharers": 3, "epochs": 1, "adapt_epochs": 1, "methods": "np,top1",
+        "plots": False, "dp_sgd": True, "dp_epsilon": 6.0, "out": str(tmp_path),
+    })
+    first = run_grid(config, progress=False, outputs=False)
+    np_cell, top1 = first.records
+    assert len(top1["sharer_ids"]) == 1 and len(np_cell["sharer_ids"]) == 3  # NP: its similarity with the top k
+    for cell in first.records:
+        assert set(cell["dp"]["sharers"]) == set(cell["sharer_ids"])
+        assert cell["dp"]["epsilon"] == max(s["epsilon"] for s in cell["dp"]["sharers"].values()) <= 6.0
+        assert cell["dp"]["delta"] == default_delta(5)
+
+    # Cells recomputed from the cached sharers: their guarantees are read back (and re-accounted), not retrained.
+    def no_training(*args, **kwargs):
+        raise AssertionError("cached DP sharers must not be retrained")
+
+    monkeypatch.setattr(client.training, "train_sharer", no_training)
+    for cell in (tmp_path / "cells").rglob("*.json"):
+        cell.unlink()
+    again = run_grid(config, progress=False, outputs=False)
+    assert again.computed == 2 and [r["dp"] for r in again.records] == [r["dp"] for r in first.records]
