@@ -179,7 +179,13 @@ def adapt(msg: Message, context: Context) -> Message:
 @app.train("share")
 @injectable("share")
 def share(msg: Message, context: Context) -> Message:
-    """Train this user's LoRA, embed the history, seal both to the coordinator."""
+    """Train this user's LoRA, embed the history, seal both to the coordinator.
+
+    With DP-SGD on, the upload's metadata carries the guarantee
+    (`common.dp.Guarantee.to_meta`: epsilon, delta and what the accountant
+    computed them from) and the reply leaves out the training loss, a
+    statistic of the history that the guarantee does not cover.
+    """
     config = msg.content.config_records["config"]
     dataset, user = _user(context, msg.content)
     model, tokenizer = _task_model(msg)
@@ -190,10 +196,14 @@ def share(msg: Message, context: Context) -> Message:
     embedding = user_embedding(encoder, dataset.task, user.profile)
     meta = {"user-id": user.user_id, "r": adapter.r, "lora-alpha": adapter.lora_alpha,
             "target-modules": list(adapter.target_modules), "n-train": stats.examples}
+    if stats.privacy is not None:
+        meta |= stats.privacy.to_meta()
     sealed = _seal(encode_upload(adapter.tensors, embedding, meta), context, config, PHASE_SHARE)
     raw = sum(t.numel() * 4 for t in adapter.tensors.values())
-    metrics = MetricRecord({"train-seconds": train_seconds, "loss": float(stats.final_loss),
-                            "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)})
+    values = {"train-seconds": train_seconds, "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)}
+    if stats.privacy is None:
+        values["loss"] = float(stats.final_loss)
+    metrics = MetricRecord(values)
     return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed}), "metrics": metrics}))
 
 

@@ -4,7 +4,8 @@ This is output perturbation of the one upload: the adapter's global L2 norm
 is clipped to `clip` and N(0, (noise * clip)^2) is added to every entry. It
 bounds what any single upload can carry, but it is not a DP-SGD guarantee
 with a privacy accountant; the report states the (clip, noise) used, never an
-epsilon.
+epsilon. The accounted option is DP-SGD during training (`dp-sgd`,
+`client.training`, `common.dp`).
 """
 
 from __future__ import annotations

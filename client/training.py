@@ -5,6 +5,10 @@ A training sequence is exactly what label scoring later reads
 target tokens and that EOS: the model learns the answer and where to stop,
 never to parrot the prompt. The LM head runs only at those positions
 (Gemma's 262k-word vocabulary makes full logits the dominant cost).
+
+With a `DpSgdConfig` that is on, a sharer's LoRA is trained with DP-SGD
+through opacus (per-example gradients, clipping and noise, RDP accountant);
+`common.dp` says what the resulting epsilon covers.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import json
 import logging
 import math
 import random
+import secrets
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -23,12 +29,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.privacy import clip_and_noise
+from common import dp
 from common.adapters import LoraAdapter, lora_config
 from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
 from common.models import MODEL_CONFIG_FILE, write_checkpoint
-from common.settings import MIN_PROMPT_TOKENS, NodeConfig, TrainConfig, recent
+from common.settings import MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
 from common.tasks import completion_text
 
 log = logging.getLogger(__name__)
@@ -42,12 +49,13 @@ class TrainingError(PrimeError, ValueError):
 
 @dataclass
 class TrainStats:
-    """What a training run did: per-epoch mean loss, size, and speed."""
+    """What a training run did: per-epoch mean loss, size, speed, and (DP-SGD only) the privacy guarantee."""
 
     examples: int
     steps: int
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    privacy: dp.Guarantee | None = None
 
     @property
     def first_loss(self) -> float:
@@ -83,8 +91,14 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_
     return encoded
 
 
-def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy over target + EOS tokens of a right-padded batch."""
+def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int, per_example: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over target + EOS tokens of a right-padded batch.
+
+    `per_example`: the mean over rows of each row's own token mean instead,
+    so that a row's gradient depends on that row alone (DP-SGD clips per
+    row; a mean over the batch's tokens would weigh a row by the others'
+    lengths).
+    """
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -98,7 +112,13 @@ def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch
     hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = ids[:, 1:][predict[:, :-1]]
     logits = lm_logits(model, hidden[predict])
-    return torch.nn.functional.cross_entropy(logits, targets)
+    if not per_example:
+        return torch.nn.functional.cross_entropy(logits, targets)
+    token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = predict.nonzero()[:, 0]
+    sums = torch.zeros(len(batch), device=device).index_add(0, rows, token_losses)
+    counts = torch.zeros(len(batch), device=device).index_add(0, rows, torch.ones_like(token_losses))
+    return (sums / counts).mean()
 
 
 def train_lora(
@@ -108,11 +128,15 @@ def train_lora(
     config: TrainConfig,
     progress: bool = True,
     init: LoraAdapter | None = None,
+    dp_sgd: DpSgdConfig = DpSgdConfig(),
 ) -> tuple[LoraAdapter, TrainStats]:
     """Train one LoRA on `pairs` (starting from `init` if given); the base model is left as it was.
 
     Deterministic for a given seed: LoRA init, shuffling and dropout-free
-    training all draw from a private generator.
+    training all draw from a private generator. With `dp_sgd` on, training
+    is DP-SGD instead (see `_fit_dp`) and `stats.privacy` holds its epsilon;
+    its sampling and noise then come from the operating system's entropy,
+    not from the seed, since anyone knowing the seed could subtract the noise.
     """
     from peft import get_peft_model, set_peft_model_state_dict
 
@@ -133,7 +157,10 @@ def train_lora(
     try:
         if init is not None:
             set_peft_model_state_dict(peft_model, init.tensors)
-        stats = _fit(peft_model, encoded, pad_id, config, progress)
+        if dp_sgd.enabled:
+            stats = _fit_dp(peft_model, encoded, pad_id, config, dp_sgd, progress)
+        else:
+            stats = _fit(peft_model, encoded, pad_id, config, progress)
         adapter = LoraAdapter.from_peft_model(peft_model)
     finally:
         peft_model.unload()  # drop the LoRA layers: `model` is the untouched base again
@@ -150,13 +177,14 @@ def train_sharer(
     node: NodeConfig,
     progress: bool = False,
 ) -> tuple[LoraAdapter, TrainStats]:
-    """What a sharer uploads: its LoRA trained on its recent history, clipped and noised as `node` asks.
+    """What a sharer uploads: its LoRA trained on its recent history (with DP-SGD when `node.dp_sgd` is on),
+    then clipped and noised as a whole when `node` asks (output perturbation, outside any accounting).
 
     The federation's share handler and `prime-fl eval` both train their
     sharers with this, so the two train the same adapters on the same items.
     """
     pairs = recent(history, node.max_history)
-    adapter, stats = train_lora(model, tokenizer, pairs, node.train, progress=progress)
+    adapter, stats = train_lora(model, tokenizer, pairs, node.train, progress=progress, dp_sgd=node.dp_sgd)
     tensors = clip_and_noise(adapter.tensors, clip=node.dp_clip, noise=node.dp_noise, seed=node.train.seed)
     return replace(adapter, tensors=tensors), stats
 
@@ -195,6 +223,75 @@ def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: 
         bar.close()
     stats.seconds = time.perf_counter() - start
     peft_model.eval()
+    return stats
+
+
+def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: TrainConfig,
+            dp_sgd: DpSgdConfig, progress: bool) -> TrainStats:
+    """DP-SGD with opacus: Poisson-sampled batches, per-example gradients clipped and noised, AdamW on the result.
+
+    Each step draws every item with probability `sample_rate` (opacus'
+    `UniformWithReplacementSampler`, the sampling its RDP accountant
+    assumes; a step whose draw is empty still adds noise), so the epoch
+    count fixes the number of steps, not which items a step sees. The
+    accountant is stepped by the optimizer itself, once per noised step.
+    """
+    from opacus import GradSampleModule
+    from opacus.accountants import RDPAccountant
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    plan = dp.plan(dp_sgd, len(encoded), config.batch_size, config.epochs)
+    per_epoch = plan.steps // config.epochs
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    sampled = GradSampleModule(peft_model, loss_reduction="mean")
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.sample_rate * len(encoded), loss_reduction="mean", generator=generator,
+    )
+    accountant = RDPAccountant()
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / plan.steps)  # linear decay to 0
+    batches = iter(UniformWithReplacementSampler(num_samples=len(encoded), sample_rate=plan.sample_rate,
+                                                 generator=generator, steps=plan.steps))
+    stats = TrainStats(examples=len(encoded), steps=plan.steps)
+    peft_model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=plan.steps, desc="lora (dp-sgd)", unit="step", disable=not progress, leave=False)
+    try:
+        for _ in range(config.epochs):
+            seen, total_loss = 0, 0.0
+            for _ in range(per_epoch):
+                batch = [encoded[i] for i in next(batches)]
+                optimizer.zero_grad(set_to_none=True)
+                if batch:
+                    loss = _batch_loss(peft_model, batch, pad_id, per_example=True)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"loss became {loss.item()} (lower the learning rate, now {config.lr})")
+                    with warnings.catch_warnings():  # opacus' module hooks on LoRA layers whose inputs are frozen
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                    seen, total_loss = seen + len(batch), total_loss + loss.item() * len(batch)
+                else:  # an empty draw: opacus' empty-batch path, the step is pure noise
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
+                schedule.step()
+                bar.update(1)
+            stats.epoch_losses.append(total_loss / seen if seen else float("nan"))
+    finally:
+        bar.close()
+        sampled.to_standard_module()  # hooks and per-example gradient attributes off the model again
+    stats.seconds = time.perf_counter() - start
+    peft_model.eval()
+    stats.privacy = dp.Guarantee(
+        epsilon=float(accountant.get_epsilon(delta=plan.delta)), delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+        steps=sum(steps for _, _, steps in accountant.history),
+        max_grad_norm=plan.max_grad_norm,
+    )
     return stats
 
 

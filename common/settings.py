@@ -9,8 +9,8 @@ a default, a help text or a range is written in one place only.
 
 The records shared by the coordinator, the nodes and the one-machine
 commands live here (common may not import client or server):
-`SearchConfig` (one personalization), `TrainConfig` (one LoRA training run)
-and `NodeConfig` (everything a node needs for its jobs, sent in every
+`SearchConfig` (one personalization), `TrainConfig` (one LoRA training run),
+`DpSgdConfig` (DP-SGD of a sharer's LoRA) and `NodeConfig` (everything a node needs for its jobs, sent in every
 message as one record).
 """
 
@@ -283,6 +283,40 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DpSgdConfig:
+    """DP-SGD for a sharer's LoRA: per-example clipping, Gaussian noise, Poisson sampling, an accountant.
+
+    Off by default. On (`dp-sgd`), the node gives either a target epsilon
+    (the noise multiplier then follows from the accountant for the sampling
+    rate and number of steps the training will take) or the noise
+    multiplier itself (the epsilon then follows). The unit of privacy is one
+    history item (`common.dp` says exactly what is and is not covered).
+    """
+
+    enabled: bool = setting(False, "train sharers' LoRAs with DP-SGD (an epsilon per upload, from opacus' RDP "
+                                   "accountant)", key="dp-sgd")
+    epsilon: float = setting(0.0, "DP-SGD target epsilon per sharer; the noise multiplier follows "
+                                  "(0: give dp-noise-multiplier instead)", NON_NEGATIVE, key="dp-epsilon")
+    delta: float = setting(0.0, "DP-SGD delta (0: min(1e-5, 0.1 / history items trained on))",
+                           Check(lambda v: 0 <= v < 1, "in [0, 1)"), key="dp-delta")
+    noise_multiplier: float = setting(0.0, "DP-SGD noise std / clip norm; the epsilon follows "
+                                           "(0: derived from dp-epsilon)", NON_NEGATIVE, key="dp-noise-multiplier")
+    max_grad_norm: float = setting(1.0, "DP-SGD per-example gradient clip norm", POSITIVE, key="dp-max-grad-norm")
+
+    def __post_init__(self) -> None:
+        validate(self, SettingError, "DP-SGD config")
+        given = [key for key, value in (("dp-epsilon", self.epsilon), ("dp-noise-multiplier", self.noise_multiplier),
+                                        ("dp-delta", self.delta)) if value > 0]
+        if not self.enabled and given:
+            raise SettingError(f"DP-SGD config: {given[0]} needs dp-sgd = true (without it training is not DP)")
+        if self.enabled and self.epsilon == 0 and self.noise_multiplier == 0:
+            raise SettingError("DP-SGD config: dp-sgd needs dp-epsilon > 0 (a target) or dp-noise-multiplier > 0")
+        if self.epsilon > 0 and self.noise_multiplier > 0:
+            raise SettingError("DP-SGD config: give dp-epsilon or dp-noise-multiplier, not both "
+                               "(either one determines the other)")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """What a node needs for its jobs, sent by the coordinator in every message as one record.
 
@@ -292,8 +326,11 @@ class NodeConfig:
 
     train: TrainConfig = section(TrainConfig)
     max_history: int = setting(12, "most recent history items a user trains on and is scored on", at_least(1))
-    dp_clip: float = setting(0.0, "clip norm of a sharer's upload (0: no clipping)", NON_NEGATIVE)
-    dp_noise: float = setting(0.0, "Gaussian noise multiplier on the clipped upload (needs dp-clip)", NON_NEGATIVE)
+    dp_sgd: DpSgdConfig = section(DpSgdConfig)
+    dp_clip: float = setting(0.0, "output perturbation, not DP (no epsilon): clip norm of a sharer's whole upload "
+                                  "(0: no clipping)", NON_NEGATIVE)
+    dp_noise: float = setting(0.0, "output perturbation, not DP (no epsilon): Gaussian noise multiplier on the "
+                                   "clipped upload (needs dp-clip)", NON_NEGATIVE)
 
     def __post_init__(self) -> None:
         validate(self, SettingError, "node config")

@@ -19,13 +19,14 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
 from common import safe_json
 from common.atomic import output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
+from common.dp import Guarantee, PrivacyError
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
 from common.jsonable import plain
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("np", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
 CELLS_DIR, PREPARE_DIR, RESULTS_FILE, CONFIG_FILE = "cells", "prepare", "results.json", "config.json"
+PRIVACY_FILE = "privacy.json"  # in a DP-SGD sharer's adapter folder: its guarantee, as upload metadata holds it
 
 
 class EvalConfigError(PrimeError):
@@ -323,6 +325,26 @@ def _cached_adapter(path: Path, model, train) -> LoraAdapter:
     return adapter
 
 
+def _cached_sharer(path: Path, model, train: Callable[[], tuple[LoraAdapter, Any]]) -> tuple[LoraAdapter, Guarantee]:
+    """A DP-SGD sharer's adapter and guarantee: loaded when both are there and valid, else trained and saved.
+
+    The guarantee is written after the adapter, so a run killed between the
+    two retrains rather than reports an adapter without its epsilon; reading
+    it back recomputes the epsilon (`Guarantee.from_meta`).
+    """
+    if path.is_dir():
+        try:
+            guarantee = Guarantee.from_meta(safe_json.loads((path / PRIVACY_FILE).read_bytes()))
+            if guarantee is not None:
+                return LoraAdapter.load(path, model), guarantee
+        except (OSError, AdapterError, PrivacyError, safe_json.UnsafeJsonError) as err:
+            log.warning("retraining %s: %s", path, err)
+    adapter, stats = train()
+    adapter.save(path)
+    write_text(path / PRIVACY_FILE, json.dumps(stats.privacy.to_meta(), indent=2))
+    return adapter, stats.privacy
+
+
 @dataclass
 class Prepared:
     """Per-run shared inputs: the dataset, its embeddings and the seeds' plans (cheap, always built)."""
@@ -333,6 +355,7 @@ class Prepared:
     plans: dict[int, UserPlan]
     key: str
     contexts: dict[int, Context] = field(default_factory=dict)
+    privacy: dict[int, dict[str, Guarantee]] = field(default_factory=dict)  # seed -> DP-SGD sharer -> guarantee
 
     def folder(self, seed: int) -> Path:
         return Path(self.config.out) / PREPARE_DIR / f"seed{seed}-{self.key}"
@@ -369,11 +392,16 @@ class Prepared:
                                    lambda: train_lora(model, tokenizer, pairs, node.train, progress=False)[0])
 
         sharers = {}
+        self.privacy[seed] = {}
         for sid in tqdm(plan.sharers, desc=f"sharers (seed {seed})", unit="adapter", disable=not progress, leave=False):
-            # As a federation node trains and uploads it (recent history, clipping and noise included).
+            # As a federation node trains and uploads it (recent history, DP-SGD, clipping and noise included).
             pairs = profile_pairs(task, self.dataset.user(sid).profile)
-            sharers[sid] = _cached_adapter(folder / "adapters" / f"sharer-{sid}", model,
-                                           lambda: train_sharer(model, tokenizer, pairs, node)[0])
+            path = folder / "adapters" / f"sharer-{sid}"
+            if node.dp_sgd.enabled:
+                sharers[sid], self.privacy[seed][sid] = _cached_sharer(
+                    path, model, lambda: train_sharer(model, tokenizer, pairs, node))
+            else:
+                sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0])
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
                        sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter)
 
@@ -396,10 +424,19 @@ def _write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(plain(data), indent=2))
 
 
-def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) -> dict[str, Any]:
-    """The JSON content of a finished cell."""
+def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
+                privacy: Mapping[str, Guarantee] | None = None) -> dict[str, Any]:
+    """The JSON content of a finished cell.
+
+    `privacy`: the DP-SGD guarantees of the seed's sharers. A cell that used
+    sharers' adapters (`sharer_ids`: for its answers, or only for its
+    similarity with them, as NP does) then records `dp`: what it reports is
+    post-processing of those adapters, so every item of each of its sharers
+    is protected at the largest epsilon and delta among them (`sharers`
+    lists each one's).
+    """
     params = dict(cell.params)
-    return {
+    record = {
         "method": cell.method,
         "label": get_method(cell.method).label(params),
         "params": params,
@@ -410,6 +447,11 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) 
         "seconds": seconds,
         **dataclasses.asdict(result),
     }
+    used = {sid: privacy[sid] for sid in result.sharer_ids if privacy and sid in privacy}
+    if used:
+        record["dp"] = {"epsilon": max(g.epsilon for g in used.values()), "delta": max(g.delta for g in used.values()),
+                        "sharers": {sid: g.to_dict() for sid, g in used.items()}}
+    return record
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:
@@ -454,7 +496,8 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
             bar.set_postfix_str(f"{cell.method} seed={cell.seed} target={cell.target}")
             start = time.perf_counter()
             result = get_method(cell.method).run(ctx, cell.target, dict(cell.params))
-            records[i] = cell_record(cell, prepared.dataset.task.lamp_id, result, time.perf_counter() - start)
+            records[i] = cell_record(cell, prepared.dataset.task.lamp_id, result, time.perf_counter() - start,
+                                     prepared.privacy.get(cell.seed))
             _write_json(cell.path(out), records[i])
             computed += 1
             bar.update(1)

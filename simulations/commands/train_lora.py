@@ -13,7 +13,9 @@ from common.adapters import CONFIG_FILE
 from common.atomic import check_replaceable, replace_folder
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
+from common.settings import DpSgdConfig, from_flat, to_flat
 from simulations.model_options import add_model_options, load_model
+from simulations.options import add_setting_options, setting_values
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -51,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description=(
             "Train a LoRA on one user's history pairs (loss on the target tokens only) on top of the base or "
             "task-adapted model, and write a PEFT adapter folder (adapter_config.json + "
-            "adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained) plus training_stats.json."
+            "adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained) plus training_stats.json. "
+            "With --dp-sgd, training is DP-SGD (Poisson sampling, per-example clipping, Gaussian noise) and "
+            "training_stats.json holds the epsilon and delta from opacus' RDP accountant, per history item."
         ),
     )
     parser.add_argument("--data", required=True, help="LaMP-layout folder")
@@ -60,12 +64,14 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--out", required=True, help="adapter folder to write")
     add_model_options(parser)
     add_training_args(parser, TrainConfig())
+    add_setting_options(parser.add_argument_group("DP-SGD (item-level differential privacy)"), DpSgdConfig())
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
     config = train_config(args)
+    dp_sgd = from_flat(DpSgdConfig, setting_values(DpSgdConfig, args))
     dataset = load_lamp(args.data, split=args.split)
     user = dataset.user(args.user)
     pairs = profile_pairs(dataset.task, user.profile)
@@ -73,9 +79,10 @@ def _train(args: argparse.Namespace) -> int:
         raise PrimeError(f"{args.data}: user {args.user!r} has no history to train on")
     out = check_replaceable(args.out, CONFIG_FILE)
     model, tokenizer, name = load_model(args)
-    adapter, stats = train_lora(model, tokenizer, pairs, config, progress=not args.no_progress)
+    adapter, stats = train_lora(model, tokenizer, pairs, config, progress=not args.no_progress, dp_sgd=dp_sgd)
     adapter.base_model = name
-    info = {"user": user.user_id, "task": dataset.task.lamp_id, "model": name, "config": config.__dict__, "stats": stats.to_dict()}
+    info = {"user": user.user_id, "task": dataset.task.lamp_id, "model": name, "config": config.__dict__,
+            "dp_sgd": to_flat(dp_sgd), "stats": stats.to_dict()}
     with replace_folder(out, marker=CONFIG_FILE) as tmp:  # adapter and its stats replace an earlier run together
         adapter.save(tmp)
         (tmp / "training_stats.json").write_text(json.dumps(info, indent=1, default=list) + "\n")
@@ -83,4 +90,9 @@ def _train(args: argparse.Namespace) -> int:
         f"trained LoRA r={config.r} for {user.user_id} on {stats.examples} pairs: loss {stats.first_loss:.3f} -> "
         f"{stats.final_loss:.3f} ({stats.examples_per_s:.1f} examples/s) -> {out}"
     )
+    if stats.privacy is not None:
+        p = stats.privacy
+        print(f"DP-SGD: epsilon {p.epsilon:.3f} at delta {p.delta:.1e} per history item ({p.accountant} accountant: "
+              f"noise multiplier {p.noise_multiplier:.4g}, sample rate {p.sample_rate:.4g}, {p.steps} steps, "
+              f"clip {p.max_grad_norm:g})")
     return 0
