@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from common.adapters import LoraAdapter, lora_shapes
 from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
+from common.dp import Guarantee
 from common.key_endorsement import endorse, load_or_create_identity
 from common.encoder import load_encoder
 from common.federation import (
@@ -336,10 +337,15 @@ class Coordinator:
             if upload.metadata.get("user-id") != node.user_id:
                 raise NodeReplyError(f"upload names user {upload.metadata.get('user-id')!r}, node registered {node.user_id!r}")
             meta = self.lora_shape.check_meta(upload.metadata)  # shapes and magnitudes: decode_upload checked them
+            privacy = self._privacy(upload.metadata)
+            if privacy is not None:
+                meta |= privacy.to_meta()  # stored with the entry: every later merge can name its epsilon
             embedding = check_embedding(upload.embedding)
             metrics = read_metrics(reply.content)
             self.registry.add(node.user_id, node_id=str(node_id), user_id=node.user_id, upload_id=upload_id,
                               tensors=upload.tensors, embedding=embedding, metadata=meta)
+            if privacy is not None:
+                metrics |= {"dp-epsilon": privacy.epsilon, "dp-delta": privacy.delta}
             self.report.add_upload(node.user_id, metrics, len(payload))
             arrived.append(node.user_id)
 
@@ -367,6 +373,17 @@ class Coordinator:
         return candidates, (f"release refused: {len(exhausted)} sharer(s) have used their release budget of {budget}, "
                             f"{len(candidates)} left and a merge needs min-sharers={self.search.min_sharers}")
 
+    def _privacy(self, meta: dict[str, Any]) -> Guarantee | None:
+        """The DP-SGD guarantee an upload declares, checked against the accountant (`common.dp`); required
+        when the run asks its sharers for DP-SGD, and then at most the run's target epsilon."""
+        privacy = Guarantee.from_meta(meta)
+        wanted = self.config.node.dp_sgd
+        if wanted.enabled and privacy is None:
+            raise NodeReplyError("upload declares no DP-SGD guarantee; the run asks for dp-sgd")
+        if privacy is not None and wanted.enabled and wanted.epsilon > 0 and privacy.epsilon > wanted.epsilon * (1 + 1e-9):
+            raise NodeReplyError(f"upload's DP-SGD epsilon {privacy.epsilon:.3g} is above the run's {wanted.epsilon:g}")
+        return privacy
+
     def _usable_sharers(self) -> dict[str, tuple[LoraAdapter, np.ndarray]]:
         """The registry's sharers that pass today's checks (an entry from an older run may not)."""
         usable = {}
@@ -374,6 +391,7 @@ class Coordinator:
             try:
                 stored = self.registry.get(sharer_id)
                 meta = self.lora_shape.check_meta(stored.metadata)
+                self._privacy(stored.metadata)  # a DP run reusing a registry refuses entries trained without DP-SGD
                 tensors = {k: torch.from_numpy(np.array(v)) for k, v in stored.tensors.items()}
                 check_tensors(tensors, self.lora_shape.shapes, "stored adapter")
                 adapter = LoraAdapter(tensors=tensors, r=meta["r"], lora_alpha=meta["lora-alpha"],
@@ -417,6 +435,10 @@ class Coordinator:
                                  progress_name=f"search {user_id}")
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
+            guarantees = [self._privacy(self.registry.get(sid).metadata) for sid in result.sharer_ids]
+            if guarantees and all(g is not None for g in guarantees):  # the merge is post-processing of DP adapters
+                self.report.targets[user_id]["dp"] = {"epsilon": max(g.epsilon for g in guarantees),
+                                                      "delta": max(g.delta for g in guarantees)}
             log.info("target %s: sharers %s, objective %.3f (unmerged %.3f)%s, %.0f s", user_id,
                      ",".join(result.sharer_ids), result.best.objective, result.unmerged.objective,
                      " -> fallback to the unmerged model" if result.fallback else "", time.perf_counter() - started)

@@ -194,6 +194,14 @@ def test_share_upload_carries_the_guarantee_and_no_loss(tmp_path):
         assert (guarantee.noise_multiplier, guarantee.steps) == (1.0, steps)
         assert guarantee.delta == default_delta(meta["n-train"])
         assert "loss" not in reply.content.metric_records["metrics"]
+    # The coordinator keeps each guarantee with the registry entry and names the largest epsilon of every merge.
+    report = coordinator.report.to_dict()
+    for sharer in coordinator.registry.sharers():
+        stored = Guarantee.from_meta(coordinator.registry.get(sharer).metadata)
+        assert stored is not None and report["uploads"][sharer]["dp-epsilon"] == stored.epsilon
+    for target in report["targets"].values():
+        epsilons = [Guarantee.from_meta(coordinator.registry.get(s).metadata).epsilon for s in target["sharers"]]
+        assert target["dp"]["epsilon"] == max(epsilons)
 
 
 def _lamp_folder(tmp_path):

@@ -253,3 +253,13 @@ def test_a_poisoned_registry_entry_is_left_out_and_the_run_goes_on(tmp_path):
     assert report["status"] == "complete"
     assert [s["sharer_id"] for s in report["skipped"] if s["phase"] == "registry"] == ["u999"]
     assert all("u999" not in t["sharers"] for t in report["targets"].values())
+
+
+def test_a_dp_run_skips_a_sharer_whose_upload_declares_no_dp_guarantee(tmp_path):
+    """With dp-sgd on, an upload without (or with a stripped) guarantee is refused before the registry."""
+    hostile = Hostile("train.share", _share_upload())  # well-formed, but no dp-* metadata
+    report, coordinator = _run(tmp_path, hostile, adapt_rounds=0, dp_sgd=True, dp_noise_multiplier=1.0)
+    offender = [s for s in report["skipped"] if s.get("node_id") == hostile.node_id]
+    assert len(offender) == 1 and "no DP-SGD guarantee" in offender[0]["reason"]
+    assert coordinator.nodes[hostile.node_id].user_id not in coordinator.registry.sharers()
+    assert report["status"] == "complete"
