@@ -95,31 +95,21 @@ def choose_sharers(
 
 
 def make_plan(
-    dataset: LampDataset,
+    users: LampDataset | Mapping[str, int],
     embeddings: Mapping[str, np.ndarray],
     adapt_fraction: float = 0.25,
     n_targets: int = 8,
     n_sharers: int = 8,
     seed: int = 0,
 ) -> UserPlan:
-    """Deterministic split of the dataset's users by `seed` (see module doc)."""
-    return plan_users({u.user_id: len(u.profile) for u in dataset.users}, embeddings, adapt_fraction, n_targets,
-                      n_sharers, seed)
+    """Deterministic split of the users by `seed` (see module doc).
 
-
-def plan_users(
-    history: Mapping[str, int],
-    embeddings: Mapping[str, np.ndarray],
-    adapt_fraction: float = 0.25,
-    n_targets: int = 8,
-    n_sharers: int = 8,
-    seed: int = 0,
-) -> UserPlan:
-    """The same split from what nodes report (user id -> history size, in dataset order), with no data in hand.
-
-    The coordinator of a federation plans from this: it never opens a data
-    folder, so the plan must need no more than ids, sizes and embeddings.
+    `users` is a dataset, or what nodes report: user id -> history size, in
+    dataset order. The coordinator of a federation plans from the latter: it
+    never opens a data folder, so the plan needs no more than ids, sizes and
+    embeddings.
     """
+    history = {u.user_id: len(u.profile) for u in users.users} if isinstance(users, LampDataset) else dict(users)
     if not 0.0 <= adapt_fraction < 1.0:
         raise PlanError(f"adapt fraction must be in [0, 1), got {adapt_fraction}")
     if n_targets < 1 or n_sharers < 1:

@@ -42,7 +42,7 @@ from common.federation import (
     ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_REGISTER, PHASE_SHARE, PROFILE, REGISTER, SHARE, SYNTHETIC,
     FederationConfig,
 )
-from common.plan import UserPlan, plan_users
+from common.plan import UserPlan, make_plan
 from common.progress import report as report_progress
 from common.records import adapter_to_records
 from common.settings import to_flat
@@ -265,7 +265,7 @@ class Coordinator:
         """
         nodes = sorted(self.nodes.values(), key=lambda n: (n.partition, n.user_id))
         c = self.config
-        return plan_users({n.user_id: n.n_history for n in nodes}, {n.user_id: n.plan_embedding for n in nodes},
+        return make_plan({n.user_id: n.n_history for n in nodes}, {n.user_id: n.plan_embedding for n in nodes},
                           c.adapt_fraction, c.num_targets, c.num_sharers, c.seed)
 
     def _nodes_of(self, user_ids: Iterable[str]) -> list[int]:
