@@ -519,7 +519,7 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
     """Tables (always) and plots (when asked) from finished cells."""
     from simulations import tables
 
-    tables.write_tables(tables.build_table(records), out)
+    tables.write_results(records, out)
     if plots:
         from simulations import plots as plotting
 

@@ -7,13 +7,16 @@ seeds, the mean alone otherwise. A last row per task gives the mean
 prediction similarity with the chosen sharers (lower = less of any one
 sharer's behaviour handed over); runs on the synthetic benchmark with
 quirks add the share of chances on which a chosen sharer's quirk was
-copied (pooled over the seed's targets).
+copied (pooled over the seed's targets). Diagnostic rows (no arrow) say
+how varied each method's answers are (majority share, distinct answers,
+entropy) and how often PriME fell back to the unmerged model: a method
+that answers one label to every query is visible at a glance.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,11 +24,20 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from common.atomic import csv_text, output_folder, write_text
-from common.metrics import higher_is_better, task_metrics
-from common.tasks import get_task
+from common.metrics import higher_is_better, parse_label, task_metrics
+from common.tasks import TaskSpec, get_task
+from simulations import paired
 
 SIMILARITY = "similarity with sharers"
 QUIRKS = "copied sharer quirks"
+# Diagnostics of what a method answers (no better or worse): a method that answers one label to every query
+# shows a majority share of 1, one distinct prediction and entropy 0; PriME's fallback rate is the share of
+# targets for which no merge beat the unmerged model.
+MAJORITY = "majority share of predictions"
+DISTINCT = "distinct predictions"
+ENTROPY = "prediction entropy (bits)"
+FALLBACK = "fallback rate"
+DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class Row:
     metric: str
     higher_is_better: bool
     values: dict[str, Stat] = field(default_factory=dict)
+    diagnostic: bool = False  # describes the answers; neither higher nor lower is better
 
 
 @dataclass
@@ -62,11 +75,13 @@ class Table:
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(task, label, seed): pooled metrics of all targets, plus mean similarity and quirk copy rate when known}."""
     pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(
-        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": []})
+        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": [], "fallbacks": []})
     for r in records:
         slot = pooled[(r["task"], r["label"], int(r["seed"]))]
         slot["preds"] += r["predictions"]
         slot["golds"] += r["golds"]
+        if r.get("fallback") is not None:
+            slot["fallbacks"].append(bool(r["fallback"]))
         if r.get("similarity") is not None:
             slot["sims"].append(float(r["similarity"]))
         if r.get("quirk_chances") is not None:
@@ -79,8 +94,19 @@ def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, in
             values[SIMILARITY] = float(np.mean(slot["sims"]))
         if sum(slot["chances"]):
             values[QUIRKS] = sum(slot["copies"]) / sum(slot["chances"])
+        values |= _answer_diagnostics(get_task(task), slot["preds"])
+        if slot["fallbacks"]:
+            values[FALLBACK] = float(np.mean(slot["fallbacks"]))
         scores[(task, label, seed)] = values
     return scores
+
+
+def _answer_diagnostics(task: TaskSpec, preds: list[str]) -> dict[str, float]:
+    """How varied the answers are: over parsed labels for label tasks, over the answer texts otherwise."""
+    answers = [parse_label(task, p) or "(unparsed)" for p in preds] if task.scored_by_labels else list(preds)
+    counts = np.array(list(Counter(answers).values()), dtype=float)
+    p = counts / counts.sum()
+    return {MAJORITY: float(p.max()), DISTINCT: float(len(counts)), ENTROPY: float(-(p * np.log2(p)).sum()) + 0.0}
 
 
 def build_table(records: Iterable[Mapping[str, Any]]) -> Table:
@@ -91,9 +117,10 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> Table:
     scores = seed_scores(records)
     rows = []
     for task in tasks:
-        names = list(get_task(task).metrics) + [SIMILARITY, QUIRKS]
+        names = list(get_task(task).metrics) + [SIMILARITY, QUIRKS, *DIAGNOSTICS]
         for name in names:
-            row = Row(task=task, metric=name, higher_is_better=name not in (SIMILARITY, QUIRKS) and higher_is_better(name))
+            oriented = name not in (SIMILARITY, QUIRKS, *DIAGNOSTICS) and higher_is_better(name)
+            row = Row(task=task, metric=name, higher_is_better=oriented, diagnostic=name in DIAGNOSTICS)
             for label in columns:
                 per_seed = [v[name] for (t, lab, _), v in sorted(scores.items()) if t == task and lab == label and name in v]
                 if per_seed:
@@ -108,7 +135,7 @@ def _task_name(task: str) -> str:
 
 
 def _metric_name(row: Row) -> str:
-    return f"{row.metric} {'↑' if row.higher_is_better else '↓'}"
+    return row.metric if row.diagnostic else f"{row.metric} {'↑' if row.higher_is_better else '↓'}"
 
 
 def _grid(table: Table) -> list[list[str]]:
@@ -133,11 +160,20 @@ def to_json(table: Table) -> dict[str, Any]:
     return {
         "columns": table.columns,
         "rows": [
-            {"task": r.task, "metric": r.metric, "higher_is_better": r.higher_is_better,
+            {"task": r.task, "metric": r.metric, "higher_is_better": None if r.diagnostic else r.higher_is_better,
              "values": {c: {"mean": s.mean, "std": s.std, "n_seeds": s.n} for c, s in r.values.items()}}
             for r in table.rows
         ],
     }
+
+
+def write_results(records: Iterable[Mapping[str, Any]], out: str | Path) -> list[Path]:
+    """The table (`write_tables`) and the paired comparisons: OUT/paired.md, OUT/paired.json."""
+    records = list(records)
+    comparisons = paired.compare(records)
+    out = output_folder(out)
+    return [*write_tables(build_table(records), out), write_text(out / "paired.md", paired.to_markdown(comparisons)),
+            write_text(out / "paired.json", json.dumps(paired.to_json(comparisons), indent=2, ensure_ascii=False))]
 
 
 def write_tables(table: Table, out: str | Path) -> list[Path]:

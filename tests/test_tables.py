@@ -31,12 +31,18 @@ MARKDOWN = """| task | metric | A | B |
 | LaMP_3 (rating) | mae ↓ | 0.750 ± 0.354 | 2.000 |
 | LaMP_3 (rating) | rmse ↓ | 1.061 ± 0.500 | 2.828 |
 | LaMP_3 (rating) | similarity with sharers ↓ | 0.300 ± 0.141 | - |
+| LaMP_3 (rating) | majority share of predictions | 0.750 ± 0.354 | 0.500 |
+| LaMP_3 (rating) | distinct predictions | 1.500 ± 0.707 | 2.000 |
+| LaMP_3 (rating) | prediction entropy (bits) | 0.500 ± 0.707 | 1.000 |
 """
 
 CSV = """task,metric,A,B
 LaMP_3 (rating),mae ↓,0.750 ± 0.354,2.000
 LaMP_3 (rating),rmse ↓,1.061 ± 0.500,2.828
 LaMP_3 (rating),similarity with sharers ↓,0.300 ± 0.141,-
+LaMP_3 (rating),majority share of predictions,0.750 ± 0.354,0.500
+LaMP_3 (rating),distinct predictions,1.500 ± 0.707,2.000
+LaMP_3 (rating),prediction entropy (bits),0.500 ± 0.707,1.000
 """
 
 
@@ -66,7 +72,8 @@ def test_several_tasks_give_row_blocks_and_missing_entries_dash():
     assert table.columns == ["A", "B", "C"]
     rows = [(r.task, r.metric) for r in table.rows]
     assert rows[:3] == [("LaMP_3", "mae"), ("LaMP_3", "rmse"), ("LaMP_3", "similarity with sharers")]
-    assert rows[3:] == [("LaMP_2", "accuracy"), ("LaMP_2", "f1")]  # no similarity known there: no row
+    assert [r for r in rows if r[0] == "LaMP_2"][:2] == [("LaMP_2", "accuracy"), ("LaMP_2", "f1")]
+    assert ("LaMP_2", "similarity with sharers") not in rows  # no similarity known there: no row
     text = to_markdown(table)
     assert "| LaMP_2 (tagging) | accuracy ↑ | 0.500 | - | 0.500 |" in text
     assert "| LaMP_3 (rating) | mae ↓ | 0.750 ± 0.354 | 2.000 | - |" in text
@@ -88,3 +95,16 @@ def test_quirk_copies_are_pooled_over_targets_per_seed():
     assert not row.higher_is_better and row.values["top-1"].mean == 0.25  # 1 of 4 pooled chances, not mean(1, 0)
     assert "NP" not in row.values  # no chance, no rate
     assert "copied sharer quirks" not in {r.metric for r in build_table(CELLS).rows}
+
+
+def test_diagnostics_show_a_collapsed_method_and_the_fallback_rate():
+    """A method that answers one label everywhere: majority share 1, one distinct answer, entropy 0."""
+    collapsed = [{**cell("PriME", 0, t, ["4", "4"], ["3", "5"]), "fallback": fb} for t, fb in (("t1", True), ("t2", False))]
+    varied = [cell("NP", 0, "t1", ["1", "2"], ["3", "5"]), cell("NP", 0, "t2", ["3", "4"], ["3", "5"])]
+    rows = {r.metric: r for r in build_table(collapsed + varied).rows}
+    assert rows["majority share of predictions"].values["PriME"].mean == 1.0
+    assert rows["distinct predictions"].values["PriME"].mean == 1.0
+    assert rows["prediction entropy (bits)"].values["PriME"].mean == 0.0
+    assert rows["prediction entropy (bits)"].values["NP"].mean == 2.0  # four different answers
+    assert rows["fallback rate"].values["PriME"].mean == 0.5 and "NP" not in rows["fallback rate"].values
+    assert "| fallback rate |" in to_markdown(build_table(collapsed))  # no arrow: neither direction is better

@@ -99,6 +99,7 @@ def _table(args: argparse.Namespace) -> int:
     records = [r for run in args.runs for r in experiment.load_results(run)]
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
-    tables.write_tables(tables.build_table(records), args.table_out)
+    tables.write_results(records, args.table_out)
     print(tables.to_markdown(tables.build_table(records)), end="")
+    print((Path(args.table_out) / "paired.md").read_text(), end="")
     return 0

@@ -1,0 +1,116 @@
+"""Paired comparisons: PriME minus a baseline on the same queries, with a bootstrap interval over targets.
+
+A table of means says little when it rests on a few dozen queries. Here every
+PriME column is compared with each baseline column (NP, top-1, uniform, RAG)
+on exactly the queries both answered: per query, the task's first metric
+(accuracy, MAE or ROUGE-1, each a mean over queries), PriME's score minus the
+baseline's. The interval resamples whole targets (with all their queries and
+seeds) with replacement, since the queries of one user are not independent;
+with one query per target that is the per-target bootstrap. Each comparison
+states how many targets and queries it rests on.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from common.metrics import higher_is_better, task_metrics
+from common.tasks import get_task
+
+METHOD_PREFIX = "PriME"
+BASELINE_PREFIXES = ("NP", "top-1", "uniform", "RAG")
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Comparison:
+    task: str
+    method: str
+    baseline: str
+    metric: str
+    higher_is_better: bool
+    n_seeds: int
+    n_targets: int
+    n_queries: int
+    mean_difference: float  # method minus baseline, mean over the paired queries
+    low: float  # 95% bootstrap interval of that mean (targets resampled)
+    high: float
+
+    def verdict(self) -> str:
+        """Whether the interval excludes zero, in the metric's own direction."""
+        if self.low <= 0 <= self.high:
+            return "no clear difference"
+        better = (self.low > 0) == self.higher_is_better
+        return f"{self.method} {'better' if better else 'worse'}"
+
+
+def _query_scores(record: Mapping[str, Any]) -> np.ndarray:
+    task = get_task(record["task"])
+    metric = task.metrics[0]
+    return np.array([task_metrics(task, [p], [g])[metric] for p, g in zip(record["predictions"], record["golds"])])
+
+
+def compare(records: Iterable[Mapping[str, Any]], *, seed: int = 0) -> list[Comparison]:
+    """Every PriME column against every baseline column present, per task."""
+    by_column: dict[tuple[str, str], dict[tuple[int, str], Mapping[str, Any]]] = defaultdict(dict)
+    for r in records:
+        by_column[(r["task"], r["label"])][(int(r["seed"]), r["target"])] = r
+    comparisons = []
+    for (task, method), cells in sorted(by_column.items()):
+        if not method.startswith(METHOD_PREFIX):
+            continue
+        for (other_task, baseline), base_cells in sorted(by_column.items()):
+            if other_task != task or not baseline.startswith(BASELINE_PREFIXES):
+                continue
+            comparison = _paired(task, method, baseline, cells, base_cells, seed)
+            if comparison is not None:
+                comparisons.append(comparison)
+    return comparisons
+
+
+def _paired(task: str, method: str, baseline: str, cells: Mapping, base_cells: Mapping, seed: int) -> Comparison | None:
+    diffs: dict[str, list[np.ndarray]] = defaultdict(list)  # target -> per-(seed) difference vectors
+    seeds = set()
+    for key in sorted(set(cells) & set(base_cells)):
+        a, b = cells[key], base_cells[key]
+        if a["golds"] != b["golds"]:
+            raise ValueError(f"{task} {key}: {method} and {baseline} were scored on different queries")
+        diffs[key[1]].append(_query_scores(a) - _query_scores(b))
+        seeds.add(key[0])
+    if not diffs:
+        return None
+    targets = sorted(diffs)
+    per_target = [np.concatenate(diffs[t]) for t in targets]
+    sums = np.array([d.sum() for d in per_target])
+    counts = np.array([len(d) for d in per_target])
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(targets), size=(RESAMPLES, len(targets)))
+    boot = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    metric = get_task(task).metrics[0]
+    return Comparison(task=task, method=method, baseline=baseline, metric=metric,
+                      higher_is_better=higher_is_better(metric), n_seeds=len(seeds), n_targets=len(targets),
+                      n_queries=int(counts.sum()), mean_difference=float(sums.sum() / counts.sum()),
+                      low=float(np.percentile(boot, 2.5)), high=float(np.percentile(boot, 97.5)))
+
+
+def to_markdown(comparisons: list[Comparison]) -> str:
+    if not comparisons:
+        return "(no PriME column with a baseline on the same queries)\n"
+    header = "| task | PriME | minus | metric | difference [95% interval] | targets | queries | seeds | reading |"
+    lines = [header, "|" + "---|" * 9]
+    for c in comparisons:
+        arrow = "↑" if c.higher_is_better else "↓"
+        lines.append(f"| {c.task} | {c.method} | {c.baseline} | {c.metric} {arrow} | {c.mean_difference:+.3f} "
+                     f"[{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict()} |")
+    small = min(c.n_targets for c in comparisons)
+    note = f"\nTargets resampled {RESAMPLES} times for each interval. Smallest sample: {small} targets"
+    return "\n".join(lines) + note + (" (small: read the intervals, not the means).\n" if small < 20 else ".\n")
+
+
+def to_json(comparisons: list[Comparison]) -> dict[str, Any]:
+    return {"resamples": RESAMPLES, "unit": "targets (all their queries and seeds) resampled with replacement",
+            "comparisons": [asdict(c) | {"reading": c.verdict()} for c in comparisons]}

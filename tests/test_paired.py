@@ -1,0 +1,55 @@
+"""Paired comparisons: differences on the same queries, intervals that resample targets, honest sample sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simulations.paired import compare, to_json, to_markdown
+from simulations.tables import write_results
+
+
+def cell(label, seed, target, preds, golds, task="LaMP_2"):
+    return {"task": task, "label": label, "seed": seed, "target": target, "predictions": preds, "golds": golds}
+
+
+def test_difference_is_per_query_and_paired_by_seed_and_target():
+    # PriME right on 3 of 4 queries, NP on 1 of 4; on t2 both answered the same.
+    records = [cell("PriME α=1", 0, "t1", ["comedy", "comedy"], ["comedy", "comedy"]),
+               cell("NP", 0, "t1", ["action", "action"], ["comedy", "comedy"]),
+               cell("PriME α=1", 0, "t2", ["action", "comedy"], ["action", "romance"]),
+               cell("NP", 0, "t2", ["action", "comedy"], ["action", "romance"]),
+               cell("OPPU", 0, "t1", ["comedy", "comedy"], ["comedy", "comedy"])]
+    (c,) = compare(records)  # OPPU is neither a PriME column nor a baseline
+    assert (c.method, c.baseline, c.metric, c.n_targets, c.n_queries, c.n_seeds) == ("PriME α=1", "NP", "accuracy", 2, 4, 1)
+    assert c.mean_difference == pytest.approx(0.5)
+    assert c.low <= c.mean_difference <= c.high
+    assert c.low == pytest.approx(0.0) and c.high == pytest.approx(1.0)  # resampling 2 targets: {0, 0.5, 1}
+
+
+def test_a_clear_win_excludes_zero_and_error_metrics_read_the_other_way():
+    rng = np.random.default_rng(0)
+    records = []
+    for t in range(30):
+        gold = str(int(rng.integers(1, 6)))
+        records += [cell("PriME α=0", 0, f"t{t}", [gold], [gold], task="LaMP_3"),
+                    cell("top-1", 0, f"t{t}", ["1" if gold != "1" else "5"], [gold], task="LaMP_3")]
+    (c,) = compare(records)
+    assert c.metric == "mae" and not c.higher_is_better and c.high < 0
+    assert c.verdict() == "PriME α=0 better"
+    text = to_markdown([c])
+    assert "| LaMP_3 | PriME α=0 | top-1 | mae ↓ |" in text and "30 targets" in text and "small" not in text
+
+
+def test_small_samples_are_called_small_and_mismatched_queries_refused(tmp_path):
+    records = [cell("PriME α=1", 0, "t1", ["comedy"], ["comedy"]), cell("uniform k=3", 0, "t1", ["romance"], ["comedy"])]
+    assert "(small: read the intervals, not the means)" in to_markdown(compare(records))
+    paths = write_results(records, tmp_path)
+    assert [p.name for p in paths][-2:] == ["paired.md", "paired.json"]
+    data = json.loads((tmp_path / "paired.json").read_text())
+    assert data["comparisons"][0]["n_targets"] == 1 and data == to_json(compare(records))
+    with pytest.raises(ValueError, match="different queries"):
+        compare(records + [cell("NP", 0, "t1", ["comedy"], ["romance"]), cell("PriME α=1", 1, "t1", ["x"], ["romance"]),
+                           cell("NP", 1, "t1", ["x"], ["comedy"])])
