@@ -22,6 +22,7 @@ from common import metrics
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.inference import generate, predict_labels
+from common.lora_math import DEFAULT_MERGE, MERGES
 from common.tasks import TaskSpec
 from server.mixed_lora import PopulationMixer
 
@@ -34,7 +35,7 @@ DEFAULT_BATCH_SIZE = 32
 
 
 class FitnessError(PrimeError):
-    """Bad fitness inputs: empty history, bad fraction or alpha, unknown weight level."""
+    """Bad fitness inputs: empty history, bad fraction or alpha, unknown weight level, merge or privacy metric."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,17 @@ def sample_history(
     return [items[i] for i in keep]
 
 
-def score_parts(task: TaskSpec, preds: list[str], golds: list[str], sharer_preds: Sequence[list[str]], alpha: float) -> FitnessParts:
-    """Utility, privacy term and objective of one candidate's predictions."""
+def score_parts(
+    task: TaskSpec,
+    preds: list[str],
+    golds: list[str],
+    sharer_preds: Sequence[list[str]],
+    alpha: float,
+    privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC,
+) -> FitnessParts:
+    """Utility, privacy term (`metrics.PRIVACY_METRICS[privacy_metric]`, mean over sharers) and objective."""
     utility = metrics.fitness(task, preds, golds)
-    sims = tuple(metrics.prediction_similarity(task, preds, sp) for sp in sharer_preds)
+    sims = tuple(metrics.privacy_similarity(privacy_metric, task, preds, sp) for sp in sharer_preds)
     privacy = float(np.mean(sims)) if sims else 0.0
     return FitnessParts(utility=utility, privacy=privacy, objective=utility - alpha * privacy, similarity=sims)
 
@@ -102,21 +110,28 @@ class FitnessEvaluator:
         history_fraction: float = 1.0,
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC,
+        merge: str = DEFAULT_MERGE,
     ):
         if weight_level not in WEIGHT_LEVELS:
             raise FitnessError(f"weight_level must be one of {WEIGHT_LEVELS}, got {weight_level!r}")
+        if privacy_metric not in metrics.PRIVACY_METRICS:
+            raise FitnessError(f"privacy_metric must be one of {list(metrics.PRIVACY_METRICS)}, got {privacy_metric!r}")
+        if merge not in MERGES:
+            raise FitnessError(f"merge must be one of {list(MERGES)}, got {merge!r}")
         if not np.isfinite(alpha) or alpha < 0:
             raise FitnessError(f"alpha must be a finite number >= 0, got {alpha}")
         self.model, self.tokenizer = model, tokenizer
         self.task = history_task(task)
         self.alpha = float(alpha)
+        self.privacy_metric = privacy_metric
         self.batch_size = batch_size
         items = sample_history(history, history_fraction, seed)
         # Longest first, so that rows of one forward have similar lengths (less padding).
         order = sorted(range(len(items)), key=lambda i: -len(tokenizer(items[i][0]).input_ids))
         self.prompts = [items[i][0] for i in order]
         self.golds = [items[i][1] for i in order]
-        self.mixer = PopulationMixer(model, adapters)
+        self.mixer = PopulationMixer(model, adapters, merge)
         self.k = self.mixer.k
         self.weight_shape: tuple[int, ...] = (self.k,) if weight_level == "lora" else (self.k, len(self.mixer.layers))
         self.dim = int(np.prod(self.weight_shape))
@@ -153,4 +168,7 @@ class FitnessEvaluator:
 
     def evaluate(self, population: np.ndarray | torch.Tensor) -> list[FitnessParts]:
         """Utility, privacy and objective of each candidate (rows of `population`)."""
-        return [score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha) for preds in self.predict(population)]
+        return [
+            score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric)
+            for preds in self.predict(population)
+        ]

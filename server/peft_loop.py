@@ -1,10 +1,19 @@
-"""The plain reference loop: how the published research code evaluates a candidate.
+"""Slow loops that evaluate one candidate at a time: the fast fitness's oracle and yardsticks.
 
-Per candidate: build the merged adapter (common.lora_math.merge_exact), load
-it through PEFT, then answer the history one example at a time with free
-greedy generation (`model.generate`), parse the label from the text, and
-score. Slow on purpose: it is the benchmark's yardstick and the correctness
-oracle for the fast path (server.fitness).
+The plain PEFT loop (`peft_predictions`, `PeftLoopEvaluator`): per
+candidate, build the merged adapter (exact by default), load it through
+PEFT, then answer the history one example at a time with free greedy
+generation (`model.generate`), parse the label from the text, and score.
+Slow on purpose: it is the correctness oracle for the fast path
+(server.fitness), which must predict the same, and the benchmark's first
+yardstick. It is this project's plain loop, not the paper's code.
+
+The official-style loop (`official_predictions`) does per candidate what
+the paper's official code (kykim0/PriME, `lora_composition_evo.py`) does:
+the element-wise merge put into the model's LoRA weights, then sampled
+decoding (temperature 0.1, top-p 0.9) of the history in batches of 8, for
+label tasks too (the label is parsed from the text), up to 100 new tokens.
+The benchmark's second yardstick (simulations/bench_engine.py).
 
 `mode="score"` replaces free generation by per-example label scoring (one
 full forward per prompt and label, no cache) on the merged PEFT model; for
@@ -24,10 +33,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.adapters import LoraAdapter
+from common.adapters import LoraAdapter, applied
 from common.inference import encode_example
-from common.lora_math import merge_exact
-from common.metrics import parse_label
+from common.lora_math import DEFAULT_MERGE, MERGES, merge_elementwise
+from common.metrics import DEFAULT_PRIVACY_METRIC, parse_label
 from common.tasks import TaskSpec
 from server.fitness import FitnessError, FitnessParts, history_task, sample_history, score_parts
 
@@ -62,7 +71,7 @@ def _score_one(model, tokenizer, prompt: str, labels: Sequence[str]) -> str:
     return best
 
 
-def reference_predictions(
+def peft_predictions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: TaskSpec,
@@ -73,10 +82,10 @@ def reference_predictions(
 ) -> list[str]:
     """Answers of `model` + `adapter` (loaded through PEFT from a saved directory), one example at a time."""
     if mode not in MODES:
-        raise FitnessError(f"reference mode must be one of {MODES}, got {mode!r}")
+        raise FitnessError(f"PEFT loop mode must be one of {MODES}, got {mode!r}")
     task = history_task(task)
     if mode == "score" and task.profile_labels is None:
-        raise FitnessError(f"reference mode 'score' needs a label task, {task.lamp_id} history is generated text")
+        raise FitnessError(f"PEFT loop mode 'score' needs a label task, {task.lamp_id} history is generated text")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         peft_model = None
         if adapter is not None:
@@ -92,8 +101,8 @@ def reference_predictions(
                 peft_model.unload()  # take the LoRA layers out of the shared base model again
 
 
-class ReferenceEvaluator:
-    """Same interface as server.fitness.FitnessEvaluator, computed the slow, plain way."""
+class PeftLoopEvaluator:
+    """Same interface as server.fitness.FitnessEvaluator, computed the slow, plain way (one candidate at a time)."""
 
     def __init__(
         self,
@@ -108,27 +117,74 @@ class ReferenceEvaluator:
         history_fraction: float = 1.0,
         seed: int = 0,
         mode: str = "generate",
+        privacy_metric: str = DEFAULT_PRIVACY_METRIC,
+        merge: str = DEFAULT_MERGE,
     ):
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
         self.task = history_task(task)
         self.alpha = float(alpha)
+        self.privacy_metric = privacy_metric
+        self.merge = MERGES[merge]
         self.adapters = list(adapters)
         items = sample_history(history, history_fraction, seed)
         self.prompts = [p for p, _ in items]
         self.golds = [g for _, g in items]
         self.weight_shape = weight_shape or (len(self.adapters),)
         self.sharer_preds = [self._predict_adapter(a) for a in self.adapters]
-        self.unmerged = score_parts(self.task, self._predict_adapter(None), self.golds, self.sharer_preds, self.alpha)
+        self.unmerged = self._score(self._predict_adapter(None))
 
     def _predict_adapter(self, adapter: LoraAdapter | None) -> list[str]:
-        return reference_predictions(self.model, self.tokenizer, self.task, self.prompts, adapter, mode=self.mode)
+        return peft_predictions(self.model, self.tokenizer, self.task, self.prompts, adapter, mode=self.mode)
+
+    def _score(self, preds: list[str]) -> FitnessParts:
+        return score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric)
 
     def predict(self, population: np.ndarray) -> list[list[str]]:
         flat = np.asarray(population, dtype=np.float64).reshape(len(population), -1)
         return [
-            self._predict_adapter(merge_exact(self.adapters, torch.as_tensor(w).reshape(self.weight_shape)))
+            self._predict_adapter(self.merge.build(self.adapters, torch.as_tensor(w).reshape(self.weight_shape)))
             for w in flat
         ]
 
     def evaluate(self, population: np.ndarray) -> list[FitnessParts]:
-        return [score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha) for preds in self.predict(population)]
+        return [self._score(preds) for preds in self.predict(population)]
+
+
+# The official code's decoding settings (lora_composition_evo.py: --temperature, --top_p, --batch_size, --max_gen_len).
+OFFICIAL_TEMPERATURE, OFFICIAL_TOP_P, OFFICIAL_BATCH_SIZE, OFFICIAL_MAX_NEW_TOKENS = 0.1, 0.9, 8, 100
+
+
+def official_predictions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    prompts: Sequence[str],
+    adapters: Sequence[LoraAdapter],
+    weights: np.ndarray | torch.Tensor,
+    *,
+    max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS,
+    seed: int = 0,
+) -> list[str]:
+    """One candidate the official code's way: element-wise merge, sampled decoding in batches of 8.
+
+    Every task is decoded (labels too, then parsed from the text, as the
+    official evaluation reads its outputs); the first line of each output
+    is kept. `seed` fixes the sampling, so a benchmark run repeats.
+    """
+    task = history_task(task)
+    merged = merge_elementwise(adapters, torch.as_tensor(weights, dtype=torch.float64))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = []
+    with torch.random.fork_rng(), applied(model, merged) as runner, torch.inference_mode():
+        torch.manual_seed(seed)  # HF sampling draws from the global generator; forked, so the caller's stays as it was
+        for start in range(0, len(prompts), OFFICIAL_BATCH_SIZE):
+            encoded = [encode_example(tokenizer, p)[0] for p in prompts[start : start + OFFICIAL_BATCH_SIZE]]
+            batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt", padding_side="left")
+            out = runner.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=OFFICIAL_TEMPERATURE,
+                top_p=OFFICIAL_TOP_P, top_k=0, pad_token_id=pad,
+            )
+            for row in out[:, batch["input_ids"].shape[1] :]:
+                text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
+                outputs.append(text if task.profile_labels is None else parse_label(task, text) or text)
+    return outputs

@@ -2,7 +2,8 @@
 
 `personalize(...)` is the whole PriME method on one machine (the federation
 calls the same function inside the coordinator): cosine top-k selection,
-privacy-penalized search with population-batched fitness, exact merge, and
+privacy-penalized search with population-batched fitness, exact (or
+element-wise) merge, and
 the fallback to the unmerged model when no merge beats it.
 """
 
@@ -22,7 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.adapters import LoraAdapter
 from common.atomic import replace_folder
 from common.errors import PrimeError
-from common.lora_math import merge_exact
+from common.lora_math import DEFAULT_MERGE, MERGES
+from common.metrics import DEFAULT_PRIVACY_METRIC, PRIVACY_METRICS
 from server.release import release
 from common.tasks import TaskSpec
 from server.fitness import DEFAULT_BATCH_SIZE, WEIGHT_LEVELS, FitnessEvaluator, FitnessParts
@@ -53,6 +55,8 @@ class SearchConfig:
     min_sharers: int = 2
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
+    privacy_metric: str = DEFAULT_PRIVACY_METRIC  # P(w, s): "task" (paper, Eq. 7) or "agreement"
+    merge: str = DEFAULT_MERGE  # "exact" (paper, Eq. 2) or "elementwise" (the official code)
 
     def __post_init__(self) -> None:
         checks = [
@@ -67,6 +71,8 @@ class SearchConfig:
             (0 < self.history_fraction <= 1, f"history_fraction must be in (0, 1], got {self.history_fraction}"),
             (self.min_sharers >= 1, f"min_sharers must be >= 1, got {self.min_sharers}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.privacy_metric in PRIVACY_METRICS, f"privacy_metric must be one of {list(PRIVACY_METRICS)}, got {self.privacy_metric!r}"),
+            (self.merge in MERGES, f"merge must be one of {list(MERGES)}, got {self.merge!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,7 +96,7 @@ def target_seed(seed: int, user_id: str) -> int:
 class PersonalizationResult:
     """What the target gets (one adapter, or None = keep the unmerged model) and how it was found."""
 
-    adapter: LoraAdapter | None  # released (SVD) form of the exact merge; None on fallback
+    adapter: LoraAdapter | None  # released (SVD) form of the merge; None on fallback
     weights: list | None  # [k] or [k][n_layers]; None on fallback
     sharer_ids: list[str]
     sharer_similarity: list[float]  # cosine of the target's embedding with each chosen sharer's
@@ -159,7 +165,7 @@ def personalize(
     evaluator = FitnessEvaluator(
         model, tokenizer, task, target_history, adapters, config.alpha,
         weight_level=config.weight_level, history_fraction=config.history_fraction,
-        seed=config.seed, batch_size=config.batch_size,
+        seed=config.seed, batch_size=config.batch_size, privacy_metric=config.privacy_metric, merge=config.merge,
     )
     t2 = time.perf_counter()
     start = 1.0 / len(ids) if config.x0 is None else config.x0
@@ -177,8 +183,9 @@ def personalize(
     adapter = None
     if not found.fallback:
         shaped = found.best_weights.reshape(evaluator.weight_shape)
-        # Released form: the stacked merge would show the target every sharer's own factors.
-        adapter = release(merge_exact(adapters, torch.as_tensor(shaped)))
+        # Released form: the merged factors (the stacked ones of the exact merge above all) would
+        # show the target more than their product; the release keeps the product only.
+        adapter = release(MERGES[config.merge].build(adapters, torch.as_tensor(shaped)))
         weights = shaped.tolist()
     t4 = time.perf_counter()
     return PersonalizationResult(
