@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from common.errors import PrimeError
+from common.lora_math import MERGES
+from common.metrics import PRIVACY_METRICS
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
 REGISTER = "query.register"
@@ -57,6 +59,8 @@ class FederationConfig:
     popsize: int = 6
     optimizer: str = "cma"
     weight_level: str = "lora"
+    privacy_metric: str = "task"
+    merge: str = "exact"
     history_fraction: float = 1.0
     max_history: int = 12
     min_sharers: int = 2
@@ -111,6 +115,10 @@ class FederationConfig:
             raise ConfigError("run config dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
         if self.weight_level not in ("lora", "layer"):
             raise ConfigError(f"run config weight-level must be 'lora' or 'layer', got {self.weight_level!r}")
+        if self.privacy_metric not in PRIVACY_METRICS:
+            raise ConfigError(f"run config privacy-metric must be one of {', '.join(PRIVACY_METRICS)}, got {self.privacy_metric!r}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"run config merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
         if self.synth_quirks and (self.data_dir or self.task != "tagging"):
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
         if self.phase_timeout <= 0:

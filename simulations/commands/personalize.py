@@ -14,6 +14,8 @@ from common.encoder import DEFAULT_ENCODER, load_embeddings, load_encoder, user_
 from common.errors import PrimeError
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
+from common.lora_math import MERGES
+from common.metrics import PRIVACY_METRICS
 from server.personalize import RESULT_FILE, SearchConfig, personalize
 from server.search import OPTIMIZERS
 
@@ -52,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--sigma0", type=float, default=d.sigma0, help="initial step size (default %(default)s)")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer, help="default %(default)s")
     parser.add_argument("--weight-level", choices=["lora", "layer"], default=d.weight_level, help="one weight per sharer, or per sharer per layer")
+    parser.add_argument("--privacy-metric", choices=list(PRIVACY_METRICS), default=d.privacy_metric,
+                        help="similarity with a sharer's predictions: task (paper Eq. 7: the task's two metrics, "
+                             "sharer as gold) or agreement (share of equal labels / 1-MAE/4 / ROUGE-L); default %(default)s")
+    parser.add_argument("--merge", choices=list(MERGES), default=d.merge,
+                        help="exact (sum of the weighted updates, paper Eq. 2) or elementwise (weighted sums of A and "
+                             "of B, as the official code); default %(default)s")
     parser.add_argument("--history-fraction", type=float, default=d.history_fraction, help="share of the target history scored (default %(default)s)")
     parser.add_argument("--min-sharers", type=int, default=d.min_sharers, help="refuse merges of fewer distinct sharers (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward pass (default %(default)s)")
@@ -74,6 +82,7 @@ def _personalize(args: argparse.Namespace) -> int:
         alpha=args.alpha, k=args.k, budget=args.budget, popsize=args.popsize, sigma0=args.sigma0,
         optimizer=args.optimizer, weight_level=args.weight_level, history_fraction=args.history_fraction,
         min_sharers=args.min_sharers, seed=args.seed, batch_size=args.batch_size,
+        privacy_metric=args.privacy_metric, merge=args.merge,
     )
     check_replaceable(args.out, RESULT_FILE)
     dataset = load_lamp(args.data, split=args.split)
