@@ -29,6 +29,7 @@ from common.adapters import AdapterError, LoraAdapter
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
 from common.lamp import LampDataset, load_lamp, profile_pairs
+from common.metrics import DEFAULT_PRIVACY_METRIC, PRIVACY_METRICS
 from common.models import load_base
 from common.plan import UserPlan, make_plan
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
@@ -78,6 +79,7 @@ class EvalConfig:
     weight_levels: tuple[str, ...] = ("lora",)
     history_fractions: tuple[float, ...] = (1.0,)
     min_sharers: int = 2
+    privacy_metric: str = DEFAULT_PRIVACY_METRIC  # PriME's privacy term and every method's held-out similarity
     rag_k: int = 3
     lorahub_l1: float = 0.05
     lora_r: int = 8
@@ -121,6 +123,8 @@ class EvalConfig:
             raise EvalConfigError(f"adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
         if not (self.lr > 0 and self.lora_alpha > 0 and self.lorahub_l1 >= 0):
             raise EvalConfigError("lr and lora-alpha must be > 0, lorahub-l1 >= 0")
+        if self.privacy_metric not in PRIVACY_METRICS:
+            raise EvalConfigError(f"privacy-metric must be one of {', '.join(PRIVACY_METRICS)}, got {self.privacy_metric!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> "EvalConfig":
@@ -209,10 +213,12 @@ class Cell:
     seed: int
     target: str
     prepare_key: str
+    privacy_metric: str = DEFAULT_PRIVACY_METRIC  # run-wide: PriME's privacy term and the held-out similarity
 
     @property
     def key(self) -> str:
-        text = json.dumps([self.prepare_key, self.method, list(self.params), self.seed, self.target], sort_keys=True)
+        text = json.dumps([self.prepare_key, self.method, list(self.params), self.seed, self.target, self.privacy_metric],
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def path(self, out: Path) -> Path:
@@ -292,7 +298,7 @@ def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> l
             for method in config.methods:
                 for params in method_params(config, method):
                     full = get_method(method).params(params)
-                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key))
+                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key, config.privacy_metric))
     return cells
 
 
@@ -369,7 +375,8 @@ class Prepared:
         for sid in tqdm(plan.sharers, desc=f"sharers (seed {seed})", unit="adapter", disable=not progress, leave=False):
             sharers[sid] = train_adapter(history(sid), f"sharer-{sid}")
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
-                       sharer_adapters=sharers, seed=seed, max_history=c.max_history, train_adapter=train_adapter)
+                       sharer_adapters=sharers, seed=seed, max_history=c.max_history, train_adapter=train_adapter,
+                       privacy_metric=c.privacy_metric)
 
 
 def prepare(config: EvalConfig) -> Prepared:
@@ -401,6 +408,7 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float) 
         "target": cell.target,
         "task": task_id,
         "prepare_key": cell.prepare_key,
+        "privacy_metric": cell.privacy_metric,
         "seconds": seconds,
         **dataclasses.asdict(result),
     }

@@ -136,3 +136,4 @@ def test_prime_seeds_each_target_as_the_coordinator_does(ctx):
     a, b = ctx.plan.targets[:2]
     assert method.search_config(ctx, a, params).seed == target_seed(ctx.seed, a)
     assert method.search_config(ctx, a, params).seed != method.search_config(ctx, b, params).seed
+    assert method.search_config(ctx, a, params).privacy_metric == ctx.privacy_metric == "task"  # the run's, as the cells

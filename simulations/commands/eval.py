@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.metrics import PRIVACY_METRICS
+from server.search import OPTIMIZERS
 from simulations import experiment, tables
 from simulations.experiment import EvalConfig, EvalConfigError
 
@@ -53,10 +55,13 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--ks", help=f"{_LIST} numbers of merged sharers (ablation axis; default 3)")
     add("--budget", type=int, help="search generations (default 6)")
     add("--popsize", type=int, help="search population size (default 6)")
-    add("--optimizers", help=f"{_LIST}: cma, ngiohtuned, tbpsa (ablation axis; default cma)")
+    add("--optimizers", help=f"{_LIST}: {', '.join(OPTIMIZERS)} (ablation axis; default cma)")
     add("--weight-levels", help=f"{_LIST}: lora, layer (ablation axis; default lora)")
     add("--history-fractions", help=f"{_LIST} shares of the history used by the fitness (ablation axis; default 1)")
     add("--min-sharers", type=int, help="minimum distinct sharers in a merge (default 2)")
+    add("--privacy-metric", choices=list(PRIVACY_METRICS),
+        help="similarity with a sharer's predictions, in PriME's privacy term and the similarity row / trade-off "
+             "plots: task (paper Eq. 7; default) or agreement")
     add("--rag-k", type=int, help="history items retrieved for RAG (default 3)")
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
     add("--lora-r", type=int, help="LoRA rank (default 8)")

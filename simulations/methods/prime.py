@@ -49,6 +49,7 @@ class PriME(Method):
             history_fraction=float(params["history_fraction"]),
             min_sharers=int(params["min_sharers"]),
             seed=target_seed(ctx.seed, target),  # as the coordinator seeds each target's search
+            privacy_metric=ctx.privacy_metric,
         )
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
