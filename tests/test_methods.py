@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.lora_math import random_adapter
+from common.metrics import task_similarity
 from common.models import tiny_model
 from server.selection import cosine_scores
 from simulations.experiment import EvalConfig, prepare
@@ -41,7 +42,7 @@ def _check_common(ctx, target, result):
     assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
     assert set(result.sharer_ids) <= set(ctx.plan.sharers)
     if result.sharer_ids:
-        assert 0.0 <= result.similarity <= 1.0
+        assert 0.0 <= result.similarity <= 2.0  # privacy metric `task`: the task's two metrics summed
 
 
 def _no_lora_left(model) -> bool:
@@ -68,7 +69,8 @@ def test_top1_hands_over_the_most_similar_sharer_as_is(ctx):
     target, result = _run(ctx, "top1")
     scores = cosine_scores(ctx.embeddings[target], {s: ctx.embeddings[s] for s in ctx.plan.sharers})
     assert result.sharer_ids == [sorted(scores, key=lambda s: (-scores[s], s))[0]]
-    assert result.similarity == 1.0  # its predictions are that sharer's predictions
+    # its predictions are that sharer's predictions: as similar as these predictions can be
+    assert result.similarity == task_similarity(ctx.task, result.predictions, result.predictions)
 
 
 def test_uniform_uses_equal_weights_over_top_k(ctx):
