@@ -1,16 +1,19 @@
-"""Exact merging of LoRA adapters (DESIGN.md, "Exact merging").
+"""Merging LoRA adapters: exact (the default) or element-wise (as the official code does).
 
 A LoRA module adds `g * B @ A` to a weight. The weighted sum of k such
 deltas, `sum_s w_s g_s B_s A_s`, is itself one LoRA of rank `sum_s r_s`:
 stack the A's, put the weighted (and scale-folded) B's side by side. That is
-Eq. 2 of the paper exactly, unlike averaging A and B element-wise (which adds
-cross terms). Everything here is a pure function of tensors.
+Eq. 2 of the paper exactly (`merge_exact`). The paper's official code merges
+element-wise instead, `A' = sum_s w_s A_s`, `B' = sum_s w_s B_s` at rank r,
+whose delta `g B' A'` adds the cross terms `w_s w_t B_s A_t` (`merge_elementwise`).
+Everything here is a pure function of tensors.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -122,6 +125,83 @@ def merge_exact(adapters: Sequence[LoraAdapter], weights: torch.Tensor | Sequenc
         target_modules=list(adapters[0].target_modules),
         base_model=adapters[0].base_model,
     )
+
+
+def check_elementwise(adapters: Sequence[LoraAdapter]) -> list[str]:
+    """`check_compatible`, plus one rank and one scaling for all adapters (their factors are added slot by slot)."""
+    modules = check_compatible(adapters)
+    first = adapters[0]
+    if any(int(a.r) != int(first.r) or a.scaling != first.scaling for a in adapters):
+        raise MergeError("the element-wise merge needs one rank and one lora_alpha / r for all adapters")
+    return modules
+
+
+def merge_elementwise(adapters: Sequence[LoraAdapter], weights: torch.Tensor | Sequence[float]) -> LoraAdapter:
+    """One rank-r LoRA with `A' = sum_s w_s A_s` and `B' = sum_s w_s B_s` (the official code's merge).
+
+    Its delta `g B' A'` is not `sum_s w_s g B_s A_s`: it carries the cross
+    terms `w_s w_t g B_s A_t`. Needs one rank and one scaling for all
+    adapters (the factors are added slot by slot).
+    """
+    modules = check_elementwise(adapters)
+    first = adapters[0]
+    dtype = first.tensors[modules[0] + _A_SUFFIX].dtype
+    w_mod = per_module_weights(torch.as_tensor(weights, dtype=torch.float64), modules, len(adapters))
+    per_adapter = [factors(a) for a in adapters]
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        w = w_mod[m]
+        tensors[m + _A_SUFFIX] = sum(float(w[s]) * fac[m][0].to(torch.float64) for s, fac in enumerate(per_adapter)).to(dtype)
+        tensors[m + _B_SUFFIX] = sum(float(w[s]) * fac[m][1].to(torch.float64) for s, fac in enumerate(per_adapter)).to(dtype)
+    return LoraAdapter(
+        tensors=tensors,
+        r=int(first.r),
+        lora_alpha=first.lora_alpha,
+        target_modules=list(first.target_modules),
+        base_model=first.base_model,
+    )
+
+
+def mix_exact(h: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """`merge_exact` on one forward: scale the stacked `[A_1 x; ...; A_k x]` by each row's weights."""
+    return h * scale
+
+
+def mix_elementwise(h: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """`merge_elementwise` on one forward: `a = A' x = sum_s w_s A_s x`, then `[w_1 a; ...; w_k a]`,
+    which the stacked B's turn into `sum_s w_s B_s a = B' A' x`."""
+    summed = (h * scale).unflatten(-1, (k, -1)).sum(-2)
+    return summed.repeat(*([1] * (h.dim() - 1)), k) * scale
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One way of combining k LoRAs with weights: the merged adapter, and the same merge inside a batched forward.
+
+    `mix(h, scale, k)` takes the rank-stacked intermediate `h = [A_1 x; ...; A_k x]`
+    ([..., R]) and each row's weights repeated over the ranks (`scale`, [B, 1, R]
+    broadcastable), and returns what the stacked, scale-folded B's must multiply.
+    """
+
+    build: Callable[[Sequence[LoraAdapter], torch.Tensor | Sequence[float]], LoraAdapter]
+    mix: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    check: Callable[[Sequence[LoraAdapter]], list[str]]  # the modules, or MergeError for adapters this merge cannot combine
+
+
+# How the search and the released adapter combine the sharers' LoRAs, by name.
+MERGES: dict[str, Merge] = {
+    "exact": Merge(merge_exact, mix_exact, check_compatible),  # Eq. 2 of the paper (the default)
+    "elementwise": Merge(merge_elementwise, mix_elementwise, check_elementwise),  # the official code
+}
+DEFAULT_MERGE = "exact"
+
+
+def get_merge(name: str) -> Merge:
+    """The registered merge called `name`; MergeError naming the known ones otherwise."""
+    try:
+        return MERGES[name]
+    except KeyError:
+        raise MergeError(f"unknown merge {name!r} (known: {', '.join(MERGES)})") from None
 
 
 def random_adapter(

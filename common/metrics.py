@@ -1,9 +1,13 @@
-"""LaMP task metrics, label parsing, search fitness and prediction similarity.
+"""LaMP task metrics, label parsing, search fitness and the privacy term's similarities.
 
 One implementation shared by the client (evaluation on held-out queries) and
 the server (fitness of a merge on the target's history), so both score the
 same way. Model outputs are free text: labels are parsed leniently, and an
 unparseable output is scored as wrong, never raised.
+
+ROUGE is computed without stemming, as LaMP's and the paper's official
+evaluation (HF `evaluate`'s rouge, `use_stemmer=False`) does; stemming is an
+explicit option (`stem=True`) for comparisons with stemmed numbers only.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -31,17 +36,17 @@ def higher_is_better(metric_name: str) -> bool:
         raise ValueError(f"unknown metric {metric_name!r} (known: {', '.join(_HIGHER)})") from None
 
 
-@lru_cache(maxsize=1)
-def _scorer() -> rouge_scorer.RougeScorer:
+@lru_cache(maxsize=2)
+def _scorer(stem: bool) -> rouge_scorer.RougeScorer:
     # Building a scorer (stemmer, tokenizer) costs more than scoring a short pair.
     # rouge-score logs "Using default tokenizer" at INFO through absl on every construction.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=stem)
 
 
-def rouge(target: str, prediction: str) -> dict[str, float]:
-    """ROUGE-1 and ROUGE-L F-measures of one pair (stemmed)."""
-    scores = _scorer().score(target, prediction)
+def rouge(target: str, prediction: str, *, stem: bool = False) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F-measures of one pair; unstemmed unless `stem` (LaMP's official scoring is unstemmed)."""
+    scores = _scorer(stem).score(target, prediction)
     return {name: scores[name].fmeasure for name in ("rouge1", "rougeL")}
 
 
@@ -106,28 +111,43 @@ def _check_lengths(a: list[str], b: list[str]) -> None:
         raise ValueError("no predictions to score")
 
 
-def task_metrics(task: TaskSpec, preds: list[str], golds: list[str]) -> dict[str, float]:
-    """The task's two LaMP metrics (`task.metrics`) of predictions against golds."""
-    _check_lengths(preds, golds)
+_UNPARSEABLE_REFERENCE_RATING = 2.5  # the official evaluation's value for a reference that is no rating
+
+
+def _reference_rating(task: TaskSpec, reference: str, strict: bool) -> float:
+    label = parse_label(task, reference)
+    if label is None and strict:
+        raise ValueError(f"gold {reference!r} is not a {task.lamp_id} label")
+    return _UNPARSEABLE_REFERENCE_RATING if label is None else float(label)
+
+
+def _metrics(task: TaskSpec, preds: list[str], references: list[str], *, strict: bool, stem: bool) -> dict[str, float]:
+    """The task's two metrics of `preds` against `references`; `strict`: references must be valid labels."""
+    _check_lengths(preds, references)
     if task.kind == "generation":
-        pairs = [rouge(g, p) for p, g in zip(preds, golds)]
+        pairs = [rouge(r, p, stem=stem) for p, r in zip(preds, references)]
         values = {name: float(np.mean([s[name] for s in pairs])) for name in ("rouge1", "rougeL")}
     elif task.kind == "rating":
-        gold = np.array([float(_gold_label(task, g)) for g in golds])
+        ref = np.array([_reference_rating(task, r, strict) for r in references])
         parsed = [parse_label(task, p) for p in preds]
-        pred = np.array([float(p) if p is not None else _farthest_rating(g) for p, g in zip(parsed, gold)])
-        err = np.abs(pred - gold)
+        pred = np.array([float(p) if p is not None else _farthest_rating(r) for p, r in zip(parsed, ref)])
+        err = np.abs(pred - ref)
         values = {"mae": float(err.mean()), "rmse": float(np.sqrt((err**2).mean()))}
     else:
-        gold_labels = [_gold_label(task, g) for g in golds]
+        ref_labels = [_gold_label(task, r) if strict else parse_label(task, r) or _NONE for r in references]
         pred_labels = [parse_label(task, p) or _NONE for p in preds]
         values = {
-            "accuracy": float(np.mean([p == g for p, g in zip(pred_labels, gold_labels)])),
+            "accuracy": float(np.mean([p == r for p, r in zip(pred_labels, ref_labels)])),
             "f1": float(
-                f1_score(gold_labels, pred_labels, labels=list(task.query_labels or ()), average="macro", zero_division=0)
+                f1_score(ref_labels, pred_labels, labels=list(task.query_labels or ()), average="macro", zero_division=0)
             ),
         }
     return {name: values[name] for name in task.metrics}
+
+
+def task_metrics(task: TaskSpec, preds: list[str], golds: list[str], *, stem: bool = False) -> dict[str, float]:
+    """The task's two LaMP metrics (`task.metrics`) of predictions against golds (which must be valid labels)."""
+    return _metrics(task, preds, golds, strict=True, stem=stem)
 
 
 def oriented(metric_name: str, value: float) -> float:
@@ -140,8 +160,21 @@ def fitness(task: TaskSpec, preds: list[str], golds: list[str]) -> float:
     return float(sum(oriented(name, value) for name, value in task_metrics(task, preds, golds).items()))
 
 
+def task_similarity(task: TaskSpec, preds: list[str], references: list[str]) -> float:
+    """The paper's privacy term for one sharer (Eq. 7): the utility's own score, the sharer's predictions as golds.
+
+    The task's two metrics of `preds` against `references`, oriented and
+    summed exactly as `fitness` does (accuracy + macro-F1; `1 - MAE/4` +
+    `1 - RMSE/4`; ROUGE-1 + ROUGE-L), so in [0, 2] like the utility. A
+    reference that is no label scores as the official evaluation has it:
+    a tag that matches no tag (equal to another such output), a rating of 2.5.
+    """
+    values = _metrics(task, preds, references, strict=False, stem=False)
+    return float(sum(oriented(name, value) for name, value in values.items()))
+
+
 def prediction_similarity(task: TaskSpec, preds_a: list[str], preds_b: list[str]) -> float:
-    """How alike two models' predictions are, in [0, 1] (the privacy term).
+    """How alike two models' predictions are, in [0, 1] (privacy metric `agreement`, this project's first measure).
 
     Classification: agreement of parsed labels. Rating: `1 - MAE / 4`
     between the two lists. Generation: mean ROUGE-L F. An unparseable
@@ -167,3 +200,20 @@ def prediction_similarity(task: TaskSpec, preds_a: list[str], preds_b: list[str]
         else:
             sims.append(float(la == lb))
     return float(np.mean(sims))
+
+
+# The privacy term's similarity P(w, s) between the merge's and one sharer's predictions, by name.
+PRIVACY_METRICS: dict[str, Callable[[TaskSpec, list[str], list[str]], float]] = {
+    "task": task_similarity,  # paper, Eq. 7 (the default)
+    "agreement": prediction_similarity,
+}
+DEFAULT_PRIVACY_METRIC = "task"
+
+
+def privacy_similarity(metric: str, task: TaskSpec, preds: list[str], references: list[str]) -> float:
+    """Similarity of `preds` with one sharer's predictions `references`, under the named privacy metric."""
+    try:
+        measure = PRIVACY_METRICS[metric]
+    except KeyError:
+        raise ValueError(f"unknown privacy metric {metric!r} (known: {', '.join(PRIVACY_METRICS)})") from None
+    return measure(task, preds, references)

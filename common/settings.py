@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from common.errors import PrimeError
+from common.lora_math import DEFAULT_MERGE, MERGES
+from common.metrics import DEFAULT_PRIVACY_METRIC, PRIVACY_METRICS
 
 # Search granularity: one weight per sharer's adapter, or one per sharer per layer.
 WEIGHT_LEVELS = ("lora", "layer")
@@ -235,10 +237,16 @@ class SearchConfig:
     budget: int = setting(6, "search generations", at_least(1))
     popsize: int = setting(6, "candidates per generation", at_least(2))
     sigma0: float = setting(0.5, "initial step size of the search", POSITIVE)
-    optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned or tbpsa (server.search)", NAME,
+    optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned, tbpsa or ngopt (server.search)", NAME,
                              sweep="optimizers")
     weight_level: str = setting("lora", "one weight per sharer (lora) or per sharer per layer (layer)",
                                 one_of(*WEIGHT_LEVELS), sweep="weight-levels")
+    privacy_metric: str = setting(DEFAULT_PRIVACY_METRIC,
+                                  "similarity with a sharer's predictions: task (paper Eq. 7: the task's two metrics, "
+                                  "sharer as gold) or agreement (share of equal labels / 1-MAE/4 / ROUGE-L)",
+                                  one_of(*PRIVACY_METRICS))
+    merge: str = setting(DEFAULT_MERGE, "exact (sum of the weighted updates, paper Eq. 2) or elementwise (weighted sums "
+                                        "of A and of B, as the official code)", one_of(*MERGES))
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
                                       sweep="history-fractions")
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))

@@ -7,6 +7,7 @@ same text (a mismatch there silently ruins label scoring).
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -36,6 +37,31 @@ RATING_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
 
 @dataclass(frozen=True)
+class HistoryPair:
+    """A history item as the paper's official code turns it into a training pair.
+
+    `template` formats the prompt from the item's fields, `target` names the
+    field the model learns to produce. It applies to an item that has every
+    field it names (`fits`).
+    """
+
+    template: str
+    target: str
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        named = [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+        return tuple(dict.fromkeys([*named, self.target]))
+
+    def fits(self, item: Mapping[str, object]) -> bool:
+        return all(item.get(name) is not None for name in self.fields)
+
+    def pair(self, item: Mapping[str, object]) -> tuple[str, str]:
+        values = {name: str(item[name]).strip() for name in self.fields}
+        return self.template.format(**values), values[self.target]
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """How one LaMP task turns history items into text and how it is scored.
 
@@ -43,7 +69,9 @@ class TaskSpec:
     item field the model learns to produce. `query_labels` is the closed label
     set of the held-out query (None: free generation), which may differ from
     the profile's training pairs (LaMP-1 trains on titles but is queried with
-    a binary reference choice).
+    a binary reference choice). `history_pairs` are the official code's
+    pairs where they differ from the query's form, tried in order before
+    `template`: the first an item fits makes its pair.
     """
 
     name: str
@@ -59,9 +87,13 @@ class TaskSpec:
     # `template`'s only field, so a query reads like the history pairs the
     # LoRAs were trained on (None: queries are used as LaMP wrote them).
     query_marker: str | None = None
+    history_pairs: tuple[HistoryPair, ...] = ()
 
     def profile_pair(self, item: Mapping[str, object]) -> tuple[str, str]:
-        """(prompt, target) training pair for one profile item."""
+        """(prompt, target) training pair for one profile item: the first fitting `history_pairs`, else `template`."""
+        for official in self.history_pairs:
+            if official.fits(item):
+                return official.pair(item)
         fields = {f: str(item[f]).strip() for f in self.profile_fields}
         return self.template.format(**fields), fields[self.target_field]
 
@@ -111,6 +143,9 @@ TASKS: dict[str, TaskSpec] = {
             query_labels=("[1]", "[2]"),
             metrics=("accuracy", "f1"),
             max_new_tokens=4,
+            # The official code trains LaMP-1 history as title -> cited paper where the data has a `citation`
+            # field (Per-Pcs's processing); LaMP's own profiles (title, abstract) keep abstract -> title.
+            history_pairs=(HistoryPair("Paper Title: {title} Reference:", "citation"),),
         ),
         TaskSpec(
             name="tagging",
@@ -181,6 +216,9 @@ TASKS: dict[str, TaskSpec] = {
             metrics=("rouge1", "rougeL"),
             max_new_tokens=48,
             query_marker="it:",
+            # A LaMP-7 profile holds only the user's tweets: with `template` each pair would ask to paraphrase
+            # the tweet into itself (a copy task). The official code trains "Tweet:" -> the tweet, the user's style.
+            history_pairs=(HistoryPair("Tweet:", "text"),),
         ),
     )
 }

@@ -72,10 +72,17 @@ def sample_history(
     return [items[i] for i in keep]
 
 
-def score_parts(task: TaskSpec, preds: list[str], golds: list[str], sharer_preds: Sequence[list[str]], alpha: float) -> FitnessParts:
-    """Utility, privacy term and objective of one candidate's predictions."""
+def score_parts(
+    task: TaskSpec,
+    preds: list[str],
+    golds: list[str],
+    sharer_preds: Sequence[list[str]],
+    alpha: float,
+    privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC,
+) -> FitnessParts:
+    """Utility, privacy term (`metrics.PRIVACY_METRICS[privacy_metric]`, mean over sharers) and objective."""
     utility = metrics.fitness(task, preds, golds)
-    sims = tuple(metrics.prediction_similarity(task, preds, sp) for sp in sharer_preds)
+    sims = tuple(metrics.privacy_similarity(privacy_metric, task, preds, sp) for sp in sharer_preds)
     privacy = float(np.mean(sims)) if sims else 0.0
     return FitnessParts(utility=utility, privacy=privacy, objective=utility - alpha * privacy, similarity=sims)
 
@@ -92,17 +99,19 @@ class FitnessEvaluator:
         adapters: Sequence[LoraAdapter],
         search: SearchConfig = SearchConfig(),
     ):
-        """Score on `history` with the search's alpha, weight level, history fraction, seed and batch size."""
+        """Score on `history` with the search's alpha, weight level, history fraction, seed, batch size,
+        privacy metric and merge (the record checked them)."""
         self.model, self.tokenizer = model, tokenizer
         self.task = history_task(task)
         self.alpha = search.alpha
+        self.privacy_metric = search.privacy_metric
         self.batch_size = search.batch_size
         items = sample_history(history, search.history_fraction, search.seed)
         # Longest first, so that rows of one forward have similar lengths (less padding).
         order = sorted(range(len(items)), key=lambda i: -len(tokenizer(items[i][0]).input_ids))
         self.prompts = [items[i][0] for i in order]
         self.golds = [items[i][1] for i in order]
-        self.mixer = PopulationMixer(model, adapters)
+        self.mixer = PopulationMixer(model, adapters, search.merge)
         self.k = self.mixer.k
         self.weight_shape: tuple[int, ...] = (self.k,) if search.weight_level == "lora" else (self.k, len(self.mixer.layers))
         self.dim = int(np.prod(self.weight_shape))
@@ -139,4 +148,7 @@ class FitnessEvaluator:
 
     def evaluate(self, population: np.ndarray | torch.Tensor) -> list[FitnessParts]:
         """Utility, privacy and objective of each candidate (rows of `population`)."""
-        return [score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha) for preds in self.predict(population)]
+        return [
+            score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric)
+            for preds in self.predict(population)
+        ]

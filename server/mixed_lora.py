@@ -5,8 +5,11 @@ Every target Linear is wrapped so that row `i` of a batch computes
 row belongs to. All k sharers' A matrices are stacked into one [R, in] matmul,
 the R-wide intermediate is scaled per row by that row's weights (each repeated
 over the sharer's rank), and one [out, R] matmul with the stacked, scale-folded
-B's finishes it. No model copies, no re-merging per candidate; the wrappers
-come off when the context manager exits, leaving the model as it was.
+B's finishes it. The element-wise merge (`common.lora_math.MERGES`) changes
+only the middle step: the scaled intermediate is summed over sharers
+(`A' x`) and re-spread with the weights, so the B matmul yields `B' A' x`.
+No model copies, no re-merging per candidate; the wrappers come off when the
+context manager exits, leaving the model as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from common.adapters import LoraAdapter, base_module_name
-from common.lora_math import check_compatible, factors, layer_ids, layer_index
+from common.lora_math import DEFAULT_MERGE, Merge, factors, get_merge, layer_ids, layer_index
 
 
 class _RowScales:
@@ -32,10 +35,12 @@ class _RowScales:
 class MixedLinear(nn.Module):
     """A Linear plus k sharers' LoRA deltas, mixed with per-row weights."""
 
-    def __init__(self, base: nn.Module, module: str, a_all: torch.Tensor, b_all: torch.Tensor, state: _RowScales):
+    def __init__(self, base: nn.Module, module: str, a_all: torch.Tensor, b_all: torch.Tensor, state: _RowScales,
+                 merge: Merge, k: int):
         super().__init__()
         self.base = base
         self.module = module
+        self.merge, self.k = merge, k
         self.register_buffer("a_all", a_all, persistent=False)
         self.register_buffer("b_all", b_all, persistent=False)
         self.state = state
@@ -49,7 +54,7 @@ class MixedLinear(nn.Module):
             raise RuntimeError(f"PopulationMixer: rows hook gave {rows.shape[0]} rows, the batch has {x.shape[0]}")
         scale = self.state.population[self.module].index_select(0, rows)  # [B, R]
         h = torch.matmul(x, self.a_all.t())  # [B, T, R]
-        h = h * scale.unsqueeze(1).to(device=h.device, dtype=h.dtype)
+        h = self.merge.mix(h, scale.unsqueeze(1).to(device=h.device, dtype=h.dtype), self.k)
         return y + torch.matmul(h, self.b_all.t())
 
 
@@ -59,13 +64,15 @@ class PopulationMixer:
     `set_population(weights, candidate_of_prompt)` takes LoRA-level [P, k] or
     layer-level [P, k, n_layers] weights and the candidate of every prompt in
     the caller's list; `rows_hook` (passed to common.inference) maps each
-    forward's rows to prompts, hence to candidates.
+    forward's rows to prompts, hence to candidates. `merge` names the
+    combination (`common.lora_math.MERGES`).
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter]):
+    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], merge: str = DEFAULT_MERGE):
         self.model = model
         self.k = len(adapters)
-        self.modules = check_compatible(adapters)
+        self.merge = get_merge(merge)
+        self.modules = self.merge.check(adapters)
         self.layers = layer_ids(self.modules)
         self.ranks = [int(a.r) for a in adapters]
         self._state = _RowScales()
@@ -120,7 +127,7 @@ class PopulationMixer:
             original = getattr(parent, child)
             a_all, b_all = self._stacks[m]
             dev = next(original.parameters()).device
-            wrapper = MixedLinear(original, m, a_all.to(dev), b_all.to(dev), self._state)
+            wrapper = MixedLinear(original, m, a_all.to(dev), b_all.to(dev), self._state, self.merge, self.k)
             setattr(parent, child, wrapper)
             self._installed.append((parent, child, original))
 

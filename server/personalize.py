@@ -2,7 +2,8 @@
 
 `personalize(...)` is the whole PriME method on one machine (the federation
 calls the same function inside the coordinator): cosine top-k selection,
-privacy-penalized search with population-batched fitness, exact merge, and
+privacy-penalized search with population-batched fitness, exact (or
+element-wise) merge, and
 the fallback to the unmerged model when no merge beats it.
 """
 
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter
 from common.atomic import replace_folder
-from common.lora_math import merge_exact
+from common.lora_math import MERGES
 from common.progress import report as report_progress
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
@@ -59,7 +60,7 @@ def target_seed(seed: int, user_id: str) -> int:
 class PersonalizationResult:
     """What the target gets (one adapter, or None = keep the unmerged model) and how it was found."""
 
-    adapter: LoraAdapter | None  # released (SVD) form of the exact merge; None on fallback
+    adapter: LoraAdapter | None  # released (SVD) form of the merge; None on fallback
     weights: list | None  # [k] or [k][n_layers]; None on fallback
     sharer_ids: list[str]
     sharer_similarity: list[float]  # cosine of the target's embedding with each chosen sharer's
@@ -157,8 +158,9 @@ def personalize(
     adapter = None
     if not found.fallback:
         shaped = found.best_weights.reshape(evaluator.weight_shape)
-        # Released form: the stacked merge would show the target every sharer's own factors.
-        adapter = release(merge_exact(adapters, torch.as_tensor(shaped)))
+        # Released form: the merged factors (the stacked ones of the exact merge above all) would
+        # show the target more than their product; the release keeps the product only.
+        adapter = release(MERGES[config.merge].build(adapters, torch.as_tensor(shaped)))
         weights = shaped.tolist()
     t4 = time.perf_counter()
     return PersonalizationResult(

@@ -88,6 +88,31 @@ class CMAOptimizer(Optimizer):
         self._es.tell(self._asked, [-float(v) for v in objectives])
 
 
+def _guard_metamodel() -> None:
+    """Let nevergrad's metamodel fail softly under NumPy >= 2.4 (once per process).
+
+    nevergrad 1.0.12's `learn_on_k_best` calls `float()` on a one-element
+    array, a TypeError since NumPy 2.4, so NGOpt's MetaModel (its choice for
+    small parallel searches such as ours) crashed in `ask`. The metamodel's
+    point is only a suggestion: turned into the `MetaModelFailure` nevergrad
+    already handles, the wrapped optimizer answers instead.
+    """
+    from nevergrad.optimization import optimizerlib as lib
+
+    learn = lib.learn_on_k_best
+    if getattr(learn, "_prime_guarded", False):
+        return
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return learn(*args, **kwargs)
+        except TypeError as err:
+            raise lib.MetaModelFailure(f"metamodel unusable with this NumPy: {err}") from err
+
+    guarded._prime_guarded = True  # type: ignore[attr-defined]
+    lib.learn_on_k_best = guarded
+
+
 class _NevergradOptimizer(Optimizer):
     """Nevergrad optimizers (optional dependency, imported on use)."""
 
@@ -101,6 +126,7 @@ class _NevergradOptimizer(Optimizer):
             raise SearchError(
                 f"optimizer {self.name!r} needs nevergrad: pip install 'prime-fl[search]'"
             ) from err
+        _guard_metamodel()
         search = config.search
         param = ng.p.Array(init=config.start()).set_bounds(*search.bounds).set_mutation(sigma=search.sigma0)
         param.random_state = np.random.RandomState(search.seed)
@@ -128,7 +154,16 @@ class TBPSAOptimizer(_NevergradOptimizer):
     ng_name = "TBPSA"
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (CMAOptimizer, NgIohTunedOptimizer, TBPSAOptimizer)}
+class NGOptOptimizer(_NevergradOptimizer):
+    """Nevergrad's meta-optimizer, the official code's default (`--opt_type ngopt`)."""
+
+    name = "ngopt"
+    ng_name = "NGOpt"
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    cls.name: cls for cls in (CMAOptimizer, NgIohTunedOptimizer, TBPSAOptimizer, NGOptOptimizer)
+}
 
 
 def make_optimizer(name: str, config: OptimizerConfig) -> Optimizer:

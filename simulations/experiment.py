@@ -31,6 +31,7 @@ from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
 from common.jsonable import plain
 from common.lamp import LampDataset, load_lamp, profile_pairs
+from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import load_base
 from common.plan import UserPlan, make_plan
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
@@ -251,10 +252,12 @@ class Cell:
     seed: int
     target: str
     prepare_key: str
+    privacy_metric: str = DEFAULT_PRIVACY_METRIC  # run-wide: PriME's privacy term and the held-out similarity
 
     @property
     def key(self) -> str:
-        text = json.dumps([self.prepare_key, self.method, list(self.params), self.seed, self.target], sort_keys=True)
+        text = json.dumps([self.prepare_key, self.method, list(self.params), self.seed, self.target, self.privacy_metric],
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def path(self, out: Path) -> Path:
@@ -306,7 +309,7 @@ def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> l
             for method in config.methods:
                 for params in get_method(method).grid(config):
                     full = get_method(method).params(params)
-                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key))
+                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key, config.search.privacy_metric))
     return cells
 
 
@@ -403,7 +406,8 @@ class Prepared:
             else:
                 sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0])
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
-                       sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter)
+                       sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter,
+                       privacy_metric=c.search.privacy_metric)
 
 
 def prepare(config: EvalConfig) -> Prepared:
@@ -444,6 +448,7 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
         "target": cell.target,
         "task": task_id,
         "prepare_key": cell.prepare_key,
+        "privacy_metric": cell.privacy_metric,
         "seconds": seconds,
         **dataclasses.asdict(result),
     }

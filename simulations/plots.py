@@ -2,8 +2,11 @@
 
 - `tradeoff`: utility vs mean prediction similarity with the chosen sharers,
   one point per PriME alpha (paper Fig. 2), with NP, top-1 and uniform as
-  reference points; `tradeoff_quirks` the same against the share of copied
-  sharer quirks, for runs on the synthetic benchmark with quirks;
+  reference points; the axis, the title and the data name the privacy
+  metric the similarity was measured with (`task`, paper Eq. 7, or
+  `agreement`; cells from before the setting existed used `agreement`);
+  `tradeoff_quirks` the same against the share of copied sharer quirks, for
+  runs on the synthetic benchmark with quirks;
 - `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`: the
   utility of PriME (and uniform / LoraHub where they have the axis) along one
   ablation axis, the other parameters fixed;
@@ -36,6 +39,7 @@ from simulations.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E4
 AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
 _REFERENCE = ("np", "top1", "uniform")
+_UNNAMED_PRIVACY_METRIC = "agreement"  # what cells written before `privacy_metric` existed were measured with
 # privacy measure of a trade-off figure -> (score key in seed_scores, x-axis label)
 PRIVACY_AXES = {
     "similarity": (SIMILARITY, "mean prediction similarity with chosen sharers"),
@@ -83,9 +87,19 @@ def _ylabel(metric: str) -> str:
     return f"{metric} {'↑' if higher_is_better(metric) else '↓'} (held-out queries)"
 
 
-def tradeoff(points: list[dict[str, Any]], task: str, privacy: str = "similarity") -> tuple[plt.Figure, list[dict]] | None:
+def privacy_metric_of(records: Iterable[Mapping[str, Any]], task: str) -> str:
+    """The privacy metric the task's similarities were measured with (names joined by '+' if the cells mix them)."""
+    names = {r.get("privacy_metric", _UNNAMED_PRIVACY_METRIC) for r in records
+             if r["task"] == task and r.get("similarity") is not None}
+    return "+".join(sorted(names)) or _UNNAMED_PRIVACY_METRIC
+
+
+def tradeoff(
+    points: list[dict[str, Any]], task: str, privacy: str = "similarity", privacy_metric: str = _UNNAMED_PRIVACY_METRIC
+) -> tuple[plt.Figure, list[dict]] | None:
     """Utility vs a privacy measure (`PRIVACY_AXES`) over alpha (PriME at its
-    base ablation settings), with reference points."""
+    base ablation settings), with reference points; `privacy_metric` names
+    what the similarity was measured with (axis, title and every data row)."""
     prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p[privacy] is not None]
     base = _base_settings(prime)
     prime = sorted((p for p in prime if all(p["params"].get(a) == v for a, v in base.items())), key=lambda p: p["params"]["alpha"])
@@ -103,12 +117,12 @@ def tradeoff(points: list[dict[str, Any]], task: str, privacy: str = "similarity
         ax.annotate(f"α={','.join(alphas)}", xy, textcoords="offset points", xytext=(4, 4), fontsize=8)
     for p, marker in zip(refs, "s^Dv"):
         ax.scatter([p[privacy]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
-    ax.set_xlabel(PRIVACY_AXES[privacy][1])
+    ax.set_xlabel(f"{PRIVACY_AXES[privacy][1]} (privacy metric: {privacy_metric})")
     ax.set_ylabel(_ylabel(prime[0]["metric"]))
-    ax.set_title(f"privacy-utility trade-off, {task}")
+    ax.set_title(f"privacy-utility trade-off, {task}, privacy metric {privacy_metric}")
     ax.legend(fontsize=8)
     rows = [{"series": "PriME", **_row(p)} for p in prime] + [{"series": p["label"], **_row(p)} for p in refs]
-    return fig, rows
+    return fig, [row | {"privacy_metric": privacy_metric} for row in rows]
 
 
 def _row(p: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,9 +199,10 @@ def write_plots(records: Iterable[Mapping[str, Any]], folder: str | Path) -> dic
     points = _points(records)
     index: dict[str, Any] = {"written": [], "skipped": {}}
     for task in dict.fromkeys(r["task"] for r in records):
-        figures = {"tradeoff": tradeoff(points, task), "convergence": convergence(records, task)}
+        metric = privacy_metric_of(records, task)
+        figures = {"tradeoff": tradeoff(points, task, privacy_metric=metric), "convergence": convergence(records, task)}
         if any(p["task"] == task and p["quirks"] is not None for p in points):  # only the quirk benchmark has this measure
-            figures["tradeoff_quirks"] = tradeoff(points, task, privacy="quirks")
+            figures["tradeoff_quirks"] = tradeoff(points, task, privacy="quirks", privacy_metric=metric)
         figures |= {name: axis_plot(points, task, axis) for axis, name in AXES.items()}
         for name, made in figures.items():
             stem = f"{name}_{task}"

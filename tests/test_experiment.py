@@ -81,6 +81,10 @@ def test_corrupt_cell_is_recomputed_and_changed_settings_make_new_cells(tmp_path
     assert json.loads(cell.read_text())["method"] == "np"
     retrained = run_grid(_config(tmp_path, methods="np", epochs=2), progress=False, outputs=False)
     assert retrained.computed == 2  # another training setting: other prepared inputs, other cells
+    assert {r["privacy_metric"] for r in retrained.records} == {"task"}  # the default: paper Eq. 7
+    measured = run_grid(_config(tmp_path, methods="np", epochs=2, privacy_metric="agreement"), progress=False, outputs=False)
+    assert measured.computed == 2  # another privacy metric: the similarity differs, so do the cells
+    assert {r["privacy_metric"] for r in measured.records} == {"agreement"}
 
 
 def test_quirks_are_part_of_the_prepared_inputs_key(tmp_path):
@@ -128,6 +132,7 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"colour": "red"}, "unknown key 'colour'"),
         ({"synthetic": "rating", "synth_quirks": True}, "--synth-quirks needs --synthetic tagging"),
         ({"ks": "2,5"}, "k=5 is more than the 4 sharers per seed"),
+        ({"privacy_metric": "bleu"}, "privacy-metric must be one of task, agreement"),
     ],
 )
 def test_bad_settings_are_one_line_errors(over, match):

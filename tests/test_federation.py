@@ -67,6 +67,12 @@ def test_run_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
         FederationConfig.from_run_config({"synth-quirks": True, "task": "rating"})
     assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth.quirks is True
+    with pytest.raises(ConfigError, match="privacy-metric must be one of task, agreement"):
+        FederationConfig.from_run_config({"privacy-metric": "bleu"})
+    with pytest.raises(ConfigError, match="merge must be one of exact, elementwise"):
+        FederationConfig.from_run_config({"merge": "average"})
+    chosen = FederationConfig.from_run_config({"privacy-metric": "agreement", "merge": "elementwise"})
+    assert (chosen.search.privacy_metric, chosen.search.merge) == ("agreement", "elementwise")
 
 
 def test_pyproject_run_config_matches_the_config_defaults():

@@ -8,10 +8,10 @@ import torch
 
 from common.lora_math import random_adapter
 from common.models import tiny_model
-from common.settings import SearchConfig
+from common.settings import SearchConfig, SearchConfigError
 from common.tasks import LAMP2_TAGS, get_task
 from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
-from server.reference import ReferenceEvaluator
+from server.peft_loop import PeftLoopEvaluator, official_predictions
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
@@ -46,10 +46,10 @@ def setup():
 POPULATION = np.array([[1.0, 0.0, 0.0], [0.3, -1.2, 0.8], [-1.5, 1.5, 0.2], [0.0, 0.0, 0.0]])
 
 
-def test_label_task_parity_with_reference_label_scoring(setup):
+def test_label_task_parity_with_peft_loop_label_scoring(setup):
     model, tok, adapters = setup
     fast = FitnessEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(alpha=0.5, batch_size=5))
-    ref = ReferenceEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(alpha=0.5), mode="score")
+    ref = PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(alpha=0.5), mode="score")
     order = [fast.prompts.index(p) for p in ref.prompts]
     assert [[s[i] for i in order] for s in fast.sharer_preds] == ref.sharer_preds
     fast_preds = [[p[i] for i in order] for p in fast.predict(POPULATION)]
@@ -61,16 +61,16 @@ def test_label_task_parity_with_reference_label_scoring(setup):
         assert f.privacy == pytest.approx(r.privacy, abs=1e-12)
         assert f.objective == pytest.approx(f.utility - 0.5 * f.privacy)
     assert fast.unmerged.objective == pytest.approx(ref.unmerged.objective, abs=1e-12)
-    # candidate 0 is sharer 0 alone: it agrees with that sharer on every item
-    assert fast.evaluate(POPULATION[:1])[0].similarity[0] == 1.0
+    # candidate 0 is sharer 0 alone: it agrees with that sharer on every item (MAE = RMSE = 0: 1 + 1)
+    assert fast.evaluate(POPULATION[:1])[0].similarity[0] == 2.0
     # the adapters matter: not every candidate predicts the same
     assert len({tuple(p) for p in fast_preds}) > 1
 
 
-def test_generation_parity_with_reference_free_generation(setup):
+def test_generation_parity_with_peft_loop_free_generation(setup):
     model, tok, adapters = setup
     fast = FitnessEvaluator(model, tok, HEADLINE, headline_history(3), adapters, SearchConfig(alpha=1.0, batch_size=4))
-    ref = ReferenceEvaluator(model, tok, HEADLINE, headline_history(3), adapters, SearchConfig(alpha=1.0), mode="generate")
+    ref = PeftLoopEvaluator(model, tok, HEADLINE, headline_history(3), adapters, SearchConfig(alpha=1.0), mode="generate")
     order = [fast.prompts.index(p) for p in ref.prompts]
     pop = POPULATION[1:3]
     ref_preds = ref.predict(pop)
@@ -79,6 +79,21 @@ def test_generation_parity_with_reference_free_generation(setup):
     for f, preds in zip(fast.evaluate(pop), ref_preds):
         r = score_parts(ref.task, preds, ref.golds, ref.sharer_preds, 1.0)
         assert (f.utility, f.privacy) == pytest.approx((r.utility, r.privacy), abs=1e-12)
+
+
+@pytest.mark.parametrize("privacy_metric", ["task", "agreement"])
+def test_privacy_metric_and_elementwise_merge_match_the_peft_loop(setup, privacy_metric):
+    model, tok, adapters = setup
+    search = SearchConfig(alpha=0.7, privacy_metric=privacy_metric, merge="elementwise", batch_size=5)
+    fast = FitnessEvaluator(model, tok, RATING, rating_history(), adapters, search)
+    ref = PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, search, mode="score")
+    order = [fast.prompts.index(p) for p in ref.prompts]
+    ref_preds = ref.predict(POPULATION)
+    assert [[p[i] for i in order] for p in fast.predict(POPULATION)] == ref_preds
+    for f, r in zip(fast.evaluate(POPULATION), ref.evaluate(POPULATION)):
+        assert (f.utility, f.privacy, f.objective) == pytest.approx((r.utility, r.privacy, r.objective), abs=1e-12)
+    # the measure named is the one used: sharer 0 alone is at its maximum similarity with sharer 0
+    assert fast.evaluate(POPULATION[:1])[0].similarity[0] == {"task": 2.0, "agreement": 1.0}[privacy_metric]
 
 
 def test_layer_level_one_hot_and_dim(setup):
@@ -102,3 +117,21 @@ def test_empty_history_is_refused(setup):
     model, tok, adapters = setup
     with pytest.raises(FitnessError, match="empty"):
         FitnessEvaluator(model, tok, TAGGING, [], adapters)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"privacy_metric": "bleu"}, "privacy-metric"), ({"merge": "average"}, "merge")])
+def test_unknown_privacy_metric_or_merge_is_refused_by_the_search_config(kwargs, match):
+    with pytest.raises(SearchConfigError, match=match):
+        SearchConfig(**kwargs)
+
+
+def test_official_loop_samples_reproducibly_without_touching_the_global_generator(setup):
+    model, tok, adapters = setup
+    prompts = [p for p, _ in headline_history(2)]
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = official_predictions(model, tok, HEADLINE, prompts, adapters, [0.5, -0.4, 0.9], max_new_tokens=6, seed=4)
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is as it was
+    again = official_predictions(model, tok, HEADLINE, prompts, adapters, [0.5, -0.4, 0.9], max_new_tokens=6, seed=4)
+    assert first == again and len(first) == 2 and any(first)

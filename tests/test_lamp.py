@@ -59,6 +59,23 @@ def test_rating_score_out_of_range(write_lamp_dir):
         load_lamp(write_lamp_dir(questions, {"task": "LaMP_3", "golds": [{"id": "a", "output": "3"}]}))
 
 
+def test_lamp7_pairs_are_not_copies():
+    # The official pairs: the model learns the user's tweets from "Tweet:", not to paraphrase a tweet into itself.
+    task = get_task("LaMP_7")
+    tweets = [{"text": "so tired: going home"}, {"text": " Monday again #coffee "}]
+    pairs = profile_pairs(task, tweets)
+    assert pairs == [("Tweet:", "so tired: going home"), ("Tweet:", "Monday again #coffee")]
+    assert all(target not in prompt for prompt, target in pairs)
+
+
+def test_lamp1_pairs_follow_the_official_code_when_the_data_has_citations():
+    task = get_task("LaMP_1")
+    lamp = {"title": "Deep nets", "abstract": "We train nets."}
+    assert profile_pairs(task, [lamp]) == [(task.template.format(abstract="We train nets."), "Deep nets")]
+    processed = lamp | {"citation": "Backprop revisited"}  # Per-Pcs's processed LaMP-1, as the official code reads it
+    assert profile_pairs(task, [processed]) == [("Paper Title: Deep nets Reference:", "Backprop revisited")]
+
+
 def test_profile_pairs_use_task_template():
     task = get_task("tagging")
     prompt, target = profile_pairs(task, [{"description": " A robot. ", "tag": "sci-fi", "other": 1}])[0]

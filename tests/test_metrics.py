@@ -4,7 +4,19 @@ import math
 
 import pytest
 
-from common.metrics import fitness, higher_is_better, parse_label, prediction_similarity, task_metrics
+from rouge_score.rouge_scorer import RougeScorer
+
+from common.metrics import (
+    PRIVACY_METRICS,
+    fitness,
+    higher_is_better,
+    parse_label,
+    prediction_similarity,
+    privacy_similarity,
+    rouge,
+    task_metrics,
+    task_similarity,
+)
 from common.tasks import get_task
 
 TAGGING, RATING, HEADLINE, CITATION = (get_task(n) for n in ("tagging", "rating", "headline", "LaMP_1"))
@@ -64,10 +76,11 @@ def test_rating_metrics_unparseable_is_farthest_value():
     assert task_metrics(RATING, ["none"], ["4"])["mae"] == 3.0  # 4 -> farthest is 1
 
 
-def test_generation_metrics_stemmed_rouge():
-    # "cats running fast" vs "the cat runs": stems cat, run match; P=2/3, R=2/3.
-    values = task_metrics(HEADLINE, ["cats running fast"], ["the cat runs"])
-    assert values == pytest.approx({"rouge1": 2 / 3, "rougeL": 2 / 3})
+def test_generation_metrics_unstemmed_rouge_unless_asked():
+    # "cats running fast" vs "the cat runs": no word in common as written; stemmed, cat and run match (P=R=2/3).
+    assert task_metrics(HEADLINE, ["cats running fast"], ["the cat runs"]) == {"rouge1": 0.0, "rougeL": 0.0}
+    stemmed = task_metrics(HEADLINE, ["cats running fast"], ["the cat runs"], stem=True)
+    assert stemmed == pytest.approx({"rouge1": 2 / 3, "rougeL": 2 / 3})
     # LCS of "a b c d" vs "a c b d" is 3 of 4 tokens; unigram overlap is 4 of 4.
     values = task_metrics(HEADLINE, ["alpha gamma beta delta"], ["alpha beta gamma delta"])
     assert values == pytest.approx({"rouge1": 1.0, "rougeL": 0.75})
@@ -91,6 +104,46 @@ def test_prediction_similarity():
     assert prediction_similarity(HEADLINE, ["alpha beta"], ["gamma delta"]) == 0.0
     sim = prediction_similarity(HEADLINE, ["alpha gamma beta delta"], ["alpha beta gamma delta"])
     assert sim == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    "target, prediction",
+    [("the cat runs", "cats running fast"), ("Rain stops play at Lord's", "rain stopped the playing"),
+     ("alpha beta gamma delta", "alpha gamma beta delta"), ("Markets rallied", "markets rally, investors cheer")],
+)
+def test_rouge_equals_rouge_score_without_stemmer(target, prediction):
+    official = RougeScorer(["rouge1", "rougeL"], use_stemmer=False).score(target, prediction)
+    assert rouge(target, prediction) == {name: official[name].fmeasure for name in ("rouge1", "rougeL")}
+    stemmed = RougeScorer(["rouge1", "rougeL"], use_stemmer=True).score(target, prediction)
+    assert rouge(target, prediction, stem=True) == {name: stemmed[name].fmeasure for name in ("rouge1", "rougeL")}
+
+
+def test_task_similarity_is_the_utility_with_the_sharer_as_gold():
+    # Eq. 7: the same two metrics, summed and oriented as the utility, against the sharer's predictions.
+    tags_a, tags_b = ["comedy", "action", "sci-fi", "comedy"], ["comedy", "romance", "sci-fi", "action"]
+    assert task_similarity(TAGGING, tags_a, tags_b) == pytest.approx(fitness(TAGGING, tags_a, tags_b))
+    assert task_similarity(RATING, ["4", "2", "5"], ["5", "2", "1"]) == pytest.approx(fitness(RATING, ["4", "2", "5"], ["5", "2", "1"]))
+    heads = (["the cat runs", "rain falls"], ["a cat ran", "rain falls today"])
+    assert task_similarity(HEADLINE, *heads) == pytest.approx(fitness(HEADLINE, *heads))
+    assert task_similarity(RATING, ["3"], ["3"]) == 2.0  # both metrics at best
+    # identical tags: accuracy 1; macro-F1 over all 15 tags, 0 for the 12 neither side uses (as the official F1)
+    assert task_similarity(TAGGING, tags_a, tags_a) == pytest.approx(1.0 + 3 / 15)
+
+
+def test_task_similarity_takes_references_that_are_no_label():
+    # A sharer's output may be no label: matched only by another non-label (accuracy), never counted in F1.
+    assert task_similarity(TAGGING, ["gibberish", "comedy"], ["nonsense", "comedy"]) == pytest.approx(1.0 + 1 / 15)
+    # An unparseable reference rating counts as 2.5 (the official evaluation's rule): |4 - 2.5| = 1.5.
+    assert task_similarity(RATING, ["4"], ["no idea"]) == pytest.approx(2 * (1 - 1.5 / 4))
+
+
+def test_privacy_metrics_by_name():
+    assert list(PRIVACY_METRICS) == ["task", "agreement"]
+    preds, refs = ["comedy", "action"], ["comedy", "romance"]
+    assert privacy_similarity("agreement", TAGGING, preds, refs) == prediction_similarity(TAGGING, preds, refs) == 0.5
+    assert privacy_similarity("task", TAGGING, preds, refs) == task_similarity(TAGGING, preds, refs) == pytest.approx(0.5 + 1 / 15)
+    with pytest.raises(ValueError, match="unknown privacy metric"):
+        privacy_similarity("bleu", TAGGING, preds, refs)
 
 
 def test_orientation():

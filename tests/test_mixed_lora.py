@@ -1,4 +1,4 @@
-"""Population mixer: each row's forward equals the PEFT model with that row's exactly merged adapter."""
+"""Population mixer: each row's forward equals the PEFT model with that row's merged adapter (exact or element-wise)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from common.inference import score_labels
-from common.lora_math import merge_exact, random_adapter
+from common.lora_math import MERGES, random_adapter
 from common.models import tiny_model
 from server.mixed_lora import PopulationMixer
 
@@ -33,8 +33,9 @@ def _peft_logits(adapter, tok, prompts, tmp_path):
         return peft_model(**enc).logits[:, -1]
 
 
+@pytest.mark.parametrize("merge", list(MERGES))
 @pytest.mark.parametrize("level", ["lora", "layer"])
-def test_mixed_rows_match_exact_merge(setup, tmp_path, level):
+def test_mixed_rows_match_the_merged_adapter(setup, tmp_path, level, merge):
     model, tok, adapters = setup
     gen = torch.Generator().manual_seed(1)
     shape = (3, 3) if level == "lora" else (3, 3, 2)
@@ -42,13 +43,13 @@ def test_mixed_rows_match_exact_merge(setup, tmp_path, level):
     prompts = [p for p in PROMPTS for _ in range(3)]  # item-major: prompt j -> candidate j % 3
     cand = torch.arange(3).repeat(len(PROMPTS))
     enc = tok(prompts, return_tensors="pt", padding=True)
-    mixer = PopulationMixer(model, adapters)
+    mixer = PopulationMixer(model, adapters, merge)
     with mixer, torch.no_grad():
         mixer.set_population(population, cand)
         mixer.rows_hook(torch.arange(len(prompts)))
         mixed = model(**enc).logits[:, -1]
     for c in range(3):
-        expected = _peft_logits(merge_exact(adapters, population[c].double()), tok, PROMPTS, tmp_path / f"{level}{c}")
+        expected = _peft_logits(MERGES[merge].build(adapters, population[c].double()), tok, PROMPTS, tmp_path / f"{level}{c}")
         torch.testing.assert_close(mixed[cand == c], expected, rtol=1e-4, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ from peft import PeftModel
 from common.adapters import LoraAdapter
 from common.encoder import load_encoder, save_embeddings, user_embedding
 from common.lamp import profile_pairs, write_lamp
-from common.lora_math import delta, module_names, random_adapter
+from common.lora_math import delta, merge_elementwise, module_names, random_adapter
 from common.models import tiny_model
 from common.synthetic import synthesize
 from common.settings import SearchConfig, SearchConfigError
@@ -116,6 +116,8 @@ def test_refuses_an_unknown_optimizer_before_any_work(world):
         ({"bounds": (1.0, 1.0)}, "bounds"),
         ({"x0": 3.0}, "outside"),
         ({"popsize": 1}, "popsize"),
+        ({"privacy_metric": "bleu"}, "privacy-metric"),
+        ({"merge": "average"}, "merge"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -137,10 +139,11 @@ def test_cli_personalize_writes_result(disk_world, capsys):
     target = data.users[0].user_id
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", target,
             "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "2", "--popsize", "3",
-            "--out", str(tmp_path / "out"), "--no-progress"]
+            "--privacy-metric", "agreement", "--merge", "elementwise", "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "result.json").read_text())
     assert summary["user"] == target and target not in summary["sharer_ids"] and len(summary["sharer_ids"]) == 2
+    assert (summary["config"]["privacy_metric"], summary["config"]["merge"]) == ("agreement", "elementwise")
     assert "user " + target in capsys.readouterr().out
     if not summary["fallback"]:
         LoraAdapter.load(tmp_path / "out" / "adapter")
@@ -179,3 +182,13 @@ def test_target_seed_is_stable_per_user_and_differs_across_users():
     assert len(set(seeds.values())) == len(seeds)  # every target's search draws its own samples
     assert all(0 <= s < 2**31 for s in seeds.values())
     assert target_seed(0, "u001") == seeds["u001"] and target_seed(1, "u001") != seeds["u001"]
+
+
+def test_elementwise_merge_is_what_the_target_receives(world):
+    model, tok, data, emb, adapters = world
+    result = _run(world, SearchConfig(k=3, alpha=0.5, seed=4, merge="elementwise", **FAST))
+    assert not result.fallback and result.config.privacy_metric == "task"
+    expected = merge_elementwise([adapters[s] for s in result.sharer_ids], torch.tensor(result.weights, dtype=torch.float64))
+    assert result.adapter.r == expected.r  # rank r, not k * r
+    for m in module_names(expected.tensors):
+        torch.testing.assert_close(delta(result.adapter, m), delta(expected, m), rtol=1e-4, atol=1e-6)

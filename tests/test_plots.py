@@ -105,3 +105,16 @@ def test_quirk_runs_get_a_second_tradeoff_against_copied_quirks(tmp_path):
     assert [(r["label"], r["quirks"]) for r in rows] == [("PriME α=0", 0.25), ("PriME α=2", 0.0), ("top-1", 1.0)]
     figure = json.loads((tmp_path / "tradeoff_LaMP_2.json").read_text())
     assert [r["similarity"] for r in figure] == [0.8, 0.3, 1.0]  # the similarity figure is unchanged
+
+
+def test_tradeoff_names_its_privacy_metric(tmp_path):
+    from simulations.plots import _points, tradeoff
+
+    scored = [{**c, "privacy_metric": "task"} for c in CELLS]
+    write_plots(scored, tmp_path / "task")
+    rows = json.loads((tmp_path / "task" / "tradeoff_LaMP_2.json").read_text())
+    assert {r["privacy_metric"] for r in rows} == {"task"}
+    write_plots(CELLS, tmp_path / "old")  # cells from before the setting: measured by agreement
+    assert {r["privacy_metric"] for r in json.loads((tmp_path / "old" / "tradeoff_LaMP_2.json").read_text())} == {"agreement"}
+    fig, _ = tradeoff(_points(scored), "LaMP_2", privacy_metric="task")
+    assert "privacy metric: task" in fig.axes[0].get_xlabel() and "privacy metric task" in fig.axes[0].get_title()

@@ -52,6 +52,7 @@ class Context:
     max_history: int
     train_adapter: Callable[[list[tuple[str, str]], str], LoraAdapter]
     progress: bool = False
+    privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC  # PriME's privacy term and the held-out similarity
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -78,7 +79,7 @@ class MethodResult:
     golds: list[str]
     metrics: dict[str, float]
     sharer_ids: list[str] = field(default_factory=list)
-    similarity: float | None = None  # mean prediction similarity with the chosen sharers, held-out queries
+    similarity: float | None = None  # mean similarity (Context.privacy_metric) with the chosen sharers, held-out queries
     weights: Any = None
     fallback: bool | None = None
     trajectory: list[dict] = field(default_factory=list)
@@ -106,10 +107,11 @@ def sharer_predictions(ctx: Context, sharer: str, target: str) -> list[str]:
 
 
 def mean_similarity(ctx: Context, target: str, predictions: list[str], sharer_ids: list[str]) -> float | None:
-    """Mean over the chosen sharers of the prediction similarity on the target's held-out queries."""
+    """Mean over the chosen sharers of the similarity (`ctx.privacy_metric`) on the target's held-out queries."""
     if not sharer_ids:
         return None
-    sims = [metrics.prediction_similarity(ctx.task, predictions, sharer_predictions(ctx, s, target)) for s in sharer_ids]
+    sims = [metrics.privacy_similarity(ctx.privacy_metric, ctx.task, predictions, sharer_predictions(ctx, s, target))
+            for s in sharer_ids]
     return float(numpy.mean(sims))
 
 

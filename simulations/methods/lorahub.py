@@ -1,9 +1,10 @@
 """LoraHub-style merge: element-wise weighted sum of the A and B matrices, weights searched by nevergrad.
 
 NOT the exact merge. LoraHub builds `A' = sum_s w_s A_s`, `B' = sum_s w_s B_s`
-(one rank-r LoRA), whose update `B'A' = sum_s sum_t w_s w_t B_s A_t` carries
-cross terms between different users' factors; PriME and `uniform` use the
-exact rank-k*r merge `sum_s w_s B_s A_s` (common/lora_math.py). The search
+(one rank-r LoRA, `common.lora_math.merge_elementwise`), whose update
+`B'A' = sum_s sum_t w_s w_t B_s A_t` carries cross terms between different
+users' factors; PriME (by default) and `uniform` use the exact rank-k*r merge
+`sum_s w_s B_s A_s`. The search
 maximises the fitness on the target's history minus an L1 penalty
 `l1 * mean_s |w_s|` (LoraHub's regulariser), with nevergrad's NGOpt, weights
 in [-1.5, 1.5] starting at 1/k, and the same number of evaluations as PriME
@@ -13,14 +14,13 @@ each (no population batching: the element-wise merge is not linear in w).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping
 
 import numpy
-import torch
 
 from common import metrics
-from common.adapters import LoraAdapter
 from common.inference import predict
+from common.lora_math import merge_elementwise
 from server.fitness import history_task
 from server.personalize import target_seed
 from simulations.methods import (
@@ -31,18 +31,6 @@ if TYPE_CHECKING:
     from simulations.experiment import EvalConfig
 
 BOUNDS = (-1.5, 1.5)
-
-
-def elementwise_merge(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> LoraAdapter:
-    """`sum_s w_s A_s` and `sum_s w_s B_s` key by key (same rank and scaling as the inputs)."""
-    first = adapters[0]
-    if any(set(a.tensors) != set(first.tensors) or a.r != first.r or a.lora_alpha != first.lora_alpha for a in adapters):
-        raise ValueError("element-wise merge needs adapters with the same modules, rank and lora_alpha")
-    tensors = {
-        key: sum(float(w) * a.tensors[key].to(torch.float32) for a, w in zip(adapters, weights)).to(first.tensors[key].dtype)
-        for key in first.tensors
-    }
-    return LoraAdapter(tensors=tensors, r=first.r, lora_alpha=first.lora_alpha, target_modules=first.target_modules)
 
 
 @register
@@ -70,7 +58,7 @@ class LoraHub(Method):
         l1 = float(params["l1"])
 
         def objective(w: numpy.ndarray) -> tuple[float, float]:
-            with applied(ctx.model, elementwise_merge(adapters, w)) as model:
+            with applied(ctx.model, merge_elementwise(adapters, w)) as model:
                 utility = metrics.fitness(task, predict(task, model, ctx.tokenizer, prompts), golds)
             return utility - l1 * float(numpy.mean(numpy.abs(w))), utility
 
@@ -86,6 +74,6 @@ class LoraHub(Method):
             if value > best:
                 best_w, best = numpy.array(candidate.value), value
             trajectory.append({"evaluation": step, "objective": value, "utility": utility, "best_so_far": best})
-        merged = elementwise_merge(adapters, best_w)
+        merged = merge_elementwise(adapters, best_w)
         preds = answer(ctx, merged, query_prompts(ctx, target)[0])
         return finish(ctx, target, preds, sharers, weights=best_w.tolist(), trajectory=trajectory)

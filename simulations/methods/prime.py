@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
 # Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
-_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist"}
+_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge"}
 
 
 @register
