@@ -11,6 +11,10 @@ every weight vector it returns, is first repaired onto the cap: the largest
 contributions are cut to a common level t (the highest that obeys the cap),
 the others left as they are, which keeps signs and changes nothing that
 already obeys the cap. The cap must be at least 1/k: k sharers cannot all stay below 1/k.
+
+Shares are those of the exact merge (`sum_s w_s g B_s A_s`). The element-wise
+merge (`merge = elementwise`) adds cross terms `w_s w_t B_s A_t` that belong
+to no single sharer; the cap bounds its per-sharer terms, not those.
 """
 
 from __future__ import annotations
