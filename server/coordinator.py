@@ -94,6 +94,7 @@ class Coordinator:
         self.task_adapter: LoraAdapter | None = None
         self.lora_shape: LoraShape | None = None
         self.nodes: dict[int, Node] = {}
+        self.sharer_privacy: dict[str, Any] = {}  # sharer id -> its checked DP-SGD guarantee (None without)
 
     def _prepare(self) -> None:
         """Everything that can fail on settings or files, before any node is asked for anything."""
@@ -391,7 +392,8 @@ class Coordinator:
             try:
                 stored = self.registry.get(sharer_id)
                 meta = self.lora_shape.check_meta(stored.metadata)
-                self._privacy(stored.metadata)  # a DP run reusing a registry refuses entries trained without DP-SGD
+                # A DP run reusing a registry refuses entries trained without DP-SGD; kept for the report.
+                self.sharer_privacy[sharer_id] = self._privacy(stored.metadata)
                 tensors = {k: torch.from_numpy(np.array(v)) for k, v in stored.tensors.items()}
                 check_tensors(tensors, self.lora_shape.shapes, "stored adapter")
                 adapter = LoraAdapter(tensors=tensors, r=meta["r"], lora_alpha=meta["lora-alpha"],
@@ -435,7 +437,7 @@ class Coordinator:
                                  progress_name=f"search {user_id}")
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
-            guarantees = [self._privacy(self.registry.get(sid).metadata) for sid in result.sharer_ids]
+            guarantees = [self.sharer_privacy.get(sid) for sid in result.sharer_ids]
             if guarantees and all(g is not None for g in guarantees):  # the merge is post-processing of DP adapters
                 self.report.targets[user_id]["dp"] = {"epsilon": max(g.epsilon for g in guarantees),
                                                       "delta": max(g.delta for g in guarantees)}

@@ -82,7 +82,9 @@ def _cap_column(v: np.ndarray, cap: float) -> np.ndarray:
 def cap_shares(weights: np.ndarray, norms: np.ndarray, cap: float) -> np.ndarray:
     """`weights` with every sharer's share of the merge at most `cap` (see module docstring)."""
     w = np.asarray(weights, dtype=np.float64)
-    if cap >= 1.0:
+    if not (np.isfinite(cap) and 0 < cap <= 1):
+        raise ShareCapError(f"share cap must be a number in (0, 1], got {cap!r}")
+    if cap == 1.0:
         return w
     if cap * w.shape[0] < 1.0 - 1e-12:
         raise ShareCapError(f"share cap {cap:g} is below 1/k = {1 / w.shape[0]:.3g}: {w.shape[0]} sharers cannot all stay under it")

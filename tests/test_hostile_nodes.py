@@ -115,6 +115,18 @@ def _deep_metadata_upload(h: Hostile, msg, reply, context):
     return _sealed_reply(msg, context, payload, "share")
 
 
+def _register_upload(embedding, user_id=None):
+    """A register reply whose sealed plan embedding is `embedding(dim)`, naming `user_id` (default: its own)."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        node = reply.content.config_records["node"]
+        payload = encode_upload({}, embedding(_dim(h)).astype(np.float32), {"user-id": user_id or node["user-id"]})
+        sealed = _sealed_reply(msg, context, payload, "register", metrics=False)
+        return Message(reply_to=msg, content=_content({"node": node, "upload": sealed.content.config_records["upload"]}))
+
+    return rewrite
+
+
 def _profile_upload(history, embedding=None):
     def rewrite(h: Hostile, msg, reply, context):
         emb = np.ones(_dim(h), dtype=np.float32) if embedding is None else embedding(h)
@@ -193,6 +205,11 @@ CASES = [
     ("register-count-wrong-type", "query.register",
      lambda h, m, r, c: Message(reply_to=m, content=_content({"node": ConfigRecord(dict(r.content.config_records["node"]) | {"n-history": "lots"})})),
      "register", "n-history"),
+    ("register-without-sealed-embedding", "query.register",
+     lambda h, m, r, c: Message(reply_to=m, content=_content({"node": r.content.config_records["node"]})),
+     "register", "upload"),
+    ("register-sealed-zero-embedding", "query.register", _register_upload(np.zeros), "register", "embedding"),
+    ("register-sealed-for-another-user", "query.register", _register_upload(np.ones, "u999"), "register", "names user"),
     ("evaluate-nan-metric", "evaluate.personalized",
      lambda h, m, r, c: Message(reply_to=m, content=_content({"metrics": MetricRecord({"n-queries": 2, "np-mae": math.nan})})),
      "evaluate", "finite"),

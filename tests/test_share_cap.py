@@ -56,9 +56,21 @@ def test_a_dominant_sharer_is_cut_to_the_cap_and_the_others_keep_their_weight():
     assert shares(layer, np.ones((3, 2))).max() <= 0.5 + 1e-12
 
 
-def test_a_cap_below_one_over_k_is_refused():
+def test_a_cap_below_one_over_k_or_outside_0_1_is_refused():
     with pytest.raises(ShareCapError, match="below 1/k"):
         cap_shares(np.ones(3), np.ones(3), 0.3)
+    for bad in (float("nan"), float("inf"), 0.0, -0.5, 1.5):
+        with pytest.raises(ShareCapError, match="in \\(0, 1\\]"):
+            cap_shares(np.ones(3), np.ones(3), bad)
+
+
+def test_threats_leak_refuses_a_bad_share_cap_in_one_line(tmp_path, capsys):
+    from simulations.cli import main
+
+    assert main(["threats", "leak", "--model-spec", "tiny", "--share-cap", "nan", "--out", str(tmp_path / "t"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "share cap" in err[0]
 
 
 @pytest.mark.parametrize("level", ["lora", "layer"])
