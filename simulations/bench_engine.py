@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "model_rss_mb": model_rss / 2**20,
         "model_parameter_mb": param_bytes / 2**20,
         "cpu_threads": torch.get_num_threads(),
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        # On a GPU the process RSS above says little: the peak the CUDA allocator held over the whole run does.
+        "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if model.device.type == "cuda" else None,
         "load_average_at_end": list(psutil.getloadavg()),
         "results": rows,
     }
