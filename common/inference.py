@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common.models import rows_per_forward
 from common.tasks import TaskSpec, completion_text
 
 RowsHook = Callable[[torch.Tensor], None]
@@ -463,7 +464,11 @@ def generate(
 
 
 def predict(task: TaskSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], **kw) -> list[str]:
-    """Answer each prompt the way the task is scored: label argmax or greedy generation."""
+    """Answer each prompt the way the task is scored: label argmax or greedy generation.
+
+    The batch (default 16 rows) is sized to the model's device (`rows_per_forward`: larger on a GPU).
+    """
+    kw["batch_size"] = rows_per_forward(kw.get("batch_size", 16), next(model.parameters()).device)
     if task.scored_by_labels:
         return predict_labels(model, tokenizer, prompts, task.query_labels, **kw)
     kw.setdefault("max_new_tokens", task.max_new_tokens)

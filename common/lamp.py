@@ -5,8 +5,14 @@ A LaMP directory holds `questions.json` (a list of `{"id", "input",
 [{"id", "output"}]}`), or LaMP's own split names (`train_questions.json`,
 `dev_outputs.json`, ...). Each question is one user: its profile is the
 user's history and its `input` the held-out query. An optional `user_id`
-field groups several questions of one user; those questions must then carry
-identical profiles (a mismatch is an error, not silently dropped history).
+field groups several questions of one user: one user, several queries, one
+profile. Where the questions of a user carry different profiles (a
+time-ordered set gives each question the history before it, so a later
+question's profile may hold an earlier question's answer), the user's
+profile is the items every one of them holds, in the first question's
+order: no question's own answer can be among them, since its own profile
+lacks it. The number of items left out is logged; a user whose questions
+share no item at all is an error.
 
 Every problem with the input is a `LampFormatError` whose one-line message
 names the file, the record (index and id) and the field.
@@ -15,6 +21,7 @@ names the file, the record (index and id) and the field.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +33,8 @@ from common.ids import InvalidIdError, check_user_id
 from common.tasks import TaskSpec, UnknownTaskError, get_task
 
 SPLITS: tuple[str, ...] = ("train", "dev")
+log = logging.getLogger(__name__)
+
 QUESTIONS_FILE = "questions.json"
 OUTPUTS_FILE = "outputs.json"
 
@@ -199,6 +208,21 @@ def _read_profile(task: TaskSpec, record: dict, where: str) -> list[dict]:
     return [dict(item) for item in profile]
 
 
+def _item_key(item: dict) -> str:
+    return json.dumps(item, sort_keys=True, ensure_ascii=False)
+
+
+def _keep_common_items(users: Any, common: Mapping[str, set[str]], path: Path) -> None:
+    """Cut each user's profile down to the items all their questions hold (see the module doc)."""
+    dropped = 0
+    for user in users:
+        kept = [item for item in user.profile if _item_key(item) in common[user.user_id]]
+        dropped += len(user.profile) - len(kept)
+        user.profile = kept
+    if dropped:
+        log.info("%s: %d profile items left out (not in every question of their user)", path, dropped)
+
+
 def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
     """Load and validate a LaMP directory; `split` picks train/dev when both exist."""
     questions_path, outputs_path = _resolve_files(Path(path), split)
@@ -210,6 +234,7 @@ def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
         raise LampFormatError(f"{questions_path}: no questions")
     users: dict[str, LampUser] = {}
     first_of_user: dict[str, str] = {}
+    common: dict[str, set[str]] = {}  # user -> the profile items (as canonical JSON) every question so far holds
     seen: set[str] = set()
     for index, record in enumerate(data):
         where = _where(questions_path, index, record)
@@ -231,14 +256,18 @@ def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
         query = Query(id=qid, input=text, gold=golds[qid])
         if user_id in users:
             if users[user_id].profile != profile:
-                raise LampFormatError(
-                    f"{where}: field 'profile' differs from question {first_of_user[user_id]!r} "
-                    f"of the same user {user_id!r}"
-                )
+                common[user_id] &= {_item_key(item) for item in profile}
+                if not common[user_id]:
+                    raise LampFormatError(
+                        f"{where}: field 'profile' shares no item with the earlier questions "
+                        f"(first {first_of_user[user_id]!r}) of the same user {user_id!r}"
+                    )
             users[user_id].queries.append(query)
         else:
             users[user_id] = LampUser(user_id=user_id, profile=profile, queries=[query])
             first_of_user[user_id] = qid
+            common[user_id] = {_item_key(item) for item in profile}
+    _keep_common_items(users.values(), common, questions_path)
     orphans = [gid for gid in golds if gid not in seen]
     if orphans:
         raise LampFormatError(

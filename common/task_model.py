@@ -15,9 +15,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter
-from common.models import load_base
+from common.models import load_base, resolve_device
 
-_CACHE: dict[tuple[str, str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_CACHE: dict[tuple[str, str, str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
 
 
 def adapter_digest(adapter: LoraAdapter | None) -> str:
@@ -27,19 +27,20 @@ def adapter_digest(adapter: LoraAdapter | None) -> str:
     digest = hashlib.sha256()
     for key in sorted(adapter.tensors):
         digest.update(key.encode())
-        digest.update(adapter.tensors[key].detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(adapter.tensors[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     digest.update(f"{adapter.r}/{adapter.lora_alpha}/{adapter.target_modules}".encode())
     return digest.hexdigest()
 
 
 def load_task_model(
-    model_spec: str, cache_dir: str | Path | None, task_adapter: LoraAdapter | None
+    model_spec: str, cache_dir: str | Path | None, task_adapter: LoraAdapter | None, device: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Base model with `task_adapter` folded in, reused while spec and adapter stay the same."""
-    key = (model_spec, str(cache_dir or ""), adapter_digest(task_adapter))
+    """Base model with `task_adapter` folded in, on `device` (`common.models.resolve_device`: a node or the
+    coordinator takes its GPU when it has one), reused while spec, adapter and device stay the same."""
+    key = (model_spec, str(cache_dir or ""), adapter_digest(task_adapter), str(resolve_device(device)))
     if key not in _CACHE:
         _CACHE.clear()
-        model, tokenizer = load_base(model_spec, Path(cache_dir) if cache_dir else None)
+        model, tokenizer = load_base(model_spec, Path(cache_dir) if cache_dir else None, device=device)
         if task_adapter is not None:
             model = task_adapter.apply_to(model).merge_and_unload()
         model.eval()

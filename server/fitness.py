@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common.models import rows_per_forward
 from common import metrics
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
@@ -105,7 +106,7 @@ class FitnessEvaluator:
         self.task = history_task(task)
         self.alpha = search.alpha
         self.privacy_metric = search.privacy_metric
-        self.batch_size = search.batch_size
+        self.batch_size = rows_per_forward(search.batch_size, next(model.parameters()).device)
         items = sample_history(history, search.history_fraction, search.seed)
         # Longest first, so that rows of one forward have similar lengths (less padding).
         order = sorted(range(len(items)), key=lambda i: -len(tokenizer(items[i][0]).input_ids))

@@ -78,12 +78,13 @@ class PopulationMixer:
         self._state = _RowScales()
         self._installed: list[tuple[nn.Module, str, nn.Module]] = []
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        dtype, device = first.dtype, first.device
         per_adapter = [factors(a) for a in adapters]
         scalings = [a.scaling for a in adapters]
         for m in self.modules:
-            a_all = torch.cat([fac[m][0] for fac in per_adapter], dim=0).to(dtype)
-            b_all = torch.cat([fac[m][1] * g for fac, g in zip(per_adapter, scalings)], dim=1).to(dtype)
+            a_all = torch.cat([fac[m][0] for fac in per_adapter], dim=0).to(device=device, dtype=dtype)
+            b_all = torch.cat([fac[m][1] * g for fac, g in zip(per_adapter, scalings)], dim=1).to(device=device, dtype=dtype)
             self._stacks[m] = (a_all.contiguous(), b_all.contiguous())
 
     def _rank_expand(self) -> torch.Tensor:

@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     proc = psutil.Process()
     before = proc.memory_info().rss
     task_adapter = LoraAdapter.load(args.task_adapter) if args.task_adapter else None
-    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter)
+    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter, args.device)
     loaded_rss = proc.memory_info().rss
     with torch.inference_mode():  # page every weight in: the resident size of a model that has served once
-        model(**tokenizer(["Warm-up."], return_tensors="pt"))
+        model(**tokenizer(["Warm-up."], return_tensors="pt").to(model.device))
     model_rss = proc.memory_info().rss
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = [bench_task(model, tokenizer, name, args, model_rss, before) for name in args.tasks]
@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "model_rss_mb": model_rss / 2**20,
         "model_parameter_mb": param_bytes / 2**20,
         "cpu_threads": torch.get_num_threads(),
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        # On a GPU the process RSS above says little: the peak the CUDA allocator held over the whole run does.
+        "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if model.device.type == "cuda" else None,
         "load_average_at_end": list(psutil.getloadavg()),
         "results": rows,
     }

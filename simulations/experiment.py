@@ -19,7 +19,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from tqdm.auto import tqdm
 
@@ -32,7 +32,7 @@ from common.errors import PrimeError
 from common.jsonable import plain
 from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.metrics import DEFAULT_PRIVACY_METRIC
-from common.models import load_base
+from common.models import DEVICES, load_base, resolve_device
 from common.plan import UserPlan, make_plan
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
 from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
@@ -65,6 +65,7 @@ class EvalConfig:
     seeds: int = 1
     model_spec: str = "gemma3-270m"
     model_cache: str | None = None
+    device: str = "auto"  # where the LLM runs (common.models.resolve_device); GPU cells have their own cache keys
     encoder: str = "minilm"
     targets: int = 4
     sharers: int = 8
@@ -85,6 +86,8 @@ class EvalConfig:
             raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.synthetic!r}")
         if self.synth.quirks and self.synthetic != "tagging":
             raise EvalConfigError("--synth-quirks needs --synthetic tagging")
+        if self.device not in DEVICES:
+            raise EvalConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for name in self.methods:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:
@@ -270,6 +273,9 @@ def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
               "adapt_epochs", "adapt_max_pairs")
     settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": to_flat(config.node)}
+    device = resolve_device("auto").type if config.device == "auto" else config.device
+    if device != "cpu":  # bf16 GPU answers differ; CPU keys stay as they always were
+        settings["device"] = device
     text = json.dumps([dataset.task.lamp_id, users, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -381,13 +387,13 @@ class Prepared:
         if plan.adaptation:
             pairs = [p for u in plan.adaptation for p in recent(profile_pairs(task, self.dataset.user(u).profile), c.node.max_history)]
             pairs = random.Random(seed).sample(pairs, min(len(pairs), c.adapt_max_pairs))
-            base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None)
+            base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None, device=c.device)
             task_adapter = _cached_adapter(
                 folder / "task_adapter", base,
                 lambda: train_lora(base, tokenizer, pairs, c.node.for_job(seed, c.adapt_epochs).train, progress=progress)[0],
             )
             del base
-        model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter)
+        model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter, c.device)
         node = c.node.for_job(seed)
 
         def train_adapter(pairs: list[tuple[str, str]], name: str) -> LoraAdapter:
@@ -480,11 +486,44 @@ class GridReport:
     out: Path
 
 
-def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True) -> GridReport:
+def compute_cell(prepared: Prepared, cell: Cell, progress: bool = False) -> dict[str, Any]:
+    """One cell's record: its seed's context (built or loaded from OUT/prepare), then its method.
+
+    Depends only on the cell and the prepared inputs, never on which cells ran
+    before in this process, so a Ray worker computes the same record as the
+    sequential loop.
+    """
+    ctx = prepared.context(cell.seed, progress)
+    ctx.progress = False
+    start = time.perf_counter()
+    result = get_method(cell.method).run(ctx, cell.target, dict(cell.params))
+    return cell_record(cell, prepared.dataset.task.lamp_id, result, time.perf_counter() - start,
+                       prepared.privacy.get(cell.seed))
+
+
+def _sequential(prepared: Prepared, pending: list[tuple[int, Cell]], bar: tqdm,
+                progress: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    for i, cell in pending:
+        bar.set_postfix_str(f"{cell.method} seed={cell.seed} target={cell.target}")
+        yield i, compute_cell(prepared, cell, progress)
+
+
+def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True, ray: str | None = None,
+             ray_workers: int | None = None) -> GridReport:
     """Run (or resume) the grid; write OUT/config.json, OUT/results.json (even when interrupted) and,
-    once complete and if `outputs`, the tables and plots."""
+    once complete and if `outputs`, the tables and plots.
+
+    `ray`: compute the missing cells as Ray tasks (`auto`, or a cluster address;
+    see simulations.ray_grid), on `ray_workers` workers (default: the cluster's).
+    """
     out = output_folder(config.out)
     _write_json(out / CONFIG_FILE, config.to_dict())
+    cluster = None
+    if ray is not None:
+        from simulations import ray_grid
+
+        cluster = ray_grid.connect(ray)
+        config = ray_grid.with_cluster_device(config)
     prepared = prepare(config)
     cells = plan_cells(config, prepared.plans, prepared.key)
     records: list[dict[str, Any] | None] = [read_cell(c.path(out)) for c in cells]
@@ -492,18 +531,15 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
     computed = 0
     bar = tqdm(total=len(cells), initial=reused, desc="eval cells", unit="cell", disable=not progress)
     complete = False
+    pending = [(i, cell) for i, cell in enumerate(cells) if records[i] is None]
     try:
-        for i, cell in enumerate(cells):
-            if records[i] is not None:
-                continue
-            ctx = prepared.context(cell.seed, progress)
-            ctx.progress = False
-            bar.set_postfix_str(f"{cell.method} seed={cell.seed} target={cell.target}")
-            start = time.perf_counter()
-            result = get_method(cell.method).run(ctx, cell.target, dict(cell.params))
-            records[i] = cell_record(cell, prepared.dataset.task.lamp_id, result, time.perf_counter() - start,
-                                     prepared.privacy.get(cell.seed))
-            _write_json(cell.path(out), records[i])
+        if cluster is None:
+            results = _sequential(prepared, pending, bar, progress)
+        else:
+            results = ray_grid.run_cells(prepared, pending, ray_workers)
+        for i, record in results:
+            records[i] = record
+            _write_json(cells[i].path(out), record)
             computed += 1
             bar.update(1)
         complete = True
@@ -514,6 +550,8 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True)
         add_quirk_copies(config, done)
         _write_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
                                           "cells": done})
+        if cluster is not None:
+            cluster.close()
     report = GridReport(records=done, computed=computed, reused=reused, out=out)
     if outputs:
         write_outputs(out, done, plots=config.plots)

@@ -136,3 +136,13 @@ def test_adapt_refuses_to_overwrite_a_non_model_folder(data_dirs, tmp_path, caps
     (tmp_path / "keep.txt").write_text("x")
     code, _, err = _run(capsys, "adapt", "--data", str(data_dirs["rating"]), "--out", str(tmp_path), *TINY, *FAST)
     _assert_one_line_error(code, err, "adapt", "refusing to overwrite")
+
+
+def test_predict_on_a_missing_gpu_is_a_one_line_error(data_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _run(capsys, "predict", "--data", str(data_dirs["rating"]), *TINY, "--device", "cuda",
+                        "--out", str(tmp_path / "p.json"))
+    _assert_one_line_error(code, err, "predict", "no CUDA GPU")
+    code, out, _ = _run(capsys, "predict", "--data", str(data_dirs["rating"]), *TINY, "--device", "cpu",
+                        "--out", str(tmp_path / "p.json"))
+    assert code == 0 and json.loads((tmp_path / "p.json.metrics.json").read_text())["queries"] == 8

@@ -171,3 +171,22 @@ def test_huffpost_queries_get_the_headline_cue():
     data = load_lamp(folder)
     prompts = [p for u in data.users for p in query_prompts(data.task, u.queries)]
     assert all(p.startswith("Generate a headline for the following article. Article: ") and p.endswith(" Headline:") for p in prompts)
+
+
+def test_one_user_with_growing_profiles_keeps_the_items_every_question_holds(write_lamp_dir):
+    """A time-ordered set: each question's profile is the history before it, so the later one holds the
+    earlier question's answer; the user's one profile must not (it would answer a held-out query)."""
+    early = [{"text": "fine", "score": "3", "id": "h1"}, {"text": "good", "score": "4", "id": "h2"}]
+    answer_of_q1 = {"text": "awful", "score": "1", "id": "q1"}
+    questions = [
+        {"id": 11, "user_id": 7, "input": "Review: awful. Score:", "profile": early},
+        {"id": 20, "user_id": 8, "input": "Review: ok. Score:", "profile": early[:1]},
+        {"id": 12, "user_id": 7, "input": "Review: great. Score:", "profile": [early[1], answer_of_q1, early[0]]},
+    ]
+    golds = [{"id": 11, "output": "1"}, {"id": 20, "output": "3"}, {"id": 12, "output": "5"}]
+    data = load_lamp(write_lamp_dir(questions, {"task": "LaMP_3", "golds": golds}))
+    assert [u.user_id for u in data.users] == ["7", "8"]
+    seven = data.user("7")
+    assert seven.profile == early  # the first question's order, without the item only the later one holds
+    assert [(q.id, q.gold) for q in seven.queries] == [("11", "1"), ("12", "5")]
+    assert data.n_queries == 3

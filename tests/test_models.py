@@ -100,3 +100,37 @@ def test_gemma_cache_matches_the_gguf_and_reads_english(tmp_path):
     assert tok.convert_ids_to_tokens(encode_example(tok, "Review: good Score:", "4")[0]) == [
         "<bos>", "Review", ":", "▁good", "▁Score", ":", "▁", "4"
     ]
+
+
+# ------------------------------------------------------------------ device choice (CPU-only: CUDA is monkeypatched)
+
+
+def test_auto_device_takes_cuda_only_when_torch_sees_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ModelSpecError, match="torch sees no CUDA GPU"):
+        models.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.resolve_device("auto") == torch.device("cuda")
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelSpecError, match="unknown device 'gpu'"):
+        models.resolve_device("gpu")
+
+
+def test_precision_and_rows_per_forward_follow_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (models.device_dtype(cpu), models.device_dtype(cuda)) == (torch.float32, torch.bfloat16)
+    assert [models.rows_per_forward(n, cpu) for n in (1, 32, 5000)] == [1, 32, 5000]  # the CPU keeps today's batches
+    assert models.rows_per_forward(32, cuda) == 32 * models.GPU_ROWS_FACTOR
+    assert models.rows_per_forward(200, cuda) == models.MAX_GPU_ROWS
+    assert models.rows_per_forward(5000, cuda) == 5000  # never below what was asked for
+
+
+def test_tiny_model_on_the_cpu_is_todays_float32_model(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto, tok = load_base("tiny")
+    reference, _ = tiny_model()
+    assert next(auto.parameters()).dtype == torch.float32 and next(auto.parameters()).device.type == "cpu"
+    torch.testing.assert_close(_logits(auto, tok), _logits(reference, tok), rtol=0, atol=0)
+    with pytest.raises(ModelSpecError, match="no CUDA GPU"):
+        load_base("tiny", device="cuda")

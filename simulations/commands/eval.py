@@ -55,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
+    run_on = parser.add_argument_group("where the cells run (not settings: the results are the same)")
+    run_on.add_argument("--ray", metavar="auto|ADDRESS",
+                        help="compute the cells as Ray tasks: auto (this machine's Ray cluster, or a new local one) or "
+                             "a cluster address (ray://HEAD:10001, HEAD:6379); OUT must be on a filesystem every node "
+                             "shares (docs/evaluation.md)")
+    run_on.add_argument("--ray-workers", type=int, metavar="N",
+                        help="Ray workers, one model each (default: one per CPU of the cluster, one per GPU with CUDA)")
     parser.set_defaults(func=_run)
 
     sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table}")
@@ -67,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     table.set_defaults(func=_table)
 
 
-_NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command"}
+_NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command", "ray", "ray_workers"}
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -81,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    report = experiment.run_grid(config, progress=not args.no_progress)
+    report = experiment.run_grid(config, progress=not args.no_progress, ray=args.ray, ray_workers=args.ray_workers)
     print(f"{len(report.records)} cells ({report.computed} computed, {report.reused} from the cache) -> {report.out}")
     print((report.out / "table.md").read_text(encoding="utf-8"), end="")
     return 0

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         help="overrides, e.g. 'task=\"rating\" alpha=1.0 budget=4' (TOML values)")
     parser.add_argument("--out", default=None, help="output folder (default: the run config's out-dir)")
     parser.add_argument("--nodes", type=int, default=None, help="simulated SuperNodes (default: one per user)")
-    add_model_options(parser, default=None, spec_help="base model (default: the run config's model-spec, gemma3-270m)")
+    add_model_options(parser, default=None, spec_help="base model (default: the run config's model-spec, gemma3-270m)",
+                      device=False)  # nodes and the coordinator each take their own machine's device (auto)
     parser.set_defaults(func=_simulate)
 
 
