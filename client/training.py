@@ -49,10 +49,16 @@ class TrainingError(PrimeError, ValueError):
 
 @dataclass
 class TrainStats:
-    """What a training run did: per-epoch mean loss, size, speed, and (DP-SGD only) the privacy guarantee."""
+    """What a training run did: per-pass mean loss, size, speed, and (DP-SGD only) the privacy guarantee.
+
+    `steps` counts the optimizer steps taken and `seen` the training rows they
+    read (repeats counted). A pass is one reshuffled sweep over the pairs; with
+    `train-steps` the last pass may be cut short.
+    """
 
     examples: int
-    steps: int
+    steps: int = 0
+    seen: int = 0
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     privacy: dp.Guarantee | None = None
@@ -67,10 +73,19 @@ class TrainStats:
 
     @property
     def examples_per_s(self) -> float:
-        return self.examples * len(self.epoch_losses) / self.seconds if self.seconds > 0 else float("nan")
+        return self.seen / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "examples_per_s": self.examples_per_s}
+
+
+def total_steps(config: TrainConfig, n_pairs: int) -> int:
+    """Optimizer steps one run on `n_pairs` pairs takes: `train-steps` when set, else epochs x ceil(n / batch).
+
+    Sized in steps, a 16-item history at batch 8 gets as many updates as a
+    long one (by epochs it would get 6 at 3 epochs).
+    """
+    return config.steps or config.epochs * math.ceil(n_pairs / config.batch_size)
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_length: int) -> list[tuple[list[int], int]]:
@@ -190,22 +205,24 @@ def train_sharer(
 
 
 def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: TrainConfig, progress: bool) -> TrainStats:
+    """AdamW with linear decay over `total_steps`, in reshuffled passes over the pairs (the last one cut short
+    when `train-steps` ends mid-pass), so `train-steps` = epochs x steps per epoch trains exactly as the epochs do."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    steps_per_pass = math.ceil(len(encoded) / config.batch_size)
+    total = total_steps(config, len(encoded))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)  # linear decay to 0
     rng = random.Random(config.seed)
-    stats = TrainStats(examples=len(encoded), steps=total)
+    stats = TrainStats(examples=len(encoded))
     peft_model.train()
     start = time.perf_counter()
     bar = tqdm(total=total, desc="lora", unit="step", disable=not progress, leave=False)
     try:
-        for _ in range(config.epochs):
+        while stats.steps < total:
             order = list(range(len(encoded)))
             rng.shuffle(order)
-            losses = []
-            for s in range(steps_per_epoch):
+            loss_sum, seen = 0.0, 0
+            for s in range(min(steps_per_pass, total - stats.steps)):
                 batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
                 loss = _batch_loss(peft_model, batch, pad_id)
                 if not torch.isfinite(loss):
@@ -215,10 +232,12 @@ def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: 
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
-                losses.append(loss.item() * len(batch))
+                stats.steps += 1
+                loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            stats.epoch_losses.append(sum(losses) / len(encoded))
+            stats.seen += seen
+            stats.epoch_losses.append(loss_sum / seen)
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start
@@ -233,16 +252,17 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     Each step draws every item with probability `sample_rate` (opacus'
     `UniformWithReplacementSampler`, the sampling its RDP accountant
     assumes; a step whose draw is empty still adds noise), so the epoch
-    count fixes the number of steps, not which items a step sees. The
-    accountant is stepped by the optimizer itself, once per noised step.
+    count (or `train-steps`) fixes the number of steps, not which items a
+    step sees. The accountant is stepped by the optimizer itself, once per
+    noised step, so the recorded epsilon is for the steps actually taken.
     """
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    plan = dp.plan(dp_sgd, len(encoded), config.batch_size, config.epochs)
-    per_epoch = plan.steps // config.epochs
+    plan = dp.plan(dp_sgd, len(encoded), config.batch_size, config.epochs, config.steps)
+    per_pass = math.ceil(len(encoded) / config.batch_size)  # steps whose expected draws add up to one pass
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     sampled = GradSampleModule(peft_model, loss_reduction="mean")
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -256,14 +276,14 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / plan.steps)  # linear decay to 0
     batches = iter(UniformWithReplacementSampler(num_samples=len(encoded), sample_rate=plan.sample_rate,
                                                  generator=generator, steps=plan.steps))
-    stats = TrainStats(examples=len(encoded), steps=plan.steps)
+    stats = TrainStats(examples=len(encoded))
     peft_model.train()
     start = time.perf_counter()
     bar = tqdm(total=plan.steps, desc="lora (dp-sgd)", unit="step", disable=not progress, leave=False)
     try:
-        for _ in range(config.epochs):
+        while stats.steps < plan.steps:
             seen, total_loss = 0, 0.0
-            for _ in range(per_epoch):
+            for _ in range(min(per_pass, plan.steps - stats.steps)):
                 batch = [encoded[i] for i in next(batches)]
                 optimizer.zero_grad(set_to_none=True)
                 if batch:
@@ -279,7 +299,9 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 optimizer.step()
                 schedule.step()
+                stats.steps += 1
                 bar.update(1)
+            stats.seen += seen
             stats.epoch_losses.append(total_loss / seen if seen else float("nan"))
     finally:
         bar.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from client.training import (
     encode_pairs,
     merge_into,
     save_model,
+    total_steps,
     train_lora,
     train_round,
 )
@@ -19,7 +22,7 @@ from common.atomic import OutputError
 from common.errors import PrimeError
 from common.inference import encode_example, predict_labels, score_labels
 from common.models import ModelSpecError, load_base, tiny_model
-from common.settings import SettingError
+from common.settings import NodeConfig, SettingError
 
 LABELS = ["1", "2", "3", "4", "5"]
 PAIRS = [
@@ -138,9 +141,61 @@ def test_save_model_refuses_to_overwrite_other_directories(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.fixture
+def optimizer_steps(monkeypatch):
+    """Counts AdamW steps that really ran, independently of the loop's own count."""
+    calls = []
+    real_step = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    return calls
+
+
+HISTORY = [(f"Review {i}: {'great' if i % 3 else 'bad'} film Score:", "5" if i % 3 else "1") for i in range(16)]
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_train_steps_runs_exactly_that_many_optimizer_steps(optimizer_steps, steps):
+    """16 pairs at batch 8: 2 steps a pass, so 7 ends mid-pass and 20 cycles through ten reshuffled passes."""
+    config = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, steps=steps, batch_size=8)
+    _, stats = train_lora(*tiny_model(seed=1), HISTORY, config, progress=False)
+    assert stats.steps == len(optimizer_steps) == steps
+    assert len(stats.epoch_losses) == math.ceil(steps / 2)
+    assert stats.seen == steps * 8  # every batch is full: 16 pairs split evenly
+
+
+def test_epochs_decide_when_train_steps_is_zero(optimizer_steps):
+    config = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, batch_size=8)
+    _, stats = train_lora(*tiny_model(seed=1), HISTORY, config, progress=False)
+    assert stats.steps == len(optimizer_steps) == 3 * 2 == total_steps(config, len(HISTORY))
+    assert len(stats.epoch_losses) == 3 and stats.seen == 3 * len(HISTORY)
+
+
+def test_steps_equal_to_the_epochs_train_the_same_adapter():
+    """train-steps = epochs x steps per epoch is the epochs path, step for step (same shuffles, same schedule)."""
+    by_epochs = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, batch_size=5)
+    by_steps = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=1, steps=3 * 4, batch_size=5)
+    a, stats_a = train_lora(*tiny_model(seed=1), HISTORY, by_epochs, progress=False)
+    b, stats_b = train_lora(*tiny_model(seed=1), HISTORY, by_steps, progress=False)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert stats_a.epoch_losses == stats_b.epoch_losses
+
+
+def test_a_job_sized_by_epochs_drops_train_steps():
+    """Task adaptation rounds come with their own epochs: a sharer's train-steps must not size them."""
+    node = NodeConfig(train=TrainConfig(steps=30))
+    assert node.for_job(seed=4).train.steps == 30
+    adapting = node.for_job(seed=4, epochs=2).train
+    assert (adapting.steps, adapting.epochs, adapting.seed) == (0, 2, 4)
+
+
 @pytest.mark.parametrize(
     "changes",
-    [{"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
+    [{"steps": -1}, {"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
 )
 def test_config_validation(changes):
     with pytest.raises(SettingError, match="training config"):
