@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -36,11 +36,14 @@ from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
 from common.models import MODEL_CONFIG_FILE, write_checkpoint
 from common.settings import MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
-from common.tasks import completion_text
+from common.tasks import TaskSpec, completion_text
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
+# How task adaptation draws its training pairs from the adaptation users' histories (`adaptation_pairs`).
+ADAPT_SAMPLINGS = ("pooled", "balanced", "user")
+DEFAULT_ADAPT_SAMPLING = "pooled"  # the measured default until balanced/user win (docs/evaluation.md)
 
 
 class TrainingError(PrimeError, ValueError):
@@ -335,16 +338,78 @@ def merge_into(model: PreTrainedModel, adapter: LoraAdapter) -> PreTrainedModel:
     return merged
 
 
+def adaptation_pairs(
+    task: TaskSpec,
+    pairs_by_user: Mapping[str, Sequence[Pair]],
+    sampling: str = DEFAULT_ADAPT_SAMPLING,
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> list[Pair]:
+    """The task-adaptation training pairs drawn from the adaptation users' history pairs.
+
+    `pooled`: a seeded sample of all pairs (all of them, in order, without
+    `max_pairs`); on real ratings it inherits their skew (most golds 4-5), and
+    a model adapted on it answers the majority label to everything.
+    `balanced`: every gold label present gets the same number of draws (to
+    one), and `user`: every user does; both draw `max_pairs` pairs (or as
+    many as the pool holds), cycling through a stratum's reshuffled pairs when
+    its quota exceeds them, so rare labels or short histories are repeated
+    rather than outvoted. `balanced` needs a closed label set on the history
+    pairs (not LaMP-1, not generation).
+    """
+    if sampling not in ADAPT_SAMPLINGS:
+        raise TrainingError(f"adaptation sampling must be one of {', '.join(ADAPT_SAMPLINGS)}, got {sampling!r}")
+    if max_pairs is not None and max_pairs < 1:
+        raise TrainingError(f"adaptation max pairs must be at least 1, got {max_pairs}")
+    pool = [pair for pairs in pairs_by_user.values() for pair in pairs]
+    if not pool:
+        raise TrainingError("the adaptation users have no history pairs")
+    rng = random.Random(seed)
+    n = len(pool) if max_pairs is None else min(len(pool), max_pairs)
+    if sampling == "pooled":
+        return pool if max_pairs is None else rng.sample(pool, n)
+    if sampling == "balanced":
+        labels = task.profile_labels
+        if labels is None:
+            raise TrainingError(f"balanced adaptation sampling needs labelled history pairs; {task.lamp_id}'s are text")
+        strata: dict[str, list[Pair]] = {}
+        for pair in pool:
+            strata.setdefault(pair[1], []).append(pair)
+    else:
+        strata = {user: list(pairs) for user, pairs in pairs_by_user.items() if pairs}
+    keys = sorted(strata)
+    rng.shuffle(keys)  # which strata get the remainder's extra draw
+    drawn = [pair for i, key in enumerate(keys) for pair in _cycled(strata[key], n // len(keys) + (i < n % len(keys)), rng)]
+    rng.shuffle(drawn)
+    return drawn
+
+
+def _cycled(items: list[Pair], count: int, rng: random.Random) -> list[Pair]:
+    """`count` draws from `items`: whole reshuffled passes, then part of one (no repeat before every item is used)."""
+    drawn: list[Pair] = []
+    while len(drawn) < count:
+        order = list(items)
+        rng.shuffle(order)
+        drawn += order[: count - len(drawn)]
+    return drawn
+
+
 def adapt(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[Pair],
+    task: TaskSpec,
+    pairs_by_user: Mapping[str, Sequence[Pair]],
     config: TrainConfig,
+    sampling: str = DEFAULT_ADAPT_SAMPLING,
+    max_pairs: int | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
-    """Task adaptation: one LoRA on the pooled adaptation users' pairs, merged into `model` (in place)."""
+    """Task adaptation: one LoRA on the adaptation users' pairs (drawn by `adaptation_pairs`), merged into `model`
+    (in place)."""
+    pairs = adaptation_pairs(task, pairs_by_user, sampling, max_pairs, config.seed)
     adapter, stats = train_lora(model, tokenizer, pairs, config, progress=progress)
-    log.info("task adaptation: loss %.3f -> %.3f over %d pairs", stats.first_loss, stats.final_loss, stats.examples)
+    log.info("task adaptation (%s): loss %.3f -> %.3f over %d pairs", sampling, stats.first_loss, stats.final_loss,
+             stats.examples)
     return merge_into(model, adapter)
 
 

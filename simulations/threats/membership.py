@@ -183,8 +183,8 @@ def build_world(
     task, users = synth.dataset.task, synth.dataset.users
     target, sharers, adapters_pool = users[0], users[1 : 1 + config.sharers], users[1 + config.sharers :]
     if adapters_pool:
-        pooled = [p for u in adapters_pool for p in profile_pairs(task, u.profile)]
-        model = adapt(model, tokenizer, pooled, config.train_config(), progress=progress)
+        pooled = {u.user_id: profile_pairs(task, u.profile) for u in adapters_pool}
+        model = adapt(model, tokenizer, task, pooled, config.train_config(), progress=progress)
     encoder = load_encoder("hashing")  # selection is not under attack here: all k sharers are merged
     members = {u.user_id: profile_pairs(task, u.profile) for u in sharers}
     adapters, train_losses = {}, {}
