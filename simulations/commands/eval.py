@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--out", help="output folder: cells/, prepare/, results.json, table.{md,csv,json}, plots/")
     add("--data", help="LaMP-layout folder")
     add("--split", choices=("train", "dev"), help="which split when the folder holds several")
-    add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline) into OUT/data")
+    add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline, rating-skewed) into OUT/data")
     add_setting_options(parser, SyntheticConfig(), layered=True)
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
     add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")

@@ -29,7 +29,7 @@ from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits
 from common.lamp import profile_pairs
 from common.lora_math import merge_exact
-from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate
+from common.synthetic import MAX_GROUPS, SYNTHETIC_TASKS, SyntheticConfig, generate
 from common.tasks import TaskSpec
 from client.training import adapt, encode_pairs, train_lora
 from common.settings import SearchConfig, TrainConfig
@@ -175,7 +175,7 @@ def build_world(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, progress: bool = True
 ) -> tuple[PreTrainedModel, World]:
     """Generate the users, task-adapt `model` if asked (in place), train each sharer's LoRA on its history."""
-    groups = min(config.groups, {"tagging": 4, "rating": 5, "headline": 6}[config.task])
+    groups = min(config.groups, MAX_GROUPS[config.task])
     synth = generate(SyntheticConfig(
         task=config.task, n_users=1 + config.sharers + config.adapt_users, n_groups=groups,
         history=config.history, queries=1, seed=config.seed,
