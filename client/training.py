@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 Pair = tuple[str, str]
 # How task adaptation draws its training pairs from the adaptation users' histories (`adaptation_pairs`).
 ADAPT_SAMPLINGS = ("pooled", "balanced", "user")
-DEFAULT_ADAPT_SAMPLING = "pooled"  # the measured default until balanced/user win (docs/evaluation.md)
+DEFAULT_ADAPT_SAMPLING = "pooled"  # today's behaviour, kept until balanced or user measure better (docs/evaluation.md)
 
 
 class TrainingError(PrimeError, ValueError):

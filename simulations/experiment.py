@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from client.training import ADAPT_SAMPLINGS
+from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING
 from common import safe_json
 from common.atomic import output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
@@ -71,7 +71,7 @@ class EvalConfig:
     adapt_fraction: float = 0.25
     adapt_epochs: int = 2
     adapt_max_pairs: int = 384
-    adapt_sampling: str = "pooled"  # client.training.ADAPT_SAMPLINGS
+    adapt_sampling: str = DEFAULT_ADAPT_SAMPLING  # one of client.training.ADAPT_SAMPLINGS
     search: SearchConfig = field(default_factory=SearchConfig)  # every cell's search, but for the swept settings
     sweeps: dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_SWEEPS))  # setting name -> its values
     node: NodeConfig = field(default_factory=lambda: DEFAULT_NODE)  # sharers' and OPPU's training
