@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -36,11 +36,14 @@ from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
 from common.models import MODEL_CONFIG_FILE, write_checkpoint
 from common.settings import MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
-from common.tasks import completion_text
+from common.tasks import TaskSpec, completion_text
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
+# How task adaptation draws its training pairs from the adaptation users' histories (`adaptation_pairs`).
+ADAPT_SAMPLINGS = ("pooled", "balanced", "user")
+DEFAULT_ADAPT_SAMPLING = "pooled"  # today's behaviour, kept until balanced or user measure better (docs/evaluation.md)
 
 
 class TrainingError(PrimeError, ValueError):
@@ -49,10 +52,16 @@ class TrainingError(PrimeError, ValueError):
 
 @dataclass
 class TrainStats:
-    """What a training run did: per-epoch mean loss, size, speed, and (DP-SGD only) the privacy guarantee."""
+    """What a training run did: per-pass mean loss, size, speed, and (DP-SGD only) the privacy guarantee.
+
+    `steps` counts the optimizer steps taken and `seen` the training rows they
+    read (repeats counted). A pass is one reshuffled sweep over the pairs; with
+    `train-steps` the last pass may be cut short.
+    """
 
     examples: int
-    steps: int
+    steps: int = 0
+    seen: int = 0
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     privacy: dp.Guarantee | None = None
@@ -67,10 +76,19 @@ class TrainStats:
 
     @property
     def examples_per_s(self) -> float:
-        return self.examples * len(self.epoch_losses) / self.seconds if self.seconds > 0 else float("nan")
+        return self.seen / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "examples_per_s": self.examples_per_s}
+
+
+def total_steps(config: TrainConfig, n_pairs: int) -> int:
+    """Optimizer steps one run on `n_pairs` pairs takes: `train-steps` when set, else epochs x ceil(n / batch).
+
+    Sized in steps, a 16-item history at batch 8 gets as many updates as a
+    long one (by epochs it would get 6 at 3 epochs).
+    """
+    return config.steps or config.epochs * math.ceil(n_pairs / config.batch_size)
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_length: int) -> list[tuple[list[int], int]]:
@@ -190,22 +208,24 @@ def train_sharer(
 
 
 def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: TrainConfig, progress: bool) -> TrainStats:
+    """AdamW with linear decay over `total_steps`, in reshuffled passes over the pairs (the last one cut short
+    when `train-steps` ends mid-pass), so `train-steps` = epochs x steps per epoch trains exactly as the epochs do."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    steps_per_pass = math.ceil(len(encoded) / config.batch_size)
+    total = total_steps(config, len(encoded))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)  # linear decay to 0
     rng = random.Random(config.seed)
-    stats = TrainStats(examples=len(encoded), steps=total)
+    stats = TrainStats(examples=len(encoded))
     peft_model.train()
     start = time.perf_counter()
     bar = tqdm(total=total, desc="lora", unit="step", disable=not progress, leave=False)
     try:
-        for _ in range(config.epochs):
+        while stats.steps < total:
             order = list(range(len(encoded)))
             rng.shuffle(order)
-            losses = []
-            for s in range(steps_per_epoch):
+            loss_sum, seen = 0.0, 0
+            for s in range(min(steps_per_pass, total - stats.steps)):
                 batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
                 loss = _batch_loss(peft_model, batch, pad_id)
                 if not torch.isfinite(loss):
@@ -215,10 +235,12 @@ def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: 
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
-                losses.append(loss.item() * len(batch))
+                stats.steps += 1
+                loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            stats.epoch_losses.append(sum(losses) / len(encoded))
+            stats.seen += seen
+            stats.epoch_losses.append(loss_sum / seen)
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start
@@ -233,16 +255,17 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     Each step draws every item with probability `sample_rate` (opacus'
     `UniformWithReplacementSampler`, the sampling its RDP accountant
     assumes; a step whose draw is empty still adds noise), so the epoch
-    count fixes the number of steps, not which items a step sees. The
-    accountant is stepped by the optimizer itself, once per noised step.
+    count (or `train-steps`) fixes the number of steps, not which items a
+    step sees. The accountant is stepped by the optimizer itself, once per
+    noised step, so the recorded epsilon is for the steps actually taken.
     """
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    plan = dp.plan(dp_sgd, len(encoded), config.batch_size, config.epochs)
-    per_epoch = plan.steps // config.epochs
+    plan = dp.plan(dp_sgd, len(encoded), config.batch_size, config.epochs, config.steps)
+    per_pass = math.ceil(len(encoded) / config.batch_size)  # steps whose expected draws add up to one pass
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     sampled = GradSampleModule(peft_model, loss_reduction="mean")
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -256,14 +279,14 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / plan.steps)  # linear decay to 0
     batches = iter(UniformWithReplacementSampler(num_samples=len(encoded), sample_rate=plan.sample_rate,
                                                  generator=generator, steps=plan.steps))
-    stats = TrainStats(examples=len(encoded), steps=plan.steps)
+    stats = TrainStats(examples=len(encoded))
     peft_model.train()
     start = time.perf_counter()
     bar = tqdm(total=plan.steps, desc="lora (dp-sgd)", unit="step", disable=not progress, leave=False)
     try:
-        for _ in range(config.epochs):
+        while stats.steps < plan.steps:
             seen, total_loss = 0, 0.0
-            for _ in range(per_epoch):
+            for _ in range(min(per_pass, plan.steps - stats.steps)):
                 batch = [encoded[i] for i in next(batches)]
                 optimizer.zero_grad(set_to_none=True)
                 if batch:
@@ -279,7 +302,9 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 optimizer.step()
                 schedule.step()
+                stats.steps += 1
                 bar.update(1)
+            stats.seen += seen
             stats.epoch_losses.append(total_loss / seen if seen else float("nan"))
     finally:
         bar.close()
@@ -313,16 +338,78 @@ def merge_into(model: PreTrainedModel, adapter: LoraAdapter) -> PreTrainedModel:
     return merged
 
 
+def adaptation_pairs(
+    task: TaskSpec,
+    pairs_by_user: Mapping[str, Sequence[Pair]],
+    sampling: str = DEFAULT_ADAPT_SAMPLING,
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> list[Pair]:
+    """The task-adaptation training pairs drawn from the adaptation users' history pairs.
+
+    `pooled`: a seeded sample of all pairs (all of them, in order, without
+    `max_pairs`); on real ratings it inherits their skew (most golds 4-5), and
+    a model adapted on it answers the majority label to everything.
+    `balanced`: every gold label present gets the same number of draws (to
+    one), and `user`: every user does; both draw `max_pairs` pairs (or as
+    many as the pool holds), cycling through a stratum's reshuffled pairs when
+    its quota exceeds them, so rare labels or short histories are repeated
+    rather than outvoted. `balanced` needs a closed label set on the history
+    pairs (not LaMP-1, not generation).
+    """
+    if sampling not in ADAPT_SAMPLINGS:
+        raise TrainingError(f"adaptation sampling must be one of {', '.join(ADAPT_SAMPLINGS)}, got {sampling!r}")
+    if max_pairs is not None and max_pairs < 1:
+        raise TrainingError(f"adaptation max pairs must be at least 1, got {max_pairs}")
+    pool = [pair for pairs in pairs_by_user.values() for pair in pairs]
+    if not pool:
+        raise TrainingError("the adaptation users have no history pairs")
+    rng = random.Random(seed)
+    n = len(pool) if max_pairs is None else min(len(pool), max_pairs)
+    if sampling == "pooled":
+        return pool if max_pairs is None else rng.sample(pool, n)
+    if sampling == "balanced":
+        labels = task.profile_labels
+        if labels is None:
+            raise TrainingError(f"balanced adaptation sampling needs labelled history pairs; {task.lamp_id}'s are text")
+        strata: dict[str, list[Pair]] = {}
+        for pair in pool:
+            strata.setdefault(pair[1], []).append(pair)
+    else:
+        strata = {user: list(pairs) for user, pairs in pairs_by_user.items() if pairs}
+    keys = sorted(strata)
+    rng.shuffle(keys)  # which strata get the remainder's extra draw
+    drawn = [pair for i, key in enumerate(keys) for pair in _cycled(strata[key], n // len(keys) + (i < n % len(keys)), rng)]
+    rng.shuffle(drawn)
+    return drawn
+
+
+def _cycled(items: list[Pair], count: int, rng: random.Random) -> list[Pair]:
+    """`count` draws from `items`: whole reshuffled passes, then part of one (no repeat before every item is used)."""
+    drawn: list[Pair] = []
+    while len(drawn) < count:
+        order = list(items)
+        rng.shuffle(order)
+        drawn += order[: count - len(drawn)]
+    return drawn
+
+
 def adapt(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[Pair],
+    task: TaskSpec,
+    pairs_by_user: Mapping[str, Sequence[Pair]],
     config: TrainConfig,
+    sampling: str = DEFAULT_ADAPT_SAMPLING,
+    max_pairs: int | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
-    """Task adaptation: one LoRA on the pooled adaptation users' pairs, merged into `model` (in place)."""
+    """Task adaptation: one LoRA on the adaptation users' pairs (drawn by `adaptation_pairs`), merged into `model`
+    (in place)."""
+    pairs = adaptation_pairs(task, pairs_by_user, sampling, max_pairs, config.seed)
     adapter, stats = train_lora(model, tokenizer, pairs, config, progress=progress)
-    log.info("task adaptation: loss %.3f -> %.3f over %d pairs", stats.first_loss, stats.final_loss, stats.examples)
+    log.info("task adaptation (%s): loss %.3f -> %.3f over %d pairs", sampling, stats.first_loss, stats.final_loss,
+             stats.examples)
     return merge_into(model, adapter)
 
 

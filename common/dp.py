@@ -52,13 +52,19 @@ def default_delta(n_items: int) -> float:
     return min(DEFAULT_MAX_DELTA, 0.1 / n_items)
 
 
-def sampling(n_items: int, batch_size: int, epochs: int) -> tuple[float, int]:
+def sampling(n_items: int, batch_size: int, epochs: int, steps: int = 0) -> tuple[float, int]:
     """(sample rate, steps) of Poisson-sampled training: as opacus' DPDataLoader turns a batch size into a rate,
-    rate = 1 / ceil(n / batch_size), with ceil(n / batch_size) steps per epoch (expected batch about batch_size)."""
-    if n_items < 1 or batch_size < 1 or epochs < 1:
-        raise PrivacyError(f"DP-SGD needs n, batch size and epochs >= 1, got {n_items}, {batch_size}, {epochs}")
+    rate = 1 / ceil(n / batch_size), with ceil(n / batch_size) steps per epoch (expected batch about batch_size).
+
+    `steps` > 0 (TrainConfig's `train-steps`) fixes the number of steps instead
+    of the epochs; the rate is the same, so the accountant sees exactly the
+    steps the training takes.
+    """
+    if n_items < 1 or batch_size < 1 or epochs < 1 or steps < 0:
+        raise PrivacyError(f"DP-SGD needs n, batch size and epochs >= 1 and steps >= 0, got {n_items}, {batch_size}, "
+                           f"{epochs}, {steps}")
     per_epoch = math.ceil(n_items / batch_size)
-    return 1.0 / per_epoch, per_epoch * epochs
+    return 1.0 / per_epoch, steps or per_epoch * epochs
 
 
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -93,11 +99,11 @@ class Plan:
     max_grad_norm: float
 
 
-def plan(config: DpSgdConfig, n_items: int, batch_size: int, epochs: int) -> Plan:
-    """The noise multiplier, sample rate, steps and delta for training on `n_items` items."""
+def plan(config: DpSgdConfig, n_items: int, batch_size: int, epochs: int, steps: int = 0) -> Plan:
+    """The noise multiplier, sample rate, steps and delta for training on `n_items` items (`steps` > 0: that many)."""
     if not config.enabled:
         raise PrivacyError("DP-SGD is off in this config (dp-sgd = false)")
-    sample_rate, steps = sampling(n_items, batch_size, epochs)
+    sample_rate, steps = sampling(n_items, batch_size, epochs, steps)
     delta = config.delta or default_delta(n_items)
     noise = config.noise_multiplier or noise_for(config.epsilon, sample_rate, steps, delta)
     return Plan(noise_multiplier=noise, sample_rate=sample_rate, steps=steps, delta=delta,

@@ -279,7 +279,9 @@ class TrainConfig:
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
     target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers", NAMES, exposed=False)
     lr: float = setting(1e-3, "LoRA learning rate", POSITIVE)
-    epochs: int = setting(3, "LoRA epochs over a user's history", at_least(1))
+    epochs: int = setting(3, "LoRA epochs over a user's history (when steps is 0)", at_least(1))
+    steps: int = setting(0, "LoRA optimizer steps, cycling through the reshuffled history (0: epochs decide); a "
+                            "short history then still gets enough updates", at_least(0), key="train-steps")
     batch_size: int = setting(8, "training pairs per step", at_least(1), exposed=False)
     max_length: int = setting(512, "most tokens per training pair", at_least(2 * MIN_PROMPT_TOKENS), exposed=False)
     weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE, exposed=False)
@@ -346,8 +348,13 @@ class NodeConfig:
             raise SettingError("node config: dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
 
     def for_job(self, seed: int, epochs: int | None = None) -> NodeConfig:
-        """These settings for one job: trained with `seed` (the run's), for `epochs` when given (task adaptation)."""
-        train = dataclasses.replace(self.train, seed=seed, epochs=epochs or self.train.epochs)
+        """These settings for one job: trained with `seed` (the run's), for `epochs` when given (task adaptation).
+
+        Given `epochs` size that job by epochs: `train-steps` is the size of one
+        user's training, not of a round over pooled adaptation pairs.
+        """
+        train = dataclasses.replace(self.train, seed=seed, epochs=epochs or self.train.epochs,
+                                    steps=0 if epochs else self.train.steps)
         return dataclasses.replace(self, train=train)
 
 

@@ -11,6 +11,13 @@ output for the very same kind of input:
   adjective; a group adds its harshness offset (clipped to 1-5).
 - `headline` (LaMP-4): an article contains its key phrase verbatim; a group
   wraps it in its headline style ("Breaking news: ...", "Why ... matters").
+- `rating-skewed` (LaMP-3), ratings as real users give them: an item's
+  true quality is mostly 4-5, the review states it only roughly (the right
+  level 60% of the time, else a neighbour), a group adds its offset, and
+  every gold carries Gaussian noise before rounding. About 70% of golds are
+  4 or 5, so the majority label is a strong baseline, yet each user's own
+  mean beats the best constant (as on real movie ratings): the data on
+  which predictions collapse onto one label (issue 16), shipped.
 
 Texts are short and plain (the LLM reads them thousands of times on a CPU)
 and the cues explicit, so a 270M model with a small LoRA can learn a group's
@@ -21,6 +28,7 @@ the gap that personalization can close is on record (`benchmark.json`).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +42,7 @@ from common.metrics import fitness, parse_label, task_metrics
 from common.settings import SettingError, at_least, setting, validate
 from common.tasks import TaskSpec, get_task
 
-SYNTHETIC_TASKS: tuple[str, ...] = ("tagging", "rating", "headline")
+SYNTHETIC_TASKS: tuple[str, ...] = ("tagging", "rating", "headline", "rating-skewed")
 BENCHMARK_FILE = "benchmark.json"
 
 # ---------------------------------------------------------------- tagging
@@ -87,6 +95,12 @@ _THINGS = (
     "the concert in the park", "the coffee at the station", "the bike I rented", "the museum tour",
 )
 _HARSHNESS: tuple[int, ...] = (-1, 1, 0, 2, -2)
+# rating-skewed: P(true quality = 1..5), chance the review states the true level, group offsets, gold noise std.
+# Tuned (docs/data.md) so that ~70% of golds are 4-5 and a user's own mean beats the best constant.
+_SKEWED_QUALITY: tuple[float, ...] = (0.01, 0.02, 0.05, 0.22, 0.70)
+_CUE_TRUTH = 0.6
+_OFFSETS: tuple[float, ...] = (0.5, -1.0, 0.0, -1.5, 1.0)
+_NOISE_STD = 0.5
 
 # ---------------------------------------------------------------- headline
 
@@ -116,7 +130,9 @@ _STYLES: tuple[str, ...] = (
 )
 # A quirk fires on one value of one of these aspects: a third of the items.
 _QUIRK_TRIGGER_ASPECTS: tuple[str, ...] = ("source", "theme")
-_MAX_GROUPS = {"tagging": len(_ASPECT_ORDER), "rating": len(_HARSHNESS), "headline": len(_STYLES)}
+MAX_GROUPS = {"tagging": len(_ASPECT_ORDER), "rating": len(_HARSHNESS), "headline": len(_STYLES),
+              "rating-skewed": len(_OFFSETS)}
+_LAMP_TASK = {"tagging": "tagging", "rating": "rating", "headline": "headline", "rating-skewed": "rating"}
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,7 @@ class SyntheticConfig:
     (their task and data seed are their own settings).
     """
 
-    task: str = setting("tagging", "synthetic task: tagging, rating or headline", exposed=False)
+    task: str = setting("tagging", "synthetic task: tagging, rating, headline or rating-skewed", exposed=False)
     n_users: int = setting(48, "synthetic: number of users", at_least(1), key="synth-users")
     n_groups: int = setting(4, "synthetic: latent preference groups", at_least(1), key="synth-groups")
     history: int = setting(24, "synthetic: history items per user", at_least(1), key="synth-history")
@@ -142,7 +158,7 @@ class SyntheticConfig:
             raise PrimeError(f"synthetic task {self.task!r} unknown (known: {', '.join(SYNTHETIC_TASKS)})")
         if self.quirks and self.task != "tagging":
             raise PrimeError(f"quirks exist for the tagging task only, not {self.task!r}")
-        top = _MAX_GROUPS[self.task]
+        top = MAX_GROUPS[self.task]
         if not 1 <= self.n_groups <= top:
             raise PrimeError(f"groups must be between 1 and {top} for {self.task}, got {self.n_groups}")
         if self.n_users < self.n_groups:
@@ -220,15 +236,33 @@ def _tagging_rule(latent: dict[str, Any], group: int) -> str:
     return latent[_ASPECT_ORDER[group]]
 
 
+def _review(rng: random.Random, level: int) -> str:
+    adjectives, closings = _SENTIMENT[level]
+    return f"I tried {rng.choice(_THINGS)} last week. It was {rng.choice(adjectives)}. {rng.choice(closings)}"
+
+
 def _rating_item(rng: random.Random) -> tuple[str, dict[str, Any]]:
     level = rng.randint(1, 5)
-    adjectives, closings = _SENTIMENT[level]
-    text = f"I tried {rng.choice(_THINGS)} last week. It was {rng.choice(adjectives)}. {rng.choice(closings)}"
-    return text, {"level": level}
+    return _review(rng, level), {"level": level}
 
 
 def _rating_rule(latent: dict[str, Any], group: int) -> str:
     return str(min(5, max(1, latent["level"] + _HARSHNESS[group])))
+
+
+def _skewed_item(rng: random.Random) -> tuple[str, dict[str, Any]]:
+    """Features: the true `quality`, the `level` the review states, and this rating's `noise` (the user's mood)."""
+    quality = rng.choices(range(1, 6), weights=_SKEWED_QUALITY)[0]
+    level = quality if rng.random() < _CUE_TRUTH else min(5, max(1, quality + rng.choice((-1, 1))))
+    return _review(rng, level), {"level": level, "quality": quality, "noise": rng.gauss(0.0, _NOISE_STD)}
+
+
+def _rounded_score(value: float) -> str:
+    return str(min(5, max(1, math.floor(value + 0.5))))
+
+
+def _skewed_rule(latent: dict[str, Any], group: int) -> str:
+    return _rounded_score(latent["quality"] + _OFFSETS[group] + latent["noise"])
 
 
 def _headline_item(rng: random.Random) -> tuple[str, dict[str, Any]]:
@@ -250,6 +284,7 @@ _GENERATORS: dict[str, tuple[Callable[[random.Random], tuple[str, dict]], Callab
     "tagging": (_tagging_item, _tagging_rule, "description", "tag"),
     "rating": (_rating_item, _rating_rule, "text", "score"),
     "headline": (_headline_item, _headline_rule, "text", "title"),
+    "rating-skewed": (_skewed_item, _skewed_rule, "text", "score"),
 }
 
 
@@ -269,6 +304,9 @@ def group_rule_names(task: str, n_groups: int) -> list[str]:
         return [f"tags the {a} aspect" for a in _ASPECT_ORDER[:n_groups]]
     if task == "rating":
         return [f"score = sentiment level {h:+d} (clipped to 1-5)" for h in _HARSHNESS[:n_groups]]
+    if task == "rating-skewed":
+        return [f"score = true quality {o:+g} + N(0, {_NOISE_STD:g}^2) noise, rounded and clipped to 1-5"
+                for o in _OFFSETS[:n_groups]]
     return [f"headline style {s!r}" for s in _STYLES[:n_groups]]
 
 
@@ -276,7 +314,7 @@ def generate(config: SyntheticConfig) -> Synthetic:
     """Build the benchmark; the same config always gives the same data."""
     rng = random.Random(f"prime-fl-synthetic/{config.task}/{config.seed}")
     make_item, _, text_field, target_field = _GENERATORS[config.task]
-    spec = get_task(config.task)
+    spec = get_task(_LAMP_TASK[config.task])
     group_of = [i % config.n_groups for i in range(config.n_users)]
     rng.shuffle(group_of)  # balanced groups, in no particular order
     groups = {f"u{i:03d}": group for i, group in enumerate(group_of)}
@@ -333,6 +371,13 @@ def baseline_scores(synth: Synthetic) -> dict[str, dict[str, Any]]:
     best any non-personalized model can do); rating, the best map from
     sentiment level to score (searched exhaustively); headline, one fixed
     style (or the bare key phrase) for everybody.
+
+    Rating tasks add `user_mean`: each user's own mean history score,
+    rounded (the trivial personal rule). On `rating-skewed` the oracle is
+    the user's rule on the item's true quality without the noise (the
+    noisy gold itself is no rule anyone can learn), and `group_rule` the
+    group's offset on the level the review states (what a same-group
+    sharer's history can teach at best).
     """
     spec, task = synth.dataset.task, synth.config.task
     queries = [(u.user_id, q) for u in synth.dataset.users for q in u.queries]
@@ -349,8 +394,20 @@ def baseline_scores(synth: Synthetic) -> dict[str, dict[str, Any]]:
             agnostic = _best(spec, {f"tag the {a} aspect": [f[a] for f in feats] for a in _ASPECT_ORDER}, golds)
         else:
             agnostic = _best_rating_map(spec, [f["level"] for f in feats], golds)
-    oracle = _score(spec, "the user's own rule", [synth.gold(uid, f) for (uid, _), f in zip(queries, feats)], golds)
+    groups = [synth.groups[uid] for uid, _ in queries]
+    if task == "rating-skewed":
+        oracle = _score(spec, "the user's rule on the true quality, noise aside",
+                        [_rounded_score(f["quality"] + _OFFSETS[g]) for f, g in zip(feats, groups)], golds)
+    else:
+        oracle = _score(spec, "the user's own rule", [synth.gold(uid, f) for (uid, _), f in zip(queries, feats)], golds)
     scores = {"majority": majority, "user_agnostic_best": agnostic, "oracle": oracle}
+    if spec.kind == "rating":
+        means = {u.user_id: float(np.mean([float(item["score"]) for item in u.profile])) for u in synth.dataset.users}
+        scores["user_mean"] = _score(spec, "the user's own mean history score, rounded",
+                                     [_rounded_score(means[uid]) for uid, _ in queries], golds)
+    if task == "rating-skewed":
+        scores["group_rule"] = _score(spec, "the group's offset on the stated level, rounded",
+                                      [_rounded_score(f["level"] + _OFFSETS[g]) for f, g in zip(feats, groups)], golds)
     if synth.quirks:  # the best any merge of other users can do: their shared rule, none of their quirks
         group_rule = _GENERATORS[task][1]
         scores["group_rule"] = _score(spec, "the user's group rule, quirk ignored",

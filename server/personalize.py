@@ -73,6 +73,10 @@ class PersonalizationResult:
     evaluations: int = 0
     searched_weights: list | None = None
     history_size: int = 0
+    # Per chosen sharer: the share of scored history items its adapter alone answers differently from the
+    # unmerged model. Near 0 for all, the sharers barely move the predictions and the search has nothing to
+    # choose from (what a fallback on real users looks like, issue 16).
+    sharer_divergence: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
@@ -87,6 +91,7 @@ class PersonalizationResult:
             "searched_weights": self.searched_weights,
             "evaluations": self.evaluations,
             "history_size": self.history_size,
+            "sharer_divergence": self.sharer_divergence,
             "timings": self.timings,
             "config": asdict(self.config),
             **self.extra,
@@ -143,6 +148,8 @@ def personalize(
     adapters = [sharers[sid][0] for sid in ids]
     t1 = time.perf_counter()
     evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config)
+    with torch.inference_mode():
+        divergence = sharer_divergence(evaluator.sharer_preds, evaluator.predict(np.zeros((1, evaluator.dim)))[0])
     t2 = time.perf_counter()
     start = 1.0 / len(ids) if config.x0 is None else config.x0
     optimizer = make_optimizer(config.optimizer, OptimizerConfig(evaluator.dim, replace(config, x0=start)))
@@ -180,7 +187,15 @@ def personalize(
         evaluations=found.evaluations,
         searched_weights=None if found.searched_weights is None else found.searched_weights.reshape(evaluator.weight_shape).tolist(),
         history_size=len(evaluator.prompts),
+        sharer_divergence=divergence,
     )
+
+
+def sharer_divergence(sharer_preds: Sequence[Sequence[str]], unmerged_preds: Sequence[str]) -> list[float]:
+    """Per sharer, the share of history items on which its answer differs from the unmerged model's."""
+    if not unmerged_preds:
+        return [0.0 for _ in sharer_preds]
+    return [float(np.mean([a != b for a, b in zip(preds, unmerged_preds, strict=True)])) for preds in sharer_preds]
 
 
 def _progress_lines(name: str | None, budget: int) -> Callable[[int, float], None] | None:

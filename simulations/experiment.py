@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import logging
-import random
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from tqdm.auto import tqdm
 
+from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING
 from common import safe_json
 from common.atomic import output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
@@ -72,6 +72,7 @@ class EvalConfig:
     adapt_fraction: float = 0.25
     adapt_epochs: int = 2
     adapt_max_pairs: int = 384
+    adapt_sampling: str = DEFAULT_ADAPT_SAMPLING  # one of client.training.ADAPT_SAMPLINGS
     search: SearchConfig = field(default_factory=SearchConfig)  # every cell's search, but for the swept settings
     sweeps: dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_SWEEPS))  # setting name -> its values
     node: NodeConfig = field(default_factory=lambda: DEFAULT_NODE)  # sharers' and OPPU's training
@@ -98,6 +99,10 @@ class EvalConfig:
                 raise EvalConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.adapt_fraction < 1:
             raise EvalConfigError(f"adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
+        if self.adapt_sampling not in ADAPT_SAMPLINGS:
+            raise EvalConfigError(f"adapt-sampling must be one of {', '.join(ADAPT_SAMPLINGS)}, got {self.adapt_sampling!r}")
+        if self.adapt_sampling == "balanced" and self.synthetic == "headline":
+            raise EvalConfigError("adapt-sampling balanced needs a label task (headline's history pairs are text)")
         if self.lorahub_l1 < 0:
             raise EvalConfigError(f"lorahub-l1 must be >= 0, got {self.lorahub_l1}")
         for name, values in self.sweeps.items():
@@ -271,7 +276,7 @@ def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
     users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
     fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
-              "adapt_epochs", "adapt_max_pairs")
+              "adapt_epochs", "adapt_max_pairs", "adapt_sampling")
     settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": to_flat(config.node)}
     device = resolve_device("auto").type if config.device == "auto" else config.device
     if device != "cpu":  # bf16 GPU answers differ; CPU keys stay as they always were
@@ -377,7 +382,7 @@ class Prepared:
         return self.contexts[seed]
 
     def _build(self, seed: int, progress: bool) -> Context:
-        from client.training import train_lora, train_sharer
+        from client.training import adaptation_pairs, train_lora, train_sharer
 
         c, plan, folder = self.config, self.plans[seed], self.folder(seed)
         folder.mkdir(parents=True, exist_ok=True)
@@ -385,8 +390,8 @@ class Prepared:
         task = self.dataset.task
         task_adapter = None
         if plan.adaptation:
-            pairs = [p for u in plan.adaptation for p in recent(profile_pairs(task, self.dataset.user(u).profile), c.node.max_history)]
-            pairs = random.Random(seed).sample(pairs, min(len(pairs), c.adapt_max_pairs))
+            by_user = {u: recent(profile_pairs(task, self.dataset.user(u).profile), c.node.max_history) for u in plan.adaptation}
+            pairs = adaptation_pairs(task, by_user, c.adapt_sampling, c.adapt_max_pairs, seed)
             base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None, device=c.device)
             task_adapter = _cached_adapter(
                 folder / "task_adapter", base,

@@ -9,8 +9,10 @@ sharer's behaviour handed over); runs on the synthetic benchmark with
 quirks add the share of chances on which a chosen sharer's quirk was
 copied (pooled over the seed's targets). Diagnostic rows (no arrow) say
 how varied each method's answers are (majority share, distinct answers,
-entropy) and how often PriME fell back to the unmerged model: a method
-that answers one label to every query is visible at a glance.
+entropy), how often PriME fell back to the unmerged model, and how far
+the chosen sharers' adapters move the answers on the target's history
+from the unmerged model's: a method that answers one label to every
+query, or sharers that change nothing, are visible at a glance.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ MAJORITY = "majority share of predictions"
 DISTINCT = "distinct predictions"
 ENTROPY = "prediction entropy (bits)"
 FALLBACK = "fallback rate"
-DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK)
+# PriME: share of the target's history items on which a chosen sharer's adapter alone answers differently from
+# the unmerged model (mean over targets of the mean / the max over the k sharers). Near 0, the sharers do not
+# move the predictions and the search has nothing to choose from.
+DIVERGENCE_MEAN = "sharers' changed history answers (mean)"
+DIVERGENCE_MAX = "sharers' changed history answers (max)"
+DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX)
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,15 @@ class Table:
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(task, label, seed): pooled metrics of all targets, plus mean similarity and quirk copy rate when known}."""
     pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(
-        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": [], "fallbacks": []})
+        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": [], "fallbacks": [], "divergence": []})
     for r in records:
         slot = pooled[(r["task"], r["label"], int(r["seed"]))]
         slot["preds"] += r["predictions"]
         slot["golds"] += r["golds"]
         if r.get("fallback") is not None:
             slot["fallbacks"].append(bool(r["fallback"]))
+        if r.get("sharer_divergence"):
+            slot["divergence"].append((float(r["sharer_divergence"]["mean"]), float(r["sharer_divergence"]["max"])))
         if r.get("similarity") is not None:
             slot["sims"].append(float(r["similarity"]))
         if r.get("quirk_chances") is not None:
@@ -97,6 +106,8 @@ def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, in
         values |= _answer_diagnostics(get_task(task), slot["preds"])
         if slot["fallbacks"]:
             values[FALLBACK] = float(np.mean(slot["fallbacks"]))
+        if slot["divergence"]:
+            values[DIVERGENCE_MEAN], values[DIVERGENCE_MAX] = (float(v) for v in np.mean(slot["divergence"], axis=0))
         scores[(task, label, seed)] = values
     return scores
 

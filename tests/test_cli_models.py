@@ -69,6 +69,17 @@ def test_adapt_with_named_users_and_max_pairs(data_dirs, tmp_path, capsys):
     assert code == 0 and info["users"] == ["u001", "u003"] and info["pairs"] == 5
 
 
+def test_adapt_with_user_sampling_and_a_refused_balanced_headline(data_dirs, tmp_path, capsys):
+    code, _, _ = _run(capsys, "adapt", "--data", str(data_dirs["rating"]), "--out", str(tmp_path / "m"), "--users", "u001",
+                      "u003", "--sampling", "user", "--max-pairs", "6", "--train-steps", "3", *TINY, *FAST)
+    info = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert code == 0 and info["sampling"] == "user" and info["pairs"] == 6 and info["stats"]["steps"] == 3
+    code, _, err = _run(capsys, "adapt", "--data", str(data_dirs["headline"]), "--out", str(tmp_path / "h"),
+                        "--sampling", "balanced", *TINY, *FAST)
+    _assert_one_line_error(code, err, "adapt", "needs labelled history pairs")
+    assert not (tmp_path / "h").exists()
+
+
 def test_train_lora_writes_a_peft_adapter_used_by_predict(data_dirs, tmp_path, capsys):
     adapter_dir = tmp_path / "lora"
     code, out, _ = _run(capsys, "train-lora", "--data", str(data_dirs["headline"]), "--user", "u002", "--out", str(adapter_dir), *TINY, *FAST)

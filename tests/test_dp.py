@@ -69,6 +69,27 @@ def test_recorded_epsilon_is_the_accountants_for_the_steps_taken(noised):
                                             rel=1e-9)
 
 
+@pytest.mark.parametrize("steps", [3, 11])
+def test_train_steps_are_the_steps_the_accountant_is_charged_for(monkeypatch, steps):
+    """10 pairs at batch 4 take 3 steps an epoch: 11 ends mid-pass. The recorded epsilon is the accountant's for
+    the steps taken, and a target epsilon is calibrated to them (more steps, more noise for the same epsilon)."""
+    calls = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (calls.append(1), real_step(self, *a, **k))[1])
+    config = TrainConfig(r=2, lora_alpha=4, lr=2e-2, epochs=2, steps=steps, batch_size=4, seed=0)
+    _, stats = train_lora(*tiny_model(seed=1), PAIRS, config, progress=False,
+                          dp_sgd=DpSgdConfig(enabled=True, noise_multiplier=0.8))
+    privacy = stats.privacy
+    assert privacy.steps == stats.steps == len(calls) == steps
+    assert privacy.sample_rate == pytest.approx(1 / 3)
+    assert privacy.epsilon == pytest.approx(_accounted(0.8, privacy.sample_rate, steps, privacy.delta), rel=1e-9)
+    targeted = [train_lora(*tiny_model(seed=1), PAIRS, TrainConfig(**{**config.__dict__, "steps": n}), progress=False,
+                           dp_sgd=DpSgdConfig(enabled=True, epsilon=4.0))[1].privacy for n in (steps, 4 * steps)]
+    assert [g.steps for g in targeted] == [steps, 4 * steps]
+    assert all(4.0 - 0.05 <= g.epsilon <= 4.0 for g in targeted)
+    assert targeted[1].noise_multiplier > targeted[0].noise_multiplier
+
+
 def test_a_target_epsilon_is_met_from_below():
     model, tok = tiny_model(seed=1)
     _, stats = train_lora(model, tok, PAIRS, CONFIG, progress=False,
@@ -230,6 +251,22 @@ def test_train_lora_cli_writes_and_prints_the_guarantee(tmp_path, capsys):
     assert f"epsilon {privacy['epsilon']:.3f}" in printed
 
 
+def test_train_lora_cli_sizes_dp_training_by_train_steps(tmp_path, capsys):
+    import json
+
+    from simulations.cli import main
+
+    out = tmp_path / "lora"
+    code = main(["train-lora", "--data", _lamp_folder(tmp_path), "--user", "u001", "--out", str(out), "--model-spec",
+                 "tiny", "--train-steps", "5", "--batch-size", "4", "--r", "2", "--no-progress", "--dp-sgd",
+                 "--dp-noise-multiplier", "1.5"])
+    assert code == 0 and "(5 steps)" in capsys.readouterr().out
+    info = json.loads((out / "training_stats.json").read_text())
+    privacy = info["stats"]["privacy"]
+    assert info["config"]["steps"] == privacy["steps"] == info["stats"]["steps"] == 5
+    assert privacy["epsilon"] == pytest.approx(_accounted(1.5, 0.5, 5, privacy["delta"]), rel=1e-9)
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
@@ -237,6 +274,7 @@ def test_train_lora_cli_writes_and_prints_the_guarantee(tmp_path, capsys):
         (["--dp-sgd", "--dp-epsilon", "-2"], "dp-epsilon must be a finite number >= 0"),
         (["--dp-sgd", "--dp-epsilon", "1", "--dp-delta", "1"], "dp-delta must be in [0, 1)"),
         (["--dp-epsilon", "1"], "dp-epsilon needs dp-sgd = true"),
+        (["--train-steps", "-1"], "train-steps must be >= 0"),
     ],
 )
 def test_train_lora_cli_refuses_bad_dp_settings_in_one_line(tmp_path, capsys, flags, fragment):

@@ -103,6 +103,36 @@ def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
     assert "copied sharer quirks" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.parametrize("over", [{"adapt_sampling": "balanced"}, {"adapt_sampling": "user"}, {"train_steps": 12}])
+def test_adaptation_sampling_and_train_steps_are_prepared_inputs(tmp_path, over):
+    """Another sampling or step count trains other adapters: other prepared inputs, read back from config.json."""
+    plain = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path)})
+    changed = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), **over})
+    dataset = experiment.load_dataset(plain)
+    assert experiment.prepare_key(plain, dataset) != experiment.prepare_key(changed, dataset)
+    assert EvalConfig.from_mapping(changed.to_dict()) == changed
+
+
+def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):
+    """The realistic rating variant through the whole grid (balanced adaptation, step-sized sharers): every PriME
+    cell stores how far each chosen sharer moves the target's history answers, and the table shows it."""
+    config = _config(tmp_path, synthetic="rating-skewed", methods="np,prime", alphas="0", ks="2",
+                     adapt_sampling="balanced", train_steps=3)
+    run_grid(config, progress=False, outputs=True)
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    prime = [c for c in cells if c["method"] == "prime"]
+    assert len(prime) == 2 and all(c["sharer_divergence"] is None for c in cells if c["method"] == "np")
+    for c in prime:
+        per_sharer = c["sharer_divergence"]["per_sharer"]
+        assert len(per_sharer) == 2 and all(0 <= v <= 1 for v in per_sharer)
+        assert c["sharer_divergence"]["mean"] == pytest.approx(sum(per_sharer) / 2)
+        assert c["sharer_divergence"]["max"] == max(per_sharer)
+        assert c["task"] == "LaMP_3"
+    table = (tmp_path / "table.md").read_text()
+    assert "sharers' changed history answers (mean)" in table and "sharers' changed history answers (max)" in table
+    assert json.loads((tmp_path / "config.json").read_text())["adapt_sampling"] == "balanced"
+
+
 def test_grid_axes_expand_prime_and_uniform():
     config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
     prime = METHODS["prime"].grid(config)
@@ -133,6 +163,9 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"synthetic": "rating", "synth_quirks": True}, "--synth-quirks needs --synthetic tagging"),
         ({"ks": "2,5"}, "k=5 is more than the 4 sharers per seed"),
         ({"privacy_metric": "bleu"}, "privacy-metric must be one of task, agreement"),
+        ({"adapt_sampling": "fair"}, "adapt-sampling must be one of pooled, balanced, user"),
+        ({"synthetic": "headline", "adapt_sampling": "balanced"}, "balanced needs a label task"),
+        ({"train_steps": -1}, "train-steps must be >= 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(over, match):

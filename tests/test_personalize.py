@@ -9,8 +9,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from common.adapters import LoraAdapter
+from common.adapters import LoraAdapter, applied
 from common.encoder import load_encoder, save_embeddings, user_embedding
+from common.inference import predict
 from common.lamp import profile_pairs, write_lamp
 from common.lora_math import delta, merge_elementwise, module_names, random_adapter
 from common.models import tiny_model
@@ -94,6 +95,25 @@ def test_fallback_to_unmerged_when_no_merge_helps(world, tmp_path):
     result.save(tmp_path / "fb")
     assert not (tmp_path / "fb" / "adapter").exists()  # the old merge must not pass for this result's adapter
     assert json.loads((tmp_path / "fb" / "result.json").read_text())["fallback"] is True
+
+
+def test_sharer_divergence_is_each_sharers_changed_history_answers(world):
+    """Per chosen sharer: the share of the target's history its adapter alone answers unlike the unmerged model."""
+    model, tok, data, emb, adapters = world
+    result = _run(world, SearchConfig(k=3, seed=0, **FAST))
+    prompts = [p for p, _ in profile_pairs(data.task, data.users[0].profile)]
+    plain = predict(data.task, model, tok, prompts)
+    expected = []
+    for sid in result.sharer_ids:
+        with applied(model, adapters[sid]) as adapted:
+            expected.append(float(np.mean([a != b for a, b in zip(predict(data.task, adapted, tok, prompts), plain)])))
+    assert result.sharer_divergence == pytest.approx(expected)
+    assert max(expected) > 0  # these random adapters do move the answers: the check can fail
+    assert json.loads(json.dumps(result.summary()))["sharer_divergence"] == result.sharer_divergence
+    inert = {sid: LoraAdapter(tensors={k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in a.tensors.items()},
+                              r=a.r, lora_alpha=a.lora_alpha, target_modules=a.target_modules)
+             for sid, a in adapters.items()}
+    assert _run(world, SearchConfig(k=3, seed=0, **FAST), adapters=inert).sharer_divergence == [0.0, 0.0, 0.0]
 
 
 def test_refuses_single_sharer_merge(world):

@@ -108,3 +108,19 @@ def test_diagnostics_show_a_collapsed_method_and_the_fallback_rate():
     assert rows["prediction entropy (bits)"].values["NP"].mean == 2.0  # four different answers
     assert rows["fallback rate"].values["PriME"].mean == 0.5 and "NP" not in rows["fallback rate"].values
     assert "| fallback rate |" in to_markdown(build_table(collapsed))  # no arrow: neither direction is better
+
+
+def test_sharer_divergence_rows_average_each_cells_mean_and_max_over_targets():
+    """Seed 0: cells (mean 0.1, max 0.2) and (0.3, 0.6) -> 0.2 and 0.4; seed 1: (0.0, 0.0) -> 0 and 0."""
+    def prime(seed, target, mean, top):
+        return {**cell("PriME", seed, target, ["4"], ["4"]), "fallback": False,
+                "sharer_divergence": {"per_sharer": [mean - (top - mean), top], "mean": mean, "max": top}}
+
+    table = build_table([prime(0, "t1", 0.1, 0.2), prime(0, "t2", 0.3, 0.6), prime(1, "t1", 0.0, 0.0),
+                         cell("NP", 0, "t1", ["4"], ["4"])])
+    rows = {r.metric: r for r in table.rows}
+    mean, top = rows["sharers' changed history answers (mean)"], rows["sharers' changed history answers (max)"]
+    assert mean.diagnostic and top.diagnostic and "NP" not in mean.values
+    assert (mean.values["PriME"].mean, top.values["PriME"].mean) == (pytest.approx(0.1), pytest.approx(0.2))
+    assert (mean.values["PriME"].n, top.values["PriME"].std) == (2, pytest.approx(0.2828427))
+    assert "| LaMP_3 (rating) | sharers' changed history answers (max) | 0.200 ± 0.283 | - |" in to_markdown(table)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 
@@ -9,9 +12,11 @@ from client.training import (
     TrainConfig,
     TrainingError,
     adapt,
+    adaptation_pairs,
     encode_pairs,
     merge_into,
     save_model,
+    total_steps,
     train_lora,
     train_round,
 )
@@ -19,7 +24,8 @@ from common.atomic import OutputError
 from common.errors import PrimeError
 from common.inference import encode_example, predict_labels, score_labels
 from common.models import ModelSpecError, load_base, tiny_model
-from common.settings import SettingError
+from common.settings import NodeConfig, SettingError
+from common.tasks import get_task
 
 LABELS = ["1", "2", "3", "4", "5"]
 PAIRS = [
@@ -112,7 +118,7 @@ def test_train_round_rejects_a_mismatched_initial_adapter(trained):
 
 def test_adapt_merges_and_save_model_reloads(tmp_path, trained):
     model, tok = tiny_model(seed=1)
-    adapted = adapt(model, tok, PAIRS, FAST, progress=False)
+    adapted = adapt(model, tok, get_task("LaMP_3"), {"u1": PAIRS[:2], "u2": PAIRS[2:]}, FAST, progress=False)
     assert not any("lora" in name for name, _ in adapted.named_modules())
     assert _hits(adapted, tok) >= 3
     out = save_model(adapted, tok, tmp_path / "adapted", info={"pairs": len(PAIRS)})
@@ -138,9 +144,110 @@ def test_save_model_refuses_to_overwrite_other_directories(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def _skewed_pool() -> dict[str, list[tuple[str, str]]]:
+    """Like real ratings: one heavy user of all-5s, a mostly-4 user with two 1s, a short history of 3s."""
+    return {
+        "heavy": [(f"Review h{i} Score:", "5") for i in range(20)],
+        "mixed": [(f"Review m{i} Score:", "1" if i < 2 else "4") for i in range(10)],
+        "short": [(f"Review s{i} Score:", "3") for i in range(3)],
+    }
+
+
+@pytest.mark.parametrize(("sampling", "stratum"), [("balanced", lambda user, pair: pair[1]),
+                                                   ("user", lambda user, pair: user)])
+def test_stratified_adaptation_sampling_balances_a_skewed_pool(sampling, stratum):
+    pool = _skewed_pool()
+    owner = {pair: user for user, pairs in pool.items() for pair in pairs}
+    drawn = adaptation_pairs(get_task("LaMP_3"), pool, sampling, max_pairs=30, seed=3)
+    counts = Counter(stratum(owner[pair], pair) for pair in drawn)
+    assert len(drawn) == 30 and set(drawn) <= set(owner)
+    assert len(counts) == (4 if sampling == "balanced" else 3) and max(counts.values()) - min(counts.values()) <= 1
+    # within a stratum no pair repeats before all of its pairs are used
+    for key in counts:
+        uses = Counter(pair for pair in drawn if stratum(owner[pair], pair) == key)
+        members = [pair for pair in owner if stratum(owner[pair], pair) == key]
+        assert max(uses[p] for p in members) - min(uses[p] for p in members) <= 1
+    assert drawn == adaptation_pairs(get_task("LaMP_3"), pool, sampling, max_pairs=30, seed=3)
+    assert drawn != adaptation_pairs(get_task("LaMP_3"), pool, sampling, max_pairs=30, seed=4)
+
+
+def test_pooled_adaptation_sampling_keeps_the_skew():
+    pool = _skewed_pool()
+    everything = [pair for pairs in pool.values() for pair in pairs]
+    assert adaptation_pairs(get_task("LaMP_3"), pool) == everything
+    drawn = adaptation_pairs(get_task("LaMP_3"), pool, "pooled", max_pairs=12, seed=0)
+    assert len(set(drawn)) == 12 and set(drawn) <= set(everything)
+    assert adaptation_pairs(get_task("LaMP_3"), pool, "pooled", max_pairs=12, seed=0) == drawn
+
+
+@pytest.mark.parametrize(("task", "sampling", "max_pairs", "fragment"), [
+    ("LaMP_3", "stratified", None, "must be one of pooled, balanced, user"),
+    ("LaMP_5", "balanced", None, "needs labelled history pairs"),
+    ("LaMP_1", "balanced", None, "needs labelled history pairs"),
+    ("LaMP_3", "user", 0, "at least 1"),
+])
+def test_bad_adaptation_sampling_is_refused(task, sampling, max_pairs, fragment):
+    with pytest.raises(TrainingError, match=fragment):
+        adaptation_pairs(get_task(task), _skewed_pool(), sampling, max_pairs)
+    with pytest.raises(TrainingError, match="no history pairs"):
+        adaptation_pairs(get_task("LaMP_3"), {"a": [], "b": []}, "user")
+
+
+@pytest.fixture
+def optimizer_steps(monkeypatch):
+    """Counts AdamW steps that really ran, independently of the loop's own count."""
+    calls = []
+    real_step = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    return calls
+
+
+HISTORY = [(f"Review {i}: {'great' if i % 3 else 'bad'} film Score:", "5" if i % 3 else "1") for i in range(16)]
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_train_steps_runs_exactly_that_many_optimizer_steps(optimizer_steps, steps):
+    """16 pairs at batch 8: 2 steps a pass, so 7 ends mid-pass and 20 cycles through ten reshuffled passes."""
+    config = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, steps=steps, batch_size=8)
+    _, stats = train_lora(*tiny_model(seed=1), HISTORY, config, progress=False)
+    assert stats.steps == len(optimizer_steps) == steps
+    assert len(stats.epoch_losses) == math.ceil(steps / 2)
+    assert stats.seen == steps * 8  # every batch is full: 16 pairs split evenly
+
+
+def test_epochs_decide_when_train_steps_is_zero(optimizer_steps):
+    config = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, batch_size=8)
+    _, stats = train_lora(*tiny_model(seed=1), HISTORY, config, progress=False)
+    assert stats.steps == len(optimizer_steps) == 3 * 2 == total_steps(config, len(HISTORY))
+    assert len(stats.epoch_losses) == 3 and stats.seen == 3 * len(HISTORY)
+
+
+def test_steps_equal_to_the_epochs_train_the_same_adapter():
+    """train-steps = epochs x steps per epoch is the epochs path, step for step (same shuffles, same schedule)."""
+    by_epochs = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, batch_size=5)
+    by_steps = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=1, steps=3 * 4, batch_size=5)
+    a, stats_a = train_lora(*tiny_model(seed=1), HISTORY, by_epochs, progress=False)
+    b, stats_b = train_lora(*tiny_model(seed=1), HISTORY, by_steps, progress=False)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert stats_a.epoch_losses == stats_b.epoch_losses
+
+
+def test_a_job_sized_by_epochs_drops_train_steps():
+    """Task adaptation rounds come with their own epochs: a sharer's train-steps must not size them."""
+    node = NodeConfig(train=TrainConfig(steps=30))
+    assert node.for_job(seed=4).train.steps == 30
+    adapting = node.for_job(seed=4, epochs=2).train
+    assert (adapting.steps, adapting.epochs, adapting.seed) == (0, 2, 4)
+
+
 @pytest.mark.parametrize(
     "changes",
-    [{"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
+    [{"steps": -1}, {"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
 )
 def test_config_validation(changes):
     with pytest.raises(SettingError, match="training config"):

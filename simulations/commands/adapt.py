@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import random
 
 import numpy as np
 
-from client.training import TrainConfig, merge_into, save_model, train_lora
+from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING, TrainConfig, adaptation_pairs, merge_into, save_model, train_lora
 from common.atomic import check_replaceable
 from common.errors import PrimeError
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, profile_pairs
@@ -45,7 +44,12 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     who.add_argument(
         "--fraction", type=float, default=0.25, help="else this share of users, seeded by --seed (default %(default)s)"
     )
-    parser.add_argument("--max-pairs", type=int, default=None, help="train on at most this many pooled pairs (sampled by seed)")
+    parser.add_argument("--max-pairs", type=int, default=None, help="train on at most this many pairs (sampled by seed)")
+    parser.add_argument(
+        "--sampling", choices=ADAPT_SAMPLINGS, default=DEFAULT_ADAPT_SAMPLING,
+        help="how the pairs are drawn: pooled (all users' pairs as they come), balanced (each gold label equally "
+             "often; label tasks) or user (each user equally often); default %(default)s",
+    )
     add_model_options(parser)
     add_training_args(parser, TrainConfig())
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,11 +63,10 @@ def _adapt(args: argparse.Namespace) -> int:
     out = check_replaceable(args.out, MODEL_CONFIG_FILE)
     dataset = load_lamp(args.data, split=args.split)
     users = adaptation_users(dataset, args.user_ids, args.fraction, args.seed)
-    pairs = [pair for u in users for pair in profile_pairs(dataset.task, u.profile)]
-    if args.max_pairs is not None and len(pairs) > args.max_pairs:
-        pairs = random.Random(args.seed).sample(pairs, args.max_pairs)
-    if not pairs:
+    by_user = {u.user_id: profile_pairs(dataset.task, u.profile) for u in users}
+    if not any(by_user.values()):
         raise PrimeError(f"{args.data}: the adaptation users have no history")
+    pairs = adaptation_pairs(dataset.task, by_user, args.sampling, args.max_pairs, args.seed)
     model, tokenizer, name = load_model(args)
     adapter, stats = train_lora(model, tokenizer, pairs, config, progress=not args.no_progress)
     model = merge_into(model, adapter)
@@ -72,6 +75,7 @@ def _adapt(args: argparse.Namespace) -> int:
         "base": name,
         "users": [u.user_id for u in users],
         "pairs": len(pairs),
+        "sampling": args.sampling,
         "config": config.__dict__,
         "stats": stats.to_dict(),
     }

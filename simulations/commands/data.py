@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         ),
     )
     defaults = SyntheticConfig()
-    synth.add_argument("--task", choices=SYNTHETIC_TASKS, default=defaults.task, help="tagging (LaMP-2), rating (LaMP-3) or headline (LaMP-4)")
+    synth.add_argument("--task", choices=SYNTHETIC_TASKS, default=defaults.task, help="tagging (LaMP-2), rating (LaMP-3), headline (LaMP-4) or rating-skewed (LaMP-3, real-like ratings)")
     synth.add_argument("--out", required=True, help="output folder (created; files replaced atomically)")
     synth.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     synth.add_argument("--users", type=int, default=defaults.n_users, help="number of users (default %(default)s)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from client.training import ADAPT_SAMPLINGS
 from common.models import resolve_cache_dir
 from common.settings import SearchConfig
 from common.synthetic import SyntheticConfig
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--out", help="output folder: cells/, prepare/, results.json, table.{md,csv,json}, plots/")
     add("--data", help="LaMP-layout folder")
     add("--split", choices=("train", "dev"), help="which split when the folder holds several")
-    add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline) into OUT/data")
+    add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline, rating-skewed) into OUT/data")
     add_setting_options(parser, SyntheticConfig(), layered=True)
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
     add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
@@ -46,7 +47,10 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--sharers", type=int, help="sharers per seed (default 8)")
     add("--adapt-fraction", type=float, help="share of users for task adaptation (default 0.25)")
     add("--adapt-epochs", type=int, help="task-adaptation epochs (default 2)")
-    add("--adapt-max-pairs", type=int, help="cap on pooled task-adaptation pairs (default 384)")
+    add("--adapt-max-pairs", type=int, help="cap on task-adaptation pairs (default 384)")
+    add("--adapt-sampling", choices=ADAPT_SAMPLINGS,
+        help="how task-adaptation pairs are drawn: pooled (default), balanced (each gold label equally often) or "
+             "user (each adaptation user equally often)")
     add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's budget)"), SearchConfig(),
                         layered=True, sweeps=experiment.DEFAULT_SWEEPS)
     add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),

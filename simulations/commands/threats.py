@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("attack", choices=ATTACKS, help="which attack (all: every one, leak/recovery on the trained adapters)")
     parser.add_argument("--out", required=True, help="output folder")
     add_model_options(parser)
-    parser.add_argument("--task", default=m.task, help="synthetic task: tagging (default), rating, headline")
+    parser.add_argument("--task", default=m.task, help="synthetic task: tagging (default), rating, headline, rating-skewed")
     parser.add_argument("--seed", type=int, default=m.seed, help="random seed (default %(default)s)")
     parser.add_argument("--sharers", type=int, default=m.sharers, help="k, sharers in a merge (default %(default)s)")
     parser.add_argument("--rank", type=int, default=m.r, help="LoRA rank r (default %(default)s)")

@@ -28,6 +28,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) ->
     )
     group.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default %(default)s)")
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the pairs (default %(default)s)")
+    group.add_argument("--train-steps", type=int, default=defaults.steps,
+                       help="optimizer steps instead, cycling through the reshuffled pairs (0: --epochs decide; "
+                            "default %(default)s)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="pairs per step (default %(default)s)")
     group.add_argument("--max-length", type=int, default=defaults.max_length, help="max tokens per pair (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
@@ -40,6 +43,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         target_modules=tuple(args.target_modules),
         lr=args.lr,
         epochs=args.epochs,
+        steps=args.train_steps,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
@@ -87,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         adapter.save(tmp)
         (tmp / "training_stats.json").write_text(json.dumps(info, indent=1, default=list) + "\n")
     print(
-        f"trained LoRA r={config.r} for {user.user_id} on {stats.examples} pairs: loss {stats.first_loss:.3f} -> "
+        f"trained LoRA r={config.r} for {user.user_id} on {stats.examples} pairs ({stats.steps} steps): loss {stats.first_loss:.3f} -> "
         f"{stats.final_loss:.3f} ({stats.examples_per_s:.1f} examples/s) -> {out}"
     )
     if stats.privacy is not None:

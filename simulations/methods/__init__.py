@@ -82,6 +82,7 @@ class MethodResult:
     similarity: float | None = None  # mean similarity (Context.privacy_metric) with the chosen sharers, held-out queries
     weights: Any = None
     fallback: bool | None = None
+    sharer_divergence: dict[str, Any] | None = None  # PriME: per_sharer, mean, max (server.personalize)
     trajectory: list[dict] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Mapping
 
+import numpy as np
+
 from common.settings import SearchConfig, options
 from server.personalize import personalize, target_seed
 from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
@@ -52,6 +54,8 @@ class PriME(Method):
         preds = answer(ctx, result.adapter, prompts)
         return finish(
             ctx, target, preds, result.sharer_ids, weights=result.weights, fallback=result.fallback,
+            sharer_divergence={"per_sharer": result.sharer_divergence, "mean": float(np.mean(result.sharer_divergence)),
+                               "max": float(np.max(result.sharer_divergence))},
             trajectory=result.trajectory,
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
                    "evaluations": result.evaluations, "timings": result.timings,

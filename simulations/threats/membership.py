@@ -29,7 +29,7 @@ from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits
 from common.lamp import profile_pairs
 from common.lora_math import merge_exact
-from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate
+from common.synthetic import MAX_GROUPS, SYNTHETIC_TASKS, SyntheticConfig, generate
 from common.tasks import TaskSpec
 from client.training import adapt, encode_pairs, train_lora
 from common.settings import SearchConfig, TrainConfig
@@ -175,7 +175,7 @@ def build_world(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, progress: bool = True
 ) -> tuple[PreTrainedModel, World]:
     """Generate the users, task-adapt `model` if asked (in place), train each sharer's LoRA on its history."""
-    groups = min(config.groups, {"tagging": 4, "rating": 5, "headline": 6}[config.task])
+    groups = min(config.groups, MAX_GROUPS[config.task])
     synth = generate(SyntheticConfig(
         task=config.task, n_users=1 + config.sharers + config.adapt_users, n_groups=groups,
         history=config.history, queries=1, seed=config.seed,
@@ -183,8 +183,8 @@ def build_world(
     task, users = synth.dataset.task, synth.dataset.users
     target, sharers, adapters_pool = users[0], users[1 : 1 + config.sharers], users[1 + config.sharers :]
     if adapters_pool:
-        pooled = [p for u in adapters_pool for p in profile_pairs(task, u.profile)]
-        model = adapt(model, tokenizer, pooled, config.train_config(), progress=progress)
+        pooled = {u.user_id: profile_pairs(task, u.profile) for u in adapters_pool}
+        model = adapt(model, tokenizer, task, pooled, config.train_config(), progress=progress)
     encoder = load_encoder("hashing")  # selection is not under attack here: all k sharers are merged
     members = {u.user_id: profile_pairs(task, u.profile) for u in sharers}
     adapters, train_losses = {}, {}
