@@ -61,9 +61,12 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     plot = sub.add_parser("plot", help="redraw the figures of a finished run")
     plot.add_argument("run", help="a run folder (holding results.json)")
     plot.set_defaults(func=_plot)
-    table = sub.add_parser("table", help="one Table-1 layout table from one or more runs")
+    table = sub.add_parser("table", help="one table from one or more runs")
     table.add_argument("runs", nargs="+", help="run folders (holding results.json)")
     table.add_argument("--out", dest="table_out", required=True, help="folder for table.{md,csv,json}")
+    table.add_argument("--layout", choices=tables.LAYOUTS, default="methods",
+                       help="methods: columns in run order (default); table1: the paper's Table 1 groups "
+                            "NP RAG PAG PAG+RAG | PriME +RAG +PAG | OPPU +RAG +PAG | top-1 uniform LoraHub")
     table.set_defaults(func=_table)
 
 
@@ -99,7 +102,7 @@ def _table(args: argparse.Namespace) -> int:
     records = [r for run in args.runs for r in experiment.load_results(run)]
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
-    tables.write_results(records, args.table_out)
-    print(tables.to_markdown(tables.build_table(records)), end="")
+    tables.write_results(records, args.table_out, layout=args.layout)
+    print(tables.to_markdown(tables.build_table(records, layout=args.layout)), end="")
     print((Path(args.table_out) / "paired.md").read_text(), end="")
     return 0
