@@ -10,6 +10,7 @@ splits and seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy  # not `as np`: the submodule simulations.methods.np is bound to that name below
@@ -19,10 +20,10 @@ from common import metrics
 from common.adapters import LoraAdapter, applied
 from common.errors import PrimeError
 from common.inference import predict
-from common.lamp import LampDataset, LampUser, profile_pairs
+from common.lamp import LampDataset, LampUser
 from common.lamp import query_prompts as lamp_query_prompts
 from common.plan import UserPlan
-from common.settings import SearchConfig, recent
+from common.settings import SearchConfig
 from common.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Context:
     seed: int
     max_history: int
     train_adapter: Callable[[list[tuple[str, str]], str], LoraAdapter]
+    folder: Path | None = None  # the seed's prepare folder: what is written once per target (PAG summaries) is kept there
     progress: bool = False
     privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC  # PriME's privacy term and the held-out similarity
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -61,10 +63,6 @@ class Context:
 
     def user(self, user_id: str) -> LampUser:
         return self.dataset.user(user_id)
-
-    def history(self, user_id: str) -> list[tuple[str, str]]:
-        """The user's (prompt, target) history pairs, most recent `max_history` (as a federation node sends them)."""
-        return recent(profile_pairs(self.task, self.user(user_id).profile), self.max_history)
 
     def sharers(self) -> dict[str, tuple[LoraAdapter, numpy.ndarray]]:
         """{sharer id: (adapter, embedding)} in the form server.personalize expects."""
@@ -200,6 +198,7 @@ def get_method(name: str) -> Method:
 # One file per method; importing them fills the registry (order = default table column order).
 from simulations.methods import np as _np  # noqa: E402,F401
 from simulations.methods import rag as _rag  # noqa: E402,F401
+from simulations.methods import pag as _pag  # noqa: E402,F401
 from simulations.methods import oppu as _oppu  # noqa: E402,F401
 from simulations.methods import top1 as _top1  # noqa: E402,F401
 from simulations.methods import uniform as _uniform  # noqa: E402,F401
