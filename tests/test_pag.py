@@ -194,3 +194,10 @@ def test_oppu_variants_share_one_adapter_and_augmented_training_is_another(prepa
     n = len(recent(c.user(target).profile, c.max_history))
     assert trained == [(f"oppu-{target}", n)] * 3 + [(f"oppu-aug-{target}", 2 * n - 1)]
     assert get_method("oppu").label(get_method("oppu").params({"augment": True})) == "OPPU aug=True"
+
+
+def test_lamp1_items_use_the_official_citation_form_when_they_have_one(ctx, tmp_path):
+    papers = [{"title": "Deep nets", "abstract": "We study nets.", "citation": "Old nets"},
+              {"title": "Shallow nets", "abstract": "We study small nets."}]
+    prompt = pag.summary_prompt(_custom(ctx, "LaMP_1", papers, tmp_path), "u1")
+    assert "'paper title: Deep nets reference: Old nets'" in prompt and "'paper title: Shallow nets'" in prompt

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import string
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -82,12 +83,19 @@ def _cut(value: Any) -> str:
     return " ".join(str(value).split()[:FIELD_WORDS])
 
 
+def _fill(fmt: str, item: Mapping[str, Any]) -> str:
+    names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name]
+    return fmt.format(**{name: _cut(item[name]) for name in names})
+
+
 def _item_text(formats: tuple[str, ...], item: Mapping[str, Any]) -> str:
-    for fmt in formats:
-        names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name]
-        if all(item.get(name) is not None for name in names):
-            return fmt.format(**{name: _cut(item[name]) for name in names})
-    return " ".join(_cut(v) for v in item.values() if isinstance(v, str))  # a task format the item does not fit
+    """The first format whose fields the item has; the last names only the task's profile fields, which loading a
+    dataset guarantees every item has."""
+    *optional, last = formats
+    for fmt in optional:
+        if all(item.get(name) is not None for _, name, _, _ in string.Formatter().parse(fmt) if name):
+            return _fill(fmt, item)
+    return _fill(last, item)
 
 
 def summary_prompt(ctx: Context, target: str) -> str:
@@ -136,7 +144,7 @@ def profile_summary(ctx: Context, target: str) -> str:
     return summary
 
 
-def _read_summary(path, prompt: str) -> str | None:
+def _read_summary(path: Path, prompt: str) -> str | None:
     """The saved summary if the file is readable and was written from `prompt` with today's length, else None."""
     try:
         saved = safe_json.loads(path.read_bytes())
