@@ -20,10 +20,10 @@ from common import metrics
 from common.adapters import LoraAdapter, applied
 from common.errors import PrimeError
 from common.inference import predict
-from common.lamp import LampDataset, LampUser
+from common.lamp import LampDataset, LampUser, profile_pairs
 from common.lamp import query_prompts as lamp_query_prompts
 from common.plan import UserPlan
-from common.settings import SearchConfig
+from common.settings import SearchConfig, recent
 from common.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -63,6 +63,10 @@ class Context:
 
     def user(self, user_id: str) -> LampUser:
         return self.dataset.user(user_id)
+
+    def history(self, user_id: str) -> list[tuple[str, str]]:
+        """The user's (prompt, target) history pairs, most recent `max_history` (as a federation node sends them)."""
+        return recent(profile_pairs(self.task, self.user(user_id).profile), self.max_history)
 
     def sharers(self) -> dict[str, tuple[LoraAdapter, numpy.ndarray]]:
         """{sharer id: (adapter, embedding)} in the form server.personalize expects."""

@@ -1,7 +1,7 @@
 """The target's fitness and training pairs, optionally augmented as the official `process_profile` does.
 
 Plain (the default, and what a federation node uploads): one (prompt,
-target) pair per recent history item (the most recent `max_history`).
+target) pair per recent history item (`Context.history`).
 
 Augmented (`prime-fl eval --augment`): after each recent item but the
 oldest comes a copy of it whose prompt carries, in front, the user's
@@ -42,11 +42,10 @@ def fitness_history(ctx: Context, target: str, *, augment: bool, pag: bool = Fal
     its queries will be asked in.
     """
     task = ctx.task
-    items = recent(ctx.user(target).profile, ctx.max_history)
+    items = recent(ctx.user(target).profile, ctx.max_history)  # the items of ctx.history's pairs, in order
     block = profile_block(profile_summary(ctx, target)) if pag or (augment and task.lamp_id in AUGMENTED) else ""
     pairs: list[tuple[str, str]] = []
-    for idx, item in enumerate(items):
-        prompt, answer = task.profile_pair(item)
+    for idx, (item, (prompt, answer)) in enumerate(zip(items, ctx.history(target), strict=True)):
         pairs.append(((block if pag else "") + prompt, answer))
         if augment and idx > 0 and task.lamp_id in AUGMENTED:
             earlier = items[:idx]
