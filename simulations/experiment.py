@@ -78,6 +78,7 @@ class EvalConfig:
     node: NodeConfig = field(default_factory=lambda: DEFAULT_NODE)  # sharers' and OPPU's training
     rag_k: int = 3
     lorahub_l1: float = 0.05
+    augment: bool = False  # official process_profile pairs for every search and OPPU (methods/augment.py): 2n-1 per n
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -418,7 +419,7 @@ class Prepared:
                 sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0])
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
                        sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter,
-                       privacy_metric=c.search.privacy_metric)
+                       folder=folder, privacy_metric=c.search.privacy_metric)
 
 
 def prepare(config: EvalConfig) -> Prepared:

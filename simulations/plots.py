@@ -143,7 +143,7 @@ def _base_settings(prime: list[dict[str, Any]]) -> dict[str, Any]:
 
 def axis_plot(points: list[dict[str, Any]], task: str, axis: str) -> tuple[plt.Figure, list[dict]] | None:
     """Utility along `axis`, one line per method and setting of the other (non-fixed) parameters."""
-    chosen = [p for p in points if p["task"] == task and axis in p["params"] and p["method"] in ("prime", "prime-rag", "uniform", "lorahub")]
+    chosen = [p for p in points if p["task"] == task and axis in p["params"] and p["method"] in ("prime", "prime-rag", "prime-pag", "uniform", "lorahub")]
     varying = {k for k in {k for p in chosen for k in p["params"]} - {axis, *_FIXED}
                if len({str(p["params"][k]) for p in chosen if k in p["params"]}) > 1}  # name a line only by what tells it apart
     series: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -175,7 +175,7 @@ def convergence(records: list[Mapping[str, Any]], task: str) -> tuple[plt.Figure
     """Best-so-far objective on the history per generation, mean over targets and seeds, per PriME label."""
     curves: dict[str, list[list[float]]] = defaultdict(list)
     for r in records:
-        if r["task"] == task and r["method"] in ("prime", "prime-rag") and r.get("trajectory"):
+        if r["task"] == task and r["method"] in ("prime", "prime-rag", "prime-pag") and r.get("trajectory"):
             curves[r["label"]].append([float(g["best_so_far"]) for g in r["trajectory"]])
     if not curves:
         return None

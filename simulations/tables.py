@@ -1,4 +1,11 @@
-"""The results table in the layout of the paper's Table 1: task and metric rows, method columns.
+"""The results table: task and metric rows, method columns.
+
+Two layouts: `methods` puts the columns in the order the run produced
+them; `table1` groups them as the paper's Table 1 (`TABLE1_GROUPS`: NP,
+RAG, PAG, PAG+RAG || PriME base, +RAG, +PAG || OPPU base, +RAG, +PAG ||
+top-1, uniform, LoraHub), each group's columns in that method order, then
+in run order (one column per alpha, k...); methods outside the groups
+come last. The Markdown table marks the group borders with a `‖` column.
 
 Per seed, a method's metrics are computed over the pooled held-out queries of
 all its targets (as LaMP scores a test set); a table entry is the mean over
@@ -45,6 +52,14 @@ FALLBACK = "fallback rate"
 DIVERGENCE_MEAN = "sharers' changed history answers (mean)"
 DIVERGENCE_MAX = "sharers' changed history answers (max)"
 DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX)
+LAYOUTS = ("methods", "table1")
+TABLE1_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("non-personalized", ("np", "rag", "pag", "pag-rag")),
+    ("PriME", ("prime", "prime-rag", "prime-pag")),
+    ("OPPU", ("oppu", "oppu-rag", "oppu-pag")),
+    ("baselines", ("top1", "uniform", "lorahub")),
+)
+GROUP_BORDER = "‖"
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,22 @@ class Row:
 class Table:
     columns: list[str]
     rows: list[Row]
+    groups: list[tuple[str, list[str]]] | None = None  # table1 layout: (group name, its columns) in order
+
+
+def table1_groups(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The non-empty Table 1 groups of the records' columns (labels), and an `other` group for the rest."""
+    first_method: dict[str, str] = {}
+    for r in records:
+        first_method.setdefault(r["label"], r["method"])
+    groups = []
+    for name, methods in TABLE1_GROUPS:
+        columns = [label for method in methods for label, m in first_method.items() if m == method]
+        if columns:
+            groups.append((name, columns))
+    grouped = {label for _, columns in groups for label in columns}
+    rest = [label for label in first_method if label not in grouped]
+    return groups + ([("other", rest)] if rest else [])
 
 
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
@@ -120,10 +151,13 @@ def _answer_diagnostics(task: TaskSpec, preds: list[str]) -> dict[str, float]:
     return {MAJORITY: float(p.max()), DISTINCT: float(len(counts)), ENTROPY: float(-(p * np.log2(p)).sum()) + 0.0}
 
 
-def build_table(records: Iterable[Mapping[str, Any]]) -> Table:
-    """Aggregate finished cells into the table (columns in order of first appearance)."""
+def build_table(records: Iterable[Mapping[str, Any]], layout: str = "methods") -> Table:
+    """Aggregate finished cells into the table (columns in order of first appearance, or grouped as Table 1)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown table layout {layout!r} (known: {', '.join(LAYOUTS)})")
     records = list(records)
-    columns = list(dict.fromkeys(r["label"] for r in records))
+    groups = table1_groups(records) if layout == "table1" else None
+    columns = [c for _, cols in groups for c in cols] if groups else list(dict.fromkeys(r["label"] for r in records))
     tasks = list(dict.fromkeys(r["task"] for r in records))
     scores = seed_scores(records)
     rows = []
@@ -138,7 +172,7 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> Table:
                     row.values[label] = Stat.of(per_seed)
             if row.values:
                 rows.append(row)
-    return Table(columns=columns, rows=rows)
+    return Table(columns=columns, rows=rows, groups=groups)
 
 
 def _task_name(task: str) -> str:
@@ -156,8 +190,17 @@ def _grid(table: Table) -> list[list[str]]:
     return [header, *body]
 
 
+def _with_borders(table: Table, grid: list[list[str]]) -> list[list[str]]:
+    """The grid with a `‖` column before every Table 1 group but the first."""
+    if not table.groups:
+        return grid
+    starts = {2 + table.columns.index(cols[0]) for _, cols in table.groups[1:]}
+    return [[cell for i, value in enumerate(line) for cell in ([GROUP_BORDER, value] if i in starts else [value])]
+            for line in grid]
+
+
 def to_markdown(table: Table) -> str:
-    header, *body = _grid(table)
+    header, *body = _with_borders(table, _grid(table))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
@@ -170,6 +213,7 @@ def to_csv(table: Table) -> str:
 def to_json(table: Table) -> dict[str, Any]:
     return {
         "columns": table.columns,
+        **({"groups": [{"name": name, "columns": cols} for name, cols in table.groups]} if table.groups else {}),
         "rows": [
             {"task": r.task, "metric": r.metric, "higher_is_better": None if r.diagnostic else r.higher_is_better,
              "values": {c: {"mean": s.mean, "std": s.std, "n_seeds": s.n} for c, s in r.values.items()}}
@@ -178,12 +222,12 @@ def to_json(table: Table) -> dict[str, Any]:
     }
 
 
-def write_results(records: Iterable[Mapping[str, Any]], out: str | Path) -> list[Path]:
-    """The table (`write_tables`) and the paired comparisons: OUT/paired.md, OUT/paired.json."""
+def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout: str = "methods") -> list[Path]:
+    """The table (`write_tables`, in `layout`) and the paired comparisons: OUT/paired.md, OUT/paired.json."""
     records = list(records)
     comparisons = paired.compare(records)
     out = output_folder(out)
-    return [*write_tables(build_table(records), out), write_text(out / "paired.md", paired.to_markdown(comparisons)),
+    return [*write_tables(build_table(records, layout), out), write_text(out / "paired.md", paired.to_markdown(comparisons)),
             write_text(out / "paired.json", json.dumps(paired.to_json(comparisons), indent=2, ensure_ascii=False))]
 
 

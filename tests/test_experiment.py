@@ -150,7 +150,7 @@ def test_grid_axes_expand_prime_and_uniform():
     [
         ({"data": "somewhere"}, "exactly one of --data DIR and --synthetic"),
         ({"synthetic": "poetry"}, "--synthetic must be one of"),
-        ({"methods": "np,pag"}, "unknown method 'pag'"),
+        ({"methods": "np,pagx"}, "unknown method 'pagx'"),
         ({"alphas": "0,-1"}, "alpha must be a finite number >= 0"),
         ({"alphas": "0,x"}, "key 'alphas'"),
         ({"history_fractions": "0"}, r"history-fraction must be in \(0, 1\]"),
@@ -214,3 +214,38 @@ def test_cli_runs_plots_and_reports_errors(tmp_path, capsys):
     assert "results.json: missing" in capsys.readouterr().err
     assert main(["eval", "--synthetic", "tagging"]) == 2
     assert "missing 'out'" in capsys.readouterr().err
+
+
+TABLE1_METHODS = "np,rag,pag,pag-rag,prime,prime-rag,prime-pag,oppu,oppu-rag,oppu-pag,top1,uniform,lorahub"
+
+
+def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, capsys, monkeypatch):
+    import simulations.methods.pag as pag
+
+    written = []
+    real = pag._write_summary
+    monkeypatch.setattr(pag, "_write_summary", lambda ctx, prompt: written.append(prompt) or real(ctx, prompt))
+    out = tmp_path / "run"
+    argv = ["eval", "--synthetic", "tagging", "--out", str(out), "--synth-users", "12", "--synth-history", "5",
+            "--synth-queries", "2", "--model-spec", "tiny", "--encoder", "hashing", "--targets", "2", "--sharers", "4",
+            "--epochs", "1", "--adapt-epochs", "1", "--budget", "1", "--popsize", "2", "--alphas", "0",
+            "--methods", TABLE1_METHODS, "--augment", "--no-plots", "--no-progress"]
+    assert main(argv) == 0
+    assert "26 cells (26 computed, 0 from the cache)" in capsys.readouterr().out
+    assert len(written) == 2  # one summary per target, shared by every PAG column and the augmented searches
+    records = experiment.load_results(out)
+    summaries = {(r["target"], r["extra"]["profile"]) for r in records if r["method"] in ("pag", "pag-rag", "oppu-pag", "prime-pag")}
+    assert len(summaries) == 2
+    assert all(r["params"]["augment"] for r in records if r["method"] in ("prime", "prime-rag", "prime-pag", "lorahub"))
+
+    assert main(["eval", "table", str(out), "--out", str(tmp_path / "t"), "--layout", "table1"]) == 0
+    header = (tmp_path / "t" / "table.md").read_text().splitlines()[0]
+    assert header == ("| task | metric | NP | RAG | PAG | PAG+RAG | ‖ | PriME α=0 aug=True | PriME+RAG α=0 aug=True "
+                      "| PriME+PAG α=0 aug=True | ‖ | OPPU aug=True | OPPU+RAG aug=True | OPPU+PAG aug=True | ‖ | top-1 "
+                      "| uniform k=3 | LoraHub k=3 aug=True |")
+
+    for cell in (out / "cells").rglob("pag-*.json"):  # drop the PAG cells: the rerun reads the summaries from disk
+        cell.unlink()
+    monkeypatch.setattr(pag, "_write_summary", lambda ctx, prompt: pytest.fail("summaries are kept per target"))
+    assert main(argv) == 0
+    assert "(4 computed, 22 from the cache)" in capsys.readouterr().out

@@ -51,18 +51,23 @@ def _no_lora_left(model) -> bool:
     return not any("lora" in name for name, _ in model.named_modules())
 
 
-@pytest.mark.parametrize("name", ["np", "rag", "oppu", "top1", "uniform", "lorahub", "prime", "prime-rag"])
+ALL = ["np", "rag", "pag", "pag-rag", "oppu", "oppu-rag", "oppu-pag", "top1", "uniform", "lorahub", "prime", "prime-rag",
+       "prime-pag"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_every_method_answers_the_targets_queries(prepared, ctx, name):
-    target, result = _run(ctx, name, **({"budget": 1, "popsize": 2} if name in ("lorahub", "prime", "prime-rag") else {}))
+    searched = name in ("lorahub", "prime", "prime-rag", "prime-pag")
+    target, result = _run(ctx, name, **({"budget": 1, "popsize": 2} if searched else {}))
     _check_common(ctx, target, result)
     assert _no_lora_left(ctx.model), f"{name} left LoRA layers on the shared model"
     assert {f"sharer-{s}" for s in ctx.plan.sharers} <= {p.name for p in (prepared.folder(0) / "adapters").iterdir()}
 
 
 def test_registry_has_one_entry_per_method_and_rejects_unknowns():
-    assert list(METHODS) == ["np", "rag", "oppu", "top1", "uniform", "lorahub", "prime", "prime-rag"]
-    with pytest.raises(MethodError, match="unknown method 'pag'"):
-        get_method("pag")
+    assert list(METHODS) == ALL
+    with pytest.raises(MethodError, match="unknown method 'pag-oppu'"):
+        get_method("pag-oppu")
     with pytest.raises(MethodError, match="no parameter 'alpha'"):
         get_method("uniform").params({"alpha": 1.0})
 

@@ -124,3 +124,27 @@ def test_sharer_divergence_rows_average_each_cells_mean_and_max_over_targets():
     assert (mean.values["PriME"].mean, top.values["PriME"].mean) == (pytest.approx(0.1), pytest.approx(0.2))
     assert (mean.values["PriME"].n, top.values["PriME"].std) == (2, pytest.approx(0.2828427))
     assert "| LaMP_3 (rating) | sharers' changed history answers (max) | 0.200 ± 0.283 | - |" in to_markdown(table)
+
+
+def test_table1_layout_groups_columns_as_the_paper_and_keeps_the_rest_last(tmp_path):
+    def named(label, method, seed=0):
+        return cell(label, seed, "t1", ["3"], ["3"]) | {"method": method}
+
+    cells = [named("LoraHub k=3", "lorahub"), named("PriME α=0.5", "prime"), named("NP", "np"), named("custom", "custom"),
+             named("OPPU+RAG", "oppu-rag"), named("PAG", "pag"), named("PriME+PAG α=0.5", "prime-pag"),
+             named("OPPU", "oppu"), named("PriME α=1", "prime")]
+    table = build_table(cells, layout="table1")
+    assert table.columns == ["NP", "PAG", "PriME α=0.5", "PriME α=1", "PriME+PAG α=0.5", "OPPU", "OPPU+RAG",
+                             "LoraHub k=3", "custom"]
+    assert to_markdown(table).splitlines()[0] == (
+        "| task | metric | NP | PAG | ‖ | PriME α=0.5 | PriME α=1 | PriME+PAG α=0.5 | ‖ | OPPU | OPPU+RAG | ‖ "
+        "| LoraHub k=3 | ‖ | custom |")
+    assert to_markdown(table).splitlines()[2].startswith("| LaMP_3 (rating) | mae ↓ | 0.000 | 0.000 | ‖ | 0.000 |")
+    assert to_csv(table).splitlines()[0] == ("task,metric,NP,PAG,PriME α=0.5,PriME α=1,PriME+PAG α=0.5,OPPU,OPPU+RAG,"
+                                             "LoraHub k=3,custom")
+    groups = to_json(table)["groups"]
+    assert [g["name"] for g in groups] == ["non-personalized", "PriME", "OPPU", "baselines", "other"]
+    assert build_table(cells).columns[:3] == ["LoraHub k=3", "PriME α=0.5", "NP"]  # methods layout: run order
+    assert "groups" not in to_json(build_table(cells))
+    with pytest.raises(ValueError, match="unknown table layout 'paper'"):
+        build_table(cells, layout="paper")

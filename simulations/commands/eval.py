@@ -1,8 +1,8 @@
-"""`prime-fl eval`: run the evaluation grid (NP, RAG, OPPU, top-1, uniform, LoraHub, PriME) with a resumable cache.
+"""`prime-fl eval`: run the evaluation grid (NP, RAG, PAG, OPPU, top-1, uniform, LoraHub, PriME...) with a resumable cache.
 
     prime-fl eval --synthetic tagging --out runs/tagging [--config FILE] [flags]
     prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
-    prime-fl eval table OUT... --out DIR   one table from several runs (e.g. several tasks)
+    prime-fl eval table OUT... --out DIR [--layout table1]   one table from several runs (e.g. several tasks)
 
 Flags override config-file keys (same names, `-` or `_`), which override the defaults.
 """
@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline, rating-skewed) into OUT/data")
     add_setting_options(parser, SyntheticConfig(), layered=True)
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
-    add("--methods", help=f"{_LIST}: np, rag, oppu, top1, uniform, lorahub, prime, prime-rag (default all but prime-rag)")
+    add("--methods", help=f"{_LIST}: np, rag, pag, pag-rag, oppu, oppu-rag, oppu-pag, top1, uniform, lorahub, prime, "
+                          "prime-rag, prime-pag (default: np, rag, oppu, top1, uniform, lorahub, prime)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
     add_model_options(parser, default=None, spec_help="gemma3-270m (default), tiny (tests), or an HF model folder")
     add("--encoder", help="user encoder: minilm (default), hashing[:DIM], or a sentence-transformers folder")
@@ -57,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         experiment.DEFAULT_NODE, layered=True)
     add("--rag-k", type=int, help="history items retrieved for RAG (default 3)")
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
+    add("--augment", action="store_const", const=True,
+        help="search (PriME, LoraHub) and train OPPU on the official process_profile pairs: each history item plus a "
+             "copy with the PAG profile and the BM25 top-1 earlier item in front (LaMP-2/3/4/5; default off: about "
+             "3x the fitness text on CPU)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
     run_on = parser.add_argument_group("where the cells run (not settings: the results are the same)")
@@ -72,9 +77,12 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     plot = sub.add_parser("plot", help="redraw the figures of a finished run")
     plot.add_argument("run", help="a run folder (holding results.json)")
     plot.set_defaults(func=_plot)
-    table = sub.add_parser("table", help="one Table-1 layout table from one or more runs")
+    table = sub.add_parser("table", help="one table from one or more runs")
     table.add_argument("runs", nargs="+", help="run folders (holding results.json)")
     table.add_argument("--out", dest="table_out", required=True, help="folder for table.{md,csv,json}")
+    table.add_argument("--layout", choices=tables.LAYOUTS, default="methods",
+                       help="methods: columns in run order (default); table1: the paper's Table 1 groups "
+                            "NP RAG PAG PAG+RAG | PriME +RAG +PAG | OPPU +RAG +PAG | top-1 uniform LoraHub")
     table.set_defaults(func=_table)
 
 
@@ -110,7 +118,7 @@ def _table(args: argparse.Namespace) -> int:
     records = [r for run in args.runs for r in experiment.load_results(run)]
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
-    tables.write_results(records, args.table_out)
-    print(tables.to_markdown(tables.build_table(records)), end="")
+    tables.write_results(records, args.table_out, layout=args.layout)
+    print(tables.to_markdown(tables.build_table(records, layout=args.layout)), end="")
     print((Path(args.table_out) / "paired.md").read_text(), end="")
     return 0

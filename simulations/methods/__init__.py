@@ -10,6 +10,7 @@ splits and seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy  # not `as np`: the submodule simulations.methods.np is bound to that name below
@@ -51,6 +52,7 @@ class Context:
     seed: int
     max_history: int
     train_adapter: Callable[[list[tuple[str, str]], str], LoraAdapter]
+    folder: Path | None = None  # the seed's prepare folder: what is written once per target (PAG summaries) is kept there
     progress: bool = False
     privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC  # PriME's privacy term and the held-out similarity
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -201,6 +203,7 @@ def get_method(name: str) -> Method:
 # One file per method; importing them fills the registry (order = default table column order).
 from simulations.methods import np as _np  # noqa: E402,F401
 from simulations.methods import rag as _rag  # noqa: E402,F401
+from simulations.methods import pag as _pag  # noqa: E402,F401
 from simulations.methods import oppu as _oppu  # noqa: E402,F401
 from simulations.methods import top1 as _top1  # noqa: E402,F401
 from simulations.methods import uniform as _uniform  # noqa: E402,F401

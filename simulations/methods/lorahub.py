@@ -26,6 +26,7 @@ from server.personalize import target_seed
 from simulations.methods import (
     Context, Method, MethodResult, answer, applied, finish, per_k, query_prompts, register, top_k,
 )
+from simulations.methods.augment import fitness_history
 
 if TYPE_CHECKING:
     from simulations.experiment import EvalConfig
@@ -37,15 +38,15 @@ BOUNDS = (-1.5, 1.5)
 class LoraHub(Method):
     name = "lorahub"
     title = "LoraHub"
-    defaults = {"k": 3, "min_sharers": 2, "budget": 6, "popsize": 6, "l1": 0.05}
+    defaults = {"k": 3, "min_sharers": 2, "budget": 6, "popsize": 6, "l1": 0.05, "augment": False}
 
     def grid(self, config: EvalConfig) -> list[dict]:
-        """Per k, as many evaluations as PriME's search (budget x popsize)."""
-        return [{"k": s.k, "min_sharers": s.min_sharers, "budget": s.budget, "popsize": s.popsize, "l1": config.lorahub_l1}
-                for s in per_k(config)]
+        """Per k, as many evaluations as PriME's search (budget x popsize), on the same fitness pairs."""
+        return [{"k": s.k, "min_sharers": s.min_sharers, "budget": s.budget, "popsize": s.popsize, "l1": config.lorahub_l1,
+                 "augment": config.augment} for s in per_k(config)]
 
     def label(self, params: Mapping) -> str:
-        return f"LoraHub k={params['k']}"
+        return f"LoraHub k={params['k']}" + (" aug=True" if params["augment"] else "")
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
         import nevergrad as ng
@@ -53,7 +54,7 @@ class LoraHub(Method):
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=int(params["min_sharers"]))
         adapters = [ctx.sharer_adapters[s] for s in sharers]
         task = history_task(ctx.task)
-        history = ctx.history(target)
+        history = fitness_history(ctx, target, augment=bool(params["augment"]))
         prompts, golds = [p for p, _ in history], [y for _, y in history]
         l1 = float(params["l1"])
 

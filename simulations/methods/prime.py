@@ -1,8 +1,12 @@
-"""PriME at a given alpha (server.personalize, exactly as the federation runs it), and PriME + RAG.
+"""PriME at a given alpha (server.personalize, exactly as the federation runs it), PriME + RAG and PriME + PAG.
 
 PriME + RAG answers each held-out query with the merged adapter on a
 RAG prompt (simulations/methods/rag.py); the merge itself is searched on
-plain history prompts, as in PriME.
+plain history prompts, as in PriME. PriME + PAG answers on PAG prompts
+(simulations/methods/pag.py) and searches on history prompts that carry
+the same profile block, so its fitness scores the prompts it will be
+asked in. With `augment` every variant searches on the official
+`process_profile` pairs (simulations/methods/augment.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 from common.settings import SearchConfig, options
 from server.personalize import personalize, target_seed
 from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
+from simulations.methods.augment import AUGMENTED, fitness_history
+from simulations.methods.pag import pag_prompts, profile_summary
 from simulations.methods.rag import rag_prompts
 
 if TYPE_CHECKING:
@@ -23,7 +29,8 @@ if TYPE_CHECKING:
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
 # Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
-_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge"}
+_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge",
+             "augment": "aug"}
 
 
 @register
@@ -31,11 +38,14 @@ class PriME(Method):
     name = "prime"
     title = "PriME"
     rag = False
-    defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS}, "rag_k": 3}
+    pag = False
+    defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS}, "rag_k": 3,
+                "augment": False}
 
     def grid(self, config: EvalConfig) -> list[dict]:
         """One cell per search of the evaluation (its swept settings' product)."""
-        return [{name: getattr(s, name) for name in SEARCH_PARAMS} | {"rag_k": config.rag_k} for s in config.searches()]
+        return [{name: getattr(s, name) for name in SEARCH_PARAMS} | {"rag_k": config.rag_k, "augment": config.augment}
+                for s in config.searches()]
 
     def label(self, params: Mapping) -> str:
         extra = [f"{short}={params[key]}" for key, short in _LABELLED.items() if params[key] != self.defaults[key]]
@@ -46,12 +56,20 @@ class PriME(Method):
         return SearchConfig(**{name: params[name] for name in SEARCH_PARAMS}, seed=target_seed(ctx.seed, target))
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+        history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=self.pag)
         result = personalize(
-            ctx.model, ctx.tokenizer, ctx.task, ctx.history(target), ctx.embeddings[target], ctx.sharers(),
+            ctx.model, ctx.tokenizer, ctx.task, history, ctx.embeddings[target], ctx.sharers(),
             self.search_config(ctx, target, params), progress=ctx.progress,
         )
-        prompts = rag_prompts(ctx, target, int(params["rag_k"])) if self.rag else query_prompts(ctx, target)[0]
+        if self.pag:
+            prompts = pag_prompts(ctx, target)
+        elif self.rag:
+            prompts = rag_prompts(ctx, target, int(params["rag_k"]))
+        else:
+            prompts = query_prompts(ctx, target)[0]
         preds = answer(ctx, result.adapter, prompts)
+        wrote_profile = self.pag or (params["augment"] and ctx.task.lamp_id in AUGMENTED)
+        profile = {"profile": profile_summary(ctx, target)} if wrote_profile else {}
         return finish(
             ctx, target, preds, result.sharer_ids, weights=result.weights, fallback=result.fallback,
             sharer_divergence={"per_sharer": result.sharer_divergence, "mean": float(np.mean(result.sharer_divergence)),
@@ -59,7 +77,7 @@ class PriME(Method):
             trajectory=result.trajectory,
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
                    "evaluations": result.evaluations, "timings": result.timings,
-                   "searched_weights": result.searched_weights},  # the best candidate, also when it lost
+                   "searched_weights": result.searched_weights} | profile,  # the best candidate, also when it lost
         )
 
 
@@ -68,3 +86,10 @@ class PriMERAG(PriME):
     name = "prime-rag"
     title = "PriME+RAG"
     rag = True
+
+
+@register
+class PriMEPAG(PriME):
+    name = "prime-pag"
+    title = "PriME+PAG"
+    pag = True
