@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
 # Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
-_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge"}
+_LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge",
+             "release_rank": "rank"}
 
 
 @register
@@ -59,7 +60,8 @@ class PriME(Method):
             trajectory=result.trajectory,
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
                    "evaluations": result.evaluations, "timings": result.timings,
-                   "searched_weights": result.searched_weights},  # the best candidate, also when it lost
+                   "searched_weights": result.searched_weights,  # the best candidate, also when it lost
+                   **result.extra},  # rank-limited release: its rank, what was scored, energy kept
         )
 
 
