@@ -99,3 +99,28 @@ def test_rank_limited_release_loads_in_stock_peft(tmp_path):
     enc = tok(["Review: great film. Score:"], return_tensors="pt")
     with torch.no_grad():
         assert not torch.allclose(peft_model(**enc).logits, fresh(**enc).logits)  # the release changes the model
+
+
+def test_the_federation_searches_and_releases_with_the_run_configs_release_rank(tmp_path, monkeypatch):
+    import server.coordinator
+    from client.app import app as client_app
+    from inprocess_grid import InProcessGrid, tiny_config
+    from server.coordinator import Coordinator
+
+    real, seen = server.coordinator.personalize, []
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append((args[6].release_rank, result))
+        return result
+
+    monkeypatch.setattr(server.coordinator, "personalize", spy)
+    config = tiny_config(str(tmp_path / "run"), release_rank=1)
+    report = Coordinator(grid=InProcessGrid(client_app, 10), config=config, registry_key=b"k" * 32).run().to_dict()
+    assert report["status"] == "complete", report["reasons"]
+    assert report["config"]["release-rank"] == 1 and [rank for rank, _ in seen] == [1, 1]
+    for _, result in seen:
+        if not result.fallback:  # on the random tiny model a search may well fall back
+            user = next(u for u, t in report["targets"].items() if t["sharers"] == result.sharer_ids)
+            assert report["targets"][user]["release"]["rank"] == 1
+            assert LoraAdapter.load(tmp_path / "run" / "targets" / user / "adapter").r == 1
