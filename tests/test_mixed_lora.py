@@ -96,11 +96,13 @@ def test_removal_restores_model_and_guards(setup):
     assert all(type(m).__name__ != "MixedLinear" for m in model.modules())
 
 
-@pytest.mark.parametrize("merge", list(MERGES))
-def test_rank_limited_rows_match_the_released_adapter(setup, tmp_path, merge):
+@pytest.mark.parametrize("merge, level", [("exact", "lora"), ("elementwise", "lora"), ("exact", "layer")])
+def test_rank_limited_rows_match_the_released_adapter(setup, tmp_path, merge, level):
     """With a rank limit each row is its candidate's merge as released (truncated), and truncate=False the whole merge."""
     model, tok, adapters = setup
     population = torch.tensor([[0.9, -0.5, 0.4], [-1.2, 0.3, 1.1]])
+    if level == "layer":  # a different weight per layer (the tiny model has 2)
+        population = torch.stack([population, population.flip(1)], dim=2)
     cand = torch.arange(2).repeat(len(PROMPTS))
     prompts = [p for p in PROMPTS for _ in range(2)]
     enc = tok(prompts, return_tensors="pt", padding=True)
