@@ -127,6 +127,41 @@ def merge_exact(adapters: Sequence[LoraAdapter], weights: torch.Tensor | Sequenc
     )
 
 
+def orthonormal_core(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(Q_b, K, Q_a)` in float64 with `B @ A = Q_b @ K @ Q_a.T`, Q's orthonormal columns, K at most R x R.
+
+    The SVD of a rank-R product is the SVD of its small core K carried
+    through the orthonormal bases (reduced QR of B and of A^T), so a merged
+    update of k sharers can be truncated without ever forming the out x in
+    matrix: O((out + in) R^2) instead of O(out in R).
+    """
+    q_b, r_b = torch.linalg.qr(b.to(torch.float64))
+    q_a, r_a = torch.linalg.qr(a.to(torch.float64).T)
+    return q_b, r_b @ r_a.T, q_a
+
+
+def truncated_factors(
+    a: torch.Tensor, b: torch.Tensor, scaling: float, rank: int, rel_tol: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical (SVD) factors `(A'' [rank, in], B'' [out, rank])` of the best rank-`rank` approximation of `g B A`.
+
+    `g B'' A''` is the truncated SVD `U_r S_r V_r^T` of the update (Eckart-Young:
+    the closest rank-`rank` matrix in Frobenius and spectral norm), with the
+    singular values split evenly between the factors and the scaling `g`
+    kept. Directions below `rel_tol` of the largest singular value, and slots
+    past the update's rank, are zero.
+    """
+    q_b, core, q_a = orthonormal_core(a, b)
+    u, s, vh = torch.linalg.svd(scaling * core, full_matrices=False)
+    keep = min(rank, int((s > rel_tol * max(float(s[0]) if s.numel() else 0.0, 1e-30)).sum()))
+    root = torch.sqrt(s[:keep] / scaling)
+    new_b = torch.zeros(b.shape[0], rank, dtype=torch.float64)
+    new_a = torch.zeros(rank, a.shape[1], dtype=torch.float64)
+    new_b[:, :keep] = (q_b @ u[:, :keep]) * root
+    new_a[:keep] = root[:, None] * (vh[:keep] @ q_a.T)
+    return new_a, new_b
+
+
 def check_elementwise(adapters: Sequence[LoraAdapter]) -> list[str]:
     """`check_compatible`, plus one rank and one scaling for all adapters (their factors are added slot by slot)."""
     modules = check_compatible(adapters)

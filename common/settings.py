@@ -252,6 +252,11 @@ class SearchConfig:
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
     share_cap: float = setting(1.0, "largest share of a merged update one sharer may carry (1: no cap; at least 1/k): "
                                     "every candidate is repaired onto it (server.share_cap)", FRACTION)
+    release_rank: int = setting(0, "release only the top r singular directions of each module's merged update, a "
+                                   "rank-r LoRA (0: the whole merge; the size of one LoRA, lora-r, is the natural r)",
+                                at_least(0), sweep="release-ranks")
+    score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "
+                                        "false: it scores the whole merge and only the winner is truncated")
     batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass", at_least(1))
     bounds: tuple[float, ...] = setting((-1.5, 1.5), "(low, high) of every weight", exposed=False)
     x0: float | None = setting(None, "start value of every weight; None: 1/k (the plain average of the sharers)",

@@ -5,6 +5,12 @@ one prompt, each row mixes the sharers' LoRAs with its candidate's weights
 (server.mixed_lora), and common.inference batches them. The sharers' own
 predictions on the history do not depend on the weights, so they are
 computed once, through the same mixer with one-hot weights.
+
+With `release-rank` the target receives each merge truncated to its top r
+singular directions (server.release); with `score-release` (the default)
+each candidate is scored in that truncated form, so the search optimizes
+what is actually released. The sharers' predictions stay those of their
+own, untruncated adapters.
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ class FitnessEvaluator:
         search: SearchConfig = SearchConfig(),
     ):
         """Score on `history` with the search's alpha, weight level, history fraction, seed, batch size,
-        privacy metric and merge (the record checked them)."""
+        privacy metric, merge and release rank (the record checked them)."""
         self.model, self.tokenizer = model, tokenizer
         self.task = history_task(task)
         self.alpha = search.alpha
@@ -112,11 +118,12 @@ class FitnessEvaluator:
         order = sorted(range(len(items)), key=lambda i: -len(tokenizer(items[i][0]).input_ids))
         self.prompts = [items[i][0] for i in order]
         self.golds = [items[i][1] for i in order]
-        self.mixer = PopulationMixer(model, adapters, search.merge)
+        self.mixer = PopulationMixer(model, adapters, search.merge, release_rank=search.release_rank)
+        self.score_release = search.release_rank > 0 and search.score_release
         self.k = self.mixer.k
         self.weight_shape: tuple[int, ...] = (self.k,) if search.weight_level == "lora" else (self.k, len(self.mixer.layers))
         self.dim = int(np.prod(self.weight_shape))
-        self.sharer_preds = self.predict(self.one_hot())
+        self.sharer_preds = self.predict(self.one_hot(), truncate=False)
         self.unmerged = self.evaluate(np.zeros((1, self.dim)))[0]
 
     def one_hot(self) -> np.ndarray:
@@ -126,14 +133,19 @@ class FitnessEvaluator:
             eye = np.repeat(eye[:, :, None], self.weight_shape[1], axis=2)
         return eye.reshape(self.k, self.dim)
 
-    def predict(self, population: np.ndarray | torch.Tensor) -> list[list[str]]:
-        """Predictions on the history for every candidate: [P][H] strings."""
+    def predict(self, population: np.ndarray | torch.Tensor, truncate: bool | None = None) -> list[list[str]]:
+        """Predictions on the history for every candidate: [P][H] strings.
+
+        `truncate`: score the rank-limited release of each merge (default: as
+        the search scores, `score-release`); only meaningful with `release-rank`.
+        """
+        truncate = self.score_release if truncate is None else truncate
         flat = torch.as_tensor(np.asarray(population, dtype=np.float64)).reshape(-1, self.dim)
         n_cand, n_hist = flat.shape[0], len(self.prompts)
         prompts = [p for p in self.prompts for _ in range(n_cand)]  # item-major: equal lengths side by side
         candidate_of_prompt = torch.arange(n_cand).repeat(n_hist)
         with self.mixer:
-            self.mixer.set_population(flat.reshape(n_cand, *self.weight_shape), candidate_of_prompt)
+            self.mixer.set_population(flat.reshape(n_cand, *self.weight_shape), candidate_of_prompt, truncate=truncate)
             if self.task.profile_labels is not None:
                 flat_preds = predict_labels(
                     self.model, self.tokenizer, prompts, self.task.profile_labels,
@@ -147,9 +159,9 @@ class FitnessEvaluator:
                 )
         return [[flat_preds[h * n_cand + c] for h in range(n_hist)] for c in range(n_cand)]
 
-    def evaluate(self, population: np.ndarray | torch.Tensor) -> list[FitnessParts]:
-        """Utility, privacy and objective of each candidate (rows of `population`)."""
+    def evaluate(self, population: np.ndarray | torch.Tensor, truncate: bool | None = None) -> list[FitnessParts]:
+        """Utility, privacy and objective of each candidate (rows of `population`); `truncate` as in `predict`."""
         return [
             score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric)
-            for preds in self.predict(population)
+            for preds in self.predict(population, truncate)
         ]

@@ -10,6 +10,16 @@ only the middle step: the scaled intermediate is summed over sharers
 (`A' x`) and re-spread with the weights, so the B matmul yields `B' A' x`.
 No model copies, no re-merging per candidate; the wrappers come off when the
 context manager exits, leaving the model as it was.
+
+With a rank limit (`release_rank` r > 0, as `server.release` releases) each
+row instead gets its candidate's merge truncated to its top r singular
+directions. The stacked factors are replaced once by orthonormal bases
+(`B_all = Q_b R_b`, `A_all^T = Q_a R_a`); a candidate's merge is then
+`Q_b K Q_a^T` with a small core `K = R_b M^T R_a^T` (M: the merge's mixing
+of the R-wide intermediate, `diag(w)` for the exact merge), whose rank-r SVD
+truncation is exactly that of the merge. So a row computes `x Q_a`, one
+R x R product with its candidate's truncated core, and `Q_b`: the truncated
+candidate costs a few small SVDs per generation, not a forward per candidate.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ class _RowScales:
 
     def __init__(self) -> None:
         self.population: dict[str, torch.Tensor] = {}
+        self.cores: dict[str, torch.Tensor] = {}  # rank-limited mode: per-module [P, R_a, R_b] row-side cores
         self.candidate_of_prompt: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
 
@@ -52,9 +63,13 @@ class MixedLinear(nn.Module):
             raise RuntimeError("PopulationMixer: forward called before set_population / rows_hook")
         if rows.shape[0] != x.shape[0]:
             raise RuntimeError(f"PopulationMixer: rows hook gave {rows.shape[0]} rows, the batch has {x.shape[0]}")
-        scale = self.state.population[self.module].index_select(0, rows)  # [B, R]
         h = torch.matmul(x, self.a_all.t())  # [B, T, R]
-        h = self.merge.mix(h, scale.unsqueeze(1).to(device=h.device, dtype=h.dtype), self.k)
+        if self.module in self.state.cores:  # rank-limited: a_all = Q_a^T, b_all = Q_b, each row its own core
+            core = self.state.cores[self.module].index_select(0, rows)  # [B, R_a, R_b]
+            h = torch.matmul(h, core.to(device=h.device, dtype=h.dtype))
+        else:
+            scale = self.state.population[self.module].index_select(0, rows)  # [B, R]
+            h = self.merge.mix(h, scale.unsqueeze(1).to(device=h.device, dtype=h.dtype), self.k)
         return y + torch.matmul(h, self.b_all.t())
 
 
@@ -65,10 +80,12 @@ class PopulationMixer:
     layer-level [P, k, n_layers] weights and the candidate of every prompt in
     the caller's list; `rows_hook` (passed to common.inference) maps each
     forward's rows to prompts, hence to candidates. `merge` names the
-    combination (`common.lora_math.MERGES`).
+    combination (`common.lora_math.MERGES`); `release_rank` > 0 truncates
+    every candidate's merge to that many directions, as it would be released.
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], merge: str = DEFAULT_MERGE):
+    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], merge: str = DEFAULT_MERGE,
+                 release_rank: int = 0):
         self.model = model
         self.k = len(adapters)
         self.merge = get_merge(merge)
@@ -78,20 +95,32 @@ class PopulationMixer:
         self._state = _RowScales()
         self._installed: list[tuple[nn.Module, str, nn.Module]] = []
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.release_rank = release_rank
+        self._triangles: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # rank-limited: (R_a, R_b), float64
         first = next(model.parameters())
         dtype, device = first.dtype, first.device
         per_adapter = [factors(a) for a in adapters]
         scalings = [a.scaling for a in adapters]
         for m in self.modules:
-            a_all = torch.cat([fac[m][0] for fac in per_adapter], dim=0).to(device=device, dtype=dtype)
-            b_all = torch.cat([fac[m][1] * g for fac, g in zip(per_adapter, scalings)], dim=1).to(device=device, dtype=dtype)
-            self._stacks[m] = (a_all.contiguous(), b_all.contiguous())
+            a_all = torch.cat([fac[m][0] for fac in per_adapter], dim=0)
+            b_all = torch.cat([fac[m][1] * g for fac, g in zip(per_adapter, scalings)], dim=1)
+            if release_rank > 0:
+                q_b, r_b = torch.linalg.qr(b_all.to(torch.float64))
+                q_a, r_a = torch.linalg.qr(a_all.to(torch.float64).T)
+                self._triangles[m] = (r_a, r_b)
+                a_all, b_all = q_a.T, q_b
+            self._stacks[m] = (a_all.to(device=device, dtype=dtype).contiguous(),
+                               b_all.to(device=device, dtype=dtype).contiguous())
 
     def _rank_expand(self) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(self.k), torch.tensor(self.ranks))
 
-    def set_population(self, weights: torch.Tensor, candidate_of_prompt: torch.Tensor) -> None:
-        """Weights [P, k] or [P, k, n_layers]; `candidate_of_prompt[j]` = candidate of prompt j."""
+    def set_population(self, weights: torch.Tensor, candidate_of_prompt: torch.Tensor, truncate: bool = True) -> None:
+        """Weights [P, k] or [P, k, n_layers]; `candidate_of_prompt[j]` = candidate of prompt j.
+
+        `truncate=False` scores the whole merges even with a rank limit (the
+        sharers' own adapters, the untruncated search).
+        """
         w = torch.as_tensor(weights, dtype=torch.float32)
         if w.dim() == 2 and w.shape[1] == self.k:
             per_module = {m: w for m in self.modules}
@@ -107,8 +136,30 @@ class PopulationMixer:
             raise ValueError(f"candidate_of_prompt refers to candidates outside 0..{w.shape[0] - 1}")
         expand = self._rank_expand()
         self._state.population = {m: pw[:, expand].contiguous() for m, pw in per_module.items()}
+        self._state.cores = {m: self._core(m, pw, truncate) for m, pw in self._state.population.items()} \
+            if self.release_rank > 0 else {}
         self._state.candidate_of_prompt = cand
         self._state.rows = None
+
+    def _core(self, module: str, scale: torch.Tensor, truncate: bool) -> torch.Tensor:
+        """[P, R_a, R_b]: the row-side factor `K^T` of every candidate's merge on the orthonormal bases.
+
+        The merge's mixing is linear in the intermediate, so applying it to
+        the identity gives its matrix M (`mix(h) = h M`); the merged update is
+        `B_all M^T A_all = Q_b (R_b M^T R_a^T) Q_a^T`, and truncating the core
+        truncates the update.
+        """
+        r_a, r_b = self._triangles[module]
+        width = scale.shape[1]
+        eye = torch.eye(width, dtype=torch.float64).expand(scale.shape[0], width, width)
+        mixing = self.merge.mix(eye, scale.to(torch.float64).unsqueeze(1), self.k)  # [P, R, R]
+        core = r_b @ mixing.transpose(1, 2) @ r_a.T  # [P, R_b, R_a]
+        if truncate:
+            u, s, vh = torch.linalg.svd(core, full_matrices=False)
+            keep = min(self.release_rank, s.shape[1])
+            core = (u[:, :, :keep] * s[:, None, :keep]) @ vh[:, :keep]
+        stack = self._stacks[module][0]
+        return core.transpose(1, 2).to(device=stack.device, dtype=stack.dtype).contiguous()
 
     def rows_hook(self, prompt_index: torch.Tensor) -> None:
         """Called by common.inference before every forward with each row's prompt index."""

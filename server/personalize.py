@@ -27,8 +27,8 @@ from common.progress import report as report_progress
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
 from server.fitness import FitnessEvaluator, FitnessParts
-from server.release import release
-from server.search import OPTIMIZERS, OptimizerConfig, make_optimizer, run_search
+from server.release import kept_energy, release
+from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, make_optimizer, run_search
 from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
@@ -60,7 +60,7 @@ def target_seed(seed: int, user_id: str) -> int:
 class PersonalizationResult:
     """What the target gets (one adapter, or None = keep the unmerged model) and how it was found."""
 
-    adapter: LoraAdapter | None  # released (SVD) form of the merge; None on fallback
+    adapter: LoraAdapter | None  # released (SVD, rank-limited with release-rank) form of the merge; None on fallback
     weights: list | None  # [k] or [k][n_layers]; None on fallback
     sharer_ids: list[str]
     sharer_similarity: list[float]  # cosine of the target's embedding with each chosen sharer's
@@ -163,12 +163,19 @@ def personalize(
     t3 = time.perf_counter()
     weights = None
     adapter = None
+    extra: dict = {}
     if not found.fallback:
         shaped = found.best_weights.reshape(evaluator.weight_shape)
+        merged = MERGES[config.merge].build(adapters, torch.as_tensor(shaped))
         # Released form: the merged factors (the stacked ones of the exact merge above all) would
-        # show the target more than their product; the release keeps the product only.
-        adapter = release(MERGES[config.merge].build(adapters, torch.as_tensor(shaped)))
+        # show the target more than their product; the release keeps the product only (its top
+        # release-rank directions with a limit).
+        adapter = release(merged, config.release_rank)
         weights = shaped.tolist()
+        if config.release_rank > 0:
+            extra["release"] = _rank_limited(evaluator, found, adapter, kept_energy(merged, adapter))
+            if extra["release"]["fallback"]:  # as run_search reports a fallback: the unmerged model's parts
+                adapter, weights, found.fallback, found.best_parts = None, None, True, found.unmerged_parts
     t4 = time.perf_counter()
     return PersonalizationResult(
         adapter=adapter,
@@ -188,6 +195,7 @@ def personalize(
         searched_weights=None if found.searched_weights is None else found.searched_weights.reshape(evaluator.weight_shape).tolist(),
         history_size=len(evaluator.prompts),
         sharer_divergence=divergence,
+        extra=extra,
     )
 
 
@@ -196,6 +204,23 @@ def sharer_divergence(sharer_preds: Sequence[Sequence[str]], unmerged_preds: Seq
     if not unmerged_preds:
         return [0.0 for _ in sharer_preds]
     return [float(np.mean([a != b for a, b in zip(preds, unmerged_preds, strict=True)])) for preds in sharer_preds]
+
+
+def _rank_limited(evaluator: FitnessEvaluator, found: SearchResult, adapter: LoraAdapter, energy: float) -> dict[str, object]:
+    """What the rank-limited release handed out, for the report.
+
+    When the search scored the whole merges (`score-release = false`), the
+    truncated winner is scored once more, and the target falls back to the
+    unmerged model if that released form no longer beats it: the fallback
+    promise is about what the target receives.
+    """
+    record: dict[str, object] = {"rank": adapter.r, "kept_energy": energy,
+                                 "scored": "released" if evaluator.score_release else "merge", "fallback": False}
+    if not evaluator.score_release:
+        released = evaluator.evaluate(found.best_weights[None], truncate=True)[0]
+        record["released"] = released.to_dict()
+        record["fallback"] = not released.objective > found.unmerged_parts.objective
+    return record
 
 
 def _progress_lines(name: str | None, budget: int) -> Callable[[int, float], None] | None:

@@ -88,6 +88,8 @@ class RunReport:
             "search_seconds": round(seconds, 3),
             "seed": int(result.config.seed),
         }
+        if "release" in result.extra:  # rank-limited release: its rank, what the search scored, energy kept
+            self.targets[user_id]["release"] = plain(result.extra["release"])
 
     def add_evaluation(self, user_id: str, metrics: Mapping[str, Any]) -> None:
         self.targets.setdefault(user_id, {})["metrics"] = {k: float(v) for k, v in metrics.items()}

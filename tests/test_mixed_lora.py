@@ -10,6 +10,7 @@ from common.inference import score_labels
 from common.lora_math import MERGES, random_adapter
 from common.models import tiny_model
 from server.mixed_lora import PopulationMixer
+from server.release import release
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
@@ -93,3 +94,29 @@ def test_removal_restores_model_and_guards(setup):
     torch.testing.assert_close(zero, before, rtol=1e-5, atol=1e-6)
     assert torch.equal(before, after)
     assert all(type(m).__name__ != "MixedLinear" for m in model.modules())
+
+
+@pytest.mark.parametrize("merge, level", [("exact", "lora"), ("elementwise", "lora"), ("exact", "layer")])
+def test_rank_limited_rows_match_the_released_adapter(setup, tmp_path, merge, level):
+    """With a rank limit each row is its candidate's merge as released (truncated), and truncate=False the whole merge."""
+    model, tok, adapters = setup
+    population = torch.tensor([[0.9, -0.5, 0.4], [-1.2, 0.3, 1.1]])
+    if level == "layer":  # a different weight per layer (the tiny model has 2)
+        population = torch.stack([population, population.flip(1)], dim=2)
+    cand = torch.arange(2).repeat(len(PROMPTS))
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    mixer = PopulationMixer(model, adapters, merge, release_rank=1)
+    outputs = {}
+    with mixer, torch.no_grad():
+        for truncate in (True, False):
+            mixer.set_population(population, cand, truncate=truncate)
+            mixer.rows_hook(torch.arange(len(prompts)))
+            outputs[truncate] = model(**enc).logits[:, -1]
+    for c in range(2):
+        merged = MERGES[merge].build(adapters, population[c].double())
+        released = _peft_logits(release(merged, 1), tok, PROMPTS, tmp_path / f"released{c}")
+        whole = _peft_logits(merged, tok, PROMPTS, tmp_path / f"whole{c}")
+        torch.testing.assert_close(outputs[True][cand == c], released, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outputs[False][cand == c], whole, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(released, whole, atol=1e-4)  # the truncation changes the model

@@ -13,11 +13,13 @@ from common.adapters import LoraAdapter, applied
 from common.encoder import load_encoder, save_embeddings, user_embedding
 from common.inference import predict
 from common.lamp import profile_pairs, write_lamp
-from common.lora_math import delta, merge_elementwise, module_names, random_adapter
+from common.lora_math import delta, merge_elementwise, merge_exact, module_names, random_adapter
 from common.models import tiny_model
 from common.synthetic import synthesize
 from common.settings import SearchConfig, SearchConfigError
+from server.fitness import FitnessEvaluator
 from server.personalize import personalize
+from server.release import kept_energy, release
 from server.selection import MinSharersError
 from simulations.cli import main
 
@@ -138,6 +140,7 @@ def test_refuses_an_unknown_optimizer_before_any_work(world):
         ({"popsize": 1}, "popsize"),
         ({"privacy_metric": "bleu"}, "privacy-metric"),
         ({"merge": "average"}, "merge"),
+        ({"release_rank": -1}, "release-rank"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -212,3 +215,37 @@ def test_elementwise_merge_is_what_the_target_receives(world):
     assert result.adapter.r == expected.r  # rank r, not k * r
     for m in module_names(expected.tensors):
         torch.testing.assert_close(delta(result.adapter, m), delta(expected, m), rtol=1e-4, atol=1e-6)
+
+
+def test_rank_limited_release_is_what_the_search_scored_and_what_the_target_receives(world):
+    model, tok, data, emb, adapters = world
+    config = SearchConfig(k=3, alpha=0.5, seed=4, release_rank=2, **FAST)
+    result = _run(world, config)
+    assert not result.fallback
+    chosen = [adapters[s] for s in result.sharer_ids]
+    merged = merge_exact(chosen, torch.tensor(result.weights, dtype=torch.float64))
+    assert result.adapter.r == 2  # one LoRA's rank, not k * r = 6
+    expected = release(merged, 2)
+    for m in module_names(expected.tensors):
+        torch.testing.assert_close(delta(result.adapter, m), delta(expected, m), rtol=1e-4, atol=1e-6)
+    record = result.extra["release"]
+    assert record["rank"] == 2 and record["scored"] == "released" and not record["fallback"]
+    assert 0 < record["kept_energy"] < 1 and record["kept_energy"] == pytest.approx(kept_energy(merged, result.adapter))
+    target = data.users[0]
+    evaluator = FitnessEvaluator(model, tok, data.task, profile_pairs(data.task, target.profile), chosen, config)
+    with torch.no_grad():
+        truncated, whole = (evaluator.evaluate(np.asarray(result.weights)[None], truncate=t)[0] for t in (True, False))
+    assert result.best == truncated  # the search's best is the released form's score
+    assert result.best.objective > result.unmerged.objective
+    assert whole != truncated  # ... which is not the whole merge's
+
+
+def test_untruncated_search_scores_its_winner_once_more_as_released(world):
+    result = _run(world, SearchConfig(k=3, alpha=0.5, seed=4, release_rank=1, score_release=False, **FAST))
+    record = result.extra["release"] if "release" in result.extra else None
+    assert record is not None and record["scored"] == "merge" and record["rank"] == 1
+    released = record["released"]["objective"]
+    assert record["fallback"] == (not released > result.unmerged.objective)
+    assert (result.adapter is None) == record["fallback"] == result.fallback
+    if not record["fallback"]:
+        assert result.adapter.r == 1

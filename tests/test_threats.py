@@ -54,6 +54,19 @@ def test_leak_rejects_bad_inputs(model, adapters):
         block_leak([adapters[0], other_rank], [1.0, 1.0])
 
 
+def test_leak_against_a_rank_limited_release(adapters):
+    whole = block_leak(adapters, [0.7, -1.2, 0.4])
+    limited = block_leak(adapters, [0.7, -1.2, 0.4], release_rank=R)
+    assert limited.release_rank == R and whole.release_rank == 0
+    assert limited.release_delta_error > 0.1, "k rank-r updates do not fit in r directions"
+    assert limited.released_union_angle_deg > 10, "a sharer's row space no longer fits inside the release"
+    assert limited.released_a_error > 0.3
+    # The released update is the merge's top-r part: what the top-r reading got from the whole release.
+    assert limited.released_top_r_error == pytest.approx(whole.released_top_r_error, rel=1e-4)
+    with pytest.raises(ThreatError, match="release rank"):
+        block_leak(adapters, [0.7, -1.2, 0.4], release_rank=-1)
+
+
 def test_subspace_helpers_on_known_cases():
     x = np.eye(4)[:2]
     assert max_principal_angle(x, np.eye(4)[:2] * 3) == pytest.approx(0.0, abs=1e-6)
@@ -87,6 +100,15 @@ def test_recovery_exact_with_known_weights_only_once_m_reaches_k(adapters):
     assert min(remix["parts_rank"]) > max(remix["true_rank"]) == R
 
 
+def test_unmixing_fails_against_rank_limited_releases(adapters):
+    """Truncated merges are no longer mixtures of the same k rank-r parts: the attack that was exact is not."""
+    result = linear_recovery(adapters, RecoveryConfig(max_merges=K + 1, guesses=2, seed=1, release_rank=R))
+    assert result.release_rank == R
+    for row in result.rows:
+        assert row["released_lowrank_scale_free"] > 0.3
+        assert row["released_known"] > 0.3, "even the known weights no longer solve for the updates"
+
+
 def test_unmix_low_rank_recovers_constructed_parts_up_to_scale():
     rng = np.random.default_rng(0)
     k, r = 4, 3
@@ -101,7 +123,7 @@ def test_unmix_low_rank_recovers_constructed_parts_up_to_scale():
 
 
 def test_recovery_config_and_inputs_are_checked(adapters):
-    for bad in (dict(max_merges=0), dict(bounds=(1.0, -1.0)), dict(guesses=0)):
+    for bad in (dict(max_merges=0), dict(bounds=(1.0, -1.0)), dict(guesses=0), dict(release_rank=-1)):
         with pytest.raises(ThreatError):
             RecoveryConfig(**bad)
     with pytest.raises(ThreatError, match="at least 2"):
@@ -213,6 +235,7 @@ def test_cli_all_writes_every_result(tmp_path, capsys):
     (["leak", "--sharers", "1"], "--sharers must be >= 2"),
     (["membership", "--sharers", "1"], "sharers must be >= 2"),
     (["recovery", "--max-merges", "0"], "max merges"),
+    (["leak", "--release-rank", "-2"], "release rank must be >= 0"),
     (["embedding", "--encoders", "nosuch"], "unknown encoder"),
     (["leak", "--model-spec", "/nonexistent/model"], "unknown model spec"),
 ])
@@ -226,3 +249,15 @@ def test_cli_rejects_bad_alphas(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["threats", "membership", "--out", str(tmp_path), "--alphas", "x"])
     assert exit_info.value.code == 2
+
+
+def test_cli_leak_and_recovery_run_against_the_rank_limited_release(tmp_path):
+    out = tmp_path / "threats"
+    for attack in ("leak", "recovery"):
+        assert main(["threats", attack, "--out", str(out / attack), "--model-spec", "tiny", "--rank", "2",
+                     "--release-rank", "2", "--max-merges", "2", "--guesses", "1", "--no-plots", "--no-progress"]) == 0
+    leak = json.loads((out / "leak" / "leak.json").read_text())
+    recovery = json.loads((out / "recovery" / "recovery.json").read_text())
+    assert leak["release_rank"] == recovery["release_rank"] == 2 and "--release-rank 2" in leak["command"]
+    assert leak["release_delta_error"] > 0.1  # the truncated release, not the whole merge
+    assert recovery["rows"][1]["released_lowrank_scale_free"] > 0.3

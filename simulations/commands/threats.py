@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--share-cap", type=float, default=1.0,
                         help="leak: repair the merge weights onto this per-sharer share cap first, as the search does "
                              "(server.share_cap; default %(default)s = no cap)")
+    parser.add_argument("--release-rank", type=int, default=0,
+                        help="leak/recovery: release only each merge's top R singular directions per module, as the "
+                             "search setting release-rank does (server.release; default %(default)s = the whole merge)")
     parser.add_argument("--max-merges", type=int, default=r.max_merges, help="recovery: largest m (default %(default)s)")
     parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
     parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
@@ -112,11 +115,13 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 
 def _threats(args: argparse.Namespace) -> int:
     out = output_folder(args.out)
-    meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap}
+    meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap,
+            "release_rank": args.release_rank}
     plots = not args.no_plots
     progress = not args.no_progress
     mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
-    rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed)
+    rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed,
+                                 release_rank=args.release_rank)
     written: list[Path] = []
     if args.attack in ("embedding", "all"):
         t = time.perf_counter()
@@ -153,12 +158,13 @@ def _threats(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         weights = np.asarray(_leak_weights(len(adapters), args.seed))
         weights = cap_shares(weights, update_norms(adapters, weights.shape), args.share_cap)
-        leak = block_leak(adapters, weights.tolist())
+        leak = block_leak(adapters, weights.tolist(), args.release_rank)
         written.append(write_json(out / "leak.json", {**leak.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}))
         print(f"leak: stacked merge A error {leak.stacked_a_error:.2e}, B error {leak.stacked_b_error:.2e}; released best-block "
               f"A error {leak.released_a_error:.3f} (angle {leak.released_a_angle_deg:.1f} deg, median {leak.released_a_angle_deg_median:.1f}); "
               f"top-r part vs a sharer's update {leak.released_top_r_error:.3f} (median {leak.released_top_r_error_median:.3f}); sharer A inside released "
-              f"row space: angle {leak.released_union_angle_deg:.2e} deg")
+              f"row space: angle {leak.released_union_angle_deg:.2e} deg; release changed the update by "
+              f"{leak.release_delta_error:.3f}")
     if args.attack in ("recovery", "all"):
         t = time.perf_counter()
         recovery = rec.linear_recovery(adapters, rconfig)

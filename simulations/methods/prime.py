@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
 # Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
 _LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge",
-             "augment": "aug"}
+             "augment": "aug", "release_rank": "rank"}
 
 
 @register
@@ -77,7 +77,8 @@ class PriME(Method):
             trajectory=result.trajectory,
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
                    "evaluations": result.evaluations, "timings": result.timings,
-                   "searched_weights": result.searched_weights} | profile,  # the best candidate, also when it lost
+                   "searched_weights": result.searched_weights,  # the best candidate, also when it lost
+                   **result.extra} | profile,  # rank-limited release: its rank, what was scored, energy kept
         )
 
 

@@ -7,6 +7,9 @@ product by SVD; we measure how well the best row block of the released A
 matches any sharer's A (scale-free relative error and principal angle), and
 how the whole released row space relates to a sharer's (it still contains
 it: release hides who contributed which directions, not the union).
+With a rank-limited release (`release_rank` > 0, server.release) the
+released adapter is the merge's best rank-r approximation: fewer blocks to
+read, and a sharer's row space no longer fits inside the released one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LeakResult:
     r: int
     weights: list[float]
     modules: int
+    release_rank: int  # directions released per module (0: the whole merge)
     stacked_a_error: float  # max over modules and sharers: ||A'_block - A_s|| / ||A_s||
     stacked_b_error: float  # same for the B block against w_s B_s
     released_a_error: float  # min over modules, blocks, sharers of the scale-free relative error
@@ -43,7 +47,7 @@ class LeakResult:
     released_top_r_error: float  # min over modules, sharers: scale-free error of the released update's best rank-r part vs w_s D_s
     released_top_r_error_median: float  # median over modules of the per-module minimum
     released_union_angle_deg: float  # max over modules, sharers: A_s's row space vs the released A's
-    release_delta_error: float  # max relative change of a module's update by release (should be ~0)
+    release_delta_error: float  # max relative change of a module's update by release (~0 without a rank limit)
     per_module: list[dict]
 
     def to_dict(self) -> dict:
@@ -98,24 +102,32 @@ def _check(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> tuple[i
     return ranks.pop(), scalings.pop()
 
 
-def block_leak(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> LeakResult:
-    """Slice the stacked merge and the released adapter into per-sharer blocks and compare with the truth."""
+def block_leak(adapters: Sequence[LoraAdapter], weights: Sequence[float], release_rank: int = 0) -> LeakResult:
+    """Slice the stacked merge and the released adapter into per-sharer blocks and compare with the truth.
+
+    `release_rank` > 0 releases each module's top `release_rank` directions
+    only, as the coordinator does with that setting.
+    """
     r, _ = _check(adapters, weights)
+    if release_rank < 0:
+        raise ThreatError(f"release rank must be >= 0, got {release_rank}")
     k = len(adapters)
     stacked = merge_exact(adapters, torch.tensor(weights, dtype=torch.float64))
-    released = release(stacked)
+    released = release(stacked, release_rank)
+    released_blocks = [slice(j * r, (j + 1) * r) for j in range(max(1, released.r // r))]
     truth = [factors(a) for a in adapters]
     rows = []
     for module, (a_st, b_st) in factors(stacked).items():
         a_st, b_st = as_float64(a_st), as_float64(b_st)
         a_rel, b_rel = (as_float64(t) for t in factors(released)[module])
+        a_rel_padded = np.pad(a_rel, ((0, max(0, r - a_rel.shape[0])), (0, 0)))  # a release below rank r: one short block
         true_a = [as_float64(t[module][0]) for t in truth]
         true_wb = [w * as_float64(t[module][1]) for w, t in zip(weights, truth)]
         blocks = [slice(j * r, (j + 1) * r) for j in range(k)]
         a_err = max(relative_error(a_st[blocks[s]], true_a[s]) for s in range(k))
         b_err = max(relative_error(b_st[:, blocks[s]], true_wb[s]) for s in range(k))
-        rel_err = min(scale_free_error(a_rel[bl], true_a[s]) for bl in blocks for s in range(k))
-        rel_angle = min(max_principal_angle(a_rel[bl], true_a[s]) for bl in blocks for s in range(k))
+        rel_err = min(scale_free_error(a_rel_padded[bl], true_a[s]) for bl in released_blocks for s in range(k))
+        rel_angle = min(max_principal_angle(a_rel_padded[bl], true_a[s]) for bl in released_blocks for s in range(k))
         union = max(max_principal_angle(true_a[s], a_rel) for s in range(k))
         d_st = stacked.scaling * b_st @ a_st
         d_rel = released.scaling * b_rel @ a_rel
@@ -128,7 +140,7 @@ def block_leak(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> Lea
             "released_top_r_error": top_err,
         })
     return LeakResult(
-        k=k, r=r, weights=[float(w) for w in weights], modules=len(rows),
+        k=k, r=r, weights=[float(w) for w in weights], modules=len(rows), release_rank=release_rank,
         stacked_a_error=max(x["stacked_a_error"] for x in rows),
         stacked_b_error=max(x["stacked_b_error"] for x in rows),
         released_a_error=min(x["released_a_error"] for x in rows),

@@ -12,6 +12,9 @@ Per module, merge i is `M_i = sum_s W_is D_s` (D_s = sharer s's update).
       merges a generalized eigendecomposition (Jennrich-style, block-term
       decomposition) splits the merges into the k rank-r parts, i.e. each
       sharer's update up to an unknown scale. We measure it too.
+With a rank-limited release (`release_rank` > 0, server.release) each
+observation is the merge's best rank-r approximation instead: the merges are
+no longer mixtures of the same k parts, which is what (b) and (c) assume.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class RecoveryConfig:
     bounds: tuple[float, float] = (-1.5, 1.5)  # the search's weight bounds (paper code)
     guesses: int = 5  # random weight guesses averaged for setting (c)
     seed: int = 0
+    release_rank: int = 0  # directions released per module (0: the whole merge, as by default)
 
     def __post_init__(self) -> None:
         if self.max_merges < 1:
@@ -49,6 +53,8 @@ class RecoveryConfig:
             raise ThreatError(f"bounds must be (low, high) with low < high, got {self.bounds}")
         if self.guesses < 1:
             raise ThreatError(f"guesses must be >= 1, got {self.guesses}")
+        if self.release_rank < 0:
+            raise ThreatError(f"release rank must be >= 0, got {self.release_rank}")
 
 
 @dataclass
@@ -58,6 +64,7 @@ class RecoveryResult:
     k: int
     r: int
     modules: int
+    release_rank: int
     weights: list[list[float]]  # the m x k merge weights the coordinator used
     rows: list[dict]  # one per m: m, then `<setting>` (relative error) and `<setting>_scale_free`
     remix: dict = field(default_factory=dict)  # the re-mixing ambiguity, shown on the largest m
@@ -103,7 +110,11 @@ def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.r
     a, b = rng.standard_normal(m), rng.standard_normal(m)
     p = sum(ai * s for ai, s in zip(a, small))
     q = sum(bi * s for bi, s in zip(b, small))
-    values, vectors = np.linalg.eig(np.linalg.solve(q.T, p.T).T)  # eig of P Q^-1
+    try:
+        pencil = np.linalg.solve(q.T, p.T).T  # P Q^-1
+    except np.linalg.LinAlgError:  # Q singular (merges that are not mixtures of k rank-r parts): least squares
+        pencil = p @ np.linalg.pinv(q)
+    values, vectors = np.linalg.eig(pencil)
     order = np.argsort(values.real)
     bases = []
     for s in range(k):
@@ -159,7 +170,7 @@ def linear_recovery(adapters: Sequence[LoraAdapter], config: RecoveryConfig = Re
     low, high = config.bounds
     weights = rng.uniform(low, high, size=(config.max_merges, k))
     truth = {m: [delta64(a, m) for a in adapters] for m in modules}
-    merges = [release(merge_exact(adapters, torch.tensor(w, dtype=torch.float64))) for w in weights]
+    merges = [release(merge_exact(adapters, torch.tensor(w, dtype=torch.float64)), config.release_rank) for w in weights]
     observed = {m: [delta64(rel, m) for rel in merges] for m in modules}
     guesses = rng.uniform(low, high, size=(config.guesses, config.max_merges, k))
     stacked = _stacked_known(adapters, weights[0], r)
@@ -185,7 +196,7 @@ def linear_recovery(adapters: Sequence[LoraAdapter], config: RecoveryConfig = Re
             row[key] = float(np.mean(errs[key]))
         row["released_lowrank"] = float("nan")  # the scale of each part is not identifiable without the weights
         rows.append(row)
-    return RecoveryResult(k=k, r=r, modules=len(modules), weights=weights.tolist(), rows=rows,
+    return RecoveryResult(k=k, r=r, modules=len(modules), release_rank=config.release_rank, weights=weights.tolist(), rows=rows,
                           remix=_remix(truth[modules[0]], weights, rng))
 
 
