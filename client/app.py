@@ -34,9 +34,11 @@ from common.inference import predict
 from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs, query_prompts
 from common.metrics import task_metrics
 from common.records import adapter_from_records, adapter_to_records, has_adapter
-from common.settings import NodeConfig, from_flat, recent
+from common.errors import PrimeError
+from common.settings import NodeConfig, SearchConfig, from_flat, recent
 from common.synthetic import SyntheticConfig, generate
 from common.task_model import load_task_model
+from common.tasks import TaskSpec
 from common.wire import encode_upload
 
 app = ClientApp()
@@ -87,6 +89,16 @@ def _user(context: Context, content: RecordDict) -> tuple[LampDataset, LampUser]
 def _settings(msg: Message) -> NodeConfig:
     """The node settings the coordinator sent for this job (training, history cut, upload privacy)."""
     return from_flat(NodeConfig, dict(msg.content.config_records[NODE_SETTINGS]))
+
+
+def _decoding(msg: Message, task: TaskSpec) -> str:
+    """The decoding the coordinator's search scored with, checked like any setting and against this node's task."""
+    config = msg.content.config_records["config"]
+    if "decoding" not in config:
+        raise PrimeError("evaluation request without a decoding")
+    settings = from_flat(SearchConfig, {"decoding": config["decoding"]})
+    settings.check_task(task)
+    return settings.decoding
 
 
 def _coordinator_key(context: Context, config: ConfigRecord) -> tuple[bytes, str]:
@@ -230,11 +242,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, tokenizer = _task_model(msg)
     prompts = query_prompts(task, user.queries)
     golds = [q.gold for q in user.queries]
-    np_preds = predict(task, model, tokenizer, prompts)
+    decoding = _decoding(msg, task)
+    np_preds = predict(task, model, tokenizer, prompts, decoding=decoding)
     merged_preds = np_preds
     if has_adapter(msg.content, "merged"):
         with applied(model, adapter_from_records(msg.content, "merged")) as merged:
-            merged_preds = predict(task, merged, tokenizer, prompts)
+            merged_preds = predict(task, merged, tokenizer, prompts, decoding=decoding)
     metrics = {f"np-{k}": v for k, v in task_metrics(task, np_preds, golds).items()}
     metrics |= {f"prime-{k}": v for k, v in task_metrics(task, merged_preds, golds).items()}
     metrics["n-queries"] = len(prompts)

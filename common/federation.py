@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from common.settings import (
     NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, from_flat, section, setting, to_flat, validate,
 )
-from common.synthetic import SyntheticConfig
+from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig
+from common.tasks import get_task
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
 REGISTER = "query.register"
@@ -105,6 +106,11 @@ class FederationConfig:
             raise ConfigError(f"run config num-sharers={self.num_sharers} is below k={s.k}")
         if self.synth.quirks and (self.data_dir or self.task != "tagging"):
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
+        if not self.data_dir and self.task in SYNTHETIC_TASKS:  # with a data-dir the coordinator checks the nodes' task
+            try:
+                s.check_task(get_task(self.task))
+            except SettingError as err:
+                raise ConfigError(f"run config: {str(err).removeprefix('search config: ')}") from None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.models import rows_per_forward
-from common.tasks import TaskSpec, completion_text
+from common.tasks import DECODINGS, TaskSpec, check_decoding, completion_text
 
 RowsHook = Callable[[torch.Tensor], None]
 
@@ -353,8 +353,12 @@ def predict_labels(
     rows_hook: RowsHook | None = None,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     prefix_groups: Sequence[int] | torch.Tensor | None = None,
+    decoding: str = "argmax",
 ) -> list[str]:
-    """The most likely label for each prompt: exactly argmax of `score_labels`, lowest label index on ties.
+    """The label for each prompt: by default exactly argmax of `score_labels`, lowest label index on ties.
+
+    Another `decoding` (`expected`, `median`: ordered numeric labels only)
+    needs every label's full score: `decode_labels(score_labels(...))`.
 
     Branch and bound, two continuation rounds at most. Let `u_j = P + f_j`
     (see `_LabelBatch`): label j's full score `s_j <= u_j`, with equality
@@ -374,6 +378,9 @@ def predict_labels(
     """
     if not prompts:
         return []
+    if decoding != "argmax":
+        kw = dict(batch_size=batch_size, rows_hook=rows_hook, max_prompt_tokens=max_prompt_tokens, prefix_groups=prefix_groups)
+        return decode_labels(score_labels(model, tokenizer, prompts, labels, **kw), labels, decoding)
     label_set = _label_set(tokenizer, labels)
     multi = label_set.needs_continuation
     first_label = {col: j for j, col in reversed(list(enumerate(label_set.column)))}
@@ -397,6 +404,52 @@ def predict_labels(
             winners = torch.where(known, full, torch.full_like(full, float("-inf"))).argmax(dim=1)
             preds.extend(labels[first_label[c]] for c in winners.tolist())
     return preds
+
+
+def label_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """The model's distribution over the label set: softmax of the labels' summed log-likelihoods, per row, float64.
+
+    Renormalised over the labels (the model's mass on text that is no
+    label is dropped), the distribution the answer is chosen from.
+    """
+    return torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=-1)
+
+
+def decode_labels(scores: torch.Tensor, labels: Sequence[str], decoding: str = "argmax") -> list[str]:
+    """Each row's label from its label scores [N, len(labels)] (log-likelihoods, as `score_labels` gives).
+
+    `argmax`: the most likely label, lowest index on ties (`predict_labels`'
+    answer). For numeric labels on one scale (ratings), under the label
+    distribution p (`label_probabilities`): `expected`, the label nearest
+    the mean `sum_j p_j v_j` (half-way goes up: 3.5 -> "4"); `median`, the
+    lowest label v whose cumulative probability P(y <= v) reaches 0.5. Both
+    use the whole distribution, where the argmax of a nearly flat one
+    answers the majority label for every prompt (issue 16).
+    """
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    scores = torch.as_tensor(scores)
+    if scores.ndim != 2 or scores.shape[1] != len(labels):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} for {len(labels)} labels")
+    if decoding == "argmax":
+        return [labels[j] for j in scores.argmax(dim=1).tolist()]
+    try:
+        values = torch.tensor([float(label) for label in labels], dtype=torch.float64)
+    except ValueError:
+        raise ValueError(f"decoding {decoding!r} needs numeric labels, got {list(labels)}") from None
+    order = torch.argsort(values, stable=True)
+    values = values[order]
+    probs = label_probabilities(scores)[:, order]
+    if decoding == "expected":
+        mean = (probs * values).sum(dim=1)
+        # Nearest label; of two equally near, the higher (the later in value order wins ties when flipped).
+        distance = (mean[:, None] - values[None, :]).abs()
+        picked = distance.size(1) - 1 - distance.flip(1).argmin(dim=1)
+    else:
+        reached = probs.cumsum(dim=1) >= 0.5
+        reached[:, -1] = True  # rounding may leave the total a hair under 1
+        picked = reached.int().argmax(dim=1)  # the first label where it holds
+    return [labels[int(order[j])] for j in picked.tolist()]
 
 
 def _is_stop(tokenizer: PreTrainedTokenizerBase, seen: dict[int, bool], token: int) -> bool:
@@ -463,13 +516,24 @@ def generate(
     return [tokenizer.decode(toks, skip_special_tokens=True).split("\n")[0].strip() for toks in outputs]
 
 
-def predict(task: TaskSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], **kw) -> list[str]:
-    """Answer each prompt the way the task is scored: label argmax or greedy generation.
+def predict(
+    task: TaskSpec,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    decoding: str = "argmax",
+    **kw,
+) -> list[str]:
+    """Answer each prompt the way the task is scored: label scoring read with `decoding`, or greedy generation.
 
-    The batch (default 16 rows) is sized to the model's device (`rows_per_forward`: larger on a GPU).
+    A decoding other than argmax is refused on tasks without ordered labels
+    (`common.tasks.check_decoding`). The batch (default 16 rows) is sized to
+    the model's device (`rows_per_forward`: larger on a GPU).
     """
+    check_decoding(task, decoding)
     kw["batch_size"] = rows_per_forward(kw.get("batch_size", 16), next(model.parameters()).device)
     if task.scored_by_labels:
-        return predict_labels(model, tokenizer, prompts, task.query_labels, **kw)
+        return predict_labels(model, tokenizer, prompts, task.query_labels, decoding=decoding, **kw)
     kw.setdefault("max_new_tokens", task.max_new_tokens)
     return generate(model, tokenizer, prompts, **kw)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -158,6 +158,42 @@ def oriented(metric_name: str, value: float) -> float:
 def fitness(task: TaskSpec, preds: list[str], golds: list[str]) -> float:
     """Search objective: sum of the task's two metrics, both higher-is-better (paper, sec. 4.1)."""
     return float(sum(oriented(name, value) for name, value in task_metrics(task, preds, golds).items()))
+
+
+# Weight of the tie-break term (in [0, 1]) in the search objective: a candidate's objective moves by at most this
+# much, so two candidates keep their order whenever their discrete objectives differ by more (server.fitness).
+TIE_BREAK_WEIGHT = 1e-4
+
+
+def expected_fitness(task: TaskSpec, probs: np.ndarray, labels: Sequence[str], golds: list[str]) -> float:
+    """The task metric's expectation under the model's label probabilities, in [0, 1] (the fitness's tie-break).
+
+    `probs[i, j]` is the model's probability of `labels[j]` on item i (each
+    row sums to 1 over the label set). Classification: the mean probability
+    of the gold label, i.e. the expected accuracy (macro-F1 has no closed
+    form under independent answers, so accuracy stands for both metrics).
+    Rating: the mean of `1 - E|y - g| / 4` and `1 - sqrt(mean_i E(y - g)^2) / 4`,
+    the utility's own orientation of MAE and RMSE with each error replaced
+    by its expectation. Unlike the discrete metric it moves with every
+    change in the probabilities, so candidates with equal predictions are
+    still ordered, by how much mass they give the gold (or near it).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(golds), len(labels)):
+        raise ValueError(f"probabilities of shape {probs.shape} for {len(golds)} items x {len(labels)} labels")
+    _check_lengths(list(golds), list(golds))
+    if task.kind == "rating":
+        values = np.array([float(label) for label in labels])
+        gold = np.array([float(_gold_label(task, g)) for g in golds])
+        err = np.abs(values[None, :] - gold[:, None])
+        mae = float((probs * err).sum(1).mean())
+        rmse = float(np.sqrt((probs * err**2).sum(1).mean()))
+        return 0.5 * ((1.0 - mae / _RATING_SPAN) + (1.0 - rmse / _RATING_SPAN))
+    if task.kind == "generation":
+        raise ValueError(f"{task.lamp_id} is scored on generated text: there is no label distribution to take an "
+                         "expectation under")
+    column = {label: j for j, label in reversed(list(enumerate(labels)))}
+    return float(np.mean([probs[i, column[_gold_label(task, g)]] for i, g in enumerate(golds)]))
 
 
 def task_similarity(task: TaskSpec, preds: list[str], references: list[str]) -> float:

@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from common.errors import PrimeError
 from common.lora_math import DEFAULT_MERGE, MERGES
-from common.metrics import DEFAULT_PRIVACY_METRIC, PRIVACY_METRICS
+from common.metrics import DEFAULT_PRIVACY_METRIC, PRIVACY_METRICS, TIE_BREAK_WEIGHT
+from common.tasks import DECODINGS, TIE_BREAKS, TaskOptionError, TaskSpec, check_decoding, check_tie_break
 
 # Search granularity: one weight per sharer's adapter, or one per sharer per layer.
 WEIGHT_LEVELS = ("lora", "layer")
@@ -245,6 +246,14 @@ class SearchConfig:
                                   "similarity with a sharer's predictions: task (paper Eq. 7: the task's two metrics, "
                                   "sharer as gold) or agreement (share of equal labels / 1-MAE/4 / ROUGE-L)",
                                   one_of(*PRIVACY_METRICS))
+    decoding: str = setting("argmax", "how a label is read off the model's label distribution, by every method and "
+                                      "the fitness: argmax (the paper's greedy answer), or, for rating only (refused "
+                                      "elsewhere), expected (the label nearest the probability-weighted mean) or median",
+                            one_of(*DECODINGS))
+    tie_break: str = setting("none", f"none, or expected: the fitness adds {TIE_BREAK_WEIGHT:g} x the task metric's "
+                                     "expectation under the model's label probabilities, so candidates of equal "
+                                     "metric are still ordered (refused on generation histories)", one_of(*TIE_BREAKS),
+                             sweep="tie-breaks")
     merge: str = setting(DEFAULT_MERGE, "exact (sum of the weighted updates, paper Eq. 2) or elementwise (weighted sums "
                                         "of A and of B, as the official code)", one_of(*MERGES))
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
@@ -270,6 +279,15 @@ class SearchConfig:
             raise SearchConfigError(f"search config: bounds must be (low, high) with low < high, got {self.bounds}")
         if self.x0 is not None and not self.bounds[0] <= self.x0 <= self.bounds[1]:
             raise SearchConfigError(f"search config: x0 {self.x0} lies outside the bounds {self.bounds}")
+
+    def check_task(self, task: TaskSpec) -> None:
+        """Refuse a decoding or tie-break that `task` cannot use, before any model work (the record alone
+        does not know the task)."""
+        try:
+            check_decoding(task, self.decoding)
+            check_tie_break(task, self.tie_break)
+        except TaskOptionError as err:
+            raise SearchConfigError(f"search config: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,14 @@ LAMP2_TAGS: tuple[str, ...] = (
 
 RATING_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
+# How a label task's answer is read off the model's distribution over its labels (common.inference.decode_labels):
+# the most likely label (the paper's greedy choice), or, for ordered numeric labels only, the label nearest the
+# distribution's mean or its median.
+DECODINGS: tuple[str, ...] = ("argmax", "expected", "median")
+# What breaks ties between merge candidates of equal discrete fitness (server.fitness): nothing (the paper), or the
+# task metric's expectation under the model's label probabilities.
+TIE_BREAKS: tuple[str, ...] = ("none", "expected")
+
 
 @dataclass(frozen=True)
 class HistoryPair:
@@ -126,6 +134,11 @@ class TaskSpec:
     def scored_by_labels(self) -> bool:
         """Whether queries are answered by scoring a fixed label set."""
         return self.query_labels is not None
+
+    @property
+    def ordered_labels(self) -> bool:
+        """Whether the labels are numbers on one scale, so a mean or a median of them means something (ratings)."""
+        return self.kind == "rating"
 
 
 _TITLE_FROM_ABSTRACT = "Generate a title for the following abstract of a paper. Abstract: {abstract} Title:"
@@ -228,6 +241,38 @@ _ALIASES = {spec.name: lamp_id for lamp_id, spec in TASKS.items()}
 
 class UnknownTaskError(PrimeError, ValueError):
     """A task name that is neither a LaMP id nor a known alias."""
+
+
+class TaskOptionError(PrimeError, ValueError):
+    """A decoding or tie-break that the task cannot use (a mean of tags, a label distribution of free text)."""
+
+
+def check_decoding(task: TaskSpec, decoding: str) -> None:
+    """Refuse a decoding the task cannot use: only ordered numeric labels have a mean or a median.
+
+    Refused rather than ignored, so that a run asked for `expected` on
+    tagging does not quietly report argmax numbers under that name.
+    """
+    if decoding not in DECODINGS:
+        raise TaskOptionError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if decoding != "argmax" and not task.ordered_labels:
+        raise TaskOptionError(f"decoding {decoding!r} needs ordered numeric labels (rating); {task.lamp_id} "
+                              f"({task.name}) has none: use decoding = argmax")
+
+
+def check_tie_break(task: TaskSpec, tie_break: str) -> None:
+    """Refuse a tie-break the task's history cannot give: `expected` needs a label distribution on the history.
+
+    Generation histories (LaMP-4/5/7, and LaMP-1's abstract -> title
+    pairs) are scored by ROUGE of greedy text, which has no label
+    distribution; the gold's log-likelihood would be a different quantity
+    from the metric, so it is refused rather than substituted.
+    """
+    if tie_break not in TIE_BREAKS:
+        raise TaskOptionError(f"tie-break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
+    if tie_break != "none" and task.profile_labels is None:
+        raise TaskOptionError(f"tie-break {tie_break!r} needs a label task; {task.lamp_id} ({task.name}) history is "
+                              "scored as generated text: use tie-break = none")
 
 
 def get_task(name: str) -> TaskSpec:

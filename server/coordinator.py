@@ -313,6 +313,11 @@ class Coordinator:
             adapter_to_records(self.task_adapter, "task", content)
         return content
 
+    def _evaluation_content(self) -> RecordDict:
+        """A target's evaluation request: the task model, and the decoding its answers are read with (the one the
+        search scored candidates with)."""
+        return self._task_content(decoding=self.search.decoding)
+
     def share(self, plan: UserPlan, embedding_dim: int) -> None:
         """Sharers train and upload; each upload is verified, validated, then stored.
 
@@ -430,7 +435,7 @@ class Coordinator:
             if refusal:
                 log.warning("target %s: %s", user_id, refusal)
                 self.report.refuse(user_id, refusal)
-                evaluations[node_id] = self._task_content()  # the target still scores the unmerged model
+                evaluations[node_id] = self._evaluation_content()  # the target still scores the unmerged model
                 return
             seeded = dataclasses.replace(self.search, seed=target_seed(self.config.seed, user_id))
             result = personalize(model, tokenizer, task, history, embedding, candidates, seeded, progress=False,
@@ -444,7 +449,7 @@ class Coordinator:
             log.info("target %s: sharers %s, objective %.3f (unmerged %.3f)%s, %.0f s", user_id,
                      ",".join(result.sharer_ids), result.best.objective, result.unmerged.objective,
                      " -> fallback to the unmerged model" if result.fallback else "", time.perf_counter() - started)
-            content = self._task_content()
+            content = self._evaluation_content()
             if result.adapter is not None:
                 # In the ledger before it leaves: a crash after sending must not hand out an unrecorded release.
                 self.registry.add_release(user_id, result.sharer_ids, float(np.linalg.norm(result.weights)), self.run_id)
@@ -482,6 +487,7 @@ class Coordinator:
         self.embedding_dim = int(load_encoder(self.config.encoder).encode(["dimension probe"]).shape[1])
         self.register()
         self._checkpoint()
+        self.search.check_task(self.task)  # decoding and tie-break fit the nodes' task, before any training
         plan = self.plan()
         self.report.plan = plan.to_dict()
         if not self._reload_task_adapter() and self.config.adapt_rounds:

@@ -1,5 +1,17 @@
 """The search objective `U(w) - alpha * mean_s P(w, s)` over a target's history.
 
+With `tie-break = expected` the objective also gets `TIE_BREAK_WEIGHT * E(w)`,
+the task metric's expectation under the candidate's label probabilities
+(`common.metrics.expected_fitness`, in [0, 1]). On a short history the
+discrete metric ties almost every candidate, and CMA-ES then ranks them by
+noise and the search falls back to the unmerged model (issue 16); `E` still
+orders them by how much probability they put on the gold. The weight is
+small rather than the order exactly lexicographic because the optimizers
+and the fallback compare one float: `E` moves an objective by at most
+1e-4, so two candidates whose discrete objectives differ by more keep
+their order (an accuracy step on <= 10,000 items, an MAE step on <= 2,500),
+and only near-ties closer than that can swap.
+
 One call scores a whole population: every (history item, candidate) pair is
 one prompt, each row mixes the sharers' LoRAs with its candidate's weights
 (server.mixed_lora), and common.inference batches them. The sharers' own
@@ -28,7 +40,7 @@ from common.models import rows_per_forward
 from common import metrics
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
-from common.inference import generate, predict_labels
+from common.inference import decode_labels, generate, label_probabilities, predict_labels, score_labels
 from common.settings import SearchConfig
 from common.tasks import TaskSpec
 from server.mixed_lora import PopulationMixer
@@ -40,12 +52,17 @@ class FitnessError(PrimeError):
 
 @dataclass(frozen=True)
 class FitnessParts:
-    """One candidate's score: utility, mean privacy similarity, objective and per-sharer similarities."""
+    """One candidate's score: utility, mean privacy similarity, objective and per-sharer similarities.
+
+    `utility` is the discrete metric alone; `expected_utility` (None without
+    a tie-break) is the metric's expectation that `objective` also counts.
+    """
 
     utility: float
     privacy: float
     objective: float
     similarity: tuple[float, ...]
+    expected_utility: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self) | {"similarity": list(self.similarity)}
@@ -86,12 +103,22 @@ def score_parts(
     sharer_preds: Sequence[list[str]],
     alpha: float,
     privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC,
+    expected_utility: float | None = None,
 ) -> FitnessParts:
-    """Utility, privacy term (`metrics.PRIVACY_METRICS[privacy_metric]`, mean over sharers) and objective."""
+    """Utility, privacy term (`metrics.PRIVACY_METRICS[privacy_metric]`, mean over sharers) and objective.
+
+    `expected_utility` (the tie-break, `metrics.expected_fitness`) adds
+    `metrics.TIE_BREAK_WEIGHT` times itself to the objective; the privacy
+    term is the same either way.
+    """
     utility = metrics.fitness(task, preds, golds)
     sims = tuple(metrics.privacy_similarity(privacy_metric, task, preds, sp) for sp in sharer_preds)
     privacy = float(np.mean(sims)) if sims else 0.0
-    return FitnessParts(utility=utility, privacy=privacy, objective=utility - alpha * privacy, similarity=sims)
+    objective = utility - alpha * privacy
+    if expected_utility is not None:
+        objective += metrics.TIE_BREAK_WEIGHT * expected_utility
+    return FitnessParts(utility=utility, privacy=privacy, objective=objective, similarity=sims,
+                        expected_utility=expected_utility)
 
 
 class FitnessEvaluator:
@@ -107,10 +134,13 @@ class FitnessEvaluator:
         search: SearchConfig = SearchConfig(),
     ):
         """Score on `history` with the search's alpha, weight level, history fraction, seed, batch size,
-        privacy metric, merge and release rank (the record checked them)."""
+        privacy metric, merge, release rank, decoding and tie-break (the record checked them; the task's fit is
+        checked here)."""
+        search.check_task(task)
         self.model, self.tokenizer = model, tokenizer
         self.task = history_task(task)
         self.alpha = search.alpha
+        self.decoding, self.tie_break = search.decoding, search.tie_break
         self.privacy_metric = search.privacy_metric
         self.batch_size = rows_per_forward(search.batch_size, next(model.parameters()).device)
         items = sample_history(history, search.history_fraction, search.seed)
@@ -139,29 +169,47 @@ class FitnessEvaluator:
         `truncate`: score the rank-limited release of each merge (default: as
         the search scores, `score-release`); only meaningful with `release-rank`.
         """
+        return self._answers(population, with_probabilities=False, truncate=truncate)[0]
+
+    def _answers(
+        self, population: np.ndarray | torch.Tensor, with_probabilities: bool, truncate: bool | None = None
+    ) -> tuple[list[list[str]], np.ndarray | None]:
+        """[P][H] predictions and, if asked (a label task), each candidate's label probabilities [P, H, labels].
+
+        Without probabilities an argmax needs only `predict_labels`' branch
+        and bound; with them every label is scored fully, once for both.
+        """
         truncate = self.score_release if truncate is None else truncate
         flat = torch.as_tensor(np.asarray(population, dtype=np.float64)).reshape(-1, self.dim)
         n_cand, n_hist = flat.shape[0], len(self.prompts)
         prompts = [p for p in self.prompts for _ in range(n_cand)]  # item-major: equal lengths side by side
         candidate_of_prompt = torch.arange(n_cand).repeat(n_hist)
+        labels = self.task.profile_labels
+        probs = None
         with self.mixer:
             self.mixer.set_population(flat.reshape(n_cand, *self.weight_shape), candidate_of_prompt, truncate=truncate)
-            if self.task.profile_labels is not None:
-                flat_preds = predict_labels(
-                    self.model, self.tokenizer, prompts, self.task.profile_labels,
-                    batch_size=self.batch_size, rows_hook=self.mixer.rows_hook,
-                    prefix_groups=candidate_of_prompt,  # the shared template runs once per candidate
-                )
+            if labels is not None:
+                kw = dict(batch_size=self.batch_size, rows_hook=self.mixer.rows_hook,
+                          prefix_groups=candidate_of_prompt)  # the shared template runs once per candidate
+                if with_probabilities:
+                    scores = score_labels(self.model, self.tokenizer, prompts, labels, **kw)
+                    flat_preds = decode_labels(scores, labels, self.decoding)
+                    probs = label_probabilities(scores).numpy().reshape(n_hist, n_cand, len(labels)).transpose(1, 0, 2)
+                else:
+                    flat_preds = predict_labels(self.model, self.tokenizer, prompts, labels, decoding=self.decoding, **kw)
             else:
                 flat_preds = generate(
                     self.model, self.tokenizer, prompts, max_new_tokens=self.task.max_new_tokens,
                     batch_size=self.batch_size, rows_hook=self.mixer.rows_hook,
                 )
-        return [[flat_preds[h * n_cand + c] for h in range(n_hist)] for c in range(n_cand)]
+        return [[flat_preds[h * n_cand + c] for h in range(n_hist)] for c in range(n_cand)], probs
 
     def evaluate(self, population: np.ndarray | torch.Tensor, truncate: bool | None = None) -> list[FitnessParts]:
         """Utility, privacy and objective of each candidate (rows of `population`); `truncate` as in `predict`."""
+        all_preds, probs = self._answers(population, with_probabilities=self.tie_break == "expected", truncate=truncate)
         return [
-            score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric)
-            for preds in self.predict(population, truncate)
+            score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric,
+                        expected_utility=None if probs is None else
+                        metrics.expected_fitness(self.task, probs[c], self.task.profile_labels, self.golds))
+            for c, preds in enumerate(all_preds)
         ]

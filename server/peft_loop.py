@@ -17,7 +17,9 @@ The benchmark's second yardstick (simulations/bench_engine.py).
 
 `mode="score"` replaces free generation by per-example label scoring (one
 full forward per prompt and label, no cache) on the merged PEFT model; for
-label tasks it is the exact counterpart of the fast path, which scores labels.
+label tasks it is the exact counterpart of the fast path, which scores labels,
+and the only mode that can read a label with a decoding other than argmax or
+give the label probabilities the tie-break needs.
 Free generation may pick a different label than label scoring (the model can
 generate text that is no label at all), so only `mode="score"` is expected to
 match the fast path exactly on label tasks.
@@ -34,9 +36,9 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter, applied
-from common.inference import encode_example
+from common.inference import decode_labels, encode_example, label_probabilities
 from common.lora_math import MERGES, merge_elementwise
-from common.metrics import parse_label
+from common.metrics import expected_fitness, parse_label
 from common.settings import SearchConfig
 from common.tasks import TaskSpec
 from server.fitness import FitnessError, FitnessParts, history_task, sample_history, score_parts
@@ -60,16 +62,15 @@ def _generate_one(model, tokenizer, task: TaskSpec, prompt: str) -> str:
     return parse_label(task, text) or text
 
 
-def _score_one(model, tokenizer, prompt: str, labels: Sequence[str]) -> str:
-    best, best_score = labels[0], -float("inf")
+def _score_one(model, tokenizer, prompt: str, labels: Sequence[str]) -> list[float]:
+    """Each label's summed log-likelihood after `prompt`, one full forward per label."""
+    scores = []
     for label in labels:
         ids, n_prompt = encode_example(tokenizer, prompt, label)
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
         logp = torch.log_softmax(logits[n_prompt - 1 : len(ids) - 1], dim=-1)
-        score = float(logp.gather(1, torch.tensor(ids[n_prompt:])[:, None]).sum())
-        if score > best_score:
-            best, best_score = label, score
-    return best
+        scores.append(float(logp.gather(1, torch.tensor(ids[n_prompt:])[:, None]).sum()))
+    return scores
 
 
 def peft_predictions(
@@ -80,23 +81,49 @@ def peft_predictions(
     adapter: LoraAdapter | None,
     *,
     mode: str = "generate",
+    decoding: str = "argmax",
 ) -> list[str]:
-    """Answers of `model` + `adapter` (loaded through PEFT from a saved directory), one example at a time."""
+    """Answers of `model` + `adapter` (loaded through PEFT from a saved directory), one example at a time.
+
+    `mode="score"` reads each label off the label scores with `decoding`;
+    free generation has only its text, so it takes argmax alone.
+    """
     if mode not in MODES:
         raise FitnessError(f"PEFT loop mode must be one of {MODES}, got {mode!r}")
+    if mode == "score":
+        labels = history_task(task).profile_labels
+        return decode_labels(peft_label_scores(model, tokenizer, task, prompts, adapter), labels, decoding)
+    if decoding != "argmax":
+        raise FitnessError(f"PEFT loop mode 'generate' reads labels from free text: decoding {decoding!r} needs mode 'score'")
+    return _run_with(model, adapter, lambda runner: [_generate_one(runner, tokenizer, history_task(task), p) for p in prompts])
+
+
+def peft_label_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    prompts: Sequence[str],
+    adapter: LoraAdapter | None,
+) -> torch.Tensor:
+    """Every history label's summed log-likelihood [len(prompts), labels] under `model` + `adapter`, one forward
+    per prompt and label: the reference for `common.inference.score_labels` under the population mixer."""
     task = history_task(task)
-    if mode == "score" and task.profile_labels is None:
+    if task.profile_labels is None:
         raise FitnessError(f"PEFT loop mode 'score' needs a label task, {task.lamp_id} history is generated text")
+    labels = task.profile_labels
+    rows = _run_with(model, adapter, lambda runner: [_score_one(runner, tokenizer, p, labels) for p in prompts])
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(prompts), len(labels))
+
+
+def _run_with(model: PreTrainedModel, adapter: LoraAdapter | None, run):
+    """`run(model + adapter)`, the adapter loaded through PEFT from a saved directory and unloaded afterwards."""
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         peft_model = None
         if adapter is not None:
             adapter.save(tmp)
             peft_model = PeftModel.from_pretrained(model, tmp)
-        runner = peft_model if peft_model is not None else model
         try:
-            if mode == "generate":
-                return [_generate_one(runner, tokenizer, task, p) for p in prompts]
-            return [_score_one(runner, tokenizer, p, task.profile_labels) for p in prompts]
+            return run(peft_model if peft_model is not None else model)
         finally:
             if peft_model is not None:
                 peft_model.unload()  # take the LoRA layers out of the shared base model again
@@ -117,8 +144,14 @@ class PeftLoopEvaluator:
         weight_shape: tuple[int, ...] | None = None,
         mode: str = "generate",
     ):
-        """Score on `history` with the search's alpha, history fraction, seed, privacy metric and merge."""
+        """Score on `history` with the search's alpha, history fraction, seed, privacy metric, merge, decoding
+        and tie-break (the last two need `mode="score"`)."""
+        search.check_task(task)
+        if mode == "generate" and search.tie_break != "none":
+            raise FitnessError(f"PEFT loop mode 'generate' has no label probabilities: tie-break {search.tie_break!r} "
+                               "needs mode 'score'")
         self.model, self.tokenizer, self.mode = model, tokenizer, mode
+        self.decoding, self.tie_break = search.decoding, search.tie_break
         self.task = history_task(task)
         self.alpha = search.alpha
         self.privacy_metric = search.privacy_metric
@@ -129,23 +162,32 @@ class PeftLoopEvaluator:
         self.golds = [g for _, g in items]
         self.weight_shape = weight_shape or (len(self.adapters),)
         self.sharer_preds = [self._predict_adapter(a) for a in self.adapters]
-        self.unmerged = self._score(self._predict_adapter(None))
+        self.unmerged = self._score(None)
 
     def _predict_adapter(self, adapter: LoraAdapter | None) -> list[str]:
-        return peft_predictions(self.model, self.tokenizer, self.task, self.prompts, adapter, mode=self.mode)
+        return peft_predictions(self.model, self.tokenizer, self.task, self.prompts, adapter, mode=self.mode,
+                                decoding=self.decoding)
 
-    def _score(self, preds: list[str]) -> FitnessParts:
-        return score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric)
+    def _score(self, adapter: LoraAdapter | None) -> FitnessParts:
+        expected = None
+        if self.tie_break == "expected":
+            scores = peft_label_scores(self.model, self.tokenizer, self.task, self.prompts, adapter)
+            preds = decode_labels(scores, self.task.profile_labels, self.decoding)
+            expected = expected_fitness(self.task, label_probabilities(scores).numpy(), self.task.profile_labels, self.golds)
+        else:
+            preds = self._predict_adapter(adapter)
+        return score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric,
+                           expected_utility=expected)
+
+    def _merged(self, population: np.ndarray) -> list[LoraAdapter]:
+        flat = np.asarray(population, dtype=np.float64).reshape(len(population), -1)
+        return [self.merge.build(self.adapters, torch.as_tensor(w).reshape(self.weight_shape)) for w in flat]
 
     def predict(self, population: np.ndarray) -> list[list[str]]:
-        flat = np.asarray(population, dtype=np.float64).reshape(len(population), -1)
-        return [
-            self._predict_adapter(self.merge.build(self.adapters, torch.as_tensor(w).reshape(self.weight_shape)))
-            for w in flat
-        ]
+        return [self._predict_adapter(adapter) for adapter in self._merged(population)]
 
     def evaluate(self, population: np.ndarray) -> list[FitnessParts]:
-        return [self._score(preds) for preds in self.predict(population)]
+        return [self._score(adapter) for adapter in self._merged(population)]
 
 
 # The official code's decoding settings (lora_composition_evo.py: --temperature, --top_p, --batch_size, --max_gen_len).

@@ -37,6 +37,7 @@ from common.plan import UserPlan, make_plan
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
 from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
 from common.task_model import load_task_model
+from common.tasks import get_task
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
 
@@ -114,6 +115,8 @@ class EvalConfig:
         try:
             for search in self.searches():  # each cell's settings pass SearchConfig's own checks
                 check_optimizer(search)
+                if self.synthetic is not None:  # with --data the task is checked once the data is read
+                    search.check_task(get_task(self.synthetic))
         except SettingError as err:
             raise EvalConfigError(str(err)) from None
         largest_k = max(search.k for search in self.searches())
@@ -262,11 +265,14 @@ class Cell:
     target: str
     prepare_key: str
     privacy_metric: str = DEFAULT_PRIVACY_METRIC  # run-wide: PriME's privacy term and the held-out similarity
+    decoding: str = "argmax"  # run-wide: how every method reads its labels
 
     @property
     def key(self) -> str:
-        text = json.dumps([self.prepare_key, self.method, list(self.params), self.seed, self.target, self.privacy_metric],
-                          sort_keys=True)
+        fields = [self.prepare_key, self.method, list(self.params), self.seed, self.target, self.privacy_metric]
+        if self.decoding != "argmax":  # cells computed before the setting existed keep their keys
+            fields.append(self.decoding)
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def path(self, out: Path) -> Path:
@@ -321,7 +327,8 @@ def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> l
             for method in config.methods:
                 for params in get_method(method).grid(config):
                     full = get_method(method).params(params)
-                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key, config.search.privacy_metric))
+                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key, config.search.privacy_metric,
+                                      config.search.decoding))
     return cells
 
 
@@ -419,7 +426,7 @@ class Prepared:
                 sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0])
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
                        sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter,
-                       folder=folder, privacy_metric=c.search.privacy_metric)
+                       folder=folder, privacy_metric=c.search.privacy_metric, decoding=c.search.decoding)
 
 
 def prepare(config: EvalConfig) -> Prepared:
@@ -461,6 +468,7 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
         "task": task_id,
         "prepare_key": cell.prepare_key,
         "privacy_metric": cell.privacy_metric,
+        "decoding": cell.decoding,
         "seconds": seconds,
         **dataclasses.asdict(result),
     }
@@ -531,6 +539,11 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
         cluster = ray_grid.connect(ray)
         config = ray_grid.with_cluster_device(config)
     prepared = prepare(config)
+    try:
+        for search in config.searches():  # the task is known only now (--data)
+            search.check_task(prepared.dataset.task)
+    except SettingError as err:
+        raise EvalConfigError(str(err)) from None
     cells = plan_cells(config, prepared.plans, prepared.key)
     records: list[dict[str, Any] | None] = [read_cell(c.path(out)) for c in cells]
     reused = sum(r is not None for r in records)

@@ -40,6 +40,13 @@ def add_setting_options(
                                 help=f"{opt.help} (default {value})")
 
 
+def add_setting_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, current: Any, name: str) -> None:
+    """The flag of one setting (by field name) of the record `current`, for a command that takes only that one."""
+    (opt,) = [o for o in options(type(current), exposed_only=True) if o.name == name]
+    value = opt.value_in(current)
+    parser.add_argument(f"--{opt.key}", type=_typed(opt), default=value, help=f"{opt.help} (default {value})")
+
+
 def setting_values(record: type, args: argparse.Namespace) -> dict[str, Any]:
     """{key: value} of the record's exposed settings given on the command line (None: not given)."""
     given = {opt.key: getattr(args, opt.key.replace("-", "_"), None) for opt in options(record, exposed_only=True)}

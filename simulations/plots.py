@@ -7,7 +7,7 @@
   `agreement`; cells from before the setting existed used `agreement`);
   `tradeoff_quirks` the same against the share of copied sharer quirks, for
   runs on the synthetic benchmark with quirks;
-- `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`: the
+- `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`, `tie_break`: the
   utility of PriME (and uniform / LoraHub where they have the axis) along one
   ablation axis, the other parameters fixed;
 - `convergence`: PriME's best-so-far search objective per generation.
@@ -36,7 +36,8 @@ from common.metrics import higher_is_better  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from simulations.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E402
 
-AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level"}
+AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level",
+        "tie_break": "tie_break"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
 _REFERENCE = ("np", "top1", "uniform")
 _UNNAMED_PRIVACY_METRIC = "agreement"  # what cells written before `privacy_metric` existed were measured with

@@ -113,3 +113,35 @@ def test_eval_refuses_more_merged_sharers_than_there_are(tmp_path, capsys):
     argv = ["eval", "--synthetic", "tagging", "--model-spec", "tiny", "--ks", "5", "--sharers", "3", "--out", str(tmp_path / "o")]
     _one_line_error(capsys, argv, "eval", "k=5 is more than the 3 sharers per seed")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def tagging_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tagging")
+    write_lamp(synthesize("tagging", n_users=4, n_groups=2, history=3, queries=1, seed=0), folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "fragment"),
+    [
+        (["predict", "--data", "{rating}", "--decoding", "mean"], "predict", "decoding must be one of argmax, expected, median"),
+        (["predict", "--data", "{tagging}", "--decoding", "expected"], "predict", "needs ordered numeric labels"),
+        (["personalize", "--data", "{tagging}", "--sharers", "{tagging}", "--user", "u000", "--decoding", "median"],
+         "personalize", "needs ordered numeric labels"),
+        (["personalize", "--data", "{rating}", "--sharers", "{rating}", "--user", "u000", "--tie-break", "gold"],
+         "personalize", "tie-break must be one of none, expected"),
+    ],
+)
+def test_decoding_and_tie_break_refused_in_one_line(data, tagging_data, tmp_path, capsys, argv, command, fragment):
+    argv = [a.format(rating=data, tagging=tagging_data) for a in argv] + ["--model-spec", "tiny", "--out", str(tmp_path / "o")]
+    _one_line_error(capsys, argv, command, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_reads_labels_with_the_decoding_asked_for(data, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["predict", "--data", str(data), "--model-spec", "tiny", "--decoding", "median", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "p.json.metrics.json").read_text())
+    assert report["decoding"] == "median"
+    assert all(p["output"] in {"1", "2", "3", "4", "5"} for p in json.loads(out.read_text())["golds"])

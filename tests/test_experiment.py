@@ -87,6 +87,27 @@ def test_corrupt_cell_is_recomputed_and_changed_settings_make_new_cells(tmp_path
     assert {r["privacy_metric"] for r in measured.records} == {"agreement"}
 
 
+def test_decoding_reaches_every_method_and_tie_break_is_a_prime_axis(tmp_path):
+    rating = {"synthetic": "rating", "methods": "np,top1,prime", "alphas": "0.5"}
+    argmax = run_grid(_config(tmp_path, **rating), progress=False, outputs=False)
+    assert {r["decoding"] for r in argmax.records} == {"argmax"}
+    run = run_grid(_config(tmp_path, **rating, decoding="median", tie_breaks="none,expected"), progress=False,
+                   outputs=False)
+    assert run.computed == len(run.records) == 2 * (1 + 1 + 2)  # another decoding: every method's cells anew
+    assert {r["decoding"] for r in run.records} == {"median"}
+    prime = [r for r in run.records if r["method"] == "prime"]
+    assert sorted(r["params"]["tie_break"] for r in prime) == ["expected", "expected", "none", "none"]
+    assert all(r["params"]["decoding"] == "median" for r in prime)
+    for r in prime:  # the tie-break shows in the column and in what the search recorded
+        assert ("tie=expected" in r["label"]) == (r["params"]["tie_break"] == "expected")
+        assert (r["extra"]["history_unmerged"]["expected_utility"] is None) == (r["params"]["tie_break"] == "none")
+    # The answers follow the decoding: the same NP model (same prepared inputs) answers otherwise under the
+    # median; the tiny model's label distributions are nearly flat, so their median is the middle label.
+    np_argmax = {r["target"]: r["predictions"] for r in argmax.records if r["method"] == "np"}
+    np_median = {r["target"]: r["predictions"] for r in run.records if r["method"] == "np"}
+    assert np_median.keys() == np_argmax.keys() and np_median != np_argmax
+
+
 def test_quirks_are_part_of_the_prepared_inputs_key(tmp_path):
     plain = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path / "a")})
     quirky = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path / "b"), "synth_quirks": "true"})
@@ -166,6 +187,9 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"adapt_sampling": "fair"}, "adapt-sampling must be one of pooled, balanced, user"),
         ({"synthetic": "headline", "adapt_sampling": "balanced"}, "balanced needs a label task"),
         ({"train_steps": -1}, "train-steps must be >= 0"),
+        ({"decoding": "expected"}, "decoding 'expected' needs ordered numeric labels"),  # tagging has none
+        ({"synthetic": "headline", "tie_breaks": "none,expected"}, "tie-break 'expected' needs a label task"),
+        ({"tie_breaks": "none,gold"}, "tie-break must be one of none, expected"),
     ],
 )
 def test_bad_settings_are_one_line_errors(over, match):

@@ -73,6 +73,14 @@ def test_run_config_rejects_unknown_keys_and_bad_values():
         FederationConfig.from_run_config({"merge": "average"})
     chosen = FederationConfig.from_run_config({"privacy-metric": "agreement", "merge": "elementwise"})
     assert (chosen.search.privacy_metric, chosen.search.merge) == ("agreement", "elementwise")
+    with pytest.raises(ConfigError, match="decoding 'median' needs ordered numeric labels"):
+        FederationConfig.from_run_config({"decoding": "median"})  # the default task, tagging, has none
+    with pytest.raises(ConfigError, match="tie-break 'expected' needs a label task"):
+        FederationConfig.from_run_config({"task": "headline", "tie-break": "expected"})
+    with pytest.raises(ConfigError, match="tie-break must be one of none, expected"):
+        FederationConfig.from_run_config({"tie-break": "gold"})
+    rating = FederationConfig.from_run_config({"task": "rating", "decoding": "expected", "tie-break": "expected"})
+    assert (rating.search.decoding, rating.search.tie_break) == ("expected", "expected")
 
 
 def test_pyproject_run_config_matches_the_config_defaults():

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.lora_math import random_adapter
+from common.inference import label_probabilities
+from common.lora_math import merge_exact, random_adapter
+from common.metrics import TIE_BREAK_WEIGHT
 from common.models import tiny_model
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import LAMP2_TAGS, get_task
 from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
-from server.peft_loop import PeftLoopEvaluator, official_predictions
+from server.peft_loop import PeftLoopEvaluator, official_predictions, peft_label_scores
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
@@ -135,3 +137,111 @@ def test_official_loop_samples_reproducibly_without_touching_the_global_generato
     assert torch.equal(torch.rand(1), before)  # the caller's random stream is as it was
     again = official_predictions(model, tok, HEADLINE, prompts, adapters, [0.5, -0.4, 0.9], max_new_tokens=6, seed=4)
     assert first == again and len(first) == 2 and any(first)
+
+
+# ------------------------------------------------------------------ decoding and tie-break
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """The tiny model with its (tied) embedding scaled up, so label distributions are peaked, not flat:
+    on the plain tiny model every candidate's mean rating is ~3 and the decodings would agree trivially."""
+    model, tok = tiny_model(seed=0)
+    adapters = [random_adapter(model, r=2, lora_alpha=4.0, std=0.6, seed=s) for s in range(3)]
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model, tok, adapters
+
+
+def _parity(model, tok, adapters, task, history, search):
+    fast = FitnessEvaluator(model, tok, task, history, adapters, search)
+    ref = PeftLoopEvaluator(model, tok, task, history, adapters, search, mode="score")
+    order = [fast.prompts.index(p) for p in ref.prompts]
+    assert [[s[i] for i in order] for s in fast.sharer_preds] == ref.sharer_preds
+    fast_preds = [[p[i] for i in order] for p in fast.predict(POPULATION)]
+    assert fast_preds == ref.predict(POPULATION)
+    pairs = [*zip(fast.evaluate(POPULATION), ref.evaluate(POPULATION)), (fast.unmerged, ref.unmerged)]
+    for f, r in pairs:
+        assert (f.utility, f.privacy) == pytest.approx((r.utility, r.privacy), abs=1e-12)
+        if search.tie_break == "none":
+            assert f.expected_utility is None and r.expected_utility is None
+            assert f.objective == pytest.approx(r.objective, abs=1e-12)
+        else:  # probabilities from cached batched scoring vs one full forward per label: float noise only
+            assert f.expected_utility == pytest.approx(r.expected_utility, abs=1e-5)
+            assert f.objective == pytest.approx(r.objective, abs=1e-9)
+    return fast_preds
+
+
+@pytest.mark.parametrize("tie_break", ["none", "expected"])
+@pytest.mark.parametrize("decoding", ["argmax", "expected", "median"])
+def test_fast_fitness_equals_the_reference_under_each_decoding_and_tie_break(sharp, decoding, tie_break):
+    model, tok, adapters = sharp
+    search = SearchConfig(alpha=0.5, batch_size=5, decoding=decoding, tie_break=tie_break)
+    preds = _parity(model, tok, adapters, RATING, rating_history(), search)
+    assert len({tuple(p) for p in preds}) > 1  # the adapters matter
+    if decoding != "argmax":  # and the decoding does: on this model the mean and the median move answers off the mode
+        argmax = PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(), mode="score")
+        assert argmax.predict(POPULATION) != preds
+
+
+def test_fast_tie_break_equals_the_reference_on_classification(sharp):
+    model, tok, adapters = sharp
+    _parity(model, tok, adapters, TAGGING, tag_history(4), SearchConfig(alpha=0.7, batch_size=8, tie_break="expected"))
+
+
+def test_tie_break_orders_candidates_of_equal_metric_by_gold_probability(setup):
+    model, tok, adapters = setup
+    # Nearby weights: the same answers on every item (equal discrete metric), different label probabilities.
+    pop = np.array([[0.3, -1.2, 0.8], [0.33, -1.2, 0.8], [0.3, -1.1, 0.8]])
+    history = tag_history(6)
+    plain = FitnessEvaluator(model, tok, TAGGING, history, adapters, SearchConfig(alpha=0.5))
+    broken = FitnessEvaluator(model, tok, TAGGING, history, adapters, SearchConfig(alpha=0.5, tie_break="expected"))
+    preds = plain.predict(pop)
+    assert preds[0] == preds[1] == preds[2]
+    plain_parts, parts = plain.evaluate(pop), broken.evaluate(pop)
+    assert len({p.objective for p in plain_parts}) == 1  # without a tie-break: one tie, nothing for the search
+    assert [(p.utility, p.privacy) for p in parts] == [(p.utility, p.privacy) for p in plain_parts]  # privacy unchanged
+    # The tie-break is the mean probability of the gold tag, computed here from the reference scores.
+    ref = PeftLoopEvaluator(model, tok, TAGGING, history, adapters, SearchConfig(alpha=0.5, tie_break="expected"), mode="score")
+    gold_prob = []
+    for w in pop:
+        adapter = merge_exact(adapters, torch.as_tensor(w))
+        probs = label_probabilities(peft_label_scores(model, tok, TAGGING, ref.prompts, adapter))
+        gold_prob.append(float(np.mean([probs[i, LAMP2_TAGS.index(g)] for i, g in enumerate(ref.golds)])))
+    assert [p.expected_utility for p in parts] == pytest.approx(gold_prob, abs=1e-5)
+    assert len(set(np.round(gold_prob, 7))) == 3  # three different probabilities to order
+    by_objective = sorted(range(3), key=lambda c: parts[c].objective)
+    assert by_objective == sorted(range(3), key=lambda c: gold_prob[c])
+    for p, q in zip(parts, plain_parts):
+        assert p.objective - q.objective == pytest.approx(TIE_BREAK_WEIGHT * p.expected_utility, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "task, kwargs, match",
+    [
+        (TAGGING, {"decoding": "expected"}, "needs ordered numeric labels"),
+        (HEADLINE, {"decoding": "median"}, "needs ordered numeric labels"),
+        (HEADLINE, {"tie_break": "expected"}, "needs a label task"),
+        (get_task("citation"), {"tie_break": "expected"}, "needs a label task"),  # LaMP-1's history is generated text
+    ],
+)
+def test_decoding_and_tie_break_the_task_cannot_use_are_refused(setup, task, kwargs, match):
+    model, tok, adapters = setup
+    with pytest.raises(SearchConfigError, match=match):
+        FitnessEvaluator(model, tok, task, rating_history(), adapters, SearchConfig(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"decoding": "mean"}, "decoding must be one of argmax, expected, median"),
+                                           ({"tie_break": "gold"}, "tie-break must be one of none, expected"),
+                                           ({"decoding": 3}, "decoding must be one of")])
+def test_unknown_decoding_or_tie_break_is_refused_by_the_search_config(kwargs, match):
+    with pytest.raises(SearchConfigError, match=match):
+        SearchConfig(**kwargs)
+
+
+def test_reference_generation_loop_refuses_what_it_cannot_read(setup):
+    model, tok, adapters = setup
+    with pytest.raises(FitnessError, match="needs mode 'score'"):
+        PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(tie_break="expected"))
+    with pytest.raises(FitnessError, match="needs mode 'score'"):
+        PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(decoding="median"))

@@ -7,10 +7,12 @@ import torch
 
 import random
 
-from common.inference import encode_example, generate, predict, predict_labels, score_labels
+from common.inference import (
+    decode_labels, encode_example, generate, label_probabilities, predict, predict_labels, score_labels,
+)
 from common.lora_math import merge_exact, random_adapter
 from common.models import tiny_model
-from common.tasks import completion_text, get_task
+from common.tasks import TaskOptionError, completion_text, get_task
 from server.mixed_lora import PopulationMixer
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost.
@@ -364,3 +366,70 @@ def test_bad_arguments_raise(tiny):
         predict_labels(model, tok, PROMPTS, [])
     with pytest.raises(ValueError):
         generate(model, tok, PROMPTS, max_new_tokens=0)
+
+
+# ------------------------------------------------------------------ decoding of ordered labels
+
+RATINGS = ["1", "2", "3", "4", "5"]
+
+
+def _log(probs: list[list[float]]) -> torch.Tensor:
+    """Label scores whose distribution over the label set is `probs` (log-likelihoods up to a row constant)."""
+    return torch.tensor(probs, dtype=torch.float64).log() - 3.0
+
+
+@pytest.mark.parametrize(
+    "probs, argmax, expected, median",
+    [
+        # mean 1(.35) + 2(.05) + 3(.05) + 4(.25) + 5(.30) = .35 + .10 + .15 + 1.00 + 1.50 = 3.10 -> "3";
+        # cumulative .35, .40, .45, .70: 0.5 is first reached at "4"; the mode is "1"
+        ([0.35, 0.05, 0.05, 0.25, 0.30], "1", "3", "4"),
+        # mean .1 + .2 + .6 + .8 + 2.0 = 3.7 -> "4"; cumulative .1, .2, .4, .6 -> "4"; the mode is "5"
+        ([0.10, 0.10, 0.20, 0.20, 0.40], "5", "4", "4"),
+        # nearly flat, the argmax a tie of "4" and "5" (lowest index wins: "4"): mean .20 + .38 + .57 + .84 + 1.05
+        # = 3.04 -> "3"; cumulative .20, .39, .58 -> "3"
+        ([0.20, 0.19, 0.19, 0.21, 0.21], "4", "3", "3"),
+        # half-way: mean 1(.5) + 2(.5) = 1.5 goes up -> "2"; cumulative .5 at "1" reaches 0.5 -> "1"
+        ([0.5, 0.5, 0.0, 0.0, 0.0], "1", "2", "1"),
+    ],
+)
+def test_expected_and_median_decoding_on_hand_made_distributions(probs, argmax, expected, median):
+    scores = _log([probs])
+    assert decode_labels(scores, RATINGS, "argmax") == [argmax]
+    assert decode_labels(scores, RATINGS, "expected") == [expected]
+    assert decode_labels(scores, RATINGS, "median") == [median]
+    # the label set's order does not matter: the scale is the labels' values
+    flipped = RATINGS[::-1]
+    for decoding, answer in (("expected", expected), ("median", median)):
+        assert decode_labels(scores.flip(1), flipped, decoding) == [answer]
+
+
+def test_label_probabilities_renormalise_over_the_labels():
+    probs = label_probabilities(_log([[0.1, 0.2, 0.3, 0.2, 0.2]]))
+    torch.testing.assert_close(probs, torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2]], dtype=torch.float64))
+
+
+def test_decoding_reads_the_full_label_scores(tiny):
+    model, tok = tiny
+    prompts = PROMPTS * 3
+    scores = score_labels(model, tok, prompts, RATINGS, batch_size=2)
+    assert predict_labels(model, tok, prompts, RATINGS, batch_size=2) == decode_labels(scores, RATINGS, "argmax")
+    for decoding in ("expected", "median"):
+        assert predict_labels(model, tok, prompts, RATINGS, batch_size=2, decoding=decoding) == \
+            decode_labels(scores, RATINGS, decoding)
+    rating = get_task("rating")
+    assert predict(rating, model, tok, prompts, decoding="median") == decode_labels(scores, RATINGS, "median")
+
+
+def test_bad_decodings_are_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(TaskOptionError, match="needs ordered numeric labels"):
+        predict(get_task("tagging"), model, tok, PROMPTS, decoding="expected")
+    with pytest.raises(TaskOptionError, match="needs ordered numeric labels"):
+        predict(get_task("headline"), model, tok, PROMPTS, decoding="median")
+    with pytest.raises(TaskOptionError, match="decoding must be one of"):
+        predict(get_task("rating"), model, tok, PROMPTS, decoding="mean")
+    with pytest.raises(ValueError, match="needs numeric labels"):
+        decode_labels(torch.zeros(1, 2), ["comedy", "action"], "expected")
+    with pytest.raises(ValueError, match="shape"):
+        decode_labels(torch.zeros(1, 3), RATINGS, "median")

@@ -9,6 +9,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from common.metrics import (
     PRIVACY_METRICS,
     fitness,
+    expected_fitness,
     higher_is_better,
     parse_label,
     prediction_similarity,
@@ -151,3 +152,33 @@ def test_orientation():
     assert not higher_is_better("mae") and not higher_is_better("rmse")
     with pytest.raises(ValueError, match="unknown metric"):
         higher_is_better("bleu")
+
+
+def test_expected_fitness_by_hand():
+    rating = get_task("rating")
+    labels = ["1", "2", "3", "4", "5"]
+    # gold 4, half the mass on "3" and half on "4": E|err| = .5, E err^2 = .5
+    # -> mean of (1 - .5/4) = .875 and (1 - sqrt(.5)/4) = .823223...
+    probs = [[0.0, 0.0, 0.5, 0.5, 0.0]]
+    assert expected_fitness(rating, probs, labels, ["4"]) == pytest.approx((0.875 + 1 - math.sqrt(0.5) / 4) / 2)
+    # all mass on the gold: no expected error
+    assert expected_fitness(rating, [[0, 0, 0, 0, 1.0]], labels, ["5"]) == pytest.approx(1.0)
+    # two items, gold 1 and 5, each with all mass on the far end: E|err| = 4 -> 0 for both parts
+    assert expected_fitness(rating, [[0, 0, 0, 0, 1.0], [1.0, 0, 0, 0, 0]], labels, ["1", "5"]) == pytest.approx(0.0)
+    tagging = get_task("tagging")
+    tags = list(tagging.query_labels)
+    probs = [[0.0] * len(tags) for _ in range(2)]
+    probs[0][tags.index("comedy")], probs[0][tags.index("action")] = 0.7, 0.3
+    probs[1][tags.index("comedy")], probs[1][tags.index("action")] = 0.6, 0.4
+    # expected accuracy: mean gold probability (.7 + .4) / 2
+    assert expected_fitness(tagging, probs, tags, ["comedy", "action"]) == pytest.approx(0.55)
+
+
+def test_expected_fitness_refuses_what_it_cannot_score():
+    rating = get_task("rating")
+    with pytest.raises(ValueError, match="shape"):
+        expected_fitness(rating, [[0.5, 0.5]], ["1", "2", "3"], ["1"])
+    with pytest.raises(ValueError, match="not a LaMP_3 label"):
+        expected_fitness(rating, [[1.0, 0.0]], ["1", "2"], ["seven"])
+    with pytest.raises(ValueError, match="no label distribution"):
+        expected_fitness(get_task("headline"), [[1.0]], ["x"], ["a headline"])

@@ -66,6 +66,7 @@ def _personalize(args: argparse.Namespace) -> int:
     check_optimizer(config)  # before the model loads
     check_replaceable(args.out, RESULT_FILE)
     dataset = load_lamp(args.data, split=args.split)
+    config.check_task(dataset.task)  # decoding and tie-break, before the model loads
     target = dataset.user(args.user)
     sharers_root = Path(args.sharers)
     dirs = _sharer_dirs(sharers_root)

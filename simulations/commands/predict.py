@@ -12,7 +12,9 @@ from common.inference import predict
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, query_prompts, write_json_files
 from common.metrics import task_metrics
 from common.errors import PrimeError
+from common.settings import SearchConfig, from_flat
 from simulations.model_options import add_model_options, load_model
+from simulations.options import add_setting_option
 
 
 def select_users(dataset: LampDataset, user_ids: list[str] | None, limit: int | None) -> list[LampUser]:
@@ -32,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         help=summary,
         description=(
             "Predict every held-out query of the chosen users: classification and rating by scoring the "
-            "task's label set (log-likelihood), generation tasks by greedy decoding. Writes the predictions "
+            "task's label set (log-likelihood; the label read off with --decoding), generation tasks by greedy "
+            "decoding. Writes the predictions "
             "in the LaMP outputs layout ({\"task\", \"golds\": [{\"id\", \"output\"}]}) and the task metrics "
             "against the folder's golds as JSON."
         ),
@@ -47,13 +50,16 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--out", required=True, help="predictions file (LaMP outputs layout, written atomically)")
     parser.add_argument("--metrics-out", default=None, help="metrics JSON file (default: <out>.metrics.json)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default %(default)s)")
+    add_setting_option(parser, SearchConfig(), "decoding")
     parser.set_defaults(func=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise PrimeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    reading = from_flat(SearchConfig, {"decoding": args.decoding})  # the one check of the value
     dataset = load_lamp(args.data, split=args.split)
+    reading.check_task(dataset.task)  # before the model loads
     users = select_users(dataset, args.user_ids, args.limit)
     queries = [q for u in users for q in u.queries]
     if not queries:
@@ -64,7 +70,8 @@ def _predict(args: argparse.Namespace) -> int:
         model.eval()
     task = dataset.task
     start = time.perf_counter()
-    preds = predict(task, model, tokenizer, query_prompts(task, queries), batch_size=args.batch_size)
+    preds = predict(task, model, tokenizer, query_prompts(task, queries), batch_size=args.batch_size,
+                    decoding=reading.decoding)
     seconds = time.perf_counter() - start
     metrics = task_metrics(task, preds, [q.gold for q in queries])
     out = Path(args.out)
@@ -73,6 +80,7 @@ def _predict(args: argparse.Namespace) -> int:
         "task": task.lamp_id,
         "model": name,
         "adapter": args.adapter,
+        "decoding": reading.decoding,
         "users": len(users),
         "queries": len(queries),
         "metrics": metrics,

@@ -55,6 +55,7 @@ class Context:
     folder: Path | None = None  # the seed's prepare folder: what is written once per target (PAG summaries) is kept there
     progress: bool = False
     privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC  # PriME's privacy term and the held-out similarity
+    decoding: str = "argmax"  # how every method reads a label off the label scores (SearchConfig.decoding)
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -96,9 +97,9 @@ def query_prompts(ctx: Context, target: str) -> tuple[list[str], list[str]]:
 
 
 def answer(ctx: Context, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
-    """Predictions of the task model (+ adapter) on `prompts`."""
+    """Predictions of the task model (+ adapter) on `prompts`, read with the run's decoding."""
     with applied(ctx.model, adapter) as model:
-        return predict(ctx.task, model, ctx.tokenizer, prompts)
+        return predict(ctx.task, model, ctx.tokenizer, prompts, decoding=ctx.decoding)
 
 
 def sharer_predictions(ctx: Context, sharer: str, target: str) -> list[str]:

@@ -60,7 +60,7 @@ class LoraHub(Method):
 
         def objective(w: numpy.ndarray) -> tuple[float, float]:
             with applied(ctx.model, merge_elementwise(adapters, w)) as model:
-                utility = metrics.fitness(task, predict(task, model, ctx.tokenizer, prompts), golds)
+                utility = metrics.fitness(task, predict(task, model, ctx.tokenizer, prompts, decoding=ctx.decoding), golds)
             return utility - l1 * float(numpy.mean(numpy.abs(w))), utility
 
         param = ng.p.Array(init=numpy.full(len(adapters), 1.0 / len(adapters))).set_bounds(*BOUNDS)
