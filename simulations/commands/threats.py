@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,8 @@ def _threats(args: argparse.Namespace) -> int:
     plots = not args.no_plots
     progress = not args.no_progress
     mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
+    if mconfig is not None and args.attack in ("leak", "recovery"):  # only the plain sharers' adapters are attacked
+        mconfig = replace(mconfig, dp_noises=())
     rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed)
     written: list[Path] = []
     if args.attack in ("embedding", "all"):
