@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from common import dp
-from common.encoder import load_encoder, user_embedding
 from common.lamp import profile_pairs
 from common.metrics import task_metrics
 from common.models import tiny_model
@@ -151,24 +150,42 @@ def test_result_files(fresh, tmp_path):
 # ------------------------------------------------------------------ official protocol
 
 
+def _pool_pairs(config: mia.MembershipConfig, pool_size: int) -> dict[str, list[tuple[str, str]]]:
+    """Every history pair each pool user drew (the same generator, seed and sizes `build_world` uses)."""
+    synth = generate(SyntheticConfig(task=config.task, n_users=1 + pool_size, n_groups=config.groups,
+                                     history=2 * (config.history + config.nonmembers), queries=config.queries,
+                                     seed=config.seed))
+    return {u.user_id: profile_pairs(synth.dataset.task, u.profile) for u in synth.dataset.users[1:]}
+
+
+def test_fresh_protocol_splits_each_sharers_own_distinct_items(fresh):
+    _, _, config, world, _ = fresh
+    drawn = _pool_pairs(config, config.sharers)
+    for s in world.sharer_ids:
+        members, held_out = world.members[s], world.nonmembers[s]
+        assert len(members) == len(set(members)) == config.history and len(held_out) == len(set(held_out)) == config.nonmembers
+        assert set(members) | set(held_out) <= set(drawn[s]) and not set(members) & set(held_out)
+        others = {p for t, pairs in drawn.items() if t != s for p in pairs}
+        assert not (set(members) | set(held_out)) & others, "no item another sharer drew (and may train on)"
+
+
 def test_official_protocol_members_are_the_merged_sharers_items_nonmembers_the_others():
     model, tok = tiny_model(seed=0)
     config = mia.MembershipConfig(**{**SMALL, "protocol": "official", "others": 2, "alphas": (), "guard_alphas": (),
                                      "dp_noises": (), "groups": 3})
     model, world = mia.build_world(model, tok, config, progress=False)
-    # the same users the generator gives, the k most similar of the pool merged, as the coordinator picks them
-    synth = generate(SyntheticConfig(task="tagging", n_users=6, n_groups=3, history=4, queries=3, seed=0))
-    pool = synth.dataset.users[1:]
-    assert sorted(world.sharer_ids + world.other_ids) == sorted(u.user_id for u in pool)
-    encoder = load_encoder("hashing")
-    embeddings = {u.user_id: user_embedding(encoder, synth.dataset.task, u.profile) for u in pool}
-    target = user_embedding(encoder, synth.dataset.task, synth.dataset.users[0].profile)
-    assert {s for s, _ in select_top_k(target, embeddings, 3)} == set(world.sharer_ids) and len(world.other_ids) == 2
-    profiles = {u.user_id: profile_pairs(synth.dataset.task, u.profile) for u in pool}
-    members = {p for s in world.sharer_ids for p in profiles[s]}
-    others = [p for o in world.other_ids for p in dict.fromkeys(profiles[o]) if p not in members]
+    drawn = _pool_pairs(config, 5)
+    assert sorted(world.sharer_ids + world.other_ids) == sorted(drawn) and len(world.other_ids) == 2
+    # the k most similar of the pool are merged, as the coordinator picks them
+    top = select_top_k(world.target_embedding, world.embeddings, config.sharers)
+    assert {s for s, _ in top} == set(world.sharer_ids) and set(world.embeddings) == set(drawn)
+    members = {p for s in world.sharer_ids for p in world.members[s]}
     for s in world.sharer_ids:
-        assert world.members[s] == profiles[s] and world.nonmembers[s] == others
+        assert set(world.members[s]) <= set(drawn[s]) and len(world.members[s]) == config.history
+        assert world.nonmembers[s] == world.nonmembers[world.sharer_ids[0]], "one pooled non-member set per target"
+    others = world.nonmembers[world.sharer_ids[0]]
+    assert len(others) == 2 * config.history and not set(others) & members
+    assert set(others) <= {p for o in world.other_ids for p in drawn[o]}
     result = mia.membership_attack(model, tok, world, config, progress=False)
     merged_rows = [row for row in result.rows if not row["setting"].startswith("top-1")]
     assert [row["setting"] for row in result.rows] == ["unmerged task model", "top-1 release (the sharer's own adapter)",

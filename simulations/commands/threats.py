@@ -64,9 +64,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
     parser.add_argument("--history", type=int, default=m.history, help="membership: training items per sharer (default %(default)s)")
     parser.add_argument("--nonmembers", type=int, default=m.nonmembers,
-                        help="membership, fresh protocol: fresh items per sharer (default %(default)s)")
+                        help="membership, fresh protocol: held-out items per sharer (default %(default)s)")
     parser.add_argument("--protocol", default=m.protocol,
-                        help="membership: non-members are fresh same-group items per sharer (fresh) or, as the paper's "
+                        help="membership: non-members are each sharer's held-out items (fresh) or, as the paper's "
                              "mia.py, the items of the pool's unmerged sharers (official) (default %(default)s)")
     parser.add_argument("--others", type=int, default=m.others,
                         help="membership, official protocol: unmerged sharers in the pool (default %(default)s)")

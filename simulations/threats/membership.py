@@ -8,10 +8,10 @@ separately), and every setting with its utility on the target's held-out
 queries, so each row reads as a trade-off.
 
 Two protocols decide who the non-members are:
-- `fresh` (ours): members are one sharer's training items, non-members fresh
-  items drawn by the same synthetic generator (another seed) for a user of
-  the same latent group, so they follow the same rule and differ only in not
-  having been trained on. One AUROC per sharer, averaged.
+- `fresh` (ours): members are one sharer's training items, non-members its
+  held-out items: one random split of the sharer's distinct items (none that
+  another sharer also has), so the two follow the same distribution and
+  differ only in having been trained on. One AUROC per sharer, averaged.
 - `official` (the paper's `mia.py`): the merged sharers are the top-k of a
   larger pool by embedding similarity to the target; members are the merged
   sharers' training items, non-members the training items of the pool's
@@ -29,6 +29,7 @@ from opacus' accountant). Every merge reaches the target through
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +46,7 @@ from common.adapters import LoraAdapter, applied
 from common.atomic import write_csv, write_with
 from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits, predict
-from common.lamp import Query, profile_pairs, query_prompts
+from common.lamp import LampUser, Query, profile_pairs, query_prompts
 from common.lora_math import merge_exact
 from common.metrics import task_metrics
 from common.settings import DpSgdConfig, SearchConfig, TrainConfig
@@ -59,8 +60,11 @@ from simulations.threats.leak import ThreatError
 Pair = tuple[str, str]
 PROTOCOLS = ("fresh", "official")
 CONFIDENCE = 0.95
-_NONMEMBER_SEED_OFFSET = 100_003  # fresh items: same generator, a seed no member set uses
 _MAX_GROUPS = {"tagging": 4, "rating": 5, "headline": 6}
+
+
+def _finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class MembershipConfig:
     sharers: int = 3
     groups: int = 2
     history: int = 16  # training items (members) per sharer
-    nonmembers: int = 16  # fresh items per sharer (protocol fresh)
+    nonmembers: int = 16  # held-out items per sharer (protocol fresh)
     protocol: str = "fresh"
     others: int = 3  # protocol official: unmerged sharers in the pool, whose training items are the non-members
     queries: int = 8  # the target's held-out queries on which each setting's utility is measured
@@ -94,7 +98,6 @@ class MembershipConfig:
     def __post_init__(self) -> None:
         for name in ("alphas", "guard_alphas", "dp_noises"):
             object.__setattr__(self, name, tuple(float(a) for a in getattr(self, name)))
-        finite = lambda values: all(math.isfinite(v) for v in values)  # noqa: E731
         checks = [
             (self.task in SYNTHETIC_TASKS, f"task must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}"),
             (self.protocol in PROTOCOLS, f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
@@ -105,13 +108,13 @@ class MembershipConfig:
              f"the official protocol needs others >= 1 (unmerged sharers give the non-members), got {self.others}"),
             (self.queries >= 1, f"queries must be >= 1, got {self.queries}"),
             (self.adapt_users >= 0, f"adapt users must be >= 0, got {self.adapt_users}"),
-            (finite(self.alphas) and all(a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
-            (finite(self.guard_alphas) and all(a >= 0 for a in self.guard_alphas),
+            (_finite(self.alphas) and all(a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
+            (_finite(self.guard_alphas) and all(a >= 0 for a in self.guard_alphas),
              f"guard alphas must be finite and >= 0, got {list(self.guard_alphas)}"),
             (math.isfinite(self.guard_share_cap) and 1.0 / max(self.sharers, 1) <= self.guard_share_cap <= 1.0,
              f"guard share cap must lie in [1/sharers, 1] = [{1.0 / max(self.sharers, 1):.3g}, 1], "
              f"got {self.guard_share_cap}"),
-            (finite(self.dp_noises) and all(n > 0 for n in self.dp_noises),
+            (_finite(self.dp_noises) and all(n > 0 for n in self.dp_noises),
              f"DP noise multipliers must be finite and > 0, got {list(self.dp_noises)}"),
             (math.isfinite(self.dp_max_grad_norm) and self.dp_max_grad_norm > 0,
              f"DP max grad norm must be finite and > 0, got {self.dp_max_grad_norm}"),
@@ -141,7 +144,7 @@ class World:
     sharer_ids: list[str]
     groups: dict[str, int]
     adapters: dict[str, LoraAdapter]
-    embeddings: dict[str, np.ndarray]
+    embeddings: dict[str, np.ndarray]  # every pool user's (official: the others' too)
     members: dict[str, list[Pair]]
     nonmembers: dict[str, list[Pair]]  # fresh: per sharer; official: every sharer holds the same pooled list
     other_ids: list[str] = field(default_factory=list)  # official: the pool's unmerged sharers
@@ -280,25 +283,28 @@ def example_losses(
     return np.asarray(losses)
 
 
-def _fresh_items(config: MembershipConfig, groups_needed: dict[str, int], exclude: set[Pair]) -> dict[str, list[Pair]]:
-    """Non-members: per sharer, distinct items of a fresh user of the same group (same generator, another seed)."""
-    n_groups = max(groups_needed.values()) + 1
-    per_group = {g: list(groups_needed.values()).count(g) for g in set(groups_needed.values())}
-    fresh = generate(SyntheticConfig(
-        task=config.task, n_users=n_groups * max(per_group.values()), n_groups=n_groups,
-        history=config.nonmembers * 4, queries=1, seed=config.seed + _NONMEMBER_SEED_OFFSET,
-    ))
-    pool: dict[int, list] = {}
-    for user in fresh.dataset.users:
-        pool.setdefault(fresh.groups[user.user_id], []).append(user)
+def _split_items(task: TaskSpec, pool: Sequence[LampUser], config: MembershipConfig) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Per pool user: (training items, held-out items), a random split of its distinct items that no other pool
+    user also has.
+
+    Members and non-members must come from one distribution, or the attack
+    scores the difference (a model that never trained measured AUROC 0.66
+    when non-members were fresh items with members' duplicates removed: the
+    removal takes exactly the commonest items out of one side only). Here
+    duplicates, and items another sharer also drew (that sharer trains on
+    them), are removed *before* a seeded shuffle splits the rest, so a
+    sharer's training and held-out items are exchangeable.
+    """
+    pairs_of = {u.user_id: {task.profile_pair(item): item for item in u.profile} for u in pool}
     out = {}
-    for sid, group in groups_needed.items():
-        user = pool[group].pop(0)
-        pairs = [p for p in dict.fromkeys(profile_pairs(fresh.dataset.task, user.profile)) if p not in exclude]
-        if len(pairs) < config.nonmembers:
-            raise ThreatError(f"only {len(pairs)} distinct fresh non-member items for sharer {sid} after removing "
-                              f"duplicates of members (ask for fewer --nonmembers)")
-        out[sid] = pairs[: config.nonmembers]
+    for user in pool:
+        taken = {p for other, pairs in pairs_of.items() if other != user.user_id for p in pairs}
+        items = [item for pair, item in pairs_of[user.user_id].items() if pair not in taken]
+        random.Random(f"membership/{config.seed}/{user.user_id}").shuffle(items)
+        if len(items) < config.history + config.nonmembers:
+            raise ThreatError(f"user {user.user_id} has only {len(items)} distinct items no other sharer has, fewer "
+                              f"than history + nonmembers = {config.history + config.nonmembers} (ask for fewer)")
+        out[user.user_id] = items[: config.history], items[config.history : config.history + config.nonmembers]
     return out
 
 
@@ -308,33 +314,32 @@ def build_world(
     """Generate the users, task-adapt `model` if asked (in place), train each merged sharer's LoRA (and DP LoRAs)."""
     groups = min(config.groups, _MAX_GROUPS[config.task])
     pool_size = config.sharers + (config.others if config.protocol == "official" else 0)
-    synth = generate(SyntheticConfig(
+    synth = generate(SyntheticConfig(  # twice the draws: duplicates and items shared with others leave the pool
         task=config.task, n_users=1 + pool_size + config.adapt_users, n_groups=groups,
-        history=config.history, queries=config.queries, seed=config.seed,
+        history=2 * (config.history + config.nonmembers), queries=config.queries, seed=config.seed,
     ))
     task, users = synth.dataset.task, synth.dataset.users
     target, pool, adapters_pool = users[0], users[1 : 1 + pool_size], users[1 + pool_size :]
+    target_history = target.profile[: config.history]
     if adapters_pool:
-        pooled = [p for u in adapters_pool for p in profile_pairs(task, u.profile)]
+        pooled = [p for u in adapters_pool for p in profile_pairs(task, u.profile[: config.history])]
         model = adapt(model, tokenizer, pooled, config.train_config(), progress=progress)
+    split = _split_items(task, pool, config)
     encoder = load_encoder("hashing")
-    embeddings = {u.user_id: user_embedding(encoder, task, u.profile) for u in pool}
-    target_embedding = user_embedding(encoder, task, target.profile)
+    embeddings = {u.user_id: user_embedding(encoder, task, split[u.user_id][0]) for u in pool}  # of what it trains on
+    target_embedding = user_embedding(encoder, task, target_history)
     if config.protocol == "official":  # as the coordinator picks them: the k most similar of the pool are merged
         chosen = {sid for sid, _ in select_top_k(target_embedding, embeddings, config.sharers, min_sharers=2)}
     else:  # selection is not under attack here: all k sharers are merged
         chosen = {u.user_id for u in pool}
     sharers = [u for u in pool if u.user_id in chosen]
     others = [u for u in pool if u.user_id not in chosen]
-    members = {u.user_id: profile_pairs(task, u.profile) for u in sharers}
-    exclude = {p for pairs in members.values() for p in pairs}
-    if config.protocol == "official":
-        pooled_others = [p for u in others for p in dict.fromkeys(profile_pairs(task, u.profile)) if p not in exclude]
-        if not pooled_others:
-            raise ThreatError("the unmerged sharers' items are all duplicates of members: no non-members left")
+    members = {u.user_id: profile_pairs(task, split[u.user_id][0]) for u in sharers}
+    if config.protocol == "official":  # the unmerged sharers' training items, pooled
+        pooled_others = [p for u in others for p in profile_pairs(task, split[u.user_id][0])]
         nonmembers = {u.user_id: pooled_others for u in sharers}
     else:
-        nonmembers = _fresh_items(config, {u.user_id: synth.groups[u.user_id] for u in sharers}, exclude)
+        nonmembers = {u.user_id: profile_pairs(task, split[u.user_id][1]) for u in sharers}
     adapters, train_losses = {}, {}
     dp_adapters: dict[float, dict[str, LoraAdapter]] = {noise: {} for noise in config.dp_noises}
     dp_guarantees: dict[float, dict[str, dp.Guarantee]] = {noise: {} for noise in config.dp_noises}
@@ -351,13 +356,13 @@ def build_world(
             dp_guarantees[noise][user.user_id] = stats.privacy
     world = World(
         task=task,
-        target_pairs=profile_pairs(task, target.profile),
+        target_pairs=profile_pairs(task, target_history),
         target_queries=list(target.queries),
         target_embedding=target_embedding,
         sharer_ids=[u.user_id for u in sharers],
         groups={u.user_id: synth.groups[u.user_id] for u in [target, *pool]},
         adapters=adapters,
-        embeddings={u.user_id: embeddings[u.user_id] for u in sharers},
+        embeddings=embeddings,
         members=members,
         nonmembers=nonmembers,
         other_ids=[u.user_id for u in others],
@@ -381,14 +386,13 @@ def released_adapter(merged: LoraAdapter | None) -> LoraAdapter | None:
 
 def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, config: MembershipConfig) -> list[Setting]:
     ids = world.sharer_ids
-    same = lambda adapter: {s: adapter for s in ids}  # noqa: E731
     settings = [
-        Setting("unmerged task model", same(None), one_model=True),
+        Setting("unmerged task model", dict.fromkeys(ids), one_model=True),
         Setting("top-1 release (the sharer's own adapter)", {s: world.adapters[s] for s in ids}, one_model=False),
     ]
     uniform = [1.0 / len(ids)] * len(ids)
     settings.append(Setting(f"uniform merge of k={len(ids)}",
-                            same(released_adapter(merge_exact([world.adapters[s] for s in ids], uniform))),
+                            dict.fromkeys(ids, released_adapter(merge_exact([world.adapters[s] for s in ids], uniform))),
                             one_model=True, extra={"weights": uniform}))
     sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
     searches = [(f"PriME alpha={a:g}", config.search_config(a)) for a in config.alphas]
@@ -397,7 +401,7 @@ def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world:
     for name, search in searches:
         found = personalize(model, tokenizer, world.task, world.target_pairs, world.target_embedding, sharers, search,
                             progress=False)
-        settings.append(Setting(name, same(released_adapter(found.adapter)), one_model=True, extra={
+        settings.append(Setting(name, dict.fromkeys(ids, released_adapter(found.adapter)), one_model=True, extra={
             "alpha": search.alpha, "share_cap": search.share_cap, "weights": found.weights, "fallback": found.fallback,
             "objective": found.best.objective, "utility": found.best.utility, "privacy": found.best.privacy}))
     for noise in config.dp_noises:
