@@ -145,8 +145,8 @@ def test_auroc_on_constructed_losses():
         mia.membership_auroc([float("nan")], [1.0])
 
 
-SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, alphas=(0.0,), budget=1, popsize=2, r=2, lora_alpha=4.0,
-             epochs=2, lr=1e-2, batch_size=8)
+SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, alphas=(0.0,), guard_alphas=(), dp_noises=(), budget=1,
+             popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2, batch_size=8, resamples=20)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +186,8 @@ def test_membership_attack_end_to_end(world):
     names = [row["setting"] for row in result.rows]
     assert names[0] == "unmerged task model" and names[1].startswith("top-1") and names[-1] == "PriME alpha=0"
     for row in result.rows:
-        assert len(row["auroc_per_sharer"]) == config.sharers and 0 <= row["auroc"] <= 1
-        assert row["auroc"] == pytest.approx(np.mean(row["auroc_per_sharer"]))
+        assert len(row["auroc_per_case"]) == config.sharers and 0 <= row["auroc"] <= 1
+        assert row["auroc"] == pytest.approx(np.mean(row["auroc_per_case"]))
     unmerged, own = result.rows[0], result.rows[1]
     assert own["member_loss"] < unmerged["member_loss"], "a sharer's own adapter lowered the loss on its training items"
 

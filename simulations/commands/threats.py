@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
             "Measure what the parties of PriME-FL can learn. leak: read sharers' factors out of a stacked merge "
             "vs the released (SVD) adapter; recovery: individual adapters from m merges of the same sharers; "
             "membership: loss-based membership inference on sharers' training items through what the target "
-            "receives; embedding: group probe on user embeddings. Each writes OUT/<attack>.json (+ .csv/.png)."
+            "receives (AUROC with a bootstrap 95% interval, and the utility, per setting); embedding: group probe on user embeddings. Each writes OUT/<attack>.json (+ .csv/.png)."
         ),
     )
     m, e, r = mia.MembershipConfig(), EmbeddingConfig(), rec.RecoveryConfig()
@@ -65,7 +66,27 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
     parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
     parser.add_argument("--history", type=int, default=m.history, help="membership: training items per sharer (default %(default)s)")
-    parser.add_argument("--nonmembers", type=int, default=m.nonmembers, help="membership: fresh items per sharer (default %(default)s)")
+    parser.add_argument("--nonmembers", type=int, default=m.nonmembers,
+                        help="membership, fresh protocol: held-out items per sharer (default %(default)s)")
+    parser.add_argument("--protocol", default=m.protocol,
+                        help="membership: non-members are each sharer's held-out items (fresh) or, as the paper's "
+                             "mia.py, the items of the pool's unmerged sharers (official) (default %(default)s)")
+    parser.add_argument("--others", type=int, default=m.others,
+                        help="membership, official protocol: unmerged sharers in the pool (default %(default)s)")
+    parser.add_argument("--queries", type=int, default=m.queries,
+                        help="membership: the target's held-out queries scoring each setting's utility (default %(default)s)")
+    parser.add_argument("--guard-alphas", type=_floats, default=m.guard_alphas,
+                        help="membership: PriME alphas run with the release guards, comma-separated, empty for none "
+                             "(default 1)")
+    parser.add_argument("--guard-share-cap", type=float, default=m.guard_share_cap,
+                        help="membership: the guards' per-sharer share cap (server.share_cap; default %(default)s)")
+    parser.add_argument("--dp-noises", type=_floats, default=m.dp_noises,
+                        help="membership: DP-SGD noise multipliers of the sharers' DP adapters, comma-separated, empty "
+                             "for none (default 0.5,1,2)")
+    parser.add_argument("--dp-max-grad-norm", type=float, default=m.dp_max_grad_norm,
+                        help="membership: DP-SGD per-example clip norm (default %(default)s)")
+    parser.add_argument("--resamples", type=int, default=m.resamples,
+                        help="membership: bootstrap resamples per AUROC interval (default %(default)s)")
     parser.add_argument("--adapt-users", type=int, default=m.adapt_users, help="membership: users that task-adapt the base first (default %(default)s)")
     parser.add_argument("--alphas", type=_floats, default=m.alphas, help="membership: PriME alphas, comma-separated (default 0,1,4)")
     parser.add_argument("--budget", type=int, default=m.budget, help="membership: search generations (default %(default)s)")
@@ -86,8 +107,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def _membership_config(args: argparse.Namespace) -> mia.MembershipConfig:
     return mia.MembershipConfig(
         task=args.task, sharers=args.sharers, groups=args.groups, history=args.history, nonmembers=args.nonmembers,
-        adapt_users=args.adapt_users, alphas=args.alphas, budget=args.budget, popsize=args.popsize, r=args.rank,
-        lora_alpha=args.lora_alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        protocol=args.protocol, others=args.others, queries=args.queries, adapt_users=args.adapt_users,
+        alphas=args.alphas, guard_alphas=args.guard_alphas, guard_share_cap=args.guard_share_cap,
+        dp_noises=args.dp_noises, dp_max_grad_norm=args.dp_max_grad_norm, budget=args.budget, popsize=args.popsize,
+        r=args.rank, lora_alpha=args.lora_alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        resamples=args.resamples, seed=args.seed,
     )
 
 
@@ -101,7 +125,7 @@ def command_line(args: argparse.Namespace) -> str:
         if value is True:
             parts.append(flag)
         elif isinstance(value, tuple):
-            parts += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+            parts += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "''"]
         else:
             parts += [flag, str(value)]
     return " ".join(parts)
@@ -120,6 +144,8 @@ def _threats(args: argparse.Namespace) -> int:
     plots = not args.no_plots
     progress = not args.no_progress
     mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
+    if mconfig is not None and args.attack in ("leak", "recovery"):  # only the plain sharers' adapters are attacked
+        mconfig = replace(mconfig, dp_noises=())
     rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed,
                                  release_rank=args.release_rank)
     written: list[Path] = []
@@ -147,8 +173,11 @@ def _threats(args: argparse.Namespace) -> int:
             if plots:
                 written.append(mia.plot(result, out / "membership.png"))
             for row in result.rows:
-                print(f"membership {row['setting']:<42} AUROC {row['auroc']:.3f} "
-                      f"(member loss {row['member_loss']:.3f}, non-member {row['nonmember_loss']:.3f})")
+                utility = ", ".join(f"{name} {value:.3f}" for name, value in row["utility"].items())
+                epsilon = "" if row["epsilon"] is None else f", epsilon {row['epsilon']:.3g} (delta {row['delta']:.1g})"
+                print(f"membership {row['setting']:<48} AUROC {row['auroc']:.3f} [{row['auroc_low']:.3f}, "
+                      f"{row['auroc_high']:.3f}] (member loss {row['member_loss']:.3f}, non-member "
+                      f"{row['nonmember_loss']:.3f}); utility {utility}{epsilon}")
     if adapters is None and args.attack in ("leak", "recovery"):
         if args.sharers < 2:
             raise ThreatError(f"--sharers must be >= 2, got {args.sharers}")

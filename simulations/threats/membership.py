@@ -2,18 +2,35 @@
 
 Loss-based attack: an item the model was trained on tends to get a lower
 loss than a fresh item of the same kind, so `-loss` is the membership score
-and AUROC (members vs non-members) its success; 0.5 is chance. Members are a
-sharer's training items; non-members are fresh items drawn by the same
-synthetic generator (another seed) for users of the same latent group, so
-they follow the same rule and differ only in not having been trained on.
-Settings: the unmerged task model (baseline), the sharer's own adapter
+and AUROC (members vs non-members) its success; 0.5 is chance. Every AUROC
+comes with a bootstrap 95% interval (members and non-members resampled
+separately), and every setting with its utility on the target's held-out
+queries, so each row reads as a trade-off.
+
+Two protocols decide who the non-members are:
+- `fresh` (ours): members are one sharer's training items, non-members its
+  held-out items: one random split of the sharer's distinct items (none that
+  another sharer also has), so the two follow the same distribution and
+  differ only in having been trained on. One AUROC per sharer, averaged.
+- `official` (the paper's `mia.py`): the merged sharers are the top-k of a
+  larger pool by embedding similarity to the target; members are the merged
+  sharers' training items, non-members the training items of the pool's
+  other (unmerged) sharers, pooled. Those come from other users, often of
+  other groups, so the AUROC also measures that shift, not membership alone.
+
+Settings: the unmerged task model (baseline), each sharer's own adapter
 (= a top-1 release, the upper bound), the uniform merge of the k sharers,
-and PriME merges at several alpha, all released as the coordinator does.
+PriME merges at several alpha, PriME with the release guards, and each
+sharer's own adapter trained with DP-SGD at several noise levels (epsilon
+from opacus' accountant). Every merge reaches the target through
+`released_adapter`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import random
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,35 +40,50 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.atomic import write_csv, write_with
+from client.training import adapt, encode_pairs, train_lora
+from common import dp
 from common.adapters import LoraAdapter, applied
+from common.atomic import write_csv, write_with
 from common.encoder import load_encoder, user_embedding
-from common.inference import decoder, lm_logits
-from common.lamp import profile_pairs
+from common.inference import decoder, lm_logits, predict
+from common.lamp import LampUser, Query, profile_pairs, query_prompts
 from common.lora_math import merge_exact
+from common.metrics import task_metrics
+from common.settings import DpSgdConfig, SearchConfig, TrainConfig
 from common.synthetic import MAX_GROUPS, SYNTHETIC_TASKS, SyntheticConfig, generate
 from common.tasks import TaskSpec
-from client.training import adapt, encode_pairs, train_lora
-from common.settings import SearchConfig, TrainConfig
 from server.personalize import personalize
 from server.release import release
+from server.selection import select_top_k
 from simulations.threats.leak import ThreatError
 
 Pair = tuple[str, str]
-_NONMEMBER_SEED_OFFSET = 100_003  # fresh items: same generator, a seed no member set uses
+PROTOCOLS = ("fresh", "official")
+CONFIDENCE = 0.95
+
+
+def _finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 @dataclass(frozen=True)
 class MembershipConfig:
-    """Size of the membership experiment; defaults fit a CPU run of Gemma 3 270M."""
+    """Size of the membership experiment; defaults fit a CPU run of Gemma 3 270M (the issue's sizes: docs/threats.md)."""
 
     task: str = "tagging"
     sharers: int = 3
     groups: int = 2
     history: int = 16  # training items (members) per sharer
-    nonmembers: int = 16  # fresh items per sharer
+    nonmembers: int = 16  # held-out items per sharer (protocol fresh)
+    protocol: str = "fresh"
+    others: int = 3  # protocol official: unmerged sharers in the pool, whose training items are the non-members
+    queries: int = 8  # the target's held-out queries on which each setting's utility is measured
     adapt_users: int = 0  # users whose pooled history task-adapts the base first (0: none)
     alphas: tuple[float, ...] = (0.0, 1.0, 4.0)
+    guard_alphas: tuple[float, ...] = (1.0,)  # PriME with the release guards at these alphas (empty: no such rows)
+    guard_share_cap: float = 0.4  # the guards' per-sharer share cap (server.share_cap)
+    dp_noises: tuple[float, ...] = (0.5, 1.0, 2.0)  # DP-SGD noise multipliers of the sharers' DP adapters
+    dp_max_grad_norm: float = 1.0
     budget: int = 3
     popsize: int = 4
     r: int = 8
@@ -59,18 +91,34 @@ class MembershipConfig:
     epochs: int = 3
     lr: float = 1e-3
     batch_size: int = 16
+    resamples: int = 1000  # bootstrap resamples per AUROC interval
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        for name in ("alphas", "guard_alphas", "dp_noises"):
+            object.__setattr__(self, name, tuple(float(a) for a in getattr(self, name)))
         checks = [
             (self.task in SYNTHETIC_TASKS, f"task must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}"),
+            (self.protocol in PROTOCOLS, f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
             (self.sharers >= 2, f"sharers must be >= 2 (a merge needs two), got {self.sharers}"),
             (self.groups >= 1, f"groups must be >= 1, got {self.groups}"),
             (self.history >= 2 and self.nonmembers >= 2, "history and nonmembers must be >= 2"),
+            (self.protocol != "official" or self.others >= 1,
+             f"the official protocol needs others >= 1 (unmerged sharers give the non-members), got {self.others}"),
+            (self.queries >= 1, f"queries must be >= 1, got {self.queries}"),
             (self.adapt_users >= 0, f"adapt users must be >= 0, got {self.adapt_users}"),
-            (all(np.isfinite(a) and a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
+            (_finite(self.alphas) and all(a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
+            (_finite(self.guard_alphas) and all(a >= 0 for a in self.guard_alphas),
+             f"guard alphas must be finite and >= 0, got {list(self.guard_alphas)}"),
+            (math.isfinite(self.guard_share_cap) and 1.0 / max(self.sharers, 1) <= self.guard_share_cap <= 1.0,
+             f"guard share cap must lie in [1/sharers, 1] = [{1.0 / max(self.sharers, 1):.3g}, 1], "
+             f"got {self.guard_share_cap}"),
+            (_finite(self.dp_noises) and all(n > 0 for n in self.dp_noises),
+             f"DP noise multipliers must be finite and > 0, got {list(self.dp_noises)}"),
+            (math.isfinite(self.dp_max_grad_norm) and self.dp_max_grad_norm > 0,
+             f"DP max grad norm must be finite and > 0, got {self.dp_max_grad_norm}"),
             (self.budget >= 1 and self.popsize >= 2, "budget must be >= 1 and popsize >= 2"),
+            (self.resamples >= 10, f"resamples must be >= 10, got {self.resamples}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,39 +127,64 @@ class MembershipConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(r=self.r, lora_alpha=self.lora_alpha, epochs=self.epochs, lr=self.lr, seed=self.seed)
 
+    def search_config(self, alpha: float, share_cap: float = 1.0) -> SearchConfig:
+        return SearchConfig(alpha=alpha, k=self.sharers, budget=self.budget, popsize=self.popsize, min_sharers=2,
+                            share_cap=share_cap, seed=self.seed, batch_size=self.batch_size)
+
 
 @dataclass
 class World:
-    """The target, its k sharers (trained adapters, members, non-members) on one task model."""
+    """The target, its k merged sharers (trained adapters, members, non-members) on one task model."""
 
     task: TaskSpec
     target_pairs: list[Pair]
+    target_queries: list[Query]
     target_embedding: np.ndarray
     sharer_ids: list[str]
     groups: dict[str, int]
     adapters: dict[str, LoraAdapter]
-    embeddings: dict[str, np.ndarray]
+    embeddings: dict[str, np.ndarray]  # every pool user's (official: the others' too)
     members: dict[str, list[Pair]]
-    nonmembers: dict[str, list[Pair]]
+    nonmembers: dict[str, list[Pair]]  # fresh: per sharer; official: every sharer holds the same pooled list
+    other_ids: list[str] = field(default_factory=list)  # official: the pool's unmerged sharers
+    dp_adapters: dict[float, dict[str, LoraAdapter]] = field(default_factory=dict)  # noise -> sharer -> adapter
+    dp_guarantees: dict[float, dict[str, dp.Guarantee]] = field(default_factory=dict)
     train_losses: dict[str, list[float]] = field(default_factory=dict)  # per sharer, per epoch
 
 
 @dataclass
+class Setting:
+    """What the target holds in one row: one released model for all sharers, or each sharer's own adapter."""
+
+    name: str
+    adapters: dict[str, LoraAdapter | None]  # per sharer; the same object for all when `one_model`
+    one_model: bool
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
 class MembershipResult:
-    """AUROC of the loss attack per setting: mean over sharers and per sharer."""
+    """AUROC of the loss attack per setting, with its bootstrap interval, utility and (DP rows) epsilon."""
 
     config: dict
     sharer_ids: list[str]
-    rows: list[dict]  # setting, auroc, auroc_per_sharer, member_loss, nonmember_loss, extra
+    rows: list[dict]
+    other_ids: list[str] = field(default_factory=list)
     train_losses: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"attack": "membership", **asdict(self)}
 
     def write_csv(self, path: str | Path) -> Path:
-        header = ["setting", "auroc", "member_loss", "nonmember_loss", *[f"auroc_{s}" for s in self.sharer_ids]]
-        return write_csv(path, [header] + [[row["setting"], row["auroc"], row["member_loss"], row["nonmember_loss"],
-                                            *row["auroc_per_sharer"]] for row in self.rows])
+        metrics = list(self.rows[0]["utility"]) if self.rows else []
+        cases = max((len(row["auroc_per_case"]) for row in self.rows), default=0)
+        header = ["setting", "auroc", "auroc_low", "auroc_high", "member_loss", "nonmember_loss",
+                  *[f"utility_{m}" for m in metrics], "epsilon", "delta", *[f"auroc_case{i}" for i in range(cases)]]
+        body = [[row["setting"], row["auroc"], row["auroc_low"], row["auroc_high"], row["member_loss"],
+                 row["nonmember_loss"], *[row["utility"][m] for m in metrics],
+                 "" if row["epsilon"] is None else row["epsilon"], "" if row["delta"] is None else row["delta"],
+                 *row["auroc_per_case"], *[""] * (cases - len(row["auroc_per_case"]))] for row in self.rows]
+        return write_csv(path, [header] + body)
 
 
 def membership_auroc(member_losses: Sequence[float], nonmember_losses: Sequence[float]) -> float:
@@ -123,6 +196,65 @@ def membership_auroc(member_losses: Sequence[float], nonmember_losses: Sequence[
         raise ThreatError("losses must be finite")
     labels = np.r_[np.ones(len(member_losses)), np.zeros(len(nonmember_losses))]
     return float(roc_auc_score(labels, scores))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its bootstrap percentile interval."""
+
+    point: float
+    low: float
+    high: float
+
+
+def resampled_aurocs(
+    member_losses: Sequence[float], nonmember_losses: Sequence[float], member_counts: np.ndarray,
+    nonmember_counts: np.ndarray,
+) -> np.ndarray:
+    """AUROC of each resample, a resample being how often it draws each member (row of `member_counts`) and each
+    non-member (row of `nonmember_counts`).
+
+    The same number as `membership_auroc` on the repeated losses (ties
+    count one half, as in scikit-learn's), computed for every resample at
+    once from one member x non-member comparison matrix: calling
+    scikit-learn per resample took ~40 s for 1000 resamples of 3 x 128 items
+    on a loaded 2-core machine, this takes milliseconds.
+    """
+    m, n = np.asarray(member_losses, float), np.asarray(nonmember_losses, float)
+    wins = (m[:, None] < n[None, :]) + 0.5 * (m[:, None] == n[None, :])  # lower loss = scored as a member
+    mc, nc = np.atleast_2d(member_counts).astype(float), np.atleast_2d(nonmember_counts).astype(float)
+    if mc.shape[1:] != (len(m),) or nc.shape[1:] != (len(n),) or len(mc) != len(nc):
+        raise ThreatError(f"resample counts of shape {mc.shape} and {nc.shape} do not fit {len(m)} members and "
+                          f"{len(n)} non-members")
+    return ((mc @ wins) * nc).sum(axis=1) / (mc.sum(axis=1) * nc.sum(axis=1))
+
+
+def auroc_interval(
+    cases: Sequence[tuple[Sequence[float], Sequence[float]]], resamples: int = 1000, seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> Interval:
+    """Mean AUROC over cases (member losses, non-member losses) with a percentile bootstrap interval.
+
+    Each resample draws every case's members and non-members with
+    replacement, separately (a stratified bootstrap: the attack's sample is
+    that many members and that many non-members, never a different mix), and
+    averages the cases' AUROCs, so the interval is that of the mean the row
+    reports. Sharers' cases are resampled independently: they are different
+    people's items scored by different models.
+    """
+    if not cases:
+        raise ThreatError("an AUROC interval needs at least one case")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ThreatError(f"bootstrap needs resamples >= 1 and 0 < confidence < 1, got {resamples}, {confidence}")
+    point = float(np.mean([membership_auroc(m, n) for m, n in cases]))  # also checks every case
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(resamples)
+    for m, n in cases:
+        draws += resampled_aurocs(m, n, rng.multinomial(len(m), np.full(len(m), 1 / len(m)), size=resamples),
+                                  rng.multinomial(len(n), np.full(len(n), 1 / len(n)), size=resamples))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws / len(cases), [tail, 1 - tail])
+    return Interval(point=point, low=float(low), high=float(high))
 
 
 def example_losses(
@@ -150,118 +282,214 @@ def example_losses(
     return np.asarray(losses)
 
 
-def _fresh_items(config: MembershipConfig, groups_needed: dict[str, int], exclude: set[Pair]) -> dict[str, list[Pair]]:
-    """Non-members: per sharer, items of a fresh user of the same group (same generator, another seed)."""
-    n_groups = max(groups_needed.values()) + 1
-    per_group = {g: list(groups_needed.values()).count(g) for g in set(groups_needed.values())}
-    fresh = generate(SyntheticConfig(
-        task=config.task, n_users=n_groups * max(per_group.values()), n_groups=n_groups,
-        history=config.nonmembers * 2, queries=1, seed=config.seed + _NONMEMBER_SEED_OFFSET,
-    ))
-    pool: dict[int, list] = {}
-    for user in fresh.dataset.users:
-        pool.setdefault(fresh.groups[user.user_id], []).append(user)
+def _split_items(task: TaskSpec, pool: Sequence[LampUser], config: MembershipConfig) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Per pool user: (training items, held-out items), a random split of its distinct items that no other pool
+    user also has.
+
+    Members and non-members must come from one distribution, or the attack
+    scores the difference (a model that never trained measured AUROC 0.66
+    when non-members were fresh items with members' duplicates removed: the
+    removal takes exactly the commonest items out of one side only). Here
+    duplicates, and items another sharer also drew (that sharer trains on
+    them), are removed *before* a seeded shuffle splits the rest, so a
+    sharer's training and held-out items are exchangeable.
+    """
+    pairs_of = {u.user_id: {task.profile_pair(item): item for item in u.profile} for u in pool}
     out = {}
-    for sid, group in groups_needed.items():
-        user = pool[group].pop(0)
-        pairs = [p for p in profile_pairs(fresh.dataset.task, user.profile) if p not in exclude]
-        if len(pairs) < config.nonmembers:
-            raise ThreatError(f"only {len(pairs)} fresh non-member items for sharer {sid} after removing duplicates of members")
-        out[sid] = pairs[: config.nonmembers]
+    for user in pool:
+        taken = {p for other, pairs in pairs_of.items() if other != user.user_id for p in pairs}
+        items = [item for pair, item in pairs_of[user.user_id].items() if pair not in taken]
+        random.Random(f"membership/{config.seed}/{user.user_id}").shuffle(items)
+        if len(items) < config.history + config.nonmembers:
+            raise ThreatError(f"user {user.user_id} has only {len(items)} distinct items no other sharer has, fewer "
+                              f"than history + nonmembers = {config.history + config.nonmembers} (ask for fewer)")
+        out[user.user_id] = items[: config.history], items[config.history : config.history + config.nonmembers]
     return out
 
 
 def build_world(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, progress: bool = True
 ) -> tuple[PreTrainedModel, World]:
-    """Generate the users, task-adapt `model` if asked (in place), train each sharer's LoRA on its history."""
+    """Generate the users, task-adapt `model` if asked (in place), train each merged sharer's LoRA (and DP LoRAs)."""
     groups = min(config.groups, MAX_GROUPS[config.task])
-    synth = generate(SyntheticConfig(
-        task=config.task, n_users=1 + config.sharers + config.adapt_users, n_groups=groups,
-        history=config.history, queries=1, seed=config.seed,
+    pool_size = config.sharers + (config.others if config.protocol == "official" else 0)
+    synth = generate(SyntheticConfig(  # twice the draws: duplicates and items shared with others leave the pool
+        task=config.task, n_users=1 + pool_size + config.adapt_users, n_groups=groups,
+        history=2 * (config.history + config.nonmembers), queries=config.queries, seed=config.seed,
     ))
     task, users = synth.dataset.task, synth.dataset.users
-    target, sharers, adapters_pool = users[0], users[1 : 1 + config.sharers], users[1 + config.sharers :]
+    target, pool, adapters_pool = users[0], users[1 : 1 + pool_size], users[1 + pool_size :]
+    target_history = target.profile[: config.history]
     if adapters_pool:
-        pooled = {u.user_id: profile_pairs(task, u.profile) for u in adapters_pool}
+        pooled = {u.user_id: profile_pairs(task, u.profile[: config.history]) for u in adapters_pool}
         model = adapt(model, tokenizer, task, pooled, config.train_config(), progress=progress)
-    encoder = load_encoder("hashing")  # selection is not under attack here: all k sharers are merged
-    members = {u.user_id: profile_pairs(task, u.profile) for u in sharers}
+    split = _split_items(task, pool, config)
+    encoder = load_encoder("hashing")
+    embeddings = {u.user_id: user_embedding(encoder, task, split[u.user_id][0]) for u in pool}  # of what it trains on
+    target_embedding = user_embedding(encoder, task, target_history)
+    if config.protocol == "official":  # as the coordinator picks them: the k most similar of the pool are merged
+        chosen = {sid for sid, _ in select_top_k(target_embedding, embeddings, config.sharers, min_sharers=2)}
+    else:  # selection is not under attack here: all k sharers are merged
+        chosen = {u.user_id for u in pool}
+    sharers = [u for u in pool if u.user_id in chosen]
+    others = [u for u in pool if u.user_id not in chosen]
+    members = {u.user_id: profile_pairs(task, split[u.user_id][0]) for u in sharers}
+    if config.protocol == "official":  # the unmerged sharers' training items, pooled
+        pooled_others = [p for u in others for p in profile_pairs(task, split[u.user_id][0])]
+        nonmembers = {u.user_id: pooled_others for u in sharers}
+    else:
+        nonmembers = {u.user_id: profile_pairs(task, split[u.user_id][1]) for u in sharers}
     adapters, train_losses = {}, {}
-    for i, user in enumerate(tqdm(sharers, desc="sharer LoRAs", disable=not progress)):
-        train = TrainConfig(**{**asdict(config.train_config()), "seed": config.seed + i})
-        adapters[user.user_id], stats = train_lora(model, tokenizer, members[user.user_id], train, progress=False)
-        train_losses[user.user_id] = stats.epoch_losses
-    exclude = {p for pairs in members.values() for p in pairs}
+    dp_adapters: dict[float, dict[str, LoraAdapter]] = {noise: {} for noise in config.dp_noises}
+    dp_guarantees: dict[float, dict[str, dp.Guarantee]] = {noise: {} for noise in config.dp_noises}
+    jobs = [(None, u) for u in sharers] + [(noise, u) for noise in config.dp_noises for u in sharers]
+    for noise, user in tqdm(jobs, desc="sharer LoRAs", disable=not progress):
+        train = replace(config.train_config(), seed=config.seed + sharers.index(user))
+        if noise is None:
+            adapters[user.user_id], stats = train_lora(model, tokenizer, members[user.user_id], train, progress=False)
+            train_losses[user.user_id] = stats.epoch_losses
+        else:
+            dp_sgd = DpSgdConfig(enabled=True, noise_multiplier=noise, max_grad_norm=config.dp_max_grad_norm)
+            adapter, stats = train_lora(model, tokenizer, members[user.user_id], train, progress=False, dp_sgd=dp_sgd)
+            dp_adapters[noise][user.user_id] = adapter
+            dp_guarantees[noise][user.user_id] = stats.privacy
     world = World(
         task=task,
-        target_pairs=profile_pairs(task, target.profile),
-        target_embedding=user_embedding(encoder, task, target.profile),
+        target_pairs=profile_pairs(task, target_history),
+        target_queries=list(target.queries),
+        target_embedding=target_embedding,
         sharer_ids=[u.user_id for u in sharers],
-        groups={u.user_id: synth.groups[u.user_id] for u in [target, *sharers]},
+        groups={u.user_id: synth.groups[u.user_id] for u in [target, *pool]},
         adapters=adapters,
-        embeddings={u.user_id: user_embedding(encoder, task, u.profile) for u in sharers},
+        embeddings=embeddings,
         members=members,
-        nonmembers=_fresh_items(config, {u.user_id: synth.groups[u.user_id] for u in sharers}, exclude),
+        nonmembers=nonmembers,
+        other_ids=[u.user_id for u in others],
+        dp_adapters=dp_adapters,
+        dp_guarantees=dp_guarantees,
         train_losses=train_losses,
     )
     return model, world
 
 
+def released_adapter(merged: LoraAdapter | None) -> LoraAdapter | None:
+    """What the coordinator hands the target for a merge (None: the unmerged model); the one place here where a
+    merge becomes a release.
+
+    Every merged setting (uniform, PriME, PriME with guards) goes through
+    this function, so a guard applied to the released update (a rank-limited
+    release, say) changes all of them at once when added here.
+    """
+    return None if merged is None else release(merged)
+
+
+def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, config: MembershipConfig) -> list[Setting]:
+    ids = world.sharer_ids
+    settings = [
+        Setting("unmerged task model", dict.fromkeys(ids), one_model=True),
+        Setting("top-1 release (the sharer's own adapter)", {s: world.adapters[s] for s in ids}, one_model=False),
+    ]
+    uniform = [1.0 / len(ids)] * len(ids)
+    settings.append(Setting(f"uniform merge of k={len(ids)}",
+                            dict.fromkeys(ids, released_adapter(merge_exact([world.adapters[s] for s in ids], uniform))),
+                            one_model=True, extra={"weights": uniform}))
+    sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
+    searches = [(f"PriME alpha={a:g}", config.search_config(a)) for a in config.alphas]
+    searches += [(f"PriME alpha={a:g} + guards (share cap {config.guard_share_cap:g})",
+                  config.search_config(a, share_cap=config.guard_share_cap)) for a in config.guard_alphas]
+    for name, search in searches:
+        found = personalize(model, tokenizer, world.task, world.target_pairs, world.target_embedding, sharers, search,
+                            progress=False)
+        settings.append(Setting(name, dict.fromkeys(ids, released_adapter(found.adapter)), one_model=True, extra={
+            "alpha": search.alpha, "share_cap": search.share_cap, "weights": found.weights, "fallback": found.fallback,
+            "objective": found.best.objective, "utility": found.best.utility, "privacy": found.best.privacy}))
+    for noise in config.dp_noises:
+        guarantees = world.dp_guarantees[noise]
+        settings.append(Setting(f"DP-SGD noise {noise:g} (the sharer's own adapter)", dict(world.dp_adapters[noise]),
+                                one_model=False, extra={"dp": {s: guarantees[s].to_dict() for s in ids}}))
+    return settings
+
+
+def _cases(setting: Setting, world: World, protocol: str) -> list[tuple[LoraAdapter | None, list[Pair], list[Pair]]]:
+    """(model, members, non-members) whose AUROCs the row averages.
+
+    fresh: one case per sharer (its items vs its fresh same-group items).
+    official: one pooled case for a model that holds every merged sharer
+    (the paper's per-target AUROC); one case per sharer for an own adapter,
+    whose members are that sharer's items only.
+    """
+    ids = world.sharer_ids
+    if protocol == "official" and setting.one_model:
+        pooled = [p for s in ids for p in world.members[s]]
+        return [(setting.adapters[ids[0]], pooled, world.nonmembers[ids[0]])]
+    return [(setting.adapters[s], world.members[s], world.nonmembers[s]) for s in ids]
+
+
+def _utility(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, setting: Setting) -> dict[str, float]:
+    """The task's metrics on the target's held-out queries, averaged over the distinct models the row hands out."""
+    prompts, golds = query_prompts(world.task, world.target_queries), [q.gold for q in world.target_queries]
+    models = [setting.adapters[world.sharer_ids[0]]] if setting.one_model else list(setting.adapters.values())
+    scores = []
+    for adapter in models:
+        with applied(model, adapter) as scored:
+            scores.append(task_metrics(world.task, predict(world.task, scored, tokenizer, prompts), golds))
+    return {name: float(np.mean([s[name] for s in scores])) for name in scores[0]}
+
+
 def membership_attack(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, config: MembershipConfig, progress: bool = True
 ) -> MembershipResult:
-    """AUROC of the loss attack for every setting (see the module docstring)."""
-    ids = world.sharer_ids
-    settings: list[tuple[str, dict[str, LoraAdapter | None], dict]] = [
-        ("unmerged task model", {s: None for s in ids}, {}),
-        ("top-1 release (the sharer's own adapter)", {s: world.adapters[s] for s in ids}, {}),
-    ]
-    uniform = release(merge_exact([world.adapters[s] for s in ids], [1.0 / len(ids)] * len(ids)))
-    settings.append((f"uniform merge of k={len(ids)}", {s: uniform for s in ids}, {"weights": [1.0 / len(ids)] * len(ids)}))
-    sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
-    for alpha in config.alphas:
-        search = SearchConfig(alpha=alpha, k=len(ids), budget=config.budget, popsize=config.popsize,
-                              min_sharers=2, seed=config.seed, batch_size=config.batch_size)
-        found = personalize(model, tokenizer, world.task, world.target_pairs, world.target_embedding, sharers, search, progress=False)
-        merged = None if found.adapter is None else release(found.adapter)
-        settings.append((f"PriME alpha={alpha:g}", {s: merged for s in ids},
-                         {"alpha": alpha, "weights": found.weights, "fallback": found.fallback,
-                          "objective": found.best.objective, "utility": found.best.utility, "privacy": found.best.privacy}))
+    """AUROC with its interval, utility and epsilon for every setting (see the module docstring)."""
+    settings = _settings(model, tokenizer, world, config)
     rows = []
-    for name, per_sharer, extra in tqdm(settings, desc="membership settings", disable=not progress):
-        aurocs, member_l, non_l = [], [], []
-        for s in ids:
-            with applied(model, per_sharer[s]) as scored:
-                m = example_losses(scored, tokenizer, world.members[s], config.batch_size)
-                n = example_losses(scored, tokenizer, world.nonmembers[s], config.batch_size)
-            aurocs.append(membership_auroc(m, n))
-            member_l.append(float(m.mean()))
-            non_l.append(float(n.mean()))
-        rows.append({"setting": name, "auroc": float(np.mean(aurocs)), "auroc_per_sharer": aurocs,
-                     "member_loss": float(np.mean(member_l)), "nonmember_loss": float(np.mean(non_l)), "extra": extra})
-    return MembershipResult(config=asdict(config), sharer_ids=ids, rows=rows,
+    for setting in tqdm(settings, desc="membership settings", disable=not progress):
+        losses = []
+        for adapter, members, nonmembers in _cases(setting, world, config.protocol):
+            with applied(model, adapter) as scored:
+                losses.append((example_losses(scored, tokenizer, members, config.batch_size),
+                               example_losses(scored, tokenizer, nonmembers, config.batch_size)))
+        interval = auroc_interval(losses, config.resamples, config.seed)
+        guarantees = setting.extra.get("dp", {})
+        rows.append({
+            "setting": setting.name, "auroc": interval.point, "auroc_low": interval.low, "auroc_high": interval.high,
+            "auroc_per_case": [membership_auroc(m, n) for m, n in losses],
+            "members": sum(len(m) for m, _ in losses), "nonmembers": sum(len(n) for _, n in losses),
+            "member_loss": float(np.mean([m.mean() for m, _ in losses])),
+            "nonmember_loss": float(np.mean([n.mean() for _, n in losses])),
+            "utility": _utility(model, tokenizer, world, setting),
+            "epsilon": max((g["epsilon"] for g in guarantees.values()), default=None),
+            "delta": max((g["delta"] for g in guarantees.values()), default=None),
+            "extra": setting.extra,
+        })
+    return MembershipResult(config=asdict(config), sharer_ids=world.sharer_ids, rows=rows, other_ids=world.other_ids,
                             train_losses=world.train_losses)
 
 
 def plot(result: MembershipResult, path: str | Path) -> Path:
-    """AUROC per setting: bar = mean over sharers, dots = each sharer; dashed line = chance."""
+    """Per setting: AUROC (bar = mean over cases, whisker = bootstrap 95% interval, dots = each case; dashed =
+    chance) next to the utility on the target's queries (the task's first metric)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 3.8))
     names = [row["setting"] for row in result.rows]
-    ax.barh(range(len(names)), [row["auroc"] for row in result.rows], color="#8fb3d9")
+    metric = next(iter(result.rows[0]["utility"]))
+    fig, (ax, ux) = plt.subplots(1, 2, figsize=(10.0, 0.45 * len(names) + 1.8), sharey=True,
+                                 gridspec_kw={"width_ratios": [3, 2]})
+    aurocs = np.array([row["auroc"] for row in result.rows])
+    errors = np.array([[row["auroc"] - row["auroc_low"], row["auroc_high"] - row["auroc"]] for row in result.rows]).T
+    ax.barh(range(len(names)), aurocs, xerr=errors, color="#8fb3d9", capsize=3)
     for i, row in enumerate(result.rows):
-        ax.plot(row["auroc_per_sharer"], [i] * len(row["auroc_per_sharer"]), "k.", markersize=5)
+        ax.plot(row["auroc_per_case"], [i] * len(row["auroc_per_case"]), "k.", markersize=4)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("AUROC of the loss attack (members vs fresh same-group items)")
-    ax.set_title("Membership inference on sharers' training items")
+    ax.set_xlabel(f"loss-attack AUROC, {result.config['protocol']} protocol (95% bootstrap interval)")
+    ux.barh(range(len(names)), [row["utility"][metric] for row in result.rows], color="#b9d99a")
+    ux.set_xlabel(f"utility: {metric} on the target's queries")
+    fig.suptitle("Membership inference on sharers' training items vs utility")
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
