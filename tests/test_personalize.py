@@ -16,6 +16,7 @@ from common.lora_math import delta, merge_elementwise, module_names, random_adap
 from common.models import tiny_model
 from common.synthetic import synthesize
 from common.settings import SearchConfig, SearchConfigError
+from server.fitness import FitnessEvaluator
 from server.personalize import personalize
 from server.selection import MinSharersError
 from simulations.cli import main
@@ -23,7 +24,7 @@ from simulations.cli import main
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
 
-FAST = dict(budget=2, popsize=3, batch_size=16)
+FAST = dict(budget=6, popsize=3, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,31 @@ def test_personalize_merges_top_k_reproducibly(world, tmp_path):
     assert LoraAdapter.load(out / "adapter", base_model=model).r == 3 * 2
 
 
+@pytest.mark.parametrize("budget, popsize, generations", [(30, 6, [6] * 5), (8, 6, [6, 2])])
+def test_the_search_scores_exactly_budget_candidates(world, monkeypatch, budget, popsize, generations):
+    scored = []
+    evaluate = FitnessEvaluator.evaluate
+
+    def counting(self, population):
+        scored.append(len(population))
+        return evaluate(self, population)
+
+    monkeypatch.setattr(FitnessEvaluator, "evaluate", counting)
+    result = _run(world, SearchConfig(k=3, budget=budget, popsize=popsize, seed=0, batch_size=16))
+    assert scored == [1, *generations]  # the unmerged baseline first, then the search's generations
+    assert result.evaluations == budget and result.baseline_evaluations == 1 + 3  # unmerged + each sharer
+    assert [g["evaluations"] for g in result.trajectory] == list(np.cumsum(generations))
+    summary = result.summary()
+    assert summary["evaluations"] == budget and summary["config"]["budget"] == budget
+
+
+@pytest.mark.parametrize("start, x0", [("zero", 0.0), ("uniform", 1 / 3)])
+def test_the_search_starts_where_the_start_setting_says(world, start, x0):
+    result = _run(world, SearchConfig(k=3, start=start, sigma0=1e-3, seed=0, **FAST))
+    first = np.asarray(result.trajectory[0]["best_weights"])  # a candidate of the first generation
+    assert np.abs(first - x0).max() < 0.01
+
+
 def test_layer_level_weights_shape(world):
     result = _run(world, SearchConfig(k=2, weight_level="layer", seed=1, **FAST))
     weights = result.weights if result.weights is not None else result.searched_weights
@@ -114,7 +140,8 @@ def test_refuses_an_unknown_optimizer_before_any_work(world):
         ({"weight_level": "head"}, "weight-level"),
         ({"history_fraction": 0.0}, "history-fraction"),
         ({"bounds": (1.0, 1.0)}, "bounds"),
-        ({"x0": 3.0}, "outside"),
+        ({"start": "mean"}, "start"),
+        ({"bounds": (0.1, 1.5)}, "both starts"),
         ({"popsize": 1}, "popsize"),
         ({"privacy_metric": "bleu"}, "privacy-metric"),
         ({"merge": "average"}, "merge"),
@@ -138,7 +165,7 @@ def test_cli_personalize_writes_result(disk_world, capsys):
     tmp_path, data = disk_world
     target = data.users[0].user_id
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", target,
-            "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "2", "--popsize", "3",
+            "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "6", "--popsize", "3",
             "--privacy-metric", "agreement", "--merge", "elementwise", "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -158,7 +185,7 @@ def test_cli_uses_embeddings_file(disk_world):
     emb["u005"] = emb["u004"] = emb[ids[0]] + 0.01
     save_embeddings(tmp_path / "sharers" / "embeddings.npz", emb, "test")
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", ids[0],
-            "--model-spec", "tiny", "--k", "2", "--budget", "1", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
+            "--model-spec", "tiny", "--k", "2", "--budget", "2", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(args) == 0
     assert json.loads((tmp_path / "o" / "result.json").read_text())["sharer_ids"] == ["u004", "u005"]
 

@@ -15,7 +15,7 @@ from common.progress import Progress, parse
 from simulations.console import RelayedRun, shown
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ('task="rating" encoder="hashing" k=2 budget=2 popsize=4 num-targets=2 num-sharers=4 epochs=1 '
+TINY_RUN = ('task="rating" encoder="hashing" k=2 budget=8 popsize=4 num-targets=2 num-sharers=4 epochs=1 '
             'adapt-epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 synth-queries=2 max-history=4')
 NOISE = ("alembic", " DEBUG ", "DEBUG flwr", "deprecat", "FutureWarning", "Loading weights", "ClientAppActor")
 

@@ -4,7 +4,9 @@
     prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
     prime-fl eval table OUT... --out DIR   one table from several runs (e.g. several tasks)
 
-Flags override config-file keys (same names, `-` or `_`), which override the defaults.
+Flags override config-file keys (same names, `-` or `_`), which override the preset's values
+(--preset fast, the default, or paper: docs/fidelity.md), which override the defaults.
+OUT/config.json records the preset and every resolved value.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from common.models import resolve_cache_dir
+from common.presets import PresetChoice
 from common.settings import SearchConfig
 from common.synthetic import SyntheticConfig
 from simulations import experiment, tables
@@ -33,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add = parser.add_argument
     add("--config", help="JSON or TOML file of settings (keys as the flags below; a TOML [eval] table is used if present)")
     add("--out", help="output folder: cells/, prepare/, results.json, table.{md,csv,json}, plots/")
+    add_setting_options(parser, PresetChoice(), layered=True)
     add("--data", help="LaMP-layout folder")
     add("--split", choices=("train", "dev"), help="which split when the folder holds several")
     add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline) into OUT/data")
@@ -47,11 +51,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--adapt-fraction", type=float, help="share of users for task adaptation (default 0.25)")
     add("--adapt-epochs", type=int, help="task-adaptation epochs (default 2)")
     add("--adapt-max-pairs", type=int, help="cap on pooled task-adaptation pairs (default 384)")
-    add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's budget)"), SearchConfig(),
+    add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's optimizer, start and budget)"), SearchConfig(),
                         layered=True, sweeps=experiment.DEFAULT_SWEEPS)
     add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),
                         experiment.DEFAULT_NODE, layered=True)
-    add("--rag-k", type=int, help="history items retrieved for RAG (default 3)")
+    add("--rag-k", type=int, help="history items retrieved for RAG (default 3; preset paper: 1)")
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")

@@ -52,7 +52,7 @@ class MembershipConfig:
     nonmembers: int = 16  # fresh items per sharer
     adapt_users: int = 0  # users whose pooled history task-adapts the base first (0: none)
     alphas: tuple[float, ...] = (0.0, 1.0, 4.0)
-    budget: int = 3
+    budget: int = 12  # fitness evaluations of each search (3 generations of popsize 4)
     popsize: int = 4
     r: int = 8
     lora_alpha: float = 16.0
