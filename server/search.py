@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common.errors import PrimeError
-from common.settings import SearchConfig
+from common.settings import STARTS, SearchConfig
 
 Objective = Callable[[np.ndarray], Sequence[Any]]  # population [P, dim] -> FitnessParts-like per row
 
@@ -29,6 +29,8 @@ class SearchError(PrimeError):
 
 def start_value(start: str, n_sharers: int) -> float:
     """Where every weight starts: 1/k for `uniform` (the plain average of the k sharers), 0 for `zero`."""
+    if start not in STARTS:
+        raise SearchError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     if n_sharers < 1:
         raise SearchError(f"a search needs at least one sharer, got {n_sharers}")
     return 1.0 / n_sharers if start == "uniform" else 0.0

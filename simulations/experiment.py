@@ -34,7 +34,7 @@ from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import load_base
 from common.plan import UserPlan, make_plan
-from common.presets import DEFAULT_PRESET, preset_values, resolve
+from common.presets import DEFAULT_PRESET, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
 from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
 from common.task_model import load_task_model
@@ -87,6 +87,8 @@ class EvalConfig:
             raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.synthetic!r}")
         if self.synth.quirks and self.synthetic != "tagging":
             raise EvalConfigError("--synth-quirks needs --synthetic tagging")
+        if self.preset not in PRESETS:
+            raise EvalConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         for name in self.methods:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:

@@ -46,6 +46,9 @@ def test_full_protocol_on_tiny_model(tmp_path):
     assert {"register", "adapt-1", "share", "profile", "search", "evaluate", "total"} <= set(report["timings_s"])
     # Each target's search draws its own samples (a shared seed made every target's search identical).
     assert len({t["seed"] for t in report["targets"].values()}) == len(report["targets"])
+    # The budget counts candidates scored; the report records it and the resolved settings with their preset.
+    assert all(t["evaluations"] == config.search.budget == 8 for t in report["targets"].values())
+    assert report["config"]["preset"] == "fast" and report["config"]["budget"] == 8
     # The registry persists encrypted; a restarted coordinator personalizes from it without new uploads.
     assert (tmp_path / "run" / "registry" / "index.bin").exists()
     again = _simulate(_config(tmp_path, reuse_registry=True, adapt_rounds=0), num_nodes=10)

@@ -177,6 +177,20 @@ def test_cli_personalize_writes_result(disk_world, capsys):
         PeftModel.from_pretrained(tiny_model(seed=0)[0], str(tmp_path / "out" / "adapter"))
 
 
+def test_cli_preset_resolves_before_the_run_and_the_report_records_it(disk_world):
+    tmp_path, data = disk_world
+    args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"),
+            "--user", data.users[0].user_id, "--model-spec", "tiny", "--encoder", "hashing:32", "--preset", "paper",
+            "--budget", "5", "--popsize", "2", "--out", str(tmp_path / "paper"), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "paper" / "result.json").read_text())
+    assert summary["preset"] == "paper"
+    config = summary["config"]
+    assert (config["budget"], config["popsize"]) == (5, 2)  # the flags win over the preset's 100 and 10
+    assert (config["start"], config["optimizer"], config["k"]) == ("zero", "ngopt", 3)  # the preset's
+    assert summary["evaluations"] == 5 and summary["baseline_evaluations"] == 1 + 3
+
+
 def test_cli_uses_embeddings_file(disk_world):
     tmp_path, data = disk_world
     # embeddings from the file decide the sharers: make u005 and u004 the target's twins
@@ -195,6 +209,8 @@ def test_cli_errors_exit_2(disk_world, capsys):
     base = ["personalize", "--data", str(tmp_path / "data"), "--model-spec", "tiny", "--encoder", "hashing:32", "--out", str(tmp_path / "x")]
     assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", "nobody"]) == 2
     assert "unknown user" in capsys.readouterr().err
+    assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", data.users[0].user_id, "--preset", "slow"]) == 2
+    assert "preset must be one of fast, paper" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(base + ["--sharers", str(tmp_path / "empty"), "--user", data.users[0].user_id]) == 2
     assert "no adapter sub-folders" in capsys.readouterr().err

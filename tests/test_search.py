@@ -82,6 +82,8 @@ def test_start_is_uniform_or_zero_and_inside_the_bounds():
         OptimizerConfig(2, 2.0)
     with pytest.raises(SearchError, match="at least one sharer"):
         start_value("uniform", 0)
+    with pytest.raises(SearchError, match="start must be one of uniform, zero"):
+        start_value("centre", 3)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

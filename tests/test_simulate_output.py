@@ -34,7 +34,9 @@ def test_simulate_prints_progress_and_the_table_without_library_noise(tmp_path):
     for noise in NOISE:
         assert noise.lower() not in output.lower(), f"{noise!r} in:\n{output}"
     lines = output.splitlines()
-    assert any(re.fullmatch(r"progress search u\d+ 2/2 best=-?\d+\.\d{4}", line) for line in lines)
+    # One line per generation, in fitness evaluations of the budget (8 = two generations of 4).
+    assert any(re.fullmatch(r"progress search u\d+ 4/8 best=-?\d+\.\d{4}", line) for line in lines)
+    assert any(re.fullmatch(r"progress search u\d+ 8/8 best=-?\d+\.\d{4}", line) for line in lines)
     assert any(line.startswith("share ") and "4 sharers" in line for line in lines)
     assert "| target | sharers | fallback |" in output
     assert f"report: {tmp_path / 'run' / 'report.json'}" in output
