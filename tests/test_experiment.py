@@ -252,7 +252,7 @@ def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, ca
     out = tmp_path / "run"
     argv = ["eval", "--synthetic", "tagging", "--out", str(out), "--synth-users", "12", "--synth-history", "5",
             "--synth-queries", "2", "--model-spec", "tiny", "--encoder", "hashing", "--targets", "2", "--sharers", "4",
-            "--epochs", "1", "--adapt-epochs", "1", "--budget", "1", "--popsize", "2", "--alphas", "0",
+            "--epochs", "1", "--adapt-epochs", "1", "--budget", "2", "--popsize", "2", "--alphas", "0",
             "--methods", TABLE1_METHODS, "--augment", "--no-plots", "--no-progress"]
     assert main(argv) == 0
     assert "26 cells (26 computed, 0 from the cache)" in capsys.readouterr().out
