@@ -22,7 +22,9 @@ from common.settings import SettingError, from_flat, one_of, options, setting
 
 DEFAULT_PRESET = "fast"
 
-# Flat keys (run-config keys and flag names) -> values. A surface takes the keys it has (`rag-k` is eval's only).
+# Flat keys (run-config keys and flag names) -> values. A surface takes the keys it has (`rag-k` and `augment` are
+# eval's only).
+EVAL_ONLY = ("rag-k", "augment")
 PRESETS: dict[str, dict[str, Any]] = {
     DEFAULT_PRESET: {},
     "paper": {
@@ -35,6 +37,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "history-fraction": 1.0,
         "start": "zero",
         "optimizer": "ngopt",
+        # The merge, decoding and fitness as the official code runs them: element-wise merge (get_weighted_lora; the
+        # paper's numbers come from it, Eq. 2's exact merge is merge=exact), the greedy answer (the official T=0.1
+        # sampling's deterministic neighbour), Eq. 7's privacy term, no tie-break, the whole merge released.
+        "merge": "elementwise",
+        "decoding": "argmax",
+        "privacy-metric": "task",
+        "tie-break": "none",
+        "release-rank": 0,
         # LoRA (official llama/model.py ModelArgs and task_LoRA.py / train_anchor_PEFT.py arguments).
         "lora-r": 8,
         "lora-alpha": 8.0,
@@ -44,10 +54,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train-batch-size": 6,
         "max-length": 3000,
         "weight-decay": 0.01,
+        "train-steps": 0,  # epochs decide, as the official training scripts
         # History: the most recent 50 items (--recent_k 50).
         "max-history": 50,
         # RAG: one retrieved item (the paper's RAG baseline, k = 1).
         "rag-k": 1,
+        # The official process_profile pairs (profile + BM25 top-1 copies) for the searches and OPPU (eval only).
+        "augment": True,
     },
 }
 

@@ -34,7 +34,7 @@ from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, load_base, resolve_device
 from common.plan import UserPlan, make_plan
-from common.presets import DEFAULT_PRESET, PRESETS, preset_values, resolve
+from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
 from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
 from common.task_model import load_task_model
@@ -58,7 +58,7 @@ class EvalConfig:
     """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
 
     out: str
-    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node and rag_k (common.presets)
+    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, rag_k and augment (common.presets)
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
@@ -188,7 +188,8 @@ class EvalConfig:
             kwargs["search"] = resolve(SearchConfig, preset, search)
             kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True))
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
-            kwargs.setdefault("rag_k", preset_values(preset).get("rag-k", cls.rag_k))
+            for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment)
+                kwargs.setdefault(key.replace("-", "_"), preset_values(preset).get(key, own[key.replace("-", "_")].default))
         except SettingError as err:
             raise EvalConfigError(f"{where}: {err}") from None
         return cls(sweeps=sweeps, **kwargs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.federation import ConfigError, FederationConfig
-from common.presets import PRESETS, preset_values
+from common.presets import EVAL_ONLY, PRESETS, preset_values
 from common.settings import SearchConfig, SettingError
 from simulations.cli import main
 from simulations.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
@@ -34,7 +34,7 @@ def test_paper_resolves_to_the_documented_values_in_the_run_config():
     flat = config.to_run_config()
     assert flat["preset"] == "paper"
     for key, value in preset_values("paper").items():
-        if key != "rag-k":  # the one eval-only key
+        if key not in EVAL_ONLY:  # rag-k and augment: eval's own keys
             assert flat[key] == _run_config_value(value), key
     assert (config.search.budget, config.search.start, config.node.max_history) == (100, "zero", 50)
     train = config.node.train
@@ -49,6 +49,16 @@ def test_paper_resolves_to_the_documented_values_in_eval():
     for key, value in preset_values("paper").items():
         assert recorded[key.replace("-", "_")] == value, key
     assert all(search.budget == 100 and search.optimizer == "ngopt" for search in config.searches())
+    assert config.augment and all(s.merge == "elementwise" and s.decoding == "argmax" for s in config.searches())
+
+
+def test_paper_takes_the_official_merge_and_augmentation_and_a_key_turns_each_off():
+    paper = FederationConfig.from_run_config({"preset": "paper"}).search
+    assert (paper.merge, paper.tie_break, paper.release_rank, paper.decoding) == ("elementwise", "none", 0, "argmax")
+    # An explicit key wins (in the run config only a non-default value can be told from unset: see the test below).
+    assert EvalConfig.from_mapping(EVAL | {"preset": "paper", "merge": "exact"}).search.merge == "exact"
+    assert EvalConfig.from_mapping(EVAL | {"preset": "paper", "augment": False}).augment is False
+    assert EvalConfig.from_mapping(EVAL).augment is False  # fast: plain pairs
 
 
 def test_every_paper_value_is_in_the_fidelity_table():

@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--augment", action="store_const", const=True,
         help="search (PriME, LoraHub) and train OPPU on the official process_profile pairs: each history item plus a "
              "copy with the PAG profile and the BM25 top-1 earlier item in front (LaMP-2/3/4/5; default off: about "
-             "3x the fitness text on CPU)")
+             "3x the fitness text on CPU; preset paper: on)")
+    add("--no-augment", dest="augment", action="store_const", const=False,
+        help="plain history pairs only (overrides preset paper's augmentation)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
     run_on = parser.add_argument_group("where the cells run (not settings: the results are the same)")
