@@ -17,8 +17,7 @@ from common.presets import DEFAULT_PRESET, PresetChoice, resolve
 from common.settings import (
     NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, section, setting, to_flat, validate,
 )
-from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig
-from common.tasks import get_task
+from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, synthetic_task
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
 REGISTER = "query.register"
@@ -110,7 +109,7 @@ class FederationConfig:
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
         if not self.data_dir and self.task in SYNTHETIC_TASKS:  # with a data-dir the coordinator checks the nodes' task
             try:
-                s.check_task(get_task(self.task))
+                s.check_task(synthetic_task(self.task))
             except SettingError as err:
                 raise ConfigError(f"run config: {str(err).removeprefix('search config: ')}") from None
 

@@ -135,6 +135,13 @@ MAX_GROUPS = {"tagging": len(_ASPECT_ORDER), "rating": len(_HARSHNESS), "headlin
 _LAMP_TASK = {"tagging": "tagging", "rating": "rating", "headline": "headline", "rating-skewed": "rating"}
 
 
+def synthetic_task(name: str) -> TaskSpec:
+    """The LaMP task a synthetic benchmark poses (`rating-skewed` is LaMP-3 like `rating`)."""
+    if name not in _LAMP_TASK:
+        raise PrimeError(f"synthetic task {name!r} unknown (known: {', '.join(SYNTHETIC_TASKS)})")
+    return get_task(_LAMP_TASK[name])
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Size and seed of a synthetic benchmark; defaults fit a CPU demo.
@@ -314,7 +321,7 @@ def generate(config: SyntheticConfig) -> Synthetic:
     """Build the benchmark; the same config always gives the same data."""
     rng = random.Random(f"prime-fl-synthetic/{config.task}/{config.seed}")
     make_item, _, text_field, target_field = _GENERATORS[config.task]
-    spec = get_task(_LAMP_TASK[config.task])
+    spec = synthetic_task(config.task)
     group_of = [i % config.n_groups for i in range(config.n_users)]
     rng.shuffle(group_of)  # balanced groups, in no particular order
     groups = {f"u{i:03d}": group for i, group in enumerate(group_of)}

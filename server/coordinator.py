@@ -48,6 +48,7 @@ from common.records import adapter_to_records
 from common.settings import to_flat
 from common.task_model import load_task_model
 from common.tasks import TaskSpec, get_task
+from common.synthetic import SYNTHETIC_TASKS, synthetic_task
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
 from server.personalize import check_optimizer, personalize, target_seed
@@ -213,7 +214,8 @@ class Coordinator:
             self.report.skipped = [s for s in self.report.skipped if not (s["phase"] == "register" and s["node_id"] in retry)]
 
         schema = UploadSchema(tensor_shapes={}, embedding_dim=self.embedding_dim, required_metadata=("user-id",))
-        expected_task = None if self.config.data_dir else get_task(self.config.task)
+        expected_task = None if self.config.data_dir else (
+            synthetic_task(self.config.task) if self.config.task in SYNTHETIC_TASKS else get_task(self.config.task))
 
         def accept(node_id: int, reply: Message) -> None:
             info = read_registration(reply.content)

@@ -35,10 +35,9 @@ from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, load_base, resolve_device
 from common.plan import UserPlan, make_plan
 from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
-from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, write_synthetic
+from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
 from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
 from common.task_model import load_task_model
-from common.tasks import get_task
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
 
@@ -120,7 +119,7 @@ class EvalConfig:
             for search in self.searches():  # each cell's settings pass SearchConfig's own checks
                 check_optimizer(search)
                 if self.synthetic is not None:  # with --data the task is checked once the data is read
-                    search.check_task(get_task(self.synthetic))
+                    search.check_task(synthetic_task(self.synthetic))
         except SettingError as err:
             raise EvalConfigError(str(err)) from None
         largest_k = max(search.k for search in self.searches())

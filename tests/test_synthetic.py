@@ -193,3 +193,17 @@ def test_quirk_copies_count_a_sharers_quirk_in_the_targets_answers():
     assert synth.quirk_copies(target, [], copying) == (0, 0)
     with pytest.raises(PrimeError, match="2 predictions for 12 queries"):
         synth.quirk_copies(target, [sharer], copying[:2])
+
+
+def test_rating_skewed_poses_lamp3_and_takes_rating_only_settings(tmp_path):
+    """The variant is LaMP-3: ordered-label decoding is accepted wherever the task is named (eval, run config)."""
+    from common.federation import FederationConfig
+    from common.settings import SearchConfig
+    from common.synthetic import synthetic_task
+    from simulations.experiment import EvalConfig
+
+    assert synthetic_task("rating-skewed").lamp_id == "LaMP_3"
+    with pytest.raises(PrimeError, match="synthetic task 'ratings' unknown"):
+        synthetic_task("ratings")
+    EvalConfig(out=str(tmp_path / "o"), synthetic="rating-skewed", search=SearchConfig(decoding="expected"))
+    FederationConfig(task="rating-skewed", search=SearchConfig(decoding="median"))
