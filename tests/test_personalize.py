@@ -213,6 +213,18 @@ def test_cli_preset_resolves_before_the_run_and_the_report_records_it(disk_world
     assert summary["evaluations"] == 5 and summary["baseline_evaluations"] == 1 + 3
 
 
+def test_cli_keeps_the_rank_limited_release_record_beside_its_own_entries(disk_world):
+    tmp_path, data = disk_world
+    args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"),
+            "--user", data.users[0].user_id, "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2",
+            "--alpha", "0", "--budget", "4", "--popsize", "2", "--release-rank", "2", "--out", str(tmp_path / "rr"),
+            "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "rr" / "result.json").read_text())
+    assert summary["user"] == data.users[0].user_id and summary["preset"] == "fast"
+    assert summary["release"]["rank"] == 2 and summary["release"]["scored"] == "released"
+
+
 def test_cli_uses_embeddings_file(disk_world):
     tmp_path, data = disk_world
     # embeddings from the file decide the sharers: make u005 and u004 the target's twins

@@ -95,7 +95,7 @@ def _personalize(args: argparse.Namespace) -> int:
         model, tokenizer, dataset.task, profile_pairs(dataset.task, target.profile),
         np.asarray(embeddings[args.user]), sharers, config, progress=not args.no_progress,
     )
-    result.extra = {"user": args.user, "task": dataset.task.lamp_id, "model": args.model_spec, "preset": args.preset}
+    result.extra |= {"user": args.user, "task": dataset.task.lamp_id, "model": args.model_spec, "preset": args.preset}
     out = result.save(args.out)
     verdict = "unmerged model kept (no merge beat it)" if result.fallback else f"weights {json.dumps(result.weights)}"
     print(
