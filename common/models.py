@@ -33,6 +33,9 @@ _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 DEVICES = ("auto", "cpu", "cuda")
+# auto: the device's own (device_dtype). bfloat16 on a CPU is an opt-in: on CPUs with AMX-BF16 (Sapphire Rapids
+# and later) Gemma 3 270M forwards ran 2.5x faster than float32 (docs/engine.md), but answers can differ.
+DTYPES = ("auto", "float32", "bfloat16")
 # Rows per forward on a GPU: the configured batch times this, at most MAX_GPU_ROWS. A GPU is latency-bound
 # at CPU-sized batches (a 270M model's forward over 32 short rows leaves an H100-class chip mostly idle),
 # and 1024 rows of Gemma 3 270M (KV cache of ~1k tokens a row in bf16, float logits of the last position)
@@ -84,6 +87,13 @@ def device_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype on `device`: `auto` is the device's own (`device_dtype`), else the named one."""
+    if choice not in DTYPES:
+        raise ModelSpecError(f"unknown dtype {choice!r}: use {', '.join(DTYPES)}")
+    return device_dtype(device) if choice == "auto" else getattr(torch, choice)
+
+
 def rows_per_forward(configured: int, device: torch.device) -> int:
     """Rows of one batched forward on `device`: as configured on the CPU, `GPU_ROWS_FACTOR` times that
     (at most `MAX_GPU_ROWS`, never fewer than configured) on a GPU."""
@@ -93,14 +103,15 @@ def rows_per_forward(configured: int, device: torch.device) -> int:
 
 
 def load_base(
-    spec: str = DEFAULT_SPEC, cache_dir: Path | None = None, dtype: torch.dtype | None = None, device: str = "auto"
+    spec: str = DEFAULT_SPEC, cache_dir: Path | None = None, dtype: torch.dtype | str | None = None, device: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model in eval mode on `device`, tokenizer) for `gemma3-270m`, `tiny`, or a local HF model directory.
 
-    `device` is `auto`, `cpu` or `cuda` (`resolve_device`); `dtype` defaults to the device's (`device_dtype`).
+    `device` is `auto`, `cpu` or `cuda` (`resolve_device`); `dtype` a torch dtype or one of `DTYPES`
+    (`resolve_dtype`; default: the device's, `device_dtype`).
     """
     where = resolve_device(device)
-    dtype = dtype or device_dtype(where)
+    dtype = resolve_dtype(dtype or "auto", where) if dtype is None or isinstance(dtype, str) else dtype
     if spec == TINY_SPEC:
         model, tokenizer = tiny_model()
         return model.to(device=where, dtype=dtype), tokenizer

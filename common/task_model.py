@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import LoraAdapter
-from common.models import load_base, resolve_device
+from common.models import load_base, resolve_device, resolve_dtype
 
 _CACHE: dict[tuple[str, str, str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
 
@@ -33,14 +33,17 @@ def adapter_digest(adapter: LoraAdapter | None) -> str:
 
 
 def load_task_model(
-    model_spec: str, cache_dir: str | Path | None, task_adapter: LoraAdapter | None, device: str = "auto"
+    model_spec: str, cache_dir: str | Path | None, task_adapter: LoraAdapter | None, device: str = "auto",
+    dtype: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Base model with `task_adapter` folded in, on `device` (`common.models.resolve_device`: a node or the
-    coordinator takes its GPU when it has one), reused while spec, adapter and device stay the same."""
-    key = (model_spec, str(cache_dir or ""), adapter_digest(task_adapter), str(resolve_device(device)))
+    coordinator takes its GPU when it has one) in `dtype` (`common.models.resolve_dtype`), reused while spec,
+    adapter, device and dtype stay the same."""
+    where = resolve_device(device)
+    key = (model_spec, str(cache_dir or ""), adapter_digest(task_adapter), str(where), str(resolve_dtype(dtype, where)))
     if key not in _CACHE:
         _CACHE.clear()
-        model, tokenizer = load_base(model_spec, Path(cache_dir) if cache_dir else None, device=device)
+        model, tokenizer = load_base(model_spec, Path(cache_dir) if cache_dir else None, dtype=dtype, device=device)
         if task_adapter is not None:
             model = task_adapter.apply_to(model).merge_and_unload()
         model.eval()

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = psutil.Process()
     before = proc.memory_info().rss
     task_adapter = LoraAdapter.load(args.task_adapter) if args.task_adapter else None
-    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter, args.device)
+    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter, args.device, args.dtype)
     loaded_rss = proc.memory_info().rss
     with torch.inference_mode():  # page every weight in: the resident size of a model that has served once
         model(**tokenizer(["Warm-up."], return_tensors="pt").to(model.device))

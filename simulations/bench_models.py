@@ -58,7 +58,7 @@ def bench_task(task: str, args: argparse.Namespace, cache_dir: Path | None) -> d
     pairs = [p for u in adapt_users for p in profile_pairs(spec, u.profile)[: args.pairs_per_user]]
     queries = [q for u in eval_users for q in u.queries]
     prompts, golds = query_prompts(spec, queries), [q.gold for q in queries]
-    model, tok = load_base(args.model_spec, cache_dir=cache_dir, device=args.device)
+    model, tok = load_base(args.model_spec, cache_dir=cache_dir, dtype=args.dtype, device=args.device)
     base_preds, base_s = _timed(lambda: predict(spec, model, tok, prompts))
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     adapter, stats = train_lora(model, tok, pairs, config, progress=True)

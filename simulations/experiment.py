@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import torch
 from tqdm.auto import tqdm
 
 from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING
@@ -32,7 +33,7 @@ from common.errors import PrimeError
 from common.jsonable import plain
 from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.metrics import DEFAULT_PRIVACY_METRIC
-from common.models import DEVICES, load_base, resolve_device
+from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_device, resolve_dtype
 from common.plan import UserPlan, make_plan
 from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
@@ -68,6 +69,7 @@ class EvalConfig:
     model_spec: str = "gemma3-270m"
     model_cache: str | None = None
     device: str = "auto"  # where the LLM runs (common.models.resolve_device); GPU cells have their own cache keys
+    dtype: str = "auto"  # its weights' dtype (common.models.resolve_dtype); a dtype not the device's own keys its cells apart
     encoder: str = "minilm"
     targets: int = 4
     sharers: int = 8
@@ -92,6 +94,8 @@ class EvalConfig:
             raise EvalConfigError("--synth-quirks needs --synthetic tagging")
         if self.device not in DEVICES:
             raise EvalConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise EvalConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.preset not in PRESETS:
             raise EvalConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         for name in self.methods:
@@ -303,6 +307,9 @@ def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     device = resolve_device("auto").type if config.device == "auto" else config.device
     if device != "cpu":  # bf16 GPU answers differ; CPU keys stay as they always were
         settings["device"] = device
+    dtype = resolve_dtype(config.dtype, torch.device(device))
+    if dtype != device_dtype(torch.device(device)):  # e.g. bf16 on a CPU: its answers differ from float32's
+        settings["dtype"] = str(dtype)
     text = json.dumps([dataset.task.lamp_id, users, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -415,13 +422,14 @@ class Prepared:
         if plan.adaptation:
             by_user = {u: recent(profile_pairs(task, self.dataset.user(u).profile), c.node.max_history) for u in plan.adaptation}
             pairs = adaptation_pairs(task, by_user, c.adapt_sampling, c.adapt_max_pairs, seed)
-            base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None, device=c.device)
+            base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None, dtype=c.dtype,
+                                        device=c.device)
             task_adapter = _cached_adapter(
                 folder / "task_adapter", base,
                 lambda: train_lora(base, tokenizer, pairs, c.node.for_job(seed, c.adapt_epochs).train, progress=progress)[0],
             )
             del base
-        model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter, c.device)
+        model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter, c.device, c.dtype)
         node = c.node.for_job(seed)
 
         def train_adapter(pairs: list[tuple[str, str]], name: str) -> LoraAdapter:

@@ -6,7 +6,7 @@ here only the report's shape and internal consistency are checked.
 
 import json
 
-from simulations import bench_engine
+from simulations import bench_cell, bench_engine
 
 
 def test_engine_benchmark_reports_speed_and_memory_against_a_warmed_model(tmp_path):
@@ -28,3 +28,21 @@ def test_engine_benchmark_reports_speed_and_memory_against_a_warmed_model(tmp_pa
     expected = (row["peak_rss_mb"] - report["process_rss_before_model_mb"]) / (
         report["model_rss_mb"] - report["process_rss_before_model_mb"])
     assert abs(row["peak_over_model_rss_without_runtime"] - expected) < 1e-9
+
+
+def test_cell_benchmark_times_each_dtype_on_padded_reviews(tmp_path):
+    out = tmp_path / "cell.json"
+    assert bench_cell.main(["--out", str(out), "--model-spec", "tiny", "--history", "2", "--words", "40", "--threads", "1"]) == 0
+    report = json.loads(out.read_text())
+    assert report["history"] == 2 and report["prompt_tokens"]["min"] > 40  # the padding reached the prompts
+    base, low = report["figures"]["float32"], report["figures"]["bfloat16"]
+    assert base["speedup_over_float32"] == 1.0 and base["best_predictions_equal_to_float32"] == 1.0
+    assert low["speedup_over_float32"] == base["personalize_s"] / low["personalize_s"]
+    assert 0.0 <= low["best_predictions_equal_to_float32"] <= 1.0
+
+
+def test_padding_keeps_the_review_and_the_rating_template():
+    prompt = "What is the score of the following review? Review: It was great. Score:"
+    (padded_prompt, gold), = bench_cell.long_history([(prompt, "5")], words=30)
+    assert gold == "5" and padded_prompt.endswith(" Score:") and "It was great." in padded_prompt
+    assert len(padded_prompt.split()) >= len(prompt.split()) + 30

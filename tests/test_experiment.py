@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import simulations.experiment as experiment
 from simulations.cli import main
@@ -132,6 +133,18 @@ def test_adaptation_sampling_and_train_steps_are_prepared_inputs(tmp_path, over)
     dataset = experiment.load_dataset(plain)
     assert experiment.prepare_key(plain, dataset) != experiment.prepare_key(changed, dataset)
     assert EvalConfig.from_mapping(changed.to_dict()) == changed
+
+
+def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypatch):
+    """bf16 on a CPU answers differently, so its cells never mix with float32's; naming float32 keeps today's keys."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path)})
+    dataset = experiment.load_dataset(auto)
+    keys = {d: experiment.prepare_key(EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": d}), dataset)
+            for d in ("float32", "bfloat16")}
+    assert keys["float32"] == experiment.prepare_key(auto, dataset) != keys["bfloat16"]
+    with pytest.raises(EvalConfigError, match="--dtype must be one of auto, float32, bfloat16"):
+        EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": "fp16"})
 
 
 def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):

@@ -20,7 +20,7 @@ from simulations.threats import membership as mia
 from simulations.threats.leak import ThreatError
 
 SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, queries=3, alphas=(0.0,), guard_alphas=(0.0,),
-             guard_share_cap=0.4, dp_noises=(0.8, 3.0), budget=2, popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2,
+             guard_share_cap=0.4, guard_release_rank=2, dp_noises=(0.8, 3.0), budget=2, popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2,
              batch_size=8, resamples=50)
 
 
@@ -94,7 +94,7 @@ def test_every_setting_has_an_interval_a_utility_and_epsilon_only_where_dp(fresh
     model, tok, config, world, result = fresh
     names = [row["setting"] for row in result.rows]
     assert names == ["unmerged task model", "top-1 release (the sharer's own adapter)", "uniform merge of k=3",
-                     "PriME alpha=0", "PriME alpha=0 + guards (share cap 0.4)",
+                     "PriME alpha=0", "PriME alpha=0 + guards (share cap 0.4, release rank 2)",
                      "DP-SGD noise 0.8 (the sharer's own adapter)", "DP-SGD noise 3 (the sharer's own adapter)"]
     prompts = [world.task.query_prompt(q.input) for q in world.target_queries]
     assert len(prompts) == config.queries
@@ -106,6 +106,7 @@ def test_every_setting_has_an_interval_a_utility_and_epsilon_only_where_dp(fresh
         assert (row["epsilon"] is not None) == row["setting"].startswith("DP-SGD")
     guard = result.rows[4]["extra"]
     assert guard["share_cap"] == 0.4 and result.rows[3]["extra"]["share_cap"] == 1.0
+    assert guard["release_rank"] == 2 and result.rows[3]["extra"]["release_rank"] == 0
     unmerged, own = result.rows[0], result.rows[1]
     assert own["member_loss"] < unmerged["member_loss"], "a sharer's own adapter lowered the loss on its training items"
     # the unmerged row's utility is the base model's task metrics on the target's held-out queries
@@ -209,6 +210,7 @@ def test_official_protocol_members_are_the_merged_sharers_items_nonmembers_the_o
     (dict(dp_noises=(float("inf"),)), "noise multipliers must be finite and > 0"),
     (dict(dp_max_grad_norm=0.0), "max grad norm"),
     (dict(guard_alphas=(-1.0,)), "guard alphas"),
+    (dict(guard_release_rank=-1), "guard release rank must be >= 0"),
     (dict(resamples=5), "resamples must be >= 10"),
     (dict(queries=0), "queries must be >= 1"),
 ])

@@ -134,3 +134,21 @@ def test_tiny_model_on_the_cpu_is_todays_float32_model(monkeypatch):
     torch.testing.assert_close(_logits(auto, tok), _logits(reference, tok), rtol=0, atol=0)
     with pytest.raises(ModelSpecError, match="no CUDA GPU"):
         load_base("tiny", device="cuda")
+
+
+def test_dtype_is_the_devices_own_unless_named():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (models.resolve_dtype("auto", cpu), models.resolve_dtype("auto", cuda)) == (torch.float32, torch.bfloat16)
+    assert models.resolve_dtype("bfloat16", cpu) == torch.bfloat16 and models.resolve_dtype("float32", cuda) == torch.float32
+    with pytest.raises(ModelSpecError, match="unknown dtype 'half'"):
+        models.resolve_dtype("half", cpu)
+
+
+def test_bf16_on_the_cpu_is_opt_in_and_stays_close_to_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bf16, tok = load_base("tiny", dtype="bfloat16")
+    fp32, _ = load_base("tiny", dtype="float32")
+    assert next(bf16.parameters()).dtype == torch.bfloat16 and next(fp32.parameters()).dtype == torch.float32
+    low, full = _logits(bf16, tok).float(), _logits(fp32, tok)
+    assert not torch.equal(low, full)  # the opt-in does change the numbers (why cached cells are kept apart)
+    torch.testing.assert_close(low, full, rtol=0.05, atol=0.05)

@@ -76,7 +76,7 @@ def _personalize(args: argparse.Namespace) -> int:
     dirs = _sharer_dirs(sharers_root)
     dirs.pop(args.user, None)  # a target never merges its own adapter
     task_adapter = LoraAdapter.load(args.task_adapter) if args.task_adapter else None
-    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter, args.device)
+    model, tokenizer = load_task_model(args.model_spec, model_cache(args), task_adapter, args.device, args.dtype)
 
     emb_path = Path(args.embeddings) if args.embeddings else sharers_root / EMBEDDINGS_FILE
     if args.embeddings and not emb_path.is_file():

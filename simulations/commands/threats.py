@@ -80,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                              "(default 1)")
     parser.add_argument("--guard-share-cap", type=float, default=m.guard_share_cap,
                         help="membership: the guards' per-sharer share cap (server.share_cap; default %(default)s)")
+    parser.add_argument("--guard-release-rank", type=int, default=m.guard_release_rank,
+                        help="membership: the guards' rank-limited release, top-r directions of the merged update "
+                             "(server.release; 0: none; default %(default)s)")
     parser.add_argument("--dp-noises", type=_floats, default=m.dp_noises,
                         help="membership: DP-SGD noise multipliers of the sharers' DP adapters, comma-separated, empty "
                              "for none (default 0.5,1,2)")
@@ -108,7 +111,7 @@ def _membership_config(args: argparse.Namespace) -> mia.MembershipConfig:
     return mia.MembershipConfig(
         task=args.task, sharers=args.sharers, groups=args.groups, history=args.history, nonmembers=args.nonmembers,
         protocol=args.protocol, others=args.others, queries=args.queries, adapt_users=args.adapt_users,
-        alphas=args.alphas, guard_alphas=args.guard_alphas, guard_share_cap=args.guard_share_cap,
+        alphas=args.alphas, guard_alphas=args.guard_alphas, guard_share_cap=args.guard_share_cap, guard_release_rank=args.guard_release_rank,
         dp_noises=args.dp_noises, dp_max_grad_norm=args.dp_max_grad_norm, budget=args.budget, popsize=args.popsize,
         r=args.rank, lora_alpha=args.lora_alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         resamples=args.resamples, seed=args.seed,

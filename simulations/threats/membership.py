@@ -82,6 +82,7 @@ class MembershipConfig:
     alphas: tuple[float, ...] = (0.0, 1.0, 4.0)
     guard_alphas: tuple[float, ...] = (1.0,)  # PriME with the release guards at these alphas (empty: no such rows)
     guard_share_cap: float = 0.4  # the guards' per-sharer share cap (server.share_cap)
+    guard_release_rank: int = 8  # the guards' rank-limited release (server.release; 0: none)
     dp_noises: tuple[float, ...] = (0.5, 1.0, 2.0)  # DP-SGD noise multipliers of the sharers' DP adapters
     dp_max_grad_norm: float = 1.0
     budget: int = 12  # fitness evaluations of each search (3 generations of popsize 4)
@@ -119,6 +120,7 @@ class MembershipConfig:
              f"DP max grad norm must be finite and > 0, got {self.dp_max_grad_norm}"),
             (self.budget >= 1 and self.popsize >= 2, "budget must be >= 1 and popsize >= 2"),
             (self.resamples >= 10, f"resamples must be >= 10, got {self.resamples}"),
+            (self.guard_release_rank >= 0, f"guard release rank must be >= 0, got {self.guard_release_rank}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,9 +129,9 @@ class MembershipConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(r=self.r, lora_alpha=self.lora_alpha, epochs=self.epochs, lr=self.lr, seed=self.seed)
 
-    def search_config(self, alpha: float, share_cap: float = 1.0) -> SearchConfig:
+    def search_config(self, alpha: float, share_cap: float = 1.0, release_rank: int = 0) -> SearchConfig:
         return SearchConfig(alpha=alpha, k=self.sharers, budget=self.budget, popsize=self.popsize, min_sharers=2,
-                            share_cap=share_cap, seed=self.seed, batch_size=self.batch_size)
+                            share_cap=share_cap, release_rank=release_rank, seed=self.seed, batch_size=self.batch_size)
 
 
 @dataclass
@@ -377,8 +379,9 @@ def released_adapter(merged: LoraAdapter | None) -> LoraAdapter | None:
     merge becomes a release.
 
     Every merged setting (uniform, PriME, PriME with guards) goes through
-    this function, so a guard applied to the released update (a rank-limited
-    release, say) changes all of them at once when added here.
+    this function. The guards' rank-limited release is not applied here but
+    in their search (`release-rank`, scored as released), which hands back
+    the truncated adapter; releasing that again keeps it as it is.
     """
     return None if merged is None else release(merged)
 
@@ -395,13 +398,16 @@ def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world:
                             one_model=True, extra={"weights": uniform}))
     sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
     searches = [(f"PriME alpha={a:g}", config.search_config(a)) for a in config.alphas]
-    searches += [(f"PriME alpha={a:g} + guards (share cap {config.guard_share_cap:g})",
-                  config.search_config(a, share_cap=config.guard_share_cap)) for a in config.guard_alphas]
+    guards = f"share cap {config.guard_share_cap:g}" + (f", release rank {config.guard_release_rank}"
+                                                         if config.guard_release_rank else "")
+    searches += [(f"PriME alpha={a:g} + guards ({guards})",
+                  config.search_config(a, share_cap=config.guard_share_cap, release_rank=config.guard_release_rank))
+                 for a in config.guard_alphas]
     for name, search in searches:
         found = personalize(model, tokenizer, world.task, world.target_pairs, world.target_embedding, sharers, search,
                             progress=False)
         settings.append(Setting(name, dict.fromkeys(ids, released_adapter(found.adapter)), one_model=True, extra={
-            "alpha": search.alpha, "share_cap": search.share_cap, "weights": found.weights, "fallback": found.fallback,
+            "alpha": search.alpha, "share_cap": search.share_cap, "release_rank": search.release_rank, "weights": found.weights, "fallback": found.fallback,
             "objective": found.best.objective, "utility": found.best.utility, "privacy": found.best.privacy}))
     for noise in config.dp_noises:
         guarantees = world.dp_guarantees[noise]
