@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from common.presets import DEFAULT_PRESET, PresetChoice, resolve
 from common.settings import (
-    NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, from_flat, section, setting, to_flat, validate,
+    NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, section, setting, to_flat, validate,
 )
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, synthetic_task
 
@@ -57,10 +58,11 @@ class FederationConfig:
     (`common.settings`): their defaults, help and checks are written there
     once. The defaults are the README demo with Gemma 3 270M: 24 synthetic
     users (6 adapt, 2 targets, 6 sharers), 12 history items each, search
-    budget 6 x population 6; about four minutes on two quiet CPU cores (23
+    budget 36 evaluations (6 generations of 6); about four minutes on two quiet CPU cores (23
     when another Gemma job shared them).
     """
 
+    choice: PresetChoice = section(PresetChoice)  # `preset`: resolved by `from_run_config`
     task: str = setting("tagging", "task of the synthetic benchmark, or of data-dir", NAME)
     data_dir: str = setting("", "LaMP-layout folder ('': generate the synthetic benchmark into out-dir)")
     model_spec: str = setting("gemma3-270m", "base model: gemma3-270m, tiny (tests) or an HF model folder", NAME)
@@ -113,16 +115,27 @@ class FederationConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
-        """Parse Flower's run config (keys with `-`), rejecting unknown keys, wrong types and ranges."""
+        """Parse Flower's run config (keys with `-`), rejecting unknown keys, wrong types and ranges.
+
+        `preset` fills in its values first. Flower hands over pyproject's
+        defaults merged with `--run-config`, so a key counts as given when
+        its value differs from the default: a key set to its `fast` value
+        under another preset takes the preset's value (docs/federation.md).
+        """
+        defaults = cls().to_run_config()
+        given = {key: value for key, value in run_config.items()
+                 if str(key).replace("_", "-") not in defaults or defaults[str(key).replace("_", "-")] != value}
         try:
-            return from_flat(cls, run_config, exposed_only=True)
+            return resolve(cls, str(given.get("preset", DEFAULT_PRESET)), given)
         except ConfigError:
             raise
         except SettingError as err:
             raise ConfigError(f"run config {err}") from None
 
     def to_run_config(self) -> dict[str, Any]:
-        return to_flat(self, exposed_only=True)
+        """Flat keys; a list as one comma-separated string (Flower's run config holds scalars only)."""
+        return {key: ",".join(value) if isinstance(value, list) else value
+                for key, value in to_flat(self, exposed_only=True).items()}
 
     def node_config(self, epochs: int | None = None) -> NodeConfig:
         """The record a node gets for a job: the run's node settings with the run seed (and `epochs` if given)."""

@@ -30,6 +30,8 @@ from common.tasks import DECODINGS, TIE_BREAKS, TaskOptionError, TaskSpec, check
 
 # Search granularity: one weight per sharer's adapter, or one per sharer per layer.
 WEIGHT_LEVELS = ("lora", "layer")
+# Where every merge weight starts: 1/k (the plain average of the sharers) or 0 (the unmerged model, official code).
+STARTS = ("uniform", "zero")
 # Rows (history item x candidate) per forward. On 2 CPU cores, Gemma 270M
 # decodes 3x faster per row at 32 than at 8 (the LM head and weights are read
 # once per step for the whole batch) and label scoring 1.4x; the KV cache and
@@ -235,8 +237,12 @@ class SearchConfig:
     alpha: float = setting(0.5, "privacy penalty weight: fitness is utility minus alpha x mean similarity to the sharers",
                            NON_NEGATIVE, sweep="alphas")
     k: int = setting(3, "number of sharers merged (top-k by embedding similarity)", at_least(1), sweep="ks")
-    budget: int = setting(6, "search generations", at_least(1))
-    popsize: int = setting(6, "candidates per generation", at_least(2))
+    budget: int = setting(36, "fitness evaluations of the search (candidates scored, the unmerged model and the "
+                               "sharers' predictions not counted); the last generation is cut short when budget is "
+                               "not a multiple of popsize", at_least(1))
+    popsize: int = setting(6, "candidates per generation (scored in one batched pass)", at_least(2))
+    start: str = setting("uniform", "start of every weight: uniform (1/k, the plain average of the sharers) or zero "
+                                    "(the unmerged model, as the official code)", one_of(*STARTS))
     sigma0: float = setting(0.5, "initial step size of the search", POSITIVE)
     optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned, tbpsa or ngopt (server.search)", NAME,
                              sweep="optimizers")
@@ -268,8 +274,6 @@ class SearchConfig:
                                         "false: it scores the whole merge and only the winner is truncated")
     batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass", at_least(1))
     bounds: tuple[float, ...] = setting((-1.5, 1.5), "(low, high) of every weight", exposed=False)
-    x0: float | None = setting(None, "start value of every weight; None: 1/k (the plain average of the sharers)",
-                               exposed=False)
     seed: int = setting(0, "search seed (the federation and eval derive one per target)", exposed=False)
 
     def __post_init__(self) -> None:
@@ -277,8 +281,13 @@ class SearchConfig:
         validate(self, SearchConfigError, "search config")
         if not (len(self.bounds) == 2 and self.bounds[0] < self.bounds[1]):
             raise SearchConfigError(f"search config: bounds must be (low, high) with low < high, got {self.bounds}")
-        if self.x0 is not None and not self.bounds[0] <= self.x0 <= self.bounds[1]:
-            raise SearchConfigError(f"search config: x0 {self.x0} lies outside the bounds {self.bounds}")
+        if not (self.bounds[0] <= 0.0 and 1.0 <= self.bounds[1]):
+            raise SearchConfigError(f"search config: bounds {self.bounds} must hold both starts, 0 and 1/k")
+
+    @property
+    def generations(self) -> int:
+        """Generations the budget buys: every one full but the last, which scores what is left of the budget."""
+        return -(-self.budget // self.popsize)
 
     def check_task(self, task: TaskSpec) -> None:
         """Refuse a decoding or tie-break that `task` cannot use, before any model work (the record alone
@@ -300,14 +309,14 @@ class TrainConfig:
 
     r: int = setting(8, "LoRA rank", at_least(1), key="lora-r")
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
-    target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers", NAMES, exposed=False)
+    target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers (comma-separated)", NAMES)
     lr: float = setting(1e-3, "LoRA learning rate", POSITIVE)
     epochs: int = setting(3, "LoRA epochs over a user's history (when steps is 0)", at_least(1))
     steps: int = setting(0, "LoRA optimizer steps, cycling through the reshuffled history (0: epochs decide); a "
                             "short history then still gets enough updates", at_least(0), key="train-steps")
-    batch_size: int = setting(8, "training pairs per step", at_least(1), exposed=False)
-    max_length: int = setting(512, "most tokens per training pair", at_least(2 * MIN_PROMPT_TOKENS), exposed=False)
-    weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE, exposed=False)
+    batch_size: int = setting(8, "LoRA training pairs per step", at_least(1), key="train-batch-size")
+    max_length: int = setting(512, "most tokens per LoRA training pair", at_least(2 * MIN_PROMPT_TOKENS))
+    weight_decay: float = setting(0.0, "LoRA AdamW weight decay", NON_NEGATIVE)
     seed: int = setting(0, "seed of LoRA init and shuffling", exposed=False)
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -28,7 +28,7 @@ from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
 from server.fitness import FitnessEvaluator, FitnessParts
 from server.release import kept_energy, release
-from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, make_optimizer, run_search
+from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, make_optimizer, run_search, start_value
 from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
@@ -70,7 +70,8 @@ class PersonalizationResult:
     trajectory: list[dict]
     timings: dict[str, float]
     config: SearchConfig
-    evaluations: int = 0
+    evaluations: int = 0  # candidates scored by the search: the budget
+    baseline_evaluations: int = 0  # scored besides the budget: the unmerged model, and each sharer's predictions
     searched_weights: list | None = None
     history_size: int = 0
     # Per chosen sharer: the share of scored history items its adapter alone answers differently from the
@@ -90,6 +91,7 @@ class PersonalizationResult:
             "unmerged": self.unmerged.to_dict(),
             "searched_weights": self.searched_weights,
             "evaluations": self.evaluations,
+            "baseline_evaluations": self.baseline_evaluations,
             "history_size": self.history_size,
             "sharer_divergence": self.sharer_divergence,
             "timings": self.timings,
@@ -135,7 +137,7 @@ def personalize(
     """Run PriME for one target on `model` (the task-adapted base; left unchanged).
 
     `progress` draws a terminal bar. With `progress_name`, each generation is
-    also logged as a `common.progress` line under that name with the best
+    also logged (evaluations done of the budget) as a `common.progress` line under that name with the best
     objective so far, for processes whose output is relayed as text (the ServerApp).
     """
     check_optimizer(config)
@@ -151,8 +153,8 @@ def personalize(
     with torch.inference_mode():
         divergence = sharer_divergence(evaluator.sharer_preds, evaluator.predict(np.zeros((1, evaluator.dim)))[0])
     t2 = time.perf_counter()
-    start = 1.0 / len(ids) if config.x0 is None else config.x0
-    optimizer = make_optimizer(config.optimizer, OptimizerConfig(evaluator.dim, replace(config, x0=start)))
+    optimizer = make_optimizer(config.optimizer,
+                               OptimizerConfig(evaluator.dim, start_value(config.start, len(ids)), config))
     capped = _share_capped(adapters, evaluator.weight_shape, config.share_cap)
     with torch.inference_mode():
         found = run_search(lambda population: evaluator.evaluate(capped(population)), evaluator.unmerged, optimizer,
@@ -192,6 +194,7 @@ def personalize(
         },
         config=config,
         evaluations=found.evaluations,
+        baseline_evaluations=1 + len(ids),
         searched_weights=None if found.searched_weights is None else found.searched_weights.reshape(evaluator.weight_shape).tolist(),
         history_size=len(evaluator.prompts),
         sharer_divergence=divergence,
@@ -224,7 +227,7 @@ def _rank_limited(evaluator: FitnessEvaluator, found: SearchResult, adapter: Lor
 
 
 def _progress_lines(name: str | None, budget: int) -> Callable[[int, float], None] | None:
-    """A search callback logging one `common.progress` line per generation (None without a name)."""
+    """A search callback logging one `common.progress` line per generation, in evaluations (None without a name)."""
     if name is None:
         return None
     return lambda done, best: report_progress(name, done, budget, best=f"{best:.4f}")

@@ -86,6 +86,8 @@ class RunReport:
             "fitness": plain(result.best),
             "unmerged_fitness": plain(result.unmerged),
             "search_seconds": round(seconds, 3),
+            "evaluations": int(result.evaluations),  # candidates scored: the run config's budget
+            "baseline_evaluations": int(result.baseline_evaluations),  # the unmerged model and each sharer's predictions
             "seed": int(result.config.seed),
         }
         if "release" in result.extra:  # rank-limited release: its rank, what the search scored, energy kept

@@ -1,9 +1,11 @@
 """Gradient-free search over merge weights: an optimizer registry and the loop.
 
-Each optimizer is one small class over `Optimizer` (ask -> [P, dim] array,
-tell(objectives)); all maximise. The loop keeps the best candidate ever
-seen, records every generation, and falls back to the unmerged model when no
-candidate beats it.
+Each optimizer is one small class over `Optimizer` (ask(n) -> [n, dim]
+array, tell(objectives)); all maximise. The loop scores exactly `budget`
+candidates, in generations of `popsize` (the last one cut short when the
+budget is not a multiple of it), keeps the best candidate ever seen, records
+every generation, and falls back to the unmerged model when no candidate
+beats it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common.errors import PrimeError
-from common.settings import SearchConfig
+from common.settings import STARTS, SearchConfig
 
 Objective = Callable[[np.ndarray], Sequence[Any]]  # population [P, dim] -> FitnessParts-like per row
 
@@ -25,24 +27,34 @@ class SearchError(PrimeError):
     """Unknown optimizer, a bad search dimension, or a missing optional dependency."""
 
 
+def start_value(start: str, n_sharers: int) -> float:
+    """Where every weight starts: 1/k for `uniform` (the plain average of the k sharers), 0 for `zero`."""
+    if start not in STARTS:
+        raise SearchError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    if n_sharers < 1:
+        raise SearchError(f"a search needs at least one sharer, got {n_sharers}")
+    return 1.0 / n_sharers if start == "uniform" else 0.0
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """One search's settings (`SearchConfig`: population, budget, step, bounds, seed) and its `dim` weights.
+    """One search's settings (`SearchConfig`: population, budget, step, bounds, seed), its `dim` weights and `x0`.
 
-    Every weight starts at `search.x0`, else at the centre of the bounds.
+    Every weight starts at `x0` (`start_value` of the search's `start`).
     """
 
     dim: int
+    x0: float
     search: SearchConfig = SearchConfig()
 
     def __post_init__(self) -> None:
         if self.dim < 1:
             raise SearchError(f"search dimension must be >= 1, got {self.dim}")
+        if not self.search.bounds[0] <= self.x0 <= self.search.bounds[1]:
+            raise SearchError(f"start {self.x0} lies outside the bounds {self.search.bounds}")
 
     def start(self) -> np.ndarray:
-        """Start point: x0 in every dimension, else the centre of the bounds."""
-        lo, hi = self.search.bounds
-        return np.full(self.dim, (lo + hi) / 2.0 if self.search.x0 is None else self.search.x0)
+        return np.full(self.dim, float(self.x0))
 
 
 class Optimizer:
@@ -53,7 +65,8 @@ class Optimizer:
     def __init__(self, config: OptimizerConfig):
         self.config = config
 
-    def ask(self) -> np.ndarray:
+    def ask(self, n: int) -> np.ndarray:
+        """`n` candidates (at most popsize: a full generation, or the cut-short last one)."""
         raise NotImplementedError
 
     def tell(self, objectives: Sequence[float]) -> None:
@@ -75,13 +88,13 @@ class CMAOptimizer(Optimizer):
             "bounds": list(search.bounds),
             "seed": search.seed + 1,  # pycma treats seed 0 as "random"
             "verbose": -9,
-            "maxiter": search.budget,
+            "maxiter": search.generations,
         }
         self._es = cma.CMAEvolutionStrategy(config.start().tolist(), search.sigma0, opts)
         self._asked: list[np.ndarray] = []
 
-    def ask(self) -> np.ndarray:
-        self._asked = self._es.ask()
+    def ask(self, n: int) -> np.ndarray:
+        self._asked = self._es.ask(number=n)
         return np.asarray(self._asked, dtype=float)
 
     def tell(self, objectives: Sequence[float]) -> None:
@@ -131,12 +144,12 @@ class _NevergradOptimizer(Optimizer):
         param = ng.p.Array(init=config.start()).set_bounds(*search.bounds).set_mutation(sigma=search.sigma0)
         param.random_state = np.random.RandomState(search.seed)
         self._opt = ng.optimizers.registry[self.ng_name](
-            parametrization=param, budget=search.budget * search.popsize, num_workers=search.popsize
+            parametrization=param, budget=search.budget, num_workers=search.popsize
         )
         self._asked: list = []
 
-    def ask(self) -> np.ndarray:
-        self._asked = [self._opt.ask() for _ in range(self.config.search.popsize)]
+    def ask(self, n: int) -> np.ndarray:
+        self._asked = [self._opt.ask() for _ in range(n)]
         return np.asarray([cand.value for cand in self._asked], dtype=float)
 
     def tell(self, objectives: Sequence[float]) -> None:
@@ -212,36 +225,47 @@ def run_search(
     progress: bool = True,
     on_generation: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
-    """Ask/evaluate/tell for `optimizer.config.search.budget` generations; keep the best candidate ever seen.
+    """Score exactly `optimizer.config.search.budget` candidates; keep the best candidate ever seen.
 
-    `progress` draws a terminal bar; `on_generation(generations done, best
-    objective so far)` is for callers that report progress elsewhere (the
-    ServerApp, whose output Flower relays as text).
+    Candidates come in generations of `popsize`; when the budget is not a
+    multiple of it the last generation asks and scores only what is left
+    (budget 30, popsize 8: 8, 8, 8 and 6), and the optimizer is not told
+    about that cut-short generation (the search ends there, and CMA-ES
+    cannot learn from fewer candidates than its population). The unmerged
+    model's and the sharers' predictions are not candidates and not counted.
+
+    `progress` draws a terminal bar in evaluations; `on_generation(evaluations
+    done, best objective so far)` is for callers that report progress
+    elsewhere (the ServerApp, whose output Flower relays as text).
 
     `evaluate` maps a population [P, dim] to one object per row with
     `utility`, `privacy`, `objective` attributes (server.fitness.FitnessParts).
     Falls back to the unmerged model when no candidate's objective beats
     `unmerged_parts.objective`.
     """
+    search = optimizer.config.search
     best_w: np.ndarray | None = None
     best_parts = None
     trajectory: list[dict] = []
     evaluations = 0
-    bar = tqdm(range(optimizer.config.search.budget), desc="search", unit="gen", disable=not progress)
-    for gen in bar:
-        population = optimizer.ask()
+    bar = tqdm(total=search.budget, desc="search", unit="eval", disable=not progress)
+    for gen in range(search.generations):
+        size = min(search.popsize, search.budget - evaluations)
+        population = optimizer.ask(size)
         parts = list(evaluate(population))
         if len(parts) != len(population):
             raise RuntimeError(f"objective returned {len(parts)} scores for {len(population)} candidates")
         evaluations += len(parts)
         objectives = [p.objective for p in parts]
-        optimizer.tell(objectives)
+        if size == search.popsize:
+            optimizer.tell(objectives)
         i = int(np.argmax(objectives))
         if best_parts is None or parts[i].objective > best_parts.objective:
             best_w, best_parts = population[i].copy(), parts[i]
         trajectory.append(
             {
                 "generation": gen,
+                "evaluations": evaluations,
                 "best_objective": float(parts[i].objective),
                 "mean_objective": float(np.mean(objectives)),
                 "best_utility": float(parts[i].utility),
@@ -252,9 +276,11 @@ def run_search(
                 "best_so_far": float(best_parts.objective),
             }
         )
+        bar.update(len(parts))
         bar.set_postfix(best=f"{best_parts.objective:.4f}")
         if on_generation is not None:
-            on_generation(gen + 1, float(best_parts.objective))
+            on_generation(evaluations, float(best_parts.objective))
+    bar.close()
     fallback = best_parts is None or not best_parts.objective > unmerged_parts.objective
     return SearchResult(
         best_weights=None if fallback else best_w,

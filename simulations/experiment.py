@@ -35,6 +35,7 @@ from common.lamp import LampDataset, load_lamp, profile_pairs
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_device, resolve_dtype
 from common.plan import UserPlan, make_plan
+from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
 from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
 from common.task_model import load_task_model
@@ -57,6 +58,7 @@ class EvalConfig:
     """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
 
     out: str
+    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, rag_k and augment (common.presets)
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
@@ -94,6 +96,8 @@ class EvalConfig:
             raise EvalConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise EvalConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.preset not in PRESETS:
+            raise EvalConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         for name in self.methods:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:
@@ -140,16 +144,18 @@ class EvalConfig:
 
         The search and node settings take their keys, types and checks from
         `SearchConfig` and `NodeConfig`; a swept search setting takes a list
-        under its plural key (`alphas`, `ks`, ...).
+        under its plural key (`alphas`, `ks`, ...), and its singular key sets
+        the value the unswept searches use. `preset` fills in the
+        search, node and `rag-k` values that `values` does not give.
         """
         own = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
-        search_keys = {o.key for o in options(SearchConfig, exposed_only=True) if not o.sweep}
+        search_keys = {o.key for o in options(SearchConfig, exposed_only=True)}
         node_keys = {o.key for o in options(NodeConfig, exposed_only=True)}
         synth_keys = {o.key for o in options(SyntheticConfig, exposed_only=True)}
         kwargs: dict[str, Any] = {}
         search: dict[str, Any] = {}
         synth: dict[str, Any] = {}
-        node: dict[str, Any] = to_flat(DEFAULT_NODE, exposed_only=True)
+        node: dict[str, Any] = {}
         sweeps: dict[str, tuple] = dict(DEFAULT_SWEEPS)
         for raw_key, value in values.items():
             key = str(raw_key).replace("_", "-")
@@ -172,12 +178,21 @@ class EvalConfig:
                     raise EvalConfigError(f"{where}: unknown key {raw_key!r}")
             except (SettingError, TypeError) as err:
                 raise EvalConfigError(f"{where}: key {raw_key!r}: {err}") from None
+        given = {str(k).replace("_", "-") for k in values}
+        for key in search.keys() & _SWEPT_KEYS:
+            # A setting swept by default (alpha) given once and not as a list: that one value, not the default sweep.
+            name = _SEARCH_OPTIONS_BY_KEY[key].name
+            if name in sweeps and _plural(name) not in given:
+                sweeps[name] = (coerce(_SEARCH_OPTIONS_BY_KEY[key], search[key]),)
         if "out" not in kwargs:
             raise EvalConfigError(f"{where}: missing 'out' (the output folder)")
+        preset = kwargs.setdefault("preset", DEFAULT_PRESET)
         try:
-            kwargs["search"] = from_flat(SearchConfig, search, exposed_only=True)
-            kwargs["node"] = from_flat(NodeConfig, node, exposed_only=True)
+            kwargs["search"] = resolve(SearchConfig, preset, search)
+            kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True))
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
+            for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment)
+                kwargs.setdefault(key.replace("-", "_"), preset_values(preset).get(key, own[key.replace("-", "_")].default))
         except SettingError as err:
             raise EvalConfigError(f"{where}: {err}") from None
         return cls(sweeps=sweeps, **kwargs)
@@ -185,7 +200,7 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flag-like keys, as `from_mapping` reads them back."""
         own = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in _SECTIONS}
-        search = {k: v for k, v in to_flat(self.search, exposed_only=True).items() if k not in _SWEPT_KEYS}
+        search = to_flat(self.search, exposed_only=True)  # every resolved value (a swept one: its base, unswept)
         sweeps = {_plural(name): list(values) for name, values in self.sweeps.items()}
         settings = to_flat(self.synth, exposed_only=True) | search | sweeps | to_flat(self.node, exposed_only=True)
         return own | {key.replace("-", "_"): value for key, value in settings.items()}
@@ -195,6 +210,7 @@ _SECTIONS = ("synth", "search", "sweeps", "node")
 _SEARCH_OPTIONS = {o.name: o for o in options(SearchConfig, exposed_only=True)}
 SWEEPS = {o.sweep: o.name for o in _SEARCH_OPTIONS.values() if o.sweep}  # plural key -> SearchConfig field
 _SWEPT_KEYS = {o.key for o in _SEARCH_OPTIONS.values() if o.sweep}
+_SEARCH_OPTIONS_BY_KEY = {o.key: o for o in _SEARCH_OPTIONS.values()}
 DEFAULT_SWEEPS = {"alpha": (0.0, 0.5, 1.0, 2.0)}  # the trade-off curve; every other search setting at its default
 DEFAULT_NODE = NodeConfig(max_history=16)  # the eval benchmark's users have 24 history items (the federation's 12)
 _ITEM_TYPES = {"methods": str}

@@ -10,7 +10,7 @@
 - `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`, `tie_break`: the
   utility of PriME (and uniform / LoraHub where they have the axis) along one
   ablation axis, the other parameters fixed;
-- `convergence`: PriME's best-so-far search objective per generation.
+- `convergence`: PriME's best-so-far search objective against fitness evaluations (a point per generation).
 
 Utility is the task's first metric (accuracy, MAE, ROUGE-1) over the pooled
 held-out queries of all targets, averaged over seeds (error bars: sample
@@ -173,21 +173,30 @@ def axis_plot(points: list[dict[str, Any]], task: str, axis: str) -> tuple[plt.F
 
 
 def convergence(records: list[Mapping[str, Any]], task: str) -> tuple[plt.Figure, list[dict]] | None:
-    """Best-so-far objective on the history per generation, mean over targets and seeds, per PriME label."""
-    curves: dict[str, list[list[float]]] = defaultdict(list)
+    """Best-so-far objective on the history against fitness evaluations, mean over targets and seeds, per PriME label.
+
+    A point per generation, at the evaluations scored by its end (cells
+    written before trajectories counted evaluations had full generations
+    only: generation x popsize).
+    """
+    curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
     for r in records:
         if r["task"] == task and r["method"] in ("prime", "prime-rag", "prime-pag") and r.get("trajectory"):
-            curves[r["label"]].append([float(g["best_so_far"]) for g in r["trajectory"]])
+            popsize = int(r["params"]["popsize"])
+            curves[r["label"]].append([(int(g.get("evaluations", (i + 1) * popsize)), float(g["best_so_far"]))
+                                       for i, g in enumerate(r["trajectory"])])
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     rows = []
     for label, runs in curves.items():
         n = min(len(run) for run in runs)
-        mean = np.mean([run[:n] for run in runs], axis=0)
-        ax.plot(range(n), mean, marker=".", label=label)
-        rows += [{"label": label, "generation": g, "best_so_far_mean": float(v), "runs": len(runs)} for g, v in enumerate(mean)]
-    ax.set_xlabel("generation")
+        xs = [x for x, _ in runs[0][:n]]
+        mean = np.mean([[v for _, v in run[:n]] for run in runs], axis=0)
+        ax.plot(xs, mean, marker=".", label=label)
+        rows += [{"label": label, "generation": g, "evaluations": x, "best_so_far_mean": float(v), "runs": len(runs)}
+                 for g, (x, v) in enumerate(zip(xs, mean))]
+    ax.set_xlabel("fitness evaluations (candidates scored)")
     ax.set_ylabel("best objective so far (target history)")
     ax.set_title(f"search convergence, {task}")
     ax.legend(fontsize=6)

@@ -77,7 +77,7 @@ class InProcessGrid:
 
 def tiny_config(out_dir: str, **overrides) -> FederationConfig:
     """The run config the coordinator tests share: tiny model, 10 synthetic rating users, 4 sharers, 2 targets."""
-    values = dict(task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=2, popsize=4,
+    values = dict(task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=8, popsize=4,
                   num_targets=2, num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4,
                   synth_users=10, synth_history=6, synth_queries=2, max_history=4, out_dir=out_dir, phase_timeout=60.0)
     return FederationConfig.from_run_config(values | overrides)

@@ -11,7 +11,7 @@ from simulations import bench_cell, bench_engine
 
 def test_engine_benchmark_reports_speed_and_memory_against_a_warmed_model(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--out", str(out), "--model-spec", "tiny", "--tasks", "tagging", "--budget", "1", "--popsize", "2",
+    args = ["--out", str(out), "--model-spec", "tiny", "--tasks", "tagging", "--budget", "2", "--popsize", "2",
             "--history", "4", "--ref-candidates", "1", "--official-max-new-tokens", "4", "--threads", "1"]
     assert bench_engine.main(args) == 0
     report = json.loads(out.read_text())

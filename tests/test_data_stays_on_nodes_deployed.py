@@ -72,7 +72,7 @@ def test_the_server_process_of_a_deployment_never_opens_the_data_folder(tmp_path
     write_synthetic(generate(SyntheticConfig(task="rating", n_users=5, history=6, queries=2)), data)
     for key, value in _audit_env(data, log).items():
         monkeypatch.setenv(key, value)
-    overrides = (f'task="rating" data-dir="{data}" model-spec="tiny" encoder="hashing" k=2 budget=1 popsize=2 '
+    overrides = (f'task="rating" data-dir="{data}" model-spec="tiny" encoder="hashing" k=2 budget=2 popsize=2 '
                  'num-targets=1 num-sharers=3 epochs=1 adapt-rounds=0 lora-r=2 lora-alpha=4 max-history=4')
     deploy(DeployConfig(app_dir=ROOT, out=tmp_path / "deploy", nodes=5, run_config=overrides, timeout=1500))
     records = _records(log)

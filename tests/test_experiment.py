@@ -15,7 +15,7 @@ from simulations.methods import METHODS
 
 SMALL = {
     "synthetic": "tagging", "synth_users": 12, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",
-    "encoder": "hashing", "targets": 2, "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 1, "popsize": 2,
+    "encoder": "hashing", "targets": 2, "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 2, "popsize": 2,
     "methods": "np,top1,uniform,prime", "alphas": "0,1", "plots": False,
 }
 N_CELLS = 2 * (1 + 1 + 1 + 2)  # targets x (np, top1, uniform, prime at two alphas)
@@ -173,7 +173,7 @@ def test_grid_axes_expand_prime_and_uniform():
     assert len(prime) == 2 * 2 * 2  # alphas x ks x optimizers
     assert {(p["alpha"], p["k"], p["optimizer"]) for p in prime} == {
         (a, k, o) for a in (0.0, 1.0) for k in (2, 3) for o in ("cma", "tbpsa")}
-    assert all(p["budget"] == 1 and p["popsize"] == 2 for p in prime)  # the unswept settings, as given
+    assert all(p["budget"] == 2 and p["popsize"] == 2 for p in prime)  # the unswept settings, as given
     assert [p["k"] for p in METHODS["uniform"].grid(config)] == [2, 3]
     assert METHODS["np"].grid(config) == [{"k": 2}]
     assert EvalConfig.from_mapping(config.to_dict()) == config  # config.json reads back as the same run
@@ -265,7 +265,7 @@ def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, ca
     out = tmp_path / "run"
     argv = ["eval", "--synthetic", "tagging", "--out", str(out), "--synth-users", "12", "--synth-history", "5",
             "--synth-queries", "2", "--model-spec", "tiny", "--encoder", "hashing", "--targets", "2", "--sharers", "4",
-            "--epochs", "1", "--adapt-epochs", "1", "--budget", "1", "--popsize", "2", "--alphas", "0",
+            "--epochs", "1", "--adapt-epochs", "1", "--budget", "2", "--popsize", "2", "--alphas", "0",
             "--methods", TABLE1_METHODS, "--augment", "--no-plots", "--no-progress"]
     assert main(argv) == 0
     assert "26 cells (26 computed, 0 from the cache)" in capsys.readouterr().out

@@ -30,7 +30,7 @@ def test_fault_choice_is_seeded_per_node_and_phase_and_hits_the_fraction():
 
 def _config(tmp_path, seed: int, **overrides) -> FederationConfig:
     # adapt-fraction 0.1: seed 3 loses 5 of 12 nodes at register, and the plan still needs only 1 + 2 + 4 users.
-    values = dict(task="rating", model_spec="tiny", encoder="hashing", k=2, budget=2, popsize=4, num_targets=2,
+    values = dict(task="rating", model_spec="tiny", encoder="hashing", k=2, budget=8, popsize=4, num_targets=2,
                   adapt_fraction=0.1,
                   num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4, synth_users=12,
                   synth_history=6, synth_queries=2, max_history=4, out_dir=str(tmp_path / f"run{seed}"),

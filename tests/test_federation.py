@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(900)
 
 def _config(tmp_path, **overrides) -> FederationConfig:
     values = dict(
-        task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=2, popsize=4,
+        task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=8, popsize=4,
         num_targets=2, num_sharers=4, adapt_rounds=1, adapt_epochs=1, epochs=1, lora_r=2, lora_alpha=4,
         synth_users=10, synth_history=6, synth_queries=2, max_history=4, out_dir=str(tmp_path / "run"),
         phase_timeout=600.0,
@@ -46,6 +46,9 @@ def test_full_protocol_on_tiny_model(tmp_path):
     assert {"register", "adapt-1", "share", "profile", "search", "evaluate", "total"} <= set(report["timings_s"])
     # Each target's search draws its own samples (a shared seed made every target's search identical).
     assert len({t["seed"] for t in report["targets"].values()}) == len(report["targets"])
+    # The budget counts candidates scored; the report records it and the resolved settings with their preset.
+    assert all(t["evaluations"] == config.search.budget == 8 for t in report["targets"].values())
+    assert report["config"]["preset"] == "fast" and report["config"]["budget"] == 8
     # The registry persists encrypted; a restarted coordinator personalizes from it without new uploads.
     assert (tmp_path / "run" / "registry" / "index.bin").exists()
     again = _simulate(_config(tmp_path, reuse_registry=True, adapt_rounds=0), num_nodes=10)
@@ -98,7 +101,7 @@ def test_real_deployment_runs_the_protocol_with_tls_and_node_auth(tmp_path):
 
     from simulations.deploy import DeployConfig, deploy
 
-    overrides = ('task="rating" model-spec="tiny" encoder="hashing" k=2 budget=2 popsize=4 num-targets=2 '
+    overrides = ('task="rating" model-spec="tiny" encoder="hashing" k=2 budget=8 popsize=4 num-targets=2 '
                  'num-sharers=4 epochs=1 adapt-epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 '
                  'synth-queries=2 max-history=4')
     result = deploy(DeployConfig(app_dir=Path(__file__).parents[1], out=tmp_path / "deploy", nodes=10,

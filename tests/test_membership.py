@@ -20,7 +20,7 @@ from simulations.threats import membership as mia
 from simulations.threats.leak import ThreatError
 
 SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, queries=3, alphas=(0.0,), guard_alphas=(0.0,),
-             guard_share_cap=0.4, guard_release_rank=2, dp_noises=(0.8, 3.0), budget=1, popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2,
+             guard_share_cap=0.4, guard_release_rank=2, dp_noises=(0.8, 3.0), budget=2, popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2,
              batch_size=8, resamples=50)
 
 

@@ -20,7 +20,7 @@ def prepared(tmp_path_factory):
     config = EvalConfig(
         out=str(tmp_path_factory.mktemp("methods")), synthetic="tagging",
         synth=SyntheticConfig(n_users=12, history=5, queries=2), model_spec="tiny", encoder="hashing", targets=2, sharers=4, adapt_epochs=1,
-        search=SearchConfig(budget=1, popsize=2), node=NodeConfig(train=TrainConfig(epochs=1), max_history=16),
+        search=SearchConfig(budget=2, popsize=2), node=NodeConfig(train=TrainConfig(epochs=1), max_history=16),
     )
     return prepare(config)
 
@@ -58,7 +58,7 @@ ALL = ["np", "rag", "pag", "pag-rag", "oppu", "oppu-rag", "oppu-pag", "top1", "u
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_answers_the_targets_queries(prepared, ctx, name):
     searched = name in ("lorahub", "prime", "prime-rag", "prime-pag")
-    target, result = _run(ctx, name, **({"budget": 1, "popsize": 2} if searched else {}))
+    target, result = _run(ctx, name, **({"budget": 2, "popsize": 2} if searched else {}))
     _check_common(ctx, target, result)
     assert _no_lora_left(ctx.model), f"{name} left LoRA layers on the shared model"
     assert {f"sharer-{s}" for s in ctx.plan.sharers} <= {p.name for p in (prepared.folder(0) / "adapters").iterdir()}
@@ -89,12 +89,30 @@ def test_uniform_uses_equal_weights_over_top_k(ctx):
 
 
 def test_prime_runs_the_search_with_the_given_budget(ctx):
-    _, result = _run(ctx, "prime", alpha=1.0, k=2, budget=2, popsize=2)
+    _, result = _run(ctx, "prime", alpha=1.0, k=2, budget=3, popsize=2)
     assert len(result.sharer_ids) == 2
     assert len(result.trajectory) == 2
     assert isinstance(result.fallback, bool)
     assert (result.weights is None) == result.fallback
-    assert result.extra["evaluations"] == 4
+    assert result.extra["evaluations"] == 3  # budget 3 in generations of 2: 2, then 1
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "tbpsa"])
+def test_lorahub_searches_through_the_optimizer_registry_with_the_budget_in_evaluations(ctx, optimizer):
+    _, result = _run(ctx, "lorahub", k=2, budget=5, popsize=2, optimizer=optimizer, start="zero")
+    assert result.extra["evaluations"] == 5
+    assert [g["evaluations"] for g in result.trajectory] == [2, 4, 5]
+    assert len(result.weights) == len(result.sharer_ids) == 2
+
+
+def test_lorahub_runs_once_per_k_and_optimizer_of_the_evaluation(prepared):
+    config = EvalConfig.from_mapping({"out": "x", "synthetic": "tagging", "ks": "2,3", "optimizers": "cma,tbpsa",
+                                      "alphas": "0,1", "budget": 12, "sharers": 4})
+    grid = get_method("lorahub").grid(config)
+    assert sorted((g["k"], g["optimizer"]) for g in grid) == [(2, "cma"), (2, "tbpsa"), (3, "cma"), (3, "tbpsa")]
+    assert all(g["budget"] == 12 for g in grid)
+    labels = {get_method("lorahub").label(get_method("lorahub").params(g)) for g in grid}
+    assert labels == {"LoraHub k=2", "LoraHub k=3", "LoraHub k=2 opt=tbpsa", "LoraHub k=3 opt=tbpsa"}
 
 
 def test_prime_label_names_alpha_and_non_default_axes():

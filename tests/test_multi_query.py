@@ -74,7 +74,7 @@ def test_the_folder_loads_as_one_user_per_user_id_with_one_leak_free_profile(mul
 def test_eval_answers_every_query_of_each_target(multi_query_dir, tmp_path):
     config = EvalConfig.from_mapping({
         "data": str(multi_query_dir), "out": str(tmp_path), "model_spec": "tiny", "encoder": "hashing", "targets": 2,
-        "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 1, "popsize": 2, "methods": "np,prime", "alphas": "0",
+        "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 2, "popsize": 2, "methods": "np,prime", "alphas": "0",
         "plots": False,
     })
     report = run_grid(config, progress=False)

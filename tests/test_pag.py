@@ -26,7 +26,7 @@ def prepared(tmp_path_factory):
     config = EvalConfig(
         out=str(tmp_path_factory.mktemp("pag")), synthetic="tagging",
         synth=SyntheticConfig(n_users=12, history=6, queries=2), model_spec="tiny", encoder="hashing", targets=2,
-        sharers=4, adapt_epochs=1, search=SearchConfig(budget=1, popsize=2),
+        sharers=4, adapt_epochs=1, search=SearchConfig(budget=2, popsize=2),
         node=NodeConfig(train=TrainConfig(epochs=1), max_history=16),
     )
     return prepare(config)
@@ -124,7 +124,7 @@ def test_prime_pag_scores_the_prompts_its_queries_are_asked_in(prepared, ctx, mo
     monkeypatch.setattr(prime_module, "personalize", personalize)
     monkeypatch.setattr(prime_module, "answer", answer)
     method = get_method("prime-pag")
-    result = method.run(c, target, method.params({"budget": 1, "popsize": 2}))
+    result = method.run(c, target, method.params({"budget": 2, "popsize": 2}))
     block = "### User Profile:\nmost popular tag: comedy\n\n"
     plain = profile_pairs(c.task, recent(c.user(target).profile, c.max_history))
     assert seen["history"] == [(block + p, y) for p, y in plain]

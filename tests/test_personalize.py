@@ -26,7 +26,7 @@ from simulations.cli import main
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
 
-FAST = dict(budget=2, popsize=3, batch_size=16)
+FAST = dict(budget=6, popsize=3, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,31 @@ def test_personalize_merges_top_k_reproducibly(world, tmp_path):
     assert summary["config"]["k"] == 3
     assert json.loads((out / "trajectory.json").read_text()) == a.trajectory
     assert LoraAdapter.load(out / "adapter", base_model=model).r == 3 * 2
+
+
+@pytest.mark.parametrize("budget, popsize, generations", [(30, 6, [6] * 5), (8, 6, [6, 2])])
+def test_the_search_scores_exactly_budget_candidates(world, monkeypatch, budget, popsize, generations):
+    scored = []
+    evaluate = FitnessEvaluator.evaluate
+
+    def counting(self, population):
+        scored.append(len(population))
+        return evaluate(self, population)
+
+    monkeypatch.setattr(FitnessEvaluator, "evaluate", counting)
+    result = _run(world, SearchConfig(k=3, budget=budget, popsize=popsize, seed=0, batch_size=16))
+    assert scored == [1, *generations]  # the unmerged baseline first, then the search's generations
+    assert result.evaluations == budget and result.baseline_evaluations == 1 + 3  # unmerged + each sharer
+    assert [g["evaluations"] for g in result.trajectory] == list(np.cumsum(generations))
+    summary = result.summary()
+    assert summary["evaluations"] == budget and summary["config"]["budget"] == budget
+
+
+@pytest.mark.parametrize("start, x0", [("zero", 0.0), ("uniform", 1 / 3)])
+def test_the_search_starts_where_the_start_setting_says(world, start, x0):
+    result = _run(world, SearchConfig(k=3, start=start, sigma0=1e-3, seed=0, **FAST))
+    first = np.asarray(result.trajectory[0]["best_weights"])  # a candidate of the first generation
+    assert np.abs(first - x0).max() < 0.01
 
 
 def test_layer_level_weights_shape(world):
@@ -136,7 +161,8 @@ def test_refuses_an_unknown_optimizer_before_any_work(world):
         ({"weight_level": "head"}, "weight-level"),
         ({"history_fraction": 0.0}, "history-fraction"),
         ({"bounds": (1.0, 1.0)}, "bounds"),
-        ({"x0": 3.0}, "outside"),
+        ({"start": "mean"}, "start"),
+        ({"bounds": (0.1, 1.5)}, "both starts"),
         ({"popsize": 1}, "popsize"),
         ({"privacy_metric": "bleu"}, "privacy-metric"),
         ({"merge": "average"}, "merge"),
@@ -161,7 +187,7 @@ def test_cli_personalize_writes_result(disk_world, capsys):
     tmp_path, data = disk_world
     target = data.users[0].user_id
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", target,
-            "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "2", "--popsize", "3",
+            "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2", "--budget", "6", "--popsize", "3",
             "--privacy-metric", "agreement", "--merge", "elementwise", "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -173,6 +199,32 @@ def test_cli_personalize_writes_result(disk_world, capsys):
         PeftModel.from_pretrained(tiny_model(seed=0)[0], str(tmp_path / "out" / "adapter"))
 
 
+def test_cli_preset_resolves_before_the_run_and_the_report_records_it(disk_world):
+    tmp_path, data = disk_world
+    args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"),
+            "--user", data.users[0].user_id, "--model-spec", "tiny", "--encoder", "hashing:32", "--preset", "paper",
+            "--budget", "5", "--popsize", "2", "--out", str(tmp_path / "paper"), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "paper" / "result.json").read_text())
+    assert summary["preset"] == "paper"
+    config = summary["config"]
+    assert (config["budget"], config["popsize"]) == (5, 2)  # the flags win over the preset's 100 and 10
+    assert (config["start"], config["optimizer"], config["k"]) == ("zero", "ngopt", 3)  # the preset's
+    assert summary["evaluations"] == 5 and summary["baseline_evaluations"] == 1 + 3
+
+
+def test_cli_keeps_the_rank_limited_release_record_beside_its_own_entries(disk_world):
+    tmp_path, data = disk_world
+    args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"),
+            "--user", data.users[0].user_id, "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2",
+            "--alpha", "0", "--budget", "4", "--popsize", "2", "--release-rank", "2", "--out", str(tmp_path / "rr"),
+            "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "rr" / "result.json").read_text())
+    assert summary["user"] == data.users[0].user_id and summary["preset"] == "fast"
+    assert summary["release"]["rank"] == 2 and summary["release"]["scored"] == "released"
+
+
 def test_cli_uses_embeddings_file(disk_world):
     tmp_path, data = disk_world
     # embeddings from the file decide the sharers: make u005 and u004 the target's twins
@@ -181,7 +233,7 @@ def test_cli_uses_embeddings_file(disk_world):
     emb["u005"] = emb["u004"] = emb[ids[0]] + 0.01
     save_embeddings(tmp_path / "sharers" / "embeddings.npz", emb, "test")
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"), "--user", ids[0],
-            "--model-spec", "tiny", "--k", "2", "--budget", "1", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
+            "--model-spec", "tiny", "--k", "2", "--budget", "2", "--popsize", "2", "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(args) == 0
     assert json.loads((tmp_path / "o" / "result.json").read_text())["sharer_ids"] == ["u004", "u005"]
 
@@ -191,6 +243,8 @@ def test_cli_errors_exit_2(disk_world, capsys):
     base = ["personalize", "--data", str(tmp_path / "data"), "--model-spec", "tiny", "--encoder", "hashing:32", "--out", str(tmp_path / "x")]
     assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", "nobody"]) == 2
     assert "unknown user" in capsys.readouterr().err
+    assert main(base + ["--sharers", str(tmp_path / "sharers"), "--user", data.users[0].user_id, "--preset", "slow"]) == 2
+    assert "preset must be one of fast, paper" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(base + ["--sharers", str(tmp_path / "empty"), "--user", data.users[0].user_id]) == 2
     assert "no adapter sub-folders" in capsys.readouterr().err

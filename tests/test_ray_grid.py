@@ -14,7 +14,7 @@ from simulations.ray_grid import RayGridError
 
 SMALL = {
     "synthetic": "tagging", "synth_users": 12, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",
-    "encoder": "hashing", "targets": 2, "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 1, "popsize": 2,
+    "encoder": "hashing", "targets": 2, "sharers": 4, "epochs": 1, "adapt_epochs": 1, "budget": 2, "popsize": 2,
     "methods": "np,prime", "alphas": "0,1", "plots": False, "seeds": 2,
 }
 

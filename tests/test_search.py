@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.settings import SearchConfig
-from server.search import OPTIMIZERS, OptimizerConfig, SearchError, make_optimizer, run_search
+from server.search import OPTIMIZERS, OptimizerConfig, SearchError, make_optimizer, run_search, start_value
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ UNMERGED = Parts(-10.0, 0.0, -10.0)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_seeded_runs_reproduce_and_improve(name):
     def run(seed):
-        opt = make_optimizer(name, OptimizerConfig(3, SearchConfig(popsize=6, budget=8, seed=seed)))
+        opt = make_optimizer(name, OptimizerConfig(3, 0.0, SearchConfig(popsize=6, budget=48, seed=seed)))
         return run_search(toy, UNMERGED, opt, progress=False)
 
     a, b, c = run(1), run(1), run(2)
@@ -52,7 +52,7 @@ def test_seeded_runs_reproduce_and_improve(name):
 
 
 def test_best_is_best_ever_seen_and_trajectory_is_json():
-    result = run_search(toy, UNMERGED, make_optimizer("cma", OptimizerConfig(3, SearchConfig(budget=6, seed=0))), progress=False)
+    result = run_search(toy, UNMERGED, make_optimizer("cma", OptimizerConfig(3, 0.0, SearchConfig(budget=36, seed=0))), progress=False)
     best_per_gen = [g["best_objective"] for g in result.trajectory]
     assert result.best_parts.objective == pytest.approx(max(best_per_gen))
     assert [g["best_so_far"] for g in result.trajectory] == list(np.maximum.accumulate(best_per_gen))
@@ -64,7 +64,7 @@ def test_best_is_best_ever_seen_and_trajectory_is_json():
 
 def test_fallback_when_nothing_beats_unmerged():
     strong = Parts(0.0, 0.0, 0.0)  # the toy objective is never above 0
-    result = run_search(toy, strong, make_optimizer("cma", OptimizerConfig(3, SearchConfig(budget=2, seed=0))), progress=False)
+    result = run_search(toy, strong, make_optimizer("cma", OptimizerConfig(3, 0.0, SearchConfig(budget=12, seed=0))), progress=False)
     assert result.fallback and result.best_weights is None and result.best_parts == strong
     assert result.searched_weights is not None and result.searched_parts.objective < 0
     assert json.loads(json.dumps(result.to_dict()))["fallback"] is True
@@ -72,19 +72,55 @@ def test_fallback_when_nothing_beats_unmerged():
 
 def test_bad_dimension():
     with pytest.raises(SearchError, match="dimension"):
-        OptimizerConfig(0)
+        OptimizerConfig(0, 0.0)
 
 
-def test_start_is_x0_else_the_centre_of_the_bounds():
-    assert OptimizerConfig(2, SearchConfig(x0=0.25)).start().tolist() == [0.25, 0.25]
-    assert OptimizerConfig(2, SearchConfig(bounds=(0.0, 1.0))).start().tolist() == [0.5, 0.5]
+def test_start_is_uniform_or_zero_and_inside_the_bounds():
+    assert start_value("uniform", 4) == 0.25 and start_value("zero", 4) == 0.0
+    assert OptimizerConfig(2, start_value("uniform", 4)).start().tolist() == [0.25, 0.25]
+    with pytest.raises(SearchError, match="outside the bounds"):
+        OptimizerConfig(2, 2.0)
+    with pytest.raises(SearchError, match="at least one sharer"):
+        start_value("uniform", 0)
+    with pytest.raises(SearchError, match="start must be one of uniform, zero"):
+        start_value("centre", 3)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("start", ["uniform", "zero"])
+def test_the_first_candidates_are_drawn_around_the_start(name, start):
+    x0 = start_value(start, 3)
+    optimizer = make_optimizer(name, OptimizerConfig(3, x0, SearchConfig(start=start, sigma0=0.01, seed=0)))
+    assert np.abs(optimizer.ask(6) - x0).max() < 0.1
+
+
+class Counting:
+    """The toy objective, recording how many candidates it scored."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+
+    def __call__(self, population: np.ndarray) -> list[Parts]:
+        self.scored += len(population)
+        return toy(population)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("budget, popsize, sizes", [(30, 6, [6] * 5), (30, 8, [8, 8, 8, 6]), (4, 6, [4])])
+def test_the_budget_counts_candidates_scored(name, budget, popsize, sizes):
+    objective = Counting()
+    search = SearchConfig(budget=budget, popsize=popsize, seed=0)
+    result = run_search(objective, UNMERGED, make_optimizer(name, OptimizerConfig(3, 0.0, search)), progress=False)
+    assert objective.scored == result.evaluations == budget
+    assert [g["evaluations"] for g in result.trajectory] == list(np.cumsum(sizes))
+    assert search.generations == len(sizes) == len(result.trajectory)
 
 
 def test_unknown_optimizer():
     with pytest.raises(SearchError, match="unknown optimizer"):
-        make_optimizer("adam", OptimizerConfig(2))
+        make_optimizer("adam", OptimizerConfig(2, 0.0))
 
 
 def test_objective_length_mismatch_is_an_error():
     with pytest.raises(RuntimeError, match="scores"):
-        run_search(lambda pop: toy(pop)[:1], UNMERGED, make_optimizer("cma", OptimizerConfig(3)), progress=False)
+        run_search(lambda pop: toy(pop)[:1], UNMERGED, make_optimizer("cma", OptimizerConfig(3, 0.0)), progress=False)

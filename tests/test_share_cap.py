@@ -79,7 +79,7 @@ def test_every_weight_vector_personalize_returns_obeys_the_cap(level):
     task = get_task("rating")
     adapters = {f"s{i}": (_adapter(i, scale=[3.0, 0.3, 0.3][i]), np.eye(4)[i] + 0.1) for i in range(3)}
     history = [(f"Review: item {i} was fine. Score:", str(1 + i % 5)) for i in range(6)]
-    config = SearchConfig(alpha=0.0, k=3, budget=2, popsize=4, share_cap=0.4, weight_level=level, x0=1.0)
+    config = SearchConfig(alpha=0.0, k=3, budget=8, popsize=4, share_cap=0.4, weight_level=level)
     result = personalize(model, tokenizer, task, history, np.ones(4), adapters, config, progress=False)
     norms = update_norms([adapters[s][0] for s in result.sharer_ids], np.asarray(result.searched_weights).shape)
     assert shares(np.asarray(result.searched_weights), norms).max() <= 0.4 + 1e-9

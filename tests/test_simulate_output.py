@@ -15,7 +15,7 @@ from common.progress import Progress, parse
 from simulations.console import RelayedRun, shown
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ('task="rating" encoder="hashing" k=2 budget=2 popsize=4 num-targets=2 num-sharers=4 epochs=1 '
+TINY_RUN = ('task="rating" encoder="hashing" k=2 budget=8 popsize=4 num-targets=2 num-sharers=4 epochs=1 '
             'adapt-epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 synth-queries=2 max-history=4')
 NOISE = ("alembic", " DEBUG ", "DEBUG flwr", "deprecat", "FutureWarning", "Loading weights", "ClientAppActor")
 
@@ -34,7 +34,9 @@ def test_simulate_prints_progress_and_the_table_without_library_noise(tmp_path):
     for noise in NOISE:
         assert noise.lower() not in output.lower(), f"{noise!r} in:\n{output}"
     lines = output.splitlines()
-    assert any(re.fullmatch(r"progress search u\d+ 2/2 best=-?\d+\.\d{4}", line) for line in lines)
+    # One line per generation, in fitness evaluations of the budget (8 = two generations of 4).
+    assert any(re.fullmatch(r"progress search u\d+ 4/8 best=-?\d+\.\d{4}", line) for line in lines)
+    assert any(re.fullmatch(r"progress search u\d+ 8/8 best=-?\d+\.\d{4}", line) for line in lines)
     assert any(line.startswith("share ") and "4 sharers" in line for line in lines)
     assert "| target | sharers | fallback |" in output
     assert f"report: {tmp_path / 'run' / 'report.json'}" in output

@@ -145,7 +145,7 @@ def test_auroc_on_constructed_losses():
         mia.membership_auroc([float("nan")], [1.0])
 
 
-SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, alphas=(0.0,), guard_alphas=(), dp_noises=(), budget=1,
+SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, alphas=(0.0,), guard_alphas=(), dp_noises=(), budget=2,
              popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2, batch_size=8, resamples=20)
 
 
@@ -216,7 +216,7 @@ def test_embedding_config_is_checked():
 def test_cli_all_writes_every_result(tmp_path, capsys):
     out = tmp_path / "threats"
     code = main(["threats", "all", "--out", str(out), "--model-spec", "tiny", "--rank", "2", "--lora-alpha", "4",
-                 "--history", "3", "--nonmembers", "3", "--budget", "1", "--popsize", "2", "--alphas", "0",
+                 "--history", "3", "--nonmembers", "3", "--budget", "2", "--popsize", "2", "--alphas", "0",
                  "--epochs", "1", "--max-merges", "3", "--guesses", "1", "--users", "8", "--embed-groups", "2",
                  "--embed-history", "4", "--encoders", "hashing", "--folds", "2", "--no-progress"])
     assert code == 0

@@ -4,7 +4,9 @@
     prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
     prime-fl eval table OUT... --out DIR [--layout table1]   one table from several runs (e.g. several tasks)
 
-Flags override config-file keys (same names, `-` or `_`), which override the defaults.
+Flags override config-file keys (same names, `-` or `_`), which override the preset's values
+(--preset fast, the default, or paper: docs/fidelity.md), which override the defaults.
+OUT/config.json records the preset and every resolved value.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from client.training import ADAPT_SAMPLINGS
 from common.models import resolve_cache_dir
+from common.presets import PresetChoice
 from common.settings import SearchConfig
 from common.synthetic import SyntheticConfig
 from simulations import experiment, tables
@@ -34,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add = parser.add_argument
     add("--config", help="JSON or TOML file of settings (keys as the flags below; a TOML [eval] table is used if present)")
     add("--out", help="output folder: cells/, prepare/, results.json, table.{md,csv,json}, plots/")
+    add_setting_options(parser, PresetChoice(), layered=True)
     add("--data", help="LaMP-layout folder")
     add("--split", choices=("train", "dev"), help="which split when the folder holds several")
     add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline, rating-skewed) into OUT/data")
@@ -52,16 +56,18 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--adapt-sampling", choices=ADAPT_SAMPLINGS,
         help="how task-adaptation pairs are drawn: pooled (default), balanced (each gold label equally often) or "
              "user (each adaptation user equally often)")
-    add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's budget)"), SearchConfig(),
+    add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's optimizer, start and budget)"), SearchConfig(),
                         layered=True, sweeps=experiment.DEFAULT_SWEEPS)
     add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),
                         experiment.DEFAULT_NODE, layered=True)
-    add("--rag-k", type=int, help="history items retrieved for RAG (default 3)")
+    add("--rag-k", type=int, help="history items retrieved for RAG (default 3; preset paper: 1)")
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
     add("--augment", action="store_const", const=True,
         help="search (PriME, LoraHub) and train OPPU on the official process_profile pairs: each history item plus a "
              "copy with the PAG profile and the BM25 top-1 earlier item in front (LaMP-2/3/4/5; default off: about "
-             "3x the fitness text on CPU)")
+             "3x the fitness text on CPU; preset paper: on)")
+    add("--no-augment", dest="augment", action="store_const", const=False,
+        help="plain history pairs only (overrides preset paper's augmentation)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
     run_on = parser.add_argument_group("where the cells run (not settings: the results are the same)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from common.encoder import DEFAULT_ENCODER, load_embeddings, load_encoder, user_
 from common.errors import PrimeError
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
-from common.settings import SearchConfig, from_flat
+from common.presets import PresetChoice, resolve
+from common.settings import SearchConfig
 from server.personalize import RESULT_FILE, check_optimizer, personalize
 from simulations.model_options import add_model_options, model_cache
 from simulations.options import add_setting_options, setting_values
@@ -29,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description=(
             "PriME on one machine: pick the top-k sharers by embedding similarity, search merge weights with "
             "CMA-ES (or nevergrad) maximising utility on the target's history minus alpha times the similarity "
-            "to each sharer's predictions, and write the merged adapter (adapter/), result.json and "
-            "trajectory.json to --out. If no merge beats the unmerged model, no adapter is written and "
+            "to each sharer's predictions, and write the merged adapter (adapter/), result.json (with the preset "
+            "and every resolved search setting) and trajectory.json to --out. If no merge beats the unmerged model, no adapter is written and "
             "result.json says fallback: true."
         ),
     )
@@ -46,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--task-adapter", default=None, help="task LoRA folder folded into the base model before merging")
     parser.add_argument("--embeddings", default=None, help=f".npz of user embeddings (default: SHARERS/{EMBEDDINGS_FILE} if present)")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder for embeddings missing from the file (default %(default)s)")
-    add_setting_options(parser.add_argument_group("search"), SearchConfig())
+    add_setting_options(parser, PresetChoice())
+    add_setting_options(parser.add_argument_group("search (a flag given overrides the preset's value)"), SearchConfig(),
+                        layered=True)
     parser.add_argument("--seed", type=int, default=0, help="search seed (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_personalize)
@@ -62,7 +66,7 @@ def _sharer_dirs(root: Path) -> dict[str, Path]:
 
 
 def _personalize(args: argparse.Namespace) -> int:
-    config = from_flat(SearchConfig, setting_values(SearchConfig, args) | {"seed": args.seed})
+    config = replace(resolve(SearchConfig, args.preset, setting_values(SearchConfig, args)), seed=args.seed)
     check_optimizer(config)  # before the model loads
     check_replaceable(args.out, RESULT_FILE)
     dataset = load_lamp(args.data, split=args.split)
@@ -91,7 +95,7 @@ def _personalize(args: argparse.Namespace) -> int:
         model, tokenizer, dataset.task, profile_pairs(dataset.task, target.profile),
         np.asarray(embeddings[args.user]), sharers, config, progress=not args.no_progress,
     )
-    result.extra = {"user": args.user, "task": dataset.task.lamp_id, "model": args.model_spec}
+    result.extra |= {"user": args.user, "task": dataset.task.lamp_id, "model": args.model_spec, "preset": args.preset}
     out = result.save(args.out)
     verdict = "unmerged model kept (no merge beat it)" if result.fallback else f"weights {json.dumps(result.weights)}"
     print(

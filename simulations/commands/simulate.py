@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         ),
     )
     parser.add_argument("--run-config", default="", metavar="'K=V ...'",
-                        help="overrides, e.g. 'task=\"rating\" alpha=1.0 budget=4' (TOML values)")
+                        help="overrides, e.g. 'task=\"rating\" alpha=1.0 budget=24' (TOML values)")
     parser.add_argument("--out", default=None, help="output folder (default: the run config's out-dir)")
     parser.add_argument("--nodes", type=int, default=None, help="simulated SuperNodes (default: one per user)")
     add_model_options(parser, default=None, spec_help="base model (default: the run config's model-spec, gemma3-270m)",

@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         help="membership: bootstrap resamples per AUROC interval (default %(default)s)")
     parser.add_argument("--adapt-users", type=int, default=m.adapt_users, help="membership: users that task-adapt the base first (default %(default)s)")
     parser.add_argument("--alphas", type=_floats, default=m.alphas, help="membership: PriME alphas, comma-separated (default 0,1,4)")
-    parser.add_argument("--budget", type=int, default=m.budget, help="membership: search generations (default %(default)s)")
+    parser.add_argument("--budget", type=int, default=m.budget, help="membership: fitness evaluations of each search (default %(default)s)")
     parser.add_argument("--popsize", type=int, default=m.popsize, help="membership: candidates per generation (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=m.epochs, help="LoRA training epochs (default %(default)s)")
     parser.add_argument("--lr", type=float, default=m.lr, help="LoRA learning rate (default %(default)s)")

@@ -85,7 +85,7 @@ class MembershipConfig:
     guard_release_rank: int = 8  # the guards' rank-limited release (server.release; 0: none)
     dp_noises: tuple[float, ...] = (0.5, 1.0, 2.0)  # DP-SGD noise multipliers of the sharers' DP adapters
     dp_max_grad_norm: float = 1.0
-    budget: int = 3
+    budget: int = 12  # fitness evaluations of each search (3 generations of popsize 4)
     popsize: int = 4
     r: int = 8
     lora_alpha: float = 16.0
