@@ -38,7 +38,8 @@ def _config(tmp_path, seed: int, **overrides) -> FederationConfig:
     return FederationConfig.from_run_config(values | overrides)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# Seed 1 runs in CI; seeds 2 and 3 pick other offenders and phases (slow: ~1 min of Flower simulation each).
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_a_simulation_with_30_percent_faulty_nodes_per_phase_ends_with_a_report(tmp_path, seed):
     """Flower simulation (Ray): in every phase, 30% of the nodes fail or send garbage.
 
