@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from common.federation import ConfigError, FederationConfig
 
 pytestmark = pytest.mark.timeout(900)
+
+ROOT = Path(__file__).resolve().parents[1]
+# What `_config` sets, as `prime-fl simulate --run-config` takes it (TOML values).
+TINY_RUN = ('task="rating" encoder="hashing" alpha=0.5 k=2 budget=8 popsize=4 num-targets=2 num-sharers=4 '
+            'adapt-rounds=1 adapt-epochs=1 epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 '
+            'synth-queries=2 max-history=4 phase-timeout=600.0')
+NOISE = ("alembic", " DEBUG ", "DEBUG flwr", "deprecat", "FutureWarning", "Loading weights", "ClientAppActor")
 
 
 def _config(tmp_path, **overrides) -> FederationConfig:
@@ -29,9 +40,40 @@ def _simulate(config: FederationConfig, num_nodes: int) -> dict:
     return simulate(config, num_nodes)
 
 
+def _simulate_cli(out: Path, cwd: Path) -> str:
+    """`prime-fl simulate` as a user runs it, in its own process: what it prints (stdout + stderr)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--nodes", "10", "--out", str(out),
+         "--model-spec", "tiny", "--run-config", TINY_RUN],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=840,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    return output
+
+
+def _assert_console(output: str, out: Path) -> None:
+    """Phase lines, search progress and the table; no third-party noise (it goes to the run's log)."""
+    for noise in NOISE:
+        assert noise.lower() not in output.lower(), f"{noise!r} in:\n{output}"
+    lines = output.splitlines()
+    # One line per generation, in fitness evaluations of the budget (8 = two generations of 4).
+    assert any(re.fullmatch(r"progress search u\d+ 4/8 best=-?\d+\.\d{4}", line) for line in lines)
+    assert any(re.fullmatch(r"progress search u\d+ 8/8 best=-?\d+\.\d{4}", line) for line in lines)
+    assert any(line.startswith("share ") and "4 sharers" in line for line in lines)
+    assert "| target | sharers | fallback |" in output
+    assert f"report: {out / 'report.json'}" in output
+    assert "Starting Flower Simulation" in (out / "flower" / "logs" / "flwr-run.log").read_text()
+
+
 def test_full_protocol_on_tiny_model(tmp_path):
+    """One simulation through the CLI serves the protocol checks and the console checks (CI time)."""
     config = _config(tmp_path)
-    report = _simulate(config, num_nodes=10)
+    output = _simulate_cli(tmp_path / "run", cwd=tmp_path)
+    _assert_console(output, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
     plan = report["plan"]
     assert len(plan["targets"]) == 2 and len(plan["sharers"]) == 4
     assert report["skipped"] == []

@@ -41,7 +41,10 @@ def uninterrupted(tmp_path_factory) -> dict:
     return _contents(out)
 
 
-@pytest.mark.parametrize("kill_at", ["after-register", "after-adapt", "mid-share", "after-share"])
+# after-adapt and mid-share cover the reloaded task adapter and the partial share; the two other boundaries are
+# slow-marked for CI time (each case is a coordinator run of 30-50 s).
+@pytest.mark.parametrize("kill_at", [pytest.param("after-register", marks=pytest.mark.slow), "after-adapt", "mid-share",
+                                     pytest.param("after-share", marks=pytest.mark.slow)])
 def test_kill_then_restart_gives_the_uninterrupted_registry_and_a_report(tmp_path, uninterrupted, kill_at):
     out = tmp_path / "run"
     assert _run(out, reuse=True, kill_at=kill_at) == -signal.SIGKILL
