@@ -454,7 +454,8 @@ class Coordinator:
             content = self._evaluation_content()
             if result.adapter is not None:
                 # In the ledger before it leaves: a crash after sending must not hand out an unrecorded release.
-                self.registry.add_release(user_id, result.sharer_ids, float(np.linalg.norm(result.weights)), self.run_id)
+                self.registry.add_release(user_id, result.sharer_ids, float(np.linalg.norm(result.weights)), self.run_id,
+                                          self.search.release_rank)
                 adapter_to_records(result.adapter, "merged", content)
             evaluations[node_id] = content
 

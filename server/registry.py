@@ -246,10 +246,14 @@ class Registry:
         return len(self._index["sharers"])
 
     # -- release ledger ---------------------------------------------------
-    def add_release(self, target: str, sharers: list[str], weights_scale: float, run_id: str) -> None:
-        """Record one merged adapter handed to `target` (persisted before the adapter leaves the coordinator)."""
+    def add_release(self, target: str, sharers: list[str], weights_scale: float, run_id: str, release_rank: int = 0) -> None:
+        """Record one merged adapter handed to `target` (persisted before the adapter leaves the coordinator).
+
+        `release_rank` is the rank limit the adapter left with (0: the whole merge): an audit of what a target
+        could have unmixed needs it next to the sharer set (docs/threats.md, attack 2).
+        """
         self._index["releases"].append({"target": target, "sharers": sorted(sharers), "weights_scale": float(weights_scale),
-                                        "run_id": run_id, "time": time.time()})
+                                        "release_rank": int(release_rank), "run_id": run_id, "time": time.time()})
         self._write_index()
 
     def releases(self) -> list[dict[str, Any]]:

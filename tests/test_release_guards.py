@@ -26,7 +26,7 @@ def every_search_releases(monkeypatch):
         if result.fallback:
             weights = [1.0 / len(result.sharer_ids)] * len(result.sharer_ids)
             adapters = [candidates[sid][0] for sid in result.sharer_ids]
-            result.adapter = release(merge_exact(adapters, torch.tensor(weights)))
+            result.adapter = release(merge_exact(adapters, torch.tensor(weights)), config.release_rank)
             result.weights, result.fallback = weights, False
         return result
 
@@ -39,8 +39,9 @@ def _run(tmp_path, **overrides) -> tuple[dict, Coordinator]:
     return coordinator.run().to_dict(), coordinator
 
 
-def test_every_release_is_in_the_ledger_and_the_ledger_survives_a_restart(tmp_path):
-    report, coordinator = _run(tmp_path)
+@pytest.mark.parametrize("release_rank", [0, 3])
+def test_every_release_is_in_the_ledger_and_the_ledger_survives_a_restart(tmp_path, release_rank):
+    report, coordinator = _run(tmp_path, release_rank=release_rank)
     released = {u: t for u, t in report["targets"].items() if not t["fallback"]}
     assert len(released) == 2
     ledger = Registry(tmp_path / "run" / "registry", b"k" * 32).releases()  # reopened: from disk
@@ -48,6 +49,7 @@ def test_every_release_is_in_the_ledger_and_the_ledger_survives_a_restart(tmp_pa
     for entry in ledger:
         target = released[entry["target"]]
         assert entry["sharers"] == sorted(target["sharers"]) and entry["run_id"] == report["run_id"]
+        assert entry["release_rank"] == release_rank
         assert np.isclose(entry["weights_scale"], np.linalg.norm(target["weights"]))
 
 
