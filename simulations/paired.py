@@ -40,12 +40,12 @@ class Comparison:
     low: float  # 95% bootstrap interval of that mean (targets resampled)
     high: float
 
-    def verdict(self) -> str:
-        """Whether the interval excludes zero, in the metric's own direction."""
+    def verdict(self, subject: str | None = None) -> str:
+        """Whether the interval excludes zero, in the metric's own direction (`subject`: who is better or worse)."""
         if self.low <= 0 <= self.high:
             return "no clear difference"
         better = (self.low > 0) == self.higher_is_better
-        return f"{self.method} {'better' if better else 'worse'}"
+        return f"{subject or self.method} {'better' if better else 'worse'}"
 
 
 def _query_scores(record: Mapping[str, Any]) -> np.ndarray:
@@ -56,9 +56,7 @@ def _query_scores(record: Mapping[str, Any]) -> np.ndarray:
 
 def compare(records: Iterable[Mapping[str, Any]], *, seed: int = 0) -> list[Comparison]:
     """Every PriME column against every baseline column present, per task."""
-    by_column: dict[tuple[str, str], dict[tuple[int, str], Mapping[str, Any]]] = defaultdict(dict)
-    for r in records:
-        by_column[(r["task"], r["label"])][(int(r["seed"]), r["target"])] = r
+    by_column = _columns(records)
     comparisons = []
     for (task, method), cells in sorted(by_column.items()):
         if not method.startswith(METHOD_PREFIX):
@@ -97,6 +95,52 @@ def _paired(task: str, method: str, baseline: str, cells: Mapping, base_cells: M
                       low=float(np.percentile(boot, 2.5)), high=float(np.percentile(boot, 97.5)))
 
 
+def _columns(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[tuple[int, str], Mapping[str, Any]]]:
+    by_column: dict[tuple[str, str], dict[tuple[int, str], Mapping[str, Any]]] = defaultdict(dict)
+    for r in records:
+        by_column[(r["task"], r["label"])][(int(r["seed"]), r["target"])] = r
+    return by_column
+
+
+def compare_runs(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str, Any]], *, names: tuple[str, str],
+                 seed: int = 0) -> list[Comparison]:
+    """Each column of `after` minus the same column of `before`, on the (seed, target) cells both answered.
+
+    For a before/after measurement of an option (two runs on the same data,
+    split and targets): what the option changed in each method, with the same
+    target-resampling interval as `compare`. `names` label the two runs.
+    """
+    old, new = _columns(before), _columns(after)
+    comparisons = []
+    for task, label in sorted(set(old) & set(new)):
+        comparison = _paired(task, f"{label} @ {names[1]}", f"{label} @ {names[0]}", new[(task, label)],
+                             old[(task, label)], seed)
+        if comparison is not None:
+            comparisons.append(comparison)
+    return comparisons
+
+
+def runs_to_markdown(comparisons: list[Comparison], *, names: tuple[str, str]) -> str:
+    """`compare_runs`' table: one row per column, the difference read as `names[1]` minus `names[0]`."""
+    if not comparisons:
+        return f"(no column of {names[1]} with the same column of {names[0]} on the same queries)\n"
+    lines = [f"| task | column | metric | {names[1]} minus {names[0]} [95% interval] | targets | queries | seeds | reading |",
+             "|" + "---|" * 8]
+    suffix = f" @ {names[1]}"
+    for c in comparisons:
+        arrow = "↑" if c.higher_is_better else "↓"
+        lines.append(f"| {c.task} | {c.method.removesuffix(suffix)} | {c.metric} {arrow} | {c.mean_difference:+.3f} "
+                     f"[{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | "
+                     f"{c.verdict(names[1])} |")
+    return "\n".join(lines) + _sample_note(comparisons)
+
+
+def _sample_note(comparisons: list[Comparison]) -> str:
+    small = min(c.n_targets for c in comparisons)
+    note = f"\nTargets resampled {RESAMPLES} times for each interval. Smallest sample: {small} targets"
+    return note + (" (small: read the intervals, not the means).\n" if small < 20 else ".\n")
+
+
 def to_markdown(comparisons: list[Comparison]) -> str:
     if not comparisons:
         return "(no PriME column with a baseline on the same queries)\n"
@@ -106,9 +150,7 @@ def to_markdown(comparisons: list[Comparison]) -> str:
         arrow = "↑" if c.higher_is_better else "↓"
         lines.append(f"| {c.task} | {c.method} | {c.baseline} | {c.metric} {arrow} | {c.mean_difference:+.3f} "
                      f"[{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict()} |")
-    small = min(c.n_targets for c in comparisons)
-    note = f"\nTargets resampled {RESAMPLES} times for each interval. Smallest sample: {small} targets"
-    return "\n".join(lines) + note + (" (small: read the intervals, not the means).\n" if small < 20 else ".\n")
+    return "\n".join(lines) + _sample_note(comparisons)
 
 
 def to_json(comparisons: list[Comparison]) -> dict[str, Any]:

@@ -231,6 +231,26 @@ def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout:
             write_text(out / "paired.json", json.dumps(paired.to_json(comparisons), indent=2, ensure_ascii=False))]
 
 
+def write_diff(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str, Any]], names: tuple[str, str],
+               out: str | Path) -> list[Path]:
+    """Two runs of one grid side by side (each column as `label @ name`) and each column's change, paired.
+
+    OUT/table.{md,csv,json}: every row (metrics and the diagnostic rows:
+    majority share, fallback rate...) for both runs; OUT/diff.md, OUT/diff.json:
+    `names[1]` minus `names[0]` per column on the queries both answered
+    (`paired.compare_runs`).
+    """
+    before, after = list(before), list(after)
+    side_by_side = [dict(r, label=f"{r['label']} @ {name}") for records, name in ((before, names[0]), (after, names[1]))
+                    for r in records]
+    changes = paired.compare_runs(before, after, names=names)
+    out = output_folder(out)
+    return [*write_tables(build_table(side_by_side, "methods"), out),
+            write_text(out / "diff.md", paired.runs_to_markdown(changes, names=names)),
+            write_text(out / "diff.json", json.dumps(paired.to_json(changes) | {"before": names[0], "after": names[1]},
+                                                     indent=2, ensure_ascii=False))]
+
+
 def write_tables(table: Table, out: str | Path) -> list[Path]:
     """OUT/table.md, OUT/table.csv, OUT/table.json."""
     out = output_folder(out)

@@ -53,3 +53,56 @@ def test_small_samples_are_called_small_and_mismatched_queries_refused(tmp_path)
     with pytest.raises(ValueError, match="different queries"):
         compare(records + [cell("NP", 0, "t1", ["comedy"], ["romance"]), cell("PriME α=1", 1, "t1", ["x"], ["romance"]),
                            cell("NP", 1, "t1", ["x"], ["comedy"])])
+
+
+def test_run_against_run_pairs_each_column_with_itself_on_the_common_queries():
+    from simulations.paired import compare_runs, runs_to_markdown
+
+    before = [cell("NP", 0, "t1", ["action", "action"], ["comedy", "comedy"]),
+              cell("NP", 0, "t2", ["comedy"], ["comedy"]),
+              cell("PriME α=1", 0, "t1", ["action", "comedy"], ["comedy", "comedy"]),
+              cell("top-1", 0, "t1", ["comedy", "comedy"], ["comedy", "comedy"])]  # absent after: not compared
+    after = [cell("NP", 0, "t1", ["comedy", "comedy"], ["comedy", "comedy"]),
+             cell("NP", 0, "t2", ["comedy"], ["comedy"]),
+             cell("NP", 0, "t3", ["comedy"], ["comedy"]),  # only after: not paired
+             cell("PriME α=1", 0, "t1", ["action", "action"], ["comedy", "comedy"])]
+    np_change, prime_change = compare_runs(before, after, names=("before", "after"))
+    assert (np_change.method, np_change.baseline) == ("NP @ after", "NP @ before")
+    assert (np_change.n_targets, np_change.n_queries) == (2, 3)
+    assert np_change.mean_difference == pytest.approx(2 / 3)  # t1: +1, +1; t2: 0
+    assert prime_change.mean_difference == pytest.approx(-0.5) and prime_change.n_queries == 2
+    text = runs_to_markdown([np_change, prime_change], names=("before", "after"))
+    assert "| LaMP_2 | NP | accuracy ↑ | +0.667 [" in text and "after minus before" in text and "small" in text
+    with pytest.raises(ValueError, match="different queries"):
+        compare_runs(before, [cell("NP", 0, "t1", ["comedy"], ["romance"])], names=("a", "b"))
+    assert compare_runs(before, [cell("OPPU", 0, "t1", ["x"], ["y"])], names=("a", "b")) == []
+
+
+def test_eval_diff_writes_both_runs_side_by_side_and_the_paired_changes(tmp_path, capsys):
+    from simulations.cli import main
+
+    def run(name, preds, fallback):
+        folder = tmp_path / name
+        folder.mkdir()
+        cells = []
+        for t, pred in enumerate(preds):
+            for label, method in (("NP", "np"), ("PriME α=1", "prime")):
+                record = cell(label, 0, f"t{t}", [pred], ["4"], task="LaMP_3") | {
+                    "method": method, "params": {}, "metrics": {"mae": abs(int(pred) - 4), "rmse": abs(int(pred) - 4)}}
+                if method == "prime":
+                    record["fallback"] = fallback
+                cells.append(record)
+        (folder / "results.json").write_text(json.dumps({"cells": cells}))
+        return folder
+
+    before, after = run("before", ["5", "5", "5"], True), run("after", ["4", "5", "3"], False)
+    assert main(["eval", "diff", str(before), str(after), "--out", str(tmp_path / "d"), "--names", "steps0,steps24"]) == 0
+    printed = capsys.readouterr().out
+    assert "| NP @ steps0 | PriME α=1 @ steps0 | NP @ steps24 | PriME α=1 @ steps24 |" in printed
+    assert "| LaMP_3 | NP | mae ↓ | -0.333 [" in printed and "steps24 minus steps0" in printed
+    table = json.loads((tmp_path / "d" / "table.json").read_text())
+    assert "fallback rate" in json.dumps(table)
+    data = json.loads((tmp_path / "d" / "diff.json").read_text())
+    assert (data["before"], data["after"]) == ("steps0", "steps24") and len(data["comparisons"]) == 2
+    assert main(["eval", "diff", str(before), str(after), "--out", str(tmp_path / "e"), "--names", "same,same"]) == 2
+    assert "--names must be two different names" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     prime-fl eval --synthetic tagging --out runs/tagging [--config FILE] [flags]
     prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
     prime-fl eval table OUT... --out DIR [--layout table1]   one table from several runs (e.g. several tasks)
+    prime-fl eval diff BEFORE AFTER --out DIR   two runs of one grid side by side, each column's change paired
 
 Flags override config-file keys (same names, `-` or `_`), which override the preset's values
 (--preset fast, the default, or paper: docs/fidelity.md), which override the defaults.
@@ -79,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         help="Ray workers, one model each (default: one per CPU of the cluster, one per GPU with CUDA)")
     parser.set_defaults(func=_run)
 
-    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table}")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table,diff}")
     plot = sub.add_parser("plot", help="redraw the figures of a finished run")
     plot.add_argument("run", help="a run folder (holding results.json)")
     plot.set_defaults(func=_plot)
@@ -90,6 +91,13 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                        help="methods: columns in run order (default); table1: the paper's Table 1 groups "
                             "NP RAG PAG PAG+RAG | PriME +RAG +PAG | OPPU +RAG +PAG | top-1 uniform LoraHub")
     table.set_defaults(func=_table)
+    diff = sub.add_parser("diff", help="two runs of one grid (e.g. an option off, then on): both side by side and "
+                                       "AFTER minus BEFORE per column on the same queries, with intervals")
+    diff.add_argument("before", help="a run folder (holding results.json)")
+    diff.add_argument("after", help="a run folder on the same data, split and targets")
+    diff.add_argument("--out", dest="diff_out", required=True, help="folder for table.{md,csv,json} and diff.{md,json}")
+    diff.add_argument("--names", default="before,after", help="the two runs' names in the tables (default before,after)")
+    diff.set_defaults(func=_diff)
 
 
 _NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command", "ray", "ray_workers"}
@@ -117,6 +125,17 @@ def _plot(args: argparse.Namespace) -> int:
 
     index = plots.write_plots(experiment.load_results(args.run), Path(args.run) / "plots")
     print(f"wrote {len(index['written'])} figures to {Path(args.run) / 'plots'} ({len(index['skipped'])} skipped)")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    names = tuple(n.strip() for n in args.names.split(","))
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise EvalConfigError(f"--names must be two different names separated by a comma, got {args.names!r}")
+    before, after = experiment.load_results(args.before), experiment.load_results(args.after)
+    tables.write_diff(before, after, names, args.diff_out)
+    print((Path(args.diff_out) / "table.md").read_text(), end="")
+    print((Path(args.diff_out) / "diff.md").read_text(), end="")
     return 0
 
 
