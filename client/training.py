@@ -35,7 +35,7 @@ from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
 from common.models import MODEL_CONFIG_FILE, write_checkpoint
-from common.settings import MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
+from common.settings import LR_SCHEDULES, MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
 from common.tasks import TaskSpec, completion_text
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,34 @@ def total_steps(config: TrainConfig, n_pairs: int) -> int:
     long one (by epochs it would get 6 at 3 epochs).
     """
     return config.steps or config.epochs * math.ceil(n_pairs / config.batch_size)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`, as a fraction of `lr`; no warmup, to 0.
+
+    `linear`: 1 - step/total. `cosine`: the official code's half-cycle
+    cosine with min_lr 0, (1 + cos(pi step/total)) / 2, per optimizer step
+    (the official `adjust_learning_rate` is called every iteration with the
+    fractional epoch). Both start at `lr` and reach 0 only after the last
+    step. The official code sets a step's rate after the step before it, so
+    its first two steps both run at `lr`; here step `step` runs at the
+    value for `step`, as the linear schedule always has.
+    """
+    if schedule == "linear":
+        return 1.0 - step / total
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    raise TrainingError(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW as every LoRA here trains: `lr`, `weight-decay`, betas (0.9, `adam-beta2`)."""
+    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`config.lr_schedule` over `total` optimizer steps (`lr_factor`), stepped once after each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config.lr_schedule, step, total))
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_length: int) -> list[tuple[list[int], int]]:
@@ -208,13 +236,14 @@ def train_sharer(
 
 
 def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: TrainConfig, progress: bool) -> TrainStats:
-    """AdamW with linear decay over `total_steps`, in reshuffled passes over the pairs (the last one cut short
-    when `train-steps` ends mid-pass), so `train-steps` = epochs x steps per epoch trains exactly as the epochs do."""
+    """AdamW with the learning rate decaying over `total_steps` (`lr_factor`) and the gradient's norm clipped to
+    `grad-clip`, in reshuffled passes over the pairs (the last one cut short when `train-steps` ends mid-pass), so
+    `train-steps` = epochs x steps per epoch trains exactly as the epochs do."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(params, config)
     steps_per_pass = math.ceil(len(encoded) / config.batch_size)
     total = total_steps(config, len(encoded))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)  # linear decay to 0
+    schedule = _schedule(optimizer, config, total)
     rng = random.Random(config.seed)
     stats = TrainStats(examples=len(encoded))
     peft_model.train()
@@ -232,7 +261,8 @@ def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: 
                     raise TrainingError(f"loss became {loss.item()} (lower the learning rate, now {config.lr})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
                 schedule.step()
                 stats.steps += 1
@@ -258,6 +288,9 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     count (or `train-steps`) fixes the number of steps, not which items a
     step sees. The accountant is stepped by the optimizer itself, once per
     noised step, so the recorded epsilon is for the steps actually taken.
+    The learning-rate schedule and betas are the non-private run's;
+    `grad-clip` is not applied (each example's gradient is clipped to
+    `dp-max-grad-norm` instead, and the noise is calibrated to that clip).
     """
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
@@ -270,13 +303,13 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     sampled = GradSampleModule(peft_model, loss_reduction="mean")
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        _optimizer(params, config),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
         expected_batch_size=plan.sample_rate * len(encoded), loss_reduction="mean", generator=generator,
     )
     accountant = RDPAccountant()
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / plan.steps)  # linear decay to 0
+    schedule = _schedule(optimizer, config, plan.steps)
     batches = iter(UniformWithReplacementSampler(num_samples=len(encoded), sample_rate=plan.sample_rate,
                                                  generator=generator, steps=plan.steps))
     stats = TrainStats(examples=len(encoded))
@@ -404,10 +437,10 @@ def adapt(
     max_pairs: int | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
-    """Task adaptation: one LoRA on the adaptation users' pairs (drawn by `adaptation_pairs`), merged into `model`
-    (in place)."""
+    """Task adaptation: one LoRA on the adaptation users' pairs (drawn by `adaptation_pairs`), trained with
+    `adapt-lr` and `adapt-grad-clip` where set, merged into `model` (in place)."""
     pairs = adaptation_pairs(task, pairs_by_user, sampling, max_pairs, config.seed)
-    adapter, stats = train_lora(model, tokenizer, pairs, config, progress=progress)
+    adapter, stats = train_lora(model, tokenizer, pairs, config.for_adaptation(), progress=progress)
     log.info("task adaptation (%s): loss %.3f -> %.3f over %d pairs", sampling, stats.first_loss, stats.final_loss,
              stats.examples)
     return merge_into(model, adapter)

@@ -49,7 +49,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora-r": 8,
         "lora-alpha": 8.0,
         "target-modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "lr": 1e-4,
+        # The sharers' LoRAs (and OPPU's) as train_anchor_PEFT.py trains them, the task LoRA as task_LoRA.py does;
+        # both AdamW betas (0.9, 0.95), half-cycle cosine to min_lr 0 per iteration (util/lr_sched.py), no warmup.
+        "lr": 2e-5,
+        "grad-clip": 1.0,
+        "adapt-lr": 1e-4,
+        "adapt-grad-clip": 0.3,
+        "lr-schedule": "cosine",
+        "adam-beta2": 0.95,
         "epochs": 3,
         "train-batch-size": 6,
         "max-length": 3000,

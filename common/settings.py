@@ -32,6 +32,8 @@ from common.tasks import DECODINGS, TIE_BREAKS, TaskOptionError, TaskSpec, check
 WEIGHT_LEVELS = ("lora", "layer")
 # Where every merge weight starts: 1/k (the plain average of the sharers) or 0 (the unmerged model, official code).
 STARTS = ("uniform", "zero")
+# How a LoRA's learning rate decays to 0 over its optimizer steps, without warmup (client.training.lr_factor).
+LR_SCHEDULES = ("linear", "cosine")
 # Rows (history item x candidate) per forward. On 2 CPU cores, Gemma 270M
 # decodes 3x faster per row at 32 than at 8 (the LM head and weights are read
 # once per step for the whole batch) and label scoring 1.4x; the KV cache and
@@ -310,7 +312,16 @@ class TrainConfig:
     r: int = setting(8, "LoRA rank", at_least(1), key="lora-r")
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
     target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers (comma-separated)", NAMES)
-    lr: float = setting(1e-3, "LoRA learning rate", POSITIVE)
+    lr: float = setting(1e-3, "LoRA learning rate (sharers, OPPU, and task adaptation unless adapt-lr)", POSITIVE)
+    adapt_lr: float = setting(0.0, "task adaptation's learning rate (0: lr); the official code trains its task LoRA "
+                                   "at 1e-4 and the sharers' at 2e-5", NON_NEGATIVE)
+    lr_schedule: str = setting("linear", "decay of the learning rate to 0 over a run's optimizer steps, no warmup: "
+                                         "linear, or cosine (half-cycle, as the official code)", one_of(*LR_SCHEDULES))
+    grad_clip: float = setting(1.0, "clip of the whole gradient's norm before each step (0: none); DP-SGD clips "
+                                    "each example instead (dp-max-grad-norm)", NON_NEGATIVE)
+    adapt_grad_clip: float = setting(0.0, "task adaptation's grad-clip (0: grad-clip)", NON_NEGATIVE)
+    adam_beta2: float = setting(0.999, "AdamW beta2 (torch's default; the official code: 0.95)",
+                                Check(lambda v: 0 < v < 1, "in (0, 1)"))
     epochs: int = setting(3, "LoRA epochs over a user's history (when steps is 0)", at_least(1))
     steps: int = setting(0, "LoRA optimizer steps, cycling through the reshuffled history (0: epochs decide); a "
                             "short history then still gets enough updates", at_least(0), key="train-steps")
@@ -322,6 +333,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         validate(self, SettingError, "training config")
+
+    def for_adaptation(self) -> TrainConfig:
+        """These settings for task adaptation: `adapt-lr` and `adapt-grad-clip` where set.
+
+        The official code trains its task LoRA with another rate and clip
+        than its sharers' LoRAs (1e-4 and 0.3 against 2e-5 and 1.0); every
+        other setting is shared.
+        """
+        return dataclasses.replace(self, lr=self.adapt_lr or self.lr, grad_clip=self.adapt_grad_clip or self.grad_clip)
 
 
 @dataclass(frozen=True)
@@ -380,13 +400,17 @@ class NodeConfig:
             raise SettingError("node config: dp-noise needs dp-clip > 0 (noise is calibrated to the clip norm)")
 
     def for_job(self, seed: int, epochs: int | None = None) -> NodeConfig:
-        """These settings for one job: trained with `seed` (the run's), for `epochs` when given (task adaptation).
+        """These settings for one job: trained with `seed` (the run's); with `epochs`, a task-adaptation job.
 
-        Given `epochs` size that job by epochs: `train-steps` is the size of one
-        user's training, not of a round over pooled adaptation pairs.
+        A task-adaptation job is sized by its `epochs` (`train-steps` is the
+        size of one user's training, not of a round over pooled adaptation
+        pairs) and trains with `adapt-lr` and `adapt-grad-clip`
+        (`TrainConfig.for_adaptation`). Every caller that trains the task
+        LoRA (the federation's adapt rounds, `prime-fl eval`) comes through here.
         """
-        train = dataclasses.replace(self.train, seed=seed, epochs=epochs or self.train.epochs,
-                                    steps=0 if epochs else self.train.steps)
+        if not epochs:
+            return dataclasses.replace(self, train=dataclasses.replace(self.train, seed=seed))
+        train = dataclasses.replace(self.train.for_adaptation(), seed=seed, epochs=epochs, steps=0)
         return dataclasses.replace(self, train=train)
 
 

@@ -37,7 +37,9 @@ from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_devi
 from common.plan import UserPlan, make_plan
 from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
-from common.settings import NodeConfig, SearchConfig, SettingError, coerce, from_flat, options, recent, to_flat
+from common.settings import (
+    NodeConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
+)
 from common.task_model import load_task_model
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
@@ -298,12 +300,20 @@ class Cell:
         return out / CELLS_DIR / f"seed{self.seed}" / self.target / f"{self.method}-{self.key}.json"
 
 
+# Training settings added after prepared inputs were first cached. At their defaults (today's training, bit for bit)
+# they stay out of the key, so inputs prepared before they existed keep theirs; any other value keys them apart.
+_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2")
+
+
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
     users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
     fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
               "adapt_epochs", "adapt_max_pairs", "adapt_sampling")
-    settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": to_flat(config.node)}
+    defaults = to_flat(TrainConfig())
+    node = {key: value for key, value in to_flat(config.node).items()
+            if key not in _KEYED_WHEN_SET or value != defaults[key]}
+    settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": node}
     device = resolve_device("auto").type if config.device == "auto" else config.device
     if device != "cpu":  # bf16 GPU answers differ; CPU keys stay as they always were
         settings["device"] = device

@@ -80,6 +80,16 @@ def test_adapt_with_user_sampling_and_a_refused_balanced_headline(data_dirs, tmp
     assert not (tmp_path / "h").exists()
 
 
+def test_adapt_trains_at_adapt_lr_with_the_optimizer_flags(data_dirs, tmp_path, capsys):
+    """`prime-fl adapt` trains a task LoRA: --adapt-lr and --adapt-grad-clip, when given, are its rate and clip."""
+    code, _, _ = _run(capsys, "adapt", "--data", str(data_dirs["rating"]), "--out", str(tmp_path / "m"), "--fraction",
+                      "0.5", "--lr", "2e-5", "--adapt-lr", "1e-4", "--adapt-grad-clip", "0.3", "--lr-schedule", "cosine",
+                      "--adam-beta2", "0.95", *TINY, *FAST)
+    config = json.loads((tmp_path / "m" / "training.json").read_text())["config"]
+    assert code == 0
+    assert (config["lr"], config["grad_clip"], config["lr_schedule"], config["adam_beta2"]) == (1e-4, 0.3, "cosine", 0.95)
+
+
 def test_train_lora_writes_a_peft_adapter_used_by_predict(data_dirs, tmp_path, capsys):
     adapter_dir = tmp_path / "lora"
     code, out, _ = _run(capsys, "train-lora", "--data", str(data_dirs["headline"]), "--user", "u002", "--out", str(adapter_dir), *TINY, *FAST)
@@ -116,6 +126,10 @@ def test_train_lora_is_deterministic(data_dirs, tmp_path, capsys):
         (["train-lora", "--user", "nobody", *TINY], "train-lora", "unknown user 'nobody'"),
         (["train-lora", "--user", "u000", "--model-spec", "gpt-17"], "train-lora", "unknown model spec"),
         (["train-lora", "--user", "u000", *TINY, "--lr", "-1"], "train-lora", "lr must be a positive number"),
+        (["train-lora", "--user", "u000", *TINY, "--lr-schedule", "step"], "train-lora",
+         "lr-schedule must be one of linear, cosine"),
+        (["adapt", *TINY, "--adapt-lr", "-1"], "adapt", "adapt-lr must be a finite number >= 0"),
+        (["adapt", *TINY, "--grad-clip", "-1"], "adapt", "grad-clip must be a finite number >= 0"),
         (["adapt", *TINY, "--fraction", "0"], "adapt", "--fraction must be in (0, 1]"),
         (["adapt", *TINY, "--max-pairs", "0"], "adapt", "--max-pairs"),
         (["adapt", *TINY, "--epochs", "0"], "adapt", "epochs must be >= 1"),

@@ -90,6 +90,20 @@ def test_train_steps_are_the_steps_the_accountant_is_charged_for(monkeypatch, st
     assert targeted[1].noise_multiplier > targeted[0].noise_multiplier
 
 
+def test_dp_sgd_follows_the_lr_schedule_and_betas_and_clips_per_example_only(monkeypatch):
+    """The schedule and beta2 are the run's; grad-clip is not applied on top of DP-SGD's per-example clip."""
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        steps.append((self.param_groups[0]["lr"], self.param_groups[0]["betas"])), real_step(self, *a, **k))[1])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("grad-clip applied under DP-SGD"))
+    config = TrainConfig(r=2, lora_alpha=4, lr=2e-2, steps=5, batch_size=4, lr_schedule="cosine", grad_clip=0.01,
+                         adam_beta2=0.95)
+    train_lora(*tiny_model(seed=1), PAIRS, config, progress=False, dp_sgd=DpSgdConfig(enabled=True, noise_multiplier=0.8))
+    assert [lr for lr, _ in steps] == pytest.approx([2e-2 * (1 + math.cos(math.pi * g / 5)) / 2 for g in range(5)])
+    assert {betas for _, betas in steps} == {(0.9, 0.95)}
+
+
 def test_a_target_epsilon_is_met_from_below():
     model, tok = tiny_model(seed=1)
     _, stats = train_lora(model, tok, PAIRS, CONFIG, progress=False,

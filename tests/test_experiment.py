@@ -125,14 +125,42 @@ def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
     assert "copied sharer quirks" in (tmp_path / "table.md").read_text()
 
 
-@pytest.mark.parametrize("over", [{"adapt_sampling": "balanced"}, {"adapt_sampling": "user"}, {"train_steps": 12}])
+@pytest.mark.parametrize("over", [{"adapt_sampling": "balanced"}, {"adapt_sampling": "user"}, {"train_steps": 12},
+                                  {"lr": 2e-5}, {"adapt_lr": 1e-4}, {"lr_schedule": "cosine"}, {"grad_clip": 0.5},
+                                  {"grad_clip": 0}, {"adapt_grad_clip": 0.3}, {"adam_beta2": 0.95}])
 def test_adaptation_sampling_and_train_steps_are_prepared_inputs(tmp_path, over):
-    """Another sampling or step count trains other adapters: other prepared inputs, read back from config.json."""
+    """Another sampling, step count or optimizer setting trains other adapters: other prepared inputs, read back from
+    config.json."""
     plain = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path)})
     changed = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), **over})
     dataset = experiment.load_dataset(plain)
     assert experiment.prepare_key(plain, dataset) != experiment.prepare_key(changed, dataset)
     assert EvalConfig.from_mapping(changed.to_dict()) == changed
+
+
+def test_inputs_prepared_before_the_optimizer_settings_existed_keep_their_key(tmp_path, monkeypatch):
+    """At their defaults adapt-lr, lr-schedule, grad-clip, adapt-grad-clip and adam-beta2 train as before they
+    existed, so a run's cached sharers and cells stay valid (b4024324bf90: this config's key at the commit before)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dataset = experiment.load_dataset(_config(tmp_path))
+    spelled = {"lr_schedule": "linear", "grad_clip": 1.0, "adapt_lr": 0.0, "adapt_grad_clip": 0.0, "adam_beta2": 0.999}
+    assert experiment.prepare_key(_config(tmp_path), dataset) == "b4024324bf90"
+    assert experiment.prepare_key(_config(tmp_path, **spelled), dataset) == "b4024324bf90"
+
+
+def test_eval_adapts_the_task_lora_at_adapt_lr_and_trains_the_sharers_at_lr(tmp_path, monkeypatch):
+    import client.training as training
+
+    trained = []
+    real = training.train_lora
+
+    def recording(model, tokenizer, pairs, config, *args, **kwargs):
+        trained.append((config.lr, config.grad_clip))
+        return real(model, tokenizer, pairs, config, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_lora", recording)
+    run_grid(_config(tmp_path, methods="np", lr=0.01, adapt_lr=0.05, adapt_grad_clip=0.3), progress=False)
+    assert trained == [(0.05, 0.3)] + [(0.01, 1.0)] * 4  # the task LoRA first, then the 4 sharers
 
 
 def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypatch):

@@ -136,6 +136,30 @@ def test_pyproject_run_config_matches_the_config_defaults():
     assert project["tool"]["flwr"]["app"]["config"] == FederationConfig().to_run_config()
 
 
+def test_adapt_rounds_train_at_adapt_lr_and_sharers_at_lr(tmp_path, monkeypatch):
+    """What the nodes train with (in process, no Flower runtime): the adapt requests carry adapt-lr and
+    adapt-grad-clip, the share requests lr and grad-clip."""
+    import client.app
+    import client.training
+    from inprocess_grid import InProcessGrid, tiny_config
+    from server.coordinator import Coordinator
+
+    trained = []
+    real = client.training.train_lora
+
+    def recording(model, tokenizer, pairs, config, *args, **kwargs):
+        trained.append((config.lr, config.grad_clip))
+        return real(model, tokenizer, pairs, config, *args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_lora", recording)  # the adapt handler's
+    monkeypatch.setattr(client.training, "train_lora", recording)  # train_sharer's
+    config = tiny_config(str(tmp_path / "run"), lr=0.01, adapt_lr=0.05, adapt_grad_clip=0.3)
+    Coordinator(grid=InProcessGrid(client.app.app, 10), config=config, registry_key=b"k" * 32).run()
+    plan = json.loads((tmp_path / "run" / "report.json").read_text())["plan"]
+    assert plan["adaptation"] and plan["sharers"]
+    assert sorted(trained) == [(0.01, 1.0)] * len(plan["sharers"]) + [(0.05, 0.3)] * len(plan["adaptation"])
+
+
 @pytest.mark.slow
 def test_real_deployment_runs_the_protocol_with_tls_and_node_auth(tmp_path):
     """The project's own apps through flower-superlink + 10 flower-supernodes (minutes: slow-marked)."""

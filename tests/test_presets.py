@@ -38,8 +38,13 @@ def test_paper_resolves_to_the_documented_values_in_the_run_config():
             assert flat[key] == _run_config_value(value), key
     assert (config.search.budget, config.search.start, config.node.max_history) == (100, "zero", 50)
     train = config.node.train
-    assert (train.r, train.lora_alpha, train.lr) == (8, 8.0, 1e-4)
+    assert (train.r, train.lora_alpha, train.lr) == (8, 8.0, 2e-5)
     assert train.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    # The sharers' LoRAs as train_anchor_PEFT.py trains them, the task LoRA as task_LoRA.py: cosine, betas (0.9, 0.95).
+    assert (train.lr_schedule, train.adam_beta2, train.grad_clip) == ("cosine", 0.95, 1.0)
+    sharer, task = config.node_config().train, config.node_config(config.adapt_epochs).train
+    assert (sharer.lr, sharer.grad_clip, task.lr, task.grad_clip) == (2e-5, 1.0, 1e-4, 0.3)
+    assert task.lr_schedule == "cosine" and task.adam_beta2 == 0.95
 
 
 def test_paper_resolves_to_the_documented_values_in_eval():

@@ -14,6 +14,7 @@ from client.training import (
     adapt,
     adaptation_pairs,
     encode_pairs,
+    lr_factor,
     merge_into,
     save_model,
     total_steps,
@@ -21,6 +22,7 @@ from client.training import (
     train_round,
 )
 from common.atomic import OutputError
+from common.federation import ConfigError, FederationConfig
 from common.errors import PrimeError
 from common.inference import encode_example, predict_labels, score_labels
 from common.models import ModelSpecError, load_base, tiny_model
@@ -247,11 +249,114 @@ def test_a_job_sized_by_epochs_drops_train_steps():
 
 @pytest.mark.parametrize(
     "changes",
-    [{"steps": -1}, {"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": float("nan")}, {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}],
+    [{"steps": -1}, {"r": 0}, {"lora_alpha": 0}, {"target_modules": ()}, {"lr": 0.0}, {"lr": -1e-4}, {"lr": float("nan")},
+     {"epochs": 0}, {"batch_size": 0}, {"max_length": 4}, {"weight_decay": -1}, {"adapt_lr": -1e-4},
+     {"lr_schedule": "step"}, {"grad_clip": -1.0}, {"adapt_grad_clip": -0.3}, {"adam_beta2": 1.0}, {"adam_beta2": 0.0}],
 )
 def test_config_validation(changes):
     with pytest.raises(SettingError, match="training config"):
         TrainConfig(**changes)
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("lr", -1e-4, "lr must be a positive number"),
+    ("adapt-lr", -1e-4, "adapt-lr must be a finite number >= 0"),
+    ("lr-schedule", "step", "lr-schedule must be one of linear, cosine"),
+    ("grad-clip", -1.0, "grad-clip must be a finite number >= 0"),
+    ("adapt-grad-clip", -0.3, "adapt-grad-clip must be a finite number >= 0"),
+    ("adam-beta2", 1.5, r"adam-beta2 must be in \(0, 1\)"),
+])
+def test_bad_optimizer_settings_are_refused_with_their_key(key, value, says):
+    with pytest.raises(ConfigError, match=says):
+        FederationConfig.from_run_config({key: value})
+
+
+@pytest.fixture
+def optimizer_record(monkeypatch):
+    """What each AdamW step really ran with: its learning rate, the norm of the gradient it applied, its betas."""
+    record: list[tuple[float, float, tuple[float, float]]] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        group = self.param_groups[0]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        record.append((group["lr"], norm, group["betas"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return record
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [0, 7])
+def test_each_step_runs_at_the_schedules_closed_form(optimizer_record, schedule, steps):
+    """16 pairs at batch 8 for 3 epochs (6 steps), or 7 steps: step g of T runs at lr (1 - g/T) or
+    lr (1 + cos(pi g/T)) / 2, per optimizer step, no warmup."""
+    config = TrainConfig(r=2, lora_alpha=4, lr=1e-2, epochs=3, steps=steps, batch_size=8, lr_schedule=schedule)
+    train_lora(*tiny_model(seed=1), HISTORY, config, progress=False)
+    total = total_steps(config, len(HISTORY))
+    closed = {"linear": lambda g: 1 - g / total, "cosine": lambda g: (1 + math.cos(math.pi * g / total)) / 2}[schedule]
+    assert [lr for lr, _, _ in optimizer_record] == pytest.approx([1e-2 * closed(g) for g in range(total)], rel=1e-12)
+    assert [lr_factor(schedule, g, total) for g in range(total)] == pytest.approx([closed(g) for g in range(total)])
+
+
+def test_cosine_starts_at_lr_halves_midway_and_ends_above_zero():
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert 0 < lr_factor("cosine", 9, 10) < lr_factor("linear", 9, 10)  # the cosine's tail is the lower one
+    with pytest.raises(TrainingError, match="lr-schedule must be one of linear, cosine"):
+        lr_factor("step", 0, 10)
+
+
+def test_grad_clip_bounds_the_norm_of_every_applied_gradient(optimizer_record):
+    base = dict(r=2, lora_alpha=4, lr=1e-2, epochs=2, batch_size=4)
+    train_lora(*tiny_model(seed=1), HISTORY, TrainConfig(**base, grad_clip=0.0), progress=False)
+    unclipped = [norm for _, norm, _ in optimizer_record]
+    optimizer_record.clear()
+    clip = min(unclipped) / 2  # below every gradient the unclipped run met, so every step is clipped
+    train_lora(*tiny_model(seed=1), HISTORY, TrainConfig(**base, grad_clip=clip), progress=False)
+    clipped = [norm for _, norm, _ in optimizer_record]
+    assert len(clipped) == len(unclipped) == 8
+    assert all(norm <= clip * (1 + 1e-5) for norm in clipped) and max(clipped) == pytest.approx(clip, rel=1e-4)
+
+
+def test_adam_beta2_reaches_the_optimizer_and_defaults_to_torchs(optimizer_record):
+    assert torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults["betas"] == (0.9, TrainConfig().adam_beta2)
+    train_lora(*tiny_model(seed=1), PAIRS, TrainConfig(r=2, lora_alpha=4, epochs=1, adam_beta2=0.95), progress=False)
+    assert {betas for _, _, betas in optimizer_record} == {(0.9, 0.95)}
+
+
+def test_the_defaults_train_todays_adapter_and_each_new_setting_changes_it():
+    """Defaults = linear decay, the fixed 1.0 clip and torch's betas that every LoRA was trained with before these
+    settings existed: spelled out, they give the same tensors; each other value gives others."""
+    base = dict(r=2, lora_alpha=4, lr=2e-2, epochs=2, batch_size=5, seed=3)
+    implicit, _ = train_lora(*tiny_model(seed=1), HISTORY, TrainConfig(**base), progress=False)
+    spelled = TrainConfig(**base, lr_schedule="linear", grad_clip=1.0, adam_beta2=0.999, adapt_lr=0.0, adapt_grad_clip=0.0)
+    for config in (spelled, spelled.for_adaptation()):
+        explicit, _ = train_lora(*tiny_model(seed=1), HISTORY, config, progress=False)
+        assert all(torch.equal(implicit.tensors[k], explicit.tensors[k]) for k in implicit.tensors)
+    for change in ({"lr_schedule": "cosine"}, {"adam_beta2": 0.95}, {"grad_clip": 0.01}):
+        other, _ = train_lora(*tiny_model(seed=1), HISTORY, TrainConfig(**base, **change), progress=False)
+        assert not all(torch.equal(implicit.tensors[k], other.tensors[k]) for k in implicit.tensors), change
+
+
+def test_task_adaptation_jobs_take_adapt_lr_and_adapt_grad_clip_and_sharers_do_not():
+    node = NodeConfig(train=TrainConfig(lr=2e-5, adapt_lr=1e-4, grad_clip=1.0, adapt_grad_clip=0.3))
+    adapting, sharing = node.for_job(seed=4, epochs=2).train, node.for_job(seed=4).train
+    assert (adapting.lr, adapting.grad_clip) == (1e-4, 0.3)
+    assert (sharing.lr, sharing.grad_clip) == (2e-5, 1.0)
+    unset = NodeConfig(train=TrainConfig(lr=2e-5, grad_clip=0.5)).for_job(seed=4, epochs=2).train
+    assert (unset.lr, unset.grad_clip) == (2e-5, 0.5)  # 0: the same as lr and grad-clip
+    # The federation's adapt rounds send node_config(adapt-epochs), its share requests node_config().
+    run = FederationConfig.from_run_config({"lr": 2e-5, "adapt-lr": 1e-4, "adapt-grad-clip": 0.3})
+    assert (run.node_config(run.adapt_epochs).train.lr, run.node_config(run.adapt_epochs).train.grad_clip) == (1e-4, 0.3)
+    assert (run.node_config().train.lr, run.node_config().train.grad_clip) == (2e-5, 1.0)
+
+
+def test_adapt_trains_at_adapt_lr(optimizer_record):
+    config = TrainConfig(r=2, lora_alpha=4, lr=1e-3, adapt_lr=5e-3, epochs=1, batch_size=4)
+    adapt(*tiny_model(seed=1), get_task("LaMP_3"), {"u1": PAIRS}, config, progress=False)
+    assert optimizer_record[0][0] == 5e-3
 
 
 @pytest.mark.parametrize("pairs", [[], [("prompt", "  ")], [("prompt",)], [("prompt", 3)]])

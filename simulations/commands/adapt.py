@@ -51,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
              "often; label tasks) or user (each user equally often); default %(default)s",
     )
     add_model_options(parser)
-    add_training_args(parser, TrainConfig())
+    add_training_args(parser, TrainConfig(), adaptation=True)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_adapt)
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    config = train_config(args)
+    config = train_config(args, adaptation=True)
     if args.max_pairs is not None and args.max_pairs < 1:
         raise PrimeError(f"--max-pairs must be at least 1, got {args.max_pairs}")
     out = check_replaceable(args.out, MODEL_CONFIG_FILE)

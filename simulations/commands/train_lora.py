@@ -15,11 +15,12 @@ from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
 from common.settings import DpSgdConfig, from_flat, to_flat
 from simulations.model_options import add_model_options, load_model
-from simulations.options import add_setting_options, setting_values
+from simulations.options import add_setting_option, add_setting_options, setting_values
 
 
-def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """LoRA and optimiser knobs (defaults from `TrainConfig`)."""
+def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig, *, adaptation: bool = False) -> None:
+    """LoRA and optimiser knobs (defaults from `TrainConfig`); `adaptation` adds task adaptation's own rate and clip
+    (`--adapt-lr`, `--adapt-grad-clip`), which `train_config(args, adaptation=True)` applies."""
     group = parser.add_argument_group("training")
     group.add_argument("--r", type=int, default=defaults.r, help="LoRA rank (default %(default)s)")
     group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (default %(default)s)")
@@ -27,6 +28,10 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) ->
         "--target-modules", nargs="+", default=list(defaults.target_modules), help="LoRA'd linear layers (default %(default)s)"
     )
     group.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default %(default)s)")
+    for name in ("adapt_lr", "adapt_grad_clip") if adaptation else ():
+        add_setting_option(group, defaults, name)
+    for name in ("lr_schedule", "grad_clip", "adam_beta2"):
+        add_setting_option(group, defaults, name)
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the pairs (default %(default)s)")
     group.add_argument("--train-steps", type=int, default=defaults.steps,
                        help="optimizer steps instead, cycling through the reshuffled pairs (0: --epochs decide; "
@@ -36,18 +41,24 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig) ->
     group.add_argument("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
+def train_config(args: argparse.Namespace, *, adaptation: bool = False) -> TrainConfig:
+    """The `TrainConfig` of the flags; `adaptation`: as task adaptation trains (`TrainConfig.for_adaptation`)."""
+    config = TrainConfig(
         r=args.r,
         lora_alpha=args.lora_alpha,
         target_modules=tuple(args.target_modules),
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        grad_clip=args.grad_clip,
+        adam_beta2=args.adam_beta2,
         epochs=args.epochs,
         steps=args.train_steps,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        **({"adapt_lr": args.adapt_lr, "adapt_grad_clip": args.adapt_grad_clip} if adaptation else {}),
     )
+    return config.for_adaptation() if adaptation else config
 
 
 def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
