@@ -32,6 +32,8 @@ from common.tasks import DECODINGS, TIE_BREAKS, TaskOptionError, TaskSpec, check
 WEIGHT_LEVELS = ("lora", "layer")
 # Where every merge weight starts: 1/k (the plain average of the sharers) or 0 (the unmerged model, official code).
 STARTS = ("uniform", "zero")
+# What a released merge must reach besides beating the unmerged model's objective (server.search.admissible).
+UTILITY_FLOORS = ("none", "unmerged")
 # How a LoRA's learning rate decays to 0 over its optimizer steps, without warmup (client.training.lr_factor).
 LR_SCHEDULES = ("linear", "cosine")
 # Rows (history item x candidate) per forward. On 2 CPU cores, Gemma 270M
@@ -262,6 +264,10 @@ class SearchConfig:
                                      "expectation under the model's label probabilities, so candidates of equal "
                                      "metric are still ordered (refused on generation histories)", one_of(*TIE_BREAKS),
                              sweep="tie-breaks")
+    utility_floor: str = setting("none", "none (release the best objective if it beats the unmerged model's, as "
+                                         "the paper), or unmerged: also never release a merge whose utility on the "
+                                         "history is below the unmerged model's (that merge is worse and leaks more)",
+                                 one_of(*UTILITY_FLOORS), sweep="utility-floors")
     merge: str = setting(DEFAULT_MERGE, "exact (sum of the weighted updates, paper Eq. 2) or elementwise (weighted sums "
                                         "of A and of B, as the official code)", one_of(*MERGES))
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,

@@ -28,7 +28,7 @@ from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
 from server.fitness import FitnessEvaluator, FitnessParts
 from server.release import kept_energy, release
-from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, make_optimizer, run_search, start_value
+from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, admissible, make_optimizer, run_search, start_value
 from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
@@ -175,7 +175,7 @@ def personalize(
         adapter = release(merged, config.release_rank)
         weights = shaped.tolist()
         if config.release_rank > 0:
-            extra["release"] = _rank_limited(evaluator, found, adapter, kept_energy(merged, adapter))
+            extra["release"] = _rank_limited(evaluator, found, adapter, kept_energy(merged, adapter), config.utility_floor)
             if extra["release"]["fallback"]:  # as run_search reports a fallback: the unmerged model's parts
                 adapter, weights, found.fallback, found.best_parts = None, None, True, found.unmerged_parts
     t4 = time.perf_counter()
@@ -209,20 +209,23 @@ def sharer_divergence(sharer_preds: Sequence[Sequence[str]], unmerged_preds: Seq
     return [float(np.mean([a != b for a, b in zip(preds, unmerged_preds, strict=True)])) for preds in sharer_preds]
 
 
-def _rank_limited(evaluator: FitnessEvaluator, found: SearchResult, adapter: LoraAdapter, energy: float) -> dict[str, object]:
+def _rank_limited(evaluator: FitnessEvaluator, found: SearchResult, adapter: LoraAdapter, energy: float,
+                  utility_floor: str) -> dict[str, object]:
     """What the rank-limited release handed out, for the report.
 
     When the search scored the whole merges (`score-release = false`), the
     truncated winner is scored once more, and the target falls back to the
-    unmerged model if that released form no longer beats it: the fallback
-    promise is about what the target receives.
+    unmerged model if that released form no longer beats it (nor, with
+    `utility-floor`, is as useful): the fallback promise is about what the
+    target receives.
     """
     record: dict[str, object] = {"rank": adapter.r, "kept_energy": energy,
                                  "scored": "released" if evaluator.score_release else "merge", "fallback": False}
     if not evaluator.score_release:
         released = evaluator.evaluate(found.best_weights[None], truncate=True)[0]
         record["released"] = released.to_dict()
-        record["fallback"] = not released.objective > found.unmerged_parts.objective
+        record["fallback"] = not (released.objective > found.unmerged_parts.objective
+                                  and admissible(released, found.unmerged_parts, utility_floor))
     return record
 
 

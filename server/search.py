@@ -11,6 +11,7 @@ beats it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -217,6 +218,23 @@ def _parts_dict(parts: object) -> dict[str, object]:
     return parts.to_dict() if hasattr(parts, "to_dict") else dataclasses.asdict(parts)
 
 
+def admissible(parts: object, unmerged_parts: object, utility_floor: str) -> bool:
+    """Whether a candidate may be released under `utility-floor`.
+
+    Eq. 7 charges the unmerged model for its similarity to the sharers too,
+    though it holds nothing of theirs: on generation histories that similarity
+    is large (same base model, same style), the unmerged objective sinks, and a
+    merge that answers the empty string (utility 0, similarity 0) beats it.
+    `unmerged` refuses any merge less useful on the history than the unmerged
+    model: such a merge is worse on both counts. A non-finite unmerged utility
+    (LoraHub's "no fallback") sets no floor.
+    """
+    if utility_floor == "none":
+        return True
+    floor = unmerged_parts.utility
+    return not math.isfinite(floor) or parts.utility >= floor
+
+
 def run_search(
     evaluate: Objective,
     unmerged_parts: object,
@@ -241,11 +259,18 @@ def run_search(
     `evaluate` maps a population [P, dim] to one object per row with
     `utility`, `privacy`, `objective` attributes (server.fitness.FitnessParts).
     Falls back to the unmerged model when no candidate's objective beats
-    `unmerged_parts.objective`.
+    `unmerged_parts.objective`. With `utility-floor` `unmerged` only
+    candidates at least as useful as the unmerged model count (`admissible`);
+    the optimizer is still told the plain objectives (the search is the
+    paper's), and `searched_*` keep the best candidate of all. The
+    trajectory's `best_so_far` is the best admissible objective so far, or the
+    unmerged model's while there is none.
     """
     search = optimizer.config.search
-    best_w: np.ndarray | None = None
+    best_w: np.ndarray | None = None  # best admissible candidate
     best_parts = None
+    seen_w: np.ndarray | None = None  # best candidate of all
+    seen_parts = None
     trajectory: list[dict] = []
     evaluations = 0
     bar = tqdm(total=search.budget, desc="search", unit="eval", disable=not progress)
@@ -260,8 +285,14 @@ def run_search(
         if size == search.popsize:
             optimizer.tell(objectives)
         i = int(np.argmax(objectives))
-        if best_parts is None or parts[i].objective > best_parts.objective:
-            best_w, best_parts = population[i].copy(), parts[i]
+        if seen_parts is None or parts[i].objective > seen_parts.objective:
+            seen_w, seen_parts = population[i].copy(), parts[i]
+        allowed = [j for j, p in enumerate(parts) if admissible(p, unmerged_parts, search.utility_floor)]
+        if allowed:
+            j = max(allowed, key=objectives.__getitem__)
+            if best_parts is None or parts[j].objective > best_parts.objective:
+                best_w, best_parts = population[j].copy(), parts[j]
+        so_far = unmerged_parts.objective if best_parts is None else best_parts.objective
         trajectory.append(
             {
                 "generation": gen,
@@ -273,13 +304,13 @@ def run_search(
                 "best_privacy": float(parts[i].privacy),
                 "mean_privacy": float(np.mean([p.privacy for p in parts])),
                 "best_weights": population[i].tolist(),
-                "best_so_far": float(best_parts.objective),
+                "best_so_far": float(so_far),
             }
         )
         bar.update(len(parts))
-        bar.set_postfix(best=f"{best_parts.objective:.4f}")
+        bar.set_postfix(best=f"{so_far:.4f}")
         if on_generation is not None:
-            on_generation(evaluations, float(best_parts.objective))
+            on_generation(evaluations, float(so_far))
     bar.close()
     fallback = best_parts is None or not best_parts.objective > unmerged_parts.objective
     return SearchResult(
@@ -287,8 +318,8 @@ def run_search(
         best_parts=unmerged_parts if fallback else best_parts,
         unmerged_parts=unmerged_parts,
         fallback=fallback,
-        searched_weights=best_w,
-        searched_parts=best_parts,
+        searched_weights=seen_w,
+        searched_parts=seen_parts,
         trajectory=trajectory,
         evaluations=evaluations,
     )

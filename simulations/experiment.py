@@ -276,6 +276,12 @@ def _read_toml(path: Path, raw: bytes) -> Any:
 # ------------------------------------------------------------------ the grid
 
 
+# Search settings added after cells were first cached, with the value that reproduces the cells computed before
+# they existed: at that value they stay out of a cell's key, so those cells keep theirs.
+_CELL_KEYED_WHEN_SET = {"utility_floor": "none"}
+_UNSET = object()
+
+
 @dataclass(frozen=True)
 class Cell:
     """One (method, params, seed, target) to compute; `key` ties it to the prepared inputs it used."""
@@ -290,7 +296,8 @@ class Cell:
 
     @property
     def key(self) -> str:
-        fields = [self.prepare_key, self.method, list(self.params), self.seed, self.target, self.privacy_metric]
+        params = [(name, value) for name, value in self.params if _CELL_KEYED_WHEN_SET.get(name, _UNSET) != value]
+        fields = [self.prepare_key, self.method, params, self.seed, self.target, self.privacy_metric]
         if self.decoding != "argmax":  # cells computed before the setting existed keep their keys
             fields.append(self.decoding)
         text = json.dumps(fields, sort_keys=True)

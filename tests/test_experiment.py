@@ -175,6 +175,21 @@ def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypat
         EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": "fp16"})
 
 
+def test_utility_floor_is_an_axis_and_its_default_keeps_the_cells_computed_before_it_existed(tmp_path):
+    """`--utility-floors none,unmerged`: one PriME column each; the `none` cells keep the key they had before the
+    setting existed (so cached runs are not recomputed), `unmerged` cells are keyed apart and labelled."""
+    from simulations.experiment import Cell
+    from simulations.methods import METHODS
+
+    config = _config(tmp_path, methods="prime", alphas="1", utility_floors="none,unmerged")
+    grid = METHODS["prime"].grid(config)
+    assert [params["utility_floor"] for params in grid] == ["none", "unmerged"]
+    assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1", "PriME α=1 floor=unmerged"]
+    cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
+    before = Cell("prime", tuple(sorted((k, v) for k, v in grid[0].items() if k != "utility_floor")), 0, "u1", "abc")
+    assert cells[0].key == before.key != cells[1].key
+
+
 def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):
     """The realistic rating variant through the whole grid (balanced adaptation, step-sized sharers): every PriME
     cell stores how far each chosen sharer moves the target's history answers, and the table shows it."""

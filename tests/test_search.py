@@ -124,3 +124,49 @@ def test_unknown_optimizer():
 def test_objective_length_mismatch_is_an_error():
     with pytest.raises(RuntimeError, match="scores"):
         run_search(lambda pop: toy(pop)[:1], UNMERGED, make_optimizer("cma", OptimizerConfig(3, 0.0)), progress=False)
+
+
+def _privacy_heavy(population: np.ndarray) -> list[Parts]:
+    """Eq. 7's trap in miniature: the privacy term pulls every weight to 0, where utility is poor."""
+    out = []
+    for x in population:
+        u = -float(((x - TARGET) ** 2).sum())
+        p = 4.0 * float(np.abs(x).mean())
+        out.append(Parts(u, p, u - p))
+    return out
+
+
+def test_utility_floor_releases_no_merge_less_useful_than_the_unmerged_model():
+    unmerged = Parts(-0.3, 3.0, -3.3)  # useful, but its (meaningless) similarity to the sharers sinks its objective
+
+    def run(floor):
+        opt = make_optimizer("cma", OptimizerConfig(3, 0.0, SearchConfig(budget=60, popsize=6, seed=0, utility_floor=floor)))
+        return run_search(_privacy_heavy, unmerged, opt, progress=False)
+
+    plain, floored = run("none"), run("unmerged")
+    # Without the floor the winner beats the unmerged objective while being less useful than no merge at all.
+    assert not plain.fallback and plain.best_parts.utility < unmerged.utility
+    # The floor changes what is released, not what the optimizer asks: same candidates, same record of them.
+    assert [g["best_weights"] for g in plain.trajectory] == [g["best_weights"] for g in floored.trajectory]
+    assert floored.searched_parts == plain.searched_parts
+    if floored.fallback:
+        assert floored.best_parts == unmerged and floored.best_weights is None
+    else:
+        assert floored.best_parts.utility >= unmerged.utility
+        assert floored.best_parts.objective > unmerged.objective
+        assert _privacy_heavy(floored.best_weights[None])[0] == floored.best_parts
+    assert floored.best_parts.objective <= plain.best_parts.objective
+
+
+def test_utility_floor_falls_back_when_no_candidate_is_as_useful_as_the_unmerged_model():
+    unmerged = Parts(0.5, 3.0, -2.5)  # utility above anything the toy reaches (its maximum is 0)
+    opt = make_optimizer("cma", OptimizerConfig(3, 0.0, SearchConfig(budget=12, seed=0, utility_floor="unmerged")))
+    result = run_search(_privacy_heavy, unmerged, opt, progress=False)
+    assert result.fallback and result.best_parts == unmerged and result.best_weights is None
+    assert result.searched_parts.objective > unmerged.objective  # what the floor refused, kept for the record
+    assert all(g["best_so_far"] == unmerged.objective for g in result.trajectory)
+
+
+def test_utility_floor_is_validated():
+    with pytest.raises(Exception, match="utility-floor"):
+        SearchConfig(utility_floor="gold")
