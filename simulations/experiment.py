@@ -530,6 +530,14 @@ def read_cell(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
+    """A cached record with the params its cell has now: one cached before a setting existed (`_CELL_KEYED_WHEN_SET`,
+    same key) lacks it, and tables and plots would tell it apart from cells computed at that setting's value."""
+    if record is None or not isinstance(record.get("params"), dict):
+        return record
+    return record | {"params": dict(cell.params) | record["params"]}
+
+
 @dataclass
 class GridReport:
     """All cells' records in grid order, and how many were computed now vs read from the cache."""
@@ -585,7 +593,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
     except SettingError as err:
         raise EvalConfigError(str(err)) from None
     cells = plan_cells(config, prepared.plans, prepared.key)
-    records: list[dict[str, Any] | None] = [read_cell(c.path(out)) for c in cells]
+    records: list[dict[str, Any] | None] = [_cached(read_cell(c.path(out)), c) for c in cells]
     reused = sum(r is not None for r in records)
     computed = 0
     bar = tqdm(total=len(cells), initial=reused, desc="eval cells", unit="cell", disable=not progress)

@@ -190,6 +190,19 @@ def test_utility_floor_is_an_axis_and_its_default_keeps_the_cells_computed_befor
     assert cells[0].key == before.key != cells[1].key
 
 
+def test_a_cell_cached_before_a_setting_existed_is_read_with_that_setting_s_value(tmp_path):
+    """Same key, so the cached record is reused; its params gain the setting, so tables and plots group it right."""
+    config = _config(tmp_path, methods="prime", alphas="0", ks="2")
+    run_grid(config, progress=False, outputs=False)
+    for cached in (tmp_path / "cells").rglob("prime-*.json"):
+        record = json.loads(cached.read_text())
+        del record["params"]["utility_floor"]  # as a cell written before the setting existed
+        cached.write_text(json.dumps(record))
+    report = run_grid(config, progress=False, outputs=False)
+    assert report.computed == 0 and report.reused == 2
+    assert all(r["params"]["utility_floor"] == "none" for r in report.records)
+
+
 def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):
     """The realistic rating variant through the whole grid (balanced adaptation, step-sized sharers): every PriME
     cell stores how far each chosen sharer moves the target's history answers, and the table shows it."""
