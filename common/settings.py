@@ -264,9 +264,9 @@ class SearchConfig:
                                      "expectation under the model's label probabilities, so candidates of equal "
                                      "metric are still ordered (refused on generation histories)", one_of(*TIE_BREAKS),
                              sweep="tie-breaks")
-    utility_floor: str = setting("none", "none (release the best objective if it beats the unmerged model's, as "
-                                         "the paper), or unmerged: also never release a merge whose utility on the "
-                                         "history is below the unmerged model's (that merge is worse and leaks more)",
+    utility_floor: str = setting("unmerged", "unmerged: never release a merge whose utility on the history is below "
+                                             "the unmerged model's (that merge is worse and leaks more), or none: "
+                                             "release the best objective if it beats the unmerged model's (the paper)",
                                  one_of(*UTILITY_FLOORS), sweep="utility-floors")
     merge: str = setting(DEFAULT_MERGE, "exact (sum of the weighted updates, paper Eq. 2) or elementwise (weighted sums "
                                         "of A and of B, as the official code)", one_of(*MERGES))

@@ -531,11 +531,17 @@ def read_cell(path: Path) -> dict[str, Any] | None:
 
 
 def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
-    """A cached record with the params its cell has now: one cached before a setting existed (`_CELL_KEYED_WHEN_SET`,
-    same key) lacks it, and tables and plots would tell it apart from cells computed at that setting's value."""
+    """A cached record with the params and label its cell has now.
+
+    A cell cached before a setting existed (`_CELL_KEYED_WHEN_SET`, same key)
+    lacks the setting, and its label was made when the setting had no name;
+    once the setting's default differs from the old behaviour, that label
+    would put the cell in the default's column.
+    """
     if record is None or not isinstance(record.get("params"), dict):
         return record
-    return record | {"params": dict(cell.params) | record["params"]}
+    params = dict(cell.params) | record["params"]
+    return record | {"params": params, "label": get_method(cell.method).label(params)}
 
 
 @dataclass

@@ -175,16 +175,16 @@ def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypat
         EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": "fp16"})
 
 
-def test_utility_floor_is_an_axis_and_its_default_keeps_the_cells_computed_before_it_existed(tmp_path):
+def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--utility-floors none,unmerged`: one PriME column each; the `none` cells keep the key they had before the
-    setting existed (so cached runs are not recomputed), `unmerged` cells are keyed apart and labelled."""
+    setting existed (so cached runs are not recomputed) and are labelled apart from the default `unmerged`."""
     from simulations.experiment import Cell
     from simulations.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", utility_floors="none,unmerged")
     grid = METHODS["prime"].grid(config)
     assert [params["utility_floor"] for params in grid] == ["none", "unmerged"]
-    assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1", "PriME α=1 floor=unmerged"]
+    assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1 floor=none", "PriME α=1"]
     cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
     before = Cell("prime", tuple(sorted((k, v) for k, v in grid[0].items() if k != "utility_floor")), 0, "u1", "abc")
     assert cells[0].key == before.key != cells[1].key
@@ -192,15 +192,17 @@ def test_utility_floor_is_an_axis_and_its_default_keeps_the_cells_computed_befor
 
 def test_a_cell_cached_before_a_setting_existed_is_read_with_that_setting_s_value(tmp_path):
     """Same key, so the cached record is reused; its params gain the setting, so tables and plots group it right."""
-    config = _config(tmp_path, methods="prime", alphas="0", ks="2")
+    config = _config(tmp_path, methods="prime", alphas="0", ks="2", utility_floors="none")
     run_grid(config, progress=False, outputs=False)
     for cached in (tmp_path / "cells").rglob("prime-*.json"):
         record = json.loads(cached.read_text())
         del record["params"]["utility_floor"]  # as a cell written before the setting existed
+        record["label"] = "PriME α=0 k=2"  # its label then: the default's label today
         cached.write_text(json.dumps(record))
     report = run_grid(config, progress=False, outputs=False)
     assert report.computed == 0 and report.reused == 2
     assert all(r["params"]["utility_floor"] == "none" for r in report.records)
+    assert all(r["label"] == "PriME α=0 k=2 floor=none" for r in report.records)
 
 
 def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):
