@@ -242,3 +242,31 @@ def test_cli_records_the_issue_sized_command(tmp_path):
     saved = json.loads((out / "membership.json").read_text())
     assert "--history 64 --nonmembers 64" in saved["command"] and "--dp-noises ''" in saved["command"]
     assert all(row["members"] == 3 * 64 and row["nonmembers"] == 3 * 64 for row in saved["rows"])
+
+
+def test_real_users_from_a_lamp_folder_are_attacked_on_their_own_items(tmp_path):
+    """`--data`: the largest histories are the sharers, each one's own distinct items split into members and
+    non-members; the target is the next user; the task is the data's."""
+    from common.lamp import load_lamp, write_lamp
+
+    synth = generate(SyntheticConfig(task="rating", n_users=6, n_groups=2, history=30, queries=2, seed=3))
+    write_lamp(synth.dataset, tmp_path / "lamp")
+    dataset = load_lamp(tmp_path / "lamp")
+    config = mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "lamp"), "task": "tagging", "alphas": (),
+                                     "guard_alphas": (), "dp_noises": ()})
+    model, tok = tiny_model(seed=0)
+    _, world = mia.build_world(model, tok, config, progress=False)
+    ranked = sorted(dataset.users, key=lambda u: (-len(u.profile), u.user_id))
+    assert world.task.lamp_id == dataset.task.lamp_id  # the data's task, not --task
+    assert world.sharer_ids == [u.user_id for u in ranked[:3]]
+    for user in ranked[:3]:
+        own = set(profile_pairs(dataset.task, user.profile))
+        members, held_out = set(world.members[user.user_id]), set(world.nonmembers[user.user_id])
+        assert len(members) == 4 and len(held_out) == 4 and not members & held_out and members | held_out <= own
+    assert world.target_queries == list(ranked[3].queries)
+    with pytest.raises(ThreatError, match="fewer than history \\+ nonmembers"):
+        mia.build_world(model, tok, mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "lamp"), "history": 20,
+                                                            "nonmembers": 20}), progress=False)
+    with pytest.raises(ThreatError, match="a target with 40 history items"):
+        mia.build_world(model, tok, mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "lamp"), "history": 40}),
+                        progress=False)

@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                              "search setting release-rank does (server.release; default %(default)s = the whole merge)")
     parser.add_argument("--max-merges", type=int, default=r.max_merges, help="recovery: largest m (default %(default)s)")
     parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="membership: a LaMP folder of real users instead of synthetic ones (the largest histories "
+                             "are the sharers, each needing --history + --nonmembers items of its own; the task is the "
+                             "data's, --task and --groups are ignored)")
     parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
     parser.add_argument("--history", type=int, default=m.history, help="membership: training items per sharer (default %(default)s)")
     parser.add_argument("--nonmembers", type=int, default=m.nonmembers,
@@ -109,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 def _membership_config(args: argparse.Namespace) -> mia.MembershipConfig:
     return mia.MembershipConfig(
-        task=args.task, sharers=args.sharers, groups=args.groups, history=args.history, nonmembers=args.nonmembers,
+        task=args.task, data=args.data or "", sharers=args.sharers, groups=args.groups, history=args.history, nonmembers=args.nonmembers,
         protocol=args.protocol, others=args.others, queries=args.queries, adapt_users=args.adapt_users,
         alphas=args.alphas, guard_alphas=args.guard_alphas, guard_share_cap=args.guard_share_cap, guard_release_rank=args.guard_release_rank,
         dp_noises=args.dp_noises, dp_max_grad_norm=args.dp_max_grad_norm, budget=args.budget, popsize=args.popsize,

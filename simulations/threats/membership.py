@@ -46,7 +46,7 @@ from common.adapters import LoraAdapter, applied
 from common.atomic import write_csv, write_with
 from common.encoder import load_encoder, user_embedding
 from common.inference import decoder, lm_logits, predict
-from common.lamp import LampUser, Query, profile_pairs, query_prompts
+from common.lamp import LampFormatError, LampUser, Query, load_lamp, profile_pairs, query_prompts
 from common.lora_math import merge_exact
 from common.metrics import task_metrics
 from common.settings import DpSgdConfig, SearchConfig, TrainConfig
@@ -71,6 +71,7 @@ class MembershipConfig:
     """Size of the membership experiment; defaults fit a CPU run of Gemma 3 270M (the issue's sizes: docs/threats.md)."""
 
     task: str = "tagging"
+    data: str = ""  # a LaMP folder of real users (its task replaces `task`); empty: synthetic users of `task`
     sharers: int = 3
     groups: int = 2
     history: int = 16  # training items (members) per sharer
@@ -309,18 +310,43 @@ def _split_items(task: TaskSpec, pool: Sequence[LampUser], config: MembershipCon
     return out
 
 
+def _users(config: MembershipConfig) -> tuple[TaskSpec, LampUser, list[LampUser], list[LampUser], dict[str, int]]:
+    """(task, target, sharing pool, task-adaptation users, latent group of each synthetic user).
+
+    Synthetic: generated, with twice the draws a sharer needs (duplicates and
+    items another pool user drew leave its pool). Real (`data`): the users
+    with the most history items form the pool (ties by id), since each needs
+    `history + nonmembers` distinct items of its own; the next user with a
+    query and `history` items is the target, the ones after it adapt the
+    task. Real users have no latent groups.
+    """
+    pool_size = config.sharers + (config.others if config.protocol == "official" else 0)
+    if not config.data:
+        synth = generate(SyntheticConfig(
+            task=config.task, n_users=1 + pool_size + config.adapt_users, n_groups=min(config.groups, MAX_GROUPS[config.task]),
+            history=2 * (config.history + config.nonmembers), queries=config.queries, seed=config.seed,
+        ))
+        users = synth.dataset.users
+        target, pool = users[0], users[1 : 1 + pool_size]
+        return synth.dataset.task, target, pool, users[1 + pool_size :], {u.user_id: synth.groups[u.user_id] for u in [target, *pool]}
+    try:
+        dataset = load_lamp(config.data)
+    except LampFormatError as err:
+        raise ThreatError(f"membership: {err}") from None
+    ranked = sorted(dataset.users, key=lambda u: (-len(u.profile), u.user_id))
+    pool = ranked[:pool_size]
+    rest = [u for u in ranked[pool_size:] if u.queries and len(u.profile) >= config.history]
+    if len(pool) < pool_size or len(rest) < 1 + config.adapt_users:
+        raise ThreatError(f"membership: {config.data} has {len(dataset.users)} users; need {pool_size} sharers, a target "
+                          f"with {config.history} history items and a query, and {config.adapt_users} adaptation users")
+    return dataset.task, rest[0], pool, rest[1 : 1 + config.adapt_users], {}
+
+
 def build_world(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, progress: bool = True
 ) -> tuple[PreTrainedModel, World]:
     """Generate the users, task-adapt `model` if asked (in place), train each merged sharer's LoRA (and DP LoRAs)."""
-    groups = min(config.groups, MAX_GROUPS[config.task])
-    pool_size = config.sharers + (config.others if config.protocol == "official" else 0)
-    synth = generate(SyntheticConfig(  # twice the draws: duplicates and items shared with others leave the pool
-        task=config.task, n_users=1 + pool_size + config.adapt_users, n_groups=groups,
-        history=2 * (config.history + config.nonmembers), queries=config.queries, seed=config.seed,
-    ))
-    task, users = synth.dataset.task, synth.dataset.users
-    target, pool, adapters_pool = users[0], users[1 : 1 + pool_size], users[1 + pool_size :]
+    task, target, pool, adapters_pool, groups = _users(config)
     target_history = target.profile[: config.history]
     if adapters_pool:
         pooled = {u.user_id: profile_pairs(task, u.profile[: config.history]) for u in adapters_pool}
@@ -361,7 +387,7 @@ def build_world(
         target_queries=list(target.queries),
         target_embedding=target_embedding,
         sharer_ids=[u.user_id for u in sharers],
-        groups={u.user_id: synth.groups[u.user_id] for u in [target, *pool]},
+        groups=groups,
         adapters=adapters,
         embeddings=embeddings,
         members=members,
