@@ -540,7 +540,7 @@ def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
     """
     if record is None or not isinstance(record.get("params"), dict):
         return record
-    params = dict(cell.params) | record["params"]
+    params = record["params"] | dict(cell.params)  # the cell's own params (its key) win over the file's
     return record | {"params": params, "label": get_method(cell.method).label(params)}
 
 
@@ -654,4 +654,24 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
     cells = data.get("cells") if isinstance(data, dict) else None
     if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
         raise EvalConfigError(f"{path}: field 'cells' must be a list of objects")
+    for i, cell in enumerate(cells):
+        _check_cell(cell, f"{path}: cell {i}")
     return cells
+
+
+def _check_cell(cell: dict[str, Any], where: str) -> None:
+    """The fields every reader of results (tables, paired comparisons, plots) indexes, with their types: a hand-edited
+    or truncated file is one line of error, not a KeyError deep in a table."""
+    for name in ("task", "method", "label", "target"):
+        if not isinstance(cell.get(name), str):
+            raise EvalConfigError(f"{where}: {name!r} must be a string")
+    if not isinstance(cell.get("seed"), int) or isinstance(cell["seed"], bool):
+        raise EvalConfigError(f"{where}: 'seed' must be an integer")
+    if not isinstance(cell.get("params"), dict):
+        raise EvalConfigError(f"{where}: 'params' must be an object")
+    for name in ("predictions", "golds"):
+        values = cell.get(name)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise EvalConfigError(f"{where}: {name!r} must be a list of strings")
+    if len(cell["golds"]) != len(cell["predictions"]):
+        raise EvalConfigError(f"{where}: {len(cell['golds'])} golds for {len(cell['predictions'])} predictions")

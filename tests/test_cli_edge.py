@@ -145,3 +145,24 @@ def test_predict_reads_labels_with_the_decoding_asked_for(data, tmp_path, capsys
     report = json.loads((tmp_path / "p.json.metrics.json").read_text())
     assert report["decoding"] == "median"
     assert all(p["output"] in {"1", "2", "3", "4", "5"} for p in json.loads(out.read_text())["golds"])
+
+
+@pytest.mark.parametrize("broken, fragment", [
+    ({"seed": "x"}, "'seed' must be an integer"),
+    ({"seed": True}, "'seed' must be an integer"),
+    ({"predictions": 5}, "'predictions' must be a list of strings"),
+    ({"golds": ["2", None]}, "'golds' must be a list of strings"),
+    ({"golds": ["2", "3"]}, "2 golds for 1 predictions"),
+    ({"params": []}, "'params' must be an object"),
+    ({"target": [1]}, "'target' must be a string"),
+])
+@pytest.mark.parametrize("command", ["table", "diff"])
+def test_malformed_cells_in_results_are_a_one_line_error(tmp_path, capsys, broken, fragment, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    cell = {"method": "np", "label": "NP", "params": {"k": 3}, "seed": 0, "target": "u0", "task": "LaMP_3",
+            "metrics": {"mae": 1.0, "rmse": 1.0}, "predictions": ["1"], "golds": ["2"]}
+    (run / "results.json").write_text(json.dumps({"cells": [cell, cell | broken]}))
+    runs = [str(run)] if command == "table" else [str(run), str(run)]
+    _one_line_error(capsys, ["eval", command, *runs, "--out", str(tmp_path / "t")], "eval",
+                    f"results.json: cell 1: {fragment}")

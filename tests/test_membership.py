@@ -267,6 +267,8 @@ def test_real_users_from_a_lamp_folder_are_attacked_on_their_own_items(tmp_path)
     with pytest.raises(ThreatError, match="fewer than history \\+ nonmembers"):
         mia.build_world(model, tok, mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "lamp"), "history": 20,
                                                             "nonmembers": 20}), progress=False)
+    with pytest.raises(ThreatError, match="data must be a LaMP folder"):  # refused before any model work
+        mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "nowhere")})
     with pytest.raises(ThreatError, match="a target with 40 history items"):
         mia.build_world(model, tok, mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "lamp"), "history": 40}),
                         progress=False)

@@ -108,6 +108,7 @@ class MembershipConfig:
             (self.protocol != "official" or self.others >= 1,
              f"the official protocol needs others >= 1 (unmerged sharers give the non-members), got {self.others}"),
             (self.queries >= 1, f"queries must be >= 1, got {self.queries}"),
+            (not self.data or Path(self.data).is_dir(), f"data must be a LaMP folder, got {self.data!r}"),
             (self.adapt_users >= 0, f"adapt users must be >= 0, got {self.adapt_users}"),
             (_finite(self.alphas) and all(a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
             (_finite(self.guard_alphas) and all(a >= 0 for a in self.guard_alphas),
