@@ -154,7 +154,11 @@ class FitnessEvaluator:
         self.weight_shape: tuple[int, ...] = (self.k,) if search.weight_level == "lora" else (self.k, len(self.mixer.layers))
         self.dim = int(np.prod(self.weight_shape))
         self.sharer_preds = self.predict(self.one_hot(), truncate=False)
-        self.unmerged = self.evaluate(np.zeros((1, self.dim)))[0]
+        # The unmerged model's answers are scored for the fallback and kept for the sharers' divergence
+        # from it (server.personalize), so that its forward passes run once.
+        preds, probs = self._answers(np.zeros((1, self.dim)), with_probabilities=self.tie_break == "expected")
+        self.unmerged_preds: list[str] = preds[0]
+        self.unmerged = self._score(preds, probs)[0]
 
     def one_hot(self) -> np.ndarray:
         """Weights that select each sharer alone (its own adapter), [k, dim]."""
@@ -207,6 +211,9 @@ class FitnessEvaluator:
     def evaluate(self, population: np.ndarray | torch.Tensor, truncate: bool | None = None) -> list[FitnessParts]:
         """Utility, privacy and objective of each candidate (rows of `population`); `truncate` as in `predict`."""
         all_preds, probs = self._answers(population, with_probabilities=self.tie_break == "expected", truncate=truncate)
+        return self._score(all_preds, probs)
+
+    def _score(self, all_preds: list[list[str]], probs: np.ndarray | None) -> list[FitnessParts]:
         return [
             score_parts(self.task, preds, self.golds, self.sharer_preds, self.alpha, self.privacy_metric,
                         expected_utility=None if probs is None else

@@ -150,8 +150,7 @@ def personalize(
     adapters = [sharers[sid][0] for sid in ids]
     t1 = time.perf_counter()
     evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config)
-    with torch.inference_mode():
-        divergence = sharer_divergence(evaluator.sharer_preds, evaluator.predict(np.zeros((1, evaluator.dim)))[0])
+    divergence = sharer_divergence(evaluator.sharer_preds, evaluator.unmerged_preds)
     t2 = time.perf_counter()
     optimizer = make_optimizer(config.optimizer,
                                OptimizerConfig(evaluator.dim, start_value(config.start, len(ids)), config))

@@ -164,3 +164,32 @@ def test_prime_seeds_each_target_as_the_coordinator_does(ctx):
     assert method.search_config(ctx, a, params).seed == target_seed(ctx.seed, a)
     assert method.search_config(ctx, a, params).seed != method.search_config(ctx, b, params).seed
     assert method.search_config(ctx, a, params).privacy_metric == ctx.privacy_metric == "task"  # the run's, as the cells
+
+
+def test_prime_rag_reuses_primes_search_of_the_same_target_and_settings(prepared, monkeypatch):
+    """The search is the same computation for PriME and PriME+RAG: it runs once, and both cells hold its result."""
+    import simulations.methods.prime as prime_module
+
+    calls = []
+    real = prime_module.personalize
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1].seed)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prime_module, "personalize", counting)
+    ctx = prepared.context(0, progress=False)  # a fresh cache
+    first, second = ctx.plan.targets[:2]
+    params = {"budget": 2, "popsize": 2, "alpha": 1.0}
+    plain = get_method("prime").run(ctx, first, get_method("prime").params(params))
+    rag = get_method("prime-rag").run(ctx, first, get_method("prime-rag").params(params))
+    assert len(calls) == 1
+    assert rag.weights == plain.weights and rag.extra["searched_weights"] == plain.extra["searched_weights"]
+    assert rag.extra["search_reused"] is True and "search_reused" not in plain.extra
+    # another alpha is another search; another target drops the first target's searches
+    get_method("prime-rag").run(ctx, first, get_method("prime-rag").params(params | {"alpha": 0.0}))
+    get_method("prime").run(ctx, second, get_method("prime").params(params))
+    assert len(calls) == 3
+    assert all(key[1] == second for key in ctx.cache if isinstance(key, tuple) and key[0] == "prime-search")
+    get_method("prime").run(ctx, first, get_method("prime").params(params))
+    assert len(calls) == 4

@@ -77,15 +77,17 @@ def test_personalize_merges_top_k_reproducibly(world, tmp_path):
 @pytest.mark.parametrize("budget, popsize, generations", [(30, 6, [6] * 5), (8, 6, [6, 2])])
 def test_the_search_scores_exactly_budget_candidates(world, monkeypatch, budget, popsize, generations):
     scored = []
-    evaluate = FitnessEvaluator.evaluate
+    answers = FitnessEvaluator._answers
 
-    def counting(self, population):
+    def counting(self, population, *args, **kwargs):
         scored.append(len(population))
-        return evaluate(self, population)
+        return answers(self, population, *args, **kwargs)
 
-    monkeypatch.setattr(FitnessEvaluator, "evaluate", counting)
+    monkeypatch.setattr(FitnessEvaluator, "_answers", counting)
     result = _run(world, SearchConfig(k=3, budget=budget, popsize=popsize, seed=0, batch_size=16))
-    assert scored == [1, *generations]  # the unmerged baseline first, then the search's generations
+    # Every batched pass over the history: the sharers' own adapters, the unmerged model (once: it used
+    # to run twice, for the fallback and again for the sharers' divergence), then the search's generations.
+    assert scored == [3, 1, *generations]
     assert result.evaluations == budget and result.baseline_evaluations == 1 + 3  # unmerged + each sharer
     assert [g["evaluations"] for g in result.trajectory] == list(np.cumsum(generations))
     summary = result.summary()

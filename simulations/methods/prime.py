@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from common.settings import SearchConfig, options
-from server.personalize import personalize, target_seed
+from server.personalize import PersonalizationResult, personalize, target_seed
 from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
 from simulations.methods.augment import AUGMENTED, fitness_history
 from simulations.methods.pag import pag_prompts, profile_summary
@@ -56,11 +56,7 @@ class PriME(Method):
         return SearchConfig(**{name: params[name] for name in SEARCH_PARAMS}, seed=target_seed(ctx.seed, target))
 
     def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
-        history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=self.pag)
-        result = personalize(
-            ctx.model, ctx.tokenizer, ctx.task, history, ctx.embeddings[target], ctx.sharers(),
-            self.search_config(ctx, target, params), progress=ctx.progress,
-        )
+        result, reused = self.search(ctx, target, params)
         if self.pag:
             prompts = pag_prompts(ctx, target)
         elif self.rag:
@@ -78,8 +74,30 @@ class PriME(Method):
             extra={"history_best": result.best.to_dict(), "history_unmerged": result.unmerged.to_dict(),
                    "evaluations": result.evaluations, "timings": result.timings,
                    "searched_weights": result.searched_weights,  # the best candidate, also when it lost
-                   **result.extra} | profile,  # rank-limited release: its rank, what was scored, energy kept
+                   **result.extra} | profile  # rank-limited release: its rank, what was scored, energy kept
+                  | ({"search_reused": True} if reused else {}),
         )
+
+    def search(self, ctx: Context, target: str, params: Mapping) -> tuple[PersonalizationResult, bool]:
+        """The target's personalization, and whether it was taken from an earlier cell of this run.
+
+        PriME and PriME + RAG search on the same history prompts with the same
+        settings and seed, so their searches are the same computation: the
+        second one reuses the first's result (identical by construction) and
+        costs only its query answers. Only the current target's searches are
+        kept (cells run target by target), so memory stays one target's worth.
+        """
+        config = self.search_config(ctx, target, params)
+        key = ("prime-search", target, self.pag, bool(params["augment"]), config)
+        if key in ctx.cache:
+            return ctx.cache[key], True
+        for old in [k for k in ctx.cache if isinstance(k, tuple) and k[:1] == ("prime-search",) and k[1] != target]:
+            del ctx.cache[old]
+        history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=self.pag)
+        result = personalize(ctx.model, ctx.tokenizer, ctx.task, history, ctx.embeddings[target], ctx.sharers(),
+                             config, progress=ctx.progress)
+        ctx.cache[key] = result
+        return result, False
 
 
 @register
