@@ -11,6 +11,7 @@ import torch
 from common.encoder import load_encoder
 from common.lora_math import random_adapter
 from common.models import tiny_model
+from server.share_cap import update_norms
 from simulations.cli import main
 from simulations.threats import membership as mia
 from simulations.threats.embedding import EmbeddingConfig, embedding_probe
@@ -107,6 +108,32 @@ def test_unmixing_fails_against_rank_limited_releases(adapters):
     for row in result.rows:
         assert row["released_lowrank_scale_free"] > 0.3
         assert row["released_known"] > 0.3, "even the known weights no longer solve for the updates"
+
+
+def test_recovery_reports_the_attackers_best_case_beside_the_mean(adapters):
+    """The bar is that no sharer's update comes back: the best (smallest) error must be reported, not only the mean."""
+    whole = linear_recovery(adapters, RecoveryConfig(max_merges=3, guesses=1, seed=1))
+    limited = linear_recovery(adapters, RecoveryConfig(max_merges=3, guesses=1, seed=1, release_rank=R))
+    for result in (whole, limited):
+        for row in result.rows:
+            for key in ("released_known_scale_free", "released_lowrank_scale_free"):
+                assert row[f"{key}_best_module"] <= row[f"{key}_best_sharer"] <= row[key] + 1e-12
+    assert whole.rows[1]["released_lowrank_scale_free_best_sharer"] < 1e-4  # two whole merges: every sharer exact
+    # the truncated release: the mean is above the best case, which is what a guard has to keep high
+    assert limited.rows[1]["released_lowrank_scale_free_best_module"] < limited.rows[1]["released_lowrank_scale_free"]
+
+
+def test_recovery_repairs_its_merge_weights_onto_the_share_cap(adapters):
+    cap = 0.4
+    result = linear_recovery(adapters, RecoveryConfig(max_merges=3, guesses=1, seed=1, share_cap=cap))
+    weights = np.asarray(result.weights)
+    norms = update_norms(adapters, (len(adapters),))
+    shares = np.abs(weights) * norms / (np.abs(weights) * norms).sum(axis=1, keepdims=True)
+    assert result.share_cap == cap and shares.max() <= cap + 1e-9
+    uncapped = np.asarray(linear_recovery(adapters, RecoveryConfig(max_merges=3, guesses=1, seed=1)).weights)
+    assert (np.abs(uncapped) * norms / (np.abs(uncapped) * norms).sum(axis=1, keepdims=True)).max() > cap  # it had work to do
+    with pytest.raises(ThreatError, match="share cap"):
+        RecoveryConfig(share_cap=0.0)
 
 
 def test_unmix_low_rank_recovers_constructed_parts_up_to_scale():

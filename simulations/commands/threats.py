@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--adapters", choices=["random", "trained"], default="random",
                         help="leak/recovery alone: random adapters (instant) or sharers' trained ones (default %(default)s; all: trained)")
     parser.add_argument("--share-cap", type=float, default=1.0,
-                        help="leak: repair the merge weights onto this per-sharer share cap first, as the search does "
+                        help="leak/recovery: repair the merge weights onto this per-sharer share cap first, as the search does "
                              "(server.share_cap; default %(default)s = no cap)")
     parser.add_argument("--release-rank", type=int, default=0,
                         help="leak/recovery: release only each merge's top R singular directions per module, as the "
@@ -154,7 +154,7 @@ def _threats(args: argparse.Namespace) -> int:
     if mconfig is not None and args.attack in ("leak", "recovery"):  # only the plain sharers' adapters are attacked
         mconfig = replace(mconfig, dp_noises=())
     rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed,
-                                 release_rank=args.release_rank)
+                                 release_rank=args.release_rank, share_cap=args.share_cap)
     written: list[Path] = []
     if args.attack in ("embedding", "all"):
         t = time.perf_counter()
@@ -210,7 +210,8 @@ def _threats(args: argparse.Namespace) -> int:
             written.append(rec.plot(recovery, out / "recovery.png"))
         for row in recovery.rows:
             print(f"recovery m={row['m']}: known weights {row['released_known']:.2e}, guessed {row['released_guessed']:.3f}, "
-                  f"low-rank unmixing (scale-free) {row['released_lowrank_scale_free']:.2e}")
+                  f"low-rank unmixing (scale-free) {row['released_lowrank_scale_free']:.2e}, best sharer "
+                  f"{row['released_lowrank_scale_free_best_sharer']:.2e}, best module {row['released_lowrank_scale_free_best_module']:.2e}")
     return _done(written)
 
 

@@ -15,6 +15,14 @@ Per module, merge i is `M_i = sum_s W_is D_s` (D_s = sharer s's update).
 With a rank-limited release (`release_rank` > 0, server.release) each
 observation is the merge's best rank-r approximation instead: the merges are
 no longer mixtures of the same k parts, which is what (b) and (c) assume.
+With a share cap (`share_cap` < 1, server.share_cap) the drawn weights are
+first repaired onto the cap, as the search repairs every candidate.
+
+Each row gives the mean error over sharers and modules and, for the
+scale-free settings, the attacker's best case (`_best_sharer`: the smallest
+per-sharer error, a sharer's error being its mean over modules; `_best_module`:
+the smallest single (sharer, module) error). A guard meets issue 13's bar
+only if the best case stays above it: "no sharer's update comes back".
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from common.atomic import dict_rows, write_csv, write_with
 from common.adapters import LoraAdapter
 from common.lora_math import check_compatible, factors, merge_exact
 from server.release import release
+from server.share_cap import cap_shares, update_norms
 from simulations.threats.leak import ThreatError, as_float64, relative_error, scale_free_error
 
 SETTINGS = ("stacked_known", "released_known", "released_guessed", "released_lowrank")
@@ -45,6 +54,7 @@ class RecoveryConfig:
     guesses: int = 5  # random weight guesses averaged for setting (c)
     seed: int = 0
     release_rank: int = 0  # directions released per module (0: the whole merge, as by default)
+    share_cap: float = 1.0  # largest share of a merge one sharer may carry (1: no cap)
 
     def __post_init__(self) -> None:
         if self.max_merges < 1:
@@ -55,6 +65,8 @@ class RecoveryConfig:
             raise ThreatError(f"guesses must be >= 1, got {self.guesses}")
         if self.release_rank < 0:
             raise ThreatError(f"release rank must be >= 0, got {self.release_rank}")
+        if not 0 < self.share_cap <= 1:
+            raise ThreatError(f"share cap must be in (0, 1], got {self.share_cap}")
 
 
 @dataclass
@@ -65,8 +77,9 @@ class RecoveryResult:
     r: int
     modules: int
     release_rank: int
-    weights: list[list[float]]  # the m x k merge weights the coordinator used
-    rows: list[dict]  # one per m: m, then `<setting>` (relative error) and `<setting>_scale_free`
+    weights: list[list[float]]  # the m x k merge weights the coordinator used (after the share cap)
+    rows: list[dict]  # one per m: m, `<setting>` (relative error), `<setting>_scale_free` (+ `_best_sharer`, `_best_module`)
+    share_cap: float = 1.0
     remix: dict = field(default_factory=dict)  # the re-mixing ambiguity, shown on the largest m
 
     def to_dict(self) -> dict:
@@ -169,6 +182,9 @@ def linear_recovery(adapters: Sequence[LoraAdapter], config: RecoveryConfig = Re
     rng = np.random.default_rng(config.seed)
     low, high = config.bounds
     weights = rng.uniform(low, high, size=(config.max_merges, k))
+    if config.share_cap < 1.0:
+        norms = update_norms(adapters, (k,))
+        weights = np.stack([cap_shares(w, norms, config.share_cap) for w in weights])
     truth = {m: [delta64(a, m) for a in adapters] for m in modules}
     merges = [release(merge_exact(adapters, torch.tensor(w, dtype=torch.float64)), config.release_rank) for w in weights]
     observed = {m: [delta64(rel, m) for rel in merges] for m in modules}
@@ -194,10 +210,14 @@ def linear_recovery(adapters: Sequence[LoraAdapter], config: RecoveryConfig = Re
         for key in ("released_known", "released_known_scale_free", "released_guessed", "released_guessed_scale_free",
                     "released_lowrank_scale_free"):
             row[key] = float(np.mean(errs[key]))
+        for key in ("released_known_scale_free", "released_lowrank_scale_free"):  # module-major, k per module
+            per = np.asarray(errs[key]).reshape(len(modules), k)
+            row[f"{key}_best_sharer"] = float(per.mean(axis=0).min())
+            row[f"{key}_best_module"] = float(per.min())
         row["released_lowrank"] = float("nan")  # the scale of each part is not identifiable without the weights
         rows.append(row)
     return RecoveryResult(k=k, r=r, modules=len(modules), release_rank=config.release_rank, weights=weights.tolist(), rows=rows,
-                          remix=_remix(truth[modules[0]], weights, rng))
+                          remix=_remix(truth[modules[0]], weights, rng), share_cap=config.share_cap)
 
 
 def _remix(true: list[np.ndarray], weights: np.ndarray, rng: np.random.Generator) -> dict:
