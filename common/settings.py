@@ -273,7 +273,7 @@ class SearchConfig:
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
                                       sweep="history-fractions")
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
-    share_cap: float = setting(1.0, "largest share of a merged update one sharer may carry (1: no cap; at least 1/k): "
+    share_cap: float = setting(1.0, "largest share of a merged update one sharer may carry (1: no cap; lifted to 1/k when only k < 1/cap sharers are found): "
                                     "every candidate is repaired onto it (server.share_cap)", FRACTION, sweep="share-caps")
     release_rank: int = setting(0, "release only the top r singular directions of each module's merged update, a "
                                    "rank-r LoRA (0: the whole merge; the size of one LoRA, lora-r, is the natural r)",

@@ -113,8 +113,19 @@ class PersonalizationResult:
         return Path(directory)
 
 
+def applied_share_cap(cap: float, k: int) -> float:
+    """The cap a merge of `k` sharers gets: `cap`, lifted to 1/k when fewer sharers than 1/cap were available.
+
+    k sharers cannot all stay below 1/k; when the top-k selection finds fewer
+    sharers than the cap was set for (at least `min-sharers`), the merge gets
+    equal shares, the tightest cap it can meet, instead of failing the target.
+    """
+    return max(cap, 1.0 / k)
+
+
 def _share_capped(adapters: Sequence[LoraAdapter], weight_shape: tuple[int, ...], cap: float):
     """Population [P, dim] -> the same population repaired onto the share cap (identity without a cap)."""
+    cap = applied_share_cap(cap, len(adapters))
     if cap >= 1.0:
         return lambda population: population
     norms = update_norms(adapters, weight_shape)
@@ -165,6 +176,8 @@ def personalize(
     weights = None
     adapter = None
     extra: dict = {}
+    if config.share_cap < 1.0 and applied_share_cap(config.share_cap, len(ids)) != config.share_cap:
+        extra["share_cap_applied"] = applied_share_cap(config.share_cap, len(ids))
     if not found.fallback:
         shaped = found.best_weights.reshape(evaluator.weight_shape)
         merged = MERGES[config.merge].build(adapters, torch.as_tensor(shaped))

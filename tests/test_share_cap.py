@@ -87,3 +87,19 @@ def test_every_weight_vector_personalize_returns_obeys_the_cap(level):
         assert shares(np.asarray(result.weights), norms).max() <= 0.4 + 1e-9
         released = merge_exact([adapters[s][0] for s in result.sharer_ids], torch.tensor(result.weights))
         assert released.r == 6
+
+
+def test_a_cap_below_one_over_k_is_lifted_to_equal_shares_when_fewer_sharers_are_found():
+    """Cap 0.4 is set for k = 3; a target for whom only two sharers exist gets shares <= 1/2, not a failure."""
+    model, tokenizer = tiny_model()
+    task = get_task("rating")
+    adapters = {f"s{i}": (_adapter(i, scale=[3.0, 0.3][i]), np.eye(4)[i] + 0.1) for i in range(2)}
+    history = [(f"Review: item {i} was fine. Score:", str(1 + i % 5)) for i in range(6)]
+    config = SearchConfig(alpha=0.0, k=3, budget=8, popsize=4, share_cap=0.4)
+    result = personalize(model, tokenizer, task, history, np.ones(4), adapters, config, progress=False)
+    assert len(result.sharer_ids) == 2 and result.extra["share_cap_applied"] == 0.5
+    norms = update_norms([adapters[s][0] for s in result.sharer_ids], np.asarray(result.searched_weights).shape)
+    assert shares(np.asarray(result.searched_weights), norms).max() <= 0.5 + 1e-9
+    assert "share_cap_applied" not in personalize(model, tokenizer, task, history, np.ones(4), adapters,
+                                                  SearchConfig(alpha=0.0, k=2, budget=4, popsize=4, share_cap=0.5),
+                                                  progress=False).extra
