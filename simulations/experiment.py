@@ -374,16 +374,42 @@ def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> l
 # ------------------------------------------------------------------ preparation
 
 
-def _cached_adapter(path: Path, model, train) -> LoraAdapter:
-    """Load the PEFT directory at `path`, or train, save and return (a half-written directory is retrained)."""
-    if path.is_dir():
-        try:
-            return LoraAdapter.load(path, model)
-        except AdapterError as err:
-            log.warning("retraining %s: %s", path, err)
+def _cached_adapter(path: Path, model, train, stored: Path | None = None) -> LoraAdapter:
+    """Load the PEFT directory at `path`, or train, save and return (a half-written directory is retrained).
+
+    `stored` (an `--adapter-store` entry, `store_path`) is looked in before
+    training and written after it: the same inputs trained by an earlier run.
+    """
+    for source in (path, stored):
+        if source is not None and source.is_dir():
+            try:
+                adapter = LoraAdapter.load(source, model)
+            except AdapterError as err:
+                log.warning("not using %s: %s", source, err)
+                continue
+            if source != path:
+                adapter.save(path)
+            return adapter
     adapter = train()
     adapter.save(path)
+    if stored is not None:
+        adapter.save(stored)
     return adapter
+
+
+def store_path(store: Path | None, kind: str, *inputs: Any) -> Path | None:
+    """An adapter's place in the cross-run store: a hash of everything its training reads.
+
+    `inputs` must be all of it: the model (spec, device, dtype), the base it
+    trains on (the task adapter's own store key), the training pairs
+    themselves and every training setting, seed included. Training is
+    deterministic given those, so an adapter found there is the one this run
+    would train. None without a store.
+    """
+    if store is None:
+        return None
+    text = json.dumps([kind, *inputs], sort_keys=True, default=str)
+    return store / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 def _cached_sharer(path: Path, model, train: Callable[[], tuple[LoraAdapter, Any]]) -> tuple[LoraAdapter, Guarantee]:
@@ -415,6 +441,7 @@ class Prepared:
     embeddings: dict
     plans: dict[int, UserPlan]
     key: str
+    adapter_store: Path | None = None  # --adapter-store: adapters trained by earlier runs, reused when their inputs match
     contexts: dict[int, Context] = field(default_factory=dict)
     privacy: dict[int, dict[str, Guarantee]] = field(default_factory=dict)  # seed -> DP-SGD sharer -> guarantee
 
@@ -436,22 +463,28 @@ class Prepared:
         _write_json(folder / "plan.json", plan.to_dict())
         task = self.dataset.task
         task_adapter = None
+        device = resolve_device(c.device)
+        base_id: list[Any] = [c.model_spec, device.type, str(resolve_dtype(c.dtype, device)), None]
         if plan.adaptation:
             by_user = {u: recent(profile_pairs(task, self.dataset.user(u).profile), c.node.max_history) for u in plan.adaptation}
             pairs = adaptation_pairs(task, by_user, c.adapt_sampling, c.adapt_max_pairs, seed)
+            adapt_train = c.node.for_job(seed, c.adapt_epochs).train
+            stored = store_path(self.adapter_store, "task", base_id, pairs, to_flat(adapt_train))
             base, tokenizer = load_base(c.model_spec, Path(c.model_cache) if c.model_cache else None, dtype=c.dtype,
                                         device=c.device)
             task_adapter = _cached_adapter(
                 folder / "task_adapter", base,
-                lambda: train_lora(base, tokenizer, pairs, c.node.for_job(seed, c.adapt_epochs).train, progress=progress)[0],
+                lambda: train_lora(base, tokenizer, pairs, adapt_train, progress=progress)[0], stored,
             )
             del base
+            base_id[-1] = None if stored is None else stored.name  # what every other adapter trains on
         model, tokenizer = load_task_model(c.model_spec, c.model_cache, task_adapter, c.device, c.dtype)
         node = c.node.for_job(seed)
 
         def train_adapter(pairs: list[tuple[str, str]], name: str) -> LoraAdapter:
+            stored = store_path(self.adapter_store, "lora", base_id, pairs, to_flat(node.train))
             return _cached_adapter(folder / "adapters" / name, model,
-                                   lambda: train_lora(model, tokenizer, pairs, node.train, progress=False)[0])
+                                   lambda: train_lora(model, tokenizer, pairs, node.train, progress=False)[0], stored)
 
         sharers = {}
         self.privacy[seed] = {}
@@ -462,22 +495,28 @@ class Prepared:
             if node.dp_sgd.enabled:
                 sharers[sid], self.privacy[seed][sid] = _cached_sharer(
                     path, model, lambda: train_sharer(model, tokenizer, pairs, node))
-            else:
-                sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0])
+            else:  # DP-SGD sharers draw their noise from the OS: never taken from another run's store
+                stored = store_path(self.adapter_store, "sharer", base_id, pairs, to_flat(node))
+                sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0], stored)
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
                        sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter,
                        folder=folder, privacy_metric=c.search.privacy_metric, decoding=c.search.decoding)
 
 
-def prepare(config: EvalConfig) -> Prepared:
-    """Dataset, user embeddings (saved to OUT/prepare/embeddings.npz) and one plan per seed."""
+def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prepared:
+    """Dataset, user embeddings (saved to OUT/prepare/embeddings.npz) and one plan per seed.
+
+    `adapter_store`: a folder shared across runs where trained adapters are
+    kept under the hash of their inputs (`store_path`) and reused.
+    """
     dataset = load_dataset(config)
     encoder = load_encoder(config.encoder)
     embeddings = embed_users(encoder, dataset)
     save_embeddings(Path(config.out) / PREPARE_DIR / "embeddings.npz", embeddings, encoder.name)
     plans = {seed: make_plan(dataset, embeddings, config.adapt_fraction, config.targets, config.sharers, seed)
              for seed in range(config.seeds)}
-    return Prepared(config=config, dataset=dataset, embeddings=embeddings, plans=plans, key=prepare_key(config, dataset))
+    return Prepared(config=config, dataset=dataset, embeddings=embeddings, plans=plans, key=prepare_key(config, dataset),
+                    adapter_store=None if adapter_store is None else Path(adapter_store).expanduser())
 
 
 # ------------------------------------------------------------------ running
@@ -577,12 +616,13 @@ def _sequential(prepared: Prepared, pending: list[tuple[int, Cell]], bar: tqdm,
 
 
 def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True, ray: str | None = None,
-             ray_workers: int | None = None) -> GridReport:
+             ray_workers: int | None = None, adapter_store: str | Path | None = None) -> GridReport:
     """Run (or resume) the grid; write OUT/config.json, OUT/results.json (even when interrupted) and,
     once complete and if `outputs`, the tables and plots.
 
     `ray`: compute the missing cells as Ray tasks (`auto`, or a cluster address;
     see simulations.ray_grid), on `ray_workers` workers (default: the cluster's).
+    `adapter_store`: reuse adapters earlier runs trained on the same inputs (`prepare`).
     """
     out = output_folder(config.out)
     _write_json(out / CONFIG_FILE, config.to_dict())
@@ -592,7 +632,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
 
         cluster = ray_grid.connect(ray)
         config = ray_grid.with_cluster_device(config)
-    prepared = prepare(config)
+    prepared = prepare(config, adapter_store)
     try:
         for search in config.searches():  # the task is known only now (--data)
             search.check_task(prepared.dataset.task)

@@ -46,6 +46,39 @@ def test_rerun_computes_nothing_and_does_not_load_the_model(tmp_path, monkeypatc
     assert (tmp_path / "table.md").read_text() == table
 
 
+def test_adapter_store_reuses_adapters_trained_on_the_same_inputs_across_runs(tmp_path, monkeypatch):
+    """More targets is a new run folder (another prepare key), but the task adapter and every sharer both runs
+    plan are the same training: with a store the second run trains only what it has new, and reads the rest back."""
+    import client.training as training
+
+    trained = []
+    real = training.train_lora
+
+    def counting(model, tokenizer, pairs, *args, **kwargs):
+        trained.append(len(pairs))
+        return real(model, tokenizer, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_lora", counting)
+    store = tmp_path / "store"
+    base = {"methods": "np,uniform", "targets": 1}
+    first = experiment.prepare(_config(tmp_path / "a", **base), adapter_store=store)
+    first_ctx = first.context(0, progress=False)
+    assert len(trained) == 1 + 4  # the task adapter and four sharers
+    second = experiment.prepare(_config(tmp_path / "b", **base | {"targets": 2}), adapter_store=store)
+    assert second.key != first.key
+    new_sharers = set(second.plans[0].sharers) - set(first.plans[0].sharers)
+    second_ctx = second.context(0, progress=False)
+    assert len(trained) == 1 + 4 + len(new_sharers)  # nothing retrained that the first run trained
+    for sid in set(second.plans[0].sharers) & set(first.plans[0].sharers):
+        for name, tensor in second_ctx.sharer_adapters[sid].tensors.items():
+            assert torch.equal(tensor, first_ctx.sharer_adapters[sid].tensors[name])
+    assert (second.folder(0) / "task_adapter").is_dir()  # the run folder holds its own copy, as without a store
+    # another training setting is another adapter: everything is trained again
+    third = experiment.prepare(_config(tmp_path / "c", **base | {"epochs": 2}), adapter_store=store)
+    third.context(0, progress=False)
+    assert len(trained) == 1 + 4 + len(new_sharers) + 4
+
+
 def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
     prime = METHODS["prime"]
     real_run = prime.run

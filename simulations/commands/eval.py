@@ -78,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                              "shares (docs/evaluation.md)")
     run_on.add_argument("--ray-workers", type=int, metavar="N",
                         help="Ray workers, one model each (default: one per CPU of the cluster, one per GPU with CUDA)")
+    run_on.add_argument("--adapter-store", metavar="DIR",
+                        help="a folder shared across runs: the task adapter, sharers' and OPPU adapters are kept there "
+                             "under a hash of everything their training reads (model, pairs, every training setting, "
+                             "seed) and reused by any later run with the same inputs, e.g. the same data with more "
+                             "targets or other methods (DP-SGD sharers excepted; default: none)")
     parser.set_defaults(func=_run)
 
     sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table,diff}")
@@ -100,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     diff.set_defaults(func=_diff)
 
 
-_NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command", "ray", "ray_workers"}
+_NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command", "ray", "ray_workers",
+                 "adapter_store"}
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -114,7 +120,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    report = experiment.run_grid(config, progress=not args.no_progress, ray=args.ray, ray_workers=args.ray_workers)
+    report = experiment.run_grid(config, progress=not args.no_progress, ray=args.ray, ray_workers=args.ray_workers,
+                                 adapter_store=args.adapter_store)
     print(f"{len(report.records)} cells ({report.computed} computed, {report.reused} from the cache) -> {report.out}")
     print((report.out / "table.md").read_text(encoding="utf-8"), end="")
     return 0
