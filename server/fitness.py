@@ -51,6 +51,20 @@ class FitnessError(PrimeError):
 
 
 @dataclass(frozen=True)
+class Baselines:
+    """What a target's fitness scores every candidate against, and what does not depend on alpha.
+
+    The sharers' own answers on the history and the unmerged model's answers
+    (with its label probabilities under the tie-break): one search per alpha
+    of a target can reuse them (server.personalize, `baseline_cache`).
+    """
+
+    sharer_preds: tuple[tuple[str, ...], ...]
+    unmerged_preds: tuple[str, ...]
+    unmerged_probs: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class FitnessParts:
     """One candidate's score: utility, mean privacy similarity, objective and per-sharer similarities.
 
@@ -132,10 +146,16 @@ class FitnessEvaluator:
         history: Sequence[tuple[str, str]],
         adapters: Sequence[LoraAdapter],
         search: SearchConfig = SearchConfig(),
+        baselines: Baselines | None = None,
     ):
         """Score on `history` with the search's alpha, weight level, history fraction, seed, batch size,
         privacy metric, merge, release rank, decoding and tie-break (the record checked them; the task's fit is
-        checked here)."""
+        checked here).
+
+        `baselines`: the sharers' and the unmerged model's answers from an
+        earlier evaluator on the same model, history, adapters and settings
+        but another alpha (the caller keys them); computed when None.
+        """
         search.check_task(task)
         self.model, self.tokenizer = model, tokenizer
         self.task = history_task(task)
@@ -153,12 +173,20 @@ class FitnessEvaluator:
         self.k = self.mixer.k
         self.weight_shape: tuple[int, ...] = (self.k,) if search.weight_level == "lora" else (self.k, len(self.mixer.layers))
         self.dim = int(np.prod(self.weight_shape))
-        self.sharer_preds = self.predict(self.one_hot(), truncate=False)
-        # The unmerged model's answers are scored for the fallback and kept for the sharers' divergence
-        # from it (server.personalize), so that its forward passes run once.
-        preds, probs = self._answers(np.zeros((1, self.dim)), with_probabilities=self.tie_break == "expected")
-        self.unmerged_preds: list[str] = preds[0]
-        self.unmerged = self._score(preds, probs)[0]
+        if baselines is None:
+            sharer_preds = self.predict(self.one_hot(), truncate=False)
+            # The unmerged model's answers are scored for the fallback and kept for the sharers' divergence
+            # from it (server.personalize), so that its forward passes run once.
+            preds, probs = self._answers(np.zeros((1, self.dim)), with_probabilities=self.tie_break == "expected")
+            baselines = Baselines(tuple(map(tuple, sharer_preds)), tuple(preds[0]), None if probs is None else probs[0])
+        if len(baselines.sharer_preds) != self.k or len(baselines.unmerged_preds) != len(self.prompts):
+            raise FitnessError(f"baselines for {len(baselines.sharer_preds)} sharers and {len(baselines.unmerged_preds)} "
+                               f"history items; this evaluator has {self.k} and {len(self.prompts)}")
+        self.baselines = baselines
+        self.sharer_preds = [list(p) for p in baselines.sharer_preds]
+        self.unmerged_preds: list[str] = list(baselines.unmerged_preds)
+        unmerged_probs = None if baselines.unmerged_probs is None else baselines.unmerged_probs[None]
+        self.unmerged = self._score([self.unmerged_preds], unmerged_probs)[0]
 
     def one_hot(self) -> np.ndarray:
         """Weights that select each sharer alone (its own adapter), [k, dim]."""

@@ -14,7 +14,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from common.lora_math import MERGES
 from common.progress import report as report_progress
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
-from server.fitness import FitnessEvaluator, FitnessParts
+from server.fitness import Baselines, FitnessEvaluator, FitnessParts
 from server.release import kept_energy, release
 from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, admissible, make_optimizer, run_search, start_value
 from server.selection import select_top_k
@@ -144,12 +144,18 @@ def personalize(
     *,
     progress: bool = True,
     progress_name: str | None = None,
+    baseline_cache: MutableMapping[Any, Baselines] | None = None,
 ) -> PersonalizationResult:
     """Run PriME for one target on `model` (the task-adapted base; left unchanged).
 
     `progress` draws a terminal bar. With `progress_name`, each generation is
     also logged (evaluations done of the budget) as a `common.progress` line under that name with the best
     objective so far, for processes whose output is relayed as text (the ServerApp).
+
+    `baseline_cache`: a dict the caller keeps for one target's history (and
+    model): the sharers' and the unmerged model's answers are stored there
+    under everything they depend on but alpha, the optimizer and the budget,
+    so the target's searches at other alphas skip those passes.
     """
     check_optimizer(config)
     t0 = time.perf_counter()
@@ -160,7 +166,12 @@ def personalize(
     ids = [sid for sid, _ in chosen]
     adapters = [sharers[sid][0] for sid in ids]
     t1 = time.perf_counter()
-    evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config)
+    key = (tuple(ids), config.history_fraction, config.seed, config.weight_level, config.merge, config.release_rank,
+           config.decoding, config.tie_break, config.batch_size)
+    cached = None if baseline_cache is None else baseline_cache.get(key)
+    evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config, baselines=cached)
+    if baseline_cache is not None:
+        baseline_cache[key] = evaluator.baselines
     divergence = sharer_divergence(evaluator.sharer_preds, evaluator.unmerged_preds)
     t2 = time.perf_counter()
     optimizer = make_optimizer(config.optimizer,
@@ -176,6 +187,8 @@ def personalize(
     weights = None
     adapter = None
     extra: dict = {}
+    if cached is not None:  # the sharers' and unmerged answers came from this target's search at another alpha
+        extra["baselines_reused"] = True
     if config.share_cap < 1.0 and applied_share_cap(config.share_cap, len(ids)) != config.share_cap:
         extra["share_cap_applied"] = applied_share_cap(config.share_cap, len(ids))
     if not found.fallback:

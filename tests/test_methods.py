@@ -178,7 +178,8 @@ def test_prime_rag_reuses_primes_search_of_the_same_target_and_settings(prepared
         return real(*args, **kwargs)
 
     monkeypatch.setattr(prime_module, "personalize", counting)
-    ctx = prepared.context(0, progress=False)  # a fresh cache
+    ctx = prepared.context(0, progress=False)
+    ctx.cache.clear()  # nothing from the other tests' cells
     first, second = ctx.plan.targets[:2]
     params = {"budget": 2, "popsize": 2, "alpha": 1.0}
     plain = get_method("prime").run(ctx, first, get_method("prime").params(params))
@@ -186,8 +187,10 @@ def test_prime_rag_reuses_primes_search_of_the_same_target_and_settings(prepared
     assert len(calls) == 1
     assert rag.weights == plain.weights and rag.extra["searched_weights"] == plain.extra["searched_weights"]
     assert rag.extra["search_reused"] is True and "search_reused" not in plain.extra
-    # another alpha is another search; another target drops the first target's searches
-    get_method("prime-rag").run(ctx, first, get_method("prime-rag").params(params | {"alpha": 0.0}))
+    # another alpha is another search, on the sharers' and unmerged answers of the first;
+    # another target drops the first target's searches
+    other_alpha = get_method("prime-rag").run(ctx, first, get_method("prime-rag").params(params | {"alpha": 0.0}))
+    assert other_alpha.extra["baselines_reused"] is True and "baselines_reused" not in plain.extra
     get_method("prime").run(ctx, second, get_method("prime").params(params))
     assert len(calls) == 3
     assert all(key[1] == second for key in ctx.cache if isinstance(key, tuple) and key[0] == "prime-search")

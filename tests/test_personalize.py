@@ -94,6 +94,37 @@ def test_the_search_scores_exactly_budget_candidates(world, monkeypatch, budget,
     assert summary["evaluations"] == budget and summary["config"]["budget"] == budget
 
 
+@pytest.mark.parametrize("tie_break", ["none", "expected"])
+def test_a_targets_search_at_another_alpha_reuses_its_baselines_and_finds_the_same(world, monkeypatch, tie_break):
+    """The sharers' and the unmerged answers do not depend on alpha: with a baseline cache the second search skips
+    their passes and returns exactly what it returns without the cache."""
+    scored = []
+    answers = FitnessEvaluator._answers
+
+    def counting(self, population, *args, **kwargs):
+        scored.append(len(population))
+        return answers(self, population, *args, **kwargs)
+
+    monkeypatch.setattr(FitnessEvaluator, "_answers", counting)
+    model, tok, data, emb, adapters = world
+    target = data.users[0]
+    history = profile_pairs(data.task, target.profile)
+    sharers = {u.user_id: (adapters[u.user_id], emb[u.user_id]) for u in data.users[1:]}
+    cache: dict = {}
+    runs = {}
+    for alpha in (0.0, 1.0):
+        config = SearchConfig(k=3, alpha=alpha, budget=4, popsize=2, seed=0, tie_break=tie_break, batch_size=16)
+        fresh = personalize(model, tok, data.task, history, emb[target.user_id], sharers, config, progress=False)
+        scored.clear()
+        runs[alpha] = personalize(model, tok, data.task, history, emb[target.user_id], sharers, config, progress=False,
+                                  baseline_cache=cache)
+        expected_passes = [3, 1, 2, 2] if alpha == 0.0 else [2, 2]  # the second alpha: generations only
+        assert scored == expected_passes
+        assert runs[alpha].trajectory == fresh.trajectory and runs[alpha].weights == fresh.weights
+        assert runs[alpha].unmerged == fresh.unmerged and runs[alpha].sharer_divergence == fresh.sharer_divergence
+    assert runs[1.0].extra["baselines_reused"] is True and "baselines_reused" not in runs[0.0].extra
+
+
 @pytest.mark.parametrize("start, x0", [("zero", 0.0), ("uniform", 1 / 3)])
 def test_the_search_starts_where_the_start_setting_says(world, start, x0):
     result = _run(world, SearchConfig(k=3, start=start, sigma0=1e-3, seed=0, **FAST))

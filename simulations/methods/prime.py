@@ -84,18 +84,23 @@ class PriME(Method):
         PriME and PriME + RAG search on the same history prompts with the same
         settings and seed, so their searches are the same computation: the
         second one reuses the first's result (identical by construction) and
-        costs only its query answers. Only the current target's searches are
-        kept (cells run target by target), so memory stays one target's worth.
+        costs only its query answers. The searches of one history at other
+        alphas reuse the sharers' and the unmerged model's answers
+        (`personalize`'s `baseline_cache`). Only the current target's entries
+        are kept (cells run target by target), so memory stays one target's worth.
         """
         config = self.search_config(ctx, target, params)
-        key = ("prime-search", target, self.pag, bool(params["augment"]), config)
+        history_key = (target, self.pag, bool(params["augment"]))  # what the fitness history is made of
+        key = ("prime-search", *history_key, config)
         if key in ctx.cache:
             return ctx.cache[key], True
-        for old in [k for k in ctx.cache if isinstance(k, tuple) and k[:1] == ("prime-search",) and k[1] != target]:
+        for old in [k for k in ctx.cache if isinstance(k, tuple) and k[:1] in (("prime-search",), ("prime-baselines",))
+                    and k[1] != target]:
             del ctx.cache[old]
         history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=self.pag)
+        baselines = ctx.cache.setdefault(("prime-baselines", *history_key), {})  # shared by this history's alphas
         result = personalize(ctx.model, ctx.tokenizer, ctx.task, history, ctx.embeddings[target], ctx.sharers(),
-                             config, progress=ctx.progress)
+                             config, progress=ctx.progress, baseline_cache=baselines)
         ctx.cache[key] = result
         return result, False
 
