@@ -74,16 +74,22 @@ def test_personalize_merges_top_k_reproducibly(world, tmp_path):
     assert LoraAdapter.load(out / "adapter", base_model=model).r == 3 * 2
 
 
-@pytest.mark.parametrize("budget, popsize, generations", [(30, 6, [6] * 5), (8, 6, [6, 2])])
-def test_the_search_scores_exactly_budget_candidates(world, monkeypatch, budget, popsize, generations):
-    scored = []
+@pytest.fixture()
+def scored(monkeypatch) -> list[int]:
+    """The population size of every batched pass over the history, in order."""
+    sizes: list[int] = []
     answers = FitnessEvaluator._answers
 
     def counting(self, population, *args, **kwargs):
-        scored.append(len(population))
+        sizes.append(len(population))
         return answers(self, population, *args, **kwargs)
 
     monkeypatch.setattr(FitnessEvaluator, "_answers", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("budget, popsize, generations", [(30, 6, [6] * 5), (8, 6, [6, 2])])
+def test_the_search_scores_exactly_budget_candidates(world, scored, budget, popsize, generations):
     result = _run(world, SearchConfig(k=3, budget=budget, popsize=popsize, seed=0, batch_size=16))
     # Every batched pass over the history: the sharers' own adapters, the unmerged model (once: it used
     # to run twice, for the fallback and again for the sharers' divergence), then the search's generations.
@@ -95,17 +101,9 @@ def test_the_search_scores_exactly_budget_candidates(world, monkeypatch, budget,
 
 
 @pytest.mark.parametrize("tie_break", ["none", "expected"])
-def test_a_targets_search_at_another_alpha_reuses_its_baselines_and_finds_the_same(world, monkeypatch, tie_break):
+def test_a_targets_search_at_another_alpha_reuses_its_baselines_and_finds_the_same(world, scored, tie_break):
     """The sharers' and the unmerged answers do not depend on alpha: with a baseline cache the second search skips
     their passes and returns exactly what it returns without the cache."""
-    scored = []
-    answers = FitnessEvaluator._answers
-
-    def counting(self, population, *args, **kwargs):
-        scored.append(len(population))
-        return answers(self, population, *args, **kwargs)
-
-    monkeypatch.setattr(FitnessEvaluator, "_answers", counting)
     model, tok, data, emb, adapters = world
     target = data.users[0]
     history = profile_pairs(data.task, target.profile)
