@@ -12,7 +12,9 @@ both see the same machine load; the figures are the median wall time of
 the personalization, its parts (sharer predictions, search), the speedup
 over the first dtype, and how far the answers moved: the share of equal
 history predictions of the best candidate and the largest difference of the
-best weights. Peak memory is not measured here (bench_engine does).
+best weights. Each cell is followed by the same target at another alpha
+that reuses the first cell's sharer and unmerged answers
+(`second_alpha_s`, against `personalize_s`), as the grid's next alpha does. Peak memory is not measured here (bench_engine does).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="personalizations per dtype (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--second-alpha-delta", type=float, default=0.5,
+                        help="each cell is followed by the same target at alpha + this, reusing the first cell's "
+                             "sharer and unmerged answers, as a grid's next alpha does (default %(default)s)")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPES for d in dtypes) or args.history < 1 or args.k < 2 or args.repeats < 1:
@@ -103,15 +109,25 @@ def main(argv: list[str] | None = None) -> int:
             adapters = [random_adapter(model, r=8, lora_alpha=16.0, std=0.02, seed=args.seed + s) for s in range(args.k)]
             sharers = {f"s{s}": (adapters[s], embeddings[s + 1]) for s in range(args.k)}
             start = time.perf_counter()
+            baselines: dict = {}
             with torch.inference_mode():
-                result = personalize(model, tokenizer, task, history, embeddings[0], sharers, config, progress=False)
+                result = personalize(model, tokenizer, task, history, embeddings[0], sharers, config, progress=False,
+                                     baseline_cache=baselines)
                 best_preds = FitnessEvaluator(model, tokenizer, task, history, [adapters[int(s[1:])] for s in result.sharer_ids],
                                               config).predict(np.asarray(result.searched_weights)[None])[0]
-            runs[d].append({"wall_s": time.perf_counter() - start, "timings": result.timings,
-                            "weights": list(map(float, result.searched_weights)), "best_preds": best_preds})
+            wall = time.perf_counter() - start
+            # The same target at another alpha, as a grid's next PriME cell: with the first cell's baselines reused.
+            other = replace(config, alpha=config.alpha + args.second_alpha_delta)
+            with torch.inference_mode():
+                second = personalize(model, tokenizer, task, history, embeddings[0], sharers, other, progress=False,
+                                     baseline_cache=baselines)
+            runs[d].append({"wall_s": wall, "timings": result.timings,
+                            "weights": list(map(float, result.searched_weights)), "best_preds": best_preds,
+                            "second_alpha": other.alpha, "second_alpha_timings": second.timings,
+                            "second_alpha_reused_baselines": bool(second.extra.get("baselines_reused"))})
             print(f"{d}: personalize {result.timings['total_s']:.1f}s "
-                  f"(sharer predictions {result.timings['sharer_predictions_s']:.1f}s, search {result.timings['search_s']:.1f}s)",
-                  flush=True)
+                  f"(sharer predictions {result.timings['sharer_predictions_s']:.1f}s, search {result.timings['search_s']:.1f}s); "
+                  f"alpha {other.alpha:g} next, baselines reused: {second.timings['total_s']:.1f}s", flush=True)
 
     base = dtypes[0]
     figures = {}
@@ -123,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             "sharer_predictions_s": statistics.median(r["timings"]["sharer_predictions_s"] for r in runs[d]),
             "search_s": statistics.median(r["timings"]["search_s"] for r in runs[d]),
             "speedup_over_" + base: statistics.median(r["timings"]["total_s"] for r in runs[base]) / total,
+            "second_alpha_s": statistics.median(r["second_alpha_timings"]["total_s"] for r in runs[d]),
+            "second_alpha_baselines_s": statistics.median(r["second_alpha_timings"]["sharer_predictions_s"] for r in runs[d]),
             "best_predictions_equal_to_" + base: float(np.mean([a == b for a, b in zip(first["best_preds"], ref["best_preds"])])),
             "best_weights_max_abs_diff_to_" + base: float(np.max(np.abs(np.subtract(first["weights"], ref["weights"])))),
         }

@@ -39,6 +39,9 @@ def test_cell_benchmark_times_each_dtype_on_padded_reviews(tmp_path):
     assert base["speedup_over_float32"] == 1.0 and base["best_predictions_equal_to_float32"] == 1.0
     assert low["speedup_over_float32"] == base["personalize_s"] / low["personalize_s"]
     assert 0.0 <= low["best_predictions_equal_to_float32"] <= 1.0
+    run = report["runs"]["float32"][0]
+    assert run["second_alpha"] == 1.0 and run["second_alpha_reused_baselines"] is True  # default alpha 0.5, + 0.5
+    assert base["second_alpha_s"] > 0 and base["second_alpha_baselines_s"] < base["sharer_predictions_s"]
 
 
 def test_padding_keeps_the_review_and_the_rating_template():
