@@ -1,0 +1,89 @@
+"""The release guards against the leak and the unmixing, over seeds: one table from many `threats` runs.
+
+    python -m simulations.threats.guards_summary DIR
+
+DIR holds one folder per run, named `rank<R>-cap<C>-seed<S>`, each with the
+`leak.json` and `recovery.json` of
+
+    prime-fl threats leak     --out DIR/rank<R>-cap<C>-seed<S> --release-rank R --share-cap C --seed S ...
+    prime-fl threats recovery --out DIR/rank<R>-cap<C>-seed<S> --release-rank R --share-cap C --seed S ...
+
+Per (release rank, share cap) it reports the attacker's best case over the
+seeds, since a guard holds only if no sharer's update comes back in any of
+them: the leak's best module (the smallest scale-free error of a released
+update's top-r part against one sharer's weighted update) and, per number
+of merges m, the unmixing's best sharer (a sharer's error being its mean
+over modules) next to the mean. Writes DIR/summary.json and DIR/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import write_text
+from simulations.threats.leak import ThreatError
+
+_RUN = re.compile(r"rank(\d+)-cap([\d.]+)-seed(\d+)$")
+
+
+def summarize(folder: str | Path) -> dict:
+    """Every complete run folder under `folder`, grouped by (release rank, share cap)."""
+    groups: dict[tuple[int, float], list[tuple[int, dict, dict]]] = {}
+    for run in sorted(Path(folder).iterdir()):
+        match = _RUN.match(run.name)
+        if not match or not (run / "leak.json").is_file() or not (run / "recovery.json").is_file():
+            continue
+        leak, recovery = (json.loads((run / f"{name}.json").read_text()) for name in ("leak", "recovery"))
+        groups.setdefault((int(match[1]), float(match[2])), []).append((int(match[3]), leak, recovery))
+    if not groups:
+        raise ThreatError(f"no rank<R>-cap<C>-seed<S> folder with leak.json and recovery.json in {folder}")
+    settings = []
+    for (rank, cap), runs in sorted(groups.items()):
+        merges = min(len(recovery["rows"]) for _, _, recovery in runs)
+        settings.append({
+            "release_rank": rank, "share_cap": cap, "seeds": [seed for seed, _, _ in runs],
+            "leak_best_module": min(leak["released_top_r_error"] for _, leak, _ in runs),
+            "leak_best_module_per_seed": [leak["released_top_r_error"] for _, leak, _ in runs],
+            "leak_median_module": float(np.median([leak["released_top_r_error_median"] for _, leak, _ in runs])),
+            "unmixing": [
+                {"m": i + 1,
+                 "best_sharer": min(rec["rows"][i]["released_lowrank_scale_free_best_sharer"] for _, _, rec in runs),
+                 "best_module": min(rec["rows"][i]["released_lowrank_scale_free_best_module"] for _, _, rec in runs),
+                 "mean": float(np.mean([rec["rows"][i]["released_lowrank_scale_free"] for _, _, rec in runs]))}
+                for i in range(merges)],
+        })
+    return {"folder": str(folder), "settings": settings}
+
+
+def to_markdown(summary: dict) -> str:
+    """One row per (release rank, share cap): leak best module, then unmixing best sharer / mean per m."""
+    ms = [u["m"] for u in summary["settings"][0]["unmixing"]]
+    lines = ["| release rank | share cap | seeds | leak: best module | "
+             + " | ".join(f"unmixing m={m}: best sharer / mean" for m in ms) + " |",
+             "|---" * (4 + len(ms)) + "|"]
+    for s in summary["settings"]:
+        cells = [f"{u['best_sharer']:.2g} / {u['mean']:.2g}" for u in s["unmixing"]]
+        lines.append(f"| {s['release_rank'] or 'whole'} | {s['share_cap']:g} | {len(s['seeds'])} | "
+                     f"{s['leak_best_module']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="the folder holding rank<R>-cap<C>-seed<S> run folders")
+    args = parser.parse_args(argv)
+    summary = summarize(args.folder)
+    write_text(Path(args.folder) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    table = to_markdown(summary)
+    write_text(Path(args.folder) / "summary.md", table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
