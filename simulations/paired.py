@@ -70,6 +70,14 @@ def compare(records: Iterable[Mapping[str, Any]], *, seed: int = 0) -> list[Comp
     return comparisons
 
 
+def compare_columns(records: Iterable[Mapping[str, Any]], column: str, baseline: str, *, seed: int = 0) -> list[Comparison]:
+    """`column` minus `baseline` (two column labels of one run, e.g. a guarded PriME minus the unguarded one), per task."""
+    by_column = _columns(records)
+    tasks = sorted({task for task, label in by_column if label == column} & {task for task, label in by_column if label == baseline})
+    pairs = (_paired(task, column, baseline, by_column[(task, column)], by_column[(task, baseline)], seed) for task in tasks)
+    return [c for c in pairs if c is not None]
+
+
 def _paired(task: str, method: str, baseline: str, cells: Mapping, base_cells: Mapping, seed: int) -> Comparison | None:
     diffs: dict[str, list[np.ndarray]] = defaultdict(list)  # target -> per-(seed) difference vectors
     seeds = set()

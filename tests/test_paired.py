@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from simulations.paired import compare, to_json, to_markdown
+from simulations.paired import compare, compare_columns, to_json, to_markdown
 from simulations.tables import write_results
 
 
@@ -27,6 +27,18 @@ def test_difference_is_per_query_and_paired_by_seed_and_target():
     assert c.mean_difference == pytest.approx(0.5)
     assert c.low <= c.mean_difference <= c.high
     assert c.low == pytest.approx(0.0) and c.high == pytest.approx(1.0)  # resampling 2 targets: {0, 0.5, 1}
+
+
+def test_any_two_columns_of_a_run_can_be_paired():
+    """E.g. a guarded PriME minus the unguarded one: the same per-query pairing, whatever the labels."""
+    records = [cell("PriME α=1 rank=8", 0, "t1", ["comedy", "action"], ["comedy", "comedy"]),
+               cell("PriME α=1", 0, "t1", ["comedy", "comedy"], ["comedy", "comedy"]),
+               cell("PriME α=1 rank=8", 0, "t2", ["romance"], ["romance"]),
+               cell("PriME α=1", 0, "t2", ["romance"], ["romance"])]
+    (c,) = compare_columns(records, "PriME α=1 rank=8", "PriME α=1")
+    assert (c.method, c.baseline, c.n_targets, c.n_queries) == ("PriME α=1 rank=8", "PriME α=1", 2, 3)
+    assert c.mean_difference == pytest.approx(-1 / 3)
+    assert compare_columns(records, "PriME α=1 rank=8", "NP") == []
 
 
 def test_a_clear_win_excludes_zero_and_error_metrics_read_the_other_way():
