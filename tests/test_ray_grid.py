@@ -23,9 +23,14 @@ def _config(out: Path, **over) -> EvalConfig:
     return EvalConfig.from_mapping({**SMALL, "out": str(out), **over})
 
 
+# What scheduling may change: wall times, and whether a cell found work of the same target's earlier cells
+# in its worker (the reused search or baselines are identical to recomputed ones, by construction and test).
+_SCHEDULING = ("timings", "search_reused", "baselines_reused")
+
+
 def _comparable(record: dict) -> dict:
-    """A cell's record without its wall times (the only thing scheduling may change)."""
-    extra = {k: v for k, v in record.get("extra", {}).items() if k != "timings"}
+    """A cell's record without what scheduling may change."""
+    extra = {k: v for k, v in record.get("extra", {}).items() if k not in _SCHEDULING}
     return {k: v for k, v in record.items() if k != "seconds"} | {"extra": extra}
 
 
