@@ -515,8 +515,11 @@ def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prep
     save_embeddings(Path(config.out) / PREPARE_DIR / "embeddings.npz", embeddings, encoder.name)
     plans = {seed: make_plan(dataset, embeddings, config.adapt_fraction, config.targets, config.sharers, seed)
              for seed in range(config.seeds)}
+    store = None if adapter_store is None else Path(adapter_store).expanduser()
+    if store is not None and store.exists() and not store.is_dir():
+        raise EvalConfigError(f"--adapter-store {store} is not a folder")
     return Prepared(config=config, dataset=dataset, embeddings=embeddings, plans=plans, key=prepare_key(config, dataset),
-                    adapter_store=None if adapter_store is None else Path(adapter_store).expanduser())
+                    adapter_store=store)
 
 
 # ------------------------------------------------------------------ running

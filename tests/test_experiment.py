@@ -79,6 +79,12 @@ def test_adapter_store_reuses_adapters_trained_on_the_same_inputs_across_runs(tm
     assert len(trained) == 1 + 4 + len(new_sharers) + 4
 
 
+def test_an_adapter_store_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "store").write_text("not a folder")
+    with pytest.raises(EvalConfigError, match="is not a folder"):
+        experiment.prepare(_config(tmp_path / "a", methods="np"), adapter_store=tmp_path / "store")
+
+
 def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
     prime = METHODS["prime"]
     real_run = prime.run

@@ -38,7 +38,10 @@ def summarize(folder: str | Path) -> dict:
         match = _RUN.match(run.name)
         if not match or not (run / "leak.json").is_file() or not (run / "recovery.json").is_file():
             continue
-        leak, recovery = (json.loads((run / f"{name}.json").read_text()) for name in ("leak", "recovery"))
+        try:
+            leak, recovery = (json.loads((run / f"{name}.json").read_text()) for name in ("leak", "recovery"))
+        except (OSError, ValueError) as err:
+            raise ThreatError(f"{run}: unreadable run output ({err})") from None
         groups.setdefault((int(match[1]), float(match[2])), []).append((int(match[3]), leak, recovery))
     if not groups:
         raise ThreatError(f"no rank<R>-cap<C>-seed<S> folder with leak.json and recovery.json in {folder}")
