@@ -273,10 +273,15 @@ class SearchConfig:
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
                                       sweep="history-fractions")
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
-    share_cap: float = setting(1.0, "largest share of a merged update one sharer may carry (1: no cap; lifted to 1/k when only k < 1/cap sharers are found): "
-                                    "every candidate is repaired onto it (server.share_cap)", FRACTION, sweep="share-caps")
-    release_rank: int = setting(0, "release only the top r singular directions of each module's merged update, a "
-                                   "rank-r LoRA (0: the whole merge; the size of one LoRA, lora-r, is the natural r)",
+    # The two release guards are on by default: together (not either alone) they keep every attack of
+    # docs/threats.md above a relative error of 0.5, at no measured utility cost (docs/results/threats-guards,
+    # gemma-rating-guards, gemma-tagging-guards).
+    share_cap: float = setting(0.34, "largest share of a merged update one sharer may carry: every candidate is "
+                                     "repaired onto it (server.share_cap); 0.34 leaves k = 3 sharers about equal "
+                                     "shares; 1: no cap; lifted to 1/k when only k < 1/cap sharers are found",
+                               FRACTION, sweep="share-caps")
+    release_rank: int = setting(8, "release only the top r singular directions of each module's merged update, a "
+                                   "rank-r LoRA (the size of one LoRA at lora-r 8); 0: the whole merge",
                                 at_least(0), sweep="release-ranks")
     score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "
                                         "false: it scores the whole merge and only the winner is truncated")

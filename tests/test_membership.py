@@ -204,7 +204,7 @@ def test_official_protocol_members_are_the_merged_sharers_items_nonmembers_the_o
 @pytest.mark.parametrize("bad, fragment", [
     (dict(protocol="shadow"), "protocol must be one of fresh, official"),
     (dict(protocol="official", others=0), "needs others >= 1"),
-    (dict(guard_share_cap=0.2), "guard share cap must lie in"),
+    (dict(guard_share_cap=0.0), "guard share cap must lie in"),
     (dict(guard_share_cap=float("nan")), "guard share cap must lie in"),
     (dict(dp_noises=(1.0, 0.0)), "noise multipliers must be finite and > 0"),
     (dict(dp_noises=(float("inf"),)), "noise multipliers must be finite and > 0"),
@@ -222,7 +222,7 @@ def test_config_refuses_bad_values(bad, fragment):
 @pytest.mark.parametrize("argv, fragment", [
     (["--protocol", "shadow"], "protocol must be one of"),
     (["--protocol", "official", "--others", "0"], "needs others >= 1"),
-    (["--guard-share-cap", "0.1"], "guard share cap"),
+    (["--guard-share-cap", "1.5"], "guard share cap"),
     (["--dp-noises", "0.5,-1"], "noise multipliers"),
     (["--resamples", "1"], "resamples"),
 ])

@@ -11,6 +11,7 @@ import torch
 from common.encoder import load_encoder
 from common.lora_math import random_adapter
 from common.models import tiny_model
+from common.settings import SearchConfig
 from server.share_cap import update_norms
 from simulations.cli import main
 from simulations.threats import membership as mia
@@ -290,6 +291,26 @@ def test_cli_leak_and_recovery_run_against_the_rank_limited_release(tmp_path):
     assert recovery["rows"][1]["released_lowrank_scale_free"] > 0.3
 
 
+def test_default_settings_keep_every_algebraic_attack_above_half(tmp_path):
+    """Issue 13's bar with nothing but defaults: the search's guards (share cap, release rank) are what the attacks
+    face, and neither the leak nor the unmixing from 1-4 merges brings any sharer's update closer than 0.5."""
+    for attack in ("leak", "recovery"):
+        assert main(["threats", attack, "--out", str(tmp_path), "--model-spec", "tiny", "--max-merges", "4",
+                     "--guesses", "1", "--no-plots", "--no-progress"]) == 0
+    leak = json.loads((tmp_path / "leak.json").read_text())
+    recovery = json.loads((tmp_path / "recovery.json").read_text())
+    assert (leak["share_cap"], leak["release_rank"]) == (SearchConfig().share_cap, SearchConfig().release_rank) == (0.34, 8)
+    assert leak["released_top_r_error"] > 0.5
+    assert [row["m"] for row in recovery["rows"]] == [1, 2, 3, 4]
+    assert min(row["released_lowrank_scale_free_best_sharer"] for row in recovery["rows"]) > 0.5
+
+
+def test_a_default_share_cap_below_one_over_k_is_lifted_as_the_search_lifts_it(tmp_path):
+    assert main(["threats", "leak", "--out", str(tmp_path), "--model-spec", "tiny", "--sharers", "2", "--no-plots",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "leak.json").read_text())["share_cap_applied"] == 0.5
+
+
 def test_guards_summary_reports_the_attackers_best_case_over_seeds(tmp_path, capsys):
     from simulations.threats import guards_summary
 
@@ -298,7 +319,7 @@ def test_guards_summary_reports_the_attackers_best_case_over_seeds(tmp_path, cap
             run = tmp_path / f"rank{rank}-cap1.0-seed{seed}"
             for attack in ("leak", "recovery"):
                 assert main(["threats", attack, "--out", str(run), "--model-spec", "tiny", "--rank", "2", "--seed", str(seed),
-                             "--release-rank", str(rank), "--max-merges", "2", "--guesses", "1", "--no-plots",
+                             "--release-rank", str(rank), "--share-cap", "1", "--max-merges", "2", "--guesses", "1", "--no-plots",
                              "--no-progress"]) == 0
     (tmp_path / "unrelated").mkdir()
     assert guards_summary.main([str(tmp_path)]) == 0

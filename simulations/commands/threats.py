@@ -12,6 +12,8 @@ import numpy as np
 from common.atomic import output_folder
 from common.errors import PrimeError
 from common.lora_math import random_adapter
+from common.settings import SearchConfig
+from server.personalize import applied_share_cap
 from server.share_cap import cap_shares, update_norms
 from simulations.model_options import add_model_options, load_model
 from simulations.threats import write_json
@@ -56,12 +58,13 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--lora-alpha", type=float, default=m.lora_alpha, help="LoRA alpha (default %(default)s)")
     parser.add_argument("--adapters", choices=["random", "trained"], default="random",
                         help="leak/recovery alone: random adapters (instant) or sharers' trained ones (default %(default)s; all: trained)")
-    parser.add_argument("--share-cap", type=float, default=1.0,
+    parser.add_argument("--share-cap", type=float, default=SearchConfig.share_cap,
                         help="leak/recovery: repair the merge weights onto this per-sharer share cap first, as the search does "
-                             "(server.share_cap; default %(default)s = no cap)")
-    parser.add_argument("--release-rank", type=int, default=0,
+                             "(server.share_cap; default %(default)s, the search's; 1 = no cap)")
+    parser.add_argument("--release-rank", type=int, default=SearchConfig.release_rank,
                         help="leak/recovery: release only each merge's top R singular directions per module, as the "
-                             "search setting release-rank does (server.release; default %(default)s = the whole merge)")
+                             "search setting release-rank does (server.release; default %(default)s, the search's; "
+                             "0 = the whole merge)")
     parser.add_argument("--max-merges", type=int, default=r.max_merges, help="recovery: largest m (default %(default)s)")
     parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
     parser.add_argument("--data", default=None, metavar="DIR",
@@ -153,8 +156,6 @@ def _threats(args: argparse.Namespace) -> int:
     mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
     if mconfig is not None and args.attack in ("leak", "recovery"):  # only the plain sharers' adapters are attacked
         mconfig = replace(mconfig, dp_noises=())
-    rconfig = rec.RecoveryConfig(max_merges=args.max_merges, guesses=args.guesses, seed=args.seed,
-                                 release_rank=args.release_rank, share_cap=args.share_cap)
     written: list[Path] = []
     if args.attack in ("embedding", "all"):
         t = time.perf_counter()
@@ -189,11 +190,13 @@ def _threats(args: argparse.Namespace) -> int:
         if args.sharers < 2:
             raise ThreatError(f"--sharers must be >= 2, got {args.sharers}")
         adapters = [random_adapter(model, r=args.rank, lora_alpha=args.lora_alpha, seed=args.seed + s) for s in range(args.sharers)]
-    source = {"adapters": "trained" if mconfig is not None else "random"}
+    # As the search does: a cap below 1/k (fewer sharers than it was set for) is lifted to equal shares.
+    share_cap = applied_share_cap(args.share_cap, len(adapters))
+    source = {"adapters": "trained" if mconfig is not None else "random", "share_cap_applied": share_cap}
     if args.attack in ("leak", "all"):
         t = time.perf_counter()
         weights = np.asarray(_leak_weights(len(adapters), args.seed))
-        weights = cap_shares(weights, update_norms(adapters, weights.shape), args.share_cap)
+        weights = cap_shares(weights, update_norms(adapters, weights.shape), share_cap)
         leak = block_leak(adapters, weights.tolist(), args.release_rank)
         written.append(write_json(out / "leak.json", {**leak.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}))
         print(f"leak: stacked merge A error {leak.stacked_a_error:.2e}, B error {leak.stacked_b_error:.2e}; released best-block "
@@ -203,7 +206,9 @@ def _threats(args: argparse.Namespace) -> int:
               f"{leak.release_delta_error:.3f}")
     if args.attack in ("recovery", "all"):
         t = time.perf_counter()
-        recovery = rec.linear_recovery(adapters, rconfig)
+        recovery = rec.linear_recovery(adapters, rec.RecoveryConfig(
+            max_merges=args.max_merges, guesses=args.guesses, seed=args.seed, release_rank=args.release_rank,
+            share_cap=share_cap))
         written += [write_json(out / "recovery.json", {**recovery.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}),
                     recovery.write_csv(out / "recovery.csv")]
         if plots:

@@ -52,7 +52,7 @@ from common.metrics import task_metrics
 from common.settings import DpSgdConfig, SearchConfig, TrainConfig
 from common.synthetic import MAX_GROUPS, SYNTHETIC_TASKS, SyntheticConfig, generate
 from common.tasks import TaskSpec
-from server.personalize import personalize
+from server.personalize import applied_share_cap, personalize
 from server.release import release
 from server.selection import select_top_k
 from simulations.threats.leak import ThreatError
@@ -81,9 +81,11 @@ class MembershipConfig:
     queries: int = 8  # the target's held-out queries on which each setting's utility is measured
     adapt_users: int = 0  # users whose pooled history task-adapts the base first (0: none)
     alphas: tuple[float, ...] = (0.0, 1.0, 4.0)
-    guard_alphas: tuple[float, ...] = (1.0,)  # PriME with the release guards at these alphas (empty: no such rows)
-    guard_share_cap: float = 0.4  # the guards' per-sharer share cap (server.share_cap)
-    guard_release_rank: int = 8  # the guards' rank-limited release (server.release; 0: none)
+    # PriME as the search's defaults release it (alpha, share cap, release rank: the release guards), at these
+    # alphas (empty: no such rows); the `alphas` rows are the same search without the guards.
+    guard_alphas: tuple[float, ...] = (SearchConfig.alpha,)
+    guard_share_cap: float = SearchConfig.share_cap  # server.share_cap
+    guard_release_rank: int = SearchConfig.release_rank  # server.release; 0: none
     dp_noises: tuple[float, ...] = (0.5, 1.0, 2.0)  # DP-SGD noise multipliers of the sharers' DP adapters
     dp_max_grad_norm: float = 1.0
     budget: int = 12  # fitness evaluations of each search (3 generations of popsize 4)
@@ -113,9 +115,8 @@ class MembershipConfig:
             (_finite(self.alphas) and all(a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
             (_finite(self.guard_alphas) and all(a >= 0 for a in self.guard_alphas),
              f"guard alphas must be finite and >= 0, got {list(self.guard_alphas)}"),
-            (math.isfinite(self.guard_share_cap) and 1.0 / max(self.sharers, 1) <= self.guard_share_cap <= 1.0,
-             f"guard share cap must lie in [1/sharers, 1] = [{1.0 / max(self.sharers, 1):.3g}, 1], "
-             f"got {self.guard_share_cap}"),
+            (math.isfinite(self.guard_share_cap) and 0.0 < self.guard_share_cap <= 1.0,
+             f"guard share cap must lie in (0, 1] (lifted to 1/sharers as the search does), got {self.guard_share_cap}"),
             (_finite(self.dp_noises) and all(n > 0 for n in self.dp_noises),
              f"DP noise multipliers must be finite and > 0, got {list(self.dp_noises)}"),
             (math.isfinite(self.dp_max_grad_norm) and self.dp_max_grad_norm > 0,
@@ -132,6 +133,7 @@ class MembershipConfig:
         return TrainConfig(r=self.r, lora_alpha=self.lora_alpha, epochs=self.epochs, lr=self.lr, seed=self.seed)
 
     def search_config(self, alpha: float, share_cap: float = 1.0, release_rank: int = 0) -> SearchConfig:
+        """The search of one row; without arguments, unguarded (no share cap, the whole merge released)."""
         return SearchConfig(alpha=alpha, k=self.sharers, budget=self.budget, popsize=self.popsize, min_sharers=2,
                             share_cap=share_cap, release_rank=release_rank, seed=self.seed, batch_size=self.batch_size)
 
@@ -425,7 +427,7 @@ def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world:
                             one_model=True, extra={"weights": uniform}))
     sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
     searches = [(f"PriME alpha={a:g}", config.search_config(a)) for a in config.alphas]
-    guards = f"share cap {config.guard_share_cap:g}" + (f", release rank {config.guard_release_rank}"
+    guards = f"share cap {applied_share_cap(config.guard_share_cap, len(ids)):g}" + (f", release rank {config.guard_release_rank}"
                                                          if config.guard_release_rank else "")
     searches += [(f"PriME alpha={a:g} + guards ({guards})",
                   config.search_config(a, share_cap=config.guard_share_cap, release_rank=config.guard_release_rank))
