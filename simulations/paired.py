@@ -128,6 +128,19 @@ def compare_runs(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[st
     return comparisons
 
 
+def columns_to_markdown(comparisons: list[Comparison], baseline: str) -> str:
+    """`compare_columns`' table: one row per column, read as that column minus `baseline`."""
+    if not comparisons:
+        return f"(no column with {baseline} on the same queries)\n"
+    lines = [f"| task | column | metric | minus {baseline} [95% interval] | targets | queries | seeds | reading |",
+             "|" + "---|" * 8]
+    for c in comparisons:
+        arrow = "↑" if c.higher_is_better else "↓"
+        lines.append(f"| {c.task} | {c.method} | {c.metric} {arrow} | {c.mean_difference:+.3f} [{c.low:+.3f}, "
+                     f"{c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict()} |")
+    return "\n".join(lines) + _sample_note(comparisons)
+
+
 def runs_to_markdown(comparisons: list[Comparison], *, names: tuple[str, str]) -> str:
     """`compare_runs`' table: one row per column, the difference read as `names[1]` minus `names[0]`."""
     if not comparisons:

@@ -118,3 +118,24 @@ def test_eval_diff_writes_both_runs_side_by_side_and_the_paired_changes(tmp_path
     assert (data["before"], data["after"]) == ("steps0", "steps24") and len(data["comparisons"]) == 2
     assert main(["eval", "diff", str(before), str(after), "--out", str(tmp_path / "e"), "--names", "same,same"]) == 2
     assert "--names must be two different names" in capsys.readouterr().err
+
+
+def test_eval_compare_pairs_every_other_prime_column_with_the_chosen_one(tmp_path, capsys):
+    from simulations.cli import main
+
+    cells = []
+    for t, (unguarded, guarded) in enumerate([("4", "4"), ("5", "4"), ("3", "3")]):
+        for label, pred in (("PriME α=0.5", unguarded), ("PriME α=0.5 rank=0 cap=1", guarded), ("NP", "1")):
+            cells.append(cell(label, 0, f"t{t}", [pred], ["4"], task="LaMP_3") | {"method": "x", "params": {}})
+    (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
+    assert main(["eval", "compare", str(tmp_path), "--baseline", "PriME α=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "| LaMP_3 | PriME α=0.5 rank=0 cap=1 | mae ↓ | -0.333 [" in printed and "NP |" not in printed
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["baseline"] == "PriME α=0.5" and [c["n_queries"] for c in data["comparisons"]] == [3]
+    assert main(["eval", "compare", str(tmp_path), "--baseline", "PriME α=0.5", "--columns", "NP",
+                 "--out", str(tmp_path / "np")]) == 0
+    assert "| LaMP_3 | NP | mae ↓ | +2.333 [" in capsys.readouterr().out
+    assert main(["eval", "compare", str(tmp_path), "--baseline", "OPPU"]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'OPPU'" in err and "its columns: NP, PriME α=0.5, PriME α=0.5 rank=0 cap=1" in err

@@ -4,6 +4,7 @@
     prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
     prime-fl eval table OUT... --out DIR [--layout table1]   one table from several runs (e.g. several tasks)
     prime-fl eval diff BEFORE AFTER --out DIR   two runs of one grid side by side, each column's change paired
+    prime-fl eval compare OUT --baseline LABEL   columns of one run minus one of its columns, paired
 
 Flags override config-file keys (same names, `-` or `_`), which override the preset's values
 (--preset fast, the default, or paper: docs/fidelity.md), which override the defaults.
@@ -13,14 +14,16 @@ OUT/config.json records the preset and every resolved value.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from client.training import ADAPT_SAMPLINGS
+from common.atomic import output_folder, write_text
 from common.models import resolve_cache_dir
 from common.presets import PresetChoice
 from common.settings import SearchConfig
 from common.synthetic import SyntheticConfig
-from simulations import experiment, tables
+from simulations import experiment, paired, tables
 from simulations.experiment import EvalConfig, EvalConfigError
 from simulations.model_options import add_model_options
 from simulations.options import add_setting_options
@@ -85,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                              "targets or other methods (DP-SGD sharers excepted; default: none)")
     parser.set_defaults(func=_run)
 
-    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table,diff}")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table,diff,compare}")
     plot = sub.add_parser("plot", help="redraw the figures of a finished run")
     plot.add_argument("run", help="a run folder (holding results.json)")
     plot.set_defaults(func=_plot)
@@ -103,6 +106,16 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     diff.add_argument("--out", dest="diff_out", required=True, help="folder for table.{md,csv,json} and diff.{md,json}")
     diff.add_argument("--names", default="before,after", help="the two runs' names in the tables (default before,after)")
     diff.set_defaults(func=_diff)
+    compare = sub.add_parser("compare", help="columns of one run against one of its columns (e.g. each guarded "
+                                             "PriME minus the unguarded one) on the same queries, with intervals")
+    compare.add_argument("run", help="a run folder (holding results.json)")
+    compare.add_argument("--baseline", required=True, help="the column subtracted, as the table labels it "
+                                                            "(e.g. 'PriME α=0.5')")
+    compare.add_argument("--columns", default="", help="comma-separated column labels (default: every other PriME "
+                                                       "column)")
+    compare.add_argument("--out", dest="compare_out", default=None,
+                         help="folder for compare.{md,json} (default: the run folder)")
+    compare.set_defaults(func=_compare)
 
 
 _NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command", "ray", "ray_workers",
@@ -143,6 +156,25 @@ def _diff(args: argparse.Namespace) -> int:
     tables.write_diff(before, after, names, args.diff_out)
     print((Path(args.diff_out) / "table.md").read_text(), end="")
     print((Path(args.diff_out) / "diff.md").read_text(), end="")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    records = experiment.load_results(args.run)
+    labels = sorted({r["label"] for r in records})
+    wanted = [c.strip() for c in args.columns.split(",") if c.strip()] or [
+        label for label in labels if label.startswith(paired.METHOD_PREFIX) and label != args.baseline]
+    unknown = [label for label in [args.baseline, *wanted] if label not in labels]
+    if unknown or not wanted:
+        raise EvalConfigError(f"no column {', '.join(map(repr, unknown)) or 'to compare'} in {args.run}; its columns: "
+                              f"{', '.join(labels)}")
+    comparisons = [c for column in wanted for c in paired.compare_columns(records, column, args.baseline)]
+    out = output_folder(args.compare_out or args.run)
+    text = paired.columns_to_markdown(comparisons, args.baseline)
+    write_text(out / "compare.md", text)
+    write_text(out / "compare.json", json.dumps({"baseline": args.baseline, **paired.to_json(comparisons)}, indent=2,
+                                                ensure_ascii=False))
+    print(text, end="")
     return 0
 
 
