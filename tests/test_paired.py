@@ -125,12 +125,12 @@ def test_eval_compare_pairs_every_other_prime_column_with_the_chosen_one(tmp_pat
 
     cells = []
     for t, (unguarded, guarded) in enumerate([("4", "4"), ("5", "4"), ("3", "3")]):
-        for label, pred in (("PriME α=0.5", unguarded), ("PriME α=0.5 rank=0 cap=1", guarded), ("NP", "1")):
+        for label, pred in (("PriME α=0.5", unguarded), ("PriME α=0.5 rank=0 cap=1.0", guarded), ("NP", "1")):
             cells.append(cell(label, 0, f"t{t}", [pred], ["4"], task="LaMP_3") | {"method": "x", "params": {}})
     (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
     assert main(["eval", "compare", str(tmp_path), "--baseline", "PriME α=0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "| LaMP_3 | PriME α=0.5 rank=0 cap=1 | mae ↓ | -0.333 [" in printed and "NP |" not in printed
+    assert "| LaMP_3 | PriME α=0.5 rank=0 cap=1.0 | mae ↓ | -0.333 [" in printed and "NP |" not in printed
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["baseline"] == "PriME α=0.5" and [c["n_queries"] for c in data["comparisons"]] == [3]
     assert main(["eval", "compare", str(tmp_path), "--baseline", "PriME α=0.5", "--columns", "NP",
@@ -138,4 +138,4 @@ def test_eval_compare_pairs_every_other_prime_column_with_the_chosen_one(tmp_pat
     assert "| LaMP_3 | NP | mae ↓ | +2.333 [" in capsys.readouterr().out
     assert main(["eval", "compare", str(tmp_path), "--baseline", "OPPU"]) == 2
     err = capsys.readouterr().err
-    assert "no column 'OPPU'" in err and "its columns: NP, PriME α=0.5, PriME α=0.5 rank=0 cap=1" in err
+    assert "no column 'OPPU'" in err and "its columns: NP, PriME α=0.5, PriME α=0.5 rank=0 cap=1.0" in err
