@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -132,27 +132,26 @@ def columns_to_markdown(comparisons: list[Comparison], baseline: str) -> str:
     """`compare_columns`' table: one row per column, read as that column minus `baseline`."""
     if not comparisons:
         return f"(no column with {baseline} on the same queries)\n"
-    lines = [f"| task | column | metric | minus {baseline} [95% interval] | targets | queries | seeds | reading |",
-             "|" + "---|" * 8]
-    for c in comparisons:
-        arrow = "↑" if c.higher_is_better else "↓"
-        lines.append(f"| {c.task} | {c.method} | {c.metric} {arrow} | {c.mean_difference:+.3f} [{c.low:+.3f}, "
-                     f"{c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict()} |")
-    return "\n".join(lines) + _sample_note(comparisons)
+    return _differences(comparisons, f"minus {baseline}", lambda c: c.method)
 
 
 def runs_to_markdown(comparisons: list[Comparison], *, names: tuple[str, str]) -> str:
     """`compare_runs`' table: one row per column, the difference read as `names[1]` minus `names[0]`."""
     if not comparisons:
         return f"(no column of {names[1]} with the same column of {names[0]} on the same queries)\n"
-    lines = [f"| task | column | metric | {names[1]} minus {names[0]} [95% interval] | targets | queries | seeds | reading |",
-             "|" + "---|" * 8]
     suffix = f" @ {names[1]}"
+    return _differences(comparisons, f"{names[1]} minus {names[0]}", lambda c: c.method.removesuffix(suffix), names[1])
+
+
+def _differences(comparisons: list[Comparison], heading: str, column: Callable[[Comparison], str],
+                 subject: str | None = None) -> str:
+    """One row per comparison: the column, its difference [95% interval] under `heading`, sample sizes, reading."""
+    lines = [f"| task | column | metric | {heading} [95% interval] | targets | queries | seeds | reading |",
+             "|" + "---|" * 8]
     for c in comparisons:
         arrow = "↑" if c.higher_is_better else "↓"
-        lines.append(f"| {c.task} | {c.method.removesuffix(suffix)} | {c.metric} {arrow} | {c.mean_difference:+.3f} "
-                     f"[{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | "
-                     f"{c.verdict(names[1])} |")
+        lines.append(f"| {c.task} | {column(c)} | {c.metric} {arrow} | {c.mean_difference:+.3f} [{c.low:+.3f}, "
+                     f"{c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict(subject)} |")
     return "\n".join(lines) + _sample_note(comparisons)
 
 
