@@ -264,10 +264,10 @@ def test_cli_all_writes_every_result(tmp_path, capsys):
     (["membership", "--sharers", "1"], "sharers must be >= 2"),
     (["recovery", "--max-merges", "0"], "max merges"),
     (["leak", "--release-rank", "-2"], "release rank must be >= 0"),
-    (["leak", "--share-cap", "0"], "--share-cap must be in (0, 1]"),  # not silently lifted to 1/k
-    (["recovery", "--share-cap", "-1"], "--share-cap must be in (0, 1]"),
-    (["leak", "--share-cap", "nan"], "--share-cap must be in (0, 1]"),
-    (["leak", "--share-cap", "1.5"], "--share-cap must be in (0, 1]"),
+    (["leak", "--share-cap", "0"], "the share cap must be in (0, 1]"),  # not silently lifted to 1/k
+    (["recovery", "--share-cap", "-1"], "the share cap must be in (0, 1]"),
+    (["leak", "--share-cap", "nan"], "the share cap must be in (0, 1]"),
+    (["leak", "--share-cap", "1.5"], "the share cap must be in (0, 1]"),
     (["embedding", "--encoders", "nosuch"], "unknown encoder"),
     (["leak", "--model-spec", "/nonexistent/model"], "unknown model spec"),
 ])

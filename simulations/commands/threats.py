@@ -150,7 +150,7 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 
 def _threats(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.share_cap) and 0.0 < args.share_cap <= 1.0):  # before it is lifted to 1/k
-        raise ThreatError(f"--share-cap must be in (0, 1], got {args.share_cap}")
+        raise ThreatError(f"--share-cap: the share cap must be in (0, 1], got {args.share_cap}")
     out = output_folder(args.out)
     meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap,
             "release_rank": args.release_rank}
