@@ -20,6 +20,7 @@ import numpy as np
 
 from common.metrics import higher_is_better, task_metrics
 from common.tasks import get_task
+from simulations.column_labels import shared_note, shared_settings, shorten
 
 METHOD_PREFIX = "PriME"
 BASELINE_PREFIXES = ("NP", "top-1", "uniform", "RAG")
@@ -148,11 +149,13 @@ def _differences(comparisons: list[Comparison], heading: str, column: Callable[[
     """One row per comparison: the column, its difference [95% interval] under `heading`, sample sizes, reading."""
     lines = [f"| task | column | metric | {heading} [95% interval] | targets | queries | seeds | reading |",
              "|" + "---|" * 8]
+    shared = shared_settings(column(c) for c in comparisons)
     for c in comparisons:
         arrow = "↑" if c.higher_is_better else "↓"
-        lines.append(f"| {c.task} | {column(c)} | {c.metric} {arrow} | {c.mean_difference:+.3f} [{c.low:+.3f}, "
-                     f"{c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict(subject)} |")
-    return "\n".join(lines) + _sample_note(comparisons)
+        lines.append(f"| {c.task} | {shorten(column(c), shared)} | {c.metric} {arrow} | {c.mean_difference:+.3f} "
+                     f"[{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | "
+                     f"{c.verdict(subject)} |")
+    return "\n".join(lines) + _sample_note(comparisons) + shared_note(shared)
 
 
 def _sample_note(comparisons: list[Comparison]) -> str:
@@ -166,11 +169,13 @@ def to_markdown(comparisons: list[Comparison]) -> str:
         return "(no PriME column with a baseline on the same queries)\n"
     header = "| task | PriME | minus | metric | difference [95% interval] | targets | queries | seeds | reading |"
     lines = [header, "|" + "---|" * 9]
+    shared = shared_settings(label for c in comparisons for label in (c.method, c.baseline))
     for c in comparisons:
         arrow = "↑" if c.higher_is_better else "↓"
-        lines.append(f"| {c.task} | {c.method} | {c.baseline} | {c.metric} {arrow} | {c.mean_difference:+.3f} "
-                     f"[{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | {c.n_seeds} | {c.verdict()} |")
-    return "\n".join(lines) + _sample_note(comparisons)
+        lines.append(f"| {c.task} | {shorten(c.method, shared)} | {shorten(c.baseline, shared)} | {c.metric} {arrow} | "
+                     f"{c.mean_difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | "
+                     f"{c.n_seeds} | {c.verdict()} |")
+    return "\n".join(lines) + _sample_note(comparisons) + shared_note(shared)
 
 
 def to_json(comparisons: list[Comparison]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from common.atomic import csv_text, output_folder, write_text
 from common.metrics import higher_is_better, parse_label, task_metrics
 from common.tasks import TaskSpec, get_task
 from simulations import paired
+from simulations.column_labels import shared_note, shared_settings, shorten
 
 SIMILARITY = "similarity with sharers"
 QUIRKS = "copied sharer quirks"
@@ -183,8 +184,8 @@ def _metric_name(row: Row) -> str:
     return row.metric if row.diagnostic else f"{row.metric} {'↑' if row.higher_is_better else '↓'}"
 
 
-def _grid(table: Table) -> list[list[str]]:
-    header = ["task", "metric", *table.columns]
+def _grid(table: Table, shared: Iterable[str] = ()) -> list[list[str]]:
+    header = ["task", "metric", *(shorten(c, shared) for c in table.columns)]
     body = [[_task_name(r.task), _metric_name(r), *(r.values[c].text() if c in r.values else "-" for c in table.columns)]
             for r in table.rows]
     return [header, *body]
@@ -200,10 +201,12 @@ def _with_borders(table: Table, grid: list[list[str]]) -> list[list[str]]:
 
 
 def to_markdown(table: Table) -> str:
-    header, *body = _with_borders(table, _grid(table))
+    """The table for reading: settings every column shares are said once under it (`column_labels`)."""
+    shared = shared_settings(table.columns)
+    header, *body = _with_borders(table, _grid(table, shared))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + shared_note(shared)
 
 
 def to_csv(table: Table) -> str:

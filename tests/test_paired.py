@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from simulations.paired import compare, compare_columns, to_json, to_markdown
+from simulations.paired import columns_to_markdown, compare, compare_columns, to_json, to_markdown
 from simulations.tables import write_results
 
 
@@ -139,3 +139,17 @@ def test_eval_compare_pairs_every_other_prime_column_with_the_chosen_one(tmp_pat
     assert main(["eval", "compare", str(tmp_path), "--baseline", "OPPU"]) == 2
     err = capsys.readouterr().err
     assert "no column 'OPPU'" in err and "its columns: NP, PriME α=0.5, PriME α=0.5 rank=0 cap=1.0" in err
+
+
+def test_paired_tables_say_the_shared_settings_once_and_the_json_keeps_full_labels():
+    paper = "opt=ngopt merge=elementwise"
+    records = [cell(f"PriME α={a} {paper}", 0, t, ["comedy"], ["comedy"]) for a in (0, 1) for t in ("t1", "t2")]
+    records += [cell("NP", 0, t, ["action"], ["comedy"]) for t in ("t1", "t2")]
+    comparisons = compare(records)
+    rows = to_markdown(comparisons).splitlines()
+    assert [row.split(" | ")[1:3] for row in rows[2:4]] == [["PriME α=0", "NP"], ["PriME α=1", "NP"]]
+    assert rows[-1].endswith(": opt=ngopt merge=elementwise.")
+    assert {c["method"] for c in to_json(comparisons)["comparisons"]} == {f"PriME α=0 {paper}", f"PriME α=1 {paper}"}
+    with_baseline = compare_columns(records, f"PriME α=1 {paper}", f"PriME α=0 {paper}")
+    assert columns_to_markdown(with_baseline, f"PriME α=0 {paper}").splitlines()[2].startswith(
+        f"| LaMP_2 | PriME α=1 {paper} |")  # one column: nothing is shared, nothing left out

@@ -148,3 +148,28 @@ def test_table1_layout_groups_columns_as_the_paper_and_keeps_the_rest_last(tmp_p
     assert "groups" not in to_json(build_table(cells))
     with pytest.raises(ValueError, match="unknown table layout 'paper'"):
         build_table(cells, layout="paper")
+
+
+def test_markdown_says_settings_every_column_shares_once_and_json_keeps_full_labels():
+    paper = "opt=ngopt merge=elementwise aug=True"
+    labels = [f"PriME α=0 {paper}", f"PriME α=1 {paper}", f"PriME+RAG α=1 {paper}", "OPPU", "OPPU aug=True",
+              "PriME α=1 opt=ngopt merge=exact aug=True", "NP"]
+    cells = [cell(label, 0, "t1", ["3"], ["3"]) for label in labels]
+    table = build_table(cells)
+    header, _, first, *rest = to_markdown(table).splitlines()
+    # opt=ngopt is the same wherever it appears: said once; merge differs and "OPPU" vs "OPPU aug=True" would
+    # collide without aug, so both stay in the names; α stays even where it is constant.
+    assert header == ("| task | metric | PriME α=0 merge=elementwise aug=True | PriME α=1 merge=elementwise aug=True | "
+                      "PriME+RAG α=1 merge=elementwise aug=True | OPPU | OPPU aug=True | "
+                      "PriME α=1 merge=exact aug=True | NP |")
+    assert rest[-1] == ("Settings left out of the column names above (every column that has one has this value): "
+                        "opt=ngopt.")
+    assert to_json(table)["columns"] == labels
+    assert to_csv(table).splitlines()[0] == "task,metric," + ",".join(labels)
+    assert to_markdown(build_table(CELLS)) == MARKDOWN  # nothing shared: no note
+
+
+def test_a_constant_alpha_stays_in_the_column_names():
+    cells = [cell(label, 0, "t1", ["3"], ["3"]) for label in ("PriME α=0.5 cap=1.0", "PriME+RAG α=0.5 cap=1.0")]
+    header = to_markdown(build_table(cells)).splitlines()[0]
+    assert header == "| task | metric | PriME α=0.5 | PriME+RAG α=0.5 |"

@@ -1,0 +1,54 @@
+"""Shorter column names for the markdown reports: settings shared by the whole run are said once.
+
+A column label names its method and every setting that differs from the
+`fast` defaults ("PriME α=0 opt=ngopt merge=elementwise aug=True ..."), so
+the labels stay unique and stable keys of the cell cache. Under another
+preset (`--preset paper`) every PriME column then repeats the same six
+settings and Table 1's header is unreadable. The markdown tables drop a
+`key=value` setting that no column gives another value and state it once
+under the table; JSON and CSV keep the full labels, which are the keys.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+KEPT_KEYS = ("α",)  # the swept parameter a reader looks for in every PriME column, even when only one value ran
+
+
+def _settings(label: str) -> list[tuple[str, str]]:
+    return [tuple(token.split("=", 1)) for token in label.split() if "=" in token]  # type: ignore[misc]
+
+
+def shared_settings(labels: Iterable[str]) -> list[str]:
+    """The `key=value` settings that appear in at least two labels, that no label gives another value, and
+    whose removal leaves every label distinct (a label without the key means the default value, so "OPPU"
+    and "OPPU aug=True" keep their `aug`)."""
+    labels = list(dict.fromkeys(labels))
+    values: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for label in labels:
+        for key, value in _settings(label):
+            values.setdefault(key, set()).add(value)
+            counts[key] = counts.get(key, 0) + 1
+    shared: list[str] = []
+    for key, vals in values.items():
+        if key in KEPT_KEYS or len(vals) != 1 or counts[key] < 2:
+            continue
+        trial = [*shared, f"{key}={next(iter(vals))}"]
+        if len({shorten(label, trial) for label in labels}) == len(labels):
+            shared = trial
+    return shared
+
+
+def shorten(label: str, shared: Iterable[str]) -> str:
+    """`label` without the `shared` settings (the method's name and its other settings stay)."""
+    dropped = set(shared)
+    return " ".join(token for token in label.split() if token not in dropped)
+
+
+def shared_note(shared: list[str]) -> str:
+    """The line under a table that states the dropped settings (empty when none were dropped)."""
+    if not shared:
+        return ""
+    return f"\nSettings left out of the column names above (every column that has one has this value): {' '.join(shared)}.\n"
