@@ -10,6 +10,9 @@
 - `effect_k`, `effect_history_fraction`, `optimizers`, `weight_level`, `tie_break`: the
   utility of PriME (and uniform / LoraHub where they have the axis) along one
   ablation axis, the other parameters fixed;
+- `tradeoffs_beside` (`prime-fl eval tradeoffs`): several runs' trade-offs,
+  a panel each, on one utility axis (e.g. the Eq. 7 search beside the
+  `agreement` one);
 - `convergence`: PriME's best-so-far search objective against fitness evaluations (a point per generation).
 
 Utility is the task's first metric (accuracy, MAE, ROUGE-1) over the pooled
@@ -102,6 +105,18 @@ def tradeoff(
     """Utility vs a privacy measure (`PRIVACY_AXES`) over alpha (PriME at its
     base ablation settings), with reference points; `privacy_metric` names
     what the similarity was measured with (axis, title and every data row)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    rows = _draw_tradeoff(ax, points, task, privacy, privacy_metric)
+    if rows is None:
+        plt.close(fig)
+        return None
+    ax.set_title(f"privacy-utility trade-off, {task}, privacy metric {privacy_metric}")
+    return fig, rows
+
+
+def _draw_tradeoff(ax: plt.Axes, points: list[dict[str, Any]], task: str, privacy: str,
+                   privacy_metric: str) -> list[dict] | None:
+    """`tradeoff`'s curve and reference points on `ax` (None, nothing drawn, without PriME points)."""
     prime = [p for p in points if p["task"] == task and p["method"] == "prime" and p[privacy] is not None]
     base = _base_settings(prime)
     prime = sorted((p for p in prime if all(p["params"].get(a) == v for a, v in base.items())), key=lambda p: p["params"]["alpha"])
@@ -109,7 +124,6 @@ def tradeoff(
             and (p["method"] != "uniform" or p["params"]["k"] == base.get("k", p["params"]["k"]))]
     if not prime:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.errorbar([p[privacy] for p in prime], [p["utility"] for p in prime],
                 xerr=[p[f"{privacy}_std"] for p in prime], yerr=[p["utility_std"] for p in prime], marker="o", label="PriME")
     spots: dict[tuple[float, float], list[str]] = {}  # alphas that landed on the same point share one label
@@ -121,10 +135,44 @@ def tradeoff(
         ax.scatter([p[privacy]], [p["utility"]], marker=marker, s=50, label=p["label"], zorder=3)
     ax.set_xlabel(f"{PRIVACY_AXES[privacy][1]} (privacy metric: {privacy_metric})")
     ax.set_ylabel(_ylabel(prime[0]["metric"]))
-    ax.set_title(f"privacy-utility trade-off, {task}, privacy metric {privacy_metric}")
     ax.legend(fontsize=8)
     rows = [{"series": "PriME", **_row(p)} for p in prime] + [{"series": p["label"], **_row(p)} for p in refs]
-    return fig, [row | {"privacy_metric": privacy_metric} for row in rows]
+    return [row | {"privacy_metric": privacy_metric} for row in rows]
+
+
+def tradeoffs_beside(runs: Mapping[str, list[Mapping[str, Any]]], folder: str | Path) -> dict[str, Any]:
+    """The trade-off of each run in a panel of its own, side by side on one utility axis, per task all runs share.
+
+    For runs that differ in what their similarity means, e.g. a search with
+    the paper's Eq. 7 term (`privacy-metric task`) beside one with
+    `agreement`: each panel's axis is measured as its own run measured it,
+    so the runs are never pooled into one curve. `tradeoffs_quirks_TASK`
+    does the same against copied quirks (one measure for every run) when
+    the runs have it. Writes PNG, CSV and JSON per figure and `index.json`.
+    """
+    folder = output_folder(folder)
+    named = {name: (list(records), _points(list(records))) for name, records in runs.items()}
+    tasks = [t for t in dict.fromkeys(r["task"] for records, _ in named.values() for r in records)
+             if all(any(r["task"] == t for r in records) for records, _ in named.values())]
+    index: dict[str, Any] = {"runs": list(named), "written": [], "skipped": {}}
+    for task in tasks:
+        for privacy, stem in (("similarity", f"tradeoffs_{task}"), ("quirks", f"tradeoffs_quirks_{task}")):
+            fig, axes = plt.subplots(1, len(named), figsize=(5.5 * len(named), 4), sharey=True, squeeze=False)
+            rows: list[dict] = []
+            for ax, (name, (records, points)) in zip(axes[0], named.items()):
+                metric = privacy_metric_of(records, task)
+                drawn = _draw_tradeoff(ax, points, task, privacy, metric)
+                ax.set_title(f"{name}: privacy metric {metric}", fontsize=9)
+                rows += [{"run": name, **row} for row in drawn or []]
+            if {row["run"] for row in rows} != set(named):
+                plt.close(fig)
+                index["skipped"][stem] = "a run has no PriME point with this measure"
+                continue
+            fig.suptitle(f"privacy-utility trade-off, {task}, one panel per run")
+            _save(fig, rows, folder, stem)
+            index["written"].append(stem)
+    write_text(folder / "index.json", json.dumps(index, indent=2))
+    return index
 
 
 def _row(p: Mapping[str, Any]) -> dict[str, Any]:

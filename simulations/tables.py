@@ -225,6 +225,38 @@ def to_json(table: Table) -> dict[str, Any]:
     }
 
 
+# What makes two cells of one (task, label, seed, target) the same cell; a label does not name every setting
+# (the privacy metric, the start, the budget...), so cells of runs that differ there share labels.
+_CELL_IDENTITY = ("method", "params", "privacy_metric", "decoding", "prepare_key")
+
+
+def combine_runs(runs: Mapping[str, list[Mapping[str, Any]]]) -> list[Mapping[str, Any]]:
+    """The cells of several runs (name -> cells) for one table: a cell found in two runs counts once.
+
+    Two cells with the same task, label, seed and target that differ in a
+    setting the label does not name (e.g. one run searched with the
+    `agreement` privacy metric, the other with `task`) would be pooled as one
+    column; that is refused, naming the settings that differ.
+    """
+    seen: dict[tuple[str, str, int, str], tuple[str, Mapping[str, Any]]] = {}
+    combined = []
+    for name, records in runs.items():
+        for r in records:
+            key = (r["task"], r["label"], int(r["seed"]), r["target"])
+            if key not in seen:
+                seen[key] = (name, r)
+                combined.append(r)
+                continue
+            first_name, first = seen[key]
+            differ = [field for field in _CELL_IDENTITY if first.get(field) != r.get(field)]
+            if differ:
+                raise ValueError(
+                    f"column {r['label']!r} (seed {r['seed']}, target {r['target']}) is in {first_name} and {name} "
+                    f"with different {', '.join(differ)}: one table would pool them; table them separately, "
+                    f"or put them beside each other with `prime-fl eval diff` or `prime-fl eval tradeoffs`")
+    return combined
+
+
 def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout: str = "methods") -> list[Path]:
     """The table (`write_tables`, in `layout`) and the paired comparisons: OUT/paired.md, OUT/paired.json."""
     records = list(records)

@@ -9,6 +9,7 @@ import pytest
 
 from simulations.cli import main
 from simulations.plots import write_plots
+from simulations.tables import combine_runs
 
 
 def cell(method, label, params, preds, sim, seed=0, trajectory=()):
@@ -121,3 +122,39 @@ def test_tradeoff_names_its_privacy_metric(tmp_path):
     assert {r["privacy_metric"] for r in json.loads((tmp_path / "old" / "tradeoff_LaMP_2.json").read_text())} == {"agreement"}
     fig, _ = tradeoff(_points(scored), "LaMP_2", privacy_metric="task")
     assert "privacy metric: task" in fig.axes[0].get_xlabel() and "privacy metric task" in fig.axes[0].get_title()
+
+
+def _run_folder(folder, cells):
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"cells": cells}))
+    return str(folder)
+
+
+def test_eval_tradeoffs_puts_each_runs_curve_in_its_own_panel(tmp_path, capsys):
+    eq7 = _run_folder(tmp_path / "eq7", [{**c, "privacy_metric": "task"} for c in CELLS])
+    agreement = _run_folder(tmp_path / "agree", [{**c, "privacy_metric": "agreement", "similarity": c["similarity"] / 2}
+                                                 for c in CELLS])
+    out = tmp_path / "beside"
+    assert main(["eval", "tradeoffs", eq7, agreement, "--out", str(out), "--names", "Eq. 7,agreement"]) == 0
+    assert "tradeoffs_LaMP_2" in capsys.readouterr().out
+    rows = json.loads((out / "tradeoffs_LaMP_2.json").read_text())
+    # Each run's points as that run measured them, never pooled: the same column in both panels, its own x.
+    by_run = {(r["run"], r["label"]): (r["similarity"], r["privacy_metric"]) for r in rows}
+    assert by_run[("Eq. 7", "PriME α=2")] == (0.3, "task") and by_run[("agreement", "PriME α=2")] == (0.15, "agreement")
+    assert (out / "tradeoffs_LaMP_2.png").stat().st_size > 0 and (out / "tradeoffs_LaMP_2.csv").exists()
+    index = json.loads((out / "index.json").read_text())
+    assert index["runs"] == ["Eq. 7", "agreement"] and "tradeoffs_quirks_LaMP_2" in index["skipped"]
+    assert main(["eval", "tradeoffs", eq7, agreement, "--out", str(out), "--names", "one"]) == 2
+    assert "--names must give 2 different names" in capsys.readouterr().err
+
+
+def test_eval_table_counts_a_cell_of_two_runs_once_and_refuses_to_pool_different_searches(tmp_path, capsys):
+    eq7 = _run_folder(tmp_path / "eq7", [{**c, "privacy_metric": "task"} for c in CELLS])
+    again = _run_folder(tmp_path / "again", [{**c, "privacy_metric": "task"} for c in CELLS])
+    agreement = _run_folder(tmp_path / "agree", [{**c, "privacy_metric": "agreement"} for c in CELLS])
+    assert main(["eval", "table", eq7, again, "--out", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert len(combine_runs({"a": CELLS, "b": CELLS})) == len(CELLS)
+    assert main(["eval", "table", eq7, agreement, "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err
+    assert "'NP' (seed 0, target t1)" in err and "different privacy_metric" in err and "eval tradeoffs" in err

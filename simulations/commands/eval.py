@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                              "targets or other methods (DP-SGD sharers excepted; default: none)")
     parser.set_defaults(func=_run)
 
-    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table,diff,compare}")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{plot,table,diff,compare,tradeoffs}")
     plot = sub.add_parser("plot", help="redraw the figures of a finished run")
     plot.add_argument("run", help="a run folder (holding results.json)")
     plot.set_defaults(func=_plot)
@@ -116,6 +116,14 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     compare.add_argument("--out", dest="compare_out", default=None,
                          help="folder for compare.{md,json} (default: the run folder)")
     compare.set_defaults(func=_compare)
+    beside = sub.add_parser("tradeoffs", help="the privacy-utility trade-offs of several runs side by side, a panel "
+                                              "each (e.g. a search with the Eq. 7 term beside one with agreement)")
+    beside.add_argument("runs", nargs="+", help="run folders (holding results.json)")
+    beside.add_argument("--out", dest="tradeoffs_out", required=True,
+                        help="folder for tradeoffs_TASK.{png,csv,json} (and tradeoffs_quirks_TASK on quirk runs)")
+    beside.add_argument("--names", default="", help="comma-separated panel names, one per run (default: the folder "
+                                                    "names)")
+    beside.set_defaults(func=_tradeoffs)
 
 
 _NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_command", "ray", "ray_workers",
@@ -178,8 +186,24 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tradeoffs(args: argparse.Namespace) -> int:
+    from simulations import plots
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else [Path(run).name for run in args.runs]
+    if len(names) != len(args.runs) or not all(names) or len(set(names)) != len(names):
+        raise EvalConfigError(f"--names must give {len(args.runs)} different names, one per run, got {names}")
+    index = plots.tradeoffs_beside({name: experiment.load_results(run) for name, run in zip(names, args.runs)},
+                                   args.tradeoffs_out)
+    print(f"wrote {', '.join(index['written']) or 'no figure'} to {args.tradeoffs_out}"
+          + "".join(f"\nskipped {stem}: {why}" for stem, why in index["skipped"].items()))
+    return 0
+
+
 def _table(args: argparse.Namespace) -> int:
-    records = [r for run in args.runs for r in experiment.load_results(run)]
+    try:
+        records = tables.combine_runs({run: experiment.load_results(run) for run in args.runs})
+    except ValueError as err:
+        raise EvalConfigError(str(err)) from None
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
     tables.write_results(records, args.table_out, layout=args.layout)
