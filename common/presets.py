@@ -22,9 +22,9 @@ from common.settings import SettingError, from_flat, one_of, options, setting
 
 DEFAULT_PRESET = "fast"
 
-# Flat keys (run-config keys and flag names) -> values. A surface takes the keys it has (`rag-k` and `augment` are
-# eval's only).
-EVAL_ONLY = ("rag-k", "augment")
+# Flat keys (run-config keys and flag names) -> values. A surface takes the keys it has (`rag-k`, `augment` and
+# `pag-search` are eval's only).
+EVAL_ONLY = ("rag-k", "augment", "pag-search")
 PRESETS: dict[str, dict[str, Any]] = {
     DEFAULT_PRESET: {},
     "paper": {
@@ -70,6 +70,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rag-k": 1,
         # The official process_profile pairs (profile + BM25 top-1 copies) for the searches and OPPU (eval only).
         "augment": True,
+        # PriME+PAG as the official code gets it: the one merge of PriME's search answers the profile prompts
+        # (pred-profile.json of the same merge), no search of its own (eval only).
+        "pag-search": "shared",
     },
 }
 

@@ -47,6 +47,7 @@ from simulations.methods import Context, MethodResult, get_method
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("np", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
+PAG_SEARCHES = ("own", "shared")  # PriME+PAG: its own search on profile prompts, or PriME's merge (official)
 CELLS_DIR, PREPARE_DIR, RESULTS_FILE, CONFIG_FILE = "cells", "prepare", "results.json", "config.json"
 PRIVACY_FILE = "privacy.json"  # in a DP-SGD sharer's adapter folder: its guarantee, as upload metadata holds it
 
@@ -60,7 +61,7 @@ class EvalConfig:
     """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
 
     out: str
-    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, rag_k and augment (common.presets)
+    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node and EVAL_ONLY's keys (common.presets)
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
@@ -85,6 +86,7 @@ class EvalConfig:
     rag_k: int = 3
     lorahub_l1: float = 0.05
     augment: bool = False  # official process_profile pairs for every search and OPPU (methods/augment.py): 2n-1 per n
+    pag_search: str = "own"  # PriME+PAG: a search on profile prompts of its own, or PriME's merge (`shared`, official)
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -114,6 +116,8 @@ class EvalConfig:
             raise EvalConfigError(f"adapt-sampling must be one of {', '.join(ADAPT_SAMPLINGS)}, got {self.adapt_sampling!r}")
         if self.adapt_sampling == "balanced" and self.synthetic == "headline":
             raise EvalConfigError("adapt-sampling balanced needs a label task (headline's history pairs are text)")
+        if self.pag_search not in PAG_SEARCHES:
+            raise EvalConfigError(f"pag-search must be one of {', '.join(PAG_SEARCHES)}, got {self.pag_search!r}")
         if self.lorahub_l1 < 0:
             raise EvalConfigError(f"lorahub-l1 must be >= 0, got {self.lorahub_l1}")
         for name, values in self.sweeps.items():
@@ -193,7 +197,7 @@ class EvalConfig:
             kwargs["search"] = resolve(SearchConfig, preset, search)
             kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True))
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
-            for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment)
+            for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment, pag-search)
                 kwargs.setdefault(key.replace("-", "_"), preset_values(preset).get(key, own[key.replace("-", "_")].default))
         except SettingError as err:
             raise EvalConfigError(f"{where}: {err}") from None

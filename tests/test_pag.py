@@ -133,6 +133,25 @@ def test_prime_pag_scores_the_prompts_its_queries_are_asked_in(prepared, ctx, mo
     assert method.label(method.params({"alpha": 1.0})) == "PriME+PAG α=1"
 
 
+def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(prepared, ctx, monkeypatch):
+    target = ctx.plan.targets[0]
+    monkeypatch.setattr(pag, "_write_summary", lambda c, p: "most popular tag: comedy")
+    c = fresh(ctx)
+    searches = []
+    real_personalize = prime_module.personalize
+    monkeypatch.setattr(prime_module, "personalize", lambda *a, **k: searches.append(a[3]) or real_personalize(*a, **k))
+    settings = {"budget": 2, "popsize": 2}
+    plain = get_method("prime").run(c, target, get_method("prime").params(settings))
+    method = get_method("prime-pag")
+    shared = method.run(c, target, method.params(settings | {"pag_search": "shared"}))
+    assert len(searches) == 1  # PriME's search, reused: no search on profile prompts
+    assert shared.weights == plain.weights and shared.sharer_ids == plain.sharer_ids
+    assert shared.extra["profile"] == "most popular tag: comedy"
+    assert method.label(method.params({"alpha": 1.0, "pag_search": "shared"})) == "PriME+PAG α=1 search=shared"
+    method.run(c, target, method.params(settings))  # own (the default): a search of its own, on profile prompts
+    assert len(searches) == 2 and searches[1][0][0].startswith("### User Profile:")
+
+
 def _custom(ctx, task: str, profile: list[dict], tmp_path):
     """`ctx` over a one-user dataset of `task` (the run's model), its summary fixed."""
     user = LampUser("u1", profile, [Query("q1", "x", "y")])

@@ -34,7 +34,7 @@ def test_paper_resolves_to_the_documented_values_in_the_run_config():
     flat = config.to_run_config()
     assert flat["preset"] == "paper"
     for key, value in preset_values("paper").items():
-        if key not in EVAL_ONLY:  # rag-k and augment: eval's own keys
+        if key not in EVAL_ONLY:  # rag-k, augment, pag-search: eval's own keys
             assert flat[key] == _run_config_value(value), key
     assert (config.search.budget, config.search.start, config.node.max_history) == (100, "zero", 50)
     train = config.node.train
@@ -64,6 +64,11 @@ def test_paper_takes_the_official_merge_and_augmentation_and_a_key_turns_each_of
     assert EvalConfig.from_mapping(EVAL | {"preset": "paper", "merge": "exact"}).search.merge == "exact"
     assert EvalConfig.from_mapping(EVAL | {"preset": "paper", "augment": False}).augment is False
     assert EvalConfig.from_mapping(EVAL).augment is False  # fast: plain pairs
+    assert EvalConfig.from_mapping(EVAL | {"preset": "paper"}).pag_search == "shared"  # PriME's merge, as official
+    assert EvalConfig.from_mapping(EVAL | {"preset": "paper", "pag_search": "own"}).pag_search == "own"
+    assert EvalConfig.from_mapping(EVAL).pag_search == "own"
+    with pytest.raises(EvalConfigError, match="pag-search must be one of own, shared"):
+        EvalConfig.from_mapping(EVAL | {"pag_search": "both"})
 
 
 def test_every_paper_value_is_in_the_fidelity_table():

@@ -72,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
              "3x the fitness text on CPU; preset paper: on)")
     add("--no-augment", dest="augment", action="store_const", const=False,
         help="plain history pairs only (overrides preset paper's augmentation)")
+    add("--pag-search", choices=experiment.PAG_SEARCHES,
+        help="PriME+PAG's merge: own = a search of its own on history prompts that carry the profile, as its "
+             "queries do (default); shared = PriME's merge at the same settings answers the profile prompts, as the "
+             "official code does (preset paper; costs no search)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
     run_on = parser.add_argument_group("where the cells run (not settings: the results are the same)")

@@ -3,9 +3,10 @@
 PriME + RAG answers each held-out query with the merged adapter on a
 RAG prompt (simulations/methods/rag.py); the merge itself is searched on
 plain history prompts, as in PriME. PriME + PAG answers on PAG prompts
-(simulations/methods/pag.py) and searches on history prompts that carry
-the same profile block, so its fitness scores the prompts it will be
-asked in. With `augment` every variant searches on the official
+(simulations/methods/pag.py) and by default searches on history prompts
+that carry the same profile block, so its fitness scores the prompts it
+will be asked in; with `pag-search shared` (preset paper) it is PriME's
+merge asked with profile prompts, as the official code does. With `augment` every variant searches on the official
 `process_profile` pairs (simulations/methods/augment.py).
 """
 
@@ -90,14 +91,15 @@ class PriME(Method):
         are kept (cells run target by target), so memory stays one target's worth.
         """
         config = self.search_config(ctx, target, params)
-        history_key = (target, self.pag, bool(params["augment"]))  # what the fitness history is made of
+        pag_fitness = self.pag and params["pag_search"] == "own"
+        history_key = (target, pag_fitness, bool(params["augment"]))  # what the fitness history is made of
         key = ("prime-search", *history_key, config)
         if key in ctx.cache:
             return ctx.cache[key], True
         for old in [k for k in ctx.cache if isinstance(k, tuple) and k[:1] in (("prime-search",), ("prime-baselines",))
                     and k[1] != target]:
             del ctx.cache[old]
-        history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=self.pag)
+        history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=pag_fitness)
         baselines = ctx.cache.setdefault(("prime-baselines", *history_key), {})  # shared by this history's alphas
         result = personalize(ctx.model, ctx.tokenizer, ctx.task, history, ctx.embeddings[target], ctx.sharers(),
                              config, progress=ctx.progress, baseline_cache=baselines)
@@ -114,6 +116,17 @@ class PriMERAG(PriME):
 
 @register
 class PriMEPAG(PriME):
+    """PriME's merge asked with the profile prompts. `pag_search` = own: the merge of a search whose history
+    prompts carry the same profile block (the fitness scores the prompts the column is asked in); shared: PriME's
+    own merge at the same settings, as the official code answers pred-profile.json with its one merge."""
+
     name = "prime-pag"
     title = "PriME+PAG"
     pag = True
+    defaults = {**PriME.defaults, "pag_search": "own"}
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        return [params | {"pag_search": config.pag_search} for params in super().grid(config)]
+
+    def label(self, params: Mapping) -> str:
+        return super().label(params) + (f" search={params['pag_search']}" if params["pag_search"] != "own" else "")
