@@ -69,6 +69,7 @@ class EvalConfig:
     synth_seed: int = 0
     methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: int = 1
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: a long grid split across sessions or machines
     model_spec: str = "gemma3-270m"
     model_cache: str | None = None
     device: str = "auto"  # where the LLM runs (common.models.resolve_device); GPU cells have their own cache keys
@@ -110,6 +111,8 @@ class EvalConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise EvalConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.first_seed < 0:
+            raise EvalConfigError(f"first-seed must be >= 0, got {self.first_seed}")
         if not 0 <= self.adapt_fraction < 1:
             raise EvalConfigError(f"adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
         if self.adapt_sampling not in ADAPT_SAMPLINGS:
@@ -518,7 +521,7 @@ def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prep
     embeddings = embed_users(encoder, dataset)
     save_embeddings(Path(config.out) / PREPARE_DIR / "embeddings.npz", embeddings, encoder.name)
     plans = {seed: make_plan(dataset, embeddings, config.adapt_fraction, config.targets, config.sharers, seed)
-             for seed in range(config.seeds)}
+             for seed in range(config.first_seed, config.first_seed + config.seeds)}
     store = None if adapter_store is None else Path(adapter_store).expanduser()
     if store is not None and store.exists() and not store.is_dir():
         raise EvalConfigError(f"--adapter-store {store} is not a folder")

@@ -85,6 +85,15 @@ def test_an_adapter_store_that_is_a_file_is_a_one_line_error(tmp_path):
         experiment.prepare(_config(tmp_path / "a", methods="np"), adapter_store=tmp_path / "store")
 
 
+def test_a_grid_split_by_first_seed_is_the_whole_grid(tmp_path):
+    later = run_grid(_config(tmp_path, seeds=1, first_seed=1), progress=False)
+    assert {r["seed"] for r in later.records} == {1} and later.computed == N_CELLS
+    whole = run_grid(_config(tmp_path, seeds=2), progress=False)
+    assert (whole.computed, whole.reused) == (N_CELLS, N_CELLS)  # seed 1 from the cache, seed 0 computed
+    alone = run_grid(_config(tmp_path / "alone", seeds=2), progress=False)
+    assert [r["predictions"] for r in whole.records] == [r["predictions"] for r in alone.records]
+
+
 def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
     prime = METHODS["prime"]
     real_run = prime.run
@@ -290,6 +299,7 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"popsize": 1}, "popsize must be >= 2"),
         ({"targets": 0}, "targets must be >= 1"),
         ({"seeds": 1.5}, "expected an integer"),
+        ({"first_seed": -1}, "first-seed must be >= 0"),
         ({"colour": "red"}, "unknown key 'colour'"),
         ({"synthetic": "rating", "synth_quirks": True}, "--synth-quirks needs --synthetic tagging"),
         ({"ks": "2,5"}, "k=5 is more than the 4 sharers per seed"),

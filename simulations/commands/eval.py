@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--methods", help=f"{_LIST}: np, rag, pag, pag-rag, oppu, oppu-rag, oppu-pag, top1, uniform, lorahub, prime, "
                           "prime-rag, prime-pag (default: np, rag, oppu, top1, uniform, lorahub, prime)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
+    add("--first-seed", type=int, help="run seeds S..S+N-1 instead (default 0): one grid split across sessions or "
+                                       "machines; each seed's cells are the same as in the whole run, so a later "
+                                       "run of all seeds into the same folder takes them from the cache")
     add_model_options(parser, default=None, spec_help="gemma3-270m (default), tiny (tests), or an HF model folder")
     add("--encoder", help="user encoder: minilm (default), hashing[:DIM], or a sentence-transformers folder")
     add("--targets", type=int, help="target users per seed (default 4)")
