@@ -47,6 +47,12 @@ def shorten(label: str, shared: Iterable[str]) -> str:
     return " ".join(token for token in label.split() if token not in dropped)
 
 
+def without_settings(label: str, keys: Iterable[str]) -> str:
+    """`label` without its `key=value` settings for `keys`, e.g. to pair the columns of two runs that differ in them."""
+    keys = set(keys)
+    return " ".join(token for token in label.split() if "=" not in token or token.split("=", 1)[0] not in keys)
+
+
 def shared_note(shared: list[str]) -> str:
     """The line under a table that states the dropped settings (empty when none were dropped)."""
     if not shared:

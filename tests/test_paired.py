@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,29 @@ def test_paired_tables_say_the_shared_settings_once_and_the_json_keeps_full_labe
     with_baseline = compare_columns(records, f"PriME α=1 {paper}", f"PriME α=0 {paper}")
     assert columns_to_markdown(with_baseline, f"PriME α=0 {paper}").splitlines()[2].startswith(
         f"| LaMP_2 | PriME α=1 {paper} |")  # one column: nothing is shared, nothing left out
+
+
+def test_eval_diff_pairs_columns_that_differ_only_in_the_settings_left_out(tmp_path, capsys):
+    from simulations.cli import main
+
+    def run(name, merge, preds):
+        folder = tmp_path / name
+        folder.mkdir()
+        suffix = f" merge={merge}" if merge else ""
+        cells = [cell(f"PriME α=1{suffix} aug=True", 0, f"t{t}", [p], ["4"], task="LaMP_3") | {"method": "prime", "params": {}}
+                 for t, p in enumerate(preds)]
+        (folder / "results.json").write_text(json.dumps({"cells": cells}))
+        return str(folder)
+
+    elementwise, exact = run("ew", "elementwise", ["5", "5"]), run("ex", None, ["4", "5"])
+    argv = ["eval", "diff", elementwise, exact, "--names", "elementwise,exact", "--out", str(tmp_path / "d")]
+    assert main(argv) == 0
+    assert "no column of exact" in capsys.readouterr().out  # the labels differ: nothing paired
+    assert main([*argv, "--match-without", "merge"]) == 0
+    assert "| LaMP_3 | PriME α=1 aug=True | mae ↓ | -0.500 [" in capsys.readouterr().out
+    both = tmp_path / "both"
+    both.mkdir()
+    cells = [json.loads(Path(p, "results.json").read_text())["cells"][0] for p in (elementwise, exact)]
+    (both / "results.json").write_text(json.dumps({"cells": cells}))
+    assert main(["eval", "diff", str(both), exact, "--out", str(tmp_path / "e"), "--match-without", "merge"]) == 2
+    assert "would pair as one" in capsys.readouterr().err

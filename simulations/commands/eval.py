@@ -24,6 +24,7 @@ from common.presets import PresetChoice
 from common.settings import SearchConfig
 from common.synthetic import SyntheticConfig
 from simulations import experiment, paired, tables
+from simulations.column_labels import without_settings
 from simulations.experiment import EvalConfig, EvalConfigError
 from simulations.model_options import add_model_options
 from simulations.options import add_setting_options
@@ -112,6 +113,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     diff.add_argument("after", help="a run folder on the same data, split and targets")
     diff.add_argument("--out", dest="diff_out", required=True, help="folder for table.{md,csv,json} and diff.{md,json}")
     diff.add_argument("--names", default="before,after", help="the two runs' names in the tables (default before,after)")
+    diff.add_argument("--match-without", default="", metavar="KEYS",
+                      help="comma-separated label settings (e.g. merge) left out before the columns are paired, for "
+                           "two runs that differ in exactly those settings (default: pair identical labels)")
     diff.set_defaults(func=_diff)
     compare = sub.add_parser("compare", help="columns of one run against one of its columns (e.g. each guarded "
                                              "PriME minus the unguarded one) on the same queries, with intervals")
@@ -168,6 +172,17 @@ def _diff(args: argparse.Namespace) -> int:
     if len(names) != 2 or not all(names) or names[0] == names[1]:
         raise EvalConfigError(f"--names must be two different names separated by a comma, got {args.names!r}")
     before, after = experiment.load_results(args.before), experiment.load_results(args.after)
+    keys = [key.strip() for key in args.match_without.split(",") if key.strip()]
+    if keys:
+        for name, run in zip(names, (before, after)):
+            merged: dict[str, set[str]] = {}
+            for r in run:
+                merged.setdefault(without_settings(r["label"], keys), set()).add(r["label"])
+            clash = next((sorted(labels) for labels in merged.values() if len(labels) > 1), None)
+            if clash:
+                raise EvalConfigError(f"--match-without {args.match_without}: columns {clash} of {name} would pair "
+                                      f"as one")
+        before, after = ([dict(r, label=without_settings(r["label"], keys)) for r in run] for run in (before, after))
     tables.write_diff(before, after, names, args.diff_out)
     print((Path(args.diff_out) / "table.md").read_text(), end="")
     print((Path(args.diff_out) / "diff.md").read_text(), end="")
