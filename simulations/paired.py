@@ -174,7 +174,7 @@ def to_markdown(comparisons: list[Comparison]) -> str:
         arrow = "↑" if c.higher_is_better else "↓"
         lines.append(f"| {c.task} | {shorten(c.method, shared)} | {shorten(c.baseline, shared)} | {c.metric} {arrow} | "
                      f"{c.mean_difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] | {c.n_targets} | {c.n_queries} | "
-                     f"{c.n_seeds} | {c.verdict()} |")
+                     f"{c.n_seeds} | {c.verdict(shorten(c.method, shared))} |")
     return "\n".join(lines) + _sample_note(comparisons) + shared_note(shared)
 
 
