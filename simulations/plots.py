@@ -151,7 +151,7 @@ def tradeoffs_beside(runs: Mapping[str, list[Mapping[str, Any]]], folder: str | 
     the runs have it. Writes PNG, CSV and JSON per figure and `index.json`.
     """
     folder = output_folder(folder)
-    named = {name: (list(records), _points(list(records))) for name, records in runs.items()}
+    named = {name: (records, _points(records)) for name, records in ((n, list(r)) for n, r in runs.items())}
     tasks = [t for t in dict.fromkeys(r["task"] for records, _ in named.values() for r in records)
              if all(any(r["task"] == t for r in records) for records, _ in named.values())]
     index: dict[str, Any] = {"runs": list(named), "written": [], "skipped": {}}
