@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.adapters import LoraAdapter
+from common import safe_json
+from common.adapters import AdapterError, LoraAdapter
 from common.atomic import replace_folder
+from common.errors import PrimeError
 from common.lora_math import MERGES
 from common.progress import report as report_progress
 from common.settings import SearchConfig, SearchConfigError
@@ -33,6 +35,10 @@ from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
 RESULT_FILE = "result.json"
+
+
+class ResultFileError(PrimeError, ValueError):
+    """A saved personalization that cannot be read back as the search asked for."""
 
 
 def check_optimizer(config: SearchConfig) -> None:
@@ -111,6 +117,37 @@ class PersonalizationResult:
             (tmp / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2))
             (tmp / "trajectory.json").write_text(json.dumps(self.trajectory, indent=2))
         return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, config: SearchConfig) -> "PersonalizationResult":
+        """Read back what `save` wrote for a search with `config`, to skip running that search again.
+
+        Raises `ResultFileError` when the folder is incomplete or malformed, or
+        was written with other settings: a cache must never hand one search's
+        merge to another search.
+        """
+        directory = Path(directory)
+        path = directory / RESULT_FILE
+        try:
+            summary = safe_json.loads(path.read_bytes())
+            trajectory = safe_json.loads((directory / "trajectory.json").read_bytes())
+        except (OSError, safe_json.UnsafeJsonError) as err:
+            raise ResultFileError(f"{directory}: unreadable saved search ({err})") from None
+        if not isinstance(summary, dict) or not isinstance(trajectory, list):
+            raise ResultFileError(f"{path}: not a saved search")
+        if summary.get("config") != json.loads(json.dumps(asdict(config))):
+            raise ResultFileError(f"{path}: saved for other search settings")
+        plain = {f.name for f in fields(cls)} - {"adapter", "trajectory", "config", "best", "unmerged", "extra"}
+        try:
+            values = {name: summary[name] for name in plain if name in summary}
+            extra = {k: v for k, v in summary.items() if k not in plain | {"config", "best", "unmerged"}}
+            best, unmerged = (FitnessParts(**(summary[name] | {"similarity": tuple(summary[name]["similarity"])}))
+                              for name in ("best", "unmerged"))
+            adapter = None if summary["fallback"] else LoraAdapter.load(directory / "adapter")
+            return cls(adapter=adapter, trajectory=trajectory, config=config, best=best, unmerged=unmerged,
+                       **values, extra=extra)
+        except (KeyError, TypeError, AdapterError) as err:
+            raise ResultFileError(f"{path}: not a saved search ({err})") from None
 
 
 def applied_share_cap(cap: float, k: int) -> float:

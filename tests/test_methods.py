@@ -194,5 +194,30 @@ def test_prime_rag_reuses_primes_search_of_the_same_target_and_settings(prepared
     get_method("prime").run(ctx, second, get_method("prime").params(params))
     assert len(calls) == 3
     assert all(key[1] == second for key in ctx.cache if isinstance(key, tuple) and key[0] == "prime-search")
-    get_method("prime").run(ctx, first, get_method("prime").params(params))
-    assert len(calls) == 4
+    # back to the first target: its search comes from the seed's prepare folder, not run again
+    again = get_method("prime").run(ctx, first, get_method("prime").params(params))
+    assert len(calls) == 3
+    assert again.weights == plain.weights and again.predictions == plain.predictions
+    assert again.extra["search_reused"] is True
+
+
+def test_a_later_run_loads_prime_searches_from_the_prepare_folder(prepared, monkeypatch):
+    """PriME+PAG (pag-search shared) added to a finished grid reuses PriME's saved search; a damaged one is redone."""
+    import simulations.methods.prime as prime_module
+    from simulations.methods.prime import SEARCHES_DIR
+
+    calls = []
+    real = prime_module.personalize
+    monkeypatch.setattr(prime_module, "personalize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ctx = prepared.context(0, progress=False)
+    target = ctx.plan.targets[0]
+    params = {"budget": 2, "popsize": 2, "alpha": 0.3}
+    plain = get_method("prime").run(ctx, target, get_method("prime").params(params))
+    ctx.cache.clear()  # a new process: nothing in memory
+    shared = get_method("prime-pag").run(ctx, target, get_method("prime-pag").params(params | {"pag_search": "shared"}))
+    assert len(calls) == 1 and shared.weights == plain.weights and shared.extra["search_reused"] is True
+    for result_file in (prepared.folder(0) / SEARCHES_DIR / target).glob("*/result.json"):
+        result_file.write_text("[]")
+    ctx.cache.clear()
+    redone = get_method("prime").run(ctx, target, get_method("prime").params(params))
+    assert len(calls) == 2 and redone.weights == plain.weights and "search_reused" not in redone.extra

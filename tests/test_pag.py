@@ -133,10 +133,10 @@ def test_prime_pag_scores_the_prompts_its_queries_are_asked_in(prepared, ctx, mo
     assert method.label(method.params({"alpha": 1.0})) == "PriME+PAG α=1"
 
 
-def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(prepared, ctx, monkeypatch):
+def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(prepared, ctx, monkeypatch, tmp_path):
     target = ctx.plan.targets[0]
     monkeypatch.setattr(pag, "_write_summary", lambda c, p: "most popular tag: comedy")
-    c = fresh(ctx)
+    c = fresh(ctx, folder=tmp_path)  # no searches saved by the other tests
     searches = []
     real_personalize = prime_module.personalize
     monkeypatch.setattr(prime_module, "personalize", lambda *a, **k: searches.append(a[3]) or real_personalize(*a, **k))
@@ -150,6 +150,12 @@ def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(p
     assert method.label(method.params({"alpha": 1.0, "pag_search": "shared"})) == "PriME+PAG α=1 search=shared"
     method.run(c, target, method.params(settings))  # own (the default): a search of its own, on profile prompts
     assert len(searches) == 2 and searches[1][0][0].startswith("### User Profile:")
+    method.run(fresh(c), target, method.params(settings))  # a later run: the saved search
+    assert len(searches) == 2
+    monkeypatch.setattr(pag, "_write_summary", lambda c, p: "most popular tag: drama")
+    (tmp_path / pag.PROFILES_DIR / f"{target}.json").unlink()
+    method.run(fresh(c), target, method.params(settings))  # another summary: another history, searched anew
+    assert len(searches) == 3 and "drama" in searches[2][0][0]
 
 
 def _custom(ctx, task: str, profile: list[dict], tmp_path):

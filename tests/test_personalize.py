@@ -18,7 +18,7 @@ from common.models import tiny_model
 from common.synthetic import synthesize
 from common.settings import SearchConfig, SearchConfigError
 from server.fitness import FitnessEvaluator
-from server.personalize import personalize
+from server.personalize import PersonalizationResult, ResultFileError, personalize
 from server.release import kept_energy, release
 from server.selection import MinSharersError
 from simulations.cli import main
@@ -72,6 +72,25 @@ def test_personalize_merges_top_k_reproducibly(world, tmp_path):
     assert summary["config"]["k"] == 3
     assert json.loads((out / "trajectory.json").read_text()) == a.trajectory
     assert LoraAdapter.load(out / "adapter", base_model=model).r == 3 * 2
+    back = PersonalizationResult.load(out, config)
+    assert back.summary() == a.summary() and back.trajectory == a.trajectory
+    assert all(torch.equal(back.adapter.tensors[k], v) for k, v in a.adapter.tensors.items())
+
+
+def test_a_saved_search_is_refused_for_other_settings_and_when_damaged(world, tmp_path):
+    """What the eval grid's search cache relies on: a saved result comes back only for the search that wrote it."""
+    config = SearchConfig(k=2, seed=0, **FAST)
+    out = _run(world, config).save(tmp_path / "res")
+    with pytest.raises(ResultFileError, match="other search settings"):
+        PersonalizationResult.load(out, SearchConfig(k=2, seed=1, **FAST))
+    (out / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ResultFileError, match="not a saved search"):
+        PersonalizationResult.load(out, config)
+    (out / "trajectory.json").write_text("{")
+    with pytest.raises(ResultFileError, match="unreadable"):
+        PersonalizationResult.load(out, config)
+    with pytest.raises(ResultFileError, match="unreadable"):
+        PersonalizationResult.load(tmp_path / "missing", config)
 
 
 @pytest.fixture()

@@ -12,13 +12,16 @@ merge asked with profile prompts, as the official code does. With `augment` ever
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from common.settings import SearchConfig, options
-from server.personalize import PersonalizationResult, personalize, target_seed
+from server.personalize import PersonalizationResult, ResultFileError, personalize, target_seed
 from simulations.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
 from simulations.methods.augment import AUGMENTED, fitness_history
 from simulations.methods.pag import pag_prompts, profile_summary
@@ -27,6 +30,7 @@ from simulations.methods.rag import rag_prompts
 if TYPE_CHECKING:
     from simulations.experiment import EvalConfig
 
+SEARCHES_DIR = "searches"
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
 # Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
@@ -80,7 +84,7 @@ class PriME(Method):
         )
 
     def search(self, ctx: Context, target: str, params: Mapping) -> tuple[PersonalizationResult, bool]:
-        """The target's personalization, and whether it was taken from an earlier cell of this run.
+        """The target's personalization, and whether it was taken from an earlier cell or run.
 
         PriME and PriME + RAG search on the same history prompts with the same
         settings and seed, so their searches are the same computation: the
@@ -89,6 +93,9 @@ class PriME(Method):
         alphas reuse the sharers' and the unmerged model's answers
         (`personalize`'s `baseline_cache`). Only the current target's entries
         are kept (cells run target by target), so memory stays one target's worth.
+        Each search is also saved in the seed's prepare folder (`_saved_search`,
+        the released adapter and result.json, a few MB on Gemma) and loaded
+        from there when asked again by a later run.
         """
         config = self.search_config(ctx, target, params)
         pag_fitness = self.pag and params["pag_search"] == "own"
@@ -100,11 +107,37 @@ class PriME(Method):
                     and k[1] != target]:
             del ctx.cache[old]
         history = fitness_history(ctx, target, augment=bool(params["augment"]), pag=pag_fitness)
+        saved = _saved_search(ctx, target, history, config)
+        loaded = _load_search(saved, config)
+        if loaded is not None:
+            ctx.cache[key] = loaded
+            return loaded, True
         baselines = ctx.cache.setdefault(("prime-baselines", *history_key), {})  # shared by this history's alphas
         result = personalize(ctx.model, ctx.tokenizer, ctx.task, history, ctx.embeddings[target], ctx.sharers(),
                              config, progress=ctx.progress, baseline_cache=baselines)
+        if saved is not None:
+            result.save(saved)
         ctx.cache[key] = result
         return result, False
+
+
+def _saved_search(ctx: Context, target: str, history: list[tuple[str, str]], config: SearchConfig) -> Path | None:
+    """Where a search of the seed's prepared inputs is kept (OUT/prepare/.../searches/TARGET/HASH), so a later
+    run (PriME+PAG added to a finished grid, a lost cell) loads it instead of searching again. The hash is of
+    the fitness history itself, not of how it was made: a rewritten profile summary is a new search."""
+    if ctx.folder is None:
+        return None
+    digest = hashlib.sha256(json.dumps([history, asdict(config)], sort_keys=True).encode()).hexdigest()[:16]
+    return ctx.folder / SEARCHES_DIR / target / digest
+
+
+def _load_search(path: Path | None, config: SearchConfig) -> PersonalizationResult | None:
+    if path is None:
+        return None
+    try:
+        return PersonalizationResult.load(path, config)
+    except ResultFileError:
+        return None  # not written yet, or unusable: searched again and written anew
 
 
 @register
