@@ -695,18 +695,28 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
     """The cells of a finished run (OUT/results.json)."""
     path = Path(out) / RESULTS_FILE
-    try:
-        data = safe_json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise EvalConfigError(f"{path}: missing (run `prime-fl eval` first)") from None
-    except (OSError, safe_json.UnsafeJsonError) as err:
-        raise EvalConfigError(f"{path}: unreadable ({err})") from None
+    data = _read_results(path)
     cells = data.get("cells") if isinstance(data, dict) else None
     if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
         raise EvalConfigError(f"{path}: field 'cells' must be a list of objects")
     for i, cell in enumerate(cells):
         _check_cell(cell, f"{path}: cell {i}")
     return cells
+
+
+def results_complete(out: str | Path) -> bool:
+    """Whether OUT/results.json says its grid finished (false for an interrupted run or a folder that says so)."""
+    data = _read_results(Path(out) / RESULTS_FILE)
+    return isinstance(data, dict) and data.get("complete") is True
+
+
+def _read_results(path: Path) -> Any:
+    try:
+        return safe_json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise EvalConfigError(f"{path}: missing (run `prime-fl eval` first)") from None
+    except (OSError, safe_json.UnsafeJsonError) as err:
+        raise EvalConfigError(f"{path}: unreadable ({err})") from None
 
 
 def _check_cell(cell: dict[str, Any], where: str) -> None:

@@ -102,7 +102,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     plot.set_defaults(func=_plot)
     table = sub.add_parser("table", help="one table from one or more runs")
     table.add_argument("runs", nargs="+", help="run folders (holding results.json)")
-    table.add_argument("--out", dest="table_out", required=True, help="folder for table.{md,csv,json}")
+    table.add_argument("--out", dest="table_out", required=True, help="folder for table.{md,csv,json} and paired.{md,json}; "
+                       "with several runs also results.json, their cells each once (a run folder for plot, diff, "
+                       "compare and tradeoffs)")
     table.add_argument("--layout", choices=tables.LAYOUTS, default="methods",
                        help="methods: columns in run order (default); table1: the paper's Table 1 groups "
                             "NP RAG PAG PAG+RAG | PriME +RAG +PAG | OPPU +RAG +PAG | top-1 uniform LoraHub")
@@ -229,6 +231,12 @@ def _table(args: argparse.Namespace) -> int:
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
     tables.write_results(records, args.table_out, layout=args.layout)
+    out = Path(args.table_out).resolve()
+    if len(args.runs) > 1 and all(Path(run).resolve() != out for run in args.runs):
+        # The combined cells, so `eval plot/diff/compare/tradeoffs` take this folder as they take a run.
+        sources = {run: experiment.results_complete(run) for run in args.runs}
+        write_text(out / experiment.RESULTS_FILE, json.dumps(
+            {"runs": sources, "complete": all(sources.values()), "cells": records}, indent=2, ensure_ascii=False))
     print(tables.to_markdown(tables.build_table(records, layout=args.layout)), end="")
     print((Path(args.table_out) / "paired.md").read_text(), end="")
     return 0
