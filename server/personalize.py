@@ -137,6 +137,7 @@ class PersonalizationResult:
             raise ResultFileError(f"{path}: not a saved search")
         if summary.get("config") != json.loads(json.dumps(asdict(config))):
             raise ResultFileError(f"{path}: saved for other search settings")
+        _check_saved(summary, path)
         plain = {f.name for f in fields(cls)} - {"adapter", "trajectory", "config", "best", "unmerged", "extra"}
         try:
             values = {name: summary[name] for name in plain if name in summary}
@@ -148,6 +149,34 @@ class PersonalizationResult:
                        **values, extra=extra)
         except (KeyError, TypeError, AdapterError) as err:
             raise ResultFileError(f"{path}: not a saved search ({err})") from None
+
+
+def _check_saved(summary: dict, path: Path) -> None:
+    """The fields a cell is built from, with their types and finite numbers: a damaged or hand-edited file is
+    refused (and the search redone), never turned into a wrong cell."""
+    fallback, weights, ids = summary.get("fallback"), summary.get("weights"), summary.get("sharer_ids")
+    if not isinstance(fallback, bool):
+        raise ResultFileError(f"{path}: field 'fallback' must be true or false")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ResultFileError(f"{path}: field 'sharer_ids' must be a non-empty list of strings")
+    if (weights is None) != fallback:
+        raise ResultFileError(f"{path}: field 'weights' must be null exactly when fallback is true")
+    for name in ("best", "unmerged"):
+        part = summary.get(name)
+        if not isinstance(part, dict) or not all(_finite(part.get(f)) for f in ("utility", "privacy", "objective",
+                                                                               "similarity")):
+            raise ResultFileError(f"{path}: field {name!r} must hold finite scores")
+    if weights is not None and not _finite(weights):
+        raise ResultFileError(f"{path}: field 'weights' must be finite numbers")
+
+
+def _finite(value: Any) -> bool:
+    """A number or a (nested, rectangular) list of numbers, none NaN or infinite; no strings, booleans or nulls."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        return False
+    return array.dtype.kind in "iuf" and bool(np.isfinite(array).all())
 
 
 def applied_share_cap(cap: float, k: int) -> float:

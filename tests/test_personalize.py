@@ -83,6 +83,25 @@ def test_a_saved_search_is_refused_for_other_settings_and_when_damaged(world, tm
     out = _run(world, config).save(tmp_path / "res")
     with pytest.raises(ResultFileError, match="other search settings"):
         PersonalizationResult.load(out, SearchConfig(k=2, seed=1, **FAST))
+    good = json.loads((out / "result.json").read_text())
+    hostile = {  # what a damaged or hand-edited file may say: each one refused, none a wrong cell
+        "fallback": ({"fallback": "no"}, "'fallback' must be true or false"),
+        "NaN weight": ({"weights": [float("nan"), 0.1]}, "'weights' must be finite"),
+        "string weights": ({"weights": ["0.5", "0.1"]}, "'weights' must be finite"),
+        "ragged weights": ({"weights": [[0.5], [0.1, 0.2]]}, "'weights' must be finite"),
+        "weights on a fallback": ({"fallback": True}, "null exactly when fallback"),
+        "ids": ({"sharer_ids": [1, 2]}, "'sharer_ids' must be"),
+        "scores": ({"best": good["best"] | {"objective": float("inf")}}, "'best' must hold finite scores"),
+        "missing score": ({"unmerged": {"utility": 0.5}}, "'unmerged' must hold finite scores"),
+    }
+    for name, (change, message) in hostile.items():
+        (out / "result.json").write_text(json.dumps(good | change))
+        with pytest.raises(ResultFileError, match=message):
+            PersonalizationResult.load(out, config)
+    (out / "result.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ResultFileError, match="unreadable"):
+        PersonalizationResult.load(out, config)
+    (out / "result.json").write_text(json.dumps(good))
     (out / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(ResultFileError, match="not a saved search"):
         PersonalizationResult.load(out, config)

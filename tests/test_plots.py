@@ -158,7 +158,8 @@ def test_eval_table_counts_a_cell_of_two_runs_once_and_refuses_to_pool_different
     assert len(combine_runs({"a": CELLS, "b": CELLS})) == len(CELLS)
     # The combined folder is a run folder of its own: its cells once each, and whether every source run finished.
     combined = json.loads((tmp_path / "t" / "results.json").read_text())
-    assert combined["cells"] == [{**c, "privacy_metric": "task"} for c in CELLS] and combined["runs"] == {eq7: False, again: False} and not combined["complete"]
+    assert combined["cells"] == [{**c, "privacy_metric": "task"} for c in CELLS]
+    assert combined["runs"] == {eq7: False, again: False} and not combined["complete"]
     assert main(["eval", "plot", str(tmp_path / "t")]) == 0 and (tmp_path / "t" / "plots" / "index.json").is_file()
     before = Path(eq7, "results.json").read_text()
     assert main(["eval", "table", eq7, again, "--out", eq7]) == 0  # a table written into a run keeps its results
