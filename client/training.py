@@ -137,6 +137,26 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_
     return encoded
 
 
+def padded_batch(batch: list[tuple[list[int], int]], pad_id: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, predict) of a right-padded batch of `encode_pairs` rows; `predict` marks the
+    positions whose *next* token is a target token (or the EOS), the ones the loss reads."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    predict = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (seq, n_prompt) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        predict[row, n_prompt - 1 : len(seq) - 1] = True
+    return ids.to(device), mask.to(device), predict.to(device)
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id training pads with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int, per_example: bool = False) -> torch.Tensor:
     """Mean cross-entropy over target + EOS tokens of a right-padded batch.
 
@@ -145,16 +165,7 @@ def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int, per_exam
     row; a mean over the batch's tokens would weigh a row by the others'
     lengths).
     """
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    predict = torch.zeros_like(ids, dtype=torch.bool)  # positions whose *next* token is a target token
-    for row, (seq, n_prompt) in enumerate(batch):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        predict[row, n_prompt - 1 : len(seq) - 1] = True
-    device = next(model.parameters()).device
-    ids, mask, predict = ids.to(device), mask.to(device), predict.to(device)
+    ids, mask, predict = padded_batch(batch, pad_id, next(model.parameters()).device)
     hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = ids[:, 1:][predict[:, :-1]]
     logits = lm_logits(model, hidden[predict])
@@ -187,7 +198,7 @@ def train_lora(
     from peft import get_peft_model, set_peft_model_state_dict
 
     encoded = encode_pairs(tokenizer, pairs, config.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     if init is not None and (init.r, tuple(sorted(init.target_modules))) != (config.r, tuple(sorted(config.target_modules))):
         raise TrainingError(
             f"initial adapter (r={init.r}, {list(init.target_modules)}) does not match the training config "

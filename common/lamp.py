@@ -223,6 +223,12 @@ def _keep_common_items(users: Any, common: Mapping[str, set[str]], path: Path) -
         log.info("%s: %d profile items left out (not in every question of their user)", path, dropped)
 
 
+def read_task(path: str | Path, split: str | None = None) -> TaskSpec:
+    """The task of a LaMP folder, from its outputs file alone (checked as `load_lamp` checks it), for settings that
+    depend on the task before the data is loaded (a preset's per-task values)."""
+    return _read_outputs(_resolve_files(Path(path), split)[1])[0]
+
+
 def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
     """Load and validate a LaMP directory; `split` picks train/dev when both exist."""
     questions_path, outputs_path = _resolve_files(Path(path), split)

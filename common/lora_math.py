@@ -61,7 +61,11 @@ def layer_ids(modules: Sequence[str]) -> list[int]:
 
 
 def per_module_weights(weights: torch.Tensor, modules: Sequence[str], k: int) -> dict[str, torch.Tensor]:
-    """Expand LoRA-level [k] or layer-level [k, n_layers] weights to one [k] vector per module."""
+    """Expand LoRA-level [k], layer-level [k, n_layers] or module-level [k, n_modules] weights (columns in
+    `modules`' order, as Per-Pcs chooses its pieces) to one [k] vector per module.
+
+    With one module per layer the last two are the same columns.
+    """
     w = torch.as_tensor(weights)
     layers = layer_ids(modules)
     if w.shape == (k,):
@@ -69,8 +73,11 @@ def per_module_weights(weights: torch.Tensor, modules: Sequence[str], k: int) ->
     if w.shape == (k, len(layers)):
         column = {layer: i for i, layer in enumerate(layers)}
         return {m: w[:, column[layer_index(m)]] for m in modules}
+    if w.shape == (k, len(modules)):
+        return {m: w[:, i] for i, m in enumerate(modules)}
     raise MergeError(
-        f"merge weights have shape {tuple(w.shape)}; expected ({k},) per adapter or ({k}, {len(layers)}) per adapter per layer"
+        f"merge weights have shape {tuple(w.shape)}; expected ({k},) per adapter, ({k}, {len(layers)}) per adapter "
+        f"per layer or ({k}, {len(modules)}) per adapter per module"
     )
 
 

@@ -77,6 +77,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+
+
+def _per_pcs(gate_batch: int, gate_steps: int, gate_lr: float, batch: int, top_k: int) -> dict[str, Any]:
+    return {"pcs-gate-batch-size": gate_batch, "pcs-gate-steps": gate_steps, "pcs-gate-lr": gate_lr,
+            "pcs-batch-size": batch, "pcs-top-k": top_k}
+
+
+# Values a preset sets per task, over its task-independent ones, keyed by LaMP task (a synthetic task is the LaMP task
+# it poses: tagging LaMP_2, rating LaMP_3, headline LaMP_4). Per-Pcs: the paper's Table 3 (appendix B.1), sharer gate
+# batch, steps, lr | Per-Pcs batch, top-k.
+PER_TASK: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {
+        "LaMP_1": _per_pcs(6, 100, 1e-5, 1, 16),
+        "LaMP_2": _per_pcs(6, 100, 2e-5, 3, 16),
+        "LaMP_3": _per_pcs(4, 100, 1e-5, 1, 6),
+        "LaMP_4": _per_pcs(6, 50, 2e-5, 1, 16),
+        "LaMP_5": _per_pcs(6, 50, 2e-5, 1, 10),
+        "LaMP_7": _per_pcs(6, 50, 2e-5, 2, 16),
+    },
+}
+
+
 @dataclass(frozen=True)
 class PresetChoice:
     """The one `preset` setting, a section of every record a preset applies to."""
@@ -87,20 +109,23 @@ class PresetChoice:
                           one_of(*PRESETS))
 
 
-def preset_values(name: str) -> dict[str, Any]:
-    """The flat values preset `name` sets (an unknown name is refused)."""
+def preset_values(name: str, task: str | None = None) -> dict[str, Any]:
+    """The flat values preset `name` sets, with its `PER_TASK` values for LaMP task `task` when given (an unknown
+    preset name is refused)."""
     if name not in PRESETS:
         raise SettingError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    return dict(PRESETS[name])
+    return {**PRESETS[name], **(PER_TASK.get(name, {}).get(task, {}) if task is not None else {})}
 
 
-def resolve(record: type, name: str, given: Mapping[str, Any], *, base: Mapping[str, Any] | None = None) -> Any:
-    """`record` from `base` values (default: its defaults) < preset `name`'s values < the `given` ones.
+def resolve(record: type, name: str, given: Mapping[str, Any], *, base: Mapping[str, Any] | None = None,
+            task: str | None = None) -> Any:
+    """`record` from `base` values (default: its defaults) < preset `name`'s values (for LaMP task `task`) < the
+    `given` ones.
 
     Only `record`'s exposed keys are taken from the preset; `given` keys
     are checked as `from_flat` checks them (unknown ones refused).
     """
     known = {o.key for o in options(record, exposed_only=True)}
-    chosen = {key: value for key, value in preset_values(name).items() if key in known}
+    chosen = {key: value for key, value in preset_values(name, task).items() if key in known}
     explicit = {str(key).replace("_", "-"): value for key, value in given.items()}
     return from_flat(record, {**(base or {}), **chosen, **explicit}, exposed_only=True)

@@ -10,8 +10,8 @@ a default, a help text or a range is written in one place only.
 The records shared by the coordinator, the nodes and the one-machine
 commands live here (common may not import client or server):
 `SearchConfig` (one personalization), `TrainConfig` (one LoRA training run),
-`DpSgdConfig` (DP-SGD of a sharer's LoRA) and `NodeConfig` (everything a node needs for its jobs, sent in every
-message as one record).
+`DpSgdConfig` (DP-SGD of a sharer's LoRA), `NodeConfig` (everything a node needs for its jobs, sent in every
+message as one record) and `PerPcsConfig` (the Per-Pcs baseline of `prime-fl eval`).
 """
 
 from __future__ import annotations
@@ -423,6 +423,33 @@ class NodeConfig:
             return dataclasses.replace(self, train=dataclasses.replace(self.train, seed=seed))
         train = dataclasses.replace(self.train.for_adaptation(), seed=seed, epochs=epochs, steps=0)
         return dataclasses.replace(self, train=train)
+
+
+@dataclass(frozen=True)
+class PerPcsConfig:
+    """The Per-Pcs baseline (simulations/methods/per_pcs.py): its sharers' gate training and a target's assembly.
+
+    Defaults are CPU choices for the tiny and 270M models (not measured
+    against the paper's); preset `paper` takes Table 3's values per task
+    (common/presets.py). The sharers' LoRAs themselves are the grid's own
+    (`NodeConfig.train`).
+    """
+
+    gate_batch_size: int = setting(4, "Per-Pcs: history pairs per gate-training step (paper Table 3: 4-6)", at_least(1),
+                                   key="pcs-gate-batch-size")
+    gate_steps: int = setting(20, "Per-Pcs: optimizer steps of each sharer's gate training (paper Table 3: 50-100)",
+                              at_least(1), key="pcs-gate-steps")
+    gate_lr: float = setting(1e-3, "Per-Pcs: gate learning rate (paper Table 3: 1e-5 or 2e-5)", POSITIVE,
+                             key="pcs-gate-lr")
+    batch_size: int = setting(4, "Per-Pcs: target history pairs per piece selection; the pieces are averaged over "
+                                 "the batches (paper Table 3: 1-3)", at_least(1), key="pcs-batch-size")
+    top_k: int = setting(3, "Per-Pcs: sharers' pieces assembled per LoRA'd module, by gate score (paper Table 3: "
+                            "6-16)", at_least(1), key="pcs-top-k")
+    temperature: float = setting(1.0, "Per-Pcs: softmax temperature of the chosen pieces' gate scores (official "
+                                      "--agg_temperature)", POSITIVE, key="pcs-temperature")
+
+    def __post_init__(self) -> None:
+        validate(self, SettingError, "Per-Pcs config")
 
 
 def recent(items: Sequence[Any], limit: int) -> list[Any]:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from client.gates import GateError, Gates, gate_config, load_gates, save_gates, train_gates
 from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING
 from common import safe_json
 from common.atomic import output_folder, write_text
@@ -31,14 +32,14 @@ from common.dp import Guarantee, PrivacyError
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
 from common.jsonable import plain
-from common.lamp import LampDataset, load_lamp, profile_pairs
+from common.lamp import LampDataset, load_lamp, profile_pairs, read_task
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_device, resolve_dtype
 from common.plan import UserPlan, make_plan
-from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
+from common.presets import DEFAULT_PRESET, EVAL_ONLY, PER_TASK, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
 from common.settings import (
-    NodeConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
+    NodeConfig, PerPcsConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
 )
 from common.task_model import load_task_model
 from server.personalize import check_optimizer
@@ -88,6 +89,7 @@ class EvalConfig:
     lorahub_l1: float = 0.05
     augment: bool = False  # official process_profile pairs for every search and OPPU (methods/augment.py): 2n-1 per n
     pag_search: str = "own"  # PriME+PAG: a search on profile prompts of its own, or PriME's merge (`shared`, official)
+    per_pcs: PerPcsConfig = field(default_factory=PerPcsConfig)  # the Per-Pcs columns (preset paper: per task)
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -135,6 +137,13 @@ class EvalConfig:
                     search.check_task(synthetic_task(self.synthetic))
         except SettingError as err:
             raise EvalConfigError(str(err)) from None
+        if any(name in PER_PCS_METHODS for name in self.methods):
+            if self.per_pcs.top_k > self.sharers:  # refused, as ks are: a top-k column must assemble that many
+                raise EvalConfigError(f"pcs-top-k={self.per_pcs.top_k} is more than the {self.sharers} sharers per "
+                                      "seed (raise --sharers or lower --pcs-top-k)")
+            if self.node.dp_sgd.enabled:
+                raise EvalConfigError("per-pcs with dp-sgd: the Per-Pcs gates train on the sharers' history without "
+                                      "DP-SGD, so no epsilon would cover them (drop per-pcs or dp-sgd)")
         largest_k = max(search.k for search in self.searches())
         if largest_k > self.sharers:
             # Refused, not clamped: a cell labelled k=5 must merge five adapters (top_k would quietly take fewer).
@@ -160,11 +169,13 @@ class EvalConfig:
         own = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
         search_keys = {o.key for o in options(SearchConfig, exposed_only=True)}
         node_keys = {o.key for o in options(NodeConfig, exposed_only=True)}
+        per_pcs_keys = {o.key for o in options(PerPcsConfig, exposed_only=True)}
         synth_keys = {o.key for o in options(SyntheticConfig, exposed_only=True)}
         kwargs: dict[str, Any] = {}
         search: dict[str, Any] = {}
         synth: dict[str, Any] = {}
         node: dict[str, Any] = {}
+        per_pcs: dict[str, Any] = {}
         sweeps: dict[str, tuple] = dict(DEFAULT_SWEEPS)
         for raw_key, value in values.items():
             key = str(raw_key).replace("_", "-")
@@ -179,6 +190,8 @@ class EvalConfig:
                     search[key] = value
                 elif key in node_keys:
                     node[key] = value
+                elif key in per_pcs_keys:
+                    per_pcs[key] = value
                 elif key in synth_keys:
                     synth[key] = value
                 elif key.replace("-", "_") in own:
@@ -200,6 +213,7 @@ class EvalConfig:
             kwargs["search"] = resolve(SearchConfig, preset, search)
             kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True))
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
+            kwargs["per_pcs"] = resolve(PerPcsConfig, preset, per_pcs, task=_preset_task(preset, kwargs))
             for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment, pag-search)
                 kwargs.setdefault(key.replace("-", "_"), preset_values(preset).get(key, own[key.replace("-", "_")].default))
         except SettingError as err:
@@ -211,11 +225,13 @@ class EvalConfig:
         own = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in _SECTIONS}
         search = to_flat(self.search, exposed_only=True)  # every resolved value (a swept one: its base, unswept)
         sweeps = {_plural(name): list(values) for name, values in self.sweeps.items()}
-        settings = to_flat(self.synth, exposed_only=True) | search | sweeps | to_flat(self.node, exposed_only=True)
+        settings = (to_flat(self.synth, exposed_only=True) | search | sweeps | to_flat(self.node, exposed_only=True)
+                    | to_flat(self.per_pcs, exposed_only=True))
         return own | {key.replace("-", "_"): value for key, value in settings.items()}
 
 
-_SECTIONS = ("synth", "search", "sweeps", "node")
+_SECTIONS = ("synth", "search", "sweeps", "node", "per_pcs")
+PER_PCS_METHODS = ("per-pcs", "per-pcs-rag")
 _SEARCH_OPTIONS = {o.name: o for o in options(SearchConfig, exposed_only=True)}
 SWEEPS = {o.sweep: o.name for o in _SEARCH_OPTIONS.values() if o.sweep}  # plural key -> SearchConfig field
 _SWEPT_KEYS = {o.key for o in _SEARCH_OPTIONS.values() if o.sweep}
@@ -223,6 +239,18 @@ _SEARCH_OPTIONS_BY_KEY = {o.key: o for o in _SEARCH_OPTIONS.values()}
 DEFAULT_SWEEPS = {"alpha": (0.0, 0.5, 1.0, 2.0)}  # the trade-off curve; every other search setting at its default
 DEFAULT_NODE = NodeConfig(max_history=16)  # the eval benchmark's users have 24 history items (the federation's 12)
 _ITEM_TYPES = {"methods": str}
+
+
+def _preset_task(preset: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The LaMP task whose values preset `preset` takes (`common.presets.PER_TASK`): the synthetic benchmark's,
+    or the one named in --data's outputs file; None when the preset has no per-task values or no task is given."""
+    if preset not in PER_TASK:
+        return None
+    if kwargs.get("synthetic") in SYNTHETIC_TASKS:
+        return synthetic_task(kwargs["synthetic"]).lamp_id
+    if kwargs.get("data") is not None:
+        return read_task(kwargs["data"], kwargs.get("split")).lamp_id
+    return None
 
 
 def _plural(name: str) -> str:
@@ -404,6 +432,26 @@ def _cached_adapter(path: Path, model, train, stored: Path | None = None) -> Lor
     return adapter
 
 
+def _cached_gates(path: Path, adapter: LoraAdapter, train: Callable[[], Gates], stored: Path | None) -> Gates:
+    """A sharer's Per-Pcs gates: loaded from `path` or the store entry `stored` when there and fitting `adapter`,
+    else trained and written to both (as `_cached_adapter` does for adapters)."""
+    for source in (path, stored):
+        if source is not None and source.is_dir():
+            try:
+                gates = load_gates(source, adapter)
+            except GateError as err:
+                log.warning("not using %s: %s", source, err)
+                continue
+            if source != path:
+                save_gates(gates, path)
+            return gates
+    gates = train()
+    save_gates(gates, path)
+    if stored is not None:
+        save_gates(gates, stored)
+    return gates
+
+
 def store_path(store: Path | None, kind: str, *inputs: Any) -> Path | None:
     """An adapter's place in the cross-run store: a hash of everything its training reads.
 
@@ -505,9 +553,27 @@ class Prepared:
             else:  # DP-SGD sharers draw their noise from the OS: never taken from another run's store
                 stored = store_path(self.adapter_store, "sharer", base_id, pairs, to_flat(node))
                 sharers[sid] = _cached_adapter(path, model, lambda: train_sharer(model, tokenizer, pairs, node)[0], stored)
+
+        gates_read: dict[tuple[str, PerPcsConfig], Gates] = {}
+
+        def sharer_gates(sid: str, per_pcs: PerPcsConfig) -> Gates:
+            if (sid, per_pcs) not in gates_read:
+                gates_read[(sid, per_pcs)] = _sharer_gates(sid, per_pcs)
+            return gates_read[(sid, per_pcs)]
+
+        def _sharer_gates(sid: str, per_pcs: PerPcsConfig) -> Gates:
+            # On the items its LoRA trained on (train_sharer's), with that LoRA frozen; kept next to it per settings.
+            pairs = recent(profile_pairs(task, self.dataset.user(sid).profile), node.max_history)
+            config = gate_config(node.train, per_pcs)
+            digest = hashlib.sha256(json.dumps(to_flat(config), sort_keys=True).encode()).hexdigest()[:12]
+            stored = store_path(self.adapter_store, "gates", base_id, pairs, to_flat(node), to_flat(config))
+            return _cached_gates(folder / "adapters" / f"gates-{sid}-{digest}", sharers[sid],
+                                 lambda: train_gates(model, tokenizer, sharers[sid], pairs, config)[0], stored)
+
         return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
                        sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter,
-                       folder=folder, privacy_metric=c.search.privacy_metric, decoding=c.search.decoding)
+                       folder=folder, privacy_metric=c.search.privacy_metric, decoding=c.search.decoding,
+                       sharer_gates=sharer_gates, train=node.train)
 
 
 def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prepared:

@@ -21,7 +21,7 @@ from client.training import ADAPT_SAMPLINGS
 from common.atomic import output_folder, write_text
 from common.models import resolve_cache_dir
 from common.presets import PresetChoice
-from common.settings import SearchConfig
+from common.settings import PerPcsConfig, SearchConfig
 from common.synthetic import SyntheticConfig
 from simulations import experiment, paired, tables
 from simulations.column_labels import without_settings
@@ -48,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline, rating-skewed) into OUT/data")
     add_setting_options(parser, SyntheticConfig(), layered=True)
     add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
-    add("--methods", help=f"{_LIST}: np, rag, pag, pag-rag, oppu, oppu-rag, oppu-pag, top1, uniform, lorahub, prime, "
-                          "prime-rag, prime-pag (default: np, rag, oppu, top1, uniform, lorahub, prime)")
+    add("--methods", help=f"{_LIST}: np, rag, pag, pag-rag, per-pcs, per-pcs-rag, oppu, oppu-rag, oppu-pag, top1, "
+                          "uniform, lorahub, prime, prime-rag, prime-pag (default: np, rag, oppu, top1, uniform, "
+                          "lorahub, prime)")
     add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
     add("--first-seed", type=int, help="run seeds S..S+N-1 instead (default 0): one grid split across sessions or "
                                        "machines; each seed's cells are the same as in the whole run, so a later "
@@ -68,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         layered=True, sweeps=experiment.DEFAULT_SWEEPS)
     add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),
                         experiment.DEFAULT_NODE, layered=True)
+    add_setting_options(parser.add_argument_group("Per-Pcs (its sharers' gates and a target's assembly; preset paper: "
+                                                  "Table 3 per task)"), PerPcsConfig(), layered=True)
     add("--rag-k", type=int, help="history items retrieved for RAG (default 3; preset paper: 1)")
     add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
     add("--augment", action="store_const", const=True,
@@ -90,8 +93,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     run_on.add_argument("--ray-workers", type=int, metavar="N",
                         help="Ray workers, one model each (default: one per CPU of the cluster, one per GPU with CUDA)")
     run_on.add_argument("--adapter-store", metavar="DIR",
-                        help="a folder shared across runs: the task adapter, sharers' and OPPU adapters are kept there "
-                             "under a hash of everything their training reads (model, pairs, every training setting, "
+                        help="a folder shared across runs: the task adapter, sharers' and OPPU adapters and the sharers' "
+                             "Per-Pcs gates are kept there under a hash of everything their training reads (model, pairs, every training setting, "
                              "seed) and reused by any later run with the same inputs, e.g. the same data with more "
                              "targets or other methods (DP-SGD sharers excepted; default: none)")
     parser.set_defaults(func=_run)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy  # not `as np`: the submodule simulations.methods.np is bound to that name below
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common import metrics
@@ -23,7 +24,7 @@ from common.inference import predict
 from common.lamp import LampDataset, LampUser, profile_pairs
 from common.lamp import query_prompts as lamp_query_prompts
 from common.plan import UserPlan
-from common.settings import SearchConfig, recent
+from common.settings import PerPcsConfig, SearchConfig, TrainConfig, recent
 from common.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ class Context:
     """What every method of one (dataset, seed) shares.
 
     `train_adapter(pairs, seed)` trains a LoRA with the run's settings on the
-    task-adapted model (OPPU uses it); `cache` holds per-run memoised values
-    such as a sharer's predictions on a target's queries.
+    task-adapted model (OPPU uses it); `sharer_gates(sharer, settings)` a
+    sharer's Per-Pcs gates, trained once per seed and settings; `cache` holds
+    per-run memoised values such as a sharer's predictions on a target's queries.
     """
 
     dataset: LampDataset
@@ -56,6 +58,8 @@ class Context:
     progress: bool = False
     privacy_metric: str = metrics.DEFAULT_PRIVACY_METRIC  # PriME's privacy term and the held-out similarity
     decoding: str = "argmax"  # how every method reads a label off the label scores (SearchConfig.decoding)
+    sharer_gates: Callable[[str, PerPcsConfig], dict[str, torch.Tensor]] | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)  # the seed's LoRA training settings (the sharers')
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -205,6 +209,7 @@ def get_method(name: str) -> Method:
 from simulations.methods import np as _np  # noqa: E402,F401
 from simulations.methods import rag as _rag  # noqa: E402,F401
 from simulations.methods import pag as _pag  # noqa: E402,F401
+from simulations.methods import per_pcs as _per_pcs  # noqa: E402,F401
 from simulations.methods import oppu as _oppu  # noqa: E402,F401
 from simulations.methods import top1 as _top1  # noqa: E402,F401
 from simulations.methods import uniform as _uniform  # noqa: E402,F401
