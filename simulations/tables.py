@@ -2,8 +2,8 @@
 
 Two layouts: `methods` puts the columns in the order the run produced
 them; `table1` groups them as the paper's Table 1 (`TABLE1_GROUPS`: NP,
-RAG, PAG, PAG+RAG || PriME base, +RAG, +PAG || OPPU base, +RAG, +PAG ||
-top-1, uniform, LoraHub), each group's columns in that method order, then
+RAG, PAG, PAG+RAG || Per-Pcs base, +RAG || PriME base, +RAG, +PAG || OPPU
+base, +RAG, +PAG || top-1, uniform, LoraHub), each group's columns in that method order, then
 in run order (one column per alpha, k...); methods outside the groups
 come last. The Markdown table marks the group borders with a `‖` column.
 
@@ -56,6 +56,7 @@ DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENC
 LAYOUTS = ("methods", "table1")
 TABLE1_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("non-personalized", ("np", "rag", "pag", "pag-rag")),
+    ("Per-Pcs", ("per-pcs", "per-pcs-rag")),
     ("PriME", ("prime", "prime-rag", "prime-pag")),
     ("OPPU", ("oppu", "oppu-rag", "oppu-pag")),
     ("baselines", ("top1", "uniform", "lorahub")),

@@ -51,8 +51,8 @@ def _no_lora_left(model) -> bool:
     return not any("lora" in name for name, _ in model.named_modules())
 
 
-ALL = ["np", "rag", "pag", "pag-rag", "oppu", "oppu-rag", "oppu-pag", "top1", "uniform", "lorahub", "prime", "prime-rag",
-       "prime-pag"]
+ALL = ["np", "rag", "pag", "pag-rag", "per-pcs", "per-pcs-rag", "oppu", "oppu-rag", "oppu-pag", "top1", "uniform",
+       "lorahub", "prime", "prime-rag", "prime-pag"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -110,7 +110,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                        "compare and tradeoffs)")
     table.add_argument("--layout", choices=tables.LAYOUTS, default="methods",
                        help="methods: columns in run order (default); table1: the paper's Table 1 groups "
-                            "NP RAG PAG PAG+RAG | PriME +RAG +PAG | OPPU +RAG +PAG | top-1 uniform LoraHub")
+                            "NP RAG PAG PAG+RAG | Per-Pcs +RAG | PriME +RAG +PAG | OPPU +RAG +PAG | top-1 uniform "
+                            "LoraHub")
     table.set_defaults(func=_table)
     diff = sub.add_parser("diff", help="two runs of one grid (e.g. an option off, then on): both side by side and "
                                        "AFTER minus BEFORE per column on the same queries, with intervals")
