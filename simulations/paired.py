@@ -1,7 +1,7 @@
 """Paired comparisons: PriME minus a baseline on the same queries, with a bootstrap interval over targets.
 
 A table of means says little when it rests on a few dozen queries. Here every
-PriME column is compared with each baseline column (NP, top-1, uniform, RAG)
+PriME column is compared with each baseline column (NP, top-1, uniform, RAG, Per-Pcs)
 on exactly the queries both answered: per query, the task's first metric
 (accuracy, MAE or ROUGE-1, each a mean over queries), PriME's score minus the
 baseline's. The interval resamples whole targets (with all their queries and
@@ -23,7 +23,7 @@ from common.tasks import get_task
 from simulations.column_labels import shared_note, shared_settings, shorten
 
 METHOD_PREFIX = "PriME"
-BASELINE_PREFIXES = ("NP", "top-1", "uniform", "RAG")
+BASELINE_PREFIXES = ("NP", "top-1", "uniform", "RAG", "Per-Pcs")  # Per-Pcs: the paper's main baseline
 RESAMPLES = 2000
 
 

@@ -43,7 +43,7 @@ AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimiz
         "tie_break": "tie_break", "utility_floor": "utility_floor", "release_rank": "release_rank",
         "share_cap": "share_cap"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
-_REFERENCE = ("np", "top1", "uniform")
+_REFERENCE = ("np", "top1", "uniform", "per-pcs")
 _UNNAMED_PRIVACY_METRIC = "agreement"  # what cells written before `privacy_metric` existed were measured with
 # privacy measure of a trade-off figure -> (score key in seed_scores, x-axis label)
 PRIVACY_AXES = {

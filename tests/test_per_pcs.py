@@ -289,6 +289,13 @@ def test_paper_takes_table3_per_task_and_an_explicit_key_wins(synthetic, task):
     assert EvalConfig.from_mapping(EVAL).per_pcs == PerPcsConfig()  # fast: the record's defaults
 
 
+def test_every_per_task_key_is_an_eval_key():
+    keys = {key.replace("_", "-") for key in EvalConfig.from_mapping(EVAL).to_dict()}
+    for name, tasks in PER_TASK.items():
+        for task, values in tasks.items():
+            assert set(values) <= keys, (name, task)
+
+
 def test_the_preset_table_is_table3():
     assert {task: _row(PerPcsConfig(**{k.removeprefix("pcs-").replace("-", "_"): v for k, v in values.items()}))
             for task, values in PER_TASK["paper"].items()} == TABLE3
@@ -341,6 +348,19 @@ def test_table1_puts_per_pcs_between_pag_and_prime():
     cells = [cell("PriME α=0.5", "prime"), cell("Per-Pcs+RAG", "per-pcs-rag"), cell("NP", "np"), cell("OPPU", "oppu"),
              cell("Per-Pcs", "per-pcs"), cell("PAG", "pag")]
     assert build_table(cells, layout="table1").columns == ["NP", "PAG", "Per-Pcs", "Per-Pcs+RAG", "PriME α=0.5", "OPPU"]
+
+
+def test_paired_comparisons_set_prime_against_per_pcs():
+    """The paper's Sec. 4.2 gains are PriME's over Per-Pcs: every PriME column is paired with both Per-Pcs columns."""
+    from simulations import paired
+
+    def cell(label, target, pred):
+        return {"task": "LaMP_3", "label": label, "seed": 0, "target": target, "predictions": [pred], "golds": ["3"]}
+
+    records = [cell(label, t, pred) for t in ("a", "b", "c") for label, pred in
+               (("PriME α=0.5", "3"), ("Per-Pcs", "5"), ("Per-Pcs+RAG", "4"))]
+    found = {(c.method, c.baseline): c.mean_difference for c in paired.compare(records)}
+    assert found == {("PriME α=0.5", "Per-Pcs"): -2.0, ("PriME α=0.5", "Per-Pcs+RAG"): -1.0}  # MAE: PriME lower
 
 
 # ------------------------------------------------------------------ the grid
