@@ -165,7 +165,8 @@ def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int, per_exam
     row; a mean over the batch's tokens would weigh a row by the others'
     lengths).
     """
-    ids, mask, predict = padded_batch(batch, pad_id, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids, mask, predict = padded_batch(batch, pad_id, device)
     hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = ids[:, 1:][predict[:, :-1]]
     logits = lm_logits(model, hidden[predict])

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from client.training import encode_pairs, pad_id_of, padded_batch
 from common.adapters import LoraAdapter, base_module_name
@@ -103,11 +104,8 @@ class _PieceLinear(nn.Module):
         """[N] weights: softmax over the top-k pieces' gate scores on the batch's answer positions, 0 elsewhere."""
         positions = self.selection.positions
         scores = nn.functional.layer_norm(x.float(), (x.shape[-1],)) @ self.gates.t() / math.sqrt(x.shape[-1])
-        mask = positions.unsqueeze(-1).to(scores.dtype)  # [B, T, 1]
-        counts = mask.sum(1)  # [B, 1]
-        rows = counts.squeeze(-1) > 0
-        per_row = (scores * mask).sum(1)[rows] / counts[rows]  # [B', N]: each pair's mean over its answer positions
-        mean = per_row.mean(0)
+        mask = positions.unsqueeze(-1).to(scores.dtype)  # [B, T, 1]; every pair has one (encode_pairs keeps the answer)
+        mean = ((scores * mask).sum(1) / mask.sum(1)).mean(0)  # each pair's mean over its answer positions, then pairs
         config = self.selection.config
         values, index = torch.topk(mean, config.top_k)
         w = torch.zeros_like(mean)
@@ -115,8 +113,9 @@ class _PieceLinear(nn.Module):
         return w
 
 
-def assemble(model: nn.Module, tokenizer, adapters: Sequence[LoraAdapter], gates: Sequence[Mapping[str, torch.Tensor]],
-             pairs: Sequence[tuple[str, str]], config: PerPcsConfig, *, seed: int, max_length: int) -> tuple[dict[str, torch.Tensor], LoraAdapter]:
+def assemble(model: nn.Module, tokenizer: PreTrainedTokenizerBase, adapters: Sequence[LoraAdapter],
+             gates: Sequence[Mapping[str, torch.Tensor]], pairs: Sequence[tuple[str, str]], config: PerPcsConfig, *,
+             seed: int, max_length: int) -> tuple[dict[str, torch.Tensor], LoraAdapter]:
     """Per-Pcs's assembly of one LoRA from the pool `adapters` (with their `gates`) on the target's `pairs`.
 
     Returns each module's weights per pool member (mean over the batches)
