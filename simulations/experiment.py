@@ -62,7 +62,7 @@ class EvalConfig:
     """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
 
     out: str
-    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node and EVAL_ONLY's keys (common.presets)
+    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, per_pcs and EVAL_ONLY's keys (common.presets)
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
@@ -164,7 +164,8 @@ class EvalConfig:
         `SearchConfig` and `NodeConfig`; a swept search setting takes a list
         under its plural key (`alphas`, `ks`, ...), and its singular key sets
         the value the unswept searches use. `preset` fills in the
-        search, node and `rag-k` values that `values` does not give.
+        search, node, Per-Pcs and `rag-k` values that `values` does not give
+        (its per-task values for the task of --synthetic or --data).
         """
         own = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
         search_keys = {o.key for o in options(SearchConfig, exposed_only=True)}

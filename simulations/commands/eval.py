@@ -1,4 +1,5 @@
-"""`prime-fl eval`: run the evaluation grid (NP, RAG, PAG, OPPU, top-1, uniform, LoraHub, PriME...) with a resumable cache.
+"""`prime-fl eval`: run the evaluation grid (NP, RAG, PAG, Per-Pcs, OPPU, top-1, uniform, LoraHub, PriME...) with a
+resumable cache.
 
     prime-fl eval --synthetic tagging --out runs/tagging [--config FILE] [flags]
     prime-fl eval plot OUT           redraw OUT/plots from OUT/results.json
