@@ -77,8 +77,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-
-
 def _per_pcs(gate_batch: int, gate_steps: int, gate_lr: float, batch: int, top_k: int) -> dict[str, Any]:
     return {"pcs-gate-batch-size": gate_batch, "pcs-gate-steps": gate_steps, "pcs-gate-lr": gate_lr,
             "pcs-batch-size": batch, "pcs-top-k": top_k}
