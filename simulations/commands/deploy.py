@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common.atomic import output_folder
 from simulations.deploy import DeployConfig, deploy
+from simulations.outputs import DEPLOY_OUTPUT
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_folder(args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S"))
+    out = output_folder(args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S"), DEPLOY_OUTPUT)
     result = deploy(
         DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
     )
