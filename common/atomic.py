@@ -32,7 +32,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +114,7 @@ def _check_existing(path: Path, kind: OutputKind) -> None:
     """OutputError unless `path` is missing, an empty folder, or an earlier output of `kind` (marker or layout)."""
     if not path.exists():
         return
-    mode = path.stat().st_mode
-    if not stat.S_ISDIR(mode):
+    if not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
     names = {entry.name for entry in path.iterdir()}
     if not names:
@@ -150,7 +148,8 @@ def check_output_file(path: str | Path) -> Path:
 
 
 def _temp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    """A fresh hidden name beside `path`; the name is cut so that a legal `path` never gives a name too long."""
+    return path.parent / f".{path.name[:100]}.{uuid.uuid4().hex}.tmp"
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:

@@ -228,6 +228,11 @@ def test_file_system_errors_are_one_clear_error(tmp_path):
         with replace_folder(long, RESULT):
             pass
     assert list(tmp_path.iterdir()) == []
+    longest = tmp_path / ("n" * 255)  # legal: its temporary sibling must be too
+    write_text(longest, "x")
+    with replace_folder(tmp_path / ("d" * 255), RESULT) as tmp:
+        (tmp / "result.json").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d" * 255, "n" * 255]
 
 
 def test_a_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
