@@ -463,8 +463,7 @@ class Prepared:
         from client.training import adaptation_pairs, train_lora, train_sharer
 
         c, plan, folder = self.config, self.plans[seed], self.folder(seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "plan.json", plan.to_dict())
+        _write_json(folder / "plan.json", plan.to_dict())  # creates the folder: a full disk is one OutputError
         task = self.dataset.task
         task_adapter = None
         device = resolve_device(c.device)

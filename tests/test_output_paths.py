@@ -3,6 +3,7 @@ before any work, and leaves the folder, its parent and the file system exactly a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -120,7 +121,7 @@ def test_a_device_node_as_out_is_refused_and_left_a_device(data, run, tmp_path, 
 
 
 @pytest.mark.parametrize("command", ["train-lora", "simulate", "predict", "data synth", "eval", "adapt", "personalize",
-                                     "threats", "embed"])
+                                     "threats", "embed", "deploy", "eval table"])
 @pytest.mark.parametrize("out, fragment", [("", "empty"), ("n" * 300, "File name too long")],
                          ids=["empty", "too-long"])
 def test_an_empty_or_too_long_out_is_one_line_and_writes_nothing(data, run, tmp_path, capsys, monkeypatch, command,
@@ -181,3 +182,31 @@ def test_an_adapter_saved_by_train_lora_is_not_taken_for_a_bare_peft_folder(data
     argv = ["train-lora", "--data", str(data), "--user", "u000", *TINY, *FAST, "--out", str(mine)]
     _one_line_error(capsys, argv, "train-lora", "refusing to overwrite it")
     assert _snapshot(mine) == {"adapter_config.json": "{}", "adapter_model.safetensors": "w"}
+
+
+def _read_only(self, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+
+def _disk_full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fault, target, message", [
+    ("read-only", (Path, "mkdir", _read_only), "Read-only file system"),  # patched: root ignores a chmod
+    ("disk-full", (os, "fsync", _disk_full), "No space left on device"),  # every atomic write fsyncs
+], ids=["read-only", "disk-full"])
+@pytest.mark.parametrize("command", ["train-lora", "simulate", "predict", "data synth", "eval"])
+def test_a_read_only_or_full_disk_is_one_line_and_leaves_no_temporary(data, run, tmp_path, capsys, monkeypatch,
+                                                                       command, fault, target, message):
+    if command == "simulate" and fault == "disk-full":
+        pytest.skip("simulate writes its report only after a whole federation run")
+    out = tmp_path / "home" / "out.json" if command == "predict" else tmp_path / "home" / "out"
+    (tmp_path / "home").mkdir()
+    argv = (["predict", "--data", str(data), *TINY, "--out", str(out)] if command == "predict"
+            else _argv(command, data, run, str(out)))
+    monkeypatch.setattr(*target)
+    _one_line_error(capsys, argv, command.split()[0], message)
+    monkeypatch.undo()
+    leftovers = [p for p in (tmp_path / "home").rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers
