@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING
 from common import safe_json
-from common.atomic import check_output_folder, output_folder, write_text
+from common.atomic import OutputError, check_output_folder, output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
 from common.dp import Guarantee, PrivacyError
 from common.encoder import embed_users, load_encoder, save_embeddings
@@ -509,6 +509,8 @@ class Prepared:
 def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prepared:
     """Dataset, user embeddings (saved to OUT/prepare/embeddings.npz) and one plan per seed.
 
+    Everything that can refuse the run (data, task settings, encoder, store) is
+    checked before OUT is created, so a refused run leaves no folder behind.
     `adapter_store`: a folder shared across runs where trained adapters are
     kept under the hash of their inputs (`store_path`) and reused.
     """
@@ -671,7 +673,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
         # Also when interrupted: `prime-fl eval table/plot OUT` then work on the finished cells.
         done = [r for r in records if r is not None]
         add_quirk_copies(config, done)
-        drop_tables(out)  # a kill before they are rewritten leaves no table of an earlier run beside these results
+        _drop_tables(out)  # a kill before they are rewritten leaves no table of an earlier run beside these results
         _write_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
                                           "cells": done})
         if cluster is not None:
@@ -682,12 +684,15 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
     return report
 
 
-def drop_tables(out: Path) -> None:
+def _drop_tables(out: Path) -> None:
     """Delete the tables `write_outputs` writes (they describe the results.json about to be replaced)."""
     from simulations import tables
 
     for name in tables.RESULT_FILES:
-        (out / name).unlink(missing_ok=True)
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise OutputError(f"{out / name}: cannot delete ({err.strerror or err})") from None
 
 
 def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) -> None:

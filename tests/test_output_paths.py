@@ -112,12 +112,16 @@ def test_tables_never_overwrite_a_users_own_table(run, tmp_path, capsys, command
 
 
 @pytest.mark.parametrize("command", ["adapt", "train-lora", "data synth", "eval", "predict", "embed"])
-def test_a_device_node_as_out_is_refused_and_left_a_device(data, run, tmp_path, capsys, command):
-    argv = ({"predict": ["predict", "--data", str(data), *TINY, "--out", "/dev/null"],
-             "embed": ["embed", "--data", str(data), "--encoder", "hashing:8", "--out", "/dev/null"]}.get(command)
-            or _argv(command, data, run, "/dev/null"))
-    _one_line_error(capsys, argv, command.split()[0], "/dev/null: ")
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+def test_a_special_file_as_out_is_refused_and_left_as_it_is(data, run, tmp_path, capsys, command):
+    """`--out /dev/null`, run as root, would have replaced /dev/null; a FIFO stands in for it, so that a
+    regression breaks this test and not the machine it runs on."""
+    node = tmp_path / "null"
+    os.mkfifo(node)
+    argv = ({"predict": ["predict", "--data", str(data), *TINY, "--out", str(node)],
+             "embed": ["embed", "--data", str(data), "--encoder", "hashing:8", "--out", str(node)]}.get(command)
+            or _argv(command, data, run, str(node)))
+    _one_line_error(capsys, argv, command.split()[0], f"{node}: ")
+    assert stat.S_ISFIFO(os.lstat(node).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["null", "runs"]
 
 
 @pytest.mark.parametrize("command", ["train-lora", "simulate", "predict", "data synth", "eval", "adapt", "personalize",
