@@ -34,7 +34,7 @@ from common.adapters import LoraAdapter, lora_config
 from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
-from common.models import MODEL_CONFIG_FILE, write_checkpoint
+from common.models import MODEL_OUTPUT, write_checkpoint
 from common.settings import LR_SCHEDULES, MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
 from common.tasks import TaskSpec, completion_text
 
@@ -463,7 +463,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
 
     The folder is replaced whole (model and training.json together), as `save_checkpoint` does.
     """
-    with replace_folder(directory, marker=MODEL_CONFIG_FILE) as tmp:
+    with replace_folder(directory, MODEL_OUTPUT) as tmp:
         write_checkpoint(model, tokenizer, tmp)
         if info is not None:
             (tmp / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))

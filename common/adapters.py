@@ -23,12 +23,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common import safe_json
-from common.atomic import replace_folder
+from common.atomic import Layout, OutputKind, replace_folder
 from common.errors import PrimeError
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# An adapter folder; before the marker: the two PEFT files (and an eval run's DP-SGD privacy.json) and nothing else.
+ADAPTER_OUTPUT = OutputKind("adapter", (Layout(frozenset({CONFIG_FILE, WEIGHTS_FILE}), ("privacy.json",)),))
 KEY_PREFIX = "base_model.model."
 _MAX_CONFIG_BYTES = 1024 * 1024  # a PEFT config is a few kilobytes; anything near this is not one
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -112,7 +114,7 @@ class LoraAdapter:
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         config["peft_type"] = "LORA"
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        with replace_folder(directory, marker=CONFIG_FILE) as tmp:
+        with replace_folder(directory, ADAPTER_OUTPUT) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / CONFIG_FILE).write_text(text)
         return Path(directory)

@@ -9,6 +9,14 @@ writer finishes, and is deleted when it fails, so a crash or a kill never
 leaves an old `adapter/` next to a new `result.json`. Temporaries are named
 `.<name>.<random>.tmp`: hidden, and never matched by the `*.bin`, `*.json`
 globs readers use.
+
+Nothing is deleted or overwritten that prime-fl did not write: every output
+folder gets a marker file (`.prime-fl-output.json`: which kind of output,
+which version) and an existing folder is replaced or written into only when
+its marker names the same kind. Folders written before the marker existed are
+recognised by their exact layout (`Layout`); anything else, a user's folder
+with a `config.json` included, is refused. A symlinked output is followed,
+never replaced, and only regular files and folders are written.
 """
 
 from __future__ import annotations
@@ -17,25 +25,131 @@ import contextlib
 import csv
 import ctypes
 import ctypes.util
+import fnmatch
 import functools
+import importlib.metadata
 import io
+import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from common import safe_json
 from common.errors import PrimeError
 
 _RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one step
+MARKER_FILE = ".prime-fl-output.json"  # in every output folder: {"kind": ..., "version": ...}
+_MARKER_MAX_BYTES = 4096
 
 
 class OutputError(PrimeError, OSError):
     """An output path that cannot be written (a file where a folder is expected, no permission, disk full)."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """An output as prime-fl wrote it before the marker: all of `required`, and nothing that no pattern matches.
+
+    `allowed`: `fnmatch` patterns of the other entries such an output held.
+    Required files alone are not enough where a user's folder could hold
+    them too (a model folder's `config.json`), so each layout names the files
+    only prime-fl writes.
+    """
+
+    required: frozenset[str]
+    allowed: tuple[str, ...] = ()
+
+    def matches(self, names: set[str]) -> bool:
+        patterns = (*self.required, *self.allowed, ".*.tmp")  # `.*.tmp`: a killed run's temporaries
+        return self.required <= names and all(any(fnmatch.fnmatchcase(n, p) for p in patterns) for n in names)
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What an output folder is (the marker's `kind`) and how such folders looked before the marker (`legacy`)."""
+
+    name: str
+    legacy: tuple[Layout, ...] = ()
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("prime-fl")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
+
+
+def _check_name(path: str | Path) -> Path:
+    """`path` as a Path; OutputError for an empty one (`Path("")` would be the current folder)."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise OutputError(f"output path {str(path)!r} is empty")
+    return Path(path)
+
+
+def _followed(path: Path) -> Path:
+    """`path` with a symlink at its end followed: an output is written where the link points, never over it."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _kind_of(folder: Path) -> str | None:
+    """The `kind` in `folder`'s marker, None when it has none (or one that is not ours)."""
+    try:
+        with open(folder / MARKER_FILE, "rb") as handle:
+            data = safe_json.loads(handle.read(_MARKER_MAX_BYTES + 1), max_bytes=_MARKER_MAX_BYTES, max_depth=2)
+    except (OSError, safe_json.UnsafeJsonError):  # missing, unreadable, not JSON or too big: not a marker we wrote
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _write_marker(folder: Path, kind: OutputKind) -> None:
+    (folder / MARKER_FILE).write_text(json.dumps({"kind": kind.name, "version": _version()}) + "\n", encoding="utf-8")
+
+
+def _check_existing(path: Path, kind: OutputKind) -> None:
+    """OutputError unless `path` is missing, an empty folder, or an earlier output of `kind` (marker or layout)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    names = {entry.name for entry in path.iterdir()}
+    if not names:
+        return
+    found = _kind_of(path)
+    if found == kind.name or (found is None and MARKER_FILE not in names
+                              and any(layout.matches(names) for layout in kind.legacy)):
+        return
+    what = f"an output of prime-fl {found}" if found else "not an earlier prime-fl output"
+    raise OutputError(f"{path}: exists and is {what}, not of {kind.name}; refusing to overwrite it "
+                      f"(choose a new or empty folder)")
+
+
+def check_output_file(path: str | Path) -> Path:
+    """`path` if a file may be written there (missing, or a regular file; a symlink is followed), else OutputError.
+
+    Commands call it before their work, so `--out /dev/null` or `--out somedir`
+    is refused before a model loads, not after.
+    """
+    path = _check_name(path)
+    try:
+        path = _followed(path)
+        if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise OutputError(f"{path}: is {what}, expected a file name")
+    except OutputError:
+        raise
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    return path
+
+
 def _temp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    """A fresh hidden name beside `path`; the name is cut so that a legal `path` never gives a name too long."""
+    return path.parent / f".{path.name[:100]}.{uuid.uuid4().hex}.tmp"
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -56,9 +170,7 @@ def write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     For writers that want a file name (safetensors `save_file`, `np.savez`);
     they must create the file themselves (the umask then decides permissions).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder, expected a file name")
+    path = check_output_file(path)
     tmp = _temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,13 +219,35 @@ def write_csv(path: str | Path, rows: Iterable[Sequence[Any]]) -> Path:
     return write_text(path, csv_text(rows))
 
 
-def output_folder(path: str | Path) -> Path:
-    """Create the folder `path` (and its parents) for outputs written into it one by one; OutputError if it cannot be."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path}: exists and is not a folder")
+def check_output_folder(path: str | Path, kind: OutputKind) -> Path:
+    """`path` (a symlink followed) if `output_folder(path, kind)` may write there, else OutputError; creates nothing.
+
+    Commands call it before their work and `output_folder` once the work starts,
+    so a refused run leaves no folder behind.
+    """
+    path = _check_name(path)
+    try:
+        path = _followed(path)
+        _check_existing(path, kind)
+    except OutputError:
+        raise
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    return path
+
+
+def output_folder(path: str | Path, kind: OutputKind) -> Path:
+    """Create the folder `path` (and its parents) for outputs of `kind` written into it one by one.
+
+    An existing folder must be empty or an earlier output of `kind`
+    (`check_output_folder`): files are replaced one by one, so a user's own
+    `table.md` in the folder would be overwritten otherwise.
+    """
+    path = check_output_folder(path, kind)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if _kind_of(path) != kind.name:
+            _write_marker(path, kind)
     except OSError as err:
         raise _cannot_write(path, err) from None
     return path
@@ -155,30 +289,26 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder), directory=True)
 
 
-def check_replaceable(path: str | Path, marker: str) -> Path:
-    """`path` if `replace_folder(path, marker)` may replace it, else `OutputError`; commands call it before long work.
+def check_replaceable(path: str | Path, kind: OutputKind) -> Path:
+    """`path` (a symlink followed) if `replace_folder(path, kind)` may replace it, else `OutputError`.
 
-    An existing `path` is replaced only when it is an empty folder or holds
-    the file `marker` (an earlier output of the same kind): `--out ~` must
-    never delete a home folder.
+    An existing `path` is replaced only when it is an empty folder or an
+    earlier output of `kind` (`check_output_folder`): `--out ~` or a folder of
+    the user's that happens to hold a `config.json` is never deleted.
+    Commands call it before long work.
     """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise OutputError(f"{path}: exists and is not a folder")
-        if any(path.iterdir()) and not (path / marker).exists():
-            raise OutputError(f"{path}: exists and holds no {marker} (not an earlier output); refusing to overwrite it")
-    return path
+    return check_output_folder(path, kind)
 
 
 @contextlib.contextmanager
-def replace_folder(path: str | Path, marker: str) -> Iterator[Path]:
-    """Yield an empty temporary folder; when the block ends normally it replaces `path` whole, else it is deleted.
+def replace_folder(path: str | Path, kind: OutputKind) -> Iterator[Path]:
+    """Yield an empty temporary folder; when the block ends normally it gets `kind`'s marker and replaces `path`
+    whole, else it is deleted.
 
-    `path` must pass `check_replaceable(path, marker)`; the check runs before
+    `path` must pass `check_replaceable(path, kind)`; the check runs before
     the block, so no work is wasted on an output that would be refused.
     """
-    path = check_replaceable(path, marker)
+    path = check_replaceable(path, kind)
     tmp = _temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +317,7 @@ def replace_folder(path: str | Path, marker: str) -> Iterator[Path]:
         raise _cannot_write(path, err) from None
     try:
         yield tmp
+        _write_marker(tmp, kind)  # last: it replaces a marker a nested writer left (an adapter saved into `tmp`)
         _fsync_tree(tmp)
         _swap_in(tmp, path)
         _fsync_path(path.parent, directory=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common import safe_json
-from common.atomic import replace_folder, write_text
+from common.atomic import Layout, OutputKind, replace_folder, write_text
 from common.errors import PrimeError
 from common.ids import InvalidIdError, check_user_id
 from common.tasks import TaskSpec, UnknownTaskError, get_task
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "questions.json"
 OUTPUTS_FILE = "outputs.json"
+# A folder `write_lamp` wrote; before the marker only the synthetic benchmark was, always with its benchmark.json,
+# so a real LaMP folder (questions.json and outputs.json alone) is never taken for one.
+LAMP_OUTPUT = OutputKind("lamp", (Layout(frozenset({QUESTIONS_FILE, OUTPUTS_FILE, "benchmark.json"})),))
 
 
 class LampFormatError(PrimeError, ValueError):
@@ -318,6 +321,6 @@ def write_lamp(dataset: LampDataset, directory: str | Path, extra: Mapping[str, 
     questions, outputs = _to_files(dataset)
     files = {QUESTIONS_FILE: questions, OUTPUTS_FILE: outputs, **(extra or {})}
     texts = {name: _json_text(obj) for name, obj in files.items()}
-    with replace_folder(directory, marker=QUESTIONS_FILE) as tmp:
+    with replace_folder(directory, LAMP_OUTPUT) as tmp:
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")

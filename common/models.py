@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from common.atomic import replace_folder
+from common.atomic import Layout, OutputKind, replace_folder
 from common.errors import PrimeError
 from common.tasks import LAMP2_TAGS, TASKS
 
@@ -27,7 +27,13 @@ TINY_SPEC = "tiny"
 GEMMA_SPEC = "gemma3-270m"
 DEFAULT_SPEC = GEMMA_SPEC
 CACHE_ENV = "PRIME_FL_CACHE"  # read by `resolve_cache_dir` at entry points only, passed down as `cache_dir`
-MODEL_CONFIG_FILE = "config.json"  # marks a model folder: `save_checkpoint` replaces only folders holding one
+MODEL_CONFIG_FILE = "config.json"
+# A saved model; before the marker only `prime-fl adapt` wrote one with training.json, so a downloaded or
+# hand-made model folder (config.json, weights, tokenizer) is never taken for an earlier output.
+MODEL_OUTPUT = OutputKind("model", (Layout(
+    frozenset({MODEL_CONFIG_FILE, "model.safetensors", "training.json"}),
+    ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"),
+),))
 _CHECKPOINT_FILES = (MODEL_CONFIG_FILE, "model.safetensors", "tokenizer_config.json")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -212,10 +218,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
     """Write model + tokenizer as a plain HF directory that `load_base(str(directory))` reads.
 
     Built in a temporary sibling folder that replaces `directory` whole, so
-    readers never see half a checkpoint. An existing model directory (one
-    with config.json) is replaced; any other non-empty directory is refused.
+    readers never see half a checkpoint. An earlier saved model there is
+    replaced; any other non-empty directory is refused (`MODEL_OUTPUT`).
     """
-    with replace_folder(directory, marker=MODEL_CONFIG_FILE) as tmp:
+    with replace_folder(directory, MODEL_OUTPUT) as tmp:
         write_checkpoint(model, tokenizer, tmp)
     return Path(directory)
 

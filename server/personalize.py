@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common import safe_json
 from common.adapters import AdapterError, LoraAdapter
-from common.atomic import replace_folder
+from common.atomic import Layout, OutputKind, replace_folder
 from common.errors import PrimeError
 from common.lora_math import MERGES
 from common.progress import report as report_progress
@@ -35,6 +35,7 @@ from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
 RESULT_FILE = "result.json"
+PERSONALIZE_OUTPUT = OutputKind("personalize", (Layout(frozenset({RESULT_FILE, "trajectory.json"}), ("adapter",)),))
 
 
 class ResultFileError(PrimeError, ValueError):
@@ -111,7 +112,7 @@ class PersonalizationResult:
         The folder is replaced whole: a fallback written over an earlier merge
         must not leave that merge's adapter next to the new result.json.
         """
-        with replace_folder(directory, marker=RESULT_FILE) as tmp:
+        with replace_folder(directory, PERSONALIZE_OUTPUT) as tmp:
             if self.adapter is not None:
                 self.adapter.save(tmp / "adapter")
             (tmp / RESULT_FILE).write_text(json.dumps(self.summary(), indent=2))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from client.gates import GateError, Gates, gate_config, load_gates, save_gates, train_gates
 from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING
 from common import safe_json
-from common.atomic import output_folder, write_text
+from common.atomic import OutputError, check_output_folder, output_folder, write_text
 from common.adapters import AdapterError, LoraAdapter
 from common.dp import Guarantee, PrivacyError
 from common.encoder import embed_users, load_encoder, save_embeddings
@@ -44,6 +44,7 @@ from common.settings import (
 from common.task_model import load_task_model
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
+from simulations.outputs import EVAL_OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -373,14 +374,10 @@ def synthetic_truth(config: EvalConfig) -> Synthetic:
 
 
 def load_dataset(config: EvalConfig) -> LampDataset:
-    """The user's LaMP folder, or the synthetic benchmark generated (once) into OUT/data/TASK."""
+    """The user's LaMP folder, or the synthetic benchmark (written to OUT/data/TASK by `prepare`); writes nothing."""
     if config.data is not None:
         return load_lamp(config.data, split=config.split)
-    directory = Path(config.out) / "data" / str(config.synthetic)
-    synth = synthetic_truth(config)
-    if not (directory / "questions.json").is_file():
-        write_synthetic(synth, directory)
-    return synth.dataset
+    return synthetic_truth(config).dataset
 
 
 def add_quirk_copies(config: EvalConfig, records: list[dict[str, Any]]) -> None:
@@ -515,8 +512,7 @@ class Prepared:
         from client.training import adaptation_pairs, train_lora, train_sharer
 
         c, plan, folder = self.config, self.plans[seed], self.folder(seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "plan.json", plan.to_dict())
+        _write_json(folder / "plan.json", plan.to_dict())  # creates the folder: a full disk is one OutputError
         task = self.dataset.task
         task_adapter = None
         device = resolve_device(c.device)
@@ -580,18 +576,28 @@ class Prepared:
 def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prepared:
     """Dataset, user embeddings (saved to OUT/prepare/embeddings.npz) and one plan per seed.
 
+    Everything that can refuse the run (data, task settings, encoder, store) is
+    checked before OUT is created, so a refused run leaves no folder behind.
     `adapter_store`: a folder shared across runs where trained adapters are
     kept under the hash of their inputs (`store_path`) and reused.
     """
     dataset = load_dataset(config)
+    try:
+        for search in config.searches():  # the task is known only now (--data)
+            search.check_task(dataset.task)
+    except SettingError as err:
+        raise EvalConfigError(str(err)) from None
     encoder = load_encoder(config.encoder)
-    embeddings = embed_users(encoder, dataset)
-    save_embeddings(Path(config.out) / PREPARE_DIR / "embeddings.npz", embeddings, encoder.name)
-    plans = {seed: make_plan(dataset, embeddings, config.adapt_fraction, config.targets, config.sharers, seed)
-             for seed in range(config.first_seed, config.first_seed + config.seeds)}
     store = None if adapter_store is None else Path(adapter_store).expanduser()
     if store is not None and store.exists() and not store.is_dir():
         raise EvalConfigError(f"--adapter-store {store} is not a folder")
+    out = output_folder(config.out, EVAL_OUTPUT)  # the inputs are good: only now is the run folder created
+    if config.data is None and not (out / "data" / str(config.synthetic) / "questions.json").is_file():
+        write_synthetic(synthetic_truth(config), out / "data" / str(config.synthetic))  # the data, for the record
+    embeddings = embed_users(encoder, dataset)
+    save_embeddings(out / PREPARE_DIR / "embeddings.npz", embeddings, encoder.name)
+    plans = {seed: make_plan(dataset, embeddings, config.adapt_fraction, config.targets, config.sharers, seed)
+             for seed in range(config.first_seed, config.first_seed + config.seeds)}
     return Prepared(config=config, dataset=dataset, embeddings=embeddings, plans=plans, key=prepare_key(config, dataset),
                     adapter_store=store)
 
@@ -701,8 +707,8 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
     see simulations.ray_grid), on `ray_workers` workers (default: the cluster's).
     `adapter_store`: reuse adapters earlier runs trained on the same inputs (`prepare`).
     """
-    out = output_folder(config.out)
-    _write_json(out / CONFIG_FILE, config.to_dict())
+    out = check_output_folder(config.out, EVAL_OUTPUT)  # refused before any work; `prepare` creates it
+    recorded = config.to_dict()
     cluster = None
     if ray is not None:
         from simulations import ray_grid
@@ -710,11 +716,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
         cluster = ray_grid.connect(ray)
         config = ray_grid.with_cluster_device(config)
     prepared = prepare(config, adapter_store)
-    try:
-        for search in config.searches():  # the task is known only now (--data)
-            search.check_task(prepared.dataset.task)
-    except SettingError as err:
-        raise EvalConfigError(str(err)) from None
+    _write_json(out / CONFIG_FILE, recorded)
     cells = plan_cells(config, prepared.plans, prepared.key)
     records: list[dict[str, Any] | None] = [_cached(read_cell(c.path(out)), c) for c in cells]
     reused = sum(r is not None for r in records)
@@ -738,6 +740,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
         # Also when interrupted: `prime-fl eval table/plot OUT` then work on the finished cells.
         done = [r for r in records if r is not None]
         add_quirk_copies(config, done)
+        _drop_tables(out)  # a kill before they are rewritten leaves no table of an earlier run beside these results
         _write_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
                                           "cells": done})
         if cluster is not None:
@@ -746,6 +749,17 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
     if outputs:
         write_outputs(out, done, plots=config.plots)
     return report
+
+
+def _drop_tables(out: Path) -> None:
+    """Delete the tables `write_outputs` writes (they describe the results.json about to be replaced)."""
+    from simulations import tables
+
+    for name in tables.RESULT_FILES:
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise OutputError(f"{out / name}: cannot delete ({err.strerror or err})") from None
 
 
 def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) -> None:

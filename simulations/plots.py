@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from common.atomic import dict_rows, output_folder, write_csv, write_text, write_with  # noqa: E402
 from common.metrics import higher_is_better  # noqa: E402
 from common.tasks import get_task  # noqa: E402
+from simulations.outputs import EVAL_OUTPUT  # noqa: E402
 from simulations.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E402
 
 AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level",
@@ -150,7 +151,7 @@ def tradeoffs_beside(runs: Mapping[str, list[Mapping[str, Any]]], folder: str | 
     does the same against copied quirks (one measure for every run) when
     the runs have it. Writes PNG, CSV and JSON per figure and `index.json`.
     """
-    folder = output_folder(folder)
+    folder = output_folder(folder, EVAL_OUTPUT)
     named = {name: (records, _points(records)) for name, records in ((n, list(r)) for n, r in runs.items())}
     tasks = [t for t in dict.fromkeys(r["task"] for records, _ in named.values() for r in records)
              if all(any(r["task"] == t for r in records) for records, _ in named.values())]
@@ -254,7 +255,7 @@ def convergence(records: list[Mapping[str, Any]], task: str) -> tuple[plt.Figure
 
 def write_plots(records: Iterable[Mapping[str, Any]], folder: str | Path) -> dict[str, Any]:
     """Every figure the cells allow, into `folder`; returns (and writes) the index of written / skipped figures."""
-    records, folder = list(records), output_folder(folder)
+    records, folder = list(records), output_folder(folder, EVAL_OUTPUT)
     points = _points(records)
     index: dict[str, Any] = {"written": [], "skipped": {}}
     for task in dict.fromkeys(r["task"] for r in records):

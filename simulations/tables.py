@@ -37,6 +37,7 @@ from common.metrics import higher_is_better, parse_label, task_metrics
 from common.tasks import TaskSpec, get_task
 from simulations import paired
 from simulations.column_labels import shared_note, shared_settings, shorten
+from simulations.outputs import EVAL_OUTPUT
 
 SIMILARITY = "similarity with sharers"
 QUIRKS = "copied sharer quirks"
@@ -54,6 +55,7 @@ DIVERGENCE_MEAN = "sharers' changed history answers (mean)"
 DIVERGENCE_MAX = "sharers' changed history answers (max)"
 DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX)
 LAYOUTS = ("methods", "table1")
+RESULT_FILES = ("table.md", "table.csv", "table.json", "paired.md", "paired.json")  # what `write_results` writes
 TABLE1_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("non-personalized", ("np", "rag", "pag", "pag-rag")),
     ("Per-Pcs", ("per-pcs", "per-pcs-rag")),
@@ -262,7 +264,7 @@ def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout:
     """The table (`write_tables`, in `layout`) and the paired comparisons: OUT/paired.md, OUT/paired.json."""
     records = list(records)
     comparisons = paired.compare(records)
-    out = output_folder(out)
+    out = output_folder(out, EVAL_OUTPUT)
     return [*write_tables(build_table(records, layout), out), write_text(out / "paired.md", paired.to_markdown(comparisons)),
             write_text(out / "paired.json", json.dumps(paired.to_json(comparisons), indent=2, ensure_ascii=False))]
 
@@ -280,7 +282,7 @@ def write_diff(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str,
     side_by_side = [dict(r, label=f"{r['label']} @ {name}") for records, name in ((before, names[0]), (after, names[1]))
                     for r in records]
     changes = paired.compare_runs(before, after, names=names)
-    out = output_folder(out)
+    out = output_folder(out, EVAL_OUTPUT)
     return [*write_tables(build_table(side_by_side, "methods"), out),
             write_text(out / "diff.md", paired.runs_to_markdown(changes, names=names)),
             write_text(out / "diff.json", json.dumps(paired.to_json(changes) | {"before": names[0], "after": names[1]},
@@ -289,6 +291,6 @@ def write_diff(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str,
 
 def write_tables(table: Table, out: str | Path) -> list[Path]:
     """OUT/table.md, OUT/table.csv, OUT/table.json."""
-    out = output_folder(out)
+    out = output_folder(out, EVAL_OUTPUT)
     return [write_text(out / "table.md", to_markdown(table)), write_text(out / "table.csv", to_csv(table)),
             write_text(out / "table.json", json.dumps(to_json(table), indent=2, ensure_ascii=False))]

@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter, base_module_name, check_magnitudes
+from common.atomic import MARKER_FILE
 from common.errors import PrimeError
 from common.models import tiny_model
 
@@ -151,7 +152,7 @@ def test_save_overwrites_atomically_and_leaves_no_temp_files(saved):
     _, directory = saved
     other = _trained_like_adapter(seed=1)
     other.save(directory)
-    assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([MARKER_FILE, CONFIG_FILE, WEIGHTS_FILE])
     torch.testing.assert_close(LoraAdapter.load(directory).tensors[Q_A], other.tensors[Q_A])
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import tagging_records
 
+from common.atomic import MARKER_FILE
 from common.encoder import load_embeddings
 from simulations.cli import COMMANDS, build_parser, main
 
@@ -54,7 +55,8 @@ def test_synth_then_check(tmp_path, capsys, task, lamp_id):
     code, out, _ = _run(capsys, "data", "synth", "--task", task, "--out", str(out_dir), "--users", "6", "--groups", "3",
                         "--history", "4", "--queries", "2", "--seed", "5")
     assert code == 0 and "oracle" in out and "majority" in out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["benchmark.json", "outputs.json", "questions.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([MARKER_FILE, "benchmark.json", "outputs.json",
+                                                               "questions.json"])
     bench = json.loads((out_dir / "benchmark.json").read_text())
     assert bench["task"] == lamp_id and bench["config"]["seed"] == 5
     code, out, _ = _run(capsys, "data", "check", str(out_dir))

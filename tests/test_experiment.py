@@ -121,6 +121,22 @@ def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
 
 
+def test_a_run_killed_between_results_and_tables_leaves_no_table_of_the_run_before(tmp_path, monkeypatch):
+    from simulations import tables
+
+    run_grid(_config(tmp_path, methods="np"), progress=False)
+    assert "| NP |" in (tmp_path / "table.md").read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tables, "write_results", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(_config(tmp_path, methods="np,top1"), progress=False)
+    assert {c["method"] for c in json.loads((tmp_path / "results.json").read_text())["cells"]} == {"np", "top1"}
+    assert not any((tmp_path / name).exists() for name in tables.RESULT_FILES)  # not the NP-only tables
+
+
 def test_corrupt_cell_is_recomputed_and_changed_settings_make_new_cells(tmp_path):
     run_grid(_config(tmp_path, methods="np"), progress=False, outputs=False)
     (cell,) = _cell_files(tmp_path)[:1]

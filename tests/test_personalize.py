@@ -188,6 +188,7 @@ def test_fallback_to_unmerged_when_no_merge_helps(world, tmp_path):
     assert result.best == result.unmerged
     next(iter(adapters.values())).save(tmp_path / "fb" / "adapter")  # an earlier merged result in the same folder
     (tmp_path / "fb" / "result.json").write_text('{"fallback": false}')
+    (tmp_path / "fb" / "trajectory.json").write_text("[]")  # the layout of a result saved before the output marker
     result.save(tmp_path / "fb")
     assert not (tmp_path / "fb" / "adapter").exists()  # the old merge must not pass for this result's adapter
     assert json.loads((tmp_path / "fb" / "result.json").read_text())["fallback"] is True

@@ -10,7 +10,7 @@ from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING, TrainConfig
 from common.atomic import check_replaceable
 from common.errors import PrimeError
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, profile_pairs
-from common.models import MODEL_CONFIG_FILE
+from common.models import MODEL_OUTPUT
 from simulations.model_options import add_model_options, load_model
 from simulations.commands.train_lora import add_training_args, train_config
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     parser.add_argument("--data", required=True, help="LaMP-layout folder")
     parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
-    parser.add_argument("--out", required=True, help="model folder to write (replaced if it holds a model)")
+    parser.add_argument("--out", required=True, help="model folder to write (replaced only if it is an earlier one)")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--users", dest="user_ids", nargs="+", default=None, metavar="ID", help="the adaptation users")
     who.add_argument(
@@ -60,7 +60,7 @@ def _adapt(args: argparse.Namespace) -> int:
     config = train_config(args, adaptation=True)
     if args.max_pairs is not None and args.max_pairs < 1:
         raise PrimeError(f"--max-pairs must be at least 1, got {args.max_pairs}")
-    out = check_replaceable(args.out, MODEL_CONFIG_FILE)
+    out = check_replaceable(args.out, MODEL_OUTPUT)
     dataset = load_lamp(args.data, split=args.split)
     users = adaptation_users(dataset, args.user_ids, args.fraction, args.seed)
     by_user = {u.user_id: profile_pairs(dataset.task, u.profile) for u in users}

@@ -8,7 +8,8 @@ from collections import Counter
 
 import numpy as np
 
-from common.lamp import SPLITS, LampDataset, load_lamp
+from common.atomic import check_replaceable
+from common.lamp import LAMP_OUTPUT, SPLITS, LampDataset, load_lamp
 from common.metrics import parse_label
 from common.synthetic import BENCHMARK_FILE, SYNTHETIC_TASKS, SyntheticConfig, generate, write_synthetic
 
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     defaults = SyntheticConfig()
     synth.add_argument("--task", choices=SYNTHETIC_TASKS, default=defaults.task, help="tagging (LaMP-2), rating (LaMP-3), headline (LaMP-4) or rating-skewed (LaMP-3, real-like ratings)")
-    synth.add_argument("--out", required=True, help="output folder (created; files replaced atomically)")
+    synth.add_argument("--out", required=True, help="output folder (created, or replaced whole if it is an earlier one)")
     synth.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     synth.add_argument("--users", type=int, default=defaults.n_users, help="number of users (default %(default)s)")
     synth.add_argument("--groups", type=int, default=defaults.n_groups, help="latent preference groups (default %(default)s)")
@@ -61,6 +62,7 @@ def _synth(args: argparse.Namespace) -> int:
         task=args.task, n_users=args.users, n_groups=args.groups, history=args.history, queries=args.queries, seed=args.seed,
         quirks=args.quirks,
     )
+    check_replaceable(args.out, LAMP_OUTPUT)  # before generating
     report = write_synthetic(generate(config), args.out)
     print(f"wrote {args.task} ({report['task']}): {config.n_users} users, {config.n_groups} groups -> {args.out}")
     for name, entry in report["baselines"].items():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common.atomic import output_folder
 from simulations.deploy import DeployConfig, deploy
+from simulations.outputs import DEPLOY_OUTPUT
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     parser.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default: 2)")
     parser.add_argument("--run-config", default="", help='run-config overrides, e.g. "alpha=0.3 k=2"')
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", default=None,
                         help="run directory for certificates, keys, logs and outputs (default: runs/deploy/<time>)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take (default: 1800)")
     parser.add_argument("--app", type=Path, default=PROJECT_ROOT, help="Flower app directory (default: the project)")
@@ -31,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_folder(args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S"))
+    default = Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S")
+    out = output_folder(default if args.out is None else args.out, DEPLOY_OUTPUT)  # `--out ''`: refused, not the cwd
     result = deploy(
         DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
     )

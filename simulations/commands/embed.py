@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from common.atomic import check_output_file
 from common.encoder import DEFAULT_ENCODER, embed_users, load_encoder, save_embeddings
 from common.lamp import SPLITS, load_lamp
 
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    check_output_file(args.out)  # before the encoder runs
     dataset = load_lamp(args.data, split=args.split)
     encoder = load_encoder(args.encoder)
     embeddings = embed_users(encoder, dataset)

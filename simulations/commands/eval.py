@@ -29,6 +29,7 @@ from simulations.column_labels import without_settings
 from simulations.experiment import EvalConfig, EvalConfigError
 from simulations.model_options import add_model_options
 from simulations.options import add_setting_options
+from simulations.outputs import EVAL_OUTPUT
 
 _LIST = "comma-separated"
 
@@ -206,7 +207,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise EvalConfigError(f"no column {', '.join(map(repr, unknown)) or 'to compare'} in {args.run}; its columns: "
                               f"{', '.join(labels)}")
     comparisons = [c for column in wanted for c in paired.compare_columns(records, column, args.baseline)]
-    out = output_folder(args.compare_out or args.run)
+    out = output_folder(args.compare_out or args.run, EVAL_OUTPUT)
     text = paired.columns_to_markdown(comparisons, args.baseline)
     write_text(out / "compare.md", text)
     write_text(out / "compare.json", json.dumps({"baseline": args.baseline, **paired.to_json(comparisons)}, indent=2,

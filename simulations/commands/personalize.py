@@ -17,7 +17,7 @@ from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
 from common.presets import PresetChoice, resolve
 from common.settings import SearchConfig
-from server.personalize import RESULT_FILE, check_optimizer, personalize
+from server.personalize import PERSONALIZE_OUTPUT, check_optimizer, personalize
 from simulations.model_options import add_model_options, model_cache
 from simulations.options import add_setting_options, setting_values
 
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         help=f"folder with one PEFT adapter sub-folder per sharer (named by user id) and optionally {EMBEDDINGS_FILE}",
     )
     parser.add_argument("--user", required=True, help="target user id")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (replaced only if it is an earlier one)")
     add_model_options(parser)
     parser.add_argument("--task-adapter", default=None, help="task LoRA folder folded into the base model before merging")
     parser.add_argument("--embeddings", default=None, help=f".npz of user embeddings (default: SHARERS/{EMBEDDINGS_FILE} if present)")
@@ -68,7 +68,7 @@ def _sharer_dirs(root: Path) -> dict[str, Path]:
 def _personalize(args: argparse.Namespace) -> int:
     config = replace(resolve(SearchConfig, args.preset, setting_values(SearchConfig, args)), seed=args.seed)
     check_optimizer(config)  # before the model loads
-    check_replaceable(args.out, RESULT_FILE)
+    check_replaceable(args.out, PERSONALIZE_OUTPUT)
     dataset = load_lamp(args.data, split=args.split)
     config.check_task(dataset.task)  # decoding and tie-break, before the model loads
     target = dataset.user(args.user)

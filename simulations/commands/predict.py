@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from common.adapters import LoraAdapter
+from common.atomic import check_output_file
 from common.inference import predict
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, query_prompts, write_json_files
 from common.metrics import task_metrics
@@ -58,6 +58,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise PrimeError(f"--batch-size must be at least 1, got {args.batch_size}")
     reading = from_flat(SearchConfig, {"decoding": args.decoding})  # the one check of the value
+    out = check_output_file(args.out)  # both outputs, before the model loads: `--out /dev/null` is refused
+    metrics_out = check_output_file(args.metrics_out if args.metrics_out is not None else f"{out}.metrics.json")
     dataset = load_lamp(args.data, split=args.split)
     reading.check_task(dataset.task)  # before the model loads
     users = select_users(dataset, args.user_ids, args.limit)
@@ -74,8 +76,6 @@ def _predict(args: argparse.Namespace) -> int:
                     decoding=reading.decoding)
     seconds = time.perf_counter() - start
     metrics = task_metrics(task, preds, [q.gold for q in queries])
-    out = Path(args.out)
-    metrics_out = Path(args.metrics_out) if args.metrics_out else out.with_name(out.name + ".metrics.json")
     report = {
         "task": task.lamp_id,
         "model": name,

@@ -11,6 +11,7 @@ from common.atomic import output_folder
 from common.federation import FederationConfig
 from common.models import resolve_cache_dir
 from simulations.model_options import add_model_options
+from simulations.outputs import SIMULATE_OUTPUT
 from simulations.simulate import default_nodes, parse_overrides, phase_lines, results_table, simulate
 
 
@@ -39,13 +40,13 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.run_config)
-    if args.out:
+    if args.out is not None:  # `--out ''` is refused below, not taken for "the default"
         overrides["out-dir"] = args.out
     if args.model_spec:
         overrides["model-spec"] = args.model_spec
     overrides["model-cache"] = str(resolve_cache_dir(args.model_cache or overrides.get("model-cache")))
     config = FederationConfig.from_run_config(overrides)
-    output_folder(config.out_dir)  # a file there is a one-line error now, not a traceback after the run
+    output_folder(config.out_dir, SIMULATE_OUTPUT)  # a file or a user's folder there: one line, before the run
     started = time.perf_counter()
     report = simulate(config, args.nodes or default_nodes(config), verbose=args.verbose)
     print("\n".join(phase_lines(report)))

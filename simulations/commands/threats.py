@@ -17,6 +17,7 @@ from common.settings import SearchConfig
 from server.personalize import applied_share_cap
 from server.share_cap import cap_shares, update_norms
 from simulations.model_options import add_model_options, load_model
+from simulations.outputs import THREATS_OUTPUT
 from simulations.threats import write_json
 from simulations.threats import membership as mia
 from simulations.threats import recovery as rec
@@ -151,7 +152,7 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 def _threats(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.share_cap) and 0.0 < args.share_cap <= 1.0):  # before it is lifted to 1/k
         raise ThreatError(f"--share-cap: the share cap must be in (0, 1], got {args.share_cap}")
-    out = output_folder(args.out)
+    out = output_folder(args.out, THREATS_OUTPUT)
     meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap,
             "release_rank": args.release_rank}
     plots = not args.no_plots

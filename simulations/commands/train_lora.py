@@ -9,13 +9,18 @@ import argparse
 import json
 
 from client.training import TrainConfig, train_lora
-from common.adapters import CONFIG_FILE
-from common.atomic import check_replaceable, replace_folder
+from common.adapters import CONFIG_FILE, WEIGHTS_FILE
+from common.atomic import Layout, OutputKind, check_replaceable, replace_folder
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
 from common.settings import DpSgdConfig, from_flat, to_flat
 from simulations.model_options import add_model_options, load_model
 from simulations.options import add_setting_option, add_setting_options, setting_values
+
+STATS_FILE = "training_stats.json"
+# Its own kind, not an `adapter`: before the marker a train-lora folder always held training_stats.json, so a
+# bare PEFT adapter of the user's is never taken for one.
+TRAIN_LORA_OUTPUT = OutputKind("train-lora", (Layout(frozenset({CONFIG_FILE, WEIGHTS_FILE, STATS_FILE})),))
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig, *, adaptation: bool = False) -> None:
@@ -76,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--data", required=True, help="LaMP-layout folder")
     parser.add_argument("--split", choices=SPLITS, default=None, help="which split when the folder holds several")
     parser.add_argument("--user", required=True, help="the user whose history to train on")
-    parser.add_argument("--out", required=True, help="adapter folder to write")
+    parser.add_argument("--out", required=True, help="adapter folder to write (replaced only if it is an earlier one)")
     add_model_options(parser)
     add_training_args(parser, TrainConfig())
     add_setting_options(parser.add_argument_group("DP-SGD (item-level differential privacy)"), DpSgdConfig())
@@ -87,20 +92,20 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def _train(args: argparse.Namespace) -> int:
     config = train_config(args)
     dp_sgd = from_flat(DpSgdConfig, setting_values(DpSgdConfig, args))
+    out = check_replaceable(args.out, TRAIN_LORA_OUTPUT)
     dataset = load_lamp(args.data, split=args.split)
     user = dataset.user(args.user)
     pairs = profile_pairs(dataset.task, user.profile)
     if not pairs:
         raise PrimeError(f"{args.data}: user {args.user!r} has no history to train on")
-    out = check_replaceable(args.out, CONFIG_FILE)
     model, tokenizer, name = load_model(args)
     adapter, stats = train_lora(model, tokenizer, pairs, config, progress=not args.no_progress, dp_sgd=dp_sgd)
     adapter.base_model = name
     info = {"user": user.user_id, "task": dataset.task.lamp_id, "model": name, "config": config.__dict__,
             "dp_sgd": to_flat(dp_sgd), "stats": stats.to_dict()}
-    with replace_folder(out, marker=CONFIG_FILE) as tmp:  # adapter and its stats replace an earlier run together
+    with replace_folder(out, TRAIN_LORA_OUTPUT) as tmp:  # adapter and its stats replace an earlier run together
         adapter.save(tmp)
-        (tmp / "training_stats.json").write_text(json.dumps(info, indent=1, default=list) + "\n")
+        (tmp / STATS_FILE).write_text(json.dumps(info, indent=1, default=list) + "\n")
     print(
         f"trained LoRA r={config.r} for {user.user_id} on {stats.examples} pairs ({stats.steps} steps): loss {stats.first_loss:.3f} -> "
         f"{stats.final_loss:.3f} ({stats.examples_per_s:.1f} examples/s) -> {out}"

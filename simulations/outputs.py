@@ -1,0 +1,34 @@
+"""The kinds of output folder the simulation commands write file by file (see `common.atomic.OutputKind`).
+
+One kind per family of commands that share a folder: `eval` runs, and the
+tables, plots, comparisons and trade-offs drawn from them (`eval table --out`
+may name the run itself), are all `eval` outputs. The layouts recognise
+folders written before the marker existed by files only these commands write.
+"""
+
+from __future__ import annotations
+
+from common.atomic import Layout, OutputKind
+
+_TABLE = frozenset({"table.md", "table.csv", "table.json"})
+
+EVAL_OUTPUT = OutputKind("eval", (
+    Layout(frozenset({"results.json"}),
+           ("config.json", "cells", "prepare", "data", "plots", "table.*", "paired.*", "compare.*")),  # a run
+    Layout(_TABLE | {"paired.md", "paired.json"}, ("results.json", "plots", "compare.*")),  # eval table --out
+    Layout(_TABLE | {"diff.md", "diff.json"}),  # eval diff --out
+    Layout(frozenset({"compare.md", "compare.json"})),  # eval compare --out
+    Layout(frozenset({"index.json"}), ("*.png", "*.csv", "*.json")),  # plots/, eval tradeoffs --out
+))
+
+THREATS_OUTPUT = OutputKind("threats", tuple(
+    Layout(frozenset(required), ("embedding.*", "membership.*", "leak.*", "recovery.*"))
+    for required in ({"embedding.json"}, {"membership.json"}, {"leak.json"}, {"recovery.json"})
+))
+
+SIMULATE_OUTPUT = OutputKind("simulate", (
+    Layout(frozenset({"report.json"}), ("targets.csv", "targets", "task_adapter", "registry", "registry.key",
+                                        "coordinator.key")),
+))
+
+DEPLOY_OUTPUT = OutputKind("deploy", (Layout(frozenset({"deploy.json"}), ("logs", "certs", "keys", "flwr-home", "app-out")),))
