@@ -54,8 +54,8 @@ from server.aggregate import fedavg
 from server.personalize import check_optimizer, personalize, target_seed
 from server.registry import Registry
 from server.replies import (
-    LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_history, read_metrics,
-    read_registration, read_sealed,
+    MAX_LOSS, LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_evaluation, read_history,
+    read_metrics, read_registration, read_sealed,
 )
 from server.report import RunReport
 
@@ -295,6 +295,8 @@ class Coordinator:
                 examples = min(int(metrics["num-examples"]), self.nodes[node_id].n_history)
                 if examples < 1:
                     raise NodeReplyError(f"'num-examples' is {metrics['num-examples']:g}: no training examples")
+                if not 0 <= metrics["loss"] <= MAX_LOSS:  # the round's mean loss goes into the report: it must stay finite
+                    raise NodeReplyError(f"'loss' is {metrics['loss']:.6g}, outside [0, {MAX_LOSS:g}]")
                 accepted[node_id] = (update, examples, metrics["loss"])
 
             self._each(f"adapt-{round_}", replies, accept)
@@ -463,7 +465,8 @@ class Coordinator:
         self.report.time("search", sum(t.get("search_seconds", 0.0) for t in self.report.targets.values()))
 
         def evaluated(node_id: int, reply: Message) -> None:
-            self.report.add_evaluation(self.nodes[node_id].user_id, read_metrics(reply.content, ("n-queries",)))
+            node = self.nodes[node_id]
+            self.report.add_evaluation(node.user_id, read_evaluation(reply.content, task, node.n_queries))
 
         self._each("evaluate", self._exchange("evaluate", EVALUATE, evaluations), evaluated)
         self.report.phase("personalize", asked=[self.nodes[n].user_id for n in nodes],

@@ -123,7 +123,8 @@ class RunReport:
         """`report.json` and `targets.csv` in `directory`, each replaced atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        # Strict JSON: every number in a report is finite (node replies are range-checked before they get here).
+        write_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False))
         metric_keys = sorted({k for t in self.targets.values() for k in t.get("metrics", {})})
         lines = [["user_id", "sharers", "weights", "fallback", "refused", "objective", "utility", "privacy", "search_s",
                   *metric_keys]]

@@ -54,7 +54,16 @@ def _run(tmp_path, hostile: Hostile | None = None, **overrides) -> tuple[dict, C
     if hostile is not None:
         hostile.coordinator = coordinator
     coordinator.run()
-    return json.loads((tmp_path / "run" / "report.json").read_text()), coordinator
+    return _strict_json((tmp_path / "run" / "report.json").read_text()), coordinator
+
+
+def _strict_json(text: str) -> dict:
+    """A report as a strict JSON parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"report.json holds {constant}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _content(records: dict) -> RecordDict:
@@ -151,6 +160,16 @@ def _adapt_update(change):
     return rewrite
 
 
+def _evaluation(change):
+    """An evaluate reply whose metrics are the honest ones passed through `change(metrics) -> metrics`."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        metrics = change(dict(reply.content.metric_records["metrics"]))
+        return Message(reply_to=msg, content=_content({"metrics": MetricRecord(metrics)}))
+
+    return rewrite
+
+
 def _first(tensors):
     return sorted(tensors)[0]
 
@@ -193,6 +212,7 @@ CASES = [
     ("adapt-wrong-rank", "train.adapt", _adapt_update(lambda t, m, l: (t, m, l | {"r": 3})), "adapt-1", "'r'"),
     ("adapt-negative-examples", "train.adapt", _adapt_update(lambda t, m, l: (t, m | {"num-examples": -5}, l)),
      "adapt-1", "num-examples"),
+    ("adapt-huge-loss", "train.adapt", _adapt_update(lambda t, m, l: (t, m | {"loss": 1e308}, l)), "adapt-1", "'loss'"),
     ("adapt-no-metrics", "train.adapt",
      lambda h, m, r, c: Message(reply_to=m, content=_content({k: v for k, v in r.content.items() if k != "metrics"})),
      "adapt-1", "metrics"),
@@ -210,9 +230,23 @@ CASES = [
      "register", "upload"),
     ("register-sealed-zero-embedding", "query.register", _register_upload(np.zeros), "register", "embedding"),
     ("register-sealed-for-another-user", "query.register", _register_upload(np.ones, "u999"), "register", "names user"),
-    ("evaluate-nan-metric", "evaluate.personalized",
-     lambda h, m, r, c: Message(reply_to=m, content=_content({"metrics": MetricRecord({"n-queries": 2, "np-mae": math.nan})})),
-     "evaluate", "finite"),
+    ("evaluate-nan-metric", "evaluate.personalized", _evaluation(lambda m: m | {"np-mae": math.nan}), "evaluate", "finite"),
+    ("evaluate-extra-key", "evaluate.personalized", _evaluation(lambda m: m | {"np-bleu": 0.5}), "evaluate",
+     "unexpected key 'np-bleu'"),
+    ("evaluate-only-n-queries", "evaluate.personalized", _evaluation(lambda m: {"n-queries": m["n-queries"]}),
+     "evaluate", "lacks"),
+    ("evaluate-mae-5e8", "evaluate.personalized", _evaluation(lambda m: m | {"prime-mae": 5e8}), "evaluate",
+     "outside the metric's range [0, 4]"),
+    ("evaluate-huge-finite", "evaluate.personalized", _evaluation(lambda m: m | {"np-rmse": 1e308}), "evaluate",
+     "outside the metric's range"),
+    ("evaluate-negative-mae", "evaluate.personalized", _evaluation(lambda m: m | {"np-mae": -0.5}), "evaluate",
+     "outside the metric's range"),
+    ("evaluate-negative-count", "evaluate.personalized", _evaluation(lambda m: m | {"n-queries": -3}), "evaluate",
+     "'n-queries' must be an integer"),
+    ("evaluate-count-not-asked", "evaluate.personalized", _evaluation(lambda m: m | {"n-queries": 1000}), "evaluate",
+     "registered 2 held-out queries"),
+    ("evaluate-list-value", "evaluate.personalized", _evaluation(lambda m: m | {"prime-rmse": [0.5, 0.5]}), "evaluate",
+     "finite number"),
     ("node-error-with-long-traceback", "train.share",
      lambda h, m, r, c: Message(reply_to=m, error=Error(code=0, reason="Traceback (most recent call last):\n" + "  x\n" * 500 + "ValueError: boom")),
      "share", "ValueError: boom"),
@@ -241,6 +275,8 @@ def test_one_hostile_reply_is_skipped_with_a_reason_and_the_run_finishes(tmp_pat
         coordinator.lora_shape.check_meta(stored.metadata)
         assert np.linalg.norm(stored.embedding) > 0
     assert len(report["targets"]) >= 1
+    # The summary averages the accepted evaluations only: every mean is in its metric's range.
+    assert report["summary"] and all(0 <= v <= 4 for v in report["summary"].values()), report["summary"]
 
 
 def test_a_loud_adapt_node_moves_fedavg_no_more_than_its_share(tmp_path):
