@@ -66,9 +66,6 @@ class RunReport:
         if self.status == "running":
             self.status = "complete"
 
-    def skipped_in(self, phase: str) -> set[int]:
-        return {s["node_id"] for s in self.skipped if s["phase"] == phase}
-
     def time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
 

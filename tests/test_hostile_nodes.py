@@ -21,7 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from client.app import app as client_app
 from common.crypto import NodeIdentity, new_upload_id, seal
-from common.federation import FederationConfig
+from common.federation import SYNTHETIC, FederationConfig
+from common.settings import from_flat
+from common.synthetic import SyntheticConfig, generate
 from common.wire import encode_upload
 from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
@@ -316,3 +318,71 @@ def test_a_dp_run_skips_a_sharer_whose_upload_declares_no_dp_guarantee(tmp_path)
     assert len(offender) == 1 and "no DP-SGD guarantee" in offender[0]["reason"]
     assert coordinator.nodes[hostile.node_id].user_id not in coordinator.registry.sharers()
     assert report["status"] == "complete"
+
+
+# ------------------------------------------------------------------ node identity: whose user, whose reply
+
+
+def _claim_user_of(partition: int):
+    """A register reply claiming the user of the node at `partition`, signed and sealed with the claimant's own key."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        synth = from_flat(SyntheticConfig, dict(msg.content.config_records[SYNTHETIC]))
+        user_id = generate(synth).dataset.users[partition].user_id
+        node = ConfigRecord(dict(reply.content.config_records["node"]) | {"user-id": user_id})
+        payload = encode_upload({}, np.ones(_dim(h), dtype=np.float32), {"user-id": user_id})
+        sealed = _sealed_reply(msg, context, payload, "register", metrics=False)
+        return Message(reply_to=msg, content=_content({"node": node, "upload": sealed.content.config_records["upload"]}))
+
+    return rewrite
+
+
+def test_a_user_id_claimed_by_two_nodes_is_refused_for_both(tmp_path):
+    """The first node to register claims the next node's user: neither keeps it (nothing shows which holds it)."""
+    victim = InProcessGrid.node_id(1)
+    hostile = Hostile("query.register", _claim_user_of(1))
+    report, coordinator = _run(tmp_path, hostile)
+    assert hostile.node_id == InProcessGrid.node_id(0)
+    assert report["status"] == "complete", report["reasons"]
+    claimed = coordinator.report.skipped[0]["user_id"]
+    assert {s["node_id"]: s["phase"] for s in report["skipped"]} == {hostile.node_id: "register", victim: "register"}
+    for skip in report["skipped"]:
+        assert f"user id {claimed!r} is claimed by nodes {hostile.node_id}, {victim}" in skip["reason"], skip
+    assert hostile.node_id not in coordinator.nodes and victim not in coordinator.nodes
+    assert all(claimed not in users for users in report["plan"].values() if isinstance(users, list))
+
+
+@pytest.mark.parametrize("forged", ["upload", "error"])
+def test_a_reply_forged_as_another_node_does_not_keep_that_nodes_own_reply_out(tmp_path, forged):
+    """The first sharer to answer sends its reply as if from the last sharer, whose own valid upload comes later."""
+
+    def forge(h: Hostile, msg, reply, context):
+        sharers = set(h.coordinator.report.plan["sharers"])
+        h.victim = max(n.node_id for n in h.coordinator.nodes.values() if n.user_id in sharers)
+        if forged == "error":
+            reply = Message(reply_to=msg, error=Error(code=0, reason="boom"))
+        reply.metadata.__dict__["_src_node_id"] = h.victim
+        return reply
+
+    hostile = Hostile("train.share", forge)
+    report, coordinator = _run(tmp_path, hostile)
+    assert hostile.victim != hostile.node_id
+    assert report["status"] == "complete", report["reasons"]
+    assert [(s["node_id"], s["phase"]) for s in report["skipped"]] == [(hostile.node_id, "share")]
+    assert f"names node {hostile.victim} as its sender" in report["skipped"][0]["reason"]
+    assert coordinator.nodes[hostile.victim].user_id in coordinator.registry.sharers()
+    assert coordinator.nodes[hostile.node_id].user_id not in coordinator.registry.sharers()
+    assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
+
+
+def test_a_node_whose_share_reply_is_an_error_then_an_upload_is_skipped_and_nothing_of_it_stored(tmp_path):
+    hostile = Hostile("train.share", lambda h, m, r, c: [Message(reply_to=m, error=Error(code=0, reason="boom")), r])
+    report, coordinator = _run(tmp_path, hostile)
+    user = coordinator.nodes[hostile.node_id].user_id
+    assert [s["reason"] for s in report["skipped"]] == ["node error: boom"]
+    # The report and the registry agree: the node is skipped, and no upload of it is stored or counted.
+    assert user not in coordinator.registry.sharers() and user not in report["uploads"]
+    assert user not in report["phases"]["share"]["arrived"]
+    assert sorted(coordinator.registry.sharers()) == sorted(report["phases"]["share"]["arrived"])
+    assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
+
