@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from common.adapters import LoraAdapter, lora_shapes
 from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
-from common.dp import Guarantee
+from common.dp import Guarantee, plan as dp_plan
 from common.key_endorsement import endorse, load_or_create_identity
 from common.encoder import load_encoder
 from common.federation import (
@@ -386,7 +386,7 @@ class Coordinator:
             if upload.metadata.get("user-id") != node.user_id:
                 raise NodeReplyError(f"upload names user {upload.metadata.get('user-id')!r}, node registered {node.user_id!r}")
             meta = self.lora_shape.check_meta(upload.metadata)  # shapes and magnitudes: decode_upload checked them
-            privacy = self._privacy(upload.metadata)
+            privacy = self._privacy(upload.metadata, min(node.n_history, self.config.node.max_history))
             if privacy is not None:
                 meta |= privacy.to_meta()  # stored with the entry: every later merge can name its epsilon
             embedding = check_embedding(upload.embedding)
@@ -422,13 +422,24 @@ class Coordinator:
         return candidates, (f"release refused: {len(exhausted)} sharer(s) have used their release budget of {budget}, "
                             f"{len(candidates)} left and a merge needs min-sharers={self.search.min_sharers}")
 
-    def _privacy(self, meta: dict[str, Any]) -> Guarantee | None:
+    def _privacy(self, meta: dict[str, Any], n_items: int | None = None) -> Guarantee | None:
         """The DP-SGD guarantee an upload declares, checked against the accountant (`common.dp`); required
-        when the run asks its sharers for DP-SGD, and then at most the run's target epsilon."""
+        when the run asks its sharers for DP-SGD, and then at most the run's target epsilon.
+
+        A fresh upload (`n_items`: the history items its node trains on, from what it registered) must
+        also be the training this run asked for: the noise multiplier, clip, sample rate, steps and delta
+        that `common.dp.plan` gives for the run's DP-SGD and training settings on that many items. A
+        registry entry from an earlier run was held to that run's settings when it was stored.
+        """
         privacy = Guarantee.from_meta(meta)
         wanted = self.config.node.dp_sgd
         if wanted.enabled and privacy is None:
             raise NodeReplyError("upload declares no DP-SGD guarantee; the run asks for dp-sgd")
+        if privacy is not None and n_items is not None:
+            if not wanted.enabled:
+                raise NodeReplyError("upload declares a DP-SGD guarantee, but the run trains its sharers without dp-sgd")
+            train = self.config.node.train
+            privacy.check_plan(dp_plan(wanted, n_items, train.batch_size, train.epochs, train.steps), n_items)
         if privacy is not None and wanted.enabled and wanted.epsilon > 0 and privacy.epsilon > wanted.epsilon * (1 + 1e-9):
             raise NodeReplyError(f"upload's DP-SGD epsilon {privacy.epsilon:.3g} is above the run's {wanted.epsilon:g}")
         return privacy

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from client.app import app as client_app
 from common.crypto import NodeIdentity, new_upload_id, seal
+from common.dp import Guarantee, epsilon_for
 from common.federation import SYNTHETIC, FederationConfig
 from common.settings import from_flat
 from common.synthetic import SyntheticConfig, generate
@@ -386,3 +387,49 @@ def test_a_node_whose_share_reply_is_an_error_then_an_upload_is_skipped_and_noth
     assert sorted(coordinator.registry.sharers()) == sorted(report["phases"]["share"]["arrived"])
     assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
 
+
+# ------------------------------------------------------------------ DP-SGD claims held to the run's settings
+
+# tiny_config: histories of 6 items cut to max-history 4, batch size 8 and 1 epoch: the run's plan is sample
+# rate 1 and 1 step, delta min(1e-5, 0.1 / 4) = 1e-5, clip 1.
+PLANNED = {"noise": 1.0, "rate": 1.0, "steps": 1, "delta": 1e-5, "clip": 1.0}
+
+
+def _dp_claim(**changes):
+    """A share upload declaring a DP-SGD guarantee that holds together (the accountant gives its epsilon)."""
+    n = PLANNED | changes
+    epsilon = epsilon_for(n["noise"], n["rate"], n["steps"], n["delta"])
+    return _share_upload(**Guarantee(epsilon, n["delta"], n["noise"], n["rate"], n["steps"], n["clip"]).to_meta())
+
+
+DP_RUN = {"adapt_rounds": 0, "dp_sgd": True, "dp_noise_multiplier": 1.0}
+
+
+@pytest.mark.parametrize("changes, run, fragment", [
+    ({"noise": 500.0}, DP_RUN, "noise multiplier 500, the run's DP-SGD settings give 1 for 4 history items"),
+    ({"rate": 1e-6}, DP_RUN, "sample rate 1e-06, the run's DP-SGD settings give 1"),
+    ({"steps": 3}, DP_RUN, "steps 3, the run's DP-SGD settings give 1"),
+    ({"delta": 1e-9}, DP_RUN, "delta 1e-09"),
+    ({"clip": 1e-3}, DP_RUN, "max grad norm 0.001"),
+    ({}, {"adapt_rounds": 0}, "the run trains its sharers without dp-sgd"),
+], ids=["noise-500", "rate-1e-6", "steps", "delta", "clip", "dp-off"])
+def test_a_dp_claim_the_run_could_not_have_made_is_refused(tmp_path, changes, run, fragment):
+    hostile = Hostile("train.share", _dp_claim(**changes))
+    report, coordinator = _run(tmp_path, hostile, **run)
+    assert report["status"] == "complete", report["reasons"]
+    offender = [s for s in report["skipped"] if s.get("node_id") == hostile.node_id]
+    assert len(offender) == 1 and fragment in offender[0]["reason"], offender
+    user = coordinator.nodes[hostile.node_id].user_id
+    assert user not in coordinator.registry.sharers() and user not in report["uploads"]
+    assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
+
+
+@pytest.mark.parametrize("dp", [{"dp_noise_multiplier": 1.0}, {"dp_epsilon": 8.0}], ids=["noise-given", "epsilon-target"])
+def test_honest_dp_sharers_declare_exactly_the_runs_plan(tmp_path, dp):
+    """The counterpart: every honest sharer's guarantee passes the check, with the noise given or calibrated."""
+    report, coordinator = _run(tmp_path, adapt_rounds=0, dp_sgd=True, **dp)
+    assert report["status"] == "complete" and report["skipped"] == []
+    assert len(coordinator.registry) == len(report["plan"]["sharers"])
+    for sharer in coordinator.registry.sharers():
+        guarantee = Guarantee.from_meta(coordinator.registry.get(sharer).metadata)
+        assert guarantee is not None and (guarantee.sample_rate, guarantee.steps) == (1.0, 1)
