@@ -19,7 +19,9 @@ one secret (each item is one unit), and the output-perturbation options
 
 The coordinator can recompute a sharer's epsilon from the noise multiplier,
 sample rate and steps in its upload (`Guarantee.from_meta`), so a node cannot
-report an epsilon its own numbers do not give.
+report an epsilon its own numbers do not give, and it holds those numbers to
+the ones the run's settings give for the node's history (`Guarantee.check_plan`),
+so a node cannot declare a training the run never asked for.
 
 opacus is imported where it is used: importing the package takes seconds,
 and only DP runs need it.
@@ -129,6 +131,23 @@ class Guarantee:
         """The upload-metadata form (keys `META_KEYS`), as `from_meta` reads it back."""
         return dict(zip(META_KEYS, (self.epsilon, self.delta, self.noise_multiplier, self.sample_rate, self.steps,
                                     self.max_grad_norm, self.accountant)))
+
+    def check_plan(self, planned: Plan, n_items: int) -> None:
+        """This guarantee is the one training by `planned` (on `n_items` items) gives, else `PrivacyError`.
+
+        `from_meta` only shows that the declared numbers agree with each
+        other; a node could still declare a noise multiplier of 500 or a
+        sample rate of 1e-6 that the run never asked for (and that would
+        make a tiny epsilon). Held to the plan, the only guarantee a node can
+        declare is the one the run's settings give for its history.
+        """
+        for name, declared, expected in (("noise multiplier", self.noise_multiplier, planned.noise_multiplier),
+                                         ("max grad norm", self.max_grad_norm, planned.max_grad_norm),
+                                         ("sample rate", self.sample_rate, planned.sample_rate),
+                                         ("steps", self.steps, planned.steps), ("delta", self.delta, planned.delta)):
+            if not math.isclose(declared, expected, rel_tol=1e-9):
+                raise PrivacyError(f"privacy metadata declares {name} {declared:g}, the run's DP-SGD settings give "
+                                   f"{expected:g} for {n_items} history items")
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> Guarantee | None:

@@ -28,6 +28,13 @@ _RATING_SPAN = 4.0  # 5 - 1: the largest possible rating error
 _NONE = "<unparseable>"
 
 
+def metric_range(metric_name: str) -> tuple[float, float]:
+    """The values a metric takes on any predictions: rates and ROUGE F-measures in [0, 1], rating errors in
+    [0, 4]. A score outside its range was not computed by `task_metrics`; the coordinator refuses it."""
+    higher_is_better(metric_name)  # an unknown name is an error, not a range
+    return (0.0, _RATING_SPAN) if metric_name in ("mae", "rmse") else (0.0, 1.0)
+
+
 def higher_is_better(metric_name: str) -> bool:
     """Orientation of a metric name from `TaskSpec.metrics`."""
     try:

@@ -8,6 +8,7 @@ registry key may come from `PRIME_FL_REGISTRY_KEY`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +43,9 @@ def write_failed_report(run_config: Mapping[str, Any], err: Exception) -> Path:
     """A report for a run whose config is unusable, in the out-dir it names (or the default one)."""
     out_dir = run_config.get("out-dir")
     out_dir = Path(out_dir if isinstance(out_dir, str) and out_dir else FederationConfig().out_dir)
-    report = RunReport(run_id="", config=dict(run_config))
+    # The rejected values as given, except that a NaN or infinity is kept as its text: report.json is strict JSON.
+    report = RunReport(run_id="", config={key: repr(value) if isinstance(value, float) and not math.isfinite(value)
+                                          else value for key, value in run_config.items()})
     report.fail(f"run config rejected: {one_line(err)}")
     return report.write(out_dir)
 

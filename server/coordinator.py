@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from common.adapters import LoraAdapter, lora_shapes
 from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
-from common.dp import Guarantee
+from common.dp import Guarantee, plan as dp_plan
 from common.key_endorsement import endorse, load_or_create_identity
 from common.encoder import load_encoder
 from common.federation import (
@@ -54,8 +54,8 @@ from server.aggregate import fedavg
 from server.personalize import check_optimizer, personalize, target_seed
 from server.registry import Registry
 from server.replies import (
-    LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_history, read_metrics,
-    read_registration, read_sealed,
+    MAX_LOSS, LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_evaluation, read_history,
+    read_metrics, read_registration, read_sealed,
 )
 from server.report import RunReport
 
@@ -139,27 +139,48 @@ class Coordinator:
         return content
 
     def _exchange(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
-        """Send one message per node; return the good replies, recording failures as skipped."""
+        """Send one message per node; return the good replies, recording failures as skipped.
+
+        A reply belongs to the node whose message it answers (the grid gives
+        every message it sends an id) and counts only if it also says it
+        comes from that node, as Flower's SuperLink itself requires. A node's
+        first reply is its answer, error or not: a reply answering no message
+        of this phase, naming another node, or following a first one is
+        ignored, so no node's replies can displace another node's, and a
+        node reported failed never has a later reply accepted.
+        """
         messages = [
             Message(content, dst_node_id=node_id, message_type=message_type, group_id=phase)
             for node_id, content in contents.items()
         ]
         log.info("%s: waiting for %d node(s) (timeout %.0f s)", phase, len(contents), self.config.phase_timeout)
         started = time.perf_counter()
-        replies = {}
+        replies: dict[int, Message] = {}
+        answered: set[int] = set()
+        asked: dict[str, int] = {}  # message id -> the node it went to, filled as the grid gives ids
         report_progress(phase, 0, len(messages))
-        for answered, reply in enumerate(self.grid.send_and_receive(messages, timeout=self.config.phase_timeout), 1):
-            report_progress(phase, answered, len(messages))
-            node_id = reply.metadata.src_node_id
-            if node_id not in contents or node_id in replies:
-                log.warning("%s: ignoring an unasked or repeated reply from node %s", phase, node_id)
+        for reply in self.grid.send_and_receive(messages, timeout=self.config.phase_timeout):
+            if reply.metadata.reply_to_message_id not in asked:
+                asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+            node_id = asked.get(reply.metadata.reply_to_message_id)
+            if node_id is None or node_id in answered:
+                log.warning("%s: ignoring a reply to %s (from node %s)", phase,
+                            "no message of this phase" if node_id is None else f"node {node_id}, which had answered",
+                            reply.metadata.src_node_id)
+                continue
+            answered.add(node_id)
+            report_progress(phase, len(answered), len(messages))
+            if reply.metadata.src_node_id != node_id:
+                reason = f"its reply names node {reply.metadata.src_node_id} as its sender"
+                log.warning("%s: node %s skipped: %s", phase, node_id, reason)
+                self.report.skip(phase, node_id, reason, self._user_of(node_id))
             elif reply.has_error():
                 reason = one_line(reply.error.reason)
                 log.warning("%s: node %s failed: %s", phase, node_id, reason)
                 self.report.skip(phase, node_id, f"node error: {reason}", self._user_of(node_id))
             else:
                 replies[node_id] = reply
-        for node_id in set(contents) - set(replies) - self.report.skipped_in(phase):
+        for node_id in set(contents) - answered:
             log.warning("%s: node %s sent no reply within %.0f s", phase, node_id, self.config.phase_timeout)
             self.report.skip(phase, node_id, f"no reply within {self.config.phase_timeout:.0f} s", self._user_of(node_id))
         self.report.time(phase, time.perf_counter() - started)
@@ -188,9 +209,8 @@ class Coordinator:
         node = self.nodes.get(node_id)
         return node.user_id if node else None
 
-    def _open(self, reply: Message, phase: str) -> tuple[bytes, str]:
-        """Verify and decrypt a sealed upload; `UploadRejected` names what failed."""
-        node = self.nodes[reply.metadata.src_node_id]
+    def _open(self, node: Node, reply: Message, phase: str) -> tuple[bytes, str]:
+        """Verify and decrypt a sealed upload signed by `node`; `UploadRejected` names what failed."""
         opened = open_sealed(
             read_sealed(reply.content),
             coordinator=self.keys,
@@ -219,27 +239,22 @@ class Coordinator:
 
         def accept(node_id: int, reply: Message) -> None:
             info = read_registration(reply.content)
-            holder = next((n.node_id for n in self.nodes.values() if n.user_id == info.user_id), None)
-            if holder is not None:
-                raise NodeReplyError(f"user id {info.user_id!r} is already registered by node {holder}")
             if expected_task is not None and info.task != expected_task:
                 raise NodeReplyError(f"node holds {info.task.lamp_id} data, the run is {expected_task.lamp_id}")
             trust = reply.content.config_records["node"].get("coordinator-trust", "")
-            self.nodes[node_id] = Node(node_id, info.user_id, info.identity, info.n_history, info.n_queries,
-                                       trust if isinstance(trust, str) else "", info.partition, info.task)
+            node = Node(node_id, info.user_id, info.identity, info.n_history, info.n_queries,
+                        trust if isinstance(trust, str) else "", info.partition, info.task)
             # The plan's embedding arrives sealed: it sketches the user's history, which the relay must not read.
-            try:
-                payload, _ = self._open(reply, PHASE_REGISTER)
-                upload = decode_upload(payload, schema)
-                if upload.metadata.get("user-id") != info.user_id:
-                    raise NodeReplyError(f"sealed registration names user {upload.metadata.get('user-id')!r}")
-                self.nodes[node_id].plan_embedding = check_embedding(upload.embedding)
-            except PrimeError:
-                del self.nodes[node_id]
-                raise
+            payload, _ = self._open(node, reply, PHASE_REGISTER)
+            upload = decode_upload(payload, schema)
+            if upload.metadata.get("user-id") != info.user_id:
+                raise NodeReplyError(f"sealed registration names user {upload.metadata.get('user-id')!r}")
+            node.plan_embedding = check_embedding(upload.embedding)
+            self.nodes[node_id] = node
 
         self._each("register", replies, accept)
         self._agree_on_task()
+        self._refuse_shared_user_ids()
         self.report.coordinator_trust = {mode: sum(n.coordinator_trust == mode for n in self.nodes.values())
                                          for mode in sorted({n.coordinator_trust for n in self.nodes.values()})}
         self.report.phase("register", asked=[str(n) for n in node_ids], arrived=[n.user_id for n in self.nodes.values()])
@@ -259,6 +274,30 @@ class Coordinator:
                              node.user_id)
             del self.nodes[node.node_id]
         self.task = next(iter(self.nodes.values())).task
+
+    def _refuse_shared_user_ids(self) -> None:
+        """A user id that several registered nodes claim is refused for every one of them.
+
+        Nothing a node sends proves which user's data it holds: the user id
+        is its own word, signed with a key it made itself, and the plan gives
+        roles by user id. Keeping the first claim would let a node that
+        registers early take another's user (its uploads, its merged adapter)
+        and turn the honest node away; so none of the claimants gets the id,
+        and the report names them all. The honest node is left out of this
+        run, which its operator can see and the squatter gains nothing from.
+        """
+        claims = collections.defaultdict(list)
+        for node in self.nodes.values():
+            claims[node.user_id].append(node.node_id)
+        for user_id, holders in sorted(claims.items()):
+            if len(holders) < 2:
+                continue
+            reason = (f"user id {user_id!r} is claimed by nodes {', '.join(map(str, sorted(holders)))}: refused for all "
+                      "of them (nothing shows which holds that user's data)")
+            for node_id in sorted(holders):
+                log.warning("register: node %s skipped: %s", node_id, reason)
+                self.report.skip("register", node_id, reason, user_id)
+                del self.nodes[node_id]
 
     def plan(self) -> UserPlan:
         """Roles for the registered users from what their nodes reported: no data folder is opened here.
@@ -295,6 +334,8 @@ class Coordinator:
                 examples = min(int(metrics["num-examples"]), self.nodes[node_id].n_history)
                 if examples < 1:
                     raise NodeReplyError(f"'num-examples' is {metrics['num-examples']:g}: no training examples")
+                if not 0 <= metrics["loss"] <= MAX_LOSS:  # the round's mean loss goes into the report: it must stay finite
+                    raise NodeReplyError(f"'loss' is {metrics['loss']:.6g}, outside [0, {MAX_LOSS:g}]")
                 accepted[node_id] = (update, examples, metrics["loss"])
 
             self._each(f"adapt-{round_}", replies, accept)
@@ -340,12 +381,12 @@ class Coordinator:
 
         def accept(node_id: int, reply: Message) -> None:
             node = self.nodes[node_id]
-            payload, upload_id = self._open(reply, PHASE_SHARE)
+            payload, upload_id = self._open(node, reply, PHASE_SHARE)
             upload = decode_upload(payload, schema)
             if upload.metadata.get("user-id") != node.user_id:
                 raise NodeReplyError(f"upload names user {upload.metadata.get('user-id')!r}, node registered {node.user_id!r}")
             meta = self.lora_shape.check_meta(upload.metadata)  # shapes and magnitudes: decode_upload checked them
-            privacy = self._privacy(upload.metadata)
+            privacy = self._privacy(upload.metadata, min(node.n_history, self.config.node.max_history))
             if privacy is not None:
                 meta |= privacy.to_meta()  # stored with the entry: every later merge can name its epsilon
             embedding = check_embedding(upload.embedding)
@@ -381,13 +422,24 @@ class Coordinator:
         return candidates, (f"release refused: {len(exhausted)} sharer(s) have used their release budget of {budget}, "
                             f"{len(candidates)} left and a merge needs min-sharers={self.search.min_sharers}")
 
-    def _privacy(self, meta: dict[str, Any]) -> Guarantee | None:
+    def _privacy(self, meta: dict[str, Any], n_items: int | None = None) -> Guarantee | None:
         """The DP-SGD guarantee an upload declares, checked against the accountant (`common.dp`); required
-        when the run asks its sharers for DP-SGD, and then at most the run's target epsilon."""
+        when the run asks its sharers for DP-SGD, and then at most the run's target epsilon.
+
+        A fresh upload (`n_items`: the history items its node trains on, from what it registered) must
+        also be the training this run asked for: the noise multiplier, clip, sample rate, steps and delta
+        that `common.dp.plan` gives for the run's DP-SGD and training settings on that many items. A
+        registry entry from an earlier run was held to that run's settings when it was stored.
+        """
         privacy = Guarantee.from_meta(meta)
         wanted = self.config.node.dp_sgd
         if wanted.enabled and privacy is None:
             raise NodeReplyError("upload declares no DP-SGD guarantee; the run asks for dp-sgd")
+        if privacy is not None and n_items is not None:
+            if not wanted.enabled:
+                raise NodeReplyError("upload declares a DP-SGD guarantee, but the run trains its sharers without dp-sgd")
+            train = self.config.node.train
+            privacy.check_plan(dp_plan(wanted, n_items, train.batch_size, train.epochs, train.steps), n_items)
         if privacy is not None and wanted.enabled and wanted.epsilon > 0 and privacy.epsilon > wanted.epsilon * (1 + 1e-9):
             raise NodeReplyError(f"upload's DP-SGD epsilon {privacy.epsilon:.3g} is above the run's {wanted.epsilon:g}")
         return privacy
@@ -426,7 +478,7 @@ class Coordinator:
 
         def search(node_id: int, reply: Message) -> None:
             user_id = self.nodes[node_id].user_id
-            payload, _ = self._open(reply, PHASE_PROFILE)
+            payload, _ = self._open(self.nodes[node_id], reply, PHASE_PROFILE)
             upload = decode_upload(payload, schema)
             if upload.metadata.get("user-id") != user_id:
                 raise NodeReplyError(f"profile names user {upload.metadata.get('user-id')!r}, node registered {user_id!r}")
@@ -463,7 +515,8 @@ class Coordinator:
         self.report.time("search", sum(t.get("search_seconds", 0.0) for t in self.report.targets.values()))
 
         def evaluated(node_id: int, reply: Message) -> None:
-            self.report.add_evaluation(self.nodes[node_id].user_id, read_metrics(reply.content, ("n-queries",)))
+            node = self.nodes[node_id]
+            self.report.add_evaluation(node.user_id, read_evaluation(reply.content, task, node.n_queries))
 
         self._each("evaluate", self._exchange("evaluate", EVALUATE, evaluations), evaluated)
         self.report.phase("personalize", asked=[self.nodes[n].user_id for n in nodes],

@@ -24,12 +24,14 @@ from flwr.app import RecordDict
 from common.adapters import AdapterError, LoraAdapter
 from common.errors import PrimeError
 from common.ids import check_user_id
+from common.metrics import metric_range
 from common.tasks import TaskSpec, get_task
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 MAX_HISTORY_ITEMS = 4096
 MAX_TEXT_CHARS = 64 * 1024
 MAX_COUNT = 10_000_000
+MAX_LOSS = 1e4  # a mean cross-entropy in nats; ln(vocabulary) is about 12 for a model that has learnt nothing
 REASON_CHARS = 300
 
 
@@ -126,6 +128,36 @@ def read_metrics(content: RecordDict, required: tuple[str, ...] = ()) -> dict[st
     absent = [key for key in required if key not in out]
     if absent:
         raise NodeReplyError(f"metrics record lacks {absent[0]!r}")
+    return out
+
+
+def read_evaluation(content: RecordDict, task: TaskSpec, n_queries: int) -> dict[str, float]:
+    """An evaluate reply's `metrics` record: exactly the task's two metrics of the unmerged (`np-`) and merged
+    (`prime-`) model, each in the range the metric can take, and `n-queries` equal to the queries the node
+    registered (what it was asked to score).
+
+    The report averages these over targets: one extra or missing key, a MAE of 5e8 or a count of -3 would
+    break or poison that summary, so the whole reply is refused instead.
+    """
+    metrics = _record(content, "metrics", "metrics")
+    expected = {f"{side}-{name}" for side in ("np", "prime") for name in task.metrics} | {"n-queries"}
+    extra = next((key for key in metrics if key not in expected), None)
+    if extra is not None:
+        raise NodeReplyError(f"metrics record has an unexpected key {_show(extra)} (a {task.lamp_id} evaluation "
+                             f"reports {', '.join(sorted(expected))})")
+    absent = sorted(expected - set(metrics))
+    if absent:
+        raise NodeReplyError(f"metrics record lacks {absent[0]!r}")
+    count = _int(metrics, "n-queries", 1, MAX_COUNT)
+    if count != n_queries:
+        raise NodeReplyError(f"'n-queries' is {count}, the node registered {n_queries} held-out queries")
+    out: dict[str, float] = {"n-queries": float(count)}
+    for key in sorted(expected - {"n-queries"}):
+        low, high = metric_range(key.split("-", 1)[1])
+        value = _finite(metrics, key)
+        if not low <= value <= high:
+            raise NodeReplyError(f"{key!r} is {value:.6g}, outside the metric's range [{low:g}, {high:g}]")
+        out[key] = value
     return out
 
 

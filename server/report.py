@@ -66,9 +66,6 @@ class RunReport:
         if self.status == "running":
             self.status = "complete"
 
-    def skipped_in(self, phase: str) -> set[int]:
-        return {s["node_id"] for s in self.skipped if s["phase"] == phase}
-
     def time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
 
@@ -123,7 +120,8 @@ class RunReport:
         """`report.json` and `targets.csv` in `directory`, each replaced atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        # Strict JSON: every number in a report is finite (node replies are range-checked before they get here).
+        write_text(directory / "report.json", json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False))
         metric_keys = sorted({k for t in self.targets.values() for k in t.get("metrics", {})})
         lines = [["user_id", "sharers", "weights", "fallback", "refused", "objective", "utility", "privacy", "search_s",
                   *metric_keys]]

@@ -2,14 +2,17 @@
 
 The coordinator's phases run unchanged over it, with no Ray and no
 SuperLink, so the hostile-participant and restart tests can play a node by
-rewriting its reply (`tamper`: per node id, or `"*"` for every node) and finish in seconds. Node failures become
-error replies carrying the traceback, as Flower's own runtimes send them.
+rewriting its reply (`tamper`: per node id, or `"*"` for every node; a list of messages plays a node that
+answers more than once) and finish in seconds. Each message sent gets a fresh message id, as Flower's grids give
+it, so a reply names the message it answers. Node failures become error replies carrying the traceback, as
+Flower's own runtimes send them.
 """
 
 from __future__ import annotations
 
 import threading
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -18,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.federation import FederationConfig
 
-Tamper = Callable[[Message, Message, Context], "Message | None"]
+Tamper = Callable[[Message, Message, Context], "Message | list[Message] | None"]
 
 
 class InProcessGrid:
@@ -61,18 +64,20 @@ class InProcessGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         for msg in messages:
+            message_id = uuid.uuid4().hex  # as Flower's grids give each message they push
+            msg.metadata.__dict__["_message_id"] = message_id
             self.sent.append(msg)
             node_id = msg.metadata.dst_node_id
             if self.relay is not None:
                 msg = self.relay(msg)
+                msg.metadata.__dict__["_message_id"] = message_id  # what it passes on is still that message
             reply = self._deliver(msg, self.contexts[node_id], timeout)
             if reply is None:  # the node is still busy at the deadline: no reply, as from a silent node
                 continue
             hook = self.tamper.get(node_id, self.tamper.get("*"))
-            if hook is not None:
-                reply = hook(msg, reply, self.contexts[node_id])
-            if reply is not None:
-                yield reply
+            replies = hook(msg, reply, self.contexts[node_id]) if hook is not None else reply
+            if replies is not None:
+                yield from replies if isinstance(replies, list) else [replies]
 
 
 def tiny_config(out_dir: str, **overrides) -> FederationConfig:

@@ -117,6 +117,7 @@ def test_a_bad_run_config_still_writes_a_report(tmp_path):
         server_main(None, Context())
     report = _report(tmp_path)
     assert report["status"] == "failed" and "alpha" in report["reasons"][0]
+    assert report["config"]["alpha"] == "nan"  # the rejected value as given, in strict JSON
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -9,7 +9,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from client.training import train_lora, train_sharer
-from common.dp import Guarantee, PrivacyError, default_delta
+from common.dp import Guarantee, PrivacyError, default_delta, epsilon_for, plan
 from common.errors import PrimeError
 from common.models import tiny_model
 from common.settings import DpSgdConfig, NodeConfig, SettingError, TrainConfig, from_flat
@@ -194,6 +194,36 @@ def test_privacy_metadata_missing_a_key_is_refused():
     del meta["dp-delta"]
     with pytest.raises(PrimeError, match="lacks 'dp-delta'"):
         Guarantee.from_meta(meta)
+
+
+NOISE_GIVEN = DpSgdConfig(enabled=True, noise_multiplier=1.0)
+
+
+def _planned(config: DpSgdConfig, n_items: int) -> Guarantee:
+    """The guarantee an honest node declares after training by the run's plan (batch 4, 2 epochs) on `n_items`."""
+    planned = plan(config, n_items, batch_size=4, epochs=2)
+    return Guarantee(epsilon_for(planned.noise_multiplier, planned.sample_rate, planned.steps, planned.delta),
+                     planned.delta, planned.noise_multiplier, planned.sample_rate, planned.steps, planned.max_grad_norm)
+
+
+@pytest.mark.parametrize("config", [NOISE_GIVEN, DpSgdConfig(enabled=True, epsilon=8.0)],
+                         ids=["noise-given", "epsilon-target"])
+def test_an_honest_guarantee_matches_the_runs_plan(config):
+    _planned(config, 10).check_plan(plan(config, 10, batch_size=4, epochs=2), 10)
+
+
+@pytest.mark.parametrize(("run", "n_items", "fragment"), [
+    (plan(NOISE_GIVEN, 10, batch_size=4, epochs=3), 10, "steps 6, the run's DP-SGD settings give 9 for 10 history items"),
+    (plan(NOISE_GIVEN, 10, batch_size=2, epochs=2), 10, "sample rate 0.333333, the run's DP-SGD settings give 0.2"),
+    (plan(NOISE_GIVEN, 4, batch_size=4, epochs=2), 4, "sample rate 0.333333, the run's DP-SGD settings give 1 for 4"),
+    (plan(DpSgdConfig(enabled=True, noise_multiplier=500.0), 10, 4, 2), 10, "noise multiplier 1, the run's"),
+    (plan(DpSgdConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=0.5), 10, 4, 2), 10, "max grad norm 1,"),
+    (plan(DpSgdConfig(enabled=True, noise_multiplier=1.0, delta=1e-7), 10, 4, 2), 10, "delta 1e-05, the run's"),
+], ids=["epochs", "batch-size", "history-size", "noise", "clip", "delta"])
+def test_a_consistent_guarantee_of_another_training_than_the_runs_is_refused(run, n_items, fragment):
+    """A node trained on 10 items with batch 4 for 2 epochs and noise 1, held to a run that asks for another."""
+    with pytest.raises(PrivacyError, match=f"declares {fragment}"):
+        _planned(NOISE_GIVEN, 10).check_plan(run, n_items)
 
 
 # ------------------------------------------------------------------ where the guarantee is recorded

@@ -21,7 +21,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from client.app import app as client_app
 from common.crypto import NodeIdentity, new_upload_id, seal
-from common.federation import FederationConfig
+from common.dp import Guarantee, epsilon_for
+from common.federation import SYNTHETIC, FederationConfig
+from common.settings import from_flat
+from common.synthetic import SyntheticConfig, generate
 from common.wire import encode_upload
 from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
@@ -54,7 +57,16 @@ def _run(tmp_path, hostile: Hostile | None = None, **overrides) -> tuple[dict, C
     if hostile is not None:
         hostile.coordinator = coordinator
     coordinator.run()
-    return json.loads((tmp_path / "run" / "report.json").read_text()), coordinator
+    return _strict_json((tmp_path / "run" / "report.json").read_text()), coordinator
+
+
+def _strict_json(text: str) -> dict:
+    """A report as a strict JSON parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"report.json holds {constant}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _content(records: dict) -> RecordDict:
@@ -151,6 +163,16 @@ def _adapt_update(change):
     return rewrite
 
 
+def _evaluation(change):
+    """An evaluate reply whose metrics are the honest ones passed through `change(metrics) -> metrics`."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        metrics = change(dict(reply.content.metric_records["metrics"]))
+        return Message(reply_to=msg, content=_content({"metrics": MetricRecord(metrics)}))
+
+    return rewrite
+
+
 def _first(tensors):
     return sorted(tensors)[0]
 
@@ -193,6 +215,7 @@ CASES = [
     ("adapt-wrong-rank", "train.adapt", _adapt_update(lambda t, m, l: (t, m, l | {"r": 3})), "adapt-1", "'r'"),
     ("adapt-negative-examples", "train.adapt", _adapt_update(lambda t, m, l: (t, m | {"num-examples": -5}, l)),
      "adapt-1", "num-examples"),
+    ("adapt-huge-loss", "train.adapt", _adapt_update(lambda t, m, l: (t, m | {"loss": 1e308}, l)), "adapt-1", "'loss'"),
     ("adapt-no-metrics", "train.adapt",
      lambda h, m, r, c: Message(reply_to=m, content=_content({k: v for k, v in r.content.items() if k != "metrics"})),
      "adapt-1", "metrics"),
@@ -210,9 +233,23 @@ CASES = [
      "register", "upload"),
     ("register-sealed-zero-embedding", "query.register", _register_upload(np.zeros), "register", "embedding"),
     ("register-sealed-for-another-user", "query.register", _register_upload(np.ones, "u999"), "register", "names user"),
-    ("evaluate-nan-metric", "evaluate.personalized",
-     lambda h, m, r, c: Message(reply_to=m, content=_content({"metrics": MetricRecord({"n-queries": 2, "np-mae": math.nan})})),
-     "evaluate", "finite"),
+    ("evaluate-nan-metric", "evaluate.personalized", _evaluation(lambda m: m | {"np-mae": math.nan}), "evaluate", "finite"),
+    ("evaluate-extra-key", "evaluate.personalized", _evaluation(lambda m: m | {"np-bleu": 0.5}), "evaluate",
+     "unexpected key 'np-bleu'"),
+    ("evaluate-only-n-queries", "evaluate.personalized", _evaluation(lambda m: {"n-queries": m["n-queries"]}),
+     "evaluate", "lacks"),
+    ("evaluate-mae-5e8", "evaluate.personalized", _evaluation(lambda m: m | {"prime-mae": 5e8}), "evaluate",
+     "outside the metric's range [0, 4]"),
+    ("evaluate-huge-finite", "evaluate.personalized", _evaluation(lambda m: m | {"np-rmse": 1e308}), "evaluate",
+     "outside the metric's range"),
+    ("evaluate-negative-mae", "evaluate.personalized", _evaluation(lambda m: m | {"np-mae": -0.5}), "evaluate",
+     "outside the metric's range"),
+    ("evaluate-negative-count", "evaluate.personalized", _evaluation(lambda m: m | {"n-queries": -3}), "evaluate",
+     "'n-queries' must be an integer"),
+    ("evaluate-count-not-asked", "evaluate.personalized", _evaluation(lambda m: m | {"n-queries": 1000}), "evaluate",
+     "registered 2 held-out queries"),
+    ("evaluate-list-value", "evaluate.personalized", _evaluation(lambda m: m | {"prime-rmse": [0.5, 0.5]}), "evaluate",
+     "finite number"),
     ("node-error-with-long-traceback", "train.share",
      lambda h, m, r, c: Message(reply_to=m, error=Error(code=0, reason="Traceback (most recent call last):\n" + "  x\n" * 500 + "ValueError: boom")),
      "share", "ValueError: boom"),
@@ -241,6 +278,8 @@ def test_one_hostile_reply_is_skipped_with_a_reason_and_the_run_finishes(tmp_pat
         coordinator.lora_shape.check_meta(stored.metadata)
         assert np.linalg.norm(stored.embedding) > 0
     assert len(report["targets"]) >= 1
+    # The summary averages the accepted evaluations only: every mean is in its metric's range.
+    assert report["summary"] and all(0 <= v <= 4 for v in report["summary"].values()), report["summary"]
 
 
 def test_a_loud_adapt_node_moves_fedavg_no_more_than_its_share(tmp_path):
@@ -280,3 +319,117 @@ def test_a_dp_run_skips_a_sharer_whose_upload_declares_no_dp_guarantee(tmp_path)
     assert len(offender) == 1 and "no DP-SGD guarantee" in offender[0]["reason"]
     assert coordinator.nodes[hostile.node_id].user_id not in coordinator.registry.sharers()
     assert report["status"] == "complete"
+
+
+# ------------------------------------------------------------------ node identity: whose user, whose reply
+
+
+def _claim_user_of(partition: int):
+    """A register reply claiming the user of the node at `partition`, signed and sealed with the claimant's own key."""
+
+    def rewrite(h: Hostile, msg, reply, context):
+        synth = from_flat(SyntheticConfig, dict(msg.content.config_records[SYNTHETIC]))
+        user_id = generate(synth).dataset.users[partition].user_id
+        node = ConfigRecord(dict(reply.content.config_records["node"]) | {"user-id": user_id})
+        payload = encode_upload({}, np.ones(_dim(h), dtype=np.float32), {"user-id": user_id})
+        sealed = _sealed_reply(msg, context, payload, "register", metrics=False)
+        return Message(reply_to=msg, content=_content({"node": node, "upload": sealed.content.config_records["upload"]}))
+
+    return rewrite
+
+
+def test_a_user_id_claimed_by_two_nodes_is_refused_for_both(tmp_path):
+    """The first node to register claims the next node's user: neither keeps it (nothing shows which holds it)."""
+    victim = InProcessGrid.node_id(1)
+    hostile = Hostile("query.register", _claim_user_of(1))
+    report, coordinator = _run(tmp_path, hostile)
+    assert hostile.node_id == InProcessGrid.node_id(0)
+    assert report["status"] == "complete", report["reasons"]
+    claimed = coordinator.report.skipped[0]["user_id"]
+    assert {s["node_id"]: s["phase"] for s in report["skipped"]} == {hostile.node_id: "register", victim: "register"}
+    for skip in report["skipped"]:
+        assert f"user id {claimed!r} is claimed by nodes {hostile.node_id}, {victim}" in skip["reason"], skip
+    assert hostile.node_id not in coordinator.nodes and victim not in coordinator.nodes
+    assert all(claimed not in users for users in report["plan"].values() if isinstance(users, list))
+
+
+@pytest.mark.parametrize("forged", ["upload", "error"])
+def test_a_reply_forged_as_another_node_does_not_keep_that_nodes_own_reply_out(tmp_path, forged):
+    """The first sharer to answer sends its reply as if from the last sharer, whose own valid upload comes later."""
+
+    def forge(h: Hostile, msg, reply, context):
+        sharers = set(h.coordinator.report.plan["sharers"])
+        h.victim = max(n.node_id for n in h.coordinator.nodes.values() if n.user_id in sharers)
+        if forged == "error":
+            reply = Message(reply_to=msg, error=Error(code=0, reason="boom"))
+        reply.metadata.__dict__["_src_node_id"] = h.victim
+        return reply
+
+    hostile = Hostile("train.share", forge)
+    report, coordinator = _run(tmp_path, hostile)
+    assert hostile.victim != hostile.node_id
+    assert report["status"] == "complete", report["reasons"]
+    assert [(s["node_id"], s["phase"]) for s in report["skipped"]] == [(hostile.node_id, "share")]
+    assert f"names node {hostile.victim} as its sender" in report["skipped"][0]["reason"]
+    assert coordinator.nodes[hostile.victim].user_id in coordinator.registry.sharers()
+    assert coordinator.nodes[hostile.node_id].user_id not in coordinator.registry.sharers()
+    assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
+
+
+def test_a_node_whose_share_reply_is_an_error_then_an_upload_is_skipped_and_nothing_of_it_stored(tmp_path):
+    hostile = Hostile("train.share", lambda h, m, r, c: [Message(reply_to=m, error=Error(code=0, reason="boom")), r])
+    report, coordinator = _run(tmp_path, hostile)
+    user = coordinator.nodes[hostile.node_id].user_id
+    assert [s["reason"] for s in report["skipped"]] == ["node error: boom"]
+    # The report and the registry agree: the node is skipped, and no upload of it is stored or counted.
+    assert user not in coordinator.registry.sharers() and user not in report["uploads"]
+    assert user not in report["phases"]["share"]["arrived"]
+    assert sorted(coordinator.registry.sharers()) == sorted(report["phases"]["share"]["arrived"])
+    assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
+
+
+# ------------------------------------------------------------------ DP-SGD claims held to the run's settings
+
+# tiny_config: histories of 6 items cut to max-history 4, batch size 8 and 1 epoch: the run's plan is sample
+# rate 1 and 1 step, delta min(1e-5, 0.1 / 4) = 1e-5, clip 1.
+PLANNED = {"noise": 1.0, "rate": 1.0, "steps": 1, "delta": 1e-5, "clip": 1.0}
+
+
+def _dp_claim(**changes):
+    """A share upload declaring a DP-SGD guarantee that holds together (the accountant gives its epsilon)."""
+    n = PLANNED | changes
+    epsilon = epsilon_for(n["noise"], n["rate"], n["steps"], n["delta"])
+    return _share_upload(**Guarantee(epsilon, n["delta"], n["noise"], n["rate"], n["steps"], n["clip"]).to_meta())
+
+
+DP_RUN = {"adapt_rounds": 0, "dp_sgd": True, "dp_noise_multiplier": 1.0}
+
+
+@pytest.mark.parametrize("changes, run, fragment", [
+    ({"noise": 500.0}, DP_RUN, "noise multiplier 500, the run's DP-SGD settings give 1 for 4 history items"),
+    ({"rate": 1e-6}, DP_RUN, "sample rate 1e-06, the run's DP-SGD settings give 1"),
+    ({"steps": 3}, DP_RUN, "steps 3, the run's DP-SGD settings give 1"),
+    ({"delta": 1e-9}, DP_RUN, "delta 1e-09"),
+    ({"clip": 1e-3}, DP_RUN, "max grad norm 0.001"),
+    ({}, {"adapt_rounds": 0}, "the run trains its sharers without dp-sgd"),
+], ids=["noise-500", "rate-1e-6", "steps", "delta", "clip", "dp-off"])
+def test_a_dp_claim_the_run_could_not_have_made_is_refused(tmp_path, changes, run, fragment):
+    hostile = Hostile("train.share", _dp_claim(**changes))
+    report, coordinator = _run(tmp_path, hostile, **run)
+    assert report["status"] == "complete", report["reasons"]
+    offender = [s for s in report["skipped"] if s.get("node_id") == hostile.node_id]
+    assert len(offender) == 1 and fragment in offender[0]["reason"], offender
+    user = coordinator.nodes[hostile.node_id].user_id
+    assert user not in coordinator.registry.sharers() and user not in report["uploads"]
+    assert len(coordinator.registry) == len(report["plan"]["sharers"]) - 1
+
+
+@pytest.mark.parametrize("dp", [{"dp_noise_multiplier": 1.0}, {"dp_epsilon": 8.0}], ids=["noise-given", "epsilon-target"])
+def test_honest_dp_sharers_declare_exactly_the_runs_plan(tmp_path, dp):
+    """The counterpart: every honest sharer's guarantee passes the check, with the noise given or calibrated."""
+    report, coordinator = _run(tmp_path, adapt_rounds=0, dp_sgd=True, **dp)
+    assert report["status"] == "complete" and report["skipped"] == []
+    assert len(coordinator.registry) == len(report["plan"]["sharers"])
+    for sharer in coordinator.registry.sharers():
+        guarantee = Guarantee.from_meta(coordinator.registry.get(sharer).metadata)
+        assert guarantee is not None and (guarantee.sample_rate, guarantee.steps) == (1.0, 1)

@@ -11,6 +11,7 @@ from common.metrics import (
     fitness,
     expected_fitness,
     higher_is_better,
+    metric_range,
     parse_label,
     prediction_similarity,
     privacy_similarity,
@@ -152,6 +153,22 @@ def test_orientation():
     assert not higher_is_better("mae") and not higher_is_better("rmse")
     with pytest.raises(ValueError, match="unknown metric"):
         higher_is_better("bleu")
+
+
+@pytest.mark.parametrize("task", [TAGGING, RATING, HEADLINE, CITATION], ids=lambda t: t.lamp_id)
+def test_every_score_lies_in_its_metric_range(task):
+    """The range the coordinator holds an evaluate reply to contains the best and the worst score of each metric."""
+    if task.kind == "rating":
+        golds = ["1", "5"]
+    else:
+        golds = [task.query_labels[0], task.query_labels[-1]] if task.query_labels else ["a title", "another title"]
+    for preds in (golds, ["", ""], ["5", "1"]):  # right, empty, and (for ratings) as far off as possible
+        for name, value in task_metrics(task, list(preds), golds).items():
+            low, high = metric_range(name)
+            assert low <= value <= high, (name, value)
+    assert metric_range("mae") == (0.0, 4.0) and metric_range("rougeL") == (0.0, 1.0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        metric_range("bleu")
 
 
 def test_expected_fitness_by_hand():
