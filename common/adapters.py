@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common import safe_json
 from common.atomic import replace_folder
 from common.errors import PrimeError
-from common.user_files import UserFileError, read_bytes
+from common.user_files import UserFileError, read_bytes, safetensors_header
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 CONFIG_FILE = "adapter_config.json"
@@ -127,7 +127,7 @@ class LoraAdapter:
         if not directory.is_dir():
             raise AdapterError(f"{directory}: adapter directory not found")
         for path in (config_path, weights_path):
-            if not path.is_file():
+            if not path.exists():
                 raise AdapterError(f"{path}: missing (a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
             config = safe_json.loads(read_bytes(config_path, _MAX_CONFIG_BYTES))
@@ -222,16 +222,14 @@ class LoraAdapter:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file, of the dtypes in `FILE_DTYPES` only.
 
-    Dtypes are read from the header before any tensor is loaded: float8 and
-    other types would fail deep inside torch.
+    The header is checked first (`safetensors_header`): float8 and other
+    types would fail deep inside torch, and a FIFO would block the reader.
     """
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
-        odd = sorted(key for key, dtype in dtypes.items() if dtype not in FILE_DTYPES)
-        if odd:
-            raise AdapterError(f"{path}: tensor {odd[0]!r} has dtype {dtypes[odd[0]]}, not a float type of adapters "
-                               f"({', '.join(FILE_DTYPES)})")
+        safetensors_header(path, FILE_DTYPES)
+    except UserFileError as err:
+        raise AdapterError(f"unreadable safetensors file: {err}") from None
+    try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(f"{path}: unreadable safetensors file ({err})") from None

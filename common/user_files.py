@@ -16,8 +16,9 @@ import math
 import os
 import re
 import stat
+import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -194,3 +195,54 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, spe
         raise UserFileError(f"{path}: array {name!r}: truncated")
     array = np.frombuffer(data, dtype=dtype).copy()  # writable, as np.load's arrays are
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                        "I8": 1, "U8": 1, "BOOL": 1}
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def safetensors_header(path: str | Path, dtypes: Sequence[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of a safetensors file, every tensor of one of `dtypes`; no tensor is read.
+
+    The header must describe the file exactly (offsets that add up to its
+    size), so a pickle or garbage under a `.safetensors` name, a truncated
+    file or a dtype torch cannot compute with (float8) is refused here, in
+    one line, instead of inside safetensors or torch.
+    """
+    path = Path(path)
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
+        if length > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+            raise UserFileError(f"{path}: not a safetensors file (its header length does not fit the file)")
+        raw = handle.read(length)
+    try:
+        header = safe_json.loads(raw, max_depth=3)
+    except safe_json.UnsafeJsonError as err:
+        raise UserFileError(f"{path}: not a safetensors file (header: {err})") from None
+    if not isinstance(header, dict):
+        raise UserFileError(f"{path}: not a safetensors file (header is not an object)")
+    entries, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in dtypes:
+            raise UserFileError(f"{path}: tensor {name!r} has dtype {dtype!r}, not a float type of these weights "
+                                f"({', '.join(dtypes)})")
+        if (not isinstance(shape, list) or not all(_is_count(d) for d in shape) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]):
+            raise UserFileError(f"{path}: tensor {name!r} has no valid shape and offsets in the header")
+        entries[name] = (dtype, tuple(shape))
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        raise UserFileError(f"{path}: the header describes {end} bytes of tensors, the file holds {size - 8 - length}")
+    return entries
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
