@@ -454,3 +454,13 @@ def test_surrogate_pairs_are_valid_text(data, tmp_path, capsys):
     code, _, err = _predict(capsys, folder, tmp_path / "p.json", "--model-spec", "tiny")
     assert code == 0, err
     assert len(json.loads((tmp_path / "p.json").read_text())["golds"]) == 2
+
+
+@pytest.mark.parametrize(("make", "fragment"), [(os.mkfifo, "a FIFO"), (lambda p: p.symlink_to("/dev/zero"),
+                                                                          "a character device")])
+def test_eval_config_that_is_no_regular_file_is_one_line(make, fragment, tmp_path, capsys):
+    make(tmp_path / "c.json")
+    start = time.perf_counter()
+    code = main(["eval", "--config", str(tmp_path / "c.json")])
+    _one_line(code, capsys.readouterr().err, fragment, command="eval")
+    assert time.perf_counter() - start < 5
