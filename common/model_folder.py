@@ -16,13 +16,14 @@ without reading the weights twice.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.errors import PrimeError
-from common.user_files import UserFileError, read_json, safetensors_header
+from common.user_files import UserFileError, open_regular, read_json, safetensors_header
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -137,7 +138,15 @@ def _check_side_files(path: Path) -> None:
     """A tokenizer.json must be there; it and every other JSON file transformers reads must parse safely."""
     if not (path / TOKENIZER_FILE).exists():
         raise ModelFolderError(f"{path}: no {TOKENIZER_FILE} (a model folder needs its tokenizer)")
-    _json(path / TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+    # Only its kind and size: Gemma's is 33 MB, and parsing it here as well as in transformers would add seconds
+    # to every load. Nested too deep, it makes transformers' json raise RecursionError, which `load_base` reports.
+    try:
+        with open_regular(path / TOKENIZER_FILE) as handle:
+            size = os.fstat(handle.fileno()).st_size
+    except UserFileError as err:
+        raise ModelFolderError(str(err)) from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelFolderError(f"{path / TOKENIZER_FILE}: {size} bytes, over the {MAX_TOKENIZER_BYTES}-byte limit")
     for name in _SIDE_FILES:
         if not (path / name).exists() and not (path / name).is_symlink():
             continue

@@ -165,7 +165,9 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
         check_loaded(model, tokenizer, path)
     except ModelFolderError as err:
         raise ModelSpecError(f"cannot load model: {err}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, RecursionError) as err:
+    except RecursionError:  # a tokenizer.json nested thousands deep, as transformers parses it (see model_folder)
+        raise ModelSpecError(f"{path}: cannot load model (a JSON file of it is nested too deeply)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
         raise ModelSpecError(f"{path}: cannot load model ({type(err).__name__}: {_first_line(err)})") from None
     model.eval()
     return model, tokenizer

@@ -154,7 +154,9 @@ MODEL_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
      ("dtype 'F8_E4M3'",)),
     ("nested-config", lambda f: (f / "config.json").write_text("[" * 5000 + "]" * 5000), ("config.json", "nested 5000")),
     ("nested-tokenizer", lambda f: (f / "tokenizer.json").write_text('{"a": ' * 3000 + "1" + "}" * 3000),
-     ("tokenizer.json", "nested 3000")),
+     ("cannot load model (a JSON file of it is nested too deeply)",)),
+    ("tokenizer-fifo", lambda f: ((f / "tokenizer.json").unlink(), os.mkfifo(f / "tokenizer.json")),
+     ("tokenizer.json: a FIFO",)),
     ("generation-config-strings", lambda f: (f / "generation_config.json").write_text(
         json.dumps({"max_length": "long", "temperature": "hot", "do_sample": "yes"})),
      ("generation_config.json: not a usable generation config",)),
