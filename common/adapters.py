@@ -24,15 +24,13 @@ from safetensors.torch import load_file, save_file
 from common import safe_json
 from common.atomic import replace_folder
 from common.errors import PrimeError
-from common.user_files import UserFileError, read_bytes, safetensors_header
+from common.user_files import FLOAT_DTYPES, UserFileError, read_bytes, safetensors_header
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _MAX_CONFIG_BYTES = 1024 * 1024  # a PEFT config is a few kilobytes; anything near this is not one
-FILE_DTYPES = ("F32", "F16", "BF16")
-"""Tensor dtypes an adapter file may hold: an upload's float32 and float16, and bfloat16 (what GPU training keeps)."""
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -220,13 +218,13 @@ class LoraAdapter:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file, of the dtypes in `FILE_DTYPES` only.
+    """The tensors of an adapter file, of the float dtypes torch computes with only (`FLOAT_DTYPES`).
 
     The header is checked first (`safetensors_header`): float8 and other
     types would fail deep inside torch, and a FIFO would block the reader.
     """
     try:
-        safetensors_header(path, FILE_DTYPES)
+        safetensors_header(path, FLOAT_DTYPES)
     except UserFileError as err:
         raise AdapterError(f"unreadable safetensors file: {err}") from None
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from common.errors import PrimeError
-from common.user_files import UserFileError, open_regular, read_json, safetensors_header
+from common.user_files import FLOAT_DTYPES, UserFileError, open_regular, read_json, safetensors_header
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,7 +32,6 @@ TOKENIZER_FILE = "tokenizer.json"
 KNOWN_MODEL_TYPES = ("gemma3_text",)
 """Model types the project runs: Gemma 3's text model (the embedded Gemma, its GGUF conversion and the tiny test model)."""
 ATTENTION_KERNELS = (None, "eager", "sdpa")
-WEIGHT_DTYPES = ("F32", "F16", "BF16")
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024  # Gemma 3's tokenizer.json is 33 MB
 MAX_SIZE = 1 << 24
@@ -41,6 +40,7 @@ _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "num_key_value_heads", "head_dim", "max_position_embeddings")
 _OPTIONAL_SIZE_FIELDS = ("sliding_window",)
 _POSITIVE_FIELDS = ("rms_norm_eps", "query_pre_attn_scalar")
+_OPTIONAL_POSITIVE_FIELDS = ("final_logit_softcapping", "attn_logit_softcapping")  # null: no soft-capping
 _TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 _ATTENTION_FIELDS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
 _QUANTIZATION_FIELDS = ("quantization_config", "load_in_8bit", "load_in_4bit")
@@ -119,9 +119,11 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
             continue
         if not _is_int(value) or not 0 < value <= MAX_SIZE:
             raise ModelFolderError(f"{where}: field {name!r} must be an integer in [1, {MAX_SIZE}], got {value!r}")
-    for name in _POSITIVE_FIELDS:
+    for name in _POSITIVE_FIELDS + _OPTIONAL_POSITIVE_FIELDS:
         value = config.get(name)
-        if name in config and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        if name not in config or value is None and name in _OPTIONAL_POSITIVE_FIELDS:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             raise ModelFolderError(f"{where}: field {name!r} must be a positive number, got {value!r}")
     if config["num_attention_heads"] % config["num_key_value_heads"]:
         raise ModelFolderError(f"{where}: num_attention_heads {config['num_attention_heads']} is not a multiple of "
@@ -217,7 +219,7 @@ def _check_weights(path: Path, config: dict[str, Any]) -> None:
         if not file.exists():
             raise ModelFolderError(f"{file}: missing (named by {WEIGHTS_INDEX_FILE})")
         try:
-            stored |= safetensors_header(file, WEIGHT_DTYPES)
+            stored |= safetensors_header(file, FLOAT_DTYPES)
         except UserFileError as err:
             raise ModelFolderError(str(err)) from None
     for group in _expected_shapes(path):

@@ -18,6 +18,7 @@ import re
 import stat
 import struct
 import zipfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +77,11 @@ def read_bytes(path: str | Path, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise UserFileError(f"{path}: {size} bytes, over the {max_bytes}-byte limit for this file")
         try:
-            data = handle.read(max_bytes + 1)
+            data = handle.read(size + 1)
         except OSError as err:
             raise UserFileError(f"{path}: cannot read ({err.strerror})") from None
-    if len(data) > max_bytes:  # the file grew after fstat
-        raise UserFileError(f"{path}: over the {max_bytes}-byte limit for this file")
+    if len(data) > size:  # the file grew after fstat: what it holds now is not what was measured
+        raise UserFileError(f"{path}: changed while it was read")
     return data
 
 
@@ -160,7 +161,8 @@ def read_npz(path: str | Path, members: Mapping[str, NpyMember], max_bytes: int,
         with archive:
             infos = archive.infolist()
             names = [info.filename.removesuffix(".npy") for info in infos]
-            unknown = sorted({n for n in names if n not in members} | {n for n in names if names.count(n) > 1})
+            counts = Counter(names)
+            unknown = sorted(n for n, count in counts.items() if n not in members or count > 1)
             if unknown:
                 raise UserFileError(f"{path}: unexpected or repeated array {unknown[0]!r} (expected {', '.join(members)})")
             missing = [n for n, spec in members.items() if spec.required and n not in names]
@@ -197,6 +199,8 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, spe
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+"""safetensors dtypes of model and adapter weights: the float types torch computes with (float8 fails deep in torch)."""
 SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                         "I8": 1, "U8": 1, "BOOL": 1}
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit

@@ -143,6 +143,8 @@ MODEL_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("negative-layers", lambda f: _config(f, num_hidden_layers=-2), ("'num_hidden_layers'", "got -2")),
     ("vocab-size-string", lambda f: _config(f, vocab_size="512"), ("'vocab_size'", "'512'")),
     ("huge-size", lambda f: _config(f, intermediate_size=10**12), ("'intermediate_size'",)),
+    ("softcapping-zero", lambda f: _config(f, final_logit_softcapping=0), ("'final_logit_softcapping' must be a positive",)),
+    ("rms-norm-eps-null", lambda f: _config(f, rms_norm_eps=None), ("'rms_norm_eps' must be a positive number, got None",)),
     ("heads-do-not-divide", lambda f: _config(f, num_key_value_heads=3), ("not a multiple",)),
     ("pad-token-outside-vocabulary", lambda f: _config(f, pad_token_id=10**6), ("'pad_token_id'",)),
     ("sizes-disagree-with-weights", lambda f: _config(f, hidden_size=64), ("has shape [512, 32]", "[512, 64]")),
@@ -177,6 +179,16 @@ def test_hostile_model_folder_is_one_line_and_writes_nothing(name, break_it, fra
     _one_line(code, err, *fragments)
     assert time.perf_counter() - start < 5
     assert not (tmp_path / "out").exists() and not (folder / MARKER).exists()
+
+
+def test_a_pickle_beside_the_safetensors_weights_is_never_read(tiny_folder, data, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    torch.save({"payload": _Payload(folder)}, folder / "pytorch_model.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "pytorch_model.bin"}}))
+    code, _, err = _predict(capsys, data, tmp_path / "p.json", "--model-spec", str(folder))
+    assert code == 0, err
+    assert not (folder / MARKER).exists() and len(json.loads((tmp_path / "p.json").read_text())["golds"]) == 2
 
 
 def test_the_tiny_model_folder_and_a_sharded_copy_load_as_the_tiny_model(tiny_folder, tmp_path):
@@ -224,7 +236,7 @@ def _first_set(value: float) -> Callable[[dict], None]:
 ADAPTER_CASES = [
     ("float8", lambda f: _adapter_tensors(f, lambda t: {k: v.to(torch.float8_e5m2) for k, v in t.items()}),
      ("dtype 'F8_E5M2'", "not a float type")),
-    ("float64", lambda f: _adapter_tensors(f, lambda t: {k: v.double() for k, v in t.items()}), ("dtype 'F64'",)),
+    ("int8", lambda f: _adapter_tensors(f, lambda t: {k: v.to(torch.int8) for k, v in t.items()}), ("dtype 'I8'",)),
     ("value-1e30", lambda f: _adapter_tensors(f, _first_set(1e30)), ("values up to 1e+30, over the bound 10000",)),
     ("lora-alpha-1e308", lambda f: _adapter_config(f, lora_alpha=1e308), ("'lora_alpha' must be a number in (0, 10000]",)),
     ("config-fifo", lambda f: ((f / CONFIG_FILE).unlink(), os.mkfifo(f / CONFIG_FILE)), ("a FIFO",)),
@@ -255,8 +267,8 @@ def test_hostile_task_adapter_stops_personalize(adapter_folder, data, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_bfloat16_and_float16_adapters_still_load(adapter_folder, tmp_path):
-    for dtype in (torch.bfloat16, torch.float16):
+def test_adapters_of_every_float_type_torch_computes_with_still_load(adapter_folder, tmp_path):
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
         folder = tmp_path / str(dtype)
         shutil.copytree(adapter_folder, folder)
         _adapter_tensors(folder, lambda t: {k: v.to(dtype) for k, v in t.items()})
