@@ -52,15 +52,14 @@ class ModelFolderError(PrimeError, ValueError):
     """A model folder this project will not load (the message names the file and what is wrong)."""
 
 
-def check_model_folder(path: Path) -> dict[str, Any]:
-    """The folder's config, once every check above passed; `ModelFolderError` naming the first problem otherwise."""
+def check_model_folder(path: Path) -> None:
+    """`ModelFolderError` naming the first problem of the folder (see the module doc), before transformers reads it."""
     config = _json(path / CONFIG_FILE, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise ModelFolderError(f"{path / CONFIG_FILE}: expected a JSON object")
     _check_config(config, path / CONFIG_FILE)
     _check_side_files(path)
     _check_weights(path, config)
-    return config
 
 
 def check_loaded(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
@@ -71,6 +70,12 @@ def check_loaded(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise ModelFolderError(f"{path}: weight {name!r} has NaN or infinite values")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (transformers' run to many lines), for a one-line report."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _json(path: Path, max_bytes: int) -> Any:
@@ -160,17 +165,17 @@ def _check_side_files(path: Path) -> None:
         bad = _non_finite(data, "")
         if bad:
             raise ModelFolderError(f"{path / name}: field {bad!r} is not a finite number")
-    if (path / GENERATION_FILE).exists():
-        _check_generation_config(path / GENERATION_FILE)
+        if name == GENERATION_FILE:
+            _check_generation_config(data, path / name)
 
 
-def _check_generation_config(path: Path) -> None:
+def _check_generation_config(data: dict[str, Any], path: Path) -> None:
     """transformers loads any generation config silently and refuses a bad one only when the model is saved
     (`prime-fl adapt`, after training): validated here, strictly, as saving would."""
     from transformers import GenerationConfig
 
     try:
-        GenerationConfig.from_dict(_json(path, MAX_CONFIG_BYTES)).validate(strict=True)
+        GenerationConfig.from_dict(data).validate(strict=True)
     except (ValueError, TypeError, AttributeError) as err:
         lines = [line.strip("- ") for line in str(err).splitlines() if line.strip()]
         raise ModelFolderError(f"{path}: not a usable generation config ({' '.join(lines[:2])})") from None
@@ -186,12 +191,11 @@ def _weight_files(path: Path) -> list[Path]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFolderError(f"{path / WEIGHTS_INDEX_FILE}: field 'weight_map' must be a non-empty object")
-    shards = sorted(set(weight_map.values()), key=str)
-    for shard in shards:
+    for shard in weight_map.values():
         if (not isinstance(shard, str) or not shard.endswith(".safetensors") or "/" in shard or "\\" in shard
                 or shard.startswith(".")):
             raise ModelFolderError(f"{path / WEIGHTS_INDEX_FILE}: shard {shard!r} is not a .safetensors file of this folder")
-    return [path / shard for shard in shards]
+    return [path / shard for shard in sorted(set(weight_map.values()))]
 
 
 def _expected_shapes(path: Path) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -206,7 +210,7 @@ def _expected_shapes(path: Path) -> list[list[tuple[str, tuple[int, ...]]]]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
-        raise ModelFolderError(f"{path / CONFIG_FILE}: not a usable config ({str(err).splitlines()[0]})") from None
+        raise ModelFolderError(f"{path / CONFIG_FILE}: not a usable config ({first_line(err)})") from None
     groups: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append((name, tuple(param.shape)))

@@ -19,7 +19,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, P
 
 from common.atomic import replace_folder
 from common.errors import PrimeError
-from common.model_folder import ModelFolderError, check_loaded, check_model_folder
+from common.model_folder import ModelFolderError, check_loaded, check_model_folder, first_line
 from common.tasks import LAMP2_TAGS, TASKS
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,9 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
     except RecursionError:  # a tokenizer.json nested thousands deep, as transformers parses it (see model_folder)
         raise ModelSpecError(f"{path}: cannot load model (a JSON file of it is nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-        raise ModelSpecError(f"{path}: cannot load model ({type(err).__name__}: {_first_line(err)})") from None
+        raise ModelSpecError(f"{path}: cannot load model ({type(err).__name__}: {first_line(err)})") from None
     model.eval()
     return model, tokenizer
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def gemma_checkpoint(cache_dir: Path) -> Path:

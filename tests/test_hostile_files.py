@@ -97,6 +97,11 @@ def _pickle_shard_behind_decoy(folder: Path) -> None:
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
 
+def _index(folder: Path, weight_map: dict) -> None:
+    (folder / "model.safetensors").rename(folder / "decoy.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 def _index_outside_the_folder(folder: Path) -> None:
     shutil.copy(folder / "model.safetensors", folder.parent / "outside.safetensors")
     (folder / "model.safetensors").rename(folder / "decoy.safetensors")
@@ -163,6 +168,7 @@ MODEL_CASES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
         json.dumps({"max_length": "long", "temperature": "hot", "do_sample": "yes"})),
      ("generation_config.json: not a usable generation config",)),
     ("config-fifo", lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json")), ("a FIFO",)),
+    ("index-shard-not-a-name", lambda f: _index(f, {"lm_head.weight": ["model.safetensors"]}), ("shard ['model.safetensors']",)),
     ("index-escapes-the-folder", _index_outside_the_folder,
      ("'../outside.safetensors' is not a .safetensors file of this folder",)),
 ]
