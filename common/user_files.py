@@ -18,6 +18,7 @@ import re
 import stat
 import struct
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def _npy_header(handle: BinaryIO, name: str, path: Path) -> tuple[tuple[int, ...
             return np.lib.format.read_array_header_1_0(handle, max_header_size=MAX_NPY_HEADER_BYTES)
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(handle, max_header_size=MAX_NPY_HEADER_BYTES)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise UserFileError(f"{path}: array {name!r}: not an .npy array ({str(err).splitlines()[0]})") from None
     raise UserFileError(f"{path}: array {name!r}: .npy format version {version} is not supported")
 
@@ -191,7 +192,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, spe
                 raise UserFileError(f"{path}: array {name!r}: header says {nbytes} bytes of data, the member holds "
                                     f"{info.file_size - member.tell()}")
             data = member.read(nbytes)
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as err:  # a corrupt stream
         raise UserFileError(f"{path}: array {name!r}: unreadable ({err})") from None
     if len(data) != nbytes:
         raise UserFileError(f"{path}: array {name!r}: truncated")

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import time
 import tracemalloc
 import zlib
@@ -22,14 +23,18 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save, save_file
+from test_fuzz import mutated  # the shared strategy of near-valid bytes (and the suite's hypothesis profile)
 
 from common.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
 from common.encoder import load_embeddings, save_embeddings
 from common.errors import PrimeError
-from common.lamp import write_lamp
+from common.lamp import LampFormatError, load_lamp, write_lamp
 from common.models import load_base, save_checkpoint, tiny_model
 from common.synthetic import synthesize
+from common.user_files import FLOAT_DTYPES, UserFileError, safetensors_header
 from simulations.cli import main
 
 MARKER = "pickle-ran"
@@ -484,3 +489,57 @@ def test_eval_config_that_is_no_regular_file_is_one_line(make, fragment, tmp_pat
     code = main(["eval", "--config", str(tmp_path / "c.json")])
     _one_line(code, capsys.readouterr().err, fragment, command="eval")
     assert time.perf_counter() - start < 5
+
+
+# ------------------------------------------------------------------ property tests: only the loader's own error
+
+_EMBEDDINGS = io.BytesIO()
+np.savez_compressed(_EMBEDDINGS, user_ids=np.array(["u000", "u001"]), embeddings=np.eye(2, 4, dtype=np.float32),
+                    encoder=np.array("hashing:4"))
+_WEIGHTS = save({"a": torch.ones(2, 3), "b": torch.zeros(4)})
+
+
+@given(mutated(_EMBEDDINGS.getvalue()))
+def test_load_embeddings_raises_only_its_own_error(blob):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "e.npz")
+        path.write_bytes(blob)
+        try:
+            embeddings = load_embeddings(path)
+        except UserFileError:
+            return
+    assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in embeddings.values())
+
+
+@given(mutated(_WEIGHTS))
+def test_safetensors_header_raises_only_its_own_error(blob):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "w.safetensors")
+        path.write_bytes(blob)
+        try:
+            header = safetensors_header(path, FLOAT_DTYPES)
+        except UserFileError:
+            return
+        tensors = load_file(str(path))  # a header that passed describes the file exactly: safetensors reads it
+    assert {k: (tuple(v.shape)) for k, v in tensors.items()} == {k: shape for k, (_, shape) in header.items()}
+
+
+_ANY_TEXT = st.text(alphabet=st.characters(codec=None, categories=["L", "N", "P", "Zs", "Cs"]), max_size=12)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(_ANY_TEXT, _ANY_TEXT)
+def test_any_text_in_a_lamp_file_is_taken_or_refused_in_one_line(text, key):
+    questions = [{"id": "q1", "input": text, "profile": [{"text": text, "score": "3", f"extra {key}": text}]}]
+    outputs = {"task": "LaMP_3", "golds": [{"id": "q1", "output": "3"}]}
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "questions.json").write_text(json.dumps(questions))
+        Path(folder, "outputs.json").write_text(json.dumps(outputs))
+        try:
+            dataset = load_lamp(folder)
+        except LampFormatError as err:
+            assert "lone surrogate" in str(err) and "\n" not in str(err)
+            return
+    user = dataset.users[0]
+    json.dumps(questions, ensure_ascii=False).encode("utf-8")  # what was taken is text every tokenizer and file takes
+    assert user.queries[0].input == text
