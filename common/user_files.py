@@ -4,9 +4,11 @@ A path on the command line may name a FIFO (a read blocks for ever), a
 device (`/dev/zero` never ends), or a symlink to either; a JSON file may be
 nested thousands deep; a text may hold a lone surrogate (`"\\ud800"` is
 valid JSON, but no tokenizer and no UTF-8 writer takes it); an `.npz` is a
-zip whose members can inflate a thousandfold. The loaders of user input
-(LaMP folders, adapter and model folders, embeddings) read through here, so
-each of these ends in one `UserFileError` line that names the file.
+zip whose members can inflate a thousandfold; a `.safetensors` name may hold
+a pickle, garbage or float8 tensors torch cannot compute with. The loaders
+of user input (LaMP folders, adapter and model folders, embeddings, eval
+configs) read through here, so each of these ends in one `UserFileError`
+line that names the file.
 """
 
 from __future__ import annotations
