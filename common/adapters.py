@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from common import safe_json
 from common.atomic import Layout, OutputKind, replace_folder
 from common.errors import PrimeError
+from common.user_files import FLOAT_DTYPES, UserFileError, read_bytes, safetensors_header
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 CONFIG_FILE = "adapter_config.json"
@@ -127,10 +127,12 @@ class LoraAdapter:
         if not directory.is_dir():
             raise AdapterError(f"{directory}: adapter directory not found")
         for path in (config_path, weights_path):
-            if not path.is_file():
+            if not path.exists():
                 raise AdapterError(f"{path}: missing (a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
-            config = safe_json.loads(config_path.read_bytes(), max_bytes=_MAX_CONFIG_BYTES)
+            config = safe_json.loads(read_bytes(config_path, _MAX_CONFIG_BYTES))
+        except UserFileError as err:
+            raise AdapterError(str(err)) from None
         except safe_json.UnsafeJsonError as err:
             raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
@@ -144,24 +146,23 @@ class LoraAdapter:
         r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise AdapterError(f"{config_path}: field 'r' must be a positive integer, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-            raise AdapterError(f"{config_path}: field 'lora_alpha' must be a positive number, got {alpha!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= DEFAULT_MAX_ABS:
+            raise AdapterError(f"{config_path}: field 'lora_alpha' must be a number in (0, {DEFAULT_MAX_ABS:g}], got {alpha!r}")
         if isinstance(targets, str):
             targets = [targets]
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise AdapterError(f"{config_path}: field 'target_modules' must be a non-empty list of module names")
+        tensors = _read_weights(weights_path)
         try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterError(f"{weights_path}: unreadable safetensors file ({err})") from None
-        try:
-            return cls(
+            adapter = cls(
                 tensors=tensors,
                 r=r,
                 lora_alpha=float(alpha),
                 target_modules=tuple(targets),
                 base_model=str(config.get("base_model_name_or_path") or ""),
-            ).checked_against(base_model)
+            )
+            check_magnitudes(adapter)  # the bound uploads are held to (`common.wire`): a file is no more trusted
+            return adapter.checked_against(base_model)
         except AdapterError as err:
             raise AdapterError(f"{directory}: {err}") from None
 
@@ -216,6 +217,22 @@ class LoraAdapter:
                 f"adapter does not fit the model: {len(result.unexpected_keys)} unexpected, {len(missing)} missing LoRA keys"
             )
         return peft_model
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file, of the float dtypes torch computes with only (`FLOAT_DTYPES`).
+
+    The header is checked first (`safetensors_header`): float8 and other
+    types would fail deep inside torch, and a FIFO would block the reader.
+    """
+    try:
+        safetensors_header(path, FLOAT_DTYPES)
+    except UserFileError as err:
+        raise AdapterError(f"unreadable safetensors file: {err}") from None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path}: unreadable safetensors file ({err})") from None
 
 
 # adapter_config.json options that change what a LoRA layer computes beyond `W + (lora_alpha / r) * B A`

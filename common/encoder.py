@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zipfile
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -20,8 +19,17 @@ from common.atomic import write_with
 from common.errors import PrimeError
 from common.lamp import LampDataset
 from common.tasks import TaskSpec
+from common.user_files import NpyMember, UserFileError, read_npz
+from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 DEFAULT_ENCODER = "minilm"
+MAX_EMBEDDINGS_BYTES = 1024**3
+"""Uncompressed size limit of an embeddings file: a million users at 256 float32 dims, or 700,000 at 384."""
+_EMBEDDINGS_MEMBERS = {
+    "user_ids": NpyMember("U", 1),
+    "embeddings": NpyMember("f", 2),
+    "encoder": NpyMember("U", 0, required=False),
+}
 
 
 class EncoderError(PrimeError):
@@ -157,12 +165,20 @@ def save_embeddings(path: str | Path, embeddings: Mapping[str, np.ndarray], enco
 
 
 def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a file written by `save_embeddings` (or `prime-fl embed`)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            ids, matrix = data["user_ids"], data["embeddings"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise PrimeError(f"{path}: not an embeddings file ({err})") from None
-    if matrix.ndim != 2 or len(ids) != len(matrix):
-        raise PrimeError(f"{path}: field 'embeddings': expected one row per user id, got shape {matrix.shape}")
+    """Read a file written by `save_embeddings` (or `prime-fl embed`): a user's file, so checked before use.
+
+    Member names, dtypes and shapes come from the zip directory and the .npy
+    headers, and sizes are bounded (`MAX_EMBEDDINGS_BYTES`), before any array
+    is inflated; values are held to the bound uploads are held to.
+    """
+    arrays = read_npz(path, _EMBEDDINGS_MEMBERS, MAX_EMBEDDINGS_BYTES, what="embeddings file")
+    ids, matrix = arrays["user_ids"], arrays["embeddings"]
+    if len(ids) != len(matrix):
+        raise UserFileError(f"{path}: array 'embeddings': expected one row per user id ({len(ids)}), got shape {list(matrix.shape)}")
+    if len(set(ids.tolist())) != len(ids):
+        raise UserFileError(f"{path}: array 'user_ids' repeats a user id")
+    problem = magnitude_problem(matrix, DEFAULT_MAX_ABS)
+    if problem:
+        raise UserFileError(f"{path}: array 'embeddings' {problem}")
+    matrix = matrix.astype(np.float32)
     return {str(u): matrix[i] for i, u in enumerate(ids)}

@@ -31,6 +31,7 @@ from common.atomic import Layout, OutputKind, replace_folder, write_text
 from common.errors import PrimeError
 from common.ids import InvalidIdError, check_user_id
 from common.tasks import TaskSpec, UnknownTaskError, get_task
+from common.user_files import UserFileError, lone_surrogate, may_hold_surrogates, read_bytes
 
 SPLITS: tuple[str, ...] = ("train", "dev")
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ OUTPUTS_FILE = "outputs.json"
 # A folder `write_lamp` wrote; before the marker only the synthetic benchmark was, always with its benchmark.json,
 # so a real LaMP folder (questions.json and outputs.json alone) is never taken for one.
 LAMP_OUTPUT = OutputKind("lamp", (Layout(frozenset({QUESTIONS_FILE, OUTPUTS_FILE, "benchmark.json"})),))
+MAX_FILE_BYTES = 4 * 1024**3
+"""Largest LaMP file read: above the largest official split file (every question repeats its user's profile)."""
+MAX_TEXT_CHARS = 1_000_000
+"""Longest text field (an input, a profile text, a gold): a long news article is under 100,000 characters, while a
+50 MB text made the tokenizer take gigabytes."""
 
 
 class LampFormatError(PrimeError, ValueError):
@@ -129,15 +135,23 @@ def _resolve_files(directory: Path, split: str | None) -> tuple[Path, Path]:
     return questions, outputs
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> tuple[Any, bool]:
+    """(parsed file, whether it may hold a lone surrogate): a regular file of at most `MAX_FILE_BYTES` only."""
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise LampFormatError(f"{path}: cannot read ({err.strerror})") from None
+        data = read_bytes(path, MAX_FILE_BYTES)
+    except UserFileError as err:
+        raise LampFormatError(str(err)) from None
     try:
-        return safe_json.loads(data)
+        return safe_json.loads(data), may_hold_surrogates(data)
     except safe_json.UnsafeJsonError as err:
         raise LampFormatError(f"{path}: {err}") from None
+
+
+def _check_text(record: Any, where: str, may_hold: bool) -> None:
+    """LampFormatError naming the field of `record` that holds a lone surrogate (no tokenizer or UTF-8 file takes one)."""
+    found = lone_surrogate(record) if may_hold else None
+    if found:
+        raise LampFormatError(f"{where}: field {found!r} holds a lone surrogate (a \\ud800-\\udfff escape without its pair)")
 
 
 def _where(path: Path, index: int, record: Any) -> str:
@@ -153,6 +167,8 @@ def _get(record: dict, key: str, types: tuple[type, ...], where: str) -> Any:
     if not isinstance(value, types) or isinstance(value, bool):
         names = " or ".join(t.__name__ for t in types)
         raise LampFormatError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise LampFormatError(f"{where}: field {key!r} is {len(value)} characters long, over the limit of {MAX_TEXT_CHARS}")
     return value
 
 
@@ -173,7 +189,7 @@ def _field_types(task: TaskSpec, name: str) -> tuple[type, ...]:
 
 
 def _read_outputs(path: Path) -> tuple[TaskSpec, dict[str, str]]:
-    data = _read_json(path)
+    data, may_hold = _read_json(path)
     if not isinstance(data, dict):
         raise LampFormatError(f"{path}: top level must be an object with 'task' and 'golds', got {type(data).__name__}")
     task_name = _get(data, "task", (str,), str(path))
@@ -187,6 +203,7 @@ def _read_outputs(path: Path) -> tuple[TaskSpec, dict[str, str]]:
         where = _where(path, index, record)
         if not isinstance(record, dict):
             raise LampFormatError(f"{where}: must be an object, got {type(record).__name__}")
+        _check_text(record, where, may_hold)
         gid = _id(record, where)
         output = str(_get(record, "output", _field_types(task, task.target_field), where))
         _check_label(task, task.query_labels, output, where, "output")
@@ -236,7 +253,7 @@ def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
     """Load and validate a LaMP directory; `split` picks train/dev when both exist."""
     questions_path, outputs_path = _resolve_files(Path(path), split)
     task, golds = _read_outputs(outputs_path)
-    data = _read_json(questions_path)
+    data, may_hold = _read_json(questions_path)
     if not isinstance(data, list):
         raise LampFormatError(f"{questions_path}: top level must be a list of questions, got {type(data).__name__}")
     if not data:
@@ -249,6 +266,7 @@ def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
         where = _where(questions_path, index, record)
         if not isinstance(record, dict):
             raise LampFormatError(f"{where}: must be an object, got {type(record).__name__}")
+        _check_text(record, where, may_hold)
         qid = _id(record, where)
         if qid in seen:
             raise LampFormatError(f"{where}: duplicate id {qid!r}")

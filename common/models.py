@@ -19,6 +19,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, P
 
 from common.atomic import Layout, OutputKind, replace_folder
 from common.errors import PrimeError
+from common.model_folder import ModelFolderError, check_loaded, check_model_folder, first_line
 from common.tasks import LAMP2_TAGS, TASKS
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def load_base(
         path = Path(spec).expanduser()
         if not path.is_dir():
             raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").exists():
             raise ModelSpecError(f"{path}: not a Hugging Face model directory (no config.json)")
     model, tokenizer = _load_dir(path, dtype)
     return model.to(where), tokenizer
@@ -152,14 +153,28 @@ def require_safetensors(path: Path) -> None:
 
 
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Model and tokenizer of a folder that `check_model_folder` passed; never runs the folder's code.
+
+    The checks run before transformers opens a file of it; the except below
+    is the last line for what they did not foresee, so that it too is one
+    line and not a traceback.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_safetensors(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelSpecError(f"{path}: cannot load model ({err})") from None
+        check_model_folder(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        )
+        check_loaded(model, tokenizer, path)
+    except ModelFolderError as err:
+        raise ModelSpecError(f"cannot load model: {err}") from None
+    except RecursionError:  # a tokenizer.json nested thousands deep, as transformers parses it (see model_folder)
+        raise ModelSpecError(f"{path}: cannot load model (a JSON file of it is nested too deeply)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise ModelSpecError(f"{path}: cannot load model ({type(err).__name__}: {first_line(err)})") from None
     model.eval()
     return model, tokenizer
 

@@ -42,6 +42,7 @@ from common.settings import (
     NodeConfig, PerPcsConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
 )
 from common.task_model import load_task_model
+from common.user_files import UserFileError, read_bytes
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
 from simulations.outputs import EVAL_OUTPUT
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = ("np", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
 PAG_SEARCHES = ("own", "shared")  # PriME+PAG: its own search on profile prompts, or PriME's merge (official)
 CELLS_DIR, PREPARE_DIR, RESULTS_FILE, CONFIG_FILE = "cells", "prepare", "results.json", "config.json"
+MAX_CONFIG_FILE_BYTES = 1024 * 1024  # an eval config is a few hundred bytes
 PRIVACY_FILE = "privacy.json"  # in a DP-SGD sharer's adapter folder: its guarantee, as upload metadata holds it
 
 
@@ -281,9 +283,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON object or TOML table of EvalConfig keys (an `[eval]` table is used when present)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise EvalConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+        raw = read_bytes(path, MAX_CONFIG_FILE_BYTES)  # a regular file: a FIFO or /dev/zero would hang or fill memory
+    except UserFileError as err:
+        raise EvalConfigError(str(err)) from None
     if path.suffix.lower() == ".toml":
         data = _read_toml(path, raw)
     else:
