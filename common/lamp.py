@@ -223,6 +223,12 @@ def _keep_common_items(users: Any, common: Mapping[str, set[str]], path: Path) -
         log.info("%s: %d profile items left out (not in every question of their user)", path, dropped)
 
 
+def read_task(path: str | Path, split: str | None = None) -> TaskSpec:
+    """The task of a LaMP directory (its outputs file's `task`), without reading the questions: what a preset with
+    per-task values needs before the data is loaded."""
+    return _read_outputs(_resolve_files(Path(path), split)[1])[0]
+
+
 def load_lamp(path: str | Path, split: str | None = None) -> LampDataset:
     """Load and validate a LaMP directory; `split` picks train/dev when both exist."""
     questions_path, outputs_path = _resolve_files(Path(path), split)

@@ -31,11 +31,11 @@ from common.dp import Guarantee, PrivacyError
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
 from common.jsonable import plain
-from common.lamp import LampDataset, load_lamp, profile_pairs
+from common.lamp import LampDataset, load_lamp, profile_pairs, read_task
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_device, resolve_dtype
 from common.plan import UserPlan, make_plan
-from common.presets import DEFAULT_PRESET, EVAL_ONLY, PRESETS, preset_values, resolve
+from common.presets import DEFAULT_PRESET, PER_TASK, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
 from common.settings import (
     NodeConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
@@ -61,7 +61,7 @@ class EvalConfig:
     """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
 
     out: str
-    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node and EVAL_ONLY's keys (common.presets)
+    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node and eval's own keys (common.presets)
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
@@ -197,11 +197,13 @@ class EvalConfig:
             raise EvalConfigError(f"{where}: missing 'out' (the output folder)")
         preset = kwargs.setdefault("preset", DEFAULT_PRESET)
         try:
-            kwargs["search"] = resolve(SearchConfig, preset, search)
-            kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True))
+            task = _preset_task(preset, kwargs)
+            kwargs["search"] = resolve(SearchConfig, preset, search, task=task)
+            kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True), task=task)
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
-            for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment, pag-search)
-                kwargs.setdefault(key.replace("-", "_"), preset_values(preset).get(key, own[key.replace("-", "_")].default))
+            for key, value in preset_values(preset, task).items():  # eval's own keys (EVAL_ONLY, adapt-epochs)
+                if key.replace("-", "_") in own:
+                    kwargs.setdefault(key.replace("-", "_"), _coerce(own[key.replace("-", "_")], value, where))
         except SettingError as err:
             raise EvalConfigError(f"{where}: {err}") from None
         return cls(sweeps=sweeps, **kwargs)
@@ -213,6 +215,20 @@ class EvalConfig:
         sweeps = {_plural(name): list(values) for name, values in self.sweeps.items()}
         settings = to_flat(self.synth, exposed_only=True) | search | sweeps | to_flat(self.node, exposed_only=True)
         return own | {key.replace("-", "_"): value for key, value in settings.items()}
+
+
+def _preset_task(preset: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The task whose values a preset with per-task values (`PER_TASK`) takes: the synthetic task, or the one the
+    `data` folder's outputs file names (read before anything else of the data). None for a preset without."""
+    if preset not in PER_TASK:
+        return None
+    if (kwargs.get("data") is None) == (kwargs.get("synthetic") is None):
+        raise EvalConfigError("give exactly one of --data DIR and --synthetic TASK")
+    if kwargs.get("synthetic") is not None:
+        if kwargs["synthetic"] not in SYNTHETIC_TASKS:
+            raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {kwargs['synthetic']!r}")
+        return str(kwargs["synthetic"])
+    return read_task(kwargs["data"], kwargs.get("split")).lamp_id
 
 
 _SECTIONS = ("synth", "search", "sweeps", "node")
@@ -316,7 +332,7 @@ class Cell:
 
 # Training settings added after prepared inputs were first cached. At their defaults (today's training, bit for bit)
 # they stay out of the key, so inputs prepared before they existed keep theirs; any other value keys them apart.
-_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2")
+_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2", "adapt-batch-size")
 
 
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
