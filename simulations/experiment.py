@@ -42,11 +42,12 @@ from common.settings import (
 )
 from common.task_model import load_task_model
 from server.personalize import check_optimizer
+from simulations import sharer_signal
 from simulations.methods import Context, MethodResult, get_method
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("np", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
+DEFAULT_METHODS = ("np", "user-prior", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
 PAG_SEARCHES = ("own", "shared")  # PriME+PAG: its own search on profile prompts, or PriME's merge (official)
 CELLS_DIR, PREPARE_DIR, RESULTS_FILE, CONFIG_FILE = "cells", "prepare", "results.json", "config.json"
 PRIVACY_FILE = "privacy.json"  # in a DP-SGD sharer's adapter folder: its guarantee, as upload metadata holds it
@@ -688,7 +689,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
         done = [r for r in records if r is not None]
         add_quirk_copies(config, done)
         _write_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
-                                          "cells": done})
+                                          "sharer_signal": sharer_signal.per_task(done), "cells": done})
         if cluster is not None:
             cluster.close()
     report = GridReport(records=done, computed=computed, reused=reused, out=out)
@@ -751,3 +752,24 @@ def _check_cell(cell: dict[str, Any], where: str) -> None:
             raise EvalConfigError(f"{where}: {name!r} must be a list of strings")
     if len(cell["golds"]) != len(cell["predictions"]):
         raise EvalConfigError(f"{where}: {len(cell['golds'])} golds for {len(cell['predictions'])} predictions")
+    _check_divergence(cell, where)
+
+
+def _check_divergence(cell: dict[str, Any], where: str) -> None:
+    """`sharer_divergence` (what simulations.sharer_signal and the diagnostic rows read): absent or null, or one
+    share in [0, 1] per sharer id, with their mean and max."""
+    divergence = cell.get("sharer_divergence")
+    if divergence is None:
+        return
+    ids = cell.get("sharer_ids")
+    shares = divergence.get("per_sharer") if isinstance(divergence, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise EvalConfigError(f"{where}: 'sharer_ids' must be a list of strings beside 'sharer_divergence'")
+    if not isinstance(shares, list) or len(shares) != len(ids) or not all(_share(v) for v in shares):
+        raise EvalConfigError(f"{where}: 'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id")
+    if not all(_share(divergence.get(name)) for name in ("mean", "max")):
+        raise EvalConfigError(f"{where}: 'sharer_divergence' must have 'mean' and 'max' shares in [0, 1]")
+
+
+def _share(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
