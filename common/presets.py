@@ -34,7 +34,6 @@ DEFAULT_PRESET = "fast"
 
 # Flat keys (run-config keys and flag names) -> values. A surface takes the keys it has (`rag-k`, `augment` and
 # `pag-search` are eval's only).
-EVAL_ONLY = ("rag-k", "augment", "pag-search")
 PRESETS: dict[str, dict[str, Any]] = {
     DEFAULT_PRESET: {},
     "paper": {

@@ -202,7 +202,7 @@ class EvalConfig:
             kwargs["search"] = resolve(SearchConfig, preset, search, task=task)
             kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True), task=task)
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
-            for key, value in preset_values(preset, task).items():  # eval's own keys (EVAL_ONLY, adapt-epochs)
+            for key, value in preset_values(preset, task).items():  # eval's own keys (rag-k, augment, adapt-epochs...)
                 if key.replace("-", "_") in own:
                     kwargs.setdefault(key.replace("-", "_"), _coerce(own[key.replace("-", "_")], value, where))
         except SettingError as err:

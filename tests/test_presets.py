@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from common.federation import ConfigError, FederationConfig
-from common.presets import EVAL_ONLY, PAPER_TABLE3, PER_TASK, PRESETS, preset_values
+from common.presets import PAPER_TABLE3, PER_TASK, PRESETS, preset_values
 from common.settings import SearchConfig, SettingError
 from simulations.cli import main
 from simulations.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
 
 FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 EVAL = {"out": "runs/x", "synthetic": "tagging"}
+EVAL_ONLY = ("rag-k", "augment", "pag-search")  # preset keys only `prime-fl eval` has
 
 # The paper's Table 3 (appendix B.1), transcribed here by hand, not from common.presets: per LaMP task,
 # task adaptation (batch, epochs, lr), sharer PEFT (batch, epochs, lr), PriME (LoRAs k, budget, data fraction).
@@ -157,13 +158,19 @@ def test_every_paper_value_is_in_the_fidelity_table():
 
 
 def test_the_fidelity_table3_rows_match_the_preset():
-    """docs/fidelity.md's per-task table (one row per LaMP task, cited as Table 3) shows each value the preset sets."""
+    """docs/fidelity.md's per-task table (a `| task |` header of setting keys, one row per LaMP task) shows the value
+    the preset sets for each key it names, and names every per-task key."""
     text = FIDELITY.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| task | `"))
+    keys = [cell.strip().strip("`") for cell in header.strip("|").split("|")[1:]]
+    per_task = {key for values in PAPER_TABLE3.values() for key in values}
+    assert {"k", "budget", "history-fraction", "lr", "adapt-lr", "popsize"} <= set(keys) <= per_task
+    assert all(f"`{key}`" in text for key in per_task)
     for lamp_id, values in PAPER_TABLE3.items():
-        row = next(line for line in text.splitlines() if line.startswith(f"| {lamp_id.replace('_', '-')} |"))
+        row = next(line for line in lines if line.startswith(f"| {lamp_id.replace('_', '-')} |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")[1:]]
-        assert cells == [f"{values[key]:g}" for key in values], lamp_id
-    assert all(f"`{key}`" in text for key in next(iter(PAPER_TABLE3.values())))
+        assert cells == [f"{values[key]:g}" for key in keys], lamp_id
 
 
 def test_an_explicit_key_overrides_one_value_of_the_preset():
@@ -241,3 +248,17 @@ def test_eval_with_the_paper_preset_records_table3_in_config_json(tmp_path, synt
             main(["eval", "--synthetic", synthetic, "--preset", "paper", "--out", str(out), "--no-progress"])
     recorded = json.loads((out / "config.json").read_text())
     assert {key: recorded[key] for key in expected} == expected
+
+
+def test_the_coordinator_refuses_a_preset_resolved_for_another_task_than_the_nodes_data():
+    """With a data-dir the run config's `task` picks the Table 3 row; left at tagging on LaMP-3 nodes it is refused."""
+    from common.tasks import get_task
+    from server.coordinator import check_preset_task
+
+    run = FederationConfig.from_run_config({"preset": "paper", "data-dir": "data"})
+    with pytest.raises(ConfigError, match='resolved LaMP_2.s values .*nodes hold LaMP_3 data: set task = "LaMP_3"'):
+        check_preset_task(run, get_task("LaMP_3"))
+    check_preset_task(run, get_task("LaMP_2"))
+    check_preset_task(FederationConfig.from_run_config({"preset": "paper", "task": "LaMP_3", "data-dir": "data"}),
+                      get_task("rating"))
+    check_preset_task(FederationConfig.from_run_config({"data-dir": "data"}), get_task("LaMP_3"))  # fast: not per task
