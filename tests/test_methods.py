@@ -295,3 +295,17 @@ def test_user_prior_citation_picks_the_candidate_nearer_the_users_papers():
     result = _prior(ctx)
     assert result.predictions == ["[2]", "[1]", "[1]"]  # no candidates: [1]
     assert result.metrics["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_user_prior_reads_lamp1_candidates_in_linear_time_and_refuses_none():
+    """Hostile queries: thousands of markers or quotes cost one pass, and a query without two candidates has none."""
+    import time
+
+    from simulations.methods.prior import candidates
+
+    assert candidates('which one? [1]: "graph nets" [2]: "tax law"') == ("graph nets", "tax law")
+    assert candidates('[2]: "tax law" [1]: "graph nets"') is None and candidates('[1]: "a" [2]: ""') is None
+    hostile = '[1]: "' * 200_000 + "[2]"
+    start = time.perf_counter()
+    assert candidates(hostile) is None
+    assert time.perf_counter() - start < 1.0

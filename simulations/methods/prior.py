@@ -22,7 +22,6 @@ items). The column uses no sharer, so it reports no similarity with sharers.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from typing import Any, Mapping
 
@@ -31,8 +30,6 @@ from common.settings import recent
 from simulations.methods import Context, Method, MethodError, MethodResult, finish, query_prompts, register
 from simulations.methods.rag import bm25_index, bm25_order, item_source
 
-# LaMP-1 queries end in `[1]: "title one" [2]: "title two"` (LaMP's own wording).
-_CANDIDATES = re.compile(r'\[1\]\s*:?\s*"(.*?)"\s*\[2\]\s*:?\s*"(.*?)"', re.DOTALL)
 
 
 def mean_rating(labels: list[str]) -> str:
@@ -47,16 +44,27 @@ def most_frequent(labels: list[str]) -> str:
     return max(counts, key=lambda label: (counts[label], last[label]))
 
 
+def candidates(query: str) -> tuple[str, str] | None:
+    """The two candidate texts of a LaMP-1 query, which ends in `[1]: "title one" [2]: "title two"` (LaMP's
+    wording), or None. Found with the last markers in one pass, so a hostile query costs linear time."""
+    first, second = query.rfind("[1]"), query.rfind("[2]")
+    if not 0 <= first < second:
+        return None
+    one, two = (text.strip().lstrip(":").strip().strip('"').strip()
+                for text in (query[first + 3:second], query[second + 3:]))
+    return (one, two) if one and two else None
+
+
 def nearer_candidate(history_texts: list[str], query: str) -> str:
     """LaMP-1: `[1]` or `[2]`, whichever candidate's text has the larger BM25 score summed over the history items."""
     import bm25s
 
-    found = _CANDIDATES.search(query)
+    found = candidates(query)
     index = bm25_index(history_texts) if found else None
     if index is None:
         return "[1]"
     totals = []
-    for candidate in found.groups():
+    for candidate in found:
         tokens = bm25s.tokenize([candidate], stopwords="en", return_ids=False, show_progress=False)[0]
         totals.append(float(index.get_scores(tokens).sum()) if tokens else 0.0)
     return "[2]" if totals[1] > totals[0] else "[1]"
