@@ -117,7 +117,8 @@ class FederationConfig:
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         """Parse Flower's run config (keys with `-`), rejecting unknown keys, wrong types and ranges.
 
-        `preset` fills in its values first. Flower hands over pyproject's
+        `preset` fills in its values first, for the run's `task` where they
+        differ by task. Flower hands over pyproject's
         defaults merged with `--run-config`, so a key counts as given when
         its value differs from the default: a key set to its `fast` value
         under another preset takes the preset's value (docs/federation.md).
@@ -126,7 +127,8 @@ class FederationConfig:
         given = {key: value for key, value in run_config.items()
                  if str(key).replace("_", "-") not in defaults or defaults[str(key).replace("_", "-")] != value}
         try:
-            return resolve(cls, str(given.get("preset", DEFAULT_PRESET)), given)
+            return resolve(cls, str(given.get("preset", DEFAULT_PRESET)), given,
+                           task=str(given.get("task", defaults["task"])))  # the synthetic task's, or data-dir's
         except ConfigError:
             raise
         except SettingError as err:

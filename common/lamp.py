@@ -244,8 +244,8 @@ def _keep_common_items(users: Any, common: Mapping[str, set[str]], path: Path) -
 
 
 def read_task(path: str | Path, split: str | None = None) -> TaskSpec:
-    """The task of a LaMP folder, from its outputs file alone (checked as `load_lamp` checks it), for settings that
-    depend on the task before the data is loaded (a preset's per-task values)."""
+    """The task of a LaMP directory (its outputs file's `task`), without reading the questions: what a preset with
+    per-task values needs before the data is loaded."""
     return _read_outputs(_resolve_files(Path(path), split)[1])[0]
 
 

@@ -324,8 +324,8 @@ class TrainConfig:
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
     target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers (comma-separated)", NAMES)
     lr: float = setting(1e-3, "LoRA learning rate (sharers, OPPU, and task adaptation unless adapt-lr)", POSITIVE)
-    adapt_lr: float = setting(0.0, "task adaptation's learning rate (0: lr); the official code trains its task LoRA "
-                                   "at 1e-4 and the sharers' at 2e-5", NON_NEGATIVE)
+    adapt_lr: float = setting(0.0, "task adaptation's learning rate (0: lr); the paper's Table 3 trains the task LoRA "
+                                   "at 1e-4 and the sharers' at 1e-4 or 2e-4", NON_NEGATIVE)
     lr_schedule: str = setting("linear", "decay of the learning rate to 0 over a run's optimizer steps, no warmup: "
                                          "linear, or cosine (half-cycle, as the official code)", one_of(*LR_SCHEDULES))
     grad_clip: float = setting(1.0, "clip of the whole gradient's norm before each step (0: none); DP-SGD clips "
@@ -337,6 +337,9 @@ class TrainConfig:
     steps: int = setting(0, "LoRA optimizer steps, cycling through the reshuffled history (0: epochs decide); a "
                             "short history then still gets enough updates", at_least(0), key="train-steps")
     batch_size: int = setting(8, "LoRA training pairs per step", at_least(1), key="train-batch-size")
+    adapt_batch_size: int = setting(0, "task adaptation's train-batch-size (0: train-batch-size); the paper's "
+                                       "Table 3 trains the task LoRA with larger batches than the sharers'",
+                                    at_least(0))
     max_length: int = setting(512, "most tokens per LoRA training pair", at_least(2 * MIN_PROMPT_TOKENS))
     weight_decay: float = setting(0.0, "LoRA AdamW weight decay", NON_NEGATIVE)
     seed: int = setting(0, "seed of LoRA init and shuffling", exposed=False)
@@ -346,13 +349,15 @@ class TrainConfig:
         validate(self, SettingError, "training config")
 
     def for_adaptation(self) -> TrainConfig:
-        """These settings for task adaptation: `adapt-lr` and `adapt-grad-clip` where set.
+        """These settings for task adaptation: `adapt-lr`, `adapt-grad-clip` and `adapt-batch-size` where set.
 
         The official code trains its task LoRA with another rate and clip
-        than its sharers' LoRAs (1e-4 and 0.3 against 2e-5 and 1.0); every
-        other setting is shared.
+        than its sharers' LoRAs (1e-4 and 0.3 against 2e-5 and 1.0), and
+        the paper's Table 3 with another batch size; every other setting is
+        shared.
         """
-        return dataclasses.replace(self, lr=self.adapt_lr or self.lr, grad_clip=self.adapt_grad_clip or self.grad_clip)
+        return dataclasses.replace(self, lr=self.adapt_lr or self.lr, grad_clip=self.adapt_grad_clip or self.grad_clip,
+                                   batch_size=self.adapt_batch_size or self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -415,8 +420,8 @@ class NodeConfig:
 
         A task-adaptation job is sized by its `epochs` (`train-steps` is the
         size of one user's training, not of a round over pooled adaptation
-        pairs) and trains with `adapt-lr` and `adapt-grad-clip`
-        (`TrainConfig.for_adaptation`). Every caller that trains the task
+        pairs) and trains with `adapt-lr`, `adapt-grad-clip` and
+        `adapt-batch-size` (`TrainConfig.for_adaptation`). Every caller that trains the task
         LoRA (the federation's adapt rounds, `prime-fl eval`) comes through here.
         """
         if not epochs:

@@ -40,9 +40,10 @@ from common.key_endorsement import endorse, load_or_create_identity
 from common.encoder import load_encoder
 from common.federation import (
     ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_REGISTER, PHASE_SHARE, PROFILE, REGISTER, SHARE, SYNTHETIC,
-    FederationConfig,
+    ConfigError, FederationConfig,
 )
 from common.plan import UserPlan, make_plan
+from common.presets import PER_TASK, preset_task
 from common.progress import report as report_progress
 from common.records import adapter_to_records
 from common.settings import to_flat
@@ -60,6 +61,15 @@ from server.replies import (
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
+
+
+def check_preset_task(config: FederationConfig, task: TaskSpec) -> None:
+    """Refuse a run whose preset took per-task values for another task than the nodes' data (with a data-dir the
+    run config's `task` names it, and its default `tagging` would hand LaMP-3 nodes LaMP-2's Table 3 row)."""
+    preset = config.choice.preset
+    if preset in PER_TASK and preset_task(config.task) != task.lamp_id:
+        raise ConfigError(f"run config preset {preset} resolved {preset_task(config.task)}'s values (task = "
+                          f"{config.task!r}), but the nodes hold {task.lamp_id} data: set task = \"{task.lamp_id}\"")
 
 
 @dataclass
@@ -544,6 +554,7 @@ class Coordinator:
         self.register()
         self._checkpoint()
         self.search.check_task(self.task)  # decoding and tie-break fit the nodes' task, before any training
+        check_preset_task(self.config, self.task)
         plan = self.plan()
         self.report.plan = plan.to_dict()
         if not self._reload_task_adapter() and self.config.adapt_rounds:

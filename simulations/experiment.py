@@ -36,7 +36,7 @@ from common.lamp import LampDataset, load_lamp, profile_pairs, read_task
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_device, resolve_dtype
 from common.plan import UserPlan, make_plan
-from common.presets import DEFAULT_PRESET, EVAL_ONLY, PER_TASK, PRESETS, preset_values, resolve
+from common.presets import DEFAULT_PRESET, PER_TASK, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
 from common.settings import (
     NodeConfig, PerPcsConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
@@ -44,12 +44,13 @@ from common.settings import (
 from common.task_model import load_task_model
 from common.user_files import UserFileError, read_bytes
 from server.personalize import check_optimizer
+from simulations import sharer_signal
 from simulations.methods import Context, MethodResult, get_method
 from simulations.outputs import EVAL_OUTPUT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("np", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
+DEFAULT_METHODS = ("np", "user-prior", "rag", "oppu", "top1", "uniform", "lorahub", "prime")
 PAG_SEARCHES = ("own", "shared")  # PriME+PAG: its own search on profile prompts, or PriME's merge (official)
 CELLS_DIR, PREPARE_DIR, RESULTS_FILE, CONFIG_FILE = "cells", "prepare", "results.json", "config.json"
 MAX_CONFIG_FILE_BYTES = 1024 * 1024  # an eval config is a few hundred bytes
@@ -65,7 +66,7 @@ class EvalConfig:
     """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
 
     out: str
-    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, per_pcs and EVAL_ONLY's keys (common.presets)
+    preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, per_pcs and eval's own keys (common.presets)
     data: str | None = None
     split: str | None = None
     synthetic: str | None = None
@@ -214,12 +215,14 @@ class EvalConfig:
             raise EvalConfigError(f"{where}: missing 'out' (the output folder)")
         preset = kwargs.setdefault("preset", DEFAULT_PRESET)
         try:
-            kwargs["search"] = resolve(SearchConfig, preset, search)
-            kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True))
+            task = _preset_task(preset, kwargs)
+            kwargs["search"] = resolve(SearchConfig, preset, search, task=task)
+            kwargs["node"] = resolve(NodeConfig, preset, node, base=to_flat(DEFAULT_NODE, exposed_only=True), task=task)
             kwargs["synth"] = from_flat(SyntheticConfig, synth, exposed_only=True)
-            kwargs["per_pcs"] = resolve(PerPcsConfig, preset, per_pcs, task=_preset_task(preset, kwargs))
-            for key in EVAL_ONLY:  # the preset's values for eval's own keys (rag-k, augment, pag-search)
-                kwargs.setdefault(key.replace("-", "_"), preset_values(preset).get(key, own[key.replace("-", "_")].default))
+            kwargs["per_pcs"] = resolve(PerPcsConfig, preset, per_pcs, task=task)
+            for key, value in preset_values(preset, task).items():  # eval's own keys (rag-k, augment, adapt-epochs...)
+                if key.replace("-", "_") in own:
+                    kwargs.setdefault(key.replace("-", "_"), _coerce(own[key.replace("-", "_")], value, where))
         except SettingError as err:
             raise EvalConfigError(f"{where}: {err}") from None
         return cls(sweeps=sweeps, **kwargs)
@@ -234,6 +237,20 @@ class EvalConfig:
         return own | {key.replace("-", "_"): value for key, value in settings.items()}
 
 
+def _preset_task(preset: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The task whose values a preset with per-task values (`PER_TASK`) takes: the synthetic task, or the one the
+    `data` folder's outputs file names (read before anything else of the data). None for a preset without."""
+    if preset not in PER_TASK:
+        return None
+    if (kwargs.get("data") is None) == (kwargs.get("synthetic") is None):
+        raise EvalConfigError("give exactly one of --data DIR and --synthetic TASK")
+    if kwargs.get("synthetic") is not None:
+        if kwargs["synthetic"] not in SYNTHETIC_TASKS:
+            raise EvalConfigError(f"--synthetic must be one of {', '.join(SYNTHETIC_TASKS)}, got {kwargs['synthetic']!r}")
+        return str(kwargs["synthetic"])
+    return read_task(kwargs["data"], kwargs.get("split")).lamp_id
+
+
 _SECTIONS = ("synth", "search", "sweeps", "node", "per_pcs")
 PER_PCS_METHODS = ("per-pcs", "per-pcs-rag")
 _SEARCH_OPTIONS = {o.name: o for o in options(SearchConfig, exposed_only=True)}
@@ -243,18 +260,6 @@ _SEARCH_OPTIONS_BY_KEY = {o.key: o for o in _SEARCH_OPTIONS.values()}
 DEFAULT_SWEEPS = {"alpha": (0.0, 0.5, 1.0, 2.0)}  # the trade-off curve; every other search setting at its default
 DEFAULT_NODE = NodeConfig(max_history=16)  # the eval benchmark's users have 24 history items (the federation's 12)
 _ITEM_TYPES = {"methods": str}
-
-
-def _preset_task(preset: str, kwargs: Mapping[str, Any]) -> str | None:
-    """The LaMP task whose values preset `preset` takes (`common.presets.PER_TASK`): the synthetic benchmark's,
-    or the one named in --data's outputs file; None when the preset has no per-task values or no task is given."""
-    if preset not in PER_TASK:
-        return None
-    if kwargs.get("synthetic") in SYNTHETIC_TASKS:
-        return synthetic_task(kwargs["synthetic"]).lamp_id
-    if kwargs.get("data") is not None:
-        return read_task(kwargs["data"], kwargs.get("split")).lamp_id
-    return None
 
 
 def _plural(name: str) -> str:
@@ -348,7 +353,7 @@ class Cell:
 
 # Training settings added after prepared inputs were first cached. At their defaults (today's training, bit for bit)
 # they stay out of the key, so inputs prepared before they existed keep theirs; any other value keys them apart.
-_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2")
+_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2", "adapt-batch-size")
 
 
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
@@ -744,7 +749,7 @@ def run_grid(config: EvalConfig, *, progress: bool = True, outputs: bool = True,
         add_quirk_copies(config, done)
         _drop_tables(out)  # a kill before they are rewritten leaves no table of an earlier run beside these results
         _write_json(out / RESULTS_FILE, {"config": config.to_dict(), "prepare_key": prepared.key, "complete": complete,
-                                          "cells": done})
+                                          "sharer_signal": sharer_signal.per_task(done), "cells": done})
         if cluster is not None:
             cluster.close()
     report = GridReport(records=done, computed=computed, reused=reused, out=out)
@@ -818,3 +823,24 @@ def _check_cell(cell: dict[str, Any], where: str) -> None:
             raise EvalConfigError(f"{where}: {name!r} must be a list of strings")
     if len(cell["golds"]) != len(cell["predictions"]):
         raise EvalConfigError(f"{where}: {len(cell['golds'])} golds for {len(cell['predictions'])} predictions")
+    _check_divergence(cell, where)
+
+
+def _check_divergence(cell: dict[str, Any], where: str) -> None:
+    """`sharer_divergence` (what simulations.sharer_signal and the diagnostic rows read): absent or null, or one
+    share in [0, 1] per sharer id, with their mean and max."""
+    divergence = cell.get("sharer_divergence")
+    if divergence is None:
+        return
+    ids = cell.get("sharer_ids")
+    shares = divergence.get("per_sharer") if isinstance(divergence, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise EvalConfigError(f"{where}: 'sharer_ids' must be a list of strings beside 'sharer_divergence'")
+    if not isinstance(shares, list) or len(shares) != len(ids) or not all(_share(v) for v in shares):
+        raise EvalConfigError(f"{where}: 'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id")
+    if not all(_share(divergence.get(name)) for name in ("mean", "max")):
+        raise EvalConfigError(f"{where}: 'sharer_divergence' must have 'mean' and 'max' shares in [0, 1]")
+
+
+def _share(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0

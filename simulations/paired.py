@@ -2,7 +2,8 @@
 
 A table of means says little when it rests on a few dozen queries. Here every
 PriME column is compared with each baseline column (NP, top-1, uniform, RAG, Per-Pcs)
-on exactly the queries both answered: per query, the task's first metric
+and every column with the trivial rule `user-prior` (the user's own history
+answers, no model: simulations/methods/prior.py), on exactly the queries both answered: per query, the task's first metric
 (accuracy, MAE or ROUGE-1, each a mean over queries), PriME's score minus the
 baseline's. The interval resamples whole targets (with all their queries and
 seeds) with replacement, since the queries of one user are not independent;
@@ -24,6 +25,7 @@ from simulations.column_labels import shared_note, shared_settings, shorten
 
 METHOD_PREFIX = "PriME"
 BASELINE_PREFIXES = ("NP", "top-1", "uniform", "RAG", "Per-Pcs")  # Per-Pcs: the paper's main baseline
+REFERENCE = "user-prior"  # the trivial rule every column is compared with
 RESAMPLES = 2000
 
 
@@ -56,14 +58,16 @@ def _query_scores(record: Mapping[str, Any]) -> np.ndarray:
 
 
 def compare(records: Iterable[Mapping[str, Any]], *, seed: int = 0) -> list[Comparison]:
-    """Every PriME column against every baseline column present, per task."""
+    """Every PriME column against every baseline column present, and every other column against `REFERENCE`,
+    per task."""
     by_column = _columns(records)
     comparisons = []
     for (task, method), cells in sorted(by_column.items()):
-        if not method.startswith(METHOD_PREFIX):
+        if method == REFERENCE:
             continue
+        prime = method.startswith(METHOD_PREFIX)
         for (other_task, baseline), base_cells in sorted(by_column.items()):
-            if other_task != task or not baseline.startswith(BASELINE_PREFIXES):
+            if other_task != task or not (baseline == REFERENCE or prime and baseline.startswith(BASELINE_PREFIXES)):
                 continue
             comparison = _paired(task, method, baseline, cells, base_cells, seed)
             if comparison is not None:
@@ -166,8 +170,8 @@ def _sample_note(comparisons: list[Comparison]) -> str:
 
 def to_markdown(comparisons: list[Comparison]) -> str:
     if not comparisons:
-        return "(no PriME column with a baseline on the same queries)\n"
-    header = "| task | PriME | minus | metric | difference [95% interval] | targets | queries | seeds | reading |"
+        return f"(no PriME column with a baseline, nor a column with {REFERENCE}, on the same queries)\n"
+    header = "| task | column | minus | metric | difference [95% interval] | targets | queries | seeds | reading |"
     lines = [header, "|" + "---|" * 9]
     shared = shared_settings(label for c in comparisons for label in (c.method, c.baseline))
     for c in comparisons:

@@ -3,7 +3,7 @@
 Two layouts: `methods` puts the columns in the order the run produced
 them; `table1` groups them as the paper's Table 1 (`TABLE1_GROUPS`: NP,
 RAG, PAG, PAG+RAG || Per-Pcs base, +RAG || PriME base, +RAG, +PAG || OPPU
-base, +RAG, +PAG || top-1, uniform, LoraHub), each group's columns in that method order, then
+base, +RAG, +PAG || user-prior, top-1, uniform, LoraHub), each group's columns in that method order, then
 in run order (one column per alpha, k...); methods outside the groups
 come last. The Markdown table marks the group borders with a `‖` column.
 
@@ -19,7 +19,9 @@ how varied each method's answers are (majority share, distinct answers,
 entropy), how often PriME fell back to the unmerged model, and how far
 the chosen sharers' adapters move the answers on the target's history
 from the unmerged model's: a method that answers one label to every
-query, or sharers that change nothing, are visible at a glance.
+query, or sharers that change nothing, are visible at a glance. When the
+median sharer changes less than 10% of those answers the Markdown table
+says under it that the run cannot compare merges (simulations.sharer_signal).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 from common.atomic import csv_text, output_folder, write_text
 from common.metrics import higher_is_better, parse_label, task_metrics
 from common.tasks import TaskSpec, get_task
-from simulations import paired
+from simulations import paired, sharer_signal
 from simulations.column_labels import shared_note, shared_settings, shorten
 from simulations.outputs import EVAL_OUTPUT
 
@@ -61,7 +63,7 @@ TABLE1_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Per-Pcs", ("per-pcs", "per-pcs-rag")),
     ("PriME", ("prime", "prime-rag", "prime-pag")),
     ("OPPU", ("oppu", "oppu-rag", "oppu-pag")),
-    ("baselines", ("top1", "uniform", "lorahub")),
+    ("baselines", ("user-prior", "top1", "uniform", "lorahub")),
 )
 GROUP_BORDER = "‖"
 
@@ -97,6 +99,7 @@ class Table:
     columns: list[str]
     rows: list[Row]
     groups: list[tuple[str, list[str]]] | None = None  # table1 layout: (group name, its columns) in order
+    footnote: str = ""  # said under the Markdown table: the sharer-signal warning (simulations.sharer_signal)
 
 
 def table1_groups(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
@@ -176,7 +179,7 @@ def build_table(records: Iterable[Mapping[str, Any]], layout: str = "methods") -
                     row.values[label] = Stat.of(per_seed)
             if row.values:
                 rows.append(row)
-    return Table(columns=columns, rows=rows, groups=groups)
+    return Table(columns=columns, rows=rows, groups=groups, footnote=sharer_signal.note(records))
 
 
 def _task_name(task: str) -> str:
@@ -209,7 +212,7 @@ def to_markdown(table: Table) -> str:
     header, *body = _with_borders(table, _grid(table, shared))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n" + shared_note(shared)
+    return "\n".join(lines) + "\n" + shared_note(shared) + table.footnote
 
 
 def to_csv(table: Table) -> str:
@@ -265,7 +268,8 @@ def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout:
     records = list(records)
     comparisons = paired.compare(records)
     out = output_folder(out, EVAL_OUTPUT)
-    return [*write_tables(build_table(records, layout), out), write_text(out / "paired.md", paired.to_markdown(comparisons)),
+    paired_md = paired.to_markdown(comparisons) + sharer_signal.note(records)
+    return [*write_tables(build_table(records, layout), out), write_text(out / "paired.md", paired_md),
             write_text(out / "paired.json", json.dumps(paired.to_json(comparisons), indent=2, ensure_ascii=False))]
 
 

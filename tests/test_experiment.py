@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,7 +192,8 @@ def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
 
 @pytest.mark.parametrize("over", [{"adapt_sampling": "balanced"}, {"adapt_sampling": "user"}, {"train_steps": 12},
                                   {"lr": 2e-5}, {"adapt_lr": 1e-4}, {"lr_schedule": "cosine"}, {"grad_clip": 0.5},
-                                  {"grad_clip": 0}, {"adapt_grad_clip": 0.3}, {"adam_beta2": 0.95}])
+                                  {"grad_clip": 0}, {"adapt_grad_clip": 0.3}, {"adam_beta2": 0.95},
+                                  {"adapt_batch_size": 16}])
 def test_adaptation_sampling_and_train_steps_are_prepared_inputs(tmp_path, over):
     """Another sampling, step count or optimizer setting trains other adapters: other prepared inputs, read back from
     config.json."""
@@ -207,7 +209,8 @@ def test_inputs_prepared_before_the_optimizer_settings_existed_keep_their_key(tm
     existed, so a run's cached sharers and cells stay valid (b4024324bf90: this config's key at the commit before)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dataset = experiment.load_dataset(_config(tmp_path))
-    spelled = {"lr_schedule": "linear", "grad_clip": 1.0, "adapt_lr": 0.0, "adapt_grad_clip": 0.0, "adam_beta2": 0.999}
+    spelled = {"lr_schedule": "linear", "grad_clip": 1.0, "adapt_lr": 0.0, "adapt_grad_clip": 0.0, "adam_beta2": 0.999,
+               "adapt_batch_size": 0}
     assert experiment.prepare_key(_config(tmp_path), dataset) == "b4024324bf90"
     assert experiment.prepare_key(_config(tmp_path, **spelled), dataset) == "b4024324bf90"
 
@@ -409,3 +412,27 @@ def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, ca
     monkeypatch.setattr(pag, "_write_summary", lambda ctx, prompt: pytest.fail("summaries are kept per target"))
     assert main(argv) == 0
     assert "(4 computed, 22 from the cache)" in capsys.readouterr().out
+
+
+def test_user_prior_is_a_column_every_method_is_paired_with_and_results_hold_the_sharer_signal(tmp_path):
+    """`--methods user-prior`: the history's most frequent tag, without a model; paired.md compares every other
+    column with it, and results.json holds per task the median share of history answers a sharer changes."""
+    from collections import Counter
+
+    from common.settings import recent
+
+    report = run_grid(_config(tmp_path, methods="user-prior,np,prime", alphas="0"), progress=False)
+    dataset = experiment.load_dataset(_config(tmp_path))
+    for record in (r for r in report.records if r["method"] == "user-prior"):
+        tags = [item["tag"] for item in recent(dataset.user(record["target"]).profile, 16)]
+        top = max(Counter(tags).values())
+        assert set(record["predictions"]) <= {t for t, n in Counter(tags).items() if n == top}
+        assert record["sharer_ids"] == [] and record["similarity"] is None
+    assert "| user-prior |" in (tmp_path / "table.md").read_text().splitlines()[0]
+    paired = (tmp_path / "paired.md").read_text()
+    assert "| NP | user-prior |" in paired and "| PriME α=0 | user-prior |" in paired
+    signal = json.loads((tmp_path / "results.json").read_text())["sharer_signal"]
+    primes = [r for r in report.records if r["method"] == "prime"]
+    shares = sorted(s for r in primes for s in r["sharer_divergence"]["per_sharer"])
+    assert signal == {"LaMP_2": {"median": pytest.approx(float(np.median(shares))), "pairs": len(shares)}}
+    assert len(shares) == 2 * 3  # two targets, k = 3 sharers each

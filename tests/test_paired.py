@@ -181,3 +181,19 @@ def test_eval_diff_pairs_columns_that_differ_only_in_the_settings_left_out(tmp_p
     (both / "results.json").write_text(json.dumps({"cells": cells}))
     assert main(["eval", "diff", str(both), exact, "--out", str(tmp_path / "e"), "--match-without", "merge"]) == 2
     assert "would pair as one" in capsys.readouterr().err
+
+
+def test_every_column_is_compared_with_the_user_prior_and_prime_also_with_the_baselines(tmp_path):
+    """The trivial rule (the user's own history, no model) is a reference for every column, PriME's included."""
+    records = []
+    for t, gold in (("t1", "comedy"), ("t2", "action")):
+        records += [cell("user-prior", 0, t, [gold], [gold]), cell("NP", 0, t, ["romance"], [gold]),
+                    cell("OPPU", 0, t, [gold], [gold]), cell("PriME α=1", 0, t, ["romance"], [gold])]
+    pairs = {(c.method, c.baseline): c for c in compare(records)}
+    assert set(pairs) == {("NP", "user-prior"), ("OPPU", "user-prior"), ("PriME α=1", "user-prior"),
+                          ("PriME α=1", "NP")}
+    assert pairs[("NP", "user-prior")].mean_difference == pytest.approx(-1.0)
+    assert pairs[("NP", "user-prior")].verdict() == "NP worse"
+    assert pairs[("OPPU", "user-prior")].verdict() == "no clear difference"
+    write_results(records, tmp_path)
+    assert "| LaMP_2 | NP | user-prior | accuracy ↑ | -1.000 [-1.000, -1.000] |" in (tmp_path / "paired.md").read_text()

@@ -278,9 +278,10 @@ def test_cli_preset_resolves_before_the_run_and_the_report_records_it(disk_world
     summary = json.loads((tmp_path / "paper" / "result.json").read_text())
     assert summary["preset"] == "paper"
     config = summary["config"]
-    assert (config["budget"], config["popsize"]) == (5, 2)  # the flags win over the preset's 100 and 10
-    assert (config["start"], config["optimizer"], config["k"]) == ("zero", "ngopt", 3)  # the preset's
-    assert summary["evaluations"] == 5 and summary["baseline_evaluations"] == 1 + 3
+    assert (config["budget"], config["popsize"]) == (5, 2)  # the flags win over the preset's 50 and 10
+    # The preset's, for the data's task (LaMP-3: Table 3's k 5 and data fraction 1.0).
+    assert (config["start"], config["optimizer"], config["k"], config["history_fraction"]) == ("zero", "cma", 5, 1.0)
+    assert summary["evaluations"] == 5 and summary["baseline_evaluations"] == 1 + 5
 
 
 def test_cli_keeps_the_rank_limited_release_record_beside_its_own_entries(disk_world):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from simulations.tables import build_table, to_csv, to_json, to_markdown, write_tables
+from simulations import sharer_signal
+from simulations.tables import build_table, to_csv, to_json, to_markdown, write_results, write_tables
 
 
 def cell(label, seed, target, preds, golds, similarity=None, task="LaMP_3"):
@@ -113,7 +115,7 @@ def test_diagnostics_show_a_collapsed_method_and_the_fallback_rate():
 def test_sharer_divergence_rows_average_each_cells_mean_and_max_over_targets():
     """Seed 0: cells (mean 0.1, max 0.2) and (0.3, 0.6) -> 0.2 and 0.4; seed 1: (0.0, 0.0) -> 0 and 0."""
     def prime(seed, target, mean, top):
-        return {**cell("PriME", seed, target, ["4"], ["4"]), "fallback": False,
+        return {**cell("PriME", seed, target, ["4"], ["4"]), "fallback": False, "sharer_ids": ["s1", "s2"],
                 "sharer_divergence": {"per_sharer": [mean - (top - mean), top], "mean": mean, "max": top}}
 
     table = build_table([prime(0, "t1", 0.1, 0.2), prime(0, "t2", 0.3, 0.6), prime(1, "t1", 0.0, 0.0),
@@ -173,3 +175,27 @@ def test_a_constant_alpha_stays_in_the_column_names():
     cells = [cell(label, 0, "t1", ["3"], ["3"]) for label in ("PriME α=0.5 cap=1.0", "PriME+RAG α=0.5 cap=1.0")]
     header = to_markdown(build_table(cells)).splitlines()[0]
     assert header == "| task | metric | PriME α=0.5 | PriME+RAG α=0.5 |"
+
+
+def _searched(label, seed, target, per_sharer, sharers=("s1", "s2", "s3")):
+    return {**cell(label, seed, target, ["4"], ["4"]), "sharer_ids": list(sharers),
+            "sharer_divergence": {"per_sharer": per_sharer, "mean": float(np.mean(per_sharer)),
+                                  "max": float(max(per_sharer))}}
+
+
+def test_a_run_whose_median_sharer_changes_under_10_percent_is_warned_under_both_tables(tmp_path):
+    """Shares 0, 0.05, 0.3 on t1 and 0, 0.08, 0.5 on t2: median 0.065 < 0.1. The alpha=1 cells hold the same
+    sharers of the same targets and count once (they would not move the median here, but they are not new pairs)."""
+    quiet = [_searched(f"PriME α={a}", 0, t, shares) for a in (0, 1)
+             for t, shares in (("t1", [0.0, 0.05, 0.3]), ("t2", [0.0, 0.08, 0.5]))]
+    assert sharer_signal.per_task(quiet) == {"LaMP_3": {"median": pytest.approx(0.065), "pairs": 6}}
+    write_results(quiet + [cell("NP", 0, t, ["3"], ["4"]) for t in ("t1", "t2")], tmp_path)
+    for name in ("table.md", "paired.md"):
+        text = (tmp_path / name).read_text()
+        assert "Warning (LaMP_3): the median sharer changes 6.5%" in text, name
+        assert "a run whose sharers change nothing cannot compare merges" in text, name
+    moving = [_searched("PriME α=0", 0, t, [0.1, 0.2, 0.4]) for t in ("t1", "t2")]  # median 0.2
+    write_results(moving + [cell("NP", 0, t, ["3"], ["4"]) for t in ("t1", "t2")], tmp_path / "moving")
+    assert "cannot compare merges" not in (tmp_path / "moving" / "table.md").read_text()
+    assert "cannot compare merges" not in (tmp_path / "moving" / "paired.md").read_text()
+    assert sharer_signal.note([cell("NP", 0, "t1", ["3"], ["4"])]) == ""  # no search, nothing measured: no claim

@@ -353,6 +353,17 @@ def test_task_adaptation_jobs_take_adapt_lr_and_adapt_grad_clip_and_sharers_do_n
     assert (run.node_config().train.lr, run.node_config().train.grad_clip) == (2e-5, 1.0)
 
 
+def test_task_adaptation_jobs_take_adapt_batch_size_and_sharers_train_batch_size():
+    """Table 3 trains the task LoRA with larger batches than the sharers' (LaMP-2: 16 against 6)."""
+    node = NodeConfig(train=TrainConfig(batch_size=6, adapt_batch_size=16))
+    assert (node.for_job(seed=0, epochs=3).train.batch_size, node.for_job(seed=0).train.batch_size) == (16, 6)
+    assert NodeConfig(train=TrainConfig(batch_size=6)).for_job(seed=0, epochs=3).train.batch_size == 6  # 0: the same
+    run = FederationConfig.from_run_config({"train-batch-size": 6, "adapt-batch-size": 16})
+    assert (run.node_config(run.adapt_epochs).train.batch_size, run.node_config().train.batch_size) == (16, 6)
+    with pytest.raises(SettingError, match="adapt-batch-size must be >= 0"):
+        TrainConfig(adapt_batch_size=-1)
+
+
 def test_adapt_trains_at_adapt_lr(optimizer_record):
     config = TrainConfig(r=2, lora_alpha=4, lr=1e-3, adapt_lr=5e-3, epochs=1, batch_size=4)
     adapt(*tiny_model(seed=1), get_task("LaMP_3"), {"u1": PAIRS}, config, progress=False)

@@ -66,10 +66,11 @@ def _sharer_dirs(root: Path) -> dict[str, Path]:
 
 
 def _personalize(args: argparse.Namespace) -> int:
-    config = replace(resolve(SearchConfig, args.preset, setting_values(SearchConfig, args)), seed=args.seed)
-    check_optimizer(config)  # before the model loads
     check_replaceable(args.out, PERSONALIZE_OUTPUT)
     dataset = load_lamp(args.data, split=args.split)
+    config = replace(resolve(SearchConfig, args.preset, setting_values(SearchConfig, args), task=dataset.task.lamp_id),
+                     seed=args.seed)
+    check_optimizer(config)  # before the model loads
     config.check_task(dataset.task)  # decoding and tie-break, before the model loads
     target = dataset.user(args.user)
     sharers_root = Path(args.sharers)

@@ -24,8 +24,9 @@ TRAIN_LORA_OUTPUT = OutputKind("train-lora", (Layout(frozenset({CONFIG_FILE, WEI
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig, *, adaptation: bool = False) -> None:
-    """LoRA and optimiser knobs (defaults from `TrainConfig`); `adaptation` adds task adaptation's own rate and clip
-    (`--adapt-lr`, `--adapt-grad-clip`), which `train_config(args, adaptation=True)` applies."""
+    """LoRA and optimiser knobs (defaults from `TrainConfig`); `adaptation` adds task adaptation's own rate, clip and
+    batch size (`--adapt-lr`, `--adapt-grad-clip`, `--adapt-batch-size`), which `train_config(args, adaptation=True)`
+    applies."""
     group = parser.add_argument_group("training")
     group.add_argument("--r", type=int, default=defaults.r, help="LoRA rank (default %(default)s)")
     group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (default %(default)s)")
@@ -33,7 +34,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig, *,
         "--target-modules", nargs="+", default=list(defaults.target_modules), help="LoRA'd linear layers (default %(default)s)"
     )
     group.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default %(default)s)")
-    for name in ("adapt_lr", "adapt_grad_clip") if adaptation else ():
+    for name in ("adapt_lr", "adapt_grad_clip", "adapt_batch_size") if adaptation else ():
         add_setting_option(group, defaults, name)
     for name in ("lr_schedule", "grad_clip", "adam_beta2"):
         add_setting_option(group, defaults, name)
@@ -61,7 +62,8 @@ def train_config(args: argparse.Namespace, *, adaptation: bool = False) -> Train
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        **({"adapt_lr": args.adapt_lr, "adapt_grad_clip": args.adapt_grad_clip} if adaptation else {}),
+        **({"adapt_lr": args.adapt_lr, "adapt_grad_clip": args.adapt_grad_clip,
+            "adapt_batch_size": args.adapt_batch_size} if adaptation else {}),
     )
     return config.for_adaptation() if adaptation else config
 

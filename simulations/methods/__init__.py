@@ -215,3 +215,4 @@ from simulations.methods import top1 as _top1  # noqa: E402,F401
 from simulations.methods import uniform as _uniform  # noqa: E402,F401
 from simulations.methods import lorahub as _lorahub  # noqa: E402,F401
 from simulations.methods import prime as _prime  # noqa: E402,F401
+from simulations.methods import prior as _prior  # noqa: E402,F401
