@@ -35,13 +35,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from client.training import Pair, TrainStats, _fit, encode_pairs, pad_id_of
 from common.adapters import LoraAdapter, base_module_name
-from common.atomic import replace_folder
+from common.atomic import OutputKind, replace_folder
 from common.errors import PrimeError
 from common.lora_math import factors
 from common.settings import PerPcsConfig, TrainConfig
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 GATES_FILE = "gates.safetensors"
+GATES_OUTPUT = OutputKind("gates")  # new with its marker: no folder of gates predates it
 GATE_GRAD_CLIP = 0.3  # the official train_anchor_gate.py's --clip
 
 Gates = dict[str, torch.Tensor]  # LoRA module key (as the adapter's) -> gate [in_features], float32
@@ -118,7 +119,7 @@ def train_gates(
 def save_gates(gates: Gates, directory: str | Path) -> Path:
     """Write `gates` to DIRECTORY/gates.safetensors, replacing an earlier folder there whole (`common.atomic`)."""
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in gates.items()}
-    with replace_folder(directory, marker=GATES_FILE) as tmp:
+    with replace_folder(directory, GATES_OUTPUT) as tmp:
         save_file(tensors, str(tmp / GATES_FILE), metadata={"format": "pt"})
     return Path(directory)
 

@@ -297,7 +297,8 @@ def test_every_per_task_key_is_an_eval_key():
 
 
 def test_the_preset_table_is_table3():
-    assert {task: _row(PerPcsConfig(**{k.removeprefix("pcs-").replace("-", "_"): v for k, v in values.items()}))
+    assert {task: _row(PerPcsConfig(**{k.removeprefix("pcs-").replace("-", "_"): v for k, v in values.items()
+                                       if k.startswith("pcs-")}))
             for task, values in PER_TASK["paper"].items()} == TABLE3
 
 
@@ -315,7 +316,7 @@ def test_paper_on_a_data_folder_takes_its_task_s_values(write_lamp_dir, tmp_path
 def test_per_pcs_keys_are_in_the_fidelity_doc():
     text = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text(encoding="utf-8")
     section = text.split("## Per-Pcs", 1)[1]
-    for key in PER_TASK["paper"]["LaMP_2"]:
+    for key in (key for key in PER_TASK["paper"]["LaMP_2"] if key.startswith("pcs-")):
         assert f"`{key}`" in section, key
     for task, row in TABLE3.items():
         line = next(line for line in section.splitlines() if line.startswith(f"| {task.replace('_', '-')} "))

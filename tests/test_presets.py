@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +16,8 @@ from simulations.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
 
 FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 EVAL = {"out": "runs/x", "synthetic": "tagging"}
-EVAL_ONLY = ("rag-k", "augment", "pag-search")  # preset keys only `prime-fl eval` has
+EVAL_ONLY = ("rag-k", "augment", "pag-search", "pcs-gate-batch-size", "pcs-gate-steps", "pcs-gate-lr", "pcs-batch-size",
+             "pcs-top-k")  # preset keys only `prime-fl eval` has (Per-Pcs is an evaluation baseline)
 
 # The paper's Table 3 (appendix B.1), transcribed here by hand, not from common.presets: per LaMP task,
 # task adaptation (batch, epochs, lr), sharer PEFT (batch, epochs, lr), PriME (LoRAs k, budget, data fraction).
@@ -47,7 +49,7 @@ def test_paper_resolves_to_the_documented_values_in_the_run_config():
     flat = config.to_run_config()
     assert flat["preset"] == "paper"
     for key, value in preset_values("paper", "tagging").items():
-        if key not in EVAL_ONLY:  # rag-k, augment, pag-search: eval's own keys
+        if key not in EVAL_ONLY:  # eval's own keys
             assert flat[key] == _run_config_value(value), key
     assert (config.search.budget, config.search.start, config.node.max_history) == (30, "zero", 50)
     train = config.node.train
@@ -232,7 +234,7 @@ def test_eval_flags_record_the_preset_and_every_resolved_value(tmp_path):
                 "adapt_batch_size": 8, "adapt_epochs": 3, "adapt_lr": 1e-4, "optimizer": "cma", "popsize": 10}),
 ])
 def test_eval_with_the_paper_preset_records_table3_in_config_json(tmp_path, synthetic, expected):
-    """`prime-fl eval --preset paper --synthetic TASK` writes config.json (first thing of the run) with the row."""
+    """`prime-fl eval --preset paper --synthetic TASK` writes config.json (once the run is prepared) with the row."""
     import simulations.experiment as experiment
 
     class Stop(Exception):
@@ -241,9 +243,14 @@ def test_eval_with_the_paper_preset_records_table3_in_config_json(tmp_path, synt
     def stop(*args, **kwargs):
         raise Stop
 
+    def prepared_nothing(config, adapter_store=None):  # `prepare` creates the run folder, then trains: only the former
+        experiment.output_folder(config.out, experiment.EVAL_OUTPUT)
+        return SimpleNamespace(plans=None, key=None)
+
     out = tmp_path / "e"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(experiment, "prepare", stop)  # everything after config.json is not this test's
+        patch.setattr(experiment, "prepare", prepared_nothing)
+        patch.setattr(experiment, "plan_cells", stop)  # everything after config.json is not this test's
         with pytest.raises(Stop):
             main(["eval", "--synthetic", synthetic, "--preset", "paper", "--out", str(out), "--no-progress"])
     recorded = json.loads((out / "config.json").read_text())
