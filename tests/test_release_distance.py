@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+import server.coordinator
+from client.app import app as client_app
 from common.adapters import LoraAdapter
 from common.lora_math import MERGES, factors, merge_exact
 from common.models import tiny_model
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import get_task
-from server.coordinator import ledger_release
+from inprocess_grid import InProcessGrid, tiny_config
+from server.coordinator import Coordinator, ledger_release
 from server.fitness import FitnessEvaluator, FitnessParts
 from server.personalize import personalize
+from server.registry import Registry
 from server.release import release
 from server.release_guard import (
     ReleaseGuard, Released, adapter_distances, connected, cross_release_refusal, stack_errors,
@@ -204,3 +208,33 @@ def test_ledger_entries_that_cannot_be_recomputed_are_left_out():
                    {"weights": "x"}, {"merge": "other"}, {"release_rank": -1}, {"sharers": ["a", "zz"]}):
         assert ledger_release(entry | change, uploads | {"zz": "u9"}, POOL) is None, change
     assert ledger_release({k: v for k, v in entry.items() if k != "weights"}, uploads, POOL) is None
+
+
+def test_the_coordinator_refuses_the_release_that_would_let_two_targets_unmix_their_sharers(tmp_path, monkeypatch):
+    """Two targets, the same two sharers, weights (1, 1) then (1, -1): each merge alone lies away from both updates
+    (the trained tiny adapters are not orthogonal, so a low bound, 0.1), together they are the two updates. The
+    second release is refused with the reason, before it leaves."""
+    real, plans = server.coordinator.personalize, iter([[1.0, 1.0], [1.0, -1.0]])
+
+    def fixed_merge(model, tokenizer, task, history, embedding, candidates, config, **kwargs):
+        result = real(model, tokenizer, task, history, embedding, candidates, config, **kwargs)
+        ids, weights = sorted(candidates)[:2], next(plans)
+        result.adapter = release(merge_exact([candidates[s][0] for s in ids], torch.tensor(weights)), 0)
+        result.sharer_ids, result.weights, result.fallback = ids, weights, False
+        result.extra.pop("release_guard", None)  # the real search's record is about its own sharers
+        return result
+
+    monkeypatch.setattr(server.coordinator, "personalize", fixed_merge)
+    config = tiny_config(str(tmp_path / "run"), release_distance=0.1, release_rank=0, share_cap=1.0)
+    report = Coordinator(grid=InProcessGrid(client_app, 10), config=config, registry_key=b"k" * 32).run().to_dict()
+    assert report["status"] == "complete"
+    targets = report["targets"]
+    first, second = sorted(targets, key=lambda u: "refused" in targets[u])
+    assert not targets[first]["fallback"] and targets[first]["cross_release"]["refused"] == ""
+    assert min(targets[first]["cross_release"]["error"].values()) >= 0.1
+    assert targets[second]["fallback"] and targets[second]["weights"] is None
+    assert "recoverable" in targets[second]["refused"] and "1 earlier release" in targets[second]["refused"]
+    assert "metrics" in targets[second]  # it still scores the unmerged model
+    ledger = Registry(tmp_path / "run" / "registry", b"k" * 32).releases()
+    assert [entry["target"] for entry in ledger] == [first]
+    assert ledger[0]["weights"] == [1.0, 1.0] and ledger[0]["merge"] == "exact" and len(ledger[0]["uploads"]) == 2
