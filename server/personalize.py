@@ -36,6 +36,9 @@ from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
 RESULT_FILE = "result.json"
+# Search settings added after searches were first saved, with the value that reproduces those searches: a saved
+# search without the setting counts as saved at that value.
+_ADDED_SETTINGS = {"release_distance": 0.0}
 
 
 class ResultFileError(PrimeError, ValueError):
@@ -136,7 +139,10 @@ class PersonalizationResult:
             raise ResultFileError(f"{directory}: unreadable saved search ({err})") from None
         if not isinstance(summary, dict) or not isinstance(trajectory, list):
             raise ResultFileError(f"{path}: not a saved search")
-        if summary.get("config") != json.loads(json.dumps(asdict(config))):
+        saved = summary.get("config")
+        if isinstance(saved, dict):
+            saved = _ADDED_SETTINGS | saved
+        if saved != json.loads(json.dumps(asdict(config))):
             raise ResultFileError(f"{path}: saved for other search settings")
         _check_saved(summary, path)
         plain = {f.name for f in fields(cls)} - {"adapter", "trajectory", "config", "best", "unmerged", "extra"}
