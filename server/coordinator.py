@@ -393,7 +393,7 @@ class Coordinator:
         (`server.release_guard.cross_release_refusal`); then the target
         falls back to the unmerged model here. Ledger entries whose sharers'
         uploads have since been replaced (or that predate recorded weights)
-        cannot be recomputed and are counted as `skipped`.
+        cannot be recomputed and are counted as `ledger_skipped`.
         """
         tau = self.search.release_distance
         if tau <= 0:
@@ -560,8 +560,6 @@ class Coordinator:
         self.report.finish()
         self.report.write(self.out_dir)
         return self.report
-
-
 
 
 def ledger_release(entry: dict[str, Any], uploads: dict[str, str], adapters: dict[str, LoraAdapter]) -> Released | None:
