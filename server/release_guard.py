@@ -15,13 +15,13 @@ with `release-distance` tau > 0 needs min_s d_s >= tau. (Over the whole
 adapter d_s is never below the smallest per-module d_s, so the per-module
 bound is the one that binds; both are reported.)
 
-Across releases (`cross_release_error`): the ledger's earlier merges over
-connected sharers, with the new one, are attacked as a stack with the two
-attacks of docs/threats.md, attack 2 that need no weights from the target's
-side beyond the merges: the best linear combination of the merges (the
-least-squares attack with the weights known, a lower bound for any guess)
-and the low-rank unmixing (`unmix_low_rank`). A sharer whose update either
-brings back below tau is recoverable.
+Across releases (`cross_release_refusal`): the ledger's earlier merges
+linked to the new one through shared sharers are attacked, with it, as one
+stack by two attacks of docs/threats.md, attack 2: the best linear
+combination of the released merges (the least-squares attack with the
+weights known; no linear combination does better) and the low-rank
+unmixing (`unmix_low_rank`, which needs no weights). A sharer whose update
+either brings back below tau is recoverable.
 
 Everything runs on small cores: per module, the sharers' B's span at most
 K r columns and their A's at most K r rows, so with orthonormal bases U, V of
@@ -43,10 +43,6 @@ import torch
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.lora_math import check_compatible, factors, layer_ids, layer_index
-
-# Off by default: the value that trades utility for privacy is to be measured on Gemma (docs/threats.md). 0.5
-# (every sharer's update at least 30 degrees from the release) is the provisional value the docs suggest.
-PROVISIONAL_RELEASE_DISTANCE = 0.5
 
 
 class ReleaseGuardError(PrimeError):
