@@ -6,19 +6,29 @@ bounds what any single upload can carry, but it is not a DP-SGD guarantee
 with a privacy accountant; the report states the (clip, noise) used, never an
 epsilon. The accounted option is DP-SGD during training (`dp-sgd`,
 `client.training`, `common.dp`).
+
+The noise comes from fresh OS randomness on every call, never from the run's
+seed: that seed is public (in the run config every node and the coordinator
+hold), so noise drawn from it would be the same for every sharer and anyone
+who knows it could regenerate and subtract it.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Mapping
 
 import torch
 
 
 def clip_and_noise(
-    tensors: Mapping[str, torch.Tensor], *, clip: float, noise: float, seed: int
+    tensors: Mapping[str, torch.Tensor], *, clip: float, noise: float, generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
-    """Clipped and noised copies of `tensors`; `clip=0` returns them unchanged."""
+    """Clipped and noised copies of `tensors`; `clip=0` returns them unchanged.
+
+    `generator` is for tests that need the same noise twice; without it the
+    noise is seeded from `secrets` (the OS's entropy) on each call.
+    """
     if clip < 0 or noise < 0:
         raise ValueError(f"clip and noise must be >= 0, got clip={clip}, noise={noise}")
     out = {k: v.detach().to(torch.float32).clone() for k, v in tensors.items()}
@@ -26,7 +36,8 @@ def clip_and_noise(
         return out
     norm = torch.sqrt(sum((v**2).sum() for v in out.values()))
     factor = min(1.0, clip / float(norm)) if float(norm) > 0 else 1.0
-    generator = torch.Generator().manual_seed(seed)
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
     for key in sorted(out):
         out[key] *= factor
         if noise > 0:

@@ -236,14 +236,15 @@ def train_sharer(
     progress: bool = False,
 ) -> tuple[LoraAdapter, TrainStats]:
     """What a sharer uploads: its LoRA trained on its recent history (with DP-SGD when `node.dp_sgd` is on),
-    then clipped and noised as a whole when `node` asks (output perturbation, outside any accounting).
+    then clipped and noised as a whole when `node` asks (output perturbation, outside any accounting; the noise is
+    fresh OS randomness on every upload, not the run seed: `client.privacy`).
 
     The federation's share handler and `prime-fl eval` both train their
     sharers with this, so the two train the same adapters on the same items.
     """
     pairs = recent(history, node.max_history)
     adapter, stats = train_lora(model, tokenizer, pairs, node.train, progress=progress, dp_sgd=node.dp_sgd)
-    tensors = clip_and_noise(adapter.tensors, clip=node.dp_clip, noise=node.dp_noise, seed=node.train.seed)
+    tensors = clip_and_noise(adapter.tensors, clip=node.dp_clip, noise=node.dp_noise)
     return replace(adapter, tensors=tensors), stats
 
 

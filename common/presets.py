@@ -52,6 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "utility-floor": "none",  # the official code keeps any merge whose loss beats the unmerged model's
         "release-rank": 0,
         "share-cap": 1.0,
+        "release-distance": 0.0,  # no release guard: the paper releases whatever the search finds
         # LoRA (official llama/model.py ModelArgs and task_LoRA.py / train_anchor_PEFT.py arguments).
         "lora-r": 8,
         "lora-alpha": 8.0,

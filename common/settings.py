@@ -283,6 +283,14 @@ class SearchConfig:
     release_rank: int = setting(8, "release only the top r singular directions of each module's merged update, a "
                                    "rank-r LoRA (the size of one LoRA at lora-r 8); 0: the whole merge",
                                 at_least(0), sweep="release-ranks")
+    # Off by default: the distance that trades utility for privacy is to be measured on Gemma (docs/threats.md);
+    # 0.5 is the provisional value to turn it on with.
+    release_distance: float = setting(0.0, "smallest scale-free distance (sin of the angle, per module and over the "
+                                           "whole adapter) between the released update and any one sharer's update: "
+                                           "candidates closer are refused by the search, and a final release closer, "
+                                           "or one that lets the ledger's earlier merges unmix a sharer closer, falls "
+                                           "back to the unmerged model (server.release_guard); 0: off",
+                                      Check(lambda v: 0 <= v < 1, "in [0, 1)"), sweep="release-distances")
     score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "
                                         "false: it scores the whole merge and only the winner is truncated")
     batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass", at_least(1))

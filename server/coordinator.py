@@ -37,6 +37,7 @@ from common.errors import PrimeError
 from common.crypto import CoordinatorKeys, NodeIdentity, open_sealed
 from common.dp import Guarantee, plan as dp_plan
 from common.key_endorsement import endorse, load_or_create_identity
+from common.lora_math import MERGES
 from common.encoder import load_encoder
 from common.federation import (
     ADAPT, EVALUATE, NODE_SETTINGS, PHASE_PROFILE, PHASE_REGISTER, PHASE_SHARE, PROFILE, REGISTER, SHARE, SYNTHETIC,
@@ -54,6 +55,7 @@ from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
 from server.personalize import check_optimizer, personalize, target_seed
 from server.registry import Registry
+from server.release_guard import Released, cross_release_refusal
 from server.replies import (
     MAX_LOSS, LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_evaluation, read_history,
     read_metrics, read_registration, read_sealed,
@@ -432,6 +434,38 @@ class Coordinator:
         return candidates, (f"release refused: {len(exhausted)} sharer(s) have used their release budget of {budget}, "
                             f"{len(candidates)} left and a merge needs min-sharers={self.search.min_sharers}")
 
+    def _release_refusal(self, result: Any, sharers: dict[str, tuple[LoraAdapter, np.ndarray]]) -> str:
+        """Why the merge `personalize` found may not leave ('' when it may), with `release-distance` on.
+
+        Either the guard's last check on the released adapter refused it
+        (personalize already fell back), or, with the ledger's earlier
+        releases linked to this one through shared sharers, the stack would
+        let an attacker unmix some sharer's update closer than the bound
+        (`server.release_guard.cross_release_refusal`); then the target
+        falls back to the unmerged model here. Ledger entries whose sharers'
+        uploads have since been replaced (or that predate recorded weights)
+        cannot be recomputed and are counted as `ledger_skipped`.
+        """
+        tau = self.search.release_distance
+        if tau <= 0:
+            return ""
+        if result.extra.get("release_guard", {}).get("refused"):
+            return result.extra["release_guard"]["refused"]
+        if result.adapter is None:
+            return ""
+        adapters = {sid: adapter for sid, (adapter, _) in sharers.items()}
+        current = self.registry.upload_ids()
+        earlier = [ledger_release(entry, current, adapters) for entry in self.registry.releases()]
+        usable = [rel for rel in earlier if rel is not None]
+        new = Released(tuple(result.sharer_ids), np.asarray(result.weights, dtype=np.float64), self.search.merge,
+                       self.search.release_rank)
+        refusal, errors = cross_release_refusal(new, usable, adapters, tau)
+        result.extra["cross_release"] = {"error": errors, "ledger_skipped": len(earlier) - len(usable),
+                                         "refused": refusal}
+        if refusal:
+            result.adapter, result.weights, result.fallback, result.best = None, None, True, result.unmerged
+        return refusal
+
     def _privacy(self, meta: dict[str, Any], n_items: int | None = None) -> Guarantee | None:
         """The DP-SGD guarantee an upload declares, checked against the accountant (`common.dp`); required
         when the run asks its sharers for DP-SGD, and then at most the run's target epsilon.
@@ -504,8 +538,12 @@ class Coordinator:
             seeded = dataclasses.replace(self.search, seed=target_seed(self.config.seed, user_id))
             result = personalize(model, tokenizer, task, history, embedding, candidates, seeded, progress=False,
                                  progress_name=f"search {user_id}")
+            refusal = self._release_refusal(result, sharers)
             result.save(self.out_dir / "targets" / user_id)
             self.report.add_search(user_id, result, time.perf_counter() - started)
+            if refusal:
+                log.warning("target %s: %s", user_id, refusal)
+                self.report.refuse(user_id, refusal)
             guarantees = [self.sharer_privacy.get(sid) for sid in result.sharer_ids]
             if guarantees and all(g is not None for g in guarantees):  # the merge is post-processing of DP adapters
                 self.report.targets[user_id]["dp"] = {"epsilon": max(g.epsilon for g in guarantees),
@@ -517,7 +555,7 @@ class Coordinator:
             if result.adapter is not None:
                 # In the ledger before it leaves: a crash after sending must not hand out an unrecorded release.
                 self.registry.add_release(user_id, result.sharer_ids, float(np.linalg.norm(result.weights)), self.run_id,
-                                          self.search.release_rank)
+                                          self.search.release_rank, weights=result.weights, merge=self.search.merge)
                 adapter_to_records(result.adapter, "merged", content)
             evaluations[node_id] = content
 
@@ -588,3 +626,20 @@ class Coordinator:
         return self.report
 
 
+def ledger_release(entry: dict[str, Any], uploads: dict[str, str], adapters: dict[str, LoraAdapter]) -> Released | None:
+    """A ledger entry as a release the cross-release check can recompute, or None when it cannot: no recorded
+    weights (written before they were kept), a sharer no longer usable or re-uploaded since, or fields that do not
+    hold together (the index is authenticated, but a bad entry must not crash the check)."""
+    sharers, weights, kept = entry.get("sharers"), entry.get("weights"), entry.get("uploads")
+    if not (isinstance(sharers, list) and isinstance(kept, list) and len(kept) == len(sharers)
+            and all(isinstance(s, str) and s in adapters and uploads.get(s) == u for s, u in zip(sharers, kept))):
+        return None
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    rank = entry.get("release_rank")
+    if (w.ndim not in (1, 2) or w.shape[0] != len(sharers) or not np.isfinite(w).all()
+            or entry.get("merge") not in MERGES or not isinstance(rank, int) or rank < 0):
+        return None
+    return Released(tuple(sharers), w, entry["merge"], rank)

@@ -30,12 +30,16 @@ from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
 from server.fitness import Baselines, FitnessEvaluator, FitnessParts
 from server.release import kept_energy, release
+from server.release_guard import ReleaseGuard, adapter_distances
 from server.search import OPTIMIZERS, OptimizerConfig, SearchResult, admissible, make_optimizer, run_search, start_value
 from server.selection import select_top_k
 from server.share_cap import cap_shares, update_norms
 
 RESULT_FILE = "result.json"
 PERSONALIZE_OUTPUT = OutputKind("personalize", (Layout(frozenset({RESULT_FILE, "trajectory.json"}), ("adapter",)),))
+# Search settings added after searches were first saved, with the value that reproduces those searches: a saved
+# search without the setting counts as saved at that value.
+_ADDED_SETTINGS = {"release_distance": 0.0}
 
 
 class ResultFileError(PrimeError, ValueError):
@@ -136,7 +140,10 @@ class PersonalizationResult:
             raise ResultFileError(f"{directory}: unreadable saved search ({err})") from None
         if not isinstance(summary, dict) or not isinstance(trajectory, list):
             raise ResultFileError(f"{path}: not a saved search")
-        if summary.get("config") != json.loads(json.dumps(asdict(config))):
+        saved = summary.get("config")
+        if isinstance(saved, dict):
+            saved = _ADDED_SETTINGS | saved
+        if saved != json.loads(json.dumps(asdict(config))):
             raise ResultFileError(f"{path}: saved for other search settings")
         _check_saved(summary, path)
         plain = {f.name for f in fields(cls)} - {"adapter", "trajectory", "config", "best", "unmerged", "extra"}
@@ -200,6 +207,16 @@ def _share_capped(adapters: Sequence[LoraAdapter], weight_shape: tuple[int, ...]
         [cap_shares(np.asarray(w).reshape(weight_shape), norms, cap).ravel() for w in population])
 
 
+def _release_guarded(adapters: Sequence[LoraAdapter], weight_shape: tuple[int, ...], config: SearchConfig,
+                     capped: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Population [P, dim] -> each candidate's release-distance margin, measured on the share-capped weights the
+    search scores (None without `release-distance`)."""
+    if config.release_distance <= 0:
+        return None
+    guard = ReleaseGuard(adapters, config.merge, config.release_rank, config.release_distance)
+    return lambda population: guard.margins(capped(population), weight_shape)
+
+
 def personalize(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -244,9 +261,10 @@ def personalize(
     optimizer = make_optimizer(config.optimizer,
                                OptimizerConfig(evaluator.dim, start_value(config.start, len(ids)), config))
     capped = _share_capped(adapters, evaluator.weight_shape, config.share_cap)
+    guard = _release_guarded(adapters, evaluator.weight_shape, config, capped)
     with torch.inference_mode():
         found = run_search(lambda population: evaluator.evaluate(capped(population)), evaluator.unmerged, optimizer,
-                           progress=progress, on_generation=_progress_lines(progress_name, config.budget))
+                           progress=progress, on_generation=_progress_lines(progress_name, config.budget), guard=guard)
     # What the search scored is the capped form of what the optimizer proposed: return that form.
     found.best_weights = None if found.best_weights is None else capped(found.best_weights[None])[0]
     found.searched_weights = None if found.searched_weights is None else capped(found.searched_weights[None])[0]
@@ -269,6 +287,10 @@ def personalize(
         if config.release_rank > 0:
             extra["release"] = _rank_limited(evaluator, found, adapter, kept_energy(merged, adapter), config.utility_floor)
             if extra["release"]["fallback"]:  # as run_search reports a fallback: the unmerged model's parts
+                adapter, weights, found.fallback, found.best_parts = None, None, True, found.unmerged_parts
+        if adapter is not None and config.release_distance > 0:
+            extra["release_guard"] = _release_check(adapter, adapters, ids, config.release_distance)
+            if extra["release_guard"]["refused"]:
                 adapter, weights, found.fallback, found.best_parts = None, None, True, found.unmerged_parts
     t4 = time.perf_counter()
     return PersonalizationResult(
@@ -318,6 +340,22 @@ def _rank_limited(evaluator: FitnessEvaluator, found: SearchResult, adapter: Lor
         record["released"] = released.to_dict()
         record["fallback"] = not (released.objective > found.unmerged_parts.objective
                                   and admissible(released, found.unmerged_parts, utility_floor))
+    return record
+
+
+def _release_check(adapter: LoraAdapter, adapters: Sequence[LoraAdapter], ids: Sequence[str],
+                   tau: float) -> dict[str, object]:
+    """The release guard once more, on exactly the adapter that would leave: its distance to each sharer's
+    update, per module and whole; `refused` gives the reason when one is below `tau` (the target then falls
+    back to the unmerged model)."""
+    per_module, whole = adapter_distances(adapter, adapters)
+    record: dict[str, object] = {"release_distance": tau, "distance": dict(zip(ids, per_module)),
+                                 "whole_distance": dict(zip(ids, whole)), "refused": ""}
+    closest = min(range(len(ids)), key=lambda s: min(per_module[s], whole[s]))
+    if min(per_module[closest], whole[closest]) < tau:
+        record["refused"] = (f"release refused: the merge lies at scale-free distance "
+                             f"{min(per_module[closest], whole[closest]):.3g} from sharer {ids[closest]}'s update, "
+                             f"below release-distance {tau:g}")
     return record
 
 

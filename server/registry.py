@@ -246,15 +246,27 @@ class Registry:
         return len(self._index["sharers"])
 
     # -- release ledger ---------------------------------------------------
-    def add_release(self, target: str, sharers: list[str], weights_scale: float, run_id: str, release_rank: int = 0) -> None:
+    def add_release(self, target: str, sharers: list[str], weights_scale: float, run_id: str, release_rank: int = 0,
+                    *, weights: list | None = None, merge: str = "exact") -> None:
         """Record one merged adapter handed to `target` (persisted before the adapter leaves the coordinator).
 
         `release_rank` is the rank limit the adapter left with (0: the whole merge): an audit of what a target
-        could have unmixed needs it next to the sharer set (docs/threats.md, attack 2).
+        could have unmixed needs it next to the sharer set (docs/threats.md, attack 2). With `weights` (one row
+        per sharer, in `sharers` order) the entry also keeps them, the merge and each sharer's upload id, from
+        which the cross-release check (server.release_guard) recomputes the release while those uploads stand.
         """
-        self._index["releases"].append({"target": target, "sharers": sorted(sharers), "weights_scale": float(weights_scale),
-                                        "release_rank": int(release_rank), "run_id": run_id, "time": time.time()})
+        order = sorted(range(len(sharers)), key=sharers.__getitem__)
+        entry = {"target": target, "sharers": [sharers[i] for i in order], "weights_scale": float(weights_scale),
+                 "release_rank": int(release_rank), "run_id": run_id, "time": time.time()}
+        if weights is not None:
+            entry |= {"weights": [weights[i] for i in order], "merge": merge,
+                      "uploads": [self._index["sharers"][sharers[i]]["upload_id"] for i in order]}
+        self._index["releases"].append(entry)
         self._write_index()
+
+    def upload_ids(self) -> dict[str, str]:
+        """Each sharer's current upload id (a new upload replaces the update earlier releases were made from)."""
+        return {sid: entry["upload_id"] for sid, entry in self._index["sharers"].items()}
 
     def releases(self) -> list[dict[str, Any]]:
         """Every recorded release, oldest first."""

@@ -89,6 +89,9 @@ class RunReport:
         }
         if "release" in result.extra:  # rank-limited release: its rank, what the search scored, energy kept
             self.targets[user_id]["release"] = plain(result.extra["release"])
+        for key in ("release_guard", "cross_release"):  # release-distance: each sharer's distance, and any refusal
+            if key in result.extra:
+                self.targets[user_id][key] = plain(result.extra[key])
 
     def add_evaluation(self, user_id: str, metrics: Mapping[str, Any]) -> None:
         self.targets.setdefault(user_id, {})["metrics"] = {k: float(v) for k, v in metrics.items()}

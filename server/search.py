@@ -235,6 +235,15 @@ def admissible(parts: object, unmerged_parts: object, utility_floor: str) -> boo
     return not math.isfinite(floor) or parts.utility >= floor
 
 
+def penalised(objectives: Sequence[float], margins: np.ndarray, floor: float) -> list[float]:
+    """`objectives`, with every candidate of negative margin moved below all others (and below `floor`, the
+    unmerged model's objective), the further out of the guard the lower: the optimizer learns to leave the
+    refused region, and a refused candidate never wins."""
+    allowed = [o for o, m in zip(objectives, margins) if m >= 0]
+    bottom = min([floor, *allowed]) - 1.0 if math.isfinite(floor) else min(allowed, default=0.0) - 1.0
+    return [float(o) if m >= 0 else bottom + float(m) for o, m in zip(objectives, margins)]
+
+
 def run_search(
     evaluate: Objective,
     unmerged_parts: object,
@@ -242,6 +251,7 @@ def run_search(
     *,
     progress: bool = True,
     on_generation: Callable[[int, float], None] | None = None,
+    guard: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SearchResult:
     """Score exactly `optimizer.config.search.budget` candidates; keep the best candidate ever seen.
 
@@ -265,6 +275,11 @@ def run_search(
     paper's), and `searched_*` keep the best candidate of all. The
     trajectory's `best_so_far` is the best admissible objective so far, or the
     unmerged model's while there is none.
+
+    `guard` maps the population to one margin per candidate (server.release_guard:
+    release distance minus its bound); a candidate with a negative margin is
+    never kept (neither as best nor as `searched_*`), and the optimizer is told
+    `penalised` objectives that rank it below every candidate within the guard.
     """
     search = optimizer.config.search
     best_w: np.ndarray | None = None  # best admissible candidate
@@ -282,12 +297,15 @@ def run_search(
             raise RuntimeError(f"objective returned {len(parts)} scores for {len(population)} candidates")
         evaluations += len(parts)
         objectives = [p.objective for p in parts]
+        margins = np.zeros(len(parts)) if guard is None else np.asarray(guard(population), dtype=float)
+        told = penalised(objectives, margins, unmerged_parts.objective)
         if size == search.popsize:
-            optimizer.tell(objectives)
-        i = int(np.argmax(objectives))
-        if seen_parts is None or parts[i].objective > seen_parts.objective:
+            optimizer.tell(told)
+        i = int(np.argmax(told))
+        if margins[i] >= 0 and (seen_parts is None or parts[i].objective > seen_parts.objective):
             seen_w, seen_parts = population[i].copy(), parts[i]
-        allowed = [j for j, p in enumerate(parts) if admissible(p, unmerged_parts, search.utility_floor)]
+        allowed = [j for j, p in enumerate(parts)
+                   if margins[j] >= 0 and admissible(p, unmerged_parts, search.utility_floor)]
         if allowed:
             j = max(allowed, key=objectives.__getitem__)
             if best_parts is None or parts[j].objective > best_parts.objective:
@@ -305,6 +323,7 @@ def run_search(
                 "mean_privacy": float(np.mean([p.privacy for p in parts])),
                 "best_weights": population[i].tolist(),
                 "best_so_far": float(so_far),
+                "guard_refused": int((margins < 0).sum()),
             }
         )
         bar.update(len(parts))

@@ -322,7 +322,7 @@ def _read_toml(path: Path, raw: bytes) -> Any:
 
 # Search settings added after cells were first cached, with the value that reproduces the cells computed before
 # they existed: at that value they stay out of a cell's key, so those cells keep theirs.
-_CELL_KEYED_WHEN_SET = {"utility_floor": "none"}
+_CELL_KEYED_WHEN_SET = {"utility_floor": "none", "release_distance": 0.0}
 _UNSET = object()
 
 

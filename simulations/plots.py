@@ -42,7 +42,7 @@ from simulations.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E4
 
 AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level",
         "tie_break": "tie_break", "utility_floor": "utility_floor", "release_rank": "release_rank",
-        "share_cap": "share_cap"}
+        "share_cap": "share_cap", "release_distance": "release_distance"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
 _REFERENCE = ("np", "top1", "uniform", "per-pcs")
 _UNNAMED_PRIVACY_METRIC = "agreement"  # what cells written before `privacy_metric` existed were measured with

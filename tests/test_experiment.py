@@ -257,6 +257,21 @@ def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_ex
     assert cells[0].key == before.key != cells[1].key
 
 
+def test_release_distance_is_an_axis_and_off_keeps_the_cells_computed_before_it_existed(tmp_path):
+    """`--release-distances 0,0.5`: one PriME column each; the cells at 0 (off, as every cell before the setting
+    existed) keep their key, so cached runs are not recomputed."""
+    from simulations.experiment import Cell
+    from simulations.methods import METHODS
+
+    config = _config(tmp_path, methods="prime", alphas="1", release_distances="0,0.5")
+    grid = METHODS["prime"].grid(config)
+    assert [params["release_distance"] for params in grid] == [0.0, 0.5]
+    assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1", "PriME α=1 dist=0.5"]
+    cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
+    before = Cell("prime", tuple(sorted((k, v) for k, v in grid[0].items() if k != "release_distance")), 0, "u1", "abc")
+    assert cells[0].key == before.key != cells[1].key
+
+
 def test_a_cell_cached_before_a_setting_existed_is_read_with_that_setting_s_value(tmp_path):
     """Same key, so the cached record is reused; its params gain the setting, so tables and plots group it right."""
     config = _config(tmp_path, methods="prime", alphas="0", ks="2", utility_floors="none")

@@ -374,3 +374,15 @@ def test_untruncated_search_scores_its_winner_once_more_as_released(world):
     assert (result.adapter is None) == record["fallback"] == result.fallback
     if not record["fallback"]:
         assert result.adapter.r == 1
+
+
+def test_a_search_saved_before_release_distance_existed_is_read_back_only_at_its_off_value(world, tmp_path):
+    """Saved searches predate `release-distance`: without the key they ran unguarded, i.e. at 0."""
+    config = SearchConfig(k=2, seed=0, **FAST)
+    out = _run(world, config).save(tmp_path / "res")
+    summary = json.loads((out / "result.json").read_text())
+    del summary["config"]["release_distance"]
+    (out / "result.json").write_text(json.dumps(summary))
+    assert PersonalizationResult.load(out, config).sharer_ids == summary["sharer_ids"]
+    with pytest.raises(ResultFileError, match="other search settings"):
+        PersonalizationResult.load(out, SearchConfig(k=2, seed=0, release_distance=0.5, **FAST))

@@ -45,7 +45,8 @@ def test_figures_and_their_data_are_written(index):
     written, folder = index
     assert set(written["written"]) == {"tradeoff_LaMP_2", "convergence_LaMP_2", "effect_k_LaMP_2"}
     assert set(written["skipped"]) == {"effect_history_fraction_LaMP_2", "optimizers_LaMP_2", "weight_level_LaMP_2",
-                                       "tie_break_LaMP_2", "utility_floor_LaMP_2", "release_rank_LaMP_2", "share_cap_LaMP_2"}
+                                       "tie_break_LaMP_2", "utility_floor_LaMP_2", "release_rank_LaMP_2", "share_cap_LaMP_2",
+                                       "release_distance_LaMP_2"}
     for stem in written["written"]:
         for ext in ("png", "json", "csv"):
             assert (folder / f"{stem}.{ext}").stat().st_size > 0

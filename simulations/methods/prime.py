@@ -35,7 +35,8 @@ SEARCHES_DIR = "searches"
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
 # Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
 _LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge",
-             "augment": "aug", "release_rank": "rank", "tie_break": "tie", "utility_floor": "floor", "share_cap": "cap"}
+             "augment": "aug", "release_rank": "rank", "tie_break": "tie", "utility_floor": "floor", "share_cap": "cap",
+             "release_distance": "dist"}
 
 
 @register

@@ -24,6 +24,7 @@ from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.lora_math import check_compatible, factors, merge_exact
 from server.release import release
+from server.release_guard import scale_free_error  # the attack's measure; the product's release guard enforces it
 
 
 class ThreatError(PrimeError):
@@ -61,16 +62,6 @@ def as_float64(t: torch.Tensor) -> np.ndarray:
 def relative_error(estimate: np.ndarray, truth: np.ndarray) -> float:
     """||estimate - truth|| / ||truth|| (Frobenius)."""
     return float(np.linalg.norm(estimate - truth) / max(np.linalg.norm(truth), 1e-300))
-
-
-def scale_free_error(estimate: np.ndarray, truth: np.ndarray) -> float:
-    """min over scalars c of ||c * estimate - truth|| / ||truth|| = sin of the angle between them."""
-    x, y = estimate.ravel(), truth.ravel()
-    nx, ny = float(x @ x), np.linalg.norm(y)
-    if nx == 0 or ny == 0:
-        return 1.0
-    residual = y - (float(x @ y) / nx) * x  # computed directly: sqrt(1 - cos^2) loses digits near 0
-    return float(min(1.0, np.linalg.norm(residual) / ny))
 
 
 def _row_basis(rows: np.ndarray, rel_tol: float = 1e-9) -> np.ndarray:

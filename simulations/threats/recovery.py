@@ -39,8 +39,9 @@ from common.atomic import dict_rows, write_csv, write_with
 from common.adapters import LoraAdapter
 from common.lora_math import check_compatible, factors, merge_exact
 from server.release import release
+from server.release_guard import scale_free_error, unmix_low_rank  # the attack, shared with the cross-release check
 from server.share_cap import cap_shares, update_norms
-from simulations.threats.leak import ThreatError, as_float64, relative_error, scale_free_error
+from simulations.threats.leak import ThreatError, as_float64, relative_error
 
 SETTINGS = ("stacked_known", "released_known", "released_guessed", "released_lowrank")
 
@@ -103,50 +104,6 @@ def _rank(x: np.ndarray, rel_tol: float = 1e-6) -> int:
 def least_squares(weights: np.ndarray, observations: np.ndarray) -> np.ndarray:
     """Minimum-norm solution X of weights @ X = observations ([m, k] x [k, d] = [m, d])."""
     return np.linalg.pinv(weights) @ observations
-
-
-def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """k rank-r matrices, each a scalar multiple of one hidden part, from m mixtures of the parts.
-
-    Project onto the joint column / row spaces (dimension k*r), take two random
-    combinations P, Q of the projected merges: P Q^-1 = X diag(ratios) X^-1,
-    whose eigenvectors, grouped by eigenvalue (r per sharer), span each
-    sharer's column space. With one merge nothing separates: every part is
-    guessed as the merge itself.
-    """
-    m, total = len(observations), k * r
-    if m == 1:
-        return [observations[0]] * k
-    u = _range(observations, total, rng)
-    v = _range([obs.T for obs in observations], total, rng)
-    small = [u.T @ obs @ v for obs in observations]
-    a, b = rng.standard_normal(m), rng.standard_normal(m)
-    p = sum(ai * s for ai, s in zip(a, small))
-    q = sum(bi * s for bi, s in zip(b, small))
-    try:
-        pencil = np.linalg.solve(q.T, p.T).T  # P Q^-1
-    except np.linalg.LinAlgError:  # Q singular (merges that are not mixtures of k rank-r parts): least squares
-        pencil = p @ np.linalg.pinv(q)
-    values, vectors = np.linalg.eig(pencil)
-    order = np.argsort(values.real)
-    bases = []
-    for s in range(k):
-        block = vectors[:, order[s * r : (s + 1) * r]]
-        bases.append(np.linalg.svd(np.concatenate([block.real, block.imag], axis=1), full_matrices=False)[0][:, :r])
-    x = np.concatenate(bases, axis=1)
-    x_inv = np.linalg.pinv(x)
-    parts = []
-    for s in range(k):
-        sl = slice(s * r, (s + 1) * r)
-        candidates = [u @ x[:, sl] @ (x_inv[sl] @ sm) @ v.T for sm in small]
-        parts.append(max(candidates, key=np.linalg.norm))  # best-conditioned merge for this sharer
-    return parts
-
-
-def _range(observations: Sequence[np.ndarray], rank: int, rng: np.random.Generator) -> np.ndarray:
-    """Orthonormal basis of the joint column space (rank `rank`) by a randomized range finder: cheap on big modules."""
-    sketch = sum(obs @ rng.standard_normal((obs.shape[1], rank + 8)) for obs in observations)
-    return np.linalg.svd(sketch, full_matrices=False)[0][:, :rank]
 
 
 def _matched_scale_free(estimates: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> list[float]:

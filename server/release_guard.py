@@ -1,0 +1,319 @@
+"""Release-distance guard: a merge may not leave the coordinator close to any one sharer's update.
+
+The share cap (server.share_cap) bounds each sharer's contribution norm, not
+what the release reveals: sharers A, B and C = B + noise with weights
+(1, 1, -1) have near-equal shares, yet B and C cancel and the merge is A's
+update. This guard measures the release itself, with the leak attack's
+measure (docs/threats.md, attack 1): for every sharer s, the scale-free
+distance
+
+    d_s = min_c ||M - c D_s|| / ||M||   (= sin of the angle between M and D_s)
+
+between the released update M and the best multiple of s's update D_s, per
+module (the attacker's best module) and over the whole adapter. A release
+with `release-distance` tau > 0 needs min_s d_s >= tau. (Over the whole
+adapter d_s is never below the smallest per-module d_s, so the per-module
+bound is the one that binds; both are reported.)
+
+Across releases (`cross_release_refusal`): the ledger's earlier merges
+linked to the new one through shared sharers are attacked, with it, as one
+stack by two attacks of docs/threats.md, attack 2: the best linear
+combination of the released merges (the least-squares attack with the
+weights known; no linear combination does better) and the low-rank
+unmixing (`unmix_low_rank`, which needs no weights). A sharer whose update
+either brings back below tau is recoverable.
+
+Everything runs on small cores: per module, the sharers' B's span at most
+K r columns and their A's at most K r rows, so with orthonormal bases U, V of
+those spans every sharer's update and every merge of them (exact or
+element-wise, whole or rank-limited, whose SVD stays inside the same spans)
+is `U core V^T` with a K r x K r core, and Frobenius inner products are the
+cores'. The out x in update is never formed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from common.adapters import LoraAdapter
+from common.errors import PrimeError
+from common.lora_math import check_compatible, factors, layer_ids, layer_index
+
+
+class ReleaseGuardError(PrimeError):
+    """Weights or adapters the guard cannot measure (wrong shape, unknown merge)."""
+
+
+def scale_free_error(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """min over scalars c of ||c * estimate - truth|| / ||truth|| = sin of the angle between them (1 if either is 0)."""
+    x, y = np.ravel(estimate), np.ravel(truth)
+    nx, ny = float(x @ x), np.linalg.norm(y)
+    if nx == 0 or ny == 0:
+        return 1.0
+    residual = y - (float(x @ y) / nx) * x  # computed directly: sqrt(1 - cos^2) loses digits near 0
+    return float(min(1.0, np.linalg.norm(residual) / ny))
+
+
+def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """k rank-r matrices, each a scalar multiple of one hidden part, from m mixtures of the parts.
+
+    Project onto the joint column / row spaces (dimension k*r), take two random
+    combinations P, Q of the projected merges: P Q^-1 = X diag(ratios) X^-1,
+    whose eigenvectors, grouped by eigenvalue (r per sharer), span each
+    sharer's column space. With one merge nothing separates: every part is
+    guessed as the merge itself.
+    """
+    m, total = len(observations), k * r
+    if m == 1:
+        return [observations[0]] * k
+    u = _range(observations, total, rng)
+    v = _range([obs.T for obs in observations], total, rng)
+    small = [u.T @ obs @ v for obs in observations]
+    a, b = rng.standard_normal(m), rng.standard_normal(m)
+    p = sum(ai * s for ai, s in zip(a, small))
+    q = sum(bi * s for bi, s in zip(b, small))
+    try:
+        pencil = np.linalg.solve(q.T, p.T).T  # P Q^-1
+    except np.linalg.LinAlgError:  # Q singular (merges that are not mixtures of k rank-r parts): least squares
+        pencil = p @ np.linalg.pinv(q)
+    values, vectors = np.linalg.eig(pencil)
+    order = np.argsort(values.real)
+    bases = []
+    for s in range(k):
+        block = vectors[:, order[s * r : (s + 1) * r]]
+        bases.append(np.linalg.svd(np.concatenate([block.real, block.imag], axis=1), full_matrices=False)[0][:, :r])
+    x = np.concatenate(bases, axis=1)
+    x_inv = np.linalg.pinv(x)
+    parts = []
+    for s in range(k):
+        sl = slice(s * r, (s + 1) * r)
+        candidates = [u @ x[:, sl] @ (x_inv[sl] @ sm) @ v.T for sm in small]
+        parts.append(max(candidates, key=np.linalg.norm))  # best-conditioned merge for this sharer
+    return parts
+
+
+def _range(observations: Sequence[np.ndarray], rank: int, rng: np.random.Generator) -> np.ndarray:
+    """Orthonormal basis of the joint column space (rank `rank`) by a randomized range finder: cheap on big modules."""
+    sketch = sum(obs @ rng.standard_normal((obs.shape[1], rank + 8)) for obs in observations)
+    return np.linalg.svd(sketch, full_matrices=False)[0][:, :rank]
+
+
+@dataclass(frozen=True)
+class Cores:
+    """K sharers' updates in one small frame per module: `b[m][s] @ a[m][s]` is `U^T (g B_s A_s) V`.
+
+    `b[m]` is [K, d_out, r] (scaling folded in), `a[m]` is [K, r, d_in]; d_out, d_in <= K r.
+    """
+
+    modules: list[str]
+    columns: list[int]  # per module, its column of layer-level weights
+    n_layers: int
+    r: int
+    b: dict[str, np.ndarray]
+    a: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, adapters: Sequence[LoraAdapter]) -> Cores:
+        modules = check_compatible(adapters)
+        ranks = {int(adapter.r) for adapter in adapters}
+        if len(ranks) != 1:
+            raise ReleaseGuardError(f"the release guard needs one LoRA rank for all sharers, got {sorted(ranks)}")
+        layers = layer_ids(modules)
+        per_adapter = [factors(adapter) for adapter in adapters]
+        b_cores, a_cores = {}, {}
+        for module in modules:  # torch's QR: numpy's took 0.17 s per 1024 x 24 matrix on the project's CPUs
+            bs = [adapter.scaling * fac[module][1].to(torch.float64) for adapter, fac in zip(adapters, per_adapter)]
+            as_ = [fac[module][0].to(torch.float64) for fac in per_adapter]
+            u = torch.linalg.qr(torch.cat(bs, dim=1))[0]
+            v = torch.linalg.qr(torch.cat(as_, dim=0).T)[0]
+            b_cores[module] = torch.stack([u.T @ b for b in bs]).numpy()
+            a_cores[module] = torch.stack([a @ v for a in as_]).numpy()
+        return cls(modules=modules, columns=[layers.index(layer_index(m)) for m in modules], n_layers=len(layers),
+                   r=ranks.pop(), b=b_cores, a=a_cores)
+
+    @property
+    def k(self) -> int:
+        return len(self.b[self.modules[0]])
+
+    @functools.cached_property
+    def stacked(self) -> dict[str, np.ndarray]:
+        """Every sharer's update, per module: [K, d_out, d_in]."""
+        return {m: self.b[m] @ self.a[m] for m in self.modules}
+
+    def parts(self) -> dict[str, list[np.ndarray]]:
+        """Every sharer's update, per module."""
+        return {m: list(self.stacked[m]) for m in self.modules}
+
+    def released(self, weights: np.ndarray, merge: str, release_rank: int) -> dict[str, np.ndarray]:
+        """The update the target receives for `weights` ([K] or [K, n_layers]), per module.
+
+        `merge` as common.lora_math.MERGES; with `release_rank` > 0 each module's
+        best rank-`release_rank` approximation, as server.release hands out.
+        """
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape == (self.k,):
+            w = np.repeat(w[:, None], self.n_layers, axis=1)
+        if w.shape != (self.k, self.n_layers):
+            raise ReleaseGuardError(f"weights of shape {w.shape} do not fit {self.k} sharers x {self.n_layers} layers")
+        out = {}
+        for module, column in zip(self.modules, self.columns):
+            ws, b, a = w[:, column], self.b[module], self.a[module]
+            if merge == "exact":
+                core = np.tensordot(ws, self.stacked[module], axes=1)
+            elif merge == "elementwise":
+                core = np.tensordot(ws, b, axes=1) @ np.tensordot(ws, a, axes=1)
+            else:
+                raise ReleaseGuardError(f"unknown merge {merge!r}")
+            out[module] = truncate(core, release_rank)
+        return out
+
+
+def truncate(core: np.ndarray, rank: int) -> np.ndarray:
+    """The best rank-`rank` approximation of `core` (itself when `rank` is 0 or at least its size)."""
+    if rank <= 0 or rank >= min(core.shape):
+        return core
+    u, s, vh = np.linalg.svd(core, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def distances(released: Mapping[str, np.ndarray], parts: Mapping[str, Sequence[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per sharer: (smallest per-module, whole-adapter) scale-free distance of the release to its update."""
+    modules = list(parts)
+    k = len(parts[modules[0]])
+    per_module = np.array([[scale_free_error(parts[m][s], released[m]) for m in modules] for s in range(k)])
+    whole = np.array([scale_free_error(np.concatenate([parts[m][s].ravel() for m in modules]),
+                                       np.concatenate([released[m].ravel() for m in modules])) for s in range(k)])
+    return per_module.min(axis=1), whole
+
+
+class ReleaseGuard:
+    """Scores candidate weights against `release-distance` tau: a margin min_s d_s - tau per candidate (>= 0: allowed)."""
+
+    def __init__(self, adapters: Sequence[LoraAdapter], merge: str, release_rank: int, tau: float):
+        if not 0 < tau < 1:
+            raise ReleaseGuardError(f"release distance must be in (0, 1), got {tau!r}")
+        self.cores = Cores.of(adapters)
+        self._parts = self.cores.parts()
+        self.merge, self.release_rank, self.tau = merge, release_rank, tau
+
+    def distance(self, weights: np.ndarray) -> float:
+        """min over sharers (and modules, and the whole adapter) of the release's distance to a sharer's update."""
+        per_module, whole = distances(self.cores.released(weights, self.merge, self.release_rank), self._parts)
+        return float(min(per_module.min(), whole.min()))
+
+    def margins(self, population: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """One margin per row of `population` [P, dim], each row reshaped to `weight_shape`."""
+        return np.array([self.distance(np.reshape(w, weight_shape)) - self.tau for w in population])
+
+
+def adapter_distances(released: LoraAdapter, sharers: Sequence[LoraAdapter]) -> tuple[list[float], list[float]]:
+    """Per sharer: (smallest per-module, whole-adapter) distance of a released adapter to its update.
+
+    Computed from the adapters' factors alone (`<g B A, h D C> = g h sum((B^T D) * (A C^T))`), independently of
+    the cores the search used: the last check on exactly what leaves the coordinator.
+    """
+    modules = check_compatible([released, *sharers])
+    rel = factors(released)
+    per_module, whole = [], []
+    for sharer in sharers:
+        own = factors(sharer)
+        cross = np.zeros(len(modules))
+        norm_rel, norm_own = np.zeros(len(modules)), np.zeros(len(modules))
+        g1, g2 = released.scaling, sharer.scaling
+        for i, module in enumerate(modules):
+            a1, b1 = (t.to(torch.float64) for t in rel[module])
+            a2, b2 = (t.to(torch.float64) for t in own[module])
+            cross[i] = g1 * g2 * float(((b1.T @ b2) * (a1 @ a2.T)).sum())
+            norm_rel[i] = g1 * g1 * float(((b1.T @ b1) * (a1 @ a1.T)).sum())
+            norm_own[i] = g2 * g2 * float(((b2.T @ b2) * (a2 @ a2.T)).sum())
+        per_module.append(min(_sine(c, x, y) for c, x, y in zip(cross, norm_rel, norm_own)))
+        whole.append(_sine(cross.sum(), norm_rel.sum(), norm_own.sum()))
+    return per_module, whole
+
+
+def _sine(cross: float, xx: float, yy: float) -> float:
+    """sin of the angle between two vectors from <x, y>, ||x||^2 and ||y||^2 (1 if either is 0)."""
+    if xx <= 0 or yy <= 0:
+        return 1.0
+    cosine_sq = min(1.0, cross * cross / (xx * yy))
+    return float(np.sqrt(1.0 - cosine_sq))
+
+
+@dataclass(frozen=True)
+class Released:
+    """One merge as the ledger records it: its sharers, their weights ([k] or [k, n_layers], in `sharers` order),
+    the merge and the rank limit it left with."""
+
+    sharers: tuple[str, ...]
+    weights: np.ndarray
+    merge: str
+    release_rank: int
+
+
+def connected(new: Released, earlier: Sequence[Released]) -> list[Released]:
+    """The earlier releases linked to `new` through shared sharers (directly or through other releases)."""
+    reach, chosen, rest = set(new.sharers), [], list(earlier)
+    grown = True
+    while grown:
+        linked = [rel for rel in rest if reach & set(rel.sharers)]
+        rest = [rel for rel in rest if not reach & set(rel.sharers)]
+        chosen += linked
+        reach |= {s for rel in linked for s in rel.sharers}
+        grown = bool(linked)
+    return [rel for rel in earlier if any(rel is c for c in chosen)]
+
+
+def stack_errors(merges: Sequence[Released], adapters: Mapping[str, LoraAdapter], seed: int = 0) -> dict[str, float]:
+    """Per sharer of `merges`: the smallest scale-free error at which the stack of released merges gives its
+    update back, over modules and the two attacks (best linear combination; low-rank unmixing from m >= 2 merges,
+    run when the K sharers' ranks fit inside the module, as it needs)."""
+    union = sorted({s for rel in merges for s in rel.sharers})
+    cores = Cores.of([adapters[s] for s in union])
+    parts = cores.parts()
+    observed: dict[str, list[np.ndarray]] = {m: [] for m in cores.modules}
+    for rel in merges:
+        weights = np.asarray(rel.weights, dtype=np.float64)
+        full = np.zeros((len(union), *weights.shape[1:]))
+        full[[union.index(s) for s in rel.sharers]] = weights
+        for module, core in cores.released(full, rel.merge, rel.release_rank).items():
+            observed[module].append(core)
+    k, r = len(union), cores.r
+    rng = np.random.default_rng(seed)
+    errors = np.ones(k)
+    for module in cores.modules:
+        obs = observed[module]
+        flat = np.stack([o.ravel() for o in obs])
+        for s, part in enumerate(parts[module]):
+            coef = np.linalg.lstsq(flat.T, part.ravel(), rcond=None)[0]
+            errors[s] = min(errors[s], scale_free_error(coef @ flat, part))
+        if len(obs) >= 2 and k * r <= min(obs[0].shape):
+            estimates = unmix_low_rank(obs, k, r, rng)
+            for s, part in enumerate(parts[module]):
+                errors[s] = min(errors[s], min(scale_free_error(e, part) for e in estimates))
+    return dict(zip(union, errors.tolist()))
+
+
+def cross_release_refusal(new: Released, earlier: Sequence[Released], adapters: Mapping[str, LoraAdapter],
+                          tau: float) -> tuple[str, dict[str, float]]:
+    """Why `new` may not leave (empty: it may), and each linked sharer's error with it.
+
+    Refused when with `new` some sharer's update comes back below `tau` from
+    the stack of linked releases that did not without it (a sharer already
+    recoverable from the earlier releases alone is not made so by this one;
+    its error is in the returned record).
+    """
+    linked = connected(new, earlier)
+    after = stack_errors([*linked, new], adapters)
+    before = stack_errors(linked, adapters) if linked else {}
+    exposed = sorted(s for s, e in after.items() if e < tau and before.get(s, 1.0) >= tau)
+    if not exposed:
+        return "", after
+    worst = min(exposed, key=after.__getitem__)
+    return (f"release refused: with {len(linked)} earlier release(s) over the same sharers, sharer {worst}'s update "
+            f"would be recoverable to a scale-free error of {after[worst]:.3g} (release-distance {tau:g}); "
+            f"{len(exposed)} sharer(s) exposed"), after
