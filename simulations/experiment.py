@@ -43,6 +43,7 @@ from common.settings import (
 from common.task_model import load_task_model
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
+from simulations.results_schema import ResultsFileError, check_cell, check_results
 
 log = logging.getLogger(__name__)
 
@@ -569,14 +570,16 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:
-    """A finished cell's record, or None when the file is missing or unreadable (then it is recomputed)."""
+    """A finished cell's record, or None when the file is missing, unreadable or not a cell (then it is recomputed)."""
     try:
-        return safe_json.loads(path.read_bytes())
+        record = safe_json.loads(path.read_bytes())
+        check_cell(record, str(path))
     except FileNotFoundError:
         return None
-    except (OSError, safe_json.UnsafeJsonError) as err:
+    except (OSError, safe_json.UnsafeJsonError, ResultsFileError) as err:
         log.warning("recomputing %s: unreadable cell (%s)", path, err)
         return None
+    return record
 
 
 def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
@@ -587,8 +590,8 @@ def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
     once the setting's default differs from the old behaviour, that label
     would put the cell in the default's column.
     """
-    if record is None or not isinstance(record.get("params"), dict):
-        return record
+    if record is None:
+        return None
     params = record["params"] | dict(cell.params)  # the cell's own params (its key) win over the file's
     return record | {"params": params, "label": get_method(cell.method).label(params)}
 
@@ -693,21 +696,17 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
 
 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
-    """The cells of a finished run (OUT/results.json)."""
+    """The cells of a finished run (OUT/results.json), checked against their schema (`results_schema`)."""
     path = Path(out) / RESULTS_FILE
-    data = _read_results(path)
-    cells = data.get("cells") if isinstance(data, dict) else None
-    if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
-        raise EvalConfigError(f"{path}: field 'cells' must be a list of objects")
-    for i, cell in enumerate(cells):
-        _check_cell(cell, f"{path}: cell {i}")
-    return cells
+    return check_results(_read_results(path), str(path))
 
 
 def results_complete(out: str | Path) -> bool:
     """Whether OUT/results.json says its grid finished (false for an interrupted run or a folder that says so)."""
-    data = _read_results(Path(out) / RESULTS_FILE)
-    return isinstance(data, dict) and data.get("complete") is True
+    path = Path(out) / RESULTS_FILE
+    data = _read_results(path)
+    check_results(data, str(path))
+    return data.get("complete") is True
 
 
 def _read_results(path: Path) -> Any:
@@ -717,21 +716,3 @@ def _read_results(path: Path) -> Any:
         raise EvalConfigError(f"{path}: missing (run `prime-fl eval` first)") from None
     except (OSError, safe_json.UnsafeJsonError) as err:
         raise EvalConfigError(f"{path}: unreadable ({err})") from None
-
-
-def _check_cell(cell: dict[str, Any], where: str) -> None:
-    """The fields every reader of results (tables, paired comparisons, plots) indexes, with their types: a hand-edited
-    or truncated file is one line of error, not a KeyError deep in a table."""
-    for name in ("task", "method", "label", "target"):
-        if not isinstance(cell.get(name), str):
-            raise EvalConfigError(f"{where}: {name!r} must be a string")
-    if not isinstance(cell.get("seed"), int) or isinstance(cell["seed"], bool):
-        raise EvalConfigError(f"{where}: 'seed' must be an integer")
-    if not isinstance(cell.get("params"), dict):
-        raise EvalConfigError(f"{where}: 'params' must be an object")
-    for name in ("predictions", "golds"):
-        values = cell.get(name)
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise EvalConfigError(f"{where}: {name!r} must be a list of strings")
-    if len(cell["golds"]) != len(cell["predictions"]):
-        raise EvalConfigError(f"{where}: {len(cell['golds'])} golds for {len(cell['predictions'])} predictions")
