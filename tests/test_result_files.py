@@ -1,0 +1,112 @@
+"""Results and config files against their schemas: each malformed file is one error line naming the file and the cell
+or key, through every `prime-fl eval` command that reads it; valid files still work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import main
+
+GOLDS = ["comedy", "action"]
+
+
+def cell(method: str, label: str, params: dict, preds: list[str], sim: float | None, **more) -> dict:
+    return {"task": "LaMP_2", "method": method, "label": label, "params": params, "seed": 0, "target": "t1",
+            "predictions": preds, "golds": GOLDS, "similarity": sim, **more}
+
+
+def prime(alpha: float, preds: list[str], sim: float) -> dict:
+    params = {"alpha": alpha, "k": 3, "optimizer": "cma", "budget": 6, "popsize": 3}
+    return cell("prime", f"PriME α={alpha:g}", params, preds, sim, fallback=False,
+                sharer_divergence={"per_sharer": [0.5, 0.25, 0.0], "mean": 0.25, "max": 0.5},
+                trajectory=[{"generation": 0, "evaluations": 3, "best_so_far": 0.5},
+                            {"generation": 1, "evaluations": 6, "best_so_far": 1.0}])
+
+
+def cells() -> list[dict]:
+    return [cell("np", "NP", {"k": 3}, ["comedy", "sci-fi"], 0.25),
+            cell("uniform", "uniform k=3", {"k": 3, "min_sharers": 2}, ["sci-fi", "sci-fi"], 0.6),
+            prime(0.0, GOLDS, 0.8), prime(2.0, ["comedy", "sci-fi"], 0.3)]
+
+
+def _commands(run: Path, out: Path) -> dict[str, list[str]]:
+    return {"table": ["eval", "table", str(run), "--out", str(out)],
+            "diff": ["eval", "diff", str(run), str(run), "--out", str(out)],
+            "plot": ["eval", "plot", str(run)],
+            "tradeoffs": ["eval", "tradeoffs", str(run), "--out", str(out)],
+            "compare": ["eval", "compare", str(run), "--baseline", "PriME α=0"]}
+
+
+def test_valid_results_work_through_every_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"cells": cells(), "complete": True}))
+    for name, argv in _commands(run, tmp_path / "out").items():
+        assert main(argv) == 0, (name, capsys.readouterr().err)
+
+
+# (change to one cell, or to the file, the cell it names, what the error says): the cases that were tracebacks
+MALFORMED = {
+    "similarity a string": (2, {"similarity": "high"}, "'similarity' must be a finite number or null, got 'high'"),
+    "similarity a list": (2, {"similarity": [0.5]}, "'similarity' must be a finite number or null"),
+    "similarity NaN": (2, {"similarity": float("nan")}, "'similarity' must be a finite number or null, got nan"),
+    "sharer_divergence a string": (2, {"sharer_divergence": "x"}, "'sharer_divergence' must be an object or null"),
+    "sharer_divergence mean a string": (2, {"sharer_divergence": {"mean": "a", "max": 0.5}},
+                                        "'sharer_divergence.mean' must be a finite number"),
+    "sharer_divergence max missing": (2, {"sharer_divergence": {"mean": 0.5}}, "'sharer_divergence.max' is missing"),
+    "quirk_chances without quirk_copies": (0, {"quirk_chances": 4}, "'quirk_chances' needs 'quirk_copies'"),
+    "quirk_copies a string": (0, {"quirk_chances": 4, "quirk_copies": "2"}, "'quirk_copies' must be an integer"),
+    "trajectory entry a string": (2, {"trajectory": ["x"]}, "'trajectory[0]' must be an object"),
+    "trajectory entry without best_so_far": (2, {"trajectory": [{"generation": 0}]},
+                                             "'trajectory[0].best_so_far' is missing"),
+    "trajectory best_so_far a string": (3, {"trajectory": [{"best_so_far": "1"}]},
+                                        "'trajectory[0].best_so_far' must be a finite number"),
+    "trajectory not a list": (2, {"trajectory": {"0": 1}}, "'trajectory' must be a list of objects"),
+    "alpha missing": (2, {"params": {"k": 3, "popsize": 3}}, "'params.alpha' is missing"),
+    "alpha a string": (3, {"params": {"alpha": "2", "k": 3, "popsize": 3}}, "'params.alpha' must be a finite number"),
+    "popsize missing": (3, {"params": {"alpha": 2.0, "k": 3}}, "'params.popsize' is missing"),
+    "k a list": (1, {"params": {"k": [3, 5], "min_sharers": 2}}, "'params.k' must be an integer, got [3, 5]"),
+    "uniform without k": (1, {"params": {"min_sharers": 2}}, "'params.k' is missing"),
+    "param an object": (0, {"params": {"k": 3, "note": {"a": 1}}}, "'params.note' must be a string or a finite number"),
+    "golds of another task": (0, {"task": "LaMP_3"}, "gold 'comedy' is not a LaMP_3 label"),
+    "unknown task": (0, {"task": "LaMP_9"}, "'task' must be one of LaMP_1"),
+    "empty predictions": (0, {"predictions": [], "golds": []}, "'predictions' must not be empty"),
+    "golds longer than predictions": (0, {"golds": GOLDS + ["action"]}, "3 golds for 2 predictions"),
+    "seed negative": (0, {"seed": -1}, "'seed' must be >= 0"),
+    "label missing": (0, {"label": None}, "'label' must be a string, got None"),
+    "privacy_metric null": (0, {"privacy_metric": None}, "'privacy_metric' must be a string"),
+    "fallback a string": (2, {"fallback": "no"}, "'fallback' must be true or false or null"),
+}
+
+
+@pytest.mark.parametrize("command", ["table", "diff", "plot", "tradeoffs", "compare"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_each_malformed_cell_is_one_error_line_naming_the_file_and_the_cell(tmp_path, capsys, case, command):
+    index, change, message = MALFORMED[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    broken = cells()
+    broken[index] |= change
+    (run / "results.json").write_text(json.dumps({"cells": broken}))
+    assert main(_commands(run, tmp_path / "out")[command]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("prime-fl eval: error: ") and f"{run / 'results.json'}: cell {index}: {message}" in lines[0]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ([], "the file must be an object, got []"),
+    ({"cells": {}}, "'cells' must be a list of objects"),
+    ({"cells": [1]}, "'cells[0]' must be an object, got 1"),
+    ({"complete": True}, "'cells' is missing"),
+    ({"cells": [], "complete": "yes"}, "'complete' must be true or false"),
+    ({"cells": [], "runs": {"a": 1}}, "'runs.a' must be true or false"),
+])
+def test_a_malformed_results_file_is_one_error_line(tmp_path, capsys, content, message):
+    (tmp_path / "results.json").write_text(json.dumps(content))
+    assert main(["eval", "table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{tmp_path / 'results.json'}: {message}" in lines[0], lines
