@@ -15,7 +15,7 @@ import math
 from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.exceptions import ValidationError
 
 _TYPES = Draft202012Validator.TYPE_CHECKER.redefine(
     "number", lambda _, v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
@@ -52,7 +52,7 @@ class Schema:
 
     def check(self, data: Any, where: str) -> None:
         """Raise `error` naming `where` and the offending field when `data` does not follow the schema."""
-        found = best_match(self._validator.iter_errors(data))
+        found = next(self._validator.iter_errors(data), None)  # the first in the schema's and the file's order
         if found is not None:
             raise self.error(f"{where}: {describe(found)}")
 
