@@ -110,3 +110,34 @@ def test_a_malformed_results_file_is_one_error_line(tmp_path, capsys, content, m
     assert main(["eval", "table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{tmp_path / 'results.json'}: {message}" in lines[0], lines
+
+
+LEAK = {"released_top_r_error": 0.6, "released_top_r_error_median": 0.8}
+RECOVERY = {"rows": [{"m": 1, "released_lowrank_scale_free": 0.9, "released_lowrank_scale_free_best_sharer": 0.7,
+                      "released_lowrank_scale_free_best_module": 0.5}]}
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("leak", {"released_top_r_error": "0.6", "released_top_r_error_median": 0.8},
+     "'released_top_r_error' must be a finite number, got '0.6'"),
+    ("leak", {"released_top_r_error": 0.6}, "'released_top_r_error_median' is missing"),
+    ("leak", [], "the file must be an object"),
+    ("recovery", {"rows": []}, "'rows' must not be empty"),
+    ("recovery", {"rows": [{"released_lowrank_scale_free": 0.9}]}, "'rows[0].released_lowrank_scale_free_best_sharer' is missing"),
+    ("recovery", {"rows": [RECOVERY["rows"][0] | {"released_lowrank_scale_free": float("inf")}]},
+     "'rows[0].released_lowrank_scale_free' must be a finite number, got inf"),
+    ("recovery", {"rows": [RECOVERY["rows"][0] | {"released_lowrank_scale_free_best_module": -1}]},
+     "'rows[0].released_lowrank_scale_free_best_module' must be >= 0"),
+])
+def test_guards_summary_refuses_malformed_threat_outputs_in_one_line(tmp_path, capsys, name, content, message):
+    from simulations.threats import guards_summary
+
+    run = tmp_path / "rank8-cap0.34-seed0"
+    run.mkdir()
+    for attack, good in (("leak", LEAK), ("recovery", RECOVERY)):
+        (run / f"{attack}.json").write_text(json.dumps(content if attack == name else good))
+    assert guards_summary.main([str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{run / name}.json: {message}" in lines[0], lines
+    (run / f"{name}.json").write_text(json.dumps(LEAK if name == "leak" else RECOVERY))
+    assert guards_summary.main([str(tmp_path)]) == 0
