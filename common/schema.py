@@ -6,7 +6,8 @@ Each reader declares the fields it uses, with their types and ranges, as a
 JSON Schema (the `jsonschema` library) and calls `Schema.check` at the edge,
 before it touches the data; past that point readers index the fields without
 checks of their own. Wherever a schema says `number`, the number is finite:
-Python's json reads `NaN` and `Infinity`, which no reader can use.
+Python's json reads `NaN` and `Infinity`, which no reader can use. A schema
+may say in its own words what it takes (`says`), for the error message.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a finit
 _PLURALS = {"string": "strings", "integer": "integers", "number": "finite numbers", "boolean": "booleans",
             "array": "lists", "object": "objects"}
 _SHORT = 60  # characters of an offending value quoted in a message
+
+
+def json_type(kind: type) -> str:
+    """The JSON Schema type of a setting's Python type (`bool`, `int`, `float`, `str`)."""
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}[kind]
 
 
 def scalar(kind: str, **more: Any) -> dict[str, Any]:
@@ -71,6 +77,8 @@ def describe(error: ValidationError) -> str:
         needing = next(name for name, needs in value.items() if name in instance and any(n not in instance for n in needs))
         return f"{_field([*path, needing])} needs {', '.join(_field([*path, n]) for n in value[needing])}"
     field = _field(path) if path else "the file"
+    if "says" in error.schema and rule in ("type", "pattern", "enum"):  # the schema's own words for what it takes
+        return f"{field} must be {error.schema['says']}, got {_short(instance)}"
     if rule == "type":
         kinds = [value] if isinstance(value, str) else value
         items = error.schema.get("items", {}).get("type")

@@ -10,12 +10,15 @@ does not even load the model: an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import logging
 import time
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -40,6 +43,7 @@ from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, genera
 from common.settings import (
     NodeConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
 )
+from common.schema import Schema, json_type, scalar
 from common.task_model import load_task_model
 from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
@@ -266,7 +270,35 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = data["eval"]
     if not isinstance(data, dict):
         raise EvalConfigError(f"{path}: expected an object of settings at the top level")
+    keys = [str(key).replace("_", "-") for key in data]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise EvalConfigError(f"{path}: key {twice!r} is given twice (once with '_', once with '-')")
+    _config_schema().check(dict(zip(keys, data.values())), str(path))
     return data
+
+
+@functools.cache
+def _config_schema() -> Schema:
+    """Every key a config file may hold (flag spelling) with its type: EvalConfig's own fields and the settings of
+    the records it holds, a swept setting's plural key as a list or a comma-separated string, null for unset (as
+    OUT/config.json writes it). Ranges are the records' own checks, run when `from_mapping` builds them."""
+    hints = typing.get_type_hints(EvalConfig)
+    kinds = {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(EvalConfig) if f.name not in _SECTIONS}
+    kinds |= {o.key: o.kind for record in (SearchConfig, NodeConfig, SyntheticConfig)
+              for o in options(record, exposed_only=True)}
+    kinds |= {plural: tuple[_SEARCH_OPTIONS[name].kind, ...] for plural, name in SWEEPS.items()}
+    properties = {}
+    for key, kind in kinds.items():
+        kind = next(k for k in typing.get_args(kind) if k is not type(None)) if isinstance(kind, types.UnionType) else kind
+        if typing.get_origin(kind) is tuple:
+            properties[key] = {"type": ["array", "string", "null"], "items": scalar(json_type(typing.get_args(kind)[0]))}
+        elif kind is bool:  # "True" as runs before the settings records wrote synth-quirks into config.json
+            properties[key] = {"type": ["boolean", "string", "null"], "pattern": "^(?i:true|false)$",
+                               "says": "true or false"}
+        else:
+            properties[key] = scalar([json_type(kind), "null"])
+    return Schema({"type": "object", "properties": properties, "additionalProperties": False}, EvalConfigError)
 
 
 def _read_toml(path: Path, raw: bytes) -> Any:

@@ -15,15 +15,14 @@ from typing import Any, Mapping
 
 from common.errors import PrimeError
 from common.metrics import parse_label
-from common.schema import Schema, listing, record, scalar
+from common.schema import Schema, json_type, listing, record, scalar
 from common.settings import SearchConfig, options
 from common.tasks import TASKS
 
 PRIME_METHODS = ("prime", "prime-rag", "prime-pag")  # their figures read alpha, popsize and the search trajectory
 
-_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 # Every param a method records: the search settings under their field names, and eval's own.
-_PARAM_TYPES = {o.name: _JSON_TYPES[o.kind] for o in options(SearchConfig, exposed_only=True)} | {
+_PARAM_TYPES = {o.name: json_type(o.kind) for o in options(SearchConfig, exposed_only=True)} | {
     "rag_k": "integer", "augment": "boolean", "pag_search": "string", "l1": "number"}
 _FRACTION = scalar("number", minimum=0, maximum=1)
 

@@ -141,3 +141,49 @@ def test_guards_summary_refuses_malformed_threat_outputs_in_one_line(tmp_path, c
     assert len(lines) == 1 and f"{run / name}.json: {message}" in lines[0], lines
     (run / f"{name}.json").write_text(json.dumps(LEAK if name == "leak" else RECOVERY))
     assert guards_summary.main([str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("c.toml", 'synthetic = "rating\nout = "o"\n', "not valid TOML"),  # an unterminated string
+    ("c.toml", "[eval]\nout = \"o\"\nmethods = [1, \"np\"]\n", "'methods[0]' must be a string, got 1"),
+    ("c.json", '{"out": "o", "methods": ["np", 2]}', "'methods[1]' must be a string, got 2"),
+    ("c.json", '{"out": "o", "seeds": "two"}', "'seeds' must be an integer or null, got 'two'"),
+    ("c.json", '{"out": "o", "seeds": 1.5}', "'seeds' must be an integer or null, got 1.5"),
+    ("c.json", '{"out": {"a": 1}}', "'out' must be a string or null"),
+    ("c.json", '{"out": "o", "synthetic": ["tagging"]}', "'synthetic' must be a string or null"),
+    ("c.json", '{"out": "o", "plots": "maybe"}', "'plots' must be true or false, got 'maybe'"),
+    ("c.json", '{"out": "o", "alphas": 5}', "'alphas' must be a list of finite numbers or a string or null, got 5"),
+    ("c.json", '{"out": "o", "alphas": [0.5, NaN]}', "'alphas[1]' must be a finite number, got nan"),
+    ("c.json", '{"out": "o", "k": [2, 3]}', "'k' must be an integer or null, got [2, 3]"),
+    ("c.json", '{"out": "o", "target-modules": "q_proj", "lora-r": "8"}', "'lora-r' must be an integer or null"),
+    ("c.json", '{"out": "o", "colour": "red"}', "unknown key 'colour'"),
+    ("c.json", '{"out": "o", "model_spec": "tiny", "model-spec": "tiny"}', "key 'model-spec' is given twice"),
+    ("c.toml", "out = \"o\"\n[eval]\nseeds = true\n", "'seeds' must be an integer or null, got True"),
+])
+def test_a_malformed_config_file_is_one_error_line_naming_the_file(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["eval", "--config", str(path), "--synthetic", "tagging", "--model-spec", "tiny"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{path}: {message}" in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_quoted_task_name_is_refused_not_run(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("synthetic = '\"rating'\nout = \"o\"\n")
+    assert main(["eval", "--config", str(tmp_path / "c.toml"), "--model-spec", "tiny"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--synthetic must be one of tagging, rating" in lines[0], lines
+
+
+def test_a_runs_config_json_is_a_valid_config_file(tmp_path):
+    """OUT/config.json (every resolved value, nulls for unset ones) read back as --config gives the same run."""
+    from simulations.experiment import EvalConfig, read_config_file
+
+    config = EvalConfig.from_mapping({"out": "o", "synthetic": "tagging", "alphas": "0,1", "ks": [2, 3],
+                                      "target_modules": "q_proj", "dp_clip": 1.0, "synth_quirks": True})
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    assert EvalConfig.from_mapping(read_config_file(tmp_path / "config.json")) == config
+    # Runs before the settings records wrote "True" for synth-quirks (docs/results/gemma-tagging-quirks/config.json).
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"synth_quirks": "True"}))
+    assert EvalConfig.from_mapping(read_config_file(tmp_path / "config.json")) == config
