@@ -81,8 +81,10 @@ def describe(error: ValidationError) -> str:
         return f"{field} must be {error.schema['says']}, got {_short(instance)}"
     if rule == "type":
         kinds = [value] if isinstance(value, str) else value
-        items = error.schema.get("items", {}).get("type")
-        words = [f"a list of {_PLURALS[items]}" if k == "array" and items in _PLURALS else _TYPE_WORDS[k] for k in kinds]
+        items = error.schema.get("items", {}).get("type", [])
+        items = [items] if isinstance(items, str) else items
+        of = f" of {' or '.join(_PLURALS[k] for k in items)}" if items else ""
+        words = [_TYPE_WORDS[k] + (of if k == "array" else "") for k in kinds]
         return f"{field} must be {' or '.join(words)}, got {_short(instance)}"
     if rule == "enum":
         return f"{field} must be one of {', '.join(map(str, value))}, got {_short(instance)}"

@@ -163,7 +163,8 @@ _WEIGHTS = {"type": ["array", "null"], "items": {"type": ["number", "array"], "i
 # What a saved search's cell is built from (simulations.methods.prime): a damaged or hand-edited file is refused (and
 # the search redone), never turned into a wrong cell.
 SAVED = Schema({
-    **record(("config", "fallback", "sharer_ids", "weights", "best", "unmerged", "sharer_divergence"),
+    **record(("config", "fallback", "sharer_ids", "sharer_similarity", "weights", "best", "unmerged", "timings",
+              "sharer_divergence"),
              config=scalar("object"), fallback=scalar("boolean"), sharer_ids=listing(scalar("string"), minItems=1),
              sharer_similarity=listing(scalar("number")), weights=_WEIGHTS, searched_weights=_WEIGHTS,
              best=_SCORES, unmerged=_SCORES, sharer_divergence=listing(scalar("number", minimum=0, maximum=1), minItems=1),

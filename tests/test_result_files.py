@@ -3,12 +3,26 @@ or key, through every `prime-fl eval` command that reads it; valid files still w
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import io
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
+from common.errors import PrimeError
+from common.settings import SearchConfig
+from server.personalize import PersonalizationResult, ResultFileError
+from simulations import paired, tables
 from simulations.cli import main
+from simulations.experiment import read_cell
 
 GOLDS = ["comedy", "action"]
 
@@ -187,3 +201,138 @@ def test_a_runs_config_json_is_a_valid_config_file(tmp_path):
     # Runs before the settings records wrote "True" for synth-quirks (docs/results/gemma-tagging-quirks/config.json).
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"synth_quirks": "True"}))
     assert EvalConfig.from_mapping(read_config_file(tmp_path / "config.json")) == config
+
+
+# ------------------------------------------------------------------ property: any JSON, never a traceback
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),  # floats: NaN and infinities too
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _slots(value: Any) -> list[tuple[Any, Any]]:
+    """Every (container, key or index) in `value`, at any depth."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [slot for key, child in items for slot in [(value, key), *_slots(child)]]
+
+
+@st.composite
+def near(draw: st.DrawFn, valid: Any) -> Any:
+    """`valid` with up to three values at any depth replaced by arbitrary JSON or removed, or arbitrary JSON whole:
+    most examples get past the outer checks to the fields deep inside."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(json_values)
+    document = copy.deepcopy(valid)
+    for _ in range(draw(st.integers(0, 3))):
+        slots = _slots(document)
+        if not slots:  # everything removed already
+            break
+        container, key = draw(st.sampled_from(slots))
+        if isinstance(container, dict) and draw(st.booleans()):
+            del container[key]
+        else:
+            container[key] = draw(json_values)
+    return document
+
+
+def _one_line_or_success(code: int, err: str) -> None:
+    event(f"exit {code}")  # --hypothesis-show-statistics: how many examples got through to the readers
+    assert code in (0, 2), err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1, err
+
+
+@FEW
+@given(near({"cells": cells(), "complete": True}), st.sampled_from(["table", "diff", "plot", "tradeoffs", "compare"]))
+def test_any_results_file_is_read_by_every_eval_command_or_refused_in_one_line(document, command):
+    with tempfile.TemporaryDirectory() as folder:
+        run = Path(folder, "run")
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(document))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(_commands(run, Path(folder, "out"))[command])
+        _one_line_or_success(code, err.getvalue())
+
+
+@FEW
+@given(near(cells()[2]))
+def test_any_cached_cell_is_recomputed_or_read_as_a_cell_every_reader_takes(document):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "cell.json")
+        path.write_text(json.dumps(document))
+        record = read_cell(path)
+    event("read" if record is not None else "recomputed")
+    if record is not None:
+        tables.to_markdown(tables.build_table([record, *cells()[:2]]))
+        paired.compare([record, *cells()])
+
+
+SCORES = {"utility": 0.5, "privacy": 0.25, "objective": 0.4, "similarity": [0.2, 0.3], "expected_utility": None}
+SAVED = {"sharer_ids": ["s1", "s2"], "sharer_similarity": [0.9, 0.8], "weights": None, "fallback": True,
+         "best": SCORES, "unmerged": SCORES, "searched_weights": [[0.5, 0.1], [0.5, 0.2]], "evaluations": 6,
+         "baseline_evaluations": 3, "history_size": 4, "sharer_divergence": [0.5, 0.25], "timings": {"search_s": 1.0},
+         "config": dataclasses.asdict(SearchConfig())}
+TRAJECTORY = [{"generation": 0, "evaluations": 6, "best_so_far": 0.4}]
+
+
+@FEW
+@given(near({"result.json": SAVED, "trajectory.json": TRAJECTORY}))
+def test_any_saved_search_is_loaded_whole_or_refused(files):
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("result.json", "trajectory.json"):
+            if isinstance(files, dict) and name in files:
+                Path(folder, name).write_text(json.dumps(files[name]))
+        try:
+            result = PersonalizationResult.load(folder, SearchConfig())
+        except ResultFileError as err:
+            assert "\n" not in str(err)
+            event("refused")
+            return
+    event("loaded")
+    # What the PriME cell takes from it (simulations.methods.prime) is there and finite.
+    assert result.fallback and result.adapter is None and result.sharer_ids
+    assert np.isfinite([np.mean(result.sharer_divergence), np.max(result.sharer_divergence)]).all()
+    assert np.isfinite([result.best.objective, result.unmerged.utility, *(g["best_so_far"] for g in result.trajectory)]).all()
+
+
+@FEW
+@given(near({"leak": LEAK, "recovery": RECOVERY}))
+def test_any_threat_outputs_are_summarized_or_refused_in_one_line(files):
+    from simulations.threats import guards_summary
+
+    with tempfile.TemporaryDirectory() as folder:
+        run = Path(folder, "rank8-cap0.34-seed0")
+        run.mkdir()
+        for name in ("leak", "recovery"):
+            if isinstance(files, dict) and name in files:
+                (run / f"{name}.json").write_text(json.dumps(files[name]))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = guards_summary.main([folder])
+        _one_line_or_success(code, err.getvalue())
+
+
+CONFIG = {"out": "o", "synthetic": "tagging", "methods": ["np", "prime"], "alphas": [0, 1], "ks": "2", "seeds": 1,
+          "plots": False, "lora-r": 4, "dp_clip": 0.0, "target-modules": ["q_proj"], "synth-quirks": "true"}
+
+
+@FEW
+@given(near(CONFIG))
+def test_any_config_file_builds_a_config_or_is_one_error_line(document):
+    from simulations.experiment import EvalConfig, read_config_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "c.json")
+        path.write_text(json.dumps(document))
+        try:
+            config = EvalConfig.from_mapping(read_config_file(path), where=str(path))
+        except PrimeError as err:
+            assert "\n" not in str(err)
+            event("refused")
+            return
+    event("built")
+    assert EvalConfig.from_mapping(config.to_dict()) == config
