@@ -79,8 +79,14 @@ def check_cell(cell: Any, where: str) -> None:
 
 
 def check_results(data: Any, where: str) -> list[Mapping[str, Any]]:
-    """results.json's cells, each checked (`check_cell`), named `cell N` in an error."""
+    """results.json's cells, each checked (`check_cell`), named `cell N` in an error; the cells of one task, seed and
+    target answered the same queries (the paired comparisons put their answers side by side)."""
     RESULTS.check(data, where)
+    first: dict[tuple[str, int, str], int] = {}
     for i, cell in enumerate(data["cells"]):
         check_cell(cell, f"{where}: cell {i}")
+        j = first.setdefault((cell["task"], cell["seed"], cell["target"]), i)
+        if data["cells"][j]["golds"] != cell["golds"]:
+            raise ResultsFileError(f"{where}: cell {i}: golds differ from those of cell {j}, of the same task, seed "
+                                   "and target")
     return data["cells"]

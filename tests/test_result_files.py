@@ -93,6 +93,8 @@ MALFORMED = {
     "label missing": (0, {"label": None}, "'label' must be a string, got None"),
     "privacy_metric null": (0, {"privacy_metric": None}, "'privacy_metric' must be a string"),
     "fallback a string": (2, {"fallback": "no"}, "'fallback' must be true or false or null"),
+    "golds of other queries": (3, {"golds": ["action", "comedy"]},
+                               "golds differ from those of cell 0, of the same task, seed and target"),
 }
 
 
@@ -109,6 +111,21 @@ def test_each_malformed_cell_is_one_error_line_naming_the_file_and_the_cell(tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("prime-fl eval: error: ") and f"{run / 'results.json'}: cell {index}: {message}" in lines[0]
+
+
+def test_runs_scored_on_other_queries_are_one_error_line(tmp_path, capsys):
+    """Each file is consistent, but the same target's queries differ between the runs (e.g. other data): diff pairs
+    each column with itself, a table of both pairs run b's NP with run a's PriME."""
+    for name, golds in (("a", GOLDS), ("b", ["action", "comedy"])):
+        (tmp_path / name).mkdir()
+        run = [c | {"golds": golds, "label": c["label"] + ("" if name == "a" else " run=b")} for c in cells()]
+        (tmp_path / name / "results.json").write_text(json.dumps({"cells": run}))
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for argv in (["eval", "diff", *runs, "--out", str(tmp_path / "d"), "--match-without", "run"],
+                 ["eval", "table", *runs, "--out", str(tmp_path / "t")]):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "were scored on different queries" in lines[0], lines
 
 
 @pytest.mark.parametrize(("content", "message"), [
