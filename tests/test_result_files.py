@@ -62,6 +62,15 @@ def test_valid_results_work_through_every_command(tmp_path, capsys):
         assert main(argv) == 0, (name, capsys.readouterr().err)
 
 
+def test_a_cached_cell_that_breaks_its_schema_is_recomputed(tmp_path, caplog):
+    path = tmp_path / "np-0123.json"
+    path.write_text(json.dumps(cells()[0]))
+    assert read_cell(path) == cells()[0]
+    path.write_text(json.dumps(cells()[0] | {"similarity": "high"}))
+    assert read_cell(path) is None
+    assert f"recomputing {path}" in caplog.text and "'similarity' must be a finite number or null" in caplog.text
+
+
 # (change to one cell, or to the file, the cell it names, what the error says): the cases that were tracebacks
 MALFORMED = {
     "similarity a string": (2, {"similarity": "high"}, "'similarity' must be a finite number or null, got 'high'"),
