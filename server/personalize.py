@@ -26,6 +26,7 @@ from common.atomic import Layout, OutputKind, replace_folder
 from common.errors import PrimeError
 from common.lora_math import MERGES
 from common.progress import report as report_progress
+from common.schema import Schema, listing, record, scalar
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import TaskSpec
 from server.fitness import Baselines, FitnessEvaluator, FitnessParts
@@ -138,53 +139,48 @@ class PersonalizationResult:
             trajectory = safe_json.loads((directory / "trajectory.json").read_bytes())
         except (OSError, safe_json.UnsafeJsonError) as err:
             raise ResultFileError(f"{directory}: unreadable saved search ({err})") from None
-        if not isinstance(summary, dict) or not isinstance(trajectory, list):
-            raise ResultFileError(f"{path}: not a saved search")
-        saved = summary.get("config")
-        if isinstance(saved, dict):
-            saved = _ADDED_SETTINGS | saved
-        if saved != json.loads(json.dumps(asdict(config))):
+        SAVED.check(summary, str(path))
+        TRAJECTORY.check(trajectory, str(directory / "trajectory.json"))
+        if _ADDED_SETTINGS | summary["config"] != json.loads(json.dumps(asdict(config))):
             raise ResultFileError(f"{path}: saved for other search settings")
-        _check_saved(summary, path)
+        for name in ("weights", "searched_weights"):
+            try:  # what a schema cannot say: every sharer has as many weights (one, or one per layer)
+                np.asarray(summary.get(name) or [], dtype=float)
+            except ValueError:
+                raise ResultFileError(f"{path}: {name!r} must hold as many weights for every sharer") from None
         plain = {f.name for f in fields(cls)} - {"adapter", "trajectory", "config", "best", "unmerged", "extra"}
+        values = {name: summary[name] for name in plain if name in summary}
+        extra = {k: v for k, v in summary.items() if k not in plain | {"config", "best", "unmerged"}}
+        best, unmerged = (FitnessParts(**(summary[name] | {"similarity": tuple(summary[name]["similarity"])}))
+                          for name in ("best", "unmerged"))
         try:
-            values = {name: summary[name] for name in plain if name in summary}
-            extra = {k: v for k, v in summary.items() if k not in plain | {"config", "best", "unmerged"}}
-            best, unmerged = (FitnessParts(**(summary[name] | {"similarity": tuple(summary[name]["similarity"])}))
-                              for name in ("best", "unmerged"))
             adapter = None if summary["fallback"] else LoraAdapter.load(directory / "adapter")
-            return cls(adapter=adapter, trajectory=trajectory, config=config, best=best, unmerged=unmerged,
-                       **values, extra=extra)
-        except (KeyError, TypeError, AdapterError) as err:
+        except AdapterError as err:
             raise ResultFileError(f"{path}: not a saved search ({err})") from None
+        return cls(adapter=adapter, trajectory=trajectory, config=config, best=best, unmerged=unmerged, **values,
+                   extra=extra)
 
 
-def _check_saved(summary: dict, path: Path) -> None:
-    """The fields a cell is built from, with their types and finite numbers: a damaged or hand-edited file is
-    refused (and the search redone), never turned into a wrong cell."""
-    fallback, weights, ids = summary.get("fallback"), summary.get("weights"), summary.get("sharer_ids")
-    if not isinstance(fallback, bool):
-        raise ResultFileError(f"{path}: field 'fallback' must be true or false")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise ResultFileError(f"{path}: field 'sharer_ids' must be a non-empty list of strings")
-    if (weights is None) != fallback:
-        raise ResultFileError(f"{path}: field 'weights' must be null exactly when fallback is true")
-    for name in ("best", "unmerged"):
-        part = summary.get(name)
-        if not isinstance(part, dict) or not all(_finite(part.get(f)) for f in ("utility", "privacy", "objective",
-                                                                               "similarity")):
-            raise ResultFileError(f"{path}: field {name!r} must hold finite scores")
-    if weights is not None and not _finite(weights):
-        raise ResultFileError(f"{path}: field 'weights' must be finite numbers")
-
-
-def _finite(value: Any) -> bool:
-    """A number or a (nested, rectangular) list of numbers, none NaN or infinite; no strings, booleans or nulls."""
-    try:
-        array = np.asarray(value)
-    except ValueError:  # ragged
-        return False
-    return array.dtype.kind in "iuf" and bool(np.isfinite(array).all())
+_SCORES = record(("utility", "privacy", "objective", "similarity"), closed=True, utility=scalar("number"),
+                 privacy=scalar("number"), objective=scalar("number"), similarity=listing(scalar("number")),
+                 expected_utility=scalar(["number", "null"]))
+_WEIGHTS = {"type": ["array", "null"], "items": {"type": ["number", "array"], "items": scalar("number")}}
+# What a saved search's cell is built from (simulations.methods.prime): a damaged or hand-edited file is refused (and
+# the search redone), never turned into a wrong cell.
+SAVED = Schema({
+    **record(("config", "fallback", "sharer_ids", "sharer_similarity", "weights", "best", "unmerged", "timings",
+              "sharer_divergence"),
+             config=scalar("object"), fallback=scalar("boolean"), sharer_ids=listing(scalar("string"), minItems=1),
+             sharer_similarity=listing(scalar("number")), weights=_WEIGHTS, searched_weights=_WEIGHTS,
+             best=_SCORES, unmerged=_SCORES, sharer_divergence=listing(scalar("number", minimum=0, maximum=1), minItems=1),
+             evaluations=scalar("integer", minimum=0), baseline_evaluations=scalar("integer", minimum=0),
+             history_size=scalar("integer", minimum=0), timings={"type": "object", "additionalProperties": scalar("number")}),
+    "if": {"properties": {"fallback": {"const": True}}},
+    "then": {"properties": {"weights": scalar("null")}},
+    "else": {"properties": {"weights": scalar("array")}},
+}, ResultFileError)
+TRAJECTORY = Schema(listing(record(("best_so_far",), best_so_far=scalar("number"), evaluations=scalar("integer", minimum=1))),
+                    ResultFileError)
 
 
 def applied_share_cap(cap: float, k: int) -> float:

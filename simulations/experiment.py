@@ -10,12 +10,15 @@ does not even load the model: an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import logging
 import time
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -41,12 +44,14 @@ from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, genera
 from common.settings import (
     NodeConfig, PerPcsConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
 )
+from common.schema import Schema, json_type, scalar
 from common.task_model import load_task_model
 from common.user_files import UserFileError, read_bytes
 from server.personalize import check_optimizer
 from simulations import sharer_signal
 from simulations.methods import Context, MethodResult, get_method
 from simulations.outputs import EVAL_OUTPUT
+from simulations.results_schema import ResultsFileError, check_cell, check_results
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +307,35 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = data["eval"]
     if not isinstance(data, dict):
         raise EvalConfigError(f"{path}: expected an object of settings at the top level")
+    keys = [str(key).replace("_", "-") for key in data]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise EvalConfigError(f"{path}: key {twice!r} is given twice (once with '_', once with '-')")
+    _config_schema().check(dict(zip(keys, data.values())), str(path))
     return data
+
+
+@functools.cache
+def _config_schema() -> Schema:
+    """Every key a config file may hold (flag spelling) with its type: EvalConfig's own fields and the settings of
+    the records it holds, a swept setting's plural key as a list or a comma-separated string, null for unset (as
+    OUT/config.json writes it). Ranges are the records' own checks, run when `from_mapping` builds them."""
+    hints = typing.get_type_hints(EvalConfig)
+    kinds = {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(EvalConfig) if f.name not in _SECTIONS}
+    kinds |= {o.key: o.kind for record in (SearchConfig, NodeConfig, SyntheticConfig)
+              for o in options(record, exposed_only=True)}
+    kinds |= {plural: tuple[_SEARCH_OPTIONS[name].kind, ...] for plural, name in SWEEPS.items()}
+    properties = {}
+    for key, kind in kinds.items():
+        kind = next(k for k in typing.get_args(kind) if k is not type(None)) if isinstance(kind, types.UnionType) else kind
+        if typing.get_origin(kind) is tuple:
+            properties[key] = {"type": ["array", "string", "null"], "items": scalar(json_type(typing.get_args(kind)[0]))}
+        elif kind is bool:  # "True" as runs before the settings records wrote synth-quirks into config.json
+            properties[key] = {"type": ["boolean", "string", "null"], "pattern": "^(?i:true|false)$",
+                               "says": "true or false"}
+        else:
+            properties[key] = scalar([json_type(kind), "null"])
+    return Schema({"type": "object", "properties": properties, "additionalProperties": False}, EvalConfigError)
 
 
 def _read_toml(path: Path, raw: bytes) -> Any:
@@ -649,14 +682,16 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:
-    """A finished cell's record, or None when the file is missing or unreadable (then it is recomputed)."""
+    """A finished cell's record, or None when the file is missing, unreadable or not a cell (then it is recomputed)."""
     try:
-        return safe_json.loads(path.read_bytes())
+        record = safe_json.loads(path.read_bytes())
+        check_cell(record, str(path))
     except FileNotFoundError:
         return None
-    except (OSError, safe_json.UnsafeJsonError) as err:
+    except (OSError, safe_json.UnsafeJsonError, ResultsFileError) as err:
         log.warning("recomputing %s: unreadable cell (%s)", path, err)
         return None
+    return record
 
 
 def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
@@ -667,8 +702,8 @@ def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
     once the setting's default differs from the old behaviour, that label
     would put the cell in the default's column.
     """
-    if record is None or not isinstance(record.get("params"), dict):
-        return record
+    if record is None:
+        return None
     params = record["params"] | dict(cell.params)  # the cell's own params (its key) win over the file's
     return record | {"params": params, "label": get_method(cell.method).label(params)}
 
@@ -781,21 +816,17 @@ def write_outputs(out: Path, records: list[dict[str, Any]], plots: bool = True) 
 
 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
-    """The cells of a finished run (OUT/results.json)."""
+    """The cells of a finished run (OUT/results.json), checked against their schema (`results_schema`)."""
     path = Path(out) / RESULTS_FILE
-    data = _read_results(path)
-    cells = data.get("cells") if isinstance(data, dict) else None
-    if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
-        raise EvalConfigError(f"{path}: field 'cells' must be a list of objects")
-    for i, cell in enumerate(cells):
-        _check_cell(cell, f"{path}: cell {i}")
-    return cells
+    return check_results(_read_results(path), str(path))
 
 
 def results_complete(out: str | Path) -> bool:
     """Whether OUT/results.json says its grid finished (false for an interrupted run or a folder that says so)."""
-    data = _read_results(Path(out) / RESULTS_FILE)
-    return isinstance(data, dict) and data.get("complete") is True
+    path = Path(out) / RESULTS_FILE
+    data = _read_results(path)
+    check_results(data, str(path))
+    return data.get("complete") is True
 
 
 def _read_results(path: Path) -> Any:
@@ -805,42 +836,3 @@ def _read_results(path: Path) -> Any:
         raise EvalConfigError(f"{path}: missing (run `prime-fl eval` first)") from None
     except (OSError, safe_json.UnsafeJsonError) as err:
         raise EvalConfigError(f"{path}: unreadable ({err})") from None
-
-
-def _check_cell(cell: dict[str, Any], where: str) -> None:
-    """The fields every reader of results (tables, paired comparisons, plots) indexes, with their types: a hand-edited
-    or truncated file is one line of error, not a KeyError deep in a table."""
-    for name in ("task", "method", "label", "target"):
-        if not isinstance(cell.get(name), str):
-            raise EvalConfigError(f"{where}: {name!r} must be a string")
-    if not isinstance(cell.get("seed"), int) or isinstance(cell["seed"], bool):
-        raise EvalConfigError(f"{where}: 'seed' must be an integer")
-    if not isinstance(cell.get("params"), dict):
-        raise EvalConfigError(f"{where}: 'params' must be an object")
-    for name in ("predictions", "golds"):
-        values = cell.get(name)
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise EvalConfigError(f"{where}: {name!r} must be a list of strings")
-    if len(cell["golds"]) != len(cell["predictions"]):
-        raise EvalConfigError(f"{where}: {len(cell['golds'])} golds for {len(cell['predictions'])} predictions")
-    _check_divergence(cell, where)
-
-
-def _check_divergence(cell: dict[str, Any], where: str) -> None:
-    """`sharer_divergence` (what simulations.sharer_signal and the diagnostic rows read): absent or null, or one
-    share in [0, 1] per sharer id, with their mean and max."""
-    divergence = cell.get("sharer_divergence")
-    if divergence is None:
-        return
-    ids = cell.get("sharer_ids")
-    shares = divergence.get("per_sharer") if isinstance(divergence, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise EvalConfigError(f"{where}: 'sharer_ids' must be a list of strings beside 'sharer_divergence'")
-    if not isinstance(shares, list) or len(shares) != len(ids) or not all(_share(v) for v in shares):
-        raise EvalConfigError(f"{where}: 'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id")
-    if not all(_share(divergence.get(name)) for name in ("mean", "max")):
-        raise EvalConfigError(f"{where}: 'sharer_divergence' must have 'mean' and 'max' shares in [0, 1]")
-
-
-def _share(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0

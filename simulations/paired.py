@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from common.errors import PrimeError
 from common.metrics import higher_is_better, task_metrics
 from common.tasks import get_task
 from simulations.column_labels import shared_note, shared_settings, shorten
@@ -27,6 +28,10 @@ METHOD_PREFIX = "PriME"
 BASELINE_PREFIXES = ("NP", "top-1", "uniform", "RAG", "Per-Pcs")  # Per-Pcs: the paper's main baseline
 REFERENCE = "user-prior"  # the trivial rule every column is compared with
 RESAMPLES = 2000
+
+
+class PairingError(PrimeError, ValueError):
+    """Two columns to pair whose cells of one seed and target answered different queries (e.g. runs on other data)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def _paired(task: str, method: str, baseline: str, cells: Mapping, base_cells: M
     for key in sorted(set(cells) & set(base_cells)):
         a, b = cells[key], base_cells[key]
         if a["golds"] != b["golds"]:
-            raise ValueError(f"{task} {key}: {method} and {baseline} were scored on different queries")
+            raise PairingError(f"{task} {key}: {method} and {baseline} were scored on different queries")
         diffs[key[1]].append(_query_scores(a) - _query_scores(b))
         seeds.add(key[0])
     if not diffs:

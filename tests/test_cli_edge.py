@@ -151,7 +151,7 @@ def test_predict_reads_labels_with_the_decoding_asked_for(data, tmp_path, capsys
     ({"seed": "x"}, "'seed' must be an integer"),
     ({"seed": True}, "'seed' must be an integer"),
     ({"predictions": 5}, "'predictions' must be a list of strings"),
-    ({"golds": ["2", None]}, "'golds' must be a list of strings"),
+    ({"golds": ["2", None]}, "'golds[1]' must be a string, got None"),
     ({"golds": ["2", "3"]}, "2 golds for 1 predictions"),
     ({"params": []}, "'params' must be an object"),
     ({"target": [1]}, "'target' must be a string"),

@@ -11,6 +11,8 @@ import pytest
 from simulations.paired import columns_to_markdown, compare, compare_columns, to_json, to_markdown
 from simulations.tables import write_results
 
+PRIME_PARAMS = {"alpha": 1.0, "popsize": 6}  # what every PriME cell records (its figures read them)
+
 
 def cell(label, seed, target, preds, golds, task="LaMP_2"):
     return {"task": task, "label": label, "seed": seed, "target": target, "predictions": preds, "golds": golds}
@@ -101,7 +103,7 @@ def test_eval_diff_writes_both_runs_side_by_side_and_the_paired_changes(tmp_path
         for t, pred in enumerate(preds):
             for label, method in (("NP", "np"), ("PriME α=1", "prime")):
                 record = cell(label, 0, f"t{t}", [pred], ["4"], task="LaMP_3") | {
-                    "method": method, "params": {}, "metrics": {"mae": abs(int(pred) - 4), "rmse": abs(int(pred) - 4)}}
+                    "method": method, "params": PRIME_PARAMS if method == "prime" else {}, "metrics": {"mae": abs(int(pred) - 4), "rmse": abs(int(pred) - 4)}}
                 if method == "prime":
                     record["fallback"] = fallback
                 cells.append(record)
@@ -164,7 +166,7 @@ def test_eval_diff_pairs_columns_that_differ_only_in_the_settings_left_out(tmp_p
         folder = tmp_path / name
         folder.mkdir()
         suffix = f" merge={merge}" if merge else ""
-        cells = [cell(f"PriME α=1{suffix} aug=True", 0, f"t{t}", [p], ["4"], task="LaMP_3") | {"method": "prime", "params": {}}
+        cells = [cell(f"PriME α=1{suffix} aug=True", 0, f"t{t}", [p], ["4"], task="LaMP_3") | {"method": "prime", "params": PRIME_PARAMS}
                  for t, p in enumerate(preds)]
         (folder / "results.json").write_text(json.dumps({"cells": cells}))
         return str(folder)

@@ -86,13 +86,17 @@ def test_a_saved_search_is_refused_for_other_settings_and_when_damaged(world, tm
     good = json.loads((out / "result.json").read_text())
     hostile = {  # what a damaged or hand-edited file may say: each one refused, none a wrong cell
         "fallback": ({"fallback": "no"}, "'fallback' must be true or false"),
-        "NaN weight": ({"weights": [float("nan"), 0.1]}, "'weights' must be finite"),
-        "string weights": ({"weights": ["0.5", "0.1"]}, "'weights' must be finite"),
-        "ragged weights": ({"weights": [[0.5], [0.1, 0.2]]}, "'weights' must be finite"),
-        "weights on a fallback": ({"fallback": True}, "null exactly when fallback"),
-        "ids": ({"sharer_ids": [1, 2]}, "'sharer_ids' must be"),
-        "scores": ({"best": good["best"] | {"objective": float("inf")}}, "'best' must hold finite scores"),
-        "missing score": ({"unmerged": {"utility": 0.5}}, "'unmerged' must hold finite scores"),
+        "NaN weight": ({"weights": [float("nan"), 0.1]}, r"'weights\[0\]' must be a finite number"),
+        "string weights": ({"weights": ["0.5", "0.1"]}, r"'weights\[0\]' must be a finite number"),
+        "ragged weights": ({"weights": [[0.5], [0.1, 0.2]]}, "'weights' must hold as many weights for every sharer"),
+        "weights on a fallback": ({"fallback": True}, "'weights' must be null"),
+        "ids": ({"sharer_ids": [1, 2]}, r"'sharer_ids\[0\]' must be a string"),
+        "no ids": ({"sharer_ids": []}, "'sharer_ids' must not be empty"),
+        "scores": ({"best": good["best"] | {"objective": float("inf")}}, "'best.objective' must be a finite number"),
+        "missing score": ({"unmerged": {"utility": 0.5}}, "'unmerged.privacy' is missing"),
+        "unknown score": ({"unmerged": good["unmerged"] | {"bonus": 1.0}}, "unknown key 'unmerged.bonus'"),
+        "no divergence": ({"sharer_divergence": []}, "'sharer_divergence' must not be empty"),
+        "a file of another kind": ({"config": "yes"}, "'config' must be an object"),
     }
     for name, (change, message) in hostile.items():
         (out / "result.json").write_text(json.dumps(good | change))
@@ -102,6 +106,11 @@ def test_a_saved_search_is_refused_for_other_settings_and_when_damaged(world, tm
     with pytest.raises(ResultFileError, match="unreadable"):
         PersonalizationResult.load(out, config)
     (out / "result.json").write_text(json.dumps(good))
+    trajectory = (out / "trajectory.json").read_text()
+    (out / "trajectory.json").write_text(json.dumps([{"generation": 0, "best_so_far": "1.0"}]))
+    with pytest.raises(ResultFileError, match=r"trajectory.json: '\[0\].best_so_far' must be a finite number"):
+        PersonalizationResult.load(out, config)
+    (out / "trajectory.json").write_text(trajectory)
     (out / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(ResultFileError, match="not a saved search"):
         PersonalizationResult.load(out, config)

@@ -21,14 +21,34 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from common import safe_json
 from common.atomic import write_text
+from common.schema import Schema, listing, record, scalar
 from simulations.threats.leak import ThreatError
 
 _RUN = re.compile(r"rank(\d+)-cap([\d.]+)-seed(\d+)$")
+_ERROR = scalar("number", minimum=0)  # a relative error
+# What the summary reads of a run's leak.json and recovery.json (`prime-fl threats leak|recovery`).
+LEAK = Schema(record(("released_top_r_error", "released_top_r_error_median"), released_top_r_error=_ERROR,
+                     released_top_r_error_median=_ERROR), ThreatError)
+_UNMIXING = ("released_lowrank_scale_free", "released_lowrank_scale_free_best_sharer",
+             "released_lowrank_scale_free_best_module")
+RECOVERY = Schema(record(("rows",), rows=listing(record(_UNMIXING, **dict.fromkeys(_UNMIXING, _ERROR)), minItems=1)),
+                  ThreatError)
+
+
+def _read(path: Path, schema: Schema) -> dict:
+    try:
+        data = safe_json.loads(path.read_bytes())
+    except (OSError, safe_json.UnsafeJsonError) as err:
+        raise ThreatError(f"{path}: unreadable run output ({err})") from None
+    schema.check(data, str(path))
+    return data
 
 
 def summarize(folder: str | Path) -> dict:
@@ -38,10 +58,7 @@ def summarize(folder: str | Path) -> dict:
         match = _RUN.match(run.name)
         if not match or not (run / "leak.json").is_file() or not (run / "recovery.json").is_file():
             continue
-        try:
-            leak, recovery = (json.loads((run / f"{name}.json").read_text()) for name in ("leak", "recovery"))
-        except (OSError, ValueError) as err:
-            raise ThreatError(f"{run}: unreadable run output ({err})") from None
+        leak, recovery = (_read(run / f"{name}.json", schema) for name, schema in (("leak", LEAK), ("recovery", RECOVERY)))
         groups.setdefault((int(match[1]), float(match[2])), []).append((int(match[3]), leak, recovery))
     if not groups:
         raise ThreatError(f"no rank<R>-cap<C>-seed<S> folder with leak.json and recovery.json in {folder}")
@@ -80,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="the folder holding rank<R>-cap<C>-seed<S> run folders")
     args = parser.parse_args(argv)
-    summary = summarize(args.folder)
+    try:
+        summary = summarize(args.folder)
+    except ThreatError as err:
+        print(f"guards_summary: error: {err}", file=sys.stderr)
+        return 2
     write_text(Path(args.folder) / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = to_markdown(summary)
     write_text(Path(args.folder) / "summary.md", table)
