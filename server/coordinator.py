@@ -51,7 +51,7 @@ from common.tasks import TaskSpec, get_task
 from common.synthetic import SYNTHETIC_TASKS, synthetic_task
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
-from server.personalize import check_optimizer, personalize, target_seed
+from server.personalize import personalize, target_seed
 from server.registry import Registry
 from server.replies import (
     LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_history, read_metrics,
@@ -100,7 +100,6 @@ class Coordinator:
     def _prepare(self) -> None:
         """Everything that can fail on settings or files, before any node is asked for anything."""
         c = self.config
-        check_optimizer(c.search)  # the run config (common) cannot see the optimizer registry (server)
         self.search = c.search
         if self.identity is None:
             self.identity = load_or_create_identity(c.coordinator_key_file or self.out_dir / "coordinator.key")

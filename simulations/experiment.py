@@ -41,7 +41,6 @@ from common.settings import (
     NodeConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
 )
 from common.task_model import load_task_model
-from server.personalize import check_optimizer
 from simulations.methods import Context, MethodResult, get_method
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,6 @@ class EvalConfig:
                 raise EvalConfigError(f"{_plural(name)} needs at least one value")
         try:
             for search in self.searches():  # each cell's settings pass SearchConfig's own checks
-                check_optimizer(search)
                 if self.synthetic is not None:  # with --data the task is checked once the data is read
                     search.check_task(synthetic_task(self.synthetic))
         except SettingError as err:

@@ -17,7 +17,7 @@ from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
 from common.presets import PresetChoice, resolve
 from common.settings import SearchConfig
-from server.personalize import RESULT_FILE, check_optimizer, personalize
+from server.personalize import RESULT_FILE, personalize
 from simulations.model_options import add_model_options, model_cache
 from simulations.options import add_setting_options, setting_values
 
@@ -67,7 +67,6 @@ def _sharer_dirs(root: Path) -> dict[str, Path]:
 
 def _personalize(args: argparse.Namespace) -> int:
     config = replace(resolve(SearchConfig, args.preset, setting_values(SearchConfig, args)), seed=args.seed)
-    check_optimizer(config)  # before the model loads
     check_replaceable(args.out, RESULT_FILE)
     dataset = load_lamp(args.data, split=args.split)
     config.check_task(dataset.task)  # decoding and tie-break, before the model loads
