@@ -52,6 +52,7 @@ from common.synthetic import SYNTHETIC_TASKS, synthetic_task
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
 from server.personalize import personalize, target_seed
+from server.preflight import coordinator_key_file
 from server.registry import Registry
 from server.replies import (
     LoraShape, NodeReplyError, check_embedding, check_tensors, one_line, read_history, read_metrics,
@@ -102,7 +103,7 @@ class Coordinator:
         c = self.config
         self.search = c.search
         if self.identity is None:
-            self.identity = load_or_create_identity(c.coordinator_key_file or self.out_dir / "coordinator.key")
+            self.identity = load_or_create_identity(coordinator_key_file(c))
         self.endorsement = endorse(self.identity, self.run_id, self.keys.public_bytes)
         self.registry = Registry(self.out_dir / "registry", self.registry_key)
         self.synthetic = dataclasses.replace(c.synth, task=c.task, seed=c.seed)

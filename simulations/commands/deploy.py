@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from common.atomic import output_folder
-from simulations.deploy import DeployConfig, deploy
+from simulations.deploy import DeployConfig, check_run_config, deploy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,10 +31,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_folder(args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S"))
-    result = deploy(
-        DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
-    )
+    out = Path(args.out or Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S"))
+    config = DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
+    check_run_config(config)  # before anything is written
+    output_folder(out)
+    result = deploy(config)
     print(f"run {result.run_id}: {result.status} in {result.wall_s:.1f} s on {result.nodes} supernodes")
     print(f"deployment directory: {result.run_dir} (deploy.json, logs/)")
     if result.app_out_dir:
