@@ -70,8 +70,8 @@ class DeployConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
             raise DeployError(f"--nodes must be from 1 to {MAX_NODES}, got {self.nodes}")
-        if self.timeout <= 0 or self.startup_timeout <= 0:
-            raise DeployError("timeouts must be positive")
+        if not (self.timeout > 0 and self.startup_timeout > 0):  # nan too: every deadline would have passed at once
+            raise DeployError(f"timeouts must be positive, got {self.timeout} and {self.startup_timeout}")
         if not (Path(self.app_dir) / "pyproject.toml").is_file():
             raise DeployError(f"{self.app_dir}: not a Flower app directory (no pyproject.toml)")
 

@@ -131,6 +131,7 @@ DEPLOY_CASES = [
     (["--nodes", "2"], "", "not enough users: 2 (of 24 users, 2 nodes)"),  # the default --nodes for this app
     (["--nodes", "0"], "", "--nodes must be from 1 to"),
     (["--nodes", "100000"], "", "--nodes must be from 1 to"),
+    (["--nodes", "14", "--timeout", "nan"], "", "timeouts must be positive, got nan"),
     (["--nodes", "14"], 'optimizer="adam"', "optimizer must be one of"),
     (["--nodes", "14"], "alpah=1", "Key 'alpah' is not present"),
     (["--nodes", "14"], "alpha=abc", "--run-config 'alpha=abc': The provided configuration string is in an invalid"),
