@@ -126,6 +126,8 @@ def check_new_key_file(path: Path) -> None:
     """
     if not path.parent.is_dir():
         raise KeyFileError(f"{path}: folder does not exist (a key file's folder is never created)")
+    if os.path.lexists(path):  # there, yet not found: a link to nothing, which creating the key would follow
+        raise KeyFileError(f"{path}: a link to a missing file, not a key file")
 
 
 def _load_private_pem(path: str | Path, kind: type, what: str):

@@ -53,7 +53,10 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     not_a_key.write_text(NOT_A_KEY)
     hex_key = tmp_path / "hex.key"
     hex_key.write_text(NOT_A_PEM)
-    return {"not-a-key": not_a_key, "hex": hex_key, "missing": tmp_path / "nonexistent" / "dir" / "k.key"}
+    dangling = tmp_path / "dangling.key"
+    dangling.symlink_to(tmp_path / "nowhere.key")
+    return {"not-a-key": not_a_key, "hex": hex_key, "missing": tmp_path / "nonexistent" / "dir" / "k.key",
+            "dangling": dangling}
 
 
 # (run-config overrides, the fragment the error line must hold); {x} are `_files` paths.
@@ -77,6 +80,8 @@ SIMULATE_CASES = [
     ('coordinator-key-file="{hex}"', "not an unencrypted PEM private key"),
     ('coordinator-key-file="{missing}"', "folder does not exist"),
     ('registry-key-file="/dev/zero"', "not a regular file"),
+    ('registry-key-file="{dangling}"', "a link to a missing file, not a key file"),
+    ('coordinator-key-file="{dangling}"', "a link to a missing file, not a key file"),
     # Seeds and absurd sizes.
     ("seed=-1", "seed must be from 0 to"),
     ("fault-seed=-5", "fault-seed must be from 0 to"),
