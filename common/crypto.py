@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import struct
 import uuid
 from collections.abc import Callable, Container, Mapping
@@ -48,6 +49,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 MAX_HEADER_BYTES = 4096
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+KEY_FILE_LIMIT = 16 * 1024  # bytes of a key file: a PEM private key or a hex key takes a few hundred
 _PREFIX = struct.Struct(">7sBI")  # magic, version, header length
 _HEADER_DEPTH = 1  # the header is one flat object of strings and an int
 _HEADER_FIELDS = ("eph", "node_id", "nonce", "phase", "run_id", "sender", "upload_id", "v")
@@ -95,12 +97,43 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def read_key_file(path: Path, what: str) -> bytes:
+    """The bytes of a key file: a regular file of at most `KEY_FILE_LIMIT` bytes.
+
+    A device, pipe or folder named as a key file must be refused, not read:
+    /dev/zero never ends and a pipe blocks. The file is opened without
+    blocking and checked on the open descriptor, so nothing can be swapped in
+    between the check and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise KeyFileError(f"{path}: cannot read {what} key file ({err.strerror})") from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KeyFileError(f"{path}: {what} key file is not a regular file")
+        data = handle.read(KEY_FILE_LIMIT + 1)
+    if len(data) > KEY_FILE_LIMIT:
+        raise KeyFileError(f"{path}: {what} key file is larger than {KEY_FILE_LIMIT} bytes, so not a key")
+    return data
+
+
+def check_new_key_file(path: Path) -> None:
+    """Refuse to create a key file whose folder does not exist.
+
+    A mistyped path must not become a new folder tree holding a secret (the
+    operator would look for the key where they meant to put it).
+    """
+    if not path.parent.is_dir():
+        raise KeyFileError(f"{path}: folder does not exist (a key file's folder is never created)")
+    if os.path.lexists(path):  # there, yet not found: a link to nothing, which creating the key would follow
+        raise KeyFileError(f"{path}: a link to a missing file, not a key file")
+
+
 def _load_private_pem(path: str | Path, kind: type, what: str):
     path = Path(path)
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as err:
-        raise KeyFileError(f"{path}: cannot read {what} key file ({err.strerror})") from err
+        key = serialization.load_pem_private_key(read_key_file(path, what), password=None)
     except (ValueError, TypeError) as err:
         raise KeyFileError(f"{path}: not an unencrypted PEM private key") from err
     if not isinstance(key, kind):

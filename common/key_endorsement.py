@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.crypto import KEY_BYTES, NodeIdentity
+from common.crypto import KEY_BYTES, NodeIdentity, check_new_key_file
 from common.errors import PrimeError
 
 ENDORSEMENT_LABEL = b"prime-fl/coordinator-sealing-key/v1"
@@ -94,8 +94,19 @@ def trusted_identity(offered: bytes, pinned: bytes | None, remembered: bytes | N
 
 
 def load_or_create_identity(path: str | Path) -> NodeIdentity:
-    """The coordinator's long-term identity at `path` (PKCS#8 PEM, mode 0600), created on first use."""
+    """The coordinator's long-term identity at `path` (PKCS#8 PEM, mode 0600), created on first use
+    (in a folder that exists: `check_new_key_file`)."""
     path = Path(path)
     if not path.exists():
+        check_new_key_file(path)
         NodeIdentity.generate().save(path)
     return NodeIdentity.load(path)
+
+
+def check_identity_file(path: str | Path) -> None:
+    """Refuse what `load_or_create_identity(path)` would refuse, creating nothing (a launcher's check)."""
+    path = Path(path)
+    if path.exists():
+        NodeIdentity.load(path)
+    else:
+        check_new_key_file(path)

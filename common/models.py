@@ -117,21 +117,28 @@ def load_base(
     `device` is `auto`, `cpu` or `cuda` (`resolve_device`); `dtype` a torch dtype or one of `DTYPES`
     (`resolve_dtype`; default: the device's, `device_dtype`).
     """
+    folder = check_model_spec(spec)
     where = resolve_device(device)
     dtype = resolve_dtype(dtype or "auto", where) if dtype is None or isinstance(dtype, str) else dtype
     if spec == TINY_SPEC:
         model, tokenizer = tiny_model()
         return model.to(device=where, dtype=dtype), tokenizer
-    if spec == GEMMA_SPEC:
-        path = gemma_checkpoint(cache_dir or default_cache_dir())
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
-        if not (path / "config.json").exists():
-            raise ModelSpecError(f"{path}: not a Hugging Face model directory (no config.json)")
-    model, tokenizer = _load_dir(path, dtype)
+    model, tokenizer = _load_dir(folder or gemma_checkpoint(cache_dir or default_cache_dir()), dtype)
     return model.to(where), tokenizer
+
+
+def check_model_spec(spec: str) -> Path | None:
+    """The model folder `spec` names (None for the built-in `gemma3-270m` and `tiny`); ModelSpecError for a
+    spec `load_base` would refuse. Reads no weights, so a launcher checks a run's model before anything starts."""
+    if spec in (GEMMA_SPEC, TINY_SPEC):
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"{path}: not a Hugging Face model directory (no config.json)")
+    require_safetensors(path)
+    return path
 
 
 def require_safetensors(path: Path) -> None:

@@ -94,6 +94,28 @@ def choose_sharers(
     return tuple(u for u in candidates if u in set(chosen))
 
 
+def split_sizes(n_users: int, adapt_fraction: float, n_targets: int, n_sharers: int,
+                where: str = "in the dataset") -> int:
+    """The number of adaptation users a plan of `n_users` takes; PlanError unless every role fits.
+
+    The one rule for whether a split is possible: `make_plan` applies it to
+    the users it is given, and a launcher (`server.preflight`) to the users a
+    run will have, before anything starts (`where` says where they are).
+    """
+    if not 0.0 <= adapt_fraction < 1.0:
+        raise PlanError(f"adapt fraction must be in [0, 1), got {adapt_fraction}")
+    if n_targets < 1 or n_sharers < 1:
+        raise PlanError(f"need at least one target and one sharer, got {n_targets} and {n_sharers}")
+    n_adapt = int(round(adapt_fraction * n_users))
+    needed = n_adapt + n_targets + n_sharers
+    if needed > n_users:
+        raise PlanError(
+            f"not enough users: {n_users} {where}, need {n_adapt} for adaptation (adapt-fraction {adapt_fraction:g}) "
+            f"+ {n_targets} targets + {n_sharers} sharers = {needed}"
+        )
+    return n_adapt
+
+
 def make_plan(
     users: LampDataset | Mapping[str, int],
     embeddings: Mapping[str, np.ndarray],
@@ -110,18 +132,8 @@ def make_plan(
     embeddings.
     """
     history = {u.user_id: len(u.profile) for u in users.users} if isinstance(users, LampDataset) else dict(users)
-    if not 0.0 <= adapt_fraction < 1.0:
-        raise PlanError(f"adapt fraction must be in [0, 1), got {adapt_fraction}")
-    if n_targets < 1 or n_sharers < 1:
-        raise PlanError(f"need at least one target and one sharer, got {n_targets} and {n_sharers}")
     ids = list(history)
-    n_adapt = int(round(adapt_fraction * len(ids)))
-    needed = n_adapt + n_targets + n_sharers
-    if needed > len(ids):
-        raise PlanError(
-            f"not enough users: {len(ids)} in the dataset, need {n_adapt} for adaptation "
-            f"+ {n_targets} targets + {n_sharers} sharers = {needed}"
-        )
+    n_adapt = split_sizes(len(ids), adapt_fraction, n_targets, n_sharers)
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     adaptation, targets, candidates = order[:n_adapt], order[n_adapt : n_adapt + n_targets], order[n_adapt + n_targets :]
     sharers = choose_sharers(candidates, history, embeddings, n_sharers, seed)

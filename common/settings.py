@@ -42,6 +42,25 @@ LR_SCHEDULES = ("linear", "cosine")
 # logits of 32 short rows stay in the tens of MB (docs/engine.md).
 DEFAULT_BATCH_SIZE = 32
 MIN_PROMPT_TOKENS = 8  # a training prompt keeps at least this many tokens (client.training)
+# The gradient-free optimizers server.search registers (tests/test_search.py keeps the two in step): named here so
+# that every record refuses an unknown one when it is built, not the search minutes into a run.
+OPTIMIZER_NAMES = ("cma", "ngiohtuned", "tbpsa", "ngopt")
+
+# Upper bounds of sizes. Each lies far above any value this project or the paper runs (the paper's in brackets
+# where it has one) and low enough that a slip (10^9) is refused when the record is built instead of exhausting
+# memory or time after a launch.
+MAX_USERS = 10_000  # users of one run, and so nodes of a simulation (one node per user)
+MAX_SEED = 2**32 - 1  # the largest seed every consumer takes (scikit-learn's random_state)
+MAX_HISTORY = 10_000  # history items of a user trained on or generated (paper: the recent 50)
+MAX_BUDGET = 10_000  # fitness evaluations of one search (paper: 100)
+MAX_POPSIZE = 1_000  # candidates of one generation, scored in one batched pass (paper preset: 10)
+MAX_SHARERS_MERGED = 100  # k (paper: 3)
+MAX_LORA_R = 1_024  # above the hidden size of every model here (Gemma 3 270M: 640; paper: 8)
+MAX_EPOCHS = 1_000  # LoRA or adaptation epochs (paper: 3)
+MAX_STEPS = 1_000_000  # LoRA optimizer steps
+MAX_ROWS = 4_096  # rows of one forward or one training step (paper: 6)
+MAX_TOKENS = 131_072  # tokens of one training pair (paper: 3000); Gemma 3's longest context
+MAX_ROUNDS = 1_000  # FedAvg rounds of task adaptation
 
 
 class SettingError(PrimeError, ValueError):
@@ -62,6 +81,11 @@ class Check:
 
 def at_least(low: float) -> Check:
     return Check(lambda v: v >= low, f">= {low}")
+
+
+def between(low: int, high: int) -> Check:
+    """An integer range, both ends included."""
+    return Check(lambda v: low <= v <= high, f"from {low} to {high}")
 
 
 def one_of(*values: str) -> Check:
@@ -240,16 +264,17 @@ class SearchConfig:
 
     alpha: float = setting(0.5, "privacy penalty weight: fitness is utility minus alpha x mean similarity to the sharers",
                            NON_NEGATIVE, sweep="alphas")
-    k: int = setting(3, "number of sharers merged (top-k by embedding similarity)", at_least(1), sweep="ks")
+    k: int = setting(3, "number of sharers merged (top-k by embedding similarity)", between(1, MAX_SHARERS_MERGED),
+                     sweep="ks")
     budget: int = setting(36, "fitness evaluations of the search (candidates scored, the unmerged model and the "
                                "sharers' predictions not counted); the last generation is cut short when budget is "
-                               "not a multiple of popsize", at_least(1))
-    popsize: int = setting(6, "candidates per generation (scored in one batched pass)", at_least(2))
+                               "not a multiple of popsize", between(1, MAX_BUDGET))
+    popsize: int = setting(6, "candidates per generation (scored in one batched pass)", between(2, MAX_POPSIZE))
     start: str = setting("uniform", "start of every weight: uniform (1/k, the plain average of the sharers) or zero "
                                     "(the unmerged model, as the official code)", one_of(*STARTS))
     sigma0: float = setting(0.5, "initial step size of the search", POSITIVE)
-    optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned, tbpsa or ngopt (server.search)", NAME,
-                             sweep="optimizers")
+    optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned, tbpsa or ngopt (server.search)",
+                             one_of(*OPTIMIZER_NAMES), sweep="optimizers")
     weight_level: str = setting("lora", "one weight per sharer (lora) or per sharer per layer (layer)",
                                 one_of(*WEIGHT_LEVELS), sweep="weight-levels")
     privacy_metric: str = setting(DEFAULT_PRIVACY_METRIC,
@@ -293,7 +318,8 @@ class SearchConfig:
                                       Check(lambda v: 0 <= v < 1, "in [0, 1)"), sweep="release-distances")
     score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "
                                         "false: it scores the whole merge and only the winner is truncated")
-    batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass", at_least(1))
+    batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass",
+                              between(1, MAX_ROWS))
     bounds: tuple[float, ...] = setting((-1.5, 1.5), "(low, high) of every weight", exposed=False)
     seed: int = setting(0, "search seed (the federation and eval derive one per target)", exposed=False)
 
@@ -328,7 +354,7 @@ class TrainConfig:
     schema follows from the same record the nodes train with.
     """
 
-    r: int = setting(8, "LoRA rank", at_least(1), key="lora-r")
+    r: int = setting(8, "LoRA rank", between(1, MAX_LORA_R), key="lora-r")
     lora_alpha: float = setting(16.0, "LoRA alpha (scaling alpha / r)", POSITIVE)
     target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers (comma-separated)", NAMES)
     lr: float = setting(1e-3, "LoRA learning rate (sharers, OPPU, and task adaptation unless adapt-lr)", POSITIVE)
@@ -341,14 +367,14 @@ class TrainConfig:
     adapt_grad_clip: float = setting(0.0, "task adaptation's grad-clip (0: grad-clip)", NON_NEGATIVE)
     adam_beta2: float = setting(0.999, "AdamW beta2 (torch's default; the official code: 0.95)",
                                 Check(lambda v: 0 < v < 1, "in (0, 1)"))
-    epochs: int = setting(3, "LoRA epochs over a user's history (when steps is 0)", at_least(1))
+    epochs: int = setting(3, "LoRA epochs over a user's history (when steps is 0)", between(1, MAX_EPOCHS))
     steps: int = setting(0, "LoRA optimizer steps, cycling through the reshuffled history (0: epochs decide); a "
-                            "short history then still gets enough updates", at_least(0), key="train-steps")
-    batch_size: int = setting(8, "LoRA training pairs per step", at_least(1), key="train-batch-size")
+                            "short history then still gets enough updates", between(0, MAX_STEPS), key="train-steps")
+    batch_size: int = setting(8, "LoRA training pairs per step", between(1, MAX_ROWS), key="train-batch-size")
     adapt_batch_size: int = setting(0, "task adaptation's train-batch-size (0: train-batch-size); the paper's "
                                        "Table 3 trains the task LoRA with larger batches than the sharers'",
-                                    at_least(0))
-    max_length: int = setting(512, "most tokens per LoRA training pair", at_least(2 * MIN_PROMPT_TOKENS))
+                                    between(0, MAX_ROWS))
+    max_length: int = setting(512, "most tokens per LoRA training pair", between(2 * MIN_PROMPT_TOKENS, MAX_TOKENS))
     weight_decay: float = setting(0.0, "LoRA AdamW weight decay", NON_NEGATIVE)
     seed: int = setting(0, "seed of LoRA init and shuffling", exposed=False)
 
@@ -411,7 +437,8 @@ class NodeConfig:
     """
 
     train: TrainConfig = section(TrainConfig)
-    max_history: int = setting(12, "most recent history items a user trains on and is scored on", at_least(1))
+    max_history: int = setting(12, "most recent history items a user trains on and is scored on",
+                               between(1, MAX_HISTORY))
     dp_sgd: DpSgdConfig = section(DpSgdConfig)
     dp_clip: float = setting(0.0, "output perturbation, not DP (no epsilon): clip norm of a sharer's whole upload "
                                   "(0: no clipping)", NON_NEGATIVE)

@@ -39,7 +39,7 @@ import numpy as np
 from common.errors import PrimeError
 from common.lamp import LampDataset, LampUser, Query, write_lamp
 from common.metrics import fitness, parse_label, task_metrics
-from common.settings import SettingError, at_least, setting, validate
+from common.settings import MAX_HISTORY, MAX_USERS, SettingError, at_least, between, setting, validate
 from common.tasks import TaskSpec, get_task
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("tagging", "rating", "headline", "rating-skewed")
@@ -151,10 +151,10 @@ class SyntheticConfig:
     """
 
     task: str = setting("tagging", "synthetic task: tagging, rating, headline or rating-skewed", exposed=False)
-    n_users: int = setting(48, "synthetic: number of users", at_least(1), key="synth-users")
+    n_users: int = setting(48, "synthetic: number of users", between(1, MAX_USERS), key="synth-users")
     n_groups: int = setting(4, "synthetic: latent preference groups", at_least(1), key="synth-groups")
-    history: int = setting(24, "synthetic: history items per user", at_least(1), key="synth-history")
-    queries: int = setting(4, "synthetic: held-out queries per user", at_least(1), key="synth-queries")
+    history: int = setting(24, "synthetic: history items per user", between(1, MAX_HISTORY), key="synth-history")
+    queries: int = setting(4, "synthetic: held-out queries per user", between(1, MAX_HISTORY), key="synth-queries")
     seed: int = setting(0, "synthetic data seed", exposed=False)
     quirks: bool = setting(False, "synthetic tagging: give every user a personal exception to the group rule, "
                                   "so no sharer is a clone", key="synth-quirks")

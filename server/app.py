@@ -1,8 +1,9 @@
-"""Flower ServerApp: read the run config, then adapt -> share -> personalize -> report.
+"""Flower ServerApp: read and check the run config, then adapt -> share -> personalize -> report.
 
 The phases live in `server.coordinator`; this file is the protocol at a
 glance and the only place the coordinator reads its environment (the
-registry key may come from `PRIME_FL_REGISTRY_KEY`).
+registry key may come from `PRIME_FL_REGISTRY_KEY`). The run config is
+checked as a whole (`server.preflight`) before the first message goes out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.errors import PrimeError
 from common.federation import ConfigError, FederationConfig
 from common.logs import setup_app
 from server.coordinator import Coordinator
+from server.preflight import check_run, registry_key_file, registry_key_from
 from server.registry import load_registry_key
 from server.replies import one_line
 from server.report import RunReport
@@ -33,6 +35,8 @@ def main(grid: Grid, context: Context) -> None:
     _log_progress()
     try:
         config = FederationConfig.from_run_config(context.run_config)
+        check_run(config, len(list(grid.get_node_ids())), env_key=registry_key_from(os.environ),
+                  nodes_name="connected nodes")
     except ConfigError as err:
         write_failed_report(context.run_config, err)
         raise
@@ -57,10 +61,10 @@ def _log_progress() -> None:
 
 def run_federation(grid: Grid, config: FederationConfig) -> Path:
     """Run every phase on `grid`; returns the path of the written report."""
-    env_key = os.environ.get("PRIME_FL_REGISTRY_KEY")
-    key_file = None if env_key else (config.registry_key_file or str(Path(config.out_dir) / "registry.key"))
+    env_key = registry_key_from(os.environ)
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)  # the run's folder, where its default key lives
     try:
-        key = load_registry_key(key_file, env_key, create=True)
+        key = load_registry_key(registry_key_file(config, env_key), env_key, create=True)
     except PrimeError as err:
         write_failed_report(config.to_run_config(), err)
         raise

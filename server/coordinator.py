@@ -53,7 +53,8 @@ from common.tasks import TaskSpec, get_task
 from common.synthetic import SYNTHETIC_TASKS, synthetic_task
 from common.wire import UploadSchema, decode_upload
 from server.aggregate import fedavg
-from server.personalize import check_optimizer, personalize, target_seed
+from server.personalize import personalize, target_seed
+from server.preflight import coordinator_key_file
 from server.registry import Registry
 from server.release_guard import Released, cross_release_refusal
 from server.replies import (
@@ -112,10 +113,9 @@ class Coordinator:
     def _prepare(self) -> None:
         """Everything that can fail on settings or files, before any node is asked for anything."""
         c = self.config
-        check_optimizer(c.search)  # the run config (common) cannot see the optimizer registry (server)
         self.search = c.search
         if self.identity is None:
-            self.identity = load_or_create_identity(c.coordinator_key_file or self.out_dir / "coordinator.key")
+            self.identity = load_or_create_identity(coordinator_key_file(c))
         self.endorsement = endorse(self.identity, self.run_id, self.keys.public_bytes)
         self.registry = Registry(self.out_dir / "registry", self.registry_key)
         self.synthetic = dataclasses.replace(c.synth, task=c.task, seed=c.seed)

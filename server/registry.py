@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.atomic import write_bytes
-from common.crypto import KeyFileError, UploadRejected
+from common.crypto import KeyFileError, UploadRejected, check_new_key_file, read_key_file
 from common.errors import PrimeError
 from common.wire import encode_upload, read_upload
 
@@ -53,8 +53,8 @@ def load_registry_key(path: str | Path | None, env_value: str | None, *, create:
     """The 32-byte registry key, from a key file (hex) or from an env var value given by the entry point.
 
     With `create=True` a missing key file is created with a fresh random key
-    and mode 0600. Giving both sources is an error (which one wins would be a
-    guess).
+    and mode 0600, in a folder that exists (`check_new_key_file`). Giving both
+    sources is an error (which one wins would be a guess).
     """
     if path is not None and env_value is not None:
         raise KeyFileError("registry key: give a key file or an environment value, not both")
@@ -66,15 +66,19 @@ def load_registry_key(path: str | Path | None, env_value: str | None, *, create:
     if not path.exists():
         if not create:
             raise KeyFileError(f"{path}: registry key file does not exist")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_new_key_file(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(os.urandom(KEY_BYTES).hex() + "\n")
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as err:
-        raise KeyFileError(f"{path}: cannot read registry key file ({err})") from err
-    return _parse_key(text, str(path))
+    return _parse_key(read_key_file(path, "registry").decode("ascii", errors="replace"), str(path))
+
+
+def check_registry_key(path: str | Path | None, env_value: str | None) -> None:
+    """Refuse what `load_registry_key(path, env_value, create=True)` would refuse, creating nothing."""
+    if path is not None and env_value is None and not Path(path).exists():
+        check_new_key_file(Path(path))
+    else:
+        load_registry_key(path, env_value)
 
 
 def _parse_key(text: str, where: str) -> bytes:

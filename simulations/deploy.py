@@ -42,6 +42,11 @@ from simulations.supervisor import HOST, Interrupts, LaunchError, Processes, fre
 log = logging.getLogger(__name__)
 
 CONNECTION = "prime-fl-deploy"
+APP_OUT = "app-out"  # the app's out-dir under the run directory, unless the run config names one
+# SuperNodes are processes on this one machine, each with a ClientApp process that loads its own model.
+MAX_NODES = 256
+# This project's ServerApp: its run config is checked before a deployment of it starts (`check_run_config`).
+PROJECT_SERVERAPP = "server.app:app"
 FINISHED = "finished"
 POLL_S = 3.0
 SLOW_POLL_S = 20.0
@@ -63,10 +68,10 @@ class DeployConfig:
     startup_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.nodes < 1:
-            raise DeployError(f"--nodes must be at least 1, got {self.nodes}")
-        if self.timeout <= 0 or self.startup_timeout <= 0:
-            raise DeployError("timeouts must be positive")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise DeployError(f"--nodes must be from 1 to {MAX_NODES}, got {self.nodes}")
+        if not (self.timeout > 0 and self.startup_timeout > 0):  # nan too: every deadline would have passed at once
+            raise DeployError(f"timeouts must be positive, got {self.timeout} and {self.startup_timeout}")
         if not (Path(self.app_dir) / "pyproject.toml").is_file():
             raise DeployError(f"{self.app_dir}: not a Flower app directory (no pyproject.toml)")
 
@@ -142,7 +147,8 @@ def supernode_argv(address: str, ca_cert: Path, private_key: Path, index: int, n
     ]
 
 
-def _app_config(app_dir: Path) -> dict:
+def _flwr_table(app_dir: Path) -> dict:
+    """The app's [tool.flwr] table."""
     try:
         with (app_dir / "pyproject.toml").open("rb") as handle:
             project = tomllib.load(handle)
@@ -155,7 +161,42 @@ def _app_config(app_dir: Path) -> dict:
             f"{app_dir / 'pyproject.toml'}: has a legacy [tool.flwr.federations] section, which "
             "`flwr run` (flwr >= 1.42) would move out by rewriting the file; remove it first"
         )
-    return flwr.get("app", {}).get("config", {})
+    return flwr
+
+
+def _app_config(app_dir: Path) -> dict:
+    return _flwr_table(app_dir).get("app", {}).get("config", {})
+
+
+def check_run_config(config: DeployConfig) -> None:
+    """For this project's app: the run config `flwr run` will hand its ServerApp, checked as that ServerApp checks
+    it (`server.preflight`) on `config.nodes` nodes, before any file is written or process started.
+
+    The overrides are parsed and fused with the app's defaults by Flower's
+    own functions, as `flwr run --run-config` does. Another app's run config
+    is that app's business.
+    """
+    app_dir = Path(config.app_dir)
+    if _flwr_table(app_dir).get("app", {}).get("components", {}).get("serverapp") != PROJECT_SERVERAPP:
+        return
+    # Lazy: only this project's app needs the settings records (and with them torch).
+    import click
+    from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+    from common.federation import FederationConfig
+    from server.preflight import check_run, registry_key_from
+    from simulations.simulate import default_nodes
+
+    try:
+        overrides = parse_config_args([config.run_config])
+        run_config = fuse_dicts(flatten_dict(_app_config(app_dir)), overrides)
+    except (ValueError, OSError, click.ClickException) as err:
+        message = err.message if isinstance(err, click.ClickException) else str(err)
+        raise DeployError(f"--run-config {config.run_config!r}: {message}") from None
+    if "out-dir" not in overrides:
+        run_config["out-dir"] = str(Path(config.out).resolve() / APP_OUT)  # as `deploy` sets it
+    federation = FederationConfig.from_run_config(run_config)
+    check_run(federation, config.nodes, users=default_nodes(federation), env_key=registry_key_from(os.environ))
 
 
 def _run_status(procs: Processes, run_id: str) -> tuple[str, str]:
@@ -192,7 +233,7 @@ def deploy(config: DeployConfig) -> DeployResult:
     run_config = config.run_config
     app_out = None
     if "out-dir" in app_config and "out-dir=" not in run_config:
-        app_out = run_dir / "app-out"
+        app_out = run_dir / APP_OUT
         run_config = f'{run_config} out-dir="{app_out}"'.strip()
     coordinator_identity = None
     if "coordinator-key-file" in app_config and "coordinator-key-file=" not in run_config:

@@ -47,7 +47,6 @@ from common.settings import (
 from common.schema import Schema, json_type, scalar
 from common.task_model import load_task_model
 from common.user_files import UserFileError, read_bytes
-from server.personalize import check_optimizer
 from simulations import sharer_signal
 from simulations.methods import Context, MethodResult, get_method
 from simulations.outputs import EVAL_OUTPUT
@@ -141,7 +140,6 @@ class EvalConfig:
                 raise EvalConfigError(f"{_plural(name)} needs at least one value")
         try:
             for search in self.searches():  # each cell's settings pass SearchConfig's own checks
-                check_optimizer(search)
                 if self.synthetic is not None:  # with --data the task is checked once the data is read
                     search.check_task(synthetic_task(self.synthetic))
         except SettingError as err:

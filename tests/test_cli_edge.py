@@ -61,7 +61,7 @@ def test_predict_refuses_pickle_weights_without_unpickling(data, tmp_path, capsy
         (["threats", "leak", "--model-spec", "tiny"], "threats"),
         (["eval", "--synthetic", "tagging", "--model-spec", "tiny"], "eval"),
         (["simulate"], "simulate"),
-        (["deploy"], "deploy"),
+        (["deploy", "--nodes", "14"], "deploy"),
     ],
 )
 def test_out_naming_a_file_where_a_folder_is_expected(data, tmp_path, capsys, argv, command):

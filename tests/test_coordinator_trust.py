@@ -125,17 +125,11 @@ def test_a_bad_run_config_still_writes_a_report(tmp_path):
     ({"phase_timeout": float("nan")}, "phase-timeout must be a finite number"),
     ({"fault_fraction": 2.0}, "fault-fraction"),
     ({"fault_kinds": "error,explode"}, "fault-kinds"),
+    ({"optimizer": "bogus"}, "optimizer must be one of cma"),
 ])
 def test_run_config_values_are_checked_before_any_phase(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, **overrides)
-
-
-def test_a_bad_search_setting_fails_before_any_node_is_asked(tmp_path):
-    grid = InProcessGrid(client_app, NODES)
-    Coordinator(grid=grid, config=_config(tmp_path, optimizer="bogus"), registry_key=b"k" * 32).run()
-    report = _report(tmp_path)
-    assert report["status"] == "failed" and "optimizer" in report["reasons"][0] and grid.sent == []
 
 
 def test_failed_registration_writes_a_report_with_the_skipped_nodes(tmp_path):

@@ -330,7 +330,7 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"history_fractions": "0"}, r"history-fraction must be in \(0, 1\]"),
         ({"optimizers": "cma,adam"}, "optimizer must be one of"),
         ({"dp_noise": 1.0}, "dp-noise needs dp-clip"),
-        ({"popsize": 1}, "popsize must be >= 2"),
+        ({"popsize": 1}, "popsize must be from 2 to"),
         ({"targets": 0}, "targets must be >= 1"),
         ({"seeds": 1.5}, "expected an integer"),
         ({"first_seed": -1}, "first-seed must be >= 0"),
@@ -340,7 +340,7 @@ def test_grid_axes_expand_prime_and_uniform():
         ({"privacy_metric": "bleu"}, "privacy-metric must be one of task, agreement"),
         ({"adapt_sampling": "fair"}, "adapt-sampling must be one of pooled, balanced, user"),
         ({"synthetic": "headline", "adapt_sampling": "balanced"}, "balanced needs a label task"),
-        ({"train_steps": -1}, "train-steps must be >= 0"),
+        ({"train_steps": -1}, "train-steps must be from 0 to"),
         ({"decoding": "expected"}, "decoding 'expected' needs ordered numeric labels"),  # tagging has none
         ({"synthetic": "headline", "tie_breaks": "none,expected"}, "tie-break 'expected' needs a label task"),
         ({"tie_breaks": "none,gold"}, "tie-break must be one of none, expected"),

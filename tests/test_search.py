@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from common.settings import SearchConfig
+from common.settings import OPTIMIZER_NAMES, SearchConfig
 from server.search import OPTIMIZERS, OptimizerConfig, SearchError, make_optimizer, run_search, start_value
 
 
@@ -119,6 +119,11 @@ def test_the_budget_counts_candidates_scored(name, budget, popsize, sizes):
 def test_unknown_optimizer():
     with pytest.raises(SearchError, match="unknown optimizer"):
         make_optimizer("adam", OptimizerConfig(2, 0.0))
+
+
+def test_the_records_know_every_registered_optimizer():
+    """SearchConfig refuses names outside OPTIMIZER_NAMES when it is built; the registry must hold exactly those."""
+    assert sorted(OPTIMIZERS) == sorted(OPTIMIZER_NAMES)
 
 
 def test_objective_length_mismatch_is_an_error():

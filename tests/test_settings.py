@@ -24,7 +24,7 @@ def test_flat_values_are_typed_and_checked_by_the_record():
     assert from_flat(SearchConfig, {"alpha": "1", "weight_level": "layer"}) == SearchConfig(alpha=1.0, weight_level="layer")
     with pytest.raises(SettingError, match="'k' must be int"):
         from_flat(SearchConfig, {"k": "three"})
-    with pytest.raises(SettingError, match="search config: popsize must be >= 2, got 1"):
+    with pytest.raises(SettingError, match="search config: popsize must be from 2 to 1000, got 1"):
         from_flat(SearchConfig, {"popsize": 1})
     with pytest.raises(SettingError, match="unknown key 'seed'"):  # not a run-config key: the run seeds each target
         from_flat(SearchConfig, {"seed": 1}, exposed_only=True)

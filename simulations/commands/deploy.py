@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common.atomic import output_folder
-from simulations.deploy import DeployConfig, deploy
+from common.atomic import check_output_folder, output_folder
+from simulations.deploy import DeployConfig, check_run_config, deploy
 from simulations.outputs import DEPLOY_OUTPUT
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +33,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     default = Path("runs/deploy") / time.strftime("%Y%m%d-%H%M%S")
-    out = output_folder(default if args.out is None else args.out, DEPLOY_OUTPUT)  # `--out ''`: refused, not the cwd
-    result = deploy(
-        DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
-    )
+    out = check_output_folder(default if args.out is None else args.out, DEPLOY_OUTPUT)  # `--out ''`: refused
+    config = DeployConfig(app_dir=args.app, out=out, nodes=args.nodes, run_config=args.run_config, timeout=args.timeout)
+    check_run_config(config)  # before anything is written
+    output_folder(out, DEPLOY_OUTPUT)
+    result = deploy(config)
     print(f"run {result.run_id}: {result.status} in {result.wall_s:.1f} s on {result.nodes} supernodes")
     print(f"deployment directory: {result.run_dir} (deploy.json, logs/)")
     if result.app_out_dir:

@@ -17,7 +17,7 @@ from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.task_model import load_task_model
 from common.presets import PresetChoice, resolve
 from common.settings import SearchConfig
-from server.personalize import PERSONALIZE_OUTPUT, check_optimizer, personalize
+from server.personalize import PERSONALIZE_OUTPUT, personalize
 from simulations.model_options import add_model_options, model_cache
 from simulations.options import add_setting_options, setting_values
 
@@ -70,7 +70,6 @@ def _personalize(args: argparse.Namespace) -> int:
     dataset = load_lamp(args.data, split=args.split)
     config = replace(resolve(SearchConfig, args.preset, setting_values(SearchConfig, args), task=dataset.task.lamp_id),
                      seed=args.seed)
-    check_optimizer(config)  # before the model loads
     config.check_task(dataset.task)  # decoding and tie-break, before the model loads
     target = dataset.user(args.user)
     sharers_root = Path(args.sharers)

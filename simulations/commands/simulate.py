@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from common.atomic import output_folder
 from common.federation import FederationConfig
 from common.models import resolve_cache_dir
+from server.preflight import check_run, registry_key_from
 from simulations.model_options import add_model_options
 from simulations.outputs import SIMULATE_OUTPUT
 from simulations.simulate import default_nodes, parse_overrides, phase_lines, results_table, simulate
@@ -46,9 +48,12 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["model-spec"] = args.model_spec
     overrides["model-cache"] = str(resolve_cache_dir(args.model_cache or overrides.get("model-cache")))
     config = FederationConfig.from_run_config(overrides)
+    users = default_nodes(config)
+    nodes = users if args.nodes is None else args.nodes
+    check_run(config, nodes, users=users, env_key=registry_key_from(os.environ))  # before anything is written
     output_folder(config.out_dir, SIMULATE_OUTPUT)  # a file or a user's folder there: one line, before the run
     started = time.perf_counter()
-    report = simulate(config, args.nodes or default_nodes(config), verbose=args.verbose)
+    report = simulate(config, nodes, verbose=args.verbose)
     print("\n".join(phase_lines(report)))
     print()
     print(results_table(report))
