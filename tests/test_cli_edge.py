@@ -12,16 +12,9 @@ from common.lamp import write_lamp
 from common.models import save_checkpoint, tiny_model
 from common.synthetic import synthesize
 from simulations.cli import main
+from cli_checks import one_line_error
 
 DEEP = "[" * 5000 + "]" * 5000
-
-
-def _one_line_error(capsys, argv: list[str], command: str, fragment: str) -> None:
-    code = main(argv)
-    _, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"prime-fl {command}: error: ") and fragment in lines[0], err
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def test_predict_refuses_pickle_weights_without_unpickling(data, tmp_path, capsy
     marker = tmp_path / "unpickled"
     (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
     argv = ["predict", "--data", str(data), "--model-spec", str(model_dir), "--out", str(tmp_path / "p.json")]
-    _one_line_error(capsys, argv, "predict", "only pickle weights (pytorch_model.bin)")
+    one_line_error(capsys, argv, "predict", "only pickle weights (pytorch_model.bin)")
     assert not marker.exists()
 
 
@@ -68,7 +61,7 @@ def test_out_naming_a_file_where_a_folder_is_expected(data, tmp_path, capsys, ar
     existing = tmp_path / "results.txt"
     existing.write_text("keep me")
     argv = [a.format(data=data) for a in argv] + ["--out", str(existing)]
-    _one_line_error(capsys, argv, command, "exists and is not a folder")
+    one_line_error(capsys, argv, command, "exists and is not a folder")
     assert existing.read_text() == "keep me"
 
 
@@ -79,25 +72,25 @@ def test_eval_table_out_naming_a_file(tmp_path, capsys):
             "metrics": {"mae": 1.0, "rmse": 1.0}, "predictions": ["1"], "golds": ["2"]}
     (run / "results.json").write_text(json.dumps({"cells": [cell]}))
     (tmp_path / "file").write_text("x")
-    _one_line_error(capsys, ["eval", "table", str(run), "--out", str(tmp_path / "file")], "eval", "exists and is not a folder")
+    one_line_error(capsys, ["eval", "table", str(run), "--out", str(tmp_path / "file")], "eval", "exists and is not a folder")
 
 
 @pytest.mark.parametrize("command", ["predict", "embed"])
 def test_out_naming_a_folder_where_a_file_is_expected(data, tmp_path, capsys, command):
     extra = ["--model-spec", "tiny"] if command == "predict" else ["--encoder", "hashing:8"]
-    _one_line_error(capsys, [command, "--data", str(data), *extra, "--out", str(tmp_path)], command, "is a folder")
+    one_line_error(capsys, [command, "--data", str(data), *extra, "--out", str(tmp_path)], command, "is a folder")
 
 
 def test_deeply_nested_eval_config_and_results(tmp_path, capsys):
     (tmp_path / "c.json").write_text('{"out": ' + DEEP + "}")
-    _one_line_error(capsys, ["eval", "--config", str(tmp_path / "c.json")], "eval", "nested 5001 levels deep")
+    one_line_error(capsys, ["eval", "--config", str(tmp_path / "c.json")], "eval", "nested 5001 levels deep")
     (tmp_path / "c.toml").write_text("out = " + DEEP + "\n")
-    _one_line_error(capsys, ["eval", "--config", str(tmp_path / "c.toml")], "eval", "nested too deeply")
+    one_line_error(capsys, ["eval", "--config", str(tmp_path / "c.toml")], "eval", "nested too deeply")
     (tmp_path / "c.json").write_bytes(b'{"out": "\xff"}')
-    _one_line_error(capsys, ["eval", "--config", str(tmp_path / "c.json")], "eval", "not UTF-8")
+    one_line_error(capsys, ["eval", "--config", str(tmp_path / "c.json")], "eval", "not UTF-8")
     (tmp_path / "results.json").write_text(DEEP)
-    _one_line_error(capsys, ["eval", "plot", str(tmp_path)], "eval", "nested 5000 levels deep")
-    _one_line_error(capsys, ["eval", "table", str(tmp_path), "--out", str(tmp_path / "t")], "eval", "nested 5000 levels deep")
+    one_line_error(capsys, ["eval", "plot", str(tmp_path)], "eval", "nested 5000 levels deep")
+    one_line_error(capsys, ["eval", "table", str(tmp_path), "--out", str(tmp_path / "t")], "eval", "nested 5000 levels deep")
 
 
 def test_predict_with_a_deeply_nested_adapter_config(data, tmp_path, capsys):
@@ -106,12 +99,12 @@ def test_predict_with_a_deeply_nested_adapter_config(data, tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(DEEP)
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     argv = ["predict", "--data", str(data), "--model-spec", "tiny", "--adapter", str(adapter), "--out", str(tmp_path / "p.json")]
-    _one_line_error(capsys, argv, "predict", "nested 5000 levels deep")
+    one_line_error(capsys, argv, "predict", "nested 5000 levels deep")
 
 
 def test_eval_refuses_more_merged_sharers_than_there_are(tmp_path, capsys):
     argv = ["eval", "--synthetic", "tagging", "--model-spec", "tiny", "--ks", "5", "--sharers", "3", "--out", str(tmp_path / "o")]
-    _one_line_error(capsys, argv, "eval", "k=5 is more than the 3 sharers per seed")
+    one_line_error(capsys, argv, "eval", "k=5 is more than the 3 sharers per seed")
     assert not (tmp_path / "o").exists()
 
 
@@ -135,7 +128,7 @@ def tagging_data(tmp_path_factory) -> Path:
 )
 def test_decoding_and_tie_break_refused_in_one_line(data, tagging_data, tmp_path, capsys, argv, command, fragment):
     argv = [a.format(rating=data, tagging=tagging_data) for a in argv] + ["--model-spec", "tiny", "--out", str(tmp_path / "o")]
-    _one_line_error(capsys, argv, command, fragment)
+    one_line_error(capsys, argv, command, fragment)
     assert not (tmp_path / "o").exists()
 
 
@@ -170,12 +163,12 @@ def test_predict_reads_labels_with_the_decoding_asked_for(data, tmp_path, capsys
     ({"sharer_divergence": {"per_sharer": [0.1], "mean": 0.1, "max": 0.1}}, "'sharer_ids' is missing"),
 ])
 @pytest.mark.parametrize("command", ["table", "diff"])
-def test_malformed_cells_in_results_are_a_one_line_error(tmp_path, capsys, broken, fragment, command):
+def test_malformed_cells_in_results_are_aone_line_error(tmp_path, capsys, broken, fragment, command):
     run = tmp_path / "run"
     run.mkdir()
     cell = {"method": "np", "label": "NP", "params": {"k": 3}, "seed": 0, "target": "u0", "task": "LaMP_3",
             "metrics": {"mae": 1.0, "rmse": 1.0}, "predictions": ["1"], "golds": ["2"]}
     (run / "results.json").write_text(json.dumps({"cells": [cell, cell | broken]}))
     runs = [str(run)] if command == "table" else [str(run), str(run)]
-    _one_line_error(capsys, ["eval", command, *runs, "--out", str(tmp_path / "t")], "eval",
+    one_line_error(capsys, ["eval", command, *runs, "--out", str(tmp_path / "t")], "eval",
                     f"results.json: cell 1: {fragment}")

@@ -15,6 +15,7 @@ from common.atomic import MARKER_FILE
 from common.lamp import write_lamp
 from common.synthetic import synthesize
 from simulations.cli import main
+from cli_checks import one_line_error
 
 TINY = ["--model-spec", "tiny"]
 FAST = ["--epochs", "1", "--batch-size", "4", "--r", "2", "--no-progress"]
@@ -51,14 +52,6 @@ def _snapshot(root: Path) -> dict[str, str]:
         key = str(path.relative_to(root))
         snap[key] = path.read_text() if stat.S_ISREG(mode) else f"link {os.readlink(path)}" if path.is_symlink() else "dir"
     return snap
-
-
-def _one_line_error(capsys, argv: list[str], command: str, fragment: str) -> None:
-    code = main(argv)
-    _, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"prime-fl {command}: error: ") and fragment in lines[0], err
 
 
 COMMANDS = {
@@ -99,7 +92,7 @@ def test_a_folder_that_is_not_this_commands_output_is_refused_untouched(data, ru
     home = tmp_path / "home"
     folder = _make(home / "out", files)
     before = _snapshot(home)
-    _one_line_error(capsys, _argv(command, data, run, str(folder)), command.split()[0], "refusing to overwrite it")
+    one_line_error(capsys, _argv(command, data, run, str(folder)), command.split()[0], "refusing to overwrite it")
     assert _snapshot(home) == before  # nothing deleted, overwritten or added (no marker, no temporary)
 
 
@@ -107,7 +100,7 @@ def test_a_folder_that_is_not_this_commands_output_is_refused_untouched(data, ru
 def test_tables_never_overwrite_a_users_own_table(run, tmp_path, capsys, command):
     folder = _make(tmp_path / "mine", {"table.md": "my table", "compare.md": "my comparison", "diff.md": "my diff"})
     before = _snapshot(folder)
-    _one_line_error(capsys, _argv(command, tmp_path, run, str(folder)), "eval", "not an earlier prime-fl output")
+    one_line_error(capsys, _argv(command, tmp_path, run, str(folder)), "eval", "not an earlier prime-fl output")
     assert _snapshot(folder) == before
 
 
@@ -120,7 +113,7 @@ def test_a_special_file_as_out_is_refused_and_left_as_it_is(data, run, tmp_path,
     argv = ({"predict": ["predict", "--data", str(data), *TINY, "--out", str(node)],
              "embed": ["embed", "--data", str(data), "--encoder", "hashing:8", "--out", str(node)]}.get(command)
             or _argv(command, data, run, str(node)))
-    _one_line_error(capsys, argv, command.split()[0], f"{node}: ")
+    one_line_error(capsys, argv, command.split()[0], f"{node}: ")
     assert stat.S_ISFIFO(os.lstat(node).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["null", "runs"]
 
 
@@ -135,17 +128,17 @@ def test_an_empty_or_too_long_out_is_one_line_and_writes_nothing(data, run, tmp_
     argv = ({"predict": ["predict", "--data", str(data), *TINY, "--out", out],
              "embed": ["embed", "--data", str(data), "--encoder", "hashing:8", "--out", out]}.get(command)
             or _argv(command, data, run, out))
-    _one_line_error(capsys, argv, command.split()[0], fragment)
+    one_line_error(capsys, argv, command.split()[0], fragment)
     assert _snapshot(tmp_path) == before
 
 
 def test_a_refused_eval_creates_no_output_folder(tmp_path, capsys):
     """Bad data is refused before the run folder exists; a model folder as --out keeps its config.json."""
     argv = ["eval", "--data", str(tmp_path / "missing"), *TINY, "--encoder", "hashing:8", "--methods", "np"]
-    _one_line_error(capsys, [*argv, "--out", str(tmp_path / "new")], "eval", "missing")
+    one_line_error(capsys, [*argv, "--out", str(tmp_path / "new")], "eval", "missing")
     assert not (tmp_path / "new").exists()
     model = _make(tmp_path / "model", MODEL_FOLDER)
-    _one_line_error(capsys, [*argv, "--out", str(model)], "eval", "refusing to overwrite it")
+    one_line_error(capsys, [*argv, "--out", str(model)], "eval", "refusing to overwrite it")
     assert _snapshot(model) == MODEL_FOLDER
 
 
@@ -184,7 +177,7 @@ def test_an_adapter_saved_by_train_lora_is_not_taken_for_a_bare_peft_folder(data
     """A PEFT adapter of the user's (no training_stats.json) is not a train-lora output: refused, not replaced."""
     mine = _make(tmp_path / "mine", {"adapter_config.json": "{}", "adapter_model.safetensors": "w"})
     argv = ["train-lora", "--data", str(data), "--user", "u000", *TINY, *FAST, "--out", str(mine)]
-    _one_line_error(capsys, argv, "train-lora", "refusing to overwrite it")
+    one_line_error(capsys, argv, "train-lora", "refusing to overwrite it")
     assert _snapshot(mine) == {"adapter_config.json": "{}", "adapter_model.safetensors": "w"}
 
 
@@ -210,7 +203,7 @@ def test_a_read_only_or_full_disk_is_one_line_and_leaves_no_temporary(data, run,
     argv = (["predict", "--data", str(data), *TINY, "--out", str(out)] if command == "predict"
             else _argv(command, data, run, str(out)))
     monkeypatch.setattr(*target)
-    _one_line_error(capsys, argv, command.split()[0], message)
+    one_line_error(capsys, argv, command.split()[0], message)
     monkeypatch.undo()
     leftovers = [p for p in (tmp_path / "home").rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers

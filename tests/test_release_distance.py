@@ -27,20 +27,10 @@ from server.release_guard import (
 from server.search import OptimizerConfig, make_optimizer, run_search
 from server.share_cap import cap_shares, shares, update_norms
 from simulations.threats.leak import scale_free_error
+from small_adapters import random_adapter
 
 TAU = 0.5
 CANCEL = np.array([1.0, 1.0, -1.0])  # issue 29: A + B - (B + noise) = A - noise
-
-
-def _adapter(seed: int, scale: float = 1.0) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in (0, 1):
-        for proj, (out_dim, in_dim) in (("q_proj", (32, 32)), ("v_proj", (16, 32))):
-            base = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{base}.lora_A.weight"] = torch.randn(2, in_dim, generator=g) * scale
-            tensors[f"{base}.lora_B.weight"] = torch.randn(out_dim, 2, generator=g) * scale
-    return LoraAdapter(tensors=tensors, r=2, lora_alpha=4.0, target_modules=("q_proj", "v_proj"))
 
 
 def _near_copy(adapter: LoraAdapter, noise: LoraAdapter, amount: float) -> LoraAdapter:
@@ -48,7 +38,7 @@ def _near_copy(adapter: LoraAdapter, noise: LoraAdapter, amount: float) -> LoraA
     return dataclasses.replace(adapter, tensors={k: v + amount * noise.tensors[k] for k, v in adapter.tensors.items()})
 
 
-A, B, NOISE = _adapter(0), _adapter(1), _adapter(2)
+A, B, NOISE = random_adapter(0), random_adapter(1), random_adapter(2)
 C = _near_copy(B, NOISE, 0.05)
 SHARERS = [A, B, C]
 
@@ -73,7 +63,7 @@ def test_the_cancellation_merge_obeys_the_share_cap_yet_hands_over_a_sharer():
 @pytest.mark.parametrize("level", ["lora", "layer"])
 def test_the_guard_measures_what_the_leak_attack_measures_on_the_released_update(merge, rank, level):
     """Cores against the attack's own measure on the full out x in updates of the adapter `release` hands out."""
-    adapters = [A, B, _adapter(3, scale=2.0)]
+    adapters = [A, B, random_adapter(3, scale=2.0)]
     rng = np.random.default_rng(0)
     weights = rng.uniform(-1.5, 1.5, size=(3,) if level == "lora" else (3, 2))
     released = release(MERGES[merge].build(adapters, torch.as_tensor(weights)), rank)
@@ -168,7 +158,7 @@ def test_release_distance_is_a_fraction_below_one_and_off_by_default():
 
 # -- across releases -------------------------------------------------------------------------------------------
 
-D = _adapter(4)
+D = random_adapter(4)
 POOL = {"a": A, "b": B, "d": D, "n": NOISE}
 FIRST = Released(("a", "b", "d"), np.array([0.5, 0.4, 0.6]), "exact", 0)
 SECOND = Released(("a", "b", "d"), np.array([0.2, 0.7, -0.5]), "exact", 0)

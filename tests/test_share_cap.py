@@ -6,28 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from common.adapters import LoraAdapter
 from common.lora_math import factors, merge_exact
 from common.models import tiny_model
 from common.settings import SearchConfig
 from common.tasks import get_task
 from server.personalize import personalize
 from server.share_cap import ShareCapError, cap_shares, shares, update_norms
-
-
-def _adapter(seed: int, scale: float = 1.0) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in (0, 1):
-        for proj, (out_dim, in_dim) in (("q_proj", (32, 32)), ("v_proj", (16, 32))):
-            base = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{base}.lora_A.weight"] = torch.randn(2, in_dim, generator=g) * scale
-            tensors[f"{base}.lora_B.weight"] = torch.randn(out_dim, 2, generator=g) * scale
-    return LoraAdapter(tensors=tensors, r=2, lora_alpha=4.0, target_modules=("q_proj", "v_proj"))
+from small_adapters import random_adapter
 
 
 def test_update_norms_are_the_norms_of_g_b_a():
-    adapters = [_adapter(0), _adapter(1, scale=3.0)]
+    adapters = [random_adapter(0), random_adapter(1, scale=3.0)]
     norms = update_norms(adapters, (2,))
     for s, adapter in enumerate(adapters):
         exact = np.sqrt(sum(float(((adapter.scaling * b @ a) ** 2).sum()) for a, b in factors(adapter).values()))
@@ -77,7 +66,7 @@ def test_threats_leak_refuses_a_bad_share_cap_in_one_line(tmp_path, capsys):
 def test_every_weight_vector_personalize_returns_obeys_the_cap(level):
     model, tokenizer = tiny_model()
     task = get_task("rating")
-    adapters = {f"s{i}": (_adapter(i, scale=[3.0, 0.3, 0.3][i]), np.eye(4)[i] + 0.1) for i in range(3)}
+    adapters = {f"s{i}": (random_adapter(i, scale=[3.0, 0.3, 0.3][i]), np.eye(4)[i] + 0.1) for i in range(3)}
     history = [(f"Review: item {i} was fine. Score:", str(1 + i % 5)) for i in range(6)]
     config = SearchConfig(alpha=0.0, k=3, budget=8, popsize=4, share_cap=0.4, weight_level=level)
     result = personalize(model, tokenizer, task, history, np.ones(4), adapters, config, progress=False)
@@ -93,7 +82,7 @@ def test_a_cap_below_one_over_k_is_lifted_to_equal_shares_when_fewer_sharers_are
     """Cap 0.4 is set for k = 3; a target for whom only two sharers exist gets shares <= 1/2, not a failure."""
     model, tokenizer = tiny_model()
     task = get_task("rating")
-    adapters = {f"s{i}": (_adapter(i, scale=[3.0, 0.3][i]), np.eye(4)[i] + 0.1) for i in range(2)}
+    adapters = {f"s{i}": (random_adapter(i, scale=[3.0, 0.3][i]), np.eye(4)[i] + 0.1) for i in range(2)}
     history = [(f"Review: item {i} was fine. Score:", str(1 + i % 5)) for i in range(6)]
     config = SearchConfig(alpha=0.0, k=3, budget=8, popsize=4, share_cap=0.4)
     result = personalize(model, tokenizer, task, history, np.ones(4), adapters, config, progress=False)
