@@ -15,11 +15,9 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
-from sklearn.metrics import f1_score
 
 from common.tasks import TaskSpec
 
@@ -43,9 +41,18 @@ def higher_is_better(metric_name: str) -> bool:
         raise ValueError(f"unknown metric {metric_name!r} (known: {', '.join(_HIGHER)})") from None
 
 
+def _macro_f1(*args: Any, **kwargs: Any) -> float:
+    from sklearn.metrics import f1_score  # imported when first scored: about 1 s that a settings check need not pay
+
+    return f1_score(*args, **kwargs)
+
+
 @lru_cache(maxsize=2)
-def _scorer(stem: bool) -> rouge_scorer.RougeScorer:
-    # Building a scorer (stemmer, tokenizer) costs more than scoring a short pair.
+def _scorer(stem: bool) -> Any:
+    # Building a scorer (stemmer, tokenizer) costs more than scoring a short pair. Imported here: rouge-score pulls
+    # in nltk (about 1.3 s), which every command importing the settings would pay before its first check.
+    from rouge_score import rouge_scorer
+
     # rouge-score logs "Using default tokenizer" at INFO through absl on every construction.
     logging.getLogger("absl").setLevel(logging.WARNING)
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=stem)
@@ -146,7 +153,7 @@ def _metrics(task: TaskSpec, preds: list[str], references: list[str], *, strict:
         values = {
             "accuracy": float(np.mean([p == r for p, r in zip(pred_labels, ref_labels)])),
             "f1": float(
-                f1_score(ref_labels, pred_labels, labels=list(task.query_labels or ()), average="macro", zero_division=0)
+                _macro_f1(ref_labels, pred_labels, labels=list(task.query_labels or ()), average="macro", zero_division=0)
             ),
         }
     return {name: values[name] for name in task.metrics}
