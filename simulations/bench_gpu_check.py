@@ -106,8 +106,14 @@ def _run(command: list[str], log: Path, timeout: float, device: str) -> dict[str
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "error": f"stopped after its budget of {timeout:g} s (log: {log.name})"}
     if proc.returncode != 0:
-        return {"status": "failed", "error": f"exit status {proc.returncode} (log: {log.name})"}
+        return {"status": "failed", "error": f"exit status {proc.returncode} (log: {log.name}): {_last_line(log)}"}
     return {"status": "passed", "error": None}
+
+
+def _last_line(log: Path) -> str:
+    """The log's last non-empty line: a command's one-line error, or pytest's summary."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:500] if lines else "(empty log)"
 
 
 def junit_counts(path: Path) -> dict[str, int]:

@@ -95,6 +95,15 @@ def test_gpu_check_records_a_step_over_its_budget(tmp_path, monkeypatch):
     assert step["status"] == "timeout" and "budget of 0.2 s" in step["error"] and step["counts"] is None
 
 
+def test_gpu_check_records_a_failing_command_with_its_last_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_gpu_check, "STEPS", {"tests": bench_gpu_check.step_tests})
+    out = tmp_path / "check"
+    assert bench_gpu_check.main(["--out", str(out), "--device", "cpu", "--tests", "tests/no_such_test.py"]) == 1
+    (step,) = json.loads((out / "gpu_check.json").read_text())["steps"].values()
+    assert step["status"] == "failed" and step["error"].startswith("exit status 4 (log: pytest.log): ")
+    assert "no_such_test.py" in step["error"]
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "--data DIR (a LaMP-4-layout folder) is needed on cuda"),
     (["--data", "no/such/folder"], "no such folder"),
