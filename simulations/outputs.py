@@ -32,3 +32,5 @@ SIMULATE_OUTPUT = OutputKind("simulate", (
 ))
 
 DEPLOY_OUTPUT = OutputKind("deploy", (Layout(frozenset({"deploy.json"}), ("logs", "certs", "keys", "flwr-home", "app-out")),))
+
+GPU_CHECK_OUTPUT = OutputKind("gpu-check")
