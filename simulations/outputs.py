@@ -23,9 +23,11 @@ EVAL_OUTPUT = OutputKind("eval", (
     Layout(frozenset({"index.json"}), ("*.png", "*.csv", "*.json")),  # plots/, eval tradeoffs --out
 ))
 
-THREATS_OUTPUT = OutputKind("threats", tuple(
-    Layout(frozenset(required), ("embedding.*", "membership.*", "leak.*", "recovery.*"))
-    for required in ({"embedding.json"}, {"membership.json"}, {"leak.json"}, {"recovery.json"})
+THREATS_OUTPUT = OutputKind("threats", (
+    *(Layout(frozenset(required), ("embedding.*", "membership.*", "leak.*", "recovery.*"))
+      for required in ({"embedding.json"}, {"membership.json"}, {"leak.json"}, {"recovery.json"})),
+    # guards_summary's folder: run folders and their summary (it writes only where it found a run to summarize)
+    Layout(frozenset(), ("rank*-cap*-seed*", "summary.json", "summary.md")),
 ))
 
 DEPLOY_OUTPUT = OutputKind("deploy", (Layout(frozenset({"deploy.json"}), ("logs", "certs", "keys", "flwr-home", "app-out")),))
