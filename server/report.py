@@ -28,7 +28,7 @@ from common.jsonable import plain
 # The kind keeps the name `prime-fl simulate` gave it first, so that its earlier folders stay accepted.
 RUN_OUTPUT = OutputKind("simulate", (
     Layout(frozenset({"report.json"}), ("targets.csv", "targets", "task_adapter", "registry", "registry.key",
-                                        "coordinator.key")),
+                                        "coordinator.key", "flower")),  # flower/: `prime-fl simulate`'s logs
 ))
 
 
