@@ -264,3 +264,19 @@ def test_deploy_refuses_an_out_dir_that_is_not_an_earlier_run(tmp_path, capsys):
     argv = ["deploy", "--out", str(out), "--nodes", "14", "--run-config", f'out-dir="{folder}"']
     _refused(capsys, argv, "deploy", "refusing to overwrite it", out)
     _unchanged(folder, files)
+
+
+@pytest.mark.parametrize(("task", "groups"), [("headline", 6), ("rating", 5), ("rating-skewed", 5), ("tagging", 4)])
+def test_synth_groups_is_checked_against_the_runs_own_task(task, groups):
+    """The bug: synth-groups was checked against tagging's 4 groups whatever the task, so headline's 6 were refused."""
+    config = FederationConfig.from_run_config({"task": task, "synth-groups": groups})
+    assert (config.synth.task, config.synth.n_groups) == (task, groups)
+    with pytest.raises(ConfigError, match=f"groups must be between 1 and {groups} for {task}, got {groups + 1}"):
+        FederationConfig.from_run_config({"task": task, "synth-groups": groups + 1})
+
+
+def test_a_synth_setting_keeps_the_runs_other_synthetic_defaults():
+    """The bug: giving any synth-* key rebuilt the section from SyntheticConfig's defaults (48 users, not the run's 24)."""
+    default = FederationConfig().synth
+    config = FederationConfig.from_run_config({"synth-groups": 3})
+    assert (config.synth.n_users, config.synth.history, config.synth.n_groups) == (default.n_users, default.history, 3)
