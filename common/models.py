@@ -135,7 +135,7 @@ def check_model_spec(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise ModelSpecError(f"unknown model spec {spec!r}: use {GEMMA_SPEC!r}, {TINY_SPEC!r} or a local model directory")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():  # a FIFO or device there is named by check_model_folder on loading
         raise ModelSpecError(f"{path}: not a Hugging Face model directory (no config.json)")
     require_safetensors(path)
     return path

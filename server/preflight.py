@@ -67,11 +67,19 @@ def check_run(config: FederationConfig, nodes: int, *, users: int | None = None,
     key_file = registry_key_file(config, env_key)
     if key_file is None:
         _check(REGISTRY_KEY_ENV, lambda key: check_registry_key(None, key), env_key)
-    elif config.registry_key_file or key_file.exists():  # a default one in the run folder is made by the run
+    elif config.registry_key_file or _exists(key_file):  # a default one in the run folder is made by the run
         _check("registry-key-file", lambda path: check_registry_key(path, None), key_file)
     identity = coordinator_key_file(config)
-    if config.coordinator_key_file or identity.exists():
+    if config.coordinator_key_file or _exists(identity):
         _check("coordinator-key-file", check_identity_file, identity)
+
+
+def _exists(path: Path) -> bool:
+    """`path.exists()`, with a name the system refuses (too long, a file as a folder) one line instead of OSError."""
+    try:
+        return path.exists()
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror or err}") from None
 
 
 def _check_split(config: FederationConfig, nodes: int, users: int | None) -> None:

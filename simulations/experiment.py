@@ -320,7 +320,7 @@ def _config_schema() -> Schema:
     OUT/config.json writes it). Ranges are the records' own checks, run when `from_mapping` builds them."""
     hints = typing.get_type_hints(EvalConfig)
     kinds = {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(EvalConfig) if f.name not in _SECTIONS}
-    kinds |= {o.key: o.kind for record in (SearchConfig, NodeConfig, SyntheticConfig)
+    kinds |= {o.key: o.kind for record in (SearchConfig, NodeConfig, PerPcsConfig, SyntheticConfig)
               for o in options(record, exposed_only=True)}
     kinds |= {plural: tuple[_SEARCH_OPTIONS[name].kind, ...] for plural, name in SWEEPS.items()}
     properties = {}

@@ -156,17 +156,18 @@ def test_predict_reads_labels_with_the_decoding_asked_for(data, tmp_path, capsys
     ({"params": []}, "'params' must be an object"),
     ({"target": [1]}, "'target' must be a string"),
     ({"sharer_ids": ["s1"], "sharer_divergence": {"per_sharer": [0.1, 0.2], "mean": 0.1, "max": 0.2}},
-     "'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id"),
+     "'sharer_divergence.per_sharer' must hold one share per sharer id"),
     ({"sharer_ids": ["s1"], "sharer_divergence": {"per_sharer": [float("nan")], "mean": 0.1, "max": 0.2}},
-     "'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id"),
+     "'sharer_divergence.per_sharer[0]' must be a finite number, got nan"),
     ({"sharer_ids": ["s1"], "sharer_divergence": {"per_sharer": [1.5], "mean": 0.1, "max": 0.2}},
-     "'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id"),
+     "'sharer_divergence.per_sharer[0]' must be <= 1, got 1.5"),
     ({"sharer_ids": "s1", "sharer_divergence": {"per_sharer": [0.1], "mean": 0.1, "max": 0.1}},
      "'sharer_ids' must be a list of strings"),
     ({"sharer_ids": ["s1"], "sharer_divergence": {"per_sharer": [0.1], "mean": "0.1", "max": 0.1}},
-     "'sharer_divergence' must have 'mean' and 'max' shares in [0, 1]"),
+     "'sharer_divergence.mean' must be a finite number, got '0.1'"),
     ({"sharer_ids": ["s1"], "sharer_divergence": [0.1]},
-     "'sharer_divergence.per_sharer' must be one share in [0, 1] per sharer id"),
+     "'sharer_divergence' must be an object or null, got [0.1]"),
+    ({"sharer_divergence": {"per_sharer": [0.1], "mean": 0.1, "max": 0.1}}, "'sharer_ids' is missing"),
 ])
 @pytest.mark.parametrize("command", ["table", "diff"])
 def test_malformed_cells_in_results_are_a_one_line_error(tmp_path, capsys, broken, fragment, command):

@@ -34,7 +34,7 @@ def cell(method: str, label: str, params: dict, preds: list[str], sim: float | N
 
 def prime(alpha: float, preds: list[str], sim: float) -> dict:
     params = {"alpha": alpha, "k": 3, "optimizer": "cma", "budget": 6, "popsize": 3}
-    return cell("prime", f"PriME α={alpha:g}", params, preds, sim, fallback=False,
+    return cell("prime", f"PriME α={alpha:g}", params, preds, sim, fallback=False, sharer_ids=["s1", "s2", "s3"],
                 sharer_divergence={"per_sharer": [0.5, 0.25, 0.0], "mean": 0.25, "max": 0.5},
                 trajectory=[{"generation": 0, "evaluations": 3, "best_so_far": 0.5},
                             {"generation": 1, "evaluations": 6, "best_so_far": 1.0}])
@@ -77,9 +77,10 @@ MALFORMED = {
     "similarity a list": (2, {"similarity": [0.5]}, "'similarity' must be a finite number or null"),
     "similarity NaN": (2, {"similarity": float("nan")}, "'similarity' must be a finite number or null, got nan"),
     "sharer_divergence a string": (2, {"sharer_divergence": "x"}, "'sharer_divergence' must be an object or null"),
-    "sharer_divergence mean a string": (2, {"sharer_divergence": {"mean": "a", "max": 0.5}},
+    "sharer_divergence mean a string": (2, {"sharer_divergence": {"per_sharer": [0.5], "mean": "a", "max": 0.5}},
                                         "'sharer_divergence.mean' must be a finite number"),
-    "sharer_divergence max missing": (2, {"sharer_divergence": {"mean": 0.5}}, "'sharer_divergence.max' is missing"),
+    "sharer_divergence max missing": (2, {"sharer_divergence": {"per_sharer": [0.5], "mean": 0.5}},
+                                      "'sharer_divergence.max' is missing"),
     "quirk_chances without quirk_copies": (0, {"quirk_chances": 4}, "'quirk_chances' needs 'quirk_copies'"),
     "quirk_copies a string": (0, {"quirk_chances": 4, "quirk_copies": "2"}, "'quirk_copies' must be an integer"),
     "trajectory entry a string": (2, {"trajectory": ["x"]}, "'trajectory[0]' must be an object"),

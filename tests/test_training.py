@@ -360,7 +360,7 @@ def test_task_adaptation_jobs_take_adapt_batch_size_and_sharers_train_batch_size
     assert NodeConfig(train=TrainConfig(batch_size=6)).for_job(seed=0, epochs=3).train.batch_size == 6  # 0: the same
     run = FederationConfig.from_run_config({"train-batch-size": 6, "adapt-batch-size": 16})
     assert (run.node_config(run.adapt_epochs).train.batch_size, run.node_config().train.batch_size) == (16, 6)
-    with pytest.raises(SettingError, match="adapt-batch-size must be >= 0"):
+    with pytest.raises(SettingError, match="adapt-batch-size must be from 0 to"):
         TrainConfig(adapt_batch_size=-1)
 
 

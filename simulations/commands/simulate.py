@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.atomic import output_folder
+from common.atomic import check_output_folder, output_folder
 from common.federation import FederationConfig
 from common.models import resolve_cache_dir
 from server.preflight import check_run, registry_key_from
@@ -50,6 +50,7 @@ def _simulate(args: argparse.Namespace) -> int:
     config = FederationConfig.from_run_config(overrides)
     users = default_nodes(config)
     nodes = users if args.nodes is None else args.nodes
+    check_output_folder(config.out_dir, SIMULATE_OUTPUT)  # a file, a user's folder or a bad name there: one line
     check_run(config, nodes, users=users, env_key=registry_key_from(os.environ))  # before anything is written
     output_folder(config.out_dir, RUN_OUTPUT)  # checked by check_run: only now is the folder made
     started = time.perf_counter()
