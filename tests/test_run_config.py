@@ -230,7 +230,7 @@ def _unchanged(folder: Path, files: dict[str, bytes]) -> None:
 
 @pytest.mark.parametrize("nodes", [10, 0])  # a good config, and one refused for another reason
 def test_server_app_refuses_an_out_dir_that_is_not_an_earlier_run(tmp_path, nodes):
-    """The bug: `flwr run . --run-config 'out-dir="..."'` wrote report.json, registry.key and registry/ into any folder."""
+    """The bug: `flwr run` with `out-dir` naming any folder wrote report.json, registry.key and registry/ into it."""
     folder, files = _users_folder(tmp_path)
     grid = InProcessGrid(client_app, nodes)
     with pytest.raises(ConfigError, match="connected nodes" if nodes == 0 else "out-dir: .*refusing to overwrite it"):
@@ -276,7 +276,7 @@ def test_synth_groups_is_checked_against_the_runs_own_task(task, groups):
 
 
 def test_a_synth_setting_keeps_the_runs_other_synthetic_defaults():
-    """The bug: giving any synth-* key rebuilt the section from SyntheticConfig's defaults (48 users, not the run's 24)."""
+    """The bug: any synth-* key rebuilt the section from SyntheticConfig's defaults (48 users, not the run's 24)."""
     default = FederationConfig().synth
     config = FederationConfig.from_run_config({"synth-groups": 3})
     assert (config.synth.n_users, config.synth.history, config.synth.n_groups) == (default.n_users, default.history, 3)
