@@ -34,7 +34,7 @@ _EMBEDDINGS_MEMBERS = {
     "encoder": NpyMember("U", 0, required=False),
 }
 MAX_HASHING_DIM = 65_536  # a hashed row per text of this many floats; MiniLM's embeddings have 384
-_MODULE_PREFIX = "sentence_transformers.models."
+_MODULE_PREFIX = "sentence_transformers."  # the library's own classes (it asks trust_remote_code for any other)
 _ENCODER_JSON_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                        "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 _ENCODER_TEXT_FILES = ("tokenizer.json", "vocab.txt")  # read by tokenizers: only their kind and size here
@@ -121,12 +121,13 @@ def _hashing_dim(dim: int) -> int:
 def _model_folder(path: Path) -> Path:
     """`path` if it is a sentence-transformers folder that loads without running code of its own, else EncoderError.
 
-    sentence-transformers imports whatever class `modules.json` names and
-    transformers honours `auto_map`, so a hostile folder could run code; its
-    JSON files could be deep or huge, its weights a pickle or garbage. Each
-    file it reads is checked first: regular, size-bounded, depth-capped JSON,
-    module classes from sentence-transformers itself and in the folder, no
-    `auto_map`, safetensors headers that describe their file.
+    `modules.json` names the classes sentence-transformers imports and
+    `auto_map` the code transformers would run: a class from outside
+    sentence-transformers and any `auto_map` are refused here rather than left
+    to those libraries' remote-code switches. The folder's JSON files could be
+    deep or huge, its weights a pickle or garbage, so each file they read is
+    checked first: regular, size-bounded, depth-capped JSON, module folders
+    inside the folder, safetensors headers that describe their file.
     """
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise EncoderError(f"{path}: not a sentence-transformers model folder (no modules.json or config.json)")
