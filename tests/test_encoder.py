@@ -124,34 +124,44 @@ def _replace(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _huge(path: Path) -> None:
+    path.unlink()
+    path.touch()
+    os.truncate(path, (1 << 30) + 1)  # sparse: no disk used
+
+
+def _modules(edit):
+    return lambda f: _edit_json(f / "modules.json", edit)
+
+
 HOSTILE_ENCODER_FOLDERS = [
-    ("a module type outside sentence-transformers",
-     lambda f: _edit_json(f / "modules.json", lambda m: [m[0] | {"type": "subprocess.Popen"}]),
+    ("a module type outside sentence-transformers", _modules(lambda m: [m[0] | {"type": "subprocess.Popen"}]),
      "modules.json: module 0 has type 'subprocess.Popen'"),
-    ("a module path outside the folder", lambda f: _edit_json(f / "modules.json", lambda m: [m[0], m[1] | {"path": "../x"}]),
+    ("a module path outside the folder", _modules(lambda m: [m[0], m[1] | {"path": "../x"}]),
      "modules.json: module 1 has path '../x'"),
-    ("remote code in config.json", lambda f: _edit_json(f / "config.json", lambda c: c | {"auto_map": {"AutoModel": "m.M"}}),
+    ("remote code in config.json",
+     lambda f: _edit_json(f / "config.json", lambda c: c | {"auto_map": {"AutoModel": "m.M"}}),
      "config.json: field 'auto_map' asks to run the folder's own code"),
     ("remote code in the tokenizer config",
      lambda f: _edit_json(f / "tokenizer_config.json", lambda c: c | {"auto_map": {"AutoTokenizer": ["t.T", None]}}),
      "tokenizer_config.json: field 'auto_map'"),
-    ("a config nested too deep", lambda f: _replace(f / "config.json", b"[" * 100_000 + b"]" * 100_000), "config.json: "),
-    ("a pooling config that is a FIFO", lambda f: ((f / "1_Pooling" / "config.json").unlink(),
-                                                    os.mkfifo(f / "1_Pooling" / "config.json")), "a FIFO, not a regular file"),
+    ("a config nested too deep", lambda f: _replace(f / "config.json", b"[" * 100_000 + b"]" * 100_000),
+     "config.json: JSON nested 100000 levels deep"),
+    ("a pooling config that is a FIFO", lambda f: _fifo(f / "1_Pooling" / "config.json"), "a FIFO, not a regular file"),
     ("weights that are not safetensors", lambda f: _replace(f / "model.safetensors", b"\x80\x04K\x01." * 100),
      "model.safetensors: not a safetensors file"),
-    ("a tokenizer over the size limit", lambda f: ((f / "tokenizer.json").unlink(),
-                                                   os.truncate(_touch(f / "tokenizer.json"), (1 << 30) + 1)),
+    ("a tokenizer over the size limit", lambda f: _huge(f / "tokenizer.json"),
      "tokenizer.json: 1073741825 bytes, over the"),
 ]
 
 
-def _touch(path: Path) -> Path:
-    path.touch()
-    return path
-
-
-@pytest.mark.parametrize(("what", "spoil", "message"), HOSTILE_ENCODER_FOLDERS, ids=[c[0] for c in HOSTILE_ENCODER_FOLDERS])
+@pytest.mark.parametrize(("what", "spoil", "message"), HOSTILE_ENCODER_FOLDERS,
+                         ids=[case[0] for case in HOSTILE_ENCODER_FOLDERS])
 def test_a_hostile_encoder_folder_is_refused_in_one_line_before_loading(tmp_path, what, spoil, message):
     folder = _encoder_folder(tmp_path)
     assert check_encoder_spec(str(folder)) == folder  # the embedded MiniLM's own folder passes every check
