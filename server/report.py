@@ -29,6 +29,8 @@ from common.jsonable import plain
 RUN_OUTPUT = OutputKind("simulate", (
     Layout(frozenset({"report.json"}), ("targets.csv", "targets", "task_adapter", "registry", "registry.key",
                                         "coordinator.key", "flower")),  # flower/: `prime-fl simulate`'s logs
+    # Only the run's keys, made ahead of it (nodes pin the coordinator key's public half): read, never replaced.
+    Layout(frozenset(), ("registry.key", "coordinator.key")),
 ))
 
 

@@ -19,6 +19,7 @@ import simulations.commands.simulate  # noqa: F401
 from client.app import app as client_app
 from common.atomic import output_folder
 from common.federation import ConfigError, FederationConfig
+from common.key_endorsement import load_or_create_identity
 from common.settings import MAX_USERS, SearchConfig, SettingError, TrainConfig
 from common.synthetic import SyntheticConfig
 from inprocess_grid import InProcessGrid, tiny_config
@@ -254,7 +255,10 @@ def test_an_earlier_run_folder_is_accepted_with_or_without_the_marker(tmp_path):
     (legacy / "registry").mkdir(parents=True)
     (legacy / "report.json").write_text("{}")
     (legacy / "targets.csv").write_text("user_id\n")
-    for folder in (marked, legacy, tmp_path / "new"):
+    keys = tmp_path / "keys"  # the run's identity made ahead of it, so that nodes can pin its public half
+    keys.mkdir()
+    load_or_create_identity(keys / "coordinator.key")
+    for folder in (marked, legacy, keys, tmp_path / "new"):
         check_run(tiny_config(str(folder)), 10)
 
 
