@@ -9,6 +9,7 @@ every row is L2-normalised.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Mapping, Protocol
@@ -19,7 +20,9 @@ from common.atomic import write_with
 from common.errors import PrimeError
 from common.lamp import LampDataset
 from common.tasks import TaskSpec
-from common.user_files import NpyMember, UserFileError, read_npz
+from common.user_files import (
+    FLOAT_DTYPES, NpyMember, UserFileError, open_regular, read_json, read_npz, safetensors_header,
+)
 from common.wire import DEFAULT_MAX_ABS, magnitude_problem
 
 DEFAULT_ENCODER = "minilm"
@@ -31,6 +34,12 @@ _EMBEDDINGS_MEMBERS = {
     "encoder": NpyMember("U", 0, required=False),
 }
 MAX_HASHING_DIM = 65_536  # a hashed row per text of this many floats; MiniLM's embeddings have 384
+_MODULE_PREFIX = "sentence_transformers."  # the library's own classes (it asks trust_remote_code for any other)
+_ENCODER_JSON_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                       "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_ENCODER_TEXT_FILES = ("tokenizer.json", "vocab.txt")  # read by tokenizers: only their kind and size here
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_TOKENIZER_BYTES = 256 * 1024 * 1024  # MiniLM's tokenizer.json is 0.5 MB
 
 
 class EncoderError(PrimeError):
@@ -110,9 +119,66 @@ def _hashing_dim(dim: int) -> int:
 
 
 def _model_folder(path: Path) -> Path:
+    """`path` if it is a sentence-transformers folder that loads without running code of its own, else EncoderError.
+
+    `modules.json` names the classes sentence-transformers imports and
+    `auto_map` the code transformers would run: a class from outside
+    sentence-transformers and any `auto_map` are refused here rather than left
+    to those libraries' remote-code switches. The folder's JSON files could be
+    deep or huge, its weights a pickle or garbage, so each file they read is
+    checked first: regular, size-bounded, depth-capped JSON, module folders
+    inside the folder, safetensors headers that describe their file.
+    """
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise EncoderError(f"{path}: not a sentence-transformers model folder (no modules.json or config.json)")
+    try:
+        folders = [path, *_module_folders(path)]
+        for folder in folders:
+            for name in _ENCODER_JSON_FILES:
+                if (folder / name).exists() or (folder / name).is_symlink():
+                    _no_remote_code(read_json(folder / name, MAX_CONFIG_BYTES), folder / name)
+            for name in _ENCODER_TEXT_FILES:
+                if (folder / name).exists() or (folder / name).is_symlink():
+                    _bounded(folder / name, MAX_TOKENIZER_BYTES)
+            for weights in sorted(folder.glob("*.safetensors")):
+                safetensors_header(weights, (*FLOAT_DTYPES, "I64"))  # I64: BERT's position_ids buffer
+    except UserFileError as err:
+        raise EncoderError(str(err)) from None
     return path
+
+
+def _module_folders(path: Path) -> list[Path]:
+    """The module folders `modules.json` names, each a sentence-transformers class in a subfolder of `path`."""
+    if not (path / "modules.json").exists() and not (path / "modules.json").is_symlink():
+        return []
+    where = path / "modules.json"
+    modules = read_json(where, MAX_CONFIG_BYTES)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise EncoderError(f"{where}: expected a list of module records")
+    folders = []
+    for index, module in enumerate(modules):
+        kind, sub = module.get("type"), module.get("path", "")
+        if not isinstance(kind, str) or not kind.startswith(_MODULE_PREFIX):
+            raise EncoderError(f"{where}: module {index} has type {kind!r}: only {_MODULE_PREFIX}* modules are loaded "
+                               "(another class would run code the folder chose)")
+        if not isinstance(sub, str) or Path(sub).is_absolute() or ".." in Path(sub).parts or sub.startswith("~"):
+            raise EncoderError(f"{where}: module {index} has path {sub!r}: module folders must lie inside the folder")
+        if sub and (path / sub).is_dir():
+            folders.append(path / sub)
+    return folders
+
+
+def _bounded(path: Path, max_bytes: int) -> None:
+    """EncoderError unless `path` is a regular file of at most `max_bytes` (its content is the tokenizer's to read)."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+    if size > max_bytes:
+        raise EncoderError(f"{path}: {size} bytes, over the {max_bytes}-byte limit")
+
+
+def _no_remote_code(data: object, where: Path) -> None:
+    if isinstance(data, dict) and "auto_map" in data:
+        raise EncoderError(f"{where}: field 'auto_map' asks to run the folder's own code; remote code is never run")
 
 
 def check_encoder_spec(spec: str) -> Path | int | None:

@@ -148,12 +148,17 @@ class FederationConfig:
         its value differs from the default: a key set to its `fast` value
         under another preset takes the preset's value (docs/federation.md).
         """
-        defaults = cls().to_run_config()
+        default = cls()
+        defaults = default.to_run_config()
         given = {key: value for key, value in run_config.items()
                  if str(key).replace("_", "-") not in defaults or defaults[str(key).replace("_", "-")] != value}
+        task = str(given.get("task", defaults["task"]))
+        # synth-groups and synth-quirks are checked against the benchmark the nodes will generate: the run's task's
+        generated = task in SYNTHETIC_TASKS and not given.get("data-dir", given.get("data_dir"))
+        synth = dataclasses.replace(default.synth, task=task) if generated else default.synth
         try:
             return resolve(cls, str(given.get("preset", DEFAULT_PRESET)), given,
-                           task=str(given.get("task", defaults["task"])))  # the synthetic task's, or data-dir's
+                           task=task, sections={"synth": synth})  # the synthetic task's, or data-dir's
         except ConfigError:
             raise
         except PrimeError as err:  # a setting's own check, or a section's (synthetic config)

@@ -153,13 +153,14 @@ def preset_values(name: str, task: str | None = None) -> dict[str, Any]:
 
 
 def resolve(record: type, name: str, given: Mapping[str, Any], *, base: Mapping[str, Any] | None = None,
-            task: str | None = None) -> Any:
+            task: str | None = None, sections: Mapping[str, Any] | None = None) -> Any:
     """`record` from `base` values (default: its defaults) < preset `name`'s values for `task` < the `given` ones.
 
     Only `record`'s exposed keys are taken from the preset; `given` keys
-    are checked as `from_flat` checks them (unknown ones refused).
+    are checked as `from_flat` checks them (unknown ones refused);
+    `sections` as in `from_flat`.
     """
     known = {o.key for o in options(record, exposed_only=True)}
     chosen = {key: value for key, value in preset_values(name, task).items() if key in known}
     explicit = {str(key).replace("_", "-"): value for key, value in given.items()}
-    return from_flat(record, {**(base or {}), **chosen, **explicit}, exposed_only=True)
+    return from_flat(record, {**(base or {}), **chosen, **explicit}, exposed_only=True, sections=sections)

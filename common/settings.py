@@ -183,10 +183,17 @@ def to_flat(record: Any, *, exposed_only: bool = False) -> dict[str, Any]:
     return flat
 
 
-def from_flat(record: type, values: Mapping[str, Any], *, exposed_only: bool = False) -> Any:
-    """Build `record` from {key: value} (`-` or `_` in keys); unknown keys and wrong types are refused."""
+def from_flat(record: type, values: Mapping[str, Any], *, exposed_only: bool = False,
+              sections: Mapping[str, Any] | None = None) -> Any:
+    """Build `record` from {key: value} (`-` or `_` in keys); unknown keys and wrong types are refused.
+
+    A section's settings that `values` lacks keep the section's default in
+    `record` (the run's 24 synthetic users, not `SyntheticConfig`'s 48), or
+    its value in `sections` ({field name: record}), which is how a parent
+    hands a section what only the parent knows (the run's synthetic task).
+    """
     known = {o.key: o for o in options(record, exposed_only=exposed_only)}
-    nested: dict[str, Any] = {}
+    nested: dict[str, Any] = {name: {} for name in sections or {}}
     for raw_key, value in values.items():
         key = str(raw_key).replace("_", "-")
         if key not in known:
@@ -196,13 +203,16 @@ def from_flat(record: type, values: Mapping[str, Any], *, exposed_only: bool = F
         for name in opt.path[:-1]:
             target = target.setdefault(name, {})
         target[opt.name] = coerce(opt, value)
-    return _build(record, nested)
+    return _build(record, nested, sections or {})
 
 
-def _build(record: type, values: dict[str, Any]) -> Any:
+def _build(record: type, values: dict[str, Any], sections: Mapping[str, Any], base: Any = None) -> Any:
+    """`record` (or `base` with `values` replaced) from `values`, a dict for each section."""
     hints = typing.get_type_hints(record)
-    kwargs = {name: _build(hints[name], value) if isinstance(value, dict) else value for name, value in values.items()}
-    return record(**kwargs)
+    fields = {f.name: f for f in dataclasses.fields(record)}
+    kwargs = {name: _build(hints[name], value, {}, sections.get(name) or fields[name].default_factory())
+              if isinstance(value, dict) else value for name, value in values.items()}
+    return record(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 def coerce(opt: Option, value: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.atomic import OutputError, output_folder
 from common.errors import PrimeError
 from common.federation import ConfigError, FederationConfig
 from common.logs import setup_app
@@ -25,7 +26,7 @@ from server.coordinator import Coordinator
 from server.preflight import check_run, registry_key_file, registry_key_from
 from server.registry import load_registry_key
 from server.replies import one_line
-from server.report import RunReport
+from server.report import RUN_OUTPUT, RunReport
 
 app = ServerApp()
 
@@ -43,10 +44,19 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, config)
 
 
-def write_failed_report(run_config: Mapping[str, Any], err: Exception) -> Path:
-    """A report for a run whose config is unusable, in the out-dir it names (or the default one)."""
+def write_failed_report(run_config: Mapping[str, Any], err: Exception) -> Path | None:
+    """A report for a run whose config is unusable, in the out-dir it names (or the default one).
+
+    None, with the reason logged, where that out-dir may not be written (a
+    user's folder, a file): the raised error is then the only account.
+    """
     out_dir = run_config.get("out-dir")
     out_dir = Path(out_dir if isinstance(out_dir, str) and out_dir else FederationConfig().out_dir)
+    try:
+        out_dir = output_folder(out_dir, RUN_OUTPUT)
+    except OutputError as refused:
+        logging.getLogger(__name__).error("no report written: %s", one_line(refused))
+        return None
     # The rejected values as given, except that a NaN or infinity is kept as its text: report.json is strict JSON.
     report = RunReport(run_id="", config={key: repr(value) if isinstance(value, float) and not math.isfinite(value)
                                           else value for key, value in run_config.items()})
@@ -62,7 +72,7 @@ def _log_progress() -> None:
 def run_federation(grid: Grid, config: FederationConfig) -> Path:
     """Run every phase on `grid`; returns the path of the written report."""
     env_key = registry_key_from(os.environ)
-    Path(config.out_dir).mkdir(parents=True, exist_ok=True)  # the run's folder, where its default key lives
+    output_folder(config.out_dir, RUN_OUTPUT)  # the run's folder, where its default key lives (check_run passed it)
     try:
         key = load_registry_key(registry_key_file(config, env_key), env_key, create=True)
     except PrimeError as err:

@@ -6,7 +6,8 @@ more than the record (how many users and nodes the run will have, a name
 only a loader knows, a key file on disk) the coordinator used to find 45-90 s
 into a run, after Flower had started and the output folder had filled.
 `check_run` makes all of those checks at once, reading nothing but the named
-key files and a model folder's marker files, and writing nothing. The
+key files, a model folder's marker files and the out-dir's listing and
+marker, and writing nothing. The
 launchers (`prime-fl simulate`, `prime-fl deploy`) call it before they create
 anything, the ServerApp before its first message.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from common.atomic import check_output_folder
 from common.encoder import check_encoder_spec
 from common.errors import PrimeError
 from common.federation import ConfigError, FederationConfig
@@ -24,6 +26,7 @@ from common.models import check_model_spec
 from common.plan import PlanError, split_sizes
 from common.settings import MAX_USERS
 from server.registry import check_registry_key
+from server.report import RUN_OUTPUT
 
 REGISTRY_KEY_ENV = "PRIME_FL_REGISTRY_KEY"  # the registry key in hex, given instead of a key file
 
@@ -60,6 +63,7 @@ def check_run(config: FederationConfig, nodes: int, *, users: int | None = None,
     _check_split(config, nodes, config.synth.n_users if not config.data_dir else users)
     _check("model-spec", check_model_spec, config.model_spec)
     _check("encoder", check_encoder_spec, config.encoder)
+    _check("out-dir", lambda path: check_output_folder(path, RUN_OUTPUT), config.out_dir)  # a user's folder: refused
     key_file = registry_key_file(config, env_key)
     if key_file is None:
         _check(REGISTRY_KEY_ENV, lambda key: check_registry_key(None, key), env_key)

@@ -9,6 +9,10 @@ results and metrics) and one CSV row per target for spreadsheets and plots.
 there leaves a report that says it did not finish), then `complete`,
 `incomplete` (the run ended but a phase could not do its job, e.g. too few
 sharers) or `failed` (a fatal error: bad config, no node registered).
+
+The run folder (out-dir) is one kind of output (`RUN_OUTPUT`) whoever starts
+the run (`prime-fl simulate`, `prime-fl deploy`, `flwr run .`): the ServerApp
+writes into a folder only when it is new, empty or an earlier run's.
 """
 
 from __future__ import annotations
@@ -18,8 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.atomic import write_csv, write_text
+from common.atomic import Layout, OutputKind, write_csv, write_text
 from common.jsonable import plain
+
+# The kind keeps the name `prime-fl simulate` gave it first, so that its earlier folders stay accepted.
+RUN_OUTPUT = OutputKind("simulate", (
+    Layout(frozenset({"report.json"}), ("targets.csv", "targets", "task_adapter", "registry", "registry.key",
+                                        "coordinator.key", "flower")),  # flower/: `prime-fl simulate`'s logs
+    # Only the run's keys, made ahead of it (nodes pin the coordinator key's public half): read, never replaced.
+    Layout(frozenset(), ("registry.key", "coordinator.key")),
+))
 
 
 @dataclass

@@ -4,6 +4,8 @@ One kind per family of commands that share a folder: `eval` runs, and the
 tables, plots, comparisons and trade-offs drawn from them (`eval table --out`
 may name the run itself), are all `eval` outputs. The layouts recognise
 folders written before the marker existed by files only these commands write.
+The federation's run folder (`prime-fl simulate`) is the ServerApp's output
+too, so its kind lives with the run report (`server.report.RUN_OUTPUT`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,11 @@ EVAL_OUTPUT = OutputKind("eval", (
     Layout(frozenset({"index.json"}), ("*.png", "*.csv", "*.json")),  # plots/, eval tradeoffs --out
 ))
 
-THREATS_OUTPUT = OutputKind("threats", tuple(
-    Layout(frozenset(required), ("embedding.*", "membership.*", "leak.*", "recovery.*"))
-    for required in ({"embedding.json"}, {"membership.json"}, {"leak.json"}, {"recovery.json"})
-))
-
-SIMULATE_OUTPUT = OutputKind("simulate", (
-    Layout(frozenset({"report.json"}), ("targets.csv", "targets", "task_adapter", "registry", "registry.key",
-                                        "coordinator.key")),
+THREATS_OUTPUT = OutputKind("threats", (
+    *(Layout(frozenset(required), ("embedding.*", "membership.*", "leak.*", "recovery.*"))
+      for required in ({"embedding.json"}, {"membership.json"}, {"leak.json"}, {"recovery.json"})),
+    # guards_summary's folder: run folders and their summary (it writes only where it found a run to summarize)
+    Layout(frozenset(), ("rank*-cap*-seed*", "summary.json", "summary.md")),
 ))
 
 DEPLOY_OUTPUT = OutputKind("deploy", (Layout(frozenset({"deploy.json"}), ("logs", "certs", "keys", "flwr-home", "app-out")),))

@@ -23,8 +23,10 @@ from typing import Any
 
 import tomli_w
 
+from common.atomic import output_folder
 from common.federation import ConfigError, FederationConfig
 from common.models import GEMMA_SPEC, default_cache_dir, gemma_checkpoint
+from server.report import RUN_OUTPUT
 from simulations.console import QUIET_ENV, RelayedRun
 from simulations.supervisor import HOST, Interrupts, LaunchError, Processes, free_port, tool, wait_listening
 
@@ -80,7 +82,7 @@ def simulate(
 ) -> dict[str, Any]:
     """Run every phase as a Flower simulation with `num_nodes` SuperNodes; returns the written report."""
     run_config = absolute_paths(config)
-    out = Path(run_config["out-dir"])
+    out = output_folder(run_config["out-dir"], RUN_OUTPUT)  # marked before Flower's logs go in: the ServerApp checks it
     flower = out / "flower"
     (flower / "logs").mkdir(parents=True, exist_ok=True)
     if config.model_spec == GEMMA_SPEC:

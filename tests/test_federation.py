@@ -109,8 +109,10 @@ def test_run_config_rejects_unknown_keys_and_bad_values():
         FederationConfig.from_run_config({"alpha": -1})
     with pytest.raises(ConfigError, match="dp-noise needs dp-clip"):  # NodeConfig's
         FederationConfig.from_run_config({"dp-noise": 1.0})
-    with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
+    with pytest.raises(ConfigError, match="quirks exist for the tagging task only, not 'rating'"):  # the section's
         FederationConfig.from_run_config({"synth-quirks": True, "task": "rating"})
+    with pytest.raises(ConfigError, match="synth-quirks applies to the synthetic tagging task only"):
+        FederationConfig.from_run_config({"synth-quirks": True, "data-dir": "lamp"})
     assert FederationConfig.from_run_config({"synth-quirks": "true"}).synth.quirks is True
     with pytest.raises(ConfigError, match="privacy-metric must be one of task, agreement"):
         FederationConfig.from_run_config({"privacy-metric": "bleu"})

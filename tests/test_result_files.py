@@ -184,6 +184,44 @@ def test_guards_summary_refuses_malformed_threat_outputs_in_one_line(tmp_path, c
     assert guards_summary.main([str(tmp_path)]) == 0
 
 
+def _guards_folder(folder: Path, **own: str) -> Path:
+    """A folder of one `threats` run's outputs, as the guards summary reads them, beside the user's own files."""
+    run = folder / "rank8-cap0.34-seed0"
+    run.mkdir(parents=True)
+    (run / "leak.json").write_text(json.dumps(LEAK))
+    (run / "recovery.json").write_text(json.dumps(RECOVERY))
+    for name, text in own.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_guards_summary_never_writes_over_a_users_files(tmp_path, capsys):
+    """The bug: the summary replaced any summary.md and summary.json in the folder it was given."""
+    from simulations.threats import guards_summary
+
+    folder = _guards_folder(tmp_path / "mine", **{"summary.md": "my summary", "notes.txt": "my notes"})
+    assert guards_summary.main([str(folder)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "refusing to overwrite it" in lines[0], lines
+    assert (folder / "summary.md").read_text() == "my summary" and not (folder / "summary.json").exists()
+
+
+def test_guards_summary_writes_beside_run_folders_and_over_its_own_summary(tmp_path, capsys):
+    from common.atomic import MARKER_FILE
+    from simulations.threats import guards_summary
+
+    folder = _guards_folder(tmp_path / "runs")
+    assert guards_summary.main([str(folder)]) == 0
+    assert json.loads((folder / MARKER_FILE).read_text())["kind"] == "threats"
+    legacy = _guards_folder(tmp_path / "legacy", **{"summary.md": "an earlier summary", "summary.json": "{}"})
+    for done in (folder, legacy):  # marked, or holding only run folders and a summary (written before the marker)
+        assert guards_summary.main([str(done)]) == 0
+        assert json.loads((done / "summary.json").read_text())["settings"][0]["release_rank"] == 8
+    capsys.readouterr()
+    assert guards_summary.main([str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("c.toml", 'synthetic = "rating\nout = "o"\n', "not valid TOML"),  # an unterminated string
     ("c.toml", "[eval]\nout = \"o\"\nmethods = [1, \"np\"]\n", "'methods[0]' must be a string, got 1"),

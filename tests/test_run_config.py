@@ -17,12 +17,16 @@ import pytest
 import simulations.commands.deploy  # noqa: F401  (imported here: the timings below measure checks, not imports)
 import simulations.commands.simulate  # noqa: F401
 from client.app import app as client_app
+from common.atomic import output_folder
 from common.federation import ConfigError, FederationConfig
+from common.key_endorsement import load_or_create_identity
 from common.settings import MAX_USERS, SearchConfig, SettingError, TrainConfig
 from common.synthetic import SyntheticConfig
 from inprocess_grid import InProcessGrid, tiny_config
 from server.app import main as server_main
+from server.preflight import check_run
 from server.registry import KEY_BYTES, load_registry_key
+from server.report import RUN_OUTPUT
 from simulations.cli import main
 
 FAST_S = 5.0
@@ -154,7 +158,7 @@ def test_deploy_refuses_a_bad_run_config_before_anything_starts(tmp_path, capsys
 
 
 def _server_context(tmp_path: Path, **overrides):
-    config = tiny_config(str(tmp_path / "run"), **overrides).to_run_config()
+    config = tiny_config(overrides.pop("out_dir", str(tmp_path / "run")), **overrides).to_run_config()
 
     class Context:
         run_config = config
@@ -208,3 +212,75 @@ def test_load_registry_key_never_creates_a_missing_folder(tmp_path):
     assert not (tmp_path / "no").exists()
     created = load_registry_key(tmp_path / "registry.key", None, create=True)
     assert len(created) == KEY_BYTES
+
+
+def _users_folder(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A folder of the user's that happens to hold a `report.json`: what an `out-dir` typo could name."""
+    folder = tmp_path / "mine"
+    (folder / "registry").mkdir(parents=True)
+    files = {"report.json": b'{"mine": true}', "notes.txt": b"my notes", "registry/keep.bin": b"\x00\x01"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder, files
+
+
+def _unchanged(folder: Path, files: dict[str, bytes]) -> None:
+    found = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert found == files  # nothing overwritten, nothing added (no report, no marker, no key)
+
+
+@pytest.mark.parametrize("nodes", [10, 0])  # a good config, and one refused for another reason
+def test_server_app_refuses_an_out_dir_that_is_not_an_earlier_run(tmp_path, nodes):
+    """The bug: `flwr run` with `out-dir` naming any folder wrote report.json, registry.key and registry/ into it."""
+    folder, files = _users_folder(tmp_path)
+    grid = InProcessGrid(client_app, nodes)
+    with pytest.raises(ConfigError, match="connected nodes" if nodes == 0 else "out-dir: .*refusing to overwrite it"):
+        server_main(grid, _server_context(tmp_path, out_dir=str(folder)))
+    assert grid.sent == []
+    _unchanged(folder, files)
+
+
+def test_server_app_refuses_an_out_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "report"
+    path.write_text("mine")
+    with pytest.raises(ConfigError, match="out-dir: .*exists and is not a folder"):
+        server_main(InProcessGrid(client_app, 10), _server_context(tmp_path, out_dir=str(path)))
+    assert path.read_text() == "mine"
+
+
+def test_an_earlier_run_folder_is_accepted_with_or_without_the_marker(tmp_path):
+    marked = output_folder(tmp_path / "marked", RUN_OUTPUT)
+    (marked / "anything").write_text("the marker vouches for it")
+    legacy = tmp_path / "legacy"  # a run folder from before the marker
+    (legacy / "registry").mkdir(parents=True)
+    (legacy / "report.json").write_text("{}")
+    (legacy / "targets.csv").write_text("user_id\n")
+    keys = tmp_path / "keys"  # the run's identity made ahead of it, so that nodes can pin its public half
+    keys.mkdir()
+    load_or_create_identity(keys / "coordinator.key")
+    for folder in (marked, legacy, keys, tmp_path / "new"):
+        check_run(tiny_config(str(folder)), 10)
+
+
+def test_deploy_refuses_an_out_dir_that_is_not_an_earlier_run(tmp_path, capsys):
+    folder, files = _users_folder(tmp_path)
+    out = tmp_path / "out"
+    argv = ["deploy", "--out", str(out), "--nodes", "14", "--run-config", f'out-dir="{folder}"']
+    _refused(capsys, argv, "deploy", "refusing to overwrite it", out)
+    _unchanged(folder, files)
+
+
+@pytest.mark.parametrize(("task", "groups"), [("headline", 6), ("rating", 5), ("rating-skewed", 5), ("tagging", 4)])
+def test_synth_groups_is_checked_against_the_runs_own_task(task, groups):
+    """The bug: synth-groups was checked against tagging's 4 groups whatever the task, so headline's 6 were refused."""
+    config = FederationConfig.from_run_config({"task": task, "synth-groups": groups})
+    assert (config.synth.task, config.synth.n_groups) == (task, groups)
+    with pytest.raises(ConfigError, match=f"groups must be between 1 and {groups} for {task}, got {groups + 1}"):
+        FederationConfig.from_run_config({"task": task, "synth-groups": groups + 1})
+
+
+def test_a_synth_setting_keeps_the_runs_other_synthetic_defaults():
+    """The bug: any synth-* key rebuilt the section from SyntheticConfig's defaults (48 users, not the run's 24)."""
+    default = FederationConfig().synth
+    config = FederationConfig.from_run_config({"synth-groups": 3})
+    assert (config.synth.n_users, config.synth.history, config.synth.n_groups) == (default.n_users, default.history, 3)

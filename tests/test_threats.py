@@ -325,7 +325,8 @@ def test_guards_summary_reports_the_attackers_best_case_over_seeds(tmp_path, cap
                 assert main(["threats", attack, "--out", str(run), "--model-spec", "tiny", "--rank", "2", "--seed", str(seed),
                              "--release-rank", str(rank), "--share-cap", "1", "--max-merges", "2", "--guesses", "1", "--no-plots",
                              "--no-progress"]) == 0
-    (tmp_path / "unrelated").mkdir()
+    assert guards_summary.main([str(tmp_path)]) == 0
+    (tmp_path / "unrelated").mkdir()  # ignored; the folder is a marked threats output now, so it is written again
     assert guards_summary.main([str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     whole, limited = summary["settings"]

@@ -12,8 +12,8 @@ from common.atomic import check_output_folder, output_folder
 from common.federation import FederationConfig
 from common.models import resolve_cache_dir
 from server.preflight import check_run, registry_key_from
+from server.report import RUN_OUTPUT
 from simulations.model_options import add_model_options
-from simulations.outputs import SIMULATE_OUTPUT
 from simulations.simulate import default_nodes, parse_overrides, phase_lines, results_table, simulate
 
 
@@ -50,9 +50,9 @@ def _simulate(args: argparse.Namespace) -> int:
     config = FederationConfig.from_run_config(overrides)
     users = default_nodes(config)
     nodes = users if args.nodes is None else args.nodes
-    check_output_folder(config.out_dir, SIMULATE_OUTPUT)  # a file, a user's folder or a bad name there: one line
+    check_output_folder(config.out_dir, RUN_OUTPUT)  # a file, a user's folder or a bad name there: one line
     check_run(config, nodes, users=users, env_key=registry_key_from(os.environ))  # before anything is written
-    output_folder(config.out_dir, SIMULATE_OUTPUT)  # a file or a user's folder there: one line, before the run
+    output_folder(config.out_dir, RUN_OUTPUT)  # checked above: only now is the folder made
     started = time.perf_counter()
     report = simulate(config, nodes, verbose=args.verbose)
     print("\n".join(phase_lines(report)))

@@ -13,7 +13,9 @@ seeds, since a guard holds only if no sharer's update comes back in any of
 them: the leak's best module (the smallest scale-free error of a released
 update's top-r part against one sharer's weighted update) and, per number
 of merges m, the unmixing's best sharer (a sharer's error being its mean
-over modules) next to the mean. Writes DIR/summary.json and DIR/summary.md.
+over modules) next to the mean. Writes DIR/summary.json and DIR/summary.md
+when DIR is a `threats` output (its marker, or only run folders and an
+earlier summary in it): a folder of the user's is refused, never written over.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from common import safe_json
-from common.atomic import write_text
+from common.atomic import OutputError, check_output_folder, output_folder, write_text
 from common.schema import Schema, listing, record, scalar
+from simulations.outputs import THREATS_OUTPUT
 from simulations.threats.leak import ThreatError
 
 _RUN = re.compile(r"rank(\d+)-cap([\d.]+)-seed(\d+)$")
@@ -54,6 +57,8 @@ def _read(path: Path, schema: Schema) -> dict:
 def summarize(folder: str | Path) -> dict:
     """Every complete run folder under `folder`, grouped by (release rank, share cap)."""
     groups: dict[tuple[int, float], list[tuple[int, dict, dict]]] = {}
+    if not Path(folder).is_dir():
+        raise ThreatError(f"{folder}: not a folder")
     for run in sorted(Path(folder).iterdir()):
         match = _RUN.match(run.name)
         if not match or not (run / "leak.json").is_file() or not (run / "recovery.json").is_file():
@@ -98,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="the folder holding rank<R>-cap<C>-seed<S> run folders")
     args = parser.parse_args(argv)
     try:
+        check_output_folder(args.folder, THREATS_OUTPUT)  # before reading: a user's summary.md is never replaced
         summary = summarize(args.folder)
-    except ThreatError as err:
+        folder = output_folder(args.folder, THREATS_OUTPUT)
+    except (ThreatError, OutputError) as err:
         print(f"guards_summary: error: {err}", file=sys.stderr)
         return 2
-    write_text(Path(args.folder) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = to_markdown(summary)
-    write_text(Path(args.folder) / "summary.md", table)
+    write_text(folder / "summary.md", table)
     print(table, end="")
     return 0
 
