@@ -14,7 +14,7 @@ optimizer and schedule of `client.training`, with the gate's own batch,
 steps and learning rate (`PerPcsConfig`) and the official gate script's
 gradient clip. The gate is not used at answer time: a target only
 matches its inputs against the gates to choose pieces
-(simulations/methods/per_pcs.py).
+(simulations/evaluation/methods/per_pcs.py).
 
 Gates are stored as one safetensors file {LoRA module key: [in_features]}
 in a folder of their own; reading one back is an untrusted input, checked

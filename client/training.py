@@ -1,4 +1,4 @@
-"""Local LoRA training on (prompt, target) pairs, and task adaptation.
+"""Local LoRA training on (prompt, target) pairs: the sharers' LoRA and the adapt phase's task LoRA.
 
 A training sequence is exactly what label scoring later reads
 (`common.inference.encode_example`) plus EOS, and the loss covers only the
@@ -13,7 +13,6 @@ through opacus (per-example gradients, clipping and noise, RDP accountant);
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -21,8 +20,7 @@ import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,19 +29,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from client.privacy import clip_and_noise
 from common import dp
 from common.adapters import LoraAdapter, lora_config
-from common.atomic import replace_folder
 from common.errors import PrimeError
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, decoder, encode_example, lm_logits
-from common.models import MODEL_OUTPUT, write_checkpoint
 from common.settings import LR_SCHEDULES, MIN_PROMPT_TOKENS, DpSgdConfig, NodeConfig, TrainConfig, recent
-from common.tasks import TaskSpec, completion_text
+from common.tasks import completion_text
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
-# How task adaptation draws its training pairs from the adaptation users' histories (`adaptation_pairs`).
-ADAPT_SAMPLINGS = ("pooled", "balanced", "user")
-DEFAULT_ADAPT_SAMPLING = "pooled"  # today's behaviour, kept until balanced or user measure better (docs/evaluation.md)
 
 
 class TrainingError(PrimeError, ValueError):
@@ -366,106 +359,8 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
     return stats
 
 
-def train_round(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[Pair],
-    config: TrainConfig,
-    init: LoraAdapter | None = None,
-) -> LoraAdapter:
-    """One local round of federated LoRA training (FedAvg client step) from the global adapter `init`."""
-    return train_lora(model, tokenizer, pairs, config, progress=False, init=init)[0]
-
-
 def merge_into(model: PreTrainedModel, adapter: LoraAdapter) -> PreTrainedModel:
     """Fold an adapter into the base weights (in place); returns the plain model."""
     merged = adapter.apply_to(model).merge_and_unload()
     merged.eval()
     return merged
-
-
-def adaptation_pairs(
-    task: TaskSpec,
-    pairs_by_user: Mapping[str, Sequence[Pair]],
-    sampling: str = DEFAULT_ADAPT_SAMPLING,
-    max_pairs: int | None = None,
-    seed: int = 0,
-) -> list[Pair]:
-    """The task-adaptation training pairs drawn from the adaptation users' history pairs.
-
-    `pooled`: a seeded sample of all pairs (all of them, in order, without
-    `max_pairs`); on real ratings it inherits their skew (most golds 4-5), and
-    a model adapted on it answers the majority label to everything.
-    `balanced`: every gold label present gets the same number of draws (to
-    one), and `user`: every user does; both draw `max_pairs` pairs (or as
-    many as the pool holds), cycling through a stratum's reshuffled pairs when
-    its quota exceeds them, so rare labels or short histories are repeated
-    rather than outvoted. `balanced` needs a closed label set on the history
-    pairs (not LaMP-1, not generation).
-    """
-    if sampling not in ADAPT_SAMPLINGS:
-        raise TrainingError(f"adaptation sampling must be one of {', '.join(ADAPT_SAMPLINGS)}, got {sampling!r}")
-    if max_pairs is not None and max_pairs < 1:
-        raise TrainingError(f"adaptation max pairs must be at least 1, got {max_pairs}")
-    pool = [pair for pairs in pairs_by_user.values() for pair in pairs]
-    if not pool:
-        raise TrainingError("the adaptation users have no history pairs")
-    rng = random.Random(seed)
-    n = len(pool) if max_pairs is None else min(len(pool), max_pairs)
-    if sampling == "pooled":
-        return pool if max_pairs is None else rng.sample(pool, n)
-    if sampling == "balanced":
-        labels = task.profile_labels
-        if labels is None:
-            raise TrainingError(f"balanced adaptation sampling needs labelled history pairs; {task.lamp_id}'s are text")
-        strata: dict[str, list[Pair]] = {}
-        for pair in pool:
-            strata.setdefault(pair[1], []).append(pair)
-    else:
-        strata = {user: list(pairs) for user, pairs in pairs_by_user.items() if pairs}
-    keys = sorted(strata)
-    rng.shuffle(keys)  # which strata get the remainder's extra draw
-    drawn = [pair for i, key in enumerate(keys) for pair in _cycled(strata[key], n // len(keys) + (i < n % len(keys)), rng)]
-    rng.shuffle(drawn)
-    return drawn
-
-
-def _cycled(items: list[Pair], count: int, rng: random.Random) -> list[Pair]:
-    """`count` draws from `items`: whole reshuffled passes, then part of one (no repeat before every item is used)."""
-    drawn: list[Pair] = []
-    while len(drawn) < count:
-        order = list(items)
-        rng.shuffle(order)
-        drawn += order[: count - len(drawn)]
-    return drawn
-
-
-def adapt(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    task: TaskSpec,
-    pairs_by_user: Mapping[str, Sequence[Pair]],
-    config: TrainConfig,
-    sampling: str = DEFAULT_ADAPT_SAMPLING,
-    max_pairs: int | None = None,
-    progress: bool = True,
-) -> PreTrainedModel:
-    """Task adaptation: one LoRA on the adaptation users' pairs (drawn by `adaptation_pairs`), trained with
-    `adapt-lr` and `adapt-grad-clip` where set, merged into `model` (in place)."""
-    pairs = adaptation_pairs(task, pairs_by_user, sampling, max_pairs, config.seed)
-    adapter, stats = train_lora(model, tokenizer, pairs, config.for_adaptation(), progress=progress)
-    log.info("task adaptation (%s): loss %.3f -> %.3f over %d pairs", sampling, stats.first_loss, stats.final_loss,
-             stats.examples)
-    return merge_into(model, adapter)
-
-
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, info: dict | None = None) -> Path:
-    """Save a task-adapted model as an HF directory that `load_base(directory)` loads; `info` goes to training.json.
-
-    The folder is replaced whole (model and training.json together), as `save_checkpoint` does.
-    """
-    with replace_folder(directory, MODEL_OUTPUT) as tmp:
-        write_checkpoint(model, tokenizer, tmp)
-        if info is not None:
-            (tmp / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    return Path(directory)

@@ -477,7 +477,7 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class PerPcsConfig:
-    """The Per-Pcs baseline (simulations/methods/per_pcs.py): its sharers' gate training and a target's assembly.
+    """The Per-Pcs baseline (simulations/evaluation/methods/per_pcs.py): its sharers' gate training and a target's assembly.
 
     Defaults are CPU choices for the tiny and 270M models (not measured
     against the paper's); preset `paper` takes Table 3's values per task

@@ -155,7 +155,7 @@ _SCORES = record(("utility", "privacy", "objective", "similarity"), closed=True,
                  privacy=scalar("number"), objective=scalar("number"), similarity=listing(scalar("number")),
                  expected_utility=scalar(["number", "null"]))
 _WEIGHTS = {"type": ["array", "null"], "items": {"type": ["number", "array"], "items": scalar("number")}}
-# What a saved search's cell is built from (simulations.methods.prime): a damaged or hand-edited file is refused (and
+# What a saved search's cell is built from (simulations.evaluation.methods.prime): a damaged or hand-edited file is refused (and
 # the search redone), never turned into a wrong cell.
 SAVED = Schema({
     **record(("config", "fallback", "sharer_ids", "sharer_similarity", "weights", "best", "unmerged", "timings",

@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
-from simulations import bench_cell, bench_engine, bench_gpu_check
+from simulations.bench import cell as bench_cell
+from simulations.bench import engine as bench_engine
+from simulations.bench import gpu_check as bench_gpu_check
 
 
 def test_engine_benchmark_reports_speed_and_memory_against_a_warmed_model(tmp_path):

@@ -66,7 +66,7 @@ def test_the_audit_records_a_process_that_reads_the_data_folder(tmp_path):
 @pytest.mark.timeout(1800)  # ~10 min at load ~25 on 2 cores: 5 SuperNodes each start ClientApp processes
 def test_the_server_process_of_a_deployment_never_opens_the_data_folder(tmp_path, monkeypatch):
     """SuperLink + 5 SuperNodes on loopback (TLS, node auth), tiny model, the data folder read by the nodes only."""
-    from simulations.deploy import DeployConfig, deploy
+    from simulations.launch.deploy import DeployConfig, deploy
 
     data, log = tmp_path / "data", tmp_path / "audit"
     write_synthetic(generate(SyntheticConfig(task="rating", n_users=5, history=6, queries=2)), data)

@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from simulations.cli import main
-from simulations.deploy import DeployConfig, DeployError, deploy, superlink_argv, supernode_argv
-from simulations.deploy_keys import generate_node_keys, generate_tls
-from simulations.supervisor import HOST, Processes, free_port, wait_listening
+from simulations.launch.deploy import DeployConfig, DeployError, deploy, superlink_argv, supernode_argv
+from simulations.launch.deploy_keys import generate_node_keys, generate_tls
+from simulations.launch.supervisor import HOST, Processes, free_port, wait_listening
 
 PYPROJECT = """\
 [build-system]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import simulations.experiment as experiment
+import simulations.evaluation.experiment as experiment
 from simulations.cli import main
-from simulations.experiment import EvalConfig, EvalConfigError, run_grid
-from simulations.methods import METHODS
+from simulations.evaluation.experiment import EvalConfig, EvalConfigError, run_grid
+from simulations.evaluation.methods import METHODS
 
 SMALL = {
     "synthetic": "tagging", "synth_users": 12, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",
@@ -123,7 +123,7 @@ def test_interrupted_run_finishes_only_the_missing_cells(tmp_path, monkeypatch):
 
 
 def test_a_run_killed_between_results_and_tables_leaves_no_table_of_the_run_before(tmp_path, monkeypatch):
-    from simulations import tables
+    from simulations.evaluation import tables
 
     run_grid(_config(tmp_path, methods="np"), progress=False)
     assert "| NP |" in (tmp_path / "table.md").read_text()
@@ -245,8 +245,8 @@ def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypat
 def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--utility-floors none,unmerged`: one PriME column each; the `none` cells keep the key they had before the
     setting existed (so cached runs are not recomputed) and are labelled apart from the default `unmerged`."""
-    from simulations.experiment import Cell
-    from simulations.methods import METHODS
+    from simulations.evaluation.experiment import Cell
+    from simulations.evaluation.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", utility_floors="none,unmerged")
     grid = METHODS["prime"].grid(config)
@@ -260,8 +260,8 @@ def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_ex
 def test_release_distance_is_an_axis_and_off_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--release-distances 0,0.5`: one PriME column each; the cells at 0 (off, as every cell before the setting
     existed) keep their key, so cached runs are not recomputed."""
-    from simulations.experiment import Cell
-    from simulations.methods import METHODS
+    from simulations.evaluation.experiment import Cell
+    from simulations.evaluation.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", release_distances="0,0.5")
     grid = METHODS["prime"].grid(config)
@@ -398,7 +398,7 @@ TABLE1_METHODS = "np,rag,pag,pag-rag,prime,prime-rag,prime-pag,oppu,oppu-rag,opp
 
 
 def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, capsys, monkeypatch):
-    import simulations.methods.pag as pag
+    import simulations.evaluation.methods.pag as pag
 
     written = []
     real = pag._write_summary

@@ -48,7 +48,7 @@ def test_a_simulation_with_30_percent_faulty_nodes_per_phase_ends_with_a_report(
     phase timeout and so delays every node queued behind it, which a real
     deployment (one process per node) does not do.
     """
-    from simulations.simulate import simulate
+    from simulations.launch.simulate import simulate
 
     config = _config(tmp_path, seed, fault_kinds="error,malformed", phase_timeout=600.0)
     report = simulate(config, 12)

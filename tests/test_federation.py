@@ -35,7 +35,7 @@ def _config(tmp_path, **overrides) -> FederationConfig:
 
 def _simulate(config: FederationConfig, num_nodes: int) -> dict:
     """Through `prime-fl simulate`'s launcher: a simulation-mode SuperLink, `flwr run`, every process stopped."""
-    from simulations.simulate import simulate
+    from simulations.launch.simulate import simulate
 
     return simulate(config, num_nodes)
 
@@ -167,7 +167,7 @@ def test_real_deployment_runs_the_protocol_with_tls_and_node_auth(tmp_path):
     """The project's own apps through flower-superlink + 10 flower-supernodes (minutes: slow-marked)."""
     from pathlib import Path
 
-    from simulations.deploy import DeployConfig, deploy
+    from simulations.launch.deploy import DeployConfig, deploy
 
     overrides = ('task="rating" model-spec="tiny" encoder="hashing" k=2 budget=8 popsize=4 num-targets=2 '
                  'num-sharers=4 epochs=1 adapt-epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 '
@@ -187,8 +187,8 @@ def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tm
 
     from common.settings import options, to_flat
     from server.registry import Registry, load_registry_key
-    from simulations.experiment import EvalConfig, prepare
-    from simulations.methods import METHODS
+    from simulations.evaluation.experiment import EvalConfig, prepare
+    from simulations.evaluation.methods import METHODS
 
     # No task adaptation (FedAvg rounds and eval's pooled training differ by design); upload clip on: it must match
     # too. No upload noise: dp-noise, like DP-SGD, draws fresh OS randomness per upload, so noised adapters differ

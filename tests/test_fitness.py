@@ -13,7 +13,7 @@ from common.models import tiny_model
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import LAMP2_TAGS, get_task
 from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
-from server.peft_loop import PeftLoopEvaluator, official_predictions, peft_label_scores
+from simulations.bench.peft_loop import PeftLoopEvaluator, official_predictions, peft_label_scores
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)

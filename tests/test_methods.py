@@ -10,9 +10,9 @@ from common.models import tiny_model
 from common.settings import NodeConfig, SearchConfig, TrainConfig
 from common.synthetic import SyntheticConfig
 from server.selection import cosine_scores
-from simulations.experiment import EvalConfig, prepare
-from simulations.methods import METHODS, MethodError, applied, get_method
-from simulations.methods.rag import HEADER, rag_prompt, retrieve
+from simulations.evaluation.experiment import EvalConfig, prepare
+from simulations.evaluation.methods import METHODS, MethodError, applied, get_method
+from simulations.evaluation.methods.rag import HEADER, rag_prompt, retrieve
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_prime_seeds_each_target_as_the_coordinator_does(ctx):
 
 def test_prime_rag_reuses_primes_search_of_the_same_target_and_settings(prepared, monkeypatch):
     """The search is the same computation for PriME and PriME+RAG: it runs once, and both cells hold its result."""
-    import simulations.methods.prime as prime_module
+    import simulations.evaluation.methods.prime as prime_module
 
     calls = []
     real = prime_module.personalize
@@ -203,8 +203,8 @@ def test_prime_rag_reuses_primes_search_of_the_same_target_and_settings(prepared
 
 def test_a_later_run_loads_prime_searches_from_the_prepare_folder(prepared, monkeypatch):
     """PriME+PAG (pag-search shared) added to a finished grid reuses PriME's saved search; a damaged one is redone."""
-    import simulations.methods.prime as prime_module
-    from simulations.methods.prime import SEARCHES_DIR
+    import simulations.evaluation.methods.prime as prime_module
+    from simulations.evaluation.methods.prime import SEARCHES_DIR
 
     calls = []
     real = prime_module.personalize
@@ -231,7 +231,7 @@ def _hand_made(lamp_id: str, profile: list[dict], queries: list[tuple[str, str]]
     from common.lamp import LampDataset, LampUser, Query
     from common.plan import UserPlan
     from common.tasks import get_task
-    from simulations.methods import Context
+    from simulations.evaluation.methods import Context
 
     user = LampUser("u", profile, [Query(f"q{i}", text, gold) for i, (text, gold) in enumerate(queries)])
     return Context(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
@@ -301,7 +301,7 @@ def test_user_prior_reads_lamp1_candidates_in_linear_time_and_refuses_none():
     """Hostile queries: thousands of markers or quotes cost one pass, and a query without two candidates has none."""
     import time
 
-    from simulations.methods.prior import candidates
+    from simulations.evaluation.methods.prior import candidates
 
     assert candidates('which one? [1]: "graph nets" [2]: "tax law"') == ("graph nets", "tax law")
     assert candidates('[2]: "tax law" [1]: "graph nets"') is None and candidates('[1]: "a" [2]: ""') is None

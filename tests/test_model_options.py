@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import common.models as models
-import simulations.simulate as simulate_module
+import simulations.launch.simulate as simulate_module
 from common.errors import PrimeError
 from common.models import CACHE_ENV, GEMMA_SPEC, default_cache_dir, resolve_cache_dir
 from simulations.cli import build_parser, main

@@ -19,7 +19,7 @@ from common.lamp import load_lamp
 from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
 from simulations.cli import main
-from simulations.experiment import EvalConfig, run_grid
+from simulations.evaluation.experiment import EvalConfig, run_grid
 
 N_USERS = 12
 WORDS = ("plot", "cast", "music", "pace", "ending", "dialogue", "camera", "story")

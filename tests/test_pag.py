@@ -8,17 +8,17 @@ import json
 
 import pytest
 
-import simulations.methods.pag as pag
-import simulations.methods.prime as prime_module
+import simulations.evaluation.methods.pag as pag
+import simulations.evaluation.methods.prime as prime_module
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS
 from common.lamp import LampDataset, LampUser, Query, profile_pairs
 from common.settings import NodeConfig, SearchConfig, TrainConfig, recent
 from common.synthetic import SyntheticConfig
 from common.tasks import get_task
-from simulations.experiment import EvalConfig, prepare
-from simulations.methods import get_method, query_prompts
-from simulations.methods.augment import AUGMENTED, fitness_history
-from simulations.methods.rag import HEADER, examples_block, rag_prompts
+from simulations.evaluation.experiment import EvalConfig, prepare
+from simulations.evaluation.methods import get_method, query_prompts
+from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
+from simulations.evaluation.methods.rag import HEADER, examples_block, rag_prompts
 
 
 @pytest.fixture(scope="module")

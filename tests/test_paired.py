@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.paired import columns_to_markdown, compare, compare_columns, to_json, to_markdown
-from simulations.tables import write_results
+from simulations.evaluation.paired import columns_to_markdown, compare, compare_columns, to_json, to_markdown
+from simulations.evaluation.tables import write_results
 
 PRIME_PARAMS = {"alpha": 1.0, "popsize": 6}  # what every PriME cell records (its figures read them)
 
@@ -71,7 +71,7 @@ def test_small_samples_are_called_small_and_mismatched_queries_refused(tmp_path)
 
 
 def test_run_against_run_pairs_each_column_with_itself_on_the_common_queries():
-    from simulations.paired import compare_runs, runs_to_markdown
+    from simulations.evaluation.paired import compare_runs, runs_to_markdown
 
     before = [cell("NP", 0, "t1", ["action", "action"], ["comedy", "comedy"]),
               cell("NP", 0, "t2", ["comedy"], ["comedy"]),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import simulations.experiment as experiment
+import simulations.evaluation.experiment as experiment
 from client.gates import GATES_FILE, GateError, _GatedLora, gate_config, load_gates, save_gates, train_gates
 from client.training import encode_pairs, pad_id_of, padded_batch
 from common.adapters import applied, base_module_name
@@ -22,10 +22,10 @@ from common.models import tiny_model
 from common.presets import PER_TASK
 from common.settings import PerPcsConfig, TrainConfig
 from simulations.cli import main
-from simulations.experiment import EvalConfig, EvalConfigError
-from simulations.methods import MethodError
-from simulations.methods.per_pcs import assemble
-from simulations.tables import build_table
+from simulations.evaluation.experiment import EvalConfig, EvalConfigError
+from simulations.evaluation.methods import MethodError
+from simulations.evaluation.methods.per_pcs import assemble
+from simulations.evaluation.tables import build_table
 
 PAIRS = [
     ("Description: a pilot flies to a distant planet. Tag:", "sci-fi"),
@@ -353,7 +353,7 @@ def test_table1_puts_per_pcs_between_pag_and_prime():
 
 def test_paired_comparisons_set_prime_against_per_pcs():
     """The paper's Sec. 4.2 gains are PriME's over Per-Pcs: every PriME column is paired with both Per-Pcs columns."""
-    from simulations import paired
+    from simulations.evaluation import paired
 
     def cell(label, target, pred):
         return {"task": "LaMP_3", "label": label, "seed": 0, "target": target, "predictions": [pred], "golds": ["3"]}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from simulations.cli import main
-from simulations.plots import write_plots
-from simulations.tables import combine_runs
+from simulations.evaluation.plots import write_plots
+from simulations.evaluation.tables import combine_runs
 
 
 def cell(method, label, params, preds, sim, seed=0, trajectory=()):
@@ -94,7 +94,7 @@ def test_plot_command_redraws_from_results(tmp_path, capsys):
 
 
 def test_tradeoff_labels_alphas_that_land_on_one_point_once():
-    from simulations.plots import _points, tradeoff
+    from simulations.evaluation.plots import _points, tradeoff
 
     cells = [prime(0.0, 3, RIGHT, 0.8, [1.0]), prime(0.5, 3, RIGHT, 0.8, [1.0]), prime(2.0, 3, HALF, 0.3, [0.4])]
     fig, _ = tradeoff(_points(cells), "LaMP_2")
@@ -114,7 +114,7 @@ def test_quirk_runs_get_a_second_tradeoff_against_copied_quirks(tmp_path):
 
 
 def test_tradeoff_names_its_privacy_metric(tmp_path):
-    from simulations.plots import _points, tradeoff
+    from simulations.evaluation.plots import _points, tradeoff
 
     scored = [{**c, "privacy_metric": "task"} for c in CELLS]
     write_plots(scored, tmp_path / "task")

@@ -12,7 +12,7 @@ from common.federation import ConfigError, FederationConfig
 from common.presets import PAPER_TABLE3, PER_TASK, PRESETS, preset_values
 from common.settings import SearchConfig, SettingError
 from simulations.cli import main
-from simulations.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
+from simulations.evaluation.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
 
 FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 EVAL = {"out": "runs/x", "synthetic": "tagging"}
@@ -235,7 +235,7 @@ def test_eval_flags_record_the_preset_and_every_resolved_value(tmp_path):
 ])
 def test_eval_with_the_paper_preset_records_table3_in_config_json(tmp_path, synthetic, expected):
     """`prime-fl eval --preset paper --synthetic TASK` writes config.json (once the run is prepared) with the row."""
-    import simulations.experiment as experiment
+    import simulations.evaluation.experiment as experiment
 
     class Stop(Exception):
         pass

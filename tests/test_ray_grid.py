@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from simulations import ray_grid
-from simulations.experiment import Cell, EvalConfig, compute_cell, run_grid
-from simulations.ray_grid import RayGridError
+from simulations.evaluation import ray_grid
+from simulations.evaluation.experiment import Cell, EvalConfig, compute_cell, run_grid
+from simulations.evaluation.ray_grid import RayGridError
 
 SMALL = {
     "synthetic": "tagging", "synth_users": 12, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",

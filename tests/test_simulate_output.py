@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 from common.progress import Progress, parse
-from simulations.console import RelayedRun, shown
+from simulations.support.console import RelayedRun, shown
 
 
 def test_progress_lines_survive_a_log_prefix():

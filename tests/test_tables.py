@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from simulations import sharer_signal
-from simulations.tables import build_table, to_csv, to_json, to_markdown, write_results, write_tables
+from simulations.evaluation import sharer_signal
+from simulations.evaluation.tables import build_table, to_csv, to_json, to_markdown, write_results, write_tables
 
 
 def cell(label, seed, target, preds, golds, similarity=None, task="LaMP_3"):

@@ -8,19 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from client.training import (
-    TrainConfig,
-    TrainingError,
-    adapt,
-    adaptation_pairs,
-    encode_pairs,
-    lr_factor,
-    merge_into,
-    save_model,
-    total_steps,
-    train_lora,
-    train_round,
-)
+from client.training import TrainConfig, TrainingError, encode_pairs, lr_factor, merge_into, total_steps, train_lora
+from simulations.evaluation.adaptation import adapt, adaptation_pairs, save_model
 from common.atomic import OutputError
 from common.federation import ConfigError, FederationConfig
 from common.errors import PrimeError
@@ -100,22 +89,22 @@ def test_trained_adapter_fits_the_training_labels(trained):
     assert _hits(adapter.apply_to(model), tok) >= 3  # the tiny model's bounded logits cap what it can fit
 
 
-def test_train_round_continues_from_the_global_adapter(trained):
+def test_training_continues_from_an_initial_adapter(trained):
     adapter, stats = trained
     model, tok = tiny_model(seed=1)
     config = TrainConfig(**{**FAST.__dict__, "epochs": 1})
     _, warm = train_lora(model, tok, PAIRS, config, progress=False, init=adapter)
     assert warm.first_loss < stats.epoch_losses[len(stats.epoch_losses) // 2]
-    updated = train_round(model, tok, PAIRS, config, init=adapter)
+    updated, _ = train_lora(model, tok, PAIRS, config, progress=False, init=adapter)
     assert updated.tensors.keys() == adapter.tensors.keys()
     assert not all(torch.equal(updated.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
 
 
-def test_train_round_rejects_a_mismatched_initial_adapter(trained):
+def test_training_rejects_a_mismatched_initial_adapter(trained):
     adapter, _ = trained
     model, tok = tiny_model(seed=1)
     with pytest.raises(TrainingError, match="does not match"):
-        train_round(model, tok, PAIRS, TrainConfig(r=8, epochs=1), init=adapter)
+        train_lora(model, tok, PAIRS, TrainConfig(r=8, epochs=1), progress=False, init=adapter)
 
 
 def test_adapt_merges_and_save_model_reloads(tmp_path, trained):

@@ -6,12 +6,13 @@ import argparse
 
 import numpy as np
 
-from client.training import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING, TrainConfig, adaptation_pairs, merge_into, save_model, train_lora
+from client.training import TrainConfig, merge_into, train_lora
+from simulations.evaluation.adaptation import ADAPT_SAMPLINGS, DEFAULT_ADAPT_SAMPLING, adaptation_pairs, save_model
 from common.atomic import check_replaceable
 from common.errors import PrimeError
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, profile_pairs
 from common.models import MODEL_OUTPUT
-from simulations.model_options import add_model_options, load_model
+from simulations.support.model_options import add_model_options, load_model
 from simulations.commands.train_lora import add_training_args, train_config
 
 

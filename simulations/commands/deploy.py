@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from common.atomic import check_output_folder, output_folder
-from simulations.deploy import DeployConfig, check_run_config, deploy
-from simulations.outputs import DEPLOY_OUTPUT
+from simulations.launch.deploy import DeployConfig, check_run_config, deploy
+from simulations.support.outputs import DEPLOY_OUTPUT
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,18 +18,18 @@ import argparse
 import json
 from pathlib import Path
 
-from client.training import ADAPT_SAMPLINGS
+from simulations.evaluation.adaptation import ADAPT_SAMPLINGS
 from common.atomic import output_folder, write_text
 from common.models import resolve_cache_dir
 from common.presets import PresetChoice
 from common.settings import PerPcsConfig, SearchConfig
 from common.synthetic import SyntheticConfig
-from simulations import experiment, paired, tables
-from simulations.column_labels import without_settings
-from simulations.experiment import EvalConfig, EvalConfigError
-from simulations.model_options import add_model_options
-from simulations.options import add_setting_options
-from simulations.outputs import EVAL_OUTPUT
+from simulations.evaluation import experiment, paired, tables
+from simulations.evaluation.column_labels import without_settings
+from simulations.evaluation.experiment import EvalConfig, EvalConfigError
+from simulations.support.model_options import add_model_options
+from simulations.support.options import add_setting_options
+from simulations.support.outputs import EVAL_OUTPUT
 
 _LIST = "comma-separated"
 
@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from simulations import plots
+    from simulations.evaluation import plots
 
     index = plots.write_plots(experiment.load_results(args.run), Path(args.run) / "plots")
     print(f"wrote {len(index['written'])} figures to {Path(args.run) / 'plots'} ({len(index['skipped'])} skipped)")
@@ -217,7 +217,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _tradeoffs(args: argparse.Namespace) -> int:
-    from simulations import plots
+    from simulations.evaluation import plots
 
     names = [n.strip() for n in args.names.split(",")] if args.names else [Path(run).name for run in args.runs]
     if len(names) != len(args.runs) or not all(names) or len(set(names)) != len(names):

@@ -18,8 +18,8 @@ from common.task_model import load_task_model
 from common.presets import PresetChoice, resolve
 from common.settings import SearchConfig
 from server.personalize import PERSONALIZE_OUTPUT, personalize
-from simulations.model_options import add_model_options, model_cache
-from simulations.options import add_setting_options, setting_values
+from simulations.support.model_options import add_model_options, model_cache
+from simulations.support.options import add_setting_options, setting_values
 
 EMBEDDINGS_FILE = "embeddings.npz"
 

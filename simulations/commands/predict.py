@@ -13,8 +13,8 @@ from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, query_prompts,
 from common.metrics import task_metrics
 from common.errors import PrimeError
 from common.settings import SearchConfig, from_flat
-from simulations.model_options import add_model_options, load_model
-from simulations.options import add_setting_option
+from simulations.support.model_options import add_model_options, load_model
+from simulations.support.options import add_setting_option
 
 
 def select_users(dataset: LampDataset, user_ids: list[str] | None, limit: int | None) -> list[LampUser]:

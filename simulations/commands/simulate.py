@@ -13,8 +13,8 @@ from common.federation import FederationConfig
 from common.models import resolve_cache_dir
 from server.preflight import check_run, registry_key_from
 from server.report import RUN_OUTPUT
-from simulations.model_options import add_model_options
-from simulations.simulate import default_nodes, parse_overrides, phase_lines, results_table, simulate
+from simulations.support.model_options import add_model_options
+from simulations.launch.simulate import default_nodes, parse_overrides, phase_lines, results_table, simulate
 
 
 def register(subparsers: argparse._SubParsersAction, summary: str) -> None:

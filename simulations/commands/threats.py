@@ -16,8 +16,8 @@ from common.lora_math import random_adapter
 from common.settings import SearchConfig
 from server.personalize import applied_share_cap
 from server.share_cap import cap_shares, update_norms
-from simulations.model_options import add_model_options, load_model
-from simulations.outputs import THREATS_OUTPUT
+from simulations.support.model_options import add_model_options, load_model
+from simulations.support.outputs import THREATS_OUTPUT
 from simulations.threats import write_json
 from simulations.threats import membership as mia
 from simulations.threats import recovery as rec

@@ -14,8 +14,8 @@ from common.atomic import Layout, OutputKind, check_replaceable, replace_folder
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
 from common.settings import DpSgdConfig, from_flat, to_flat
-from simulations.model_options import add_model_options, load_model
-from simulations.options import add_setting_option, add_setting_options, setting_values
+from simulations.support.model_options import add_model_options, load_model
+from simulations.support.options import add_setting_option, add_setting_options, setting_values
 
 STATS_FILE = "training_stats.json"
 # Its own kind, not an `adapter`: before the marker a train-lora folder always held training_stats.json, so a

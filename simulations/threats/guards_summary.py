@@ -31,7 +31,7 @@ import numpy as np
 from common import safe_json
 from common.atomic import OutputError, check_output_folder, output_folder, write_text
 from common.schema import Schema, listing, record, scalar
-from simulations.outputs import THREATS_OUTPUT
+from simulations.support.outputs import THREATS_OUTPUT
 from simulations.threats.leak import ThreatError
 
 _RUN = re.compile(r"rank(\d+)-cap([\d.]+)-seed(\d+)$")

@@ -40,7 +40,8 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client.training import adapt, encode_pairs, train_lora
+from client.training import encode_pairs, train_lora
+from simulations.evaluation.adaptation import adapt
 from common import dp
 from common.adapters import LoraAdapter, applied
 from common.atomic import write_csv, write_with

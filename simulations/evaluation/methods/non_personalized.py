@@ -1,0 +1,25 @@
+"""NP: the task-adapted model, not personalized (the floor every method must beat)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+
+if TYPE_CHECKING:
+    from simulations.evaluation.experiment import EvalConfig
+
+
+@register
+class NonPersonalized(Method):
+    name = "np"
+    title = "NP"
+    defaults = {"k": 3}  # only picks the sharers its similarity is reported against
+
+    def grid(self, config: EvalConfig) -> list[dict]:
+        return [similarity_k(config)]
+
+    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+        prompts, _ = query_prompts(ctx, target)
+        sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
+        return finish(ctx, target, answer(ctx, None, prompts), sharers)
