@@ -1,0 +1,28 @@
+"""The docs' links and the committed figures code reads: a moved folder (docs/results -> results) breaks neither."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from simulations.bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "results").rglob("*.md"))]
+
+
+def test_every_relative_link_of_the_docs_and_results_resolves_inside_the_repository():
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address, or an anchor on the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists() or not path.is_relative_to(ROOT):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert len(PAGES) > 30 and not broken, broken
+
+
+def test_the_gpu_check_divides_by_the_committed_cpu_figure():
+    assert gpu_check.CPU_REFERENCE.is_file() and gpu_check.CPU_REFERENCE.is_relative_to(ROOT / "results")
