@@ -24,5 +24,11 @@ def test_every_relative_link_of_the_docs_and_results_resolves_inside_the_reposit
     assert len(PAGES) > 30 and not broken, broken
 
 
+def test_no_doc_cites_the_design_card_outside_the_repository():
+    code = [path for package in ("common", "client", "server", "simulations") for path in (ROOT / package).rglob("*.py")]
+    pages = [*PAGES, *code]
+    assert not [page for page in pages if "DESIGN.md" in page.read_text(encoding="utf-8")]
+
+
 def test_the_gpu_check_divides_by_the_committed_cpu_figure():
     assert gpu_check.CPU_REFERENCE.is_file() and gpu_check.CPU_REFERENCE.is_relative_to(ROOT / "results")
