@@ -1,4 +1,5 @@
-"""The docs' links and the committed figures code reads: a moved folder (docs/results -> results) breaks neither."""
+"""The docs' links and the committed figures code reads: a moved folder (docs/results -> results) breaks neither;
+and the Flower app bundle leaves the committed results out."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def test_no_doc_cites_the_design_card_outside_the_repository():
 
 def test_the_gpu_check_divides_by_the_committed_cpu_figure():
     assert gpu_check.CPU_REFERENCE.is_file() and gpu_check.CPU_REFERENCE.is_relative_to(ROOT / "results")
+
+
+def test_the_flower_app_bundle_leaves_the_results_out():
+    """`flwr run .` ships the project to every node as a FAB of at most 10 MB; the committed results (8 MB of JSON,
+    which Flower's default patterns include) brought it to 9.5 MB, one result folder from refusing to start."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(ROOT)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "server/app.py" in names and "client/app.py" in names
+    assert not [name for name in names if name.startswith("results/")] and len(fab) < 2 * 2**20, len(fab)
