@@ -129,3 +129,13 @@ def test_a_malformed_run_file_is_one_error_line_naming_it(tmp_path, capsys, name
     assert results_index.main([str(results)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(results / "run" / name) in lines[0] and message in lines[0], lines
+
+
+def test_the_command_never_overwrites_a_readme_it_did_not_write(tmp_path, capsys):
+    results = tmp_path / "results"
+    _eval_run(results / "one", cap=1.0, rank=0)
+    (results / "README.md").write_text("# My notes\n")
+    assert results_index.main([str(results)]) == 2
+    assert (results / "README.md").read_text() == "# My notes\n"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not an index this command wrote" in lines[0]

@@ -31,6 +31,7 @@ from simulations.evaluation.column_labels import shared_settings, shorten
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = "README.md"
+HEADING = "# Results on record"  # an index this module wrote starts so; any other README.md is not overwritten
 MAX_JSON_BYTES = 64 * 2**20  # results.json of a 40-target grid is about 1 MB
 # What a folder's README says of a run that is not the whole story: its own caveat, or a default changed since it ran
 # (the READMEs put such notes in a `> ` block at the top, or say the run predates a default).
@@ -201,7 +202,7 @@ def render(results: Path, root: Path) -> str:
     docs = [doc for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if doc.is_file()]
     today = SearchConfig()
     lines = [
-        "# Results on record",
+        HEADING,
         "",
         "Every run committed to this repository, one row per folder. Written by",
         "`python -m simulations.evaluation.results_index` from each folder's `config.json`,",
@@ -230,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not results.is_dir():
             raise ResultsIndexError(f"{results}: not a folder")
-        write_text(results / INDEX, render(results, results.resolve().parent))
+        index = results / INDEX
+        if index.exists() and not (index.is_file() and index.read_text(encoding="utf-8").startswith(HEADING + "\n")):
+            raise ResultsIndexError(f"{index}: not an index this command wrote (it starts with {HEADING!r}); "
+                                    "not overwritten")
+        write_text(index, render(results, results.resolve().parent))
     except PrimeError as err:
         print(f"results_index: error: {err}", file=sys.stderr)
         return 2
