@@ -91,7 +91,7 @@ def test_the_threats_command_takes_each_attack_settings_flag_default_and_help_fr
 def test_threat_records_check_their_settings():
     with pytest.raises(ThreatError, match="embedding: folds must be >= 2, got 1"):
         EmbeddingConfig(folds=1)
-    with pytest.raises(ThreatError, match="recovery: max-merges must be >= 1, got 0"):
+    with pytest.raises(ThreatError, match="max merges must be >= 1, got 0"):
         RecoveryConfig(max_merges=0)
     with pytest.raises(ThreatError, match="membership: sharers must be >= 2 \\(a merge needs two\\), got 1"):
         MembershipConfig(sharers=1)
