@@ -47,7 +47,7 @@ from common.errors import PrimeError
 from common.models import GEMMA_SPEC, resolve_device
 from simulations.support.outputs import GPU_CHECK_OUTPUT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_REFERENCE = ROOT / "docs" / "results" / "engine" / "bench_engine_both_references.json"
 REPORT = "gpu_check.json"
 # Tests whose tiny model is loaded with the device left at `auto` (load_base, the eval grid, the model commands):
