@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from common.tasks import DEFAULT_DECODING
-
 # Cells cached before the run-wide decoding was part of a cell's key (their key fields end with the privacy metric)
-# were all read with the default decoding: a cell at that decoding keeps the shorter key (`Cell.key`).
-UNKEYED_DECODING = DEFAULT_DECODING
+# were all read with argmax: a cell at that decoding keeps the shorter key (`Cell.key`). A fact of history, so not
+# the default decoding's name (it stays if the default moves).
+UNKEYED_DECODING = "argmax"
 
 # Cells written before `privacy_metric` existed (no such field in the cell record) measured similarity as
 # `agreement`: plots name the metric of such a cell so.
