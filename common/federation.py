@@ -17,8 +17,8 @@ from typing import Any, Mapping
 from common.errors import PrimeError
 from common.presets import DEFAULT_PRESET, PresetChoice, resolve
 from common.settings import (
-    MAX_EPOCHS, MAX_ROUNDS, MAX_SEED, MAX_USERS, NAME, POSITIVE, Check, NodeConfig, SearchConfig, SettingError, at_least,
-    between, section, setting, to_flat, validate,
+    MAX_EPOCHS, MAX_ROUNDS, MAX_SEED, MAX_USERS, NAME, POSITIVE, Check, NodeConfig, RunShape, SearchConfig, SettingError,
+    at_least, between, section, setting, shared, to_flat, validate,
 )
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, synthetic_task
 from common.tasks import TASKS, UnknownTaskError, get_task
@@ -69,15 +69,14 @@ class FederationConfig:
     choice: PresetChoice = section(PresetChoice)  # `preset`: resolved by `from_run_config`
     task: str = setting("tagging", "task of the synthetic benchmark, or of data-dir", NAME)
     data_dir: str = setting("", "LaMP-layout folder ('': generate the synthetic benchmark into out-dir)")
-    model_spec: str = setting("gemma3-270m", "base model: gemma3-270m, tiny (tests) or an HF model folder", NAME)
+    model_spec: str = shared(RunShape, "model_spec")
     model_cache: str = setting("", "cache folder for the converted Gemma checkpoint ('': the default)")
-    encoder: str = setting("minilm", "user encoder: minilm, hashing[:DIM] or a sentence-transformers folder", NAME)
+    encoder: str = shared(RunShape, "encoder")
     search: SearchConfig = section(SearchConfig)
     node: NodeConfig = section(NodeConfig)
     num_targets: int = setting(2, "target users", between(1, MAX_USERS))
     num_sharers: int = setting(6, "sharing users", between(1, MAX_USERS))
-    adapt_fraction: float = setting(0.25, "share of users for task adaptation",
-                                    Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    adapt_fraction: float = shared(RunShape, "adapt_fraction")
     adapt_rounds: int = setting(1, "FedAvg rounds of the task LoRA (0: no task adaptation)", between(0, MAX_ROUNDS))
     adapt_epochs: int = setting(2, "local epochs of one adaptation round", between(1, MAX_EPOCHS))
     synth: SyntheticConfig = section(SyntheticConfig, n_users=24, history=12)  # data from the run's task and seed

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.models import rows_per_forward
-from common.tasks import DECODINGS, TaskSpec, check_decoding, completion_text
+from common.tasks import DECODINGS, DEFAULT_DECODING, TaskSpec, check_decoding, completion_text
 
 RowsHook = Callable[[torch.Tensor], None]
 
@@ -353,7 +353,7 @@ def predict_labels(
     rows_hook: RowsHook | None = None,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     prefix_groups: Sequence[int] | torch.Tensor | None = None,
-    decoding: str = "argmax",
+    decoding: str = DEFAULT_DECODING,
 ) -> list[str]:
     """The label for each prompt: by default exactly argmax of `score_labels`, lowest label index on ties.
 
@@ -415,7 +415,7 @@ def label_probabilities(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(torch.as_tensor(scores, dtype=torch.float64), dim=-1)
 
 
-def decode_labels(scores: torch.Tensor, labels: Sequence[str], decoding: str = "argmax") -> list[str]:
+def decode_labels(scores: torch.Tensor, labels: Sequence[str], decoding: str = DEFAULT_DECODING) -> list[str]:
     """Each row's label from its label scores [N, len(labels)] (log-likelihoods, as `score_labels` gives).
 
     `argmax`: the most likely label, lowest index on ties (`predict_labels`'
@@ -522,7 +522,7 @@ def predict(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
-    decoding: str = "argmax",
+    decoding: str = DEFAULT_DECODING,
     **kw,
 ) -> list[str]:
     """Answer each prompt the way the task is scored: label scoring read with `decoding`, or greedy generation.

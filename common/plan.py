@@ -20,6 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from common.errors import PrimeError
 from common.lamp import LampDataset
+from common.settings import RunShape
 
 
 class PlanError(PrimeError):
@@ -119,7 +120,7 @@ def split_sizes(n_users: int, adapt_fraction: float, n_targets: int, n_sharers: 
 def make_plan(
     users: LampDataset | Mapping[str, int],
     embeddings: Mapping[str, np.ndarray],
-    adapt_fraction: float = 0.25,
+    adapt_fraction: float = RunShape.adapt_fraction,
     n_targets: int = 8,
     n_sharers: int = 8,
     seed: int = 0,

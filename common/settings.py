@@ -23,10 +23,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from common.encoder import DEFAULT_ENCODER
 from common.errors import PrimeError
 from common.lora_math import DEFAULT_MERGE, MERGES
 from common.metrics import DEFAULT_PRIVACY_METRIC, PRIVACY_METRICS, TIE_BREAK_WEIGHT
-from common.tasks import DECODINGS, TIE_BREAKS, TaskOptionError, TaskSpec, check_decoding, check_tie_break
+from common.models import GEMMA_SPEC
+from common.tasks import DECODINGS, DEFAULT_DECODING, TIE_BREAKS, TaskOptionError, TaskSpec, check_decoding, check_tie_break
 
 # Search granularity: one weight per sharer's adapter, or one per sharer per layer.
 WEIGHT_LEVELS = ("lora", "layer")
@@ -99,16 +101,38 @@ NAME = Check(lambda v: bool(str(v).strip()), "a non-empty name")
 NAMES = Check(lambda v: len(v) > 0 and all(str(x).strip() for x in v), "at least one non-empty name")
 
 
+# `setting(unkeyed=...)` without a value: every value of the setting is part of the cache keys it is in.
+ALWAYS_KEYED: Any = type("AlwaysKeyed", (), {"__repr__": lambda self: "ALWAYS_KEYED"})()
+
+
 def setting(default: Any, help: str, check: Check | None = None, *, key: str | None = None,
-            exposed: bool = True, sweep: str | None = None) -> Any:
+            exposed: bool = True, sweep: str | None = None, affects: tuple[str, ...] = (),
+            unkeyed: Any = ALWAYS_KEYED) -> Any:
     """A dataclass field with its help text and check.
 
     `key` is the run-config key and flag (default: the name with `-` for `_`);
     `exposed=False` keeps a setting off the run config and the command line
     (it still travels in messages); `sweep` names the plural option under
     which `prime-fl eval` takes a list of values (an ablation axis).
+
+    Cache keys follow from the same declaration, so a new setting cannot be
+    forgotten in a hand-kept key list: `affects` names the in-memory caches
+    whose key holds the setting (`"baselines"`: the sharers' and the
+    unmerged model's answers `server.personalize` reuses across alphas;
+    `settings_key`). `unkeyed` is for a setting added after results were
+    cached on disk: the value that reproduces the behaviour from before it
+    existed stays out of those keys (`Option.keyed`), so the cached results
+    keep theirs (a fact of history: it stays when the default moves).
     """
-    return field(default=default, metadata={"help": help, "check": check, "key": key, "exposed": exposed, "sweep": sweep})
+    return field(default=default, metadata={"help": help, "check": check, "key": key, "exposed": exposed, "sweep": sweep,
+                                            "affects": affects, "unkeyed": unkeyed})
+
+
+def shared(record: type, name: str, **metadata: Any) -> Any:
+    """A dataclass field declared as `record`'s setting `name` is (default, help, check, key): one setting that
+    several records hold, written once. `metadata` adds what only this record's copy has (`affects`)."""
+    (found,) = [f for f in dataclasses.fields(record) if f.name == name]
+    return field(default=found.default, metadata={**found.metadata, **metadata})
 
 
 def section(record: type, **overrides: Any) -> Any:
@@ -125,10 +149,16 @@ class Option:
     kind: Any
     help: str
     sweep: str | None
+    affects: tuple[str, ...] = ()
+    unkeyed: Any = ALWAYS_KEYED
 
     @property
     def name(self) -> str:
         return self.path[-1]
+
+    def keyed(self, value: Any) -> bool:
+        """Whether `value` of this setting goes into an on-disk cache key (see `setting`'s `unkeyed`)."""
+        return self.unkeyed is ALWAYS_KEYED or value != self.unkeyed
 
     def value_in(self, record: Any) -> Any:
         """This setting's value in `record` (the record `options` was called on)."""
@@ -147,24 +177,30 @@ def options(record: type, *, exposed_only: bool = False) -> list[Option]:
                 found.append(dataclasses.replace(opt, path=(f.name, *opt.path)))
         elif "help" in f.metadata and (f.metadata["exposed"] or not exposed_only):
             found.append(Option(key=f.metadata["key"] or f.name.replace("_", "-"), path=(f.name,), kind=hints[f.name],
-                                help=f.metadata["help"], sweep=f.metadata["sweep"]))
+                                help=f.metadata["help"], sweep=f.metadata["sweep"], affects=f.metadata["affects"],
+                                unkeyed=f.metadata["unkeyed"]))
     keys = [o.key for o in found]
     if len(set(keys)) != len(keys):
         raise TypeError(f"{record.__name__}: two settings share a key: {sorted({k for k in keys if keys.count(k) > 1})}")
     return found
 
 
-def validate(record: Any, error: type[SettingError], what: str) -> None:
-    """Run the checks of `record`'s own settings (sections validate themselves when built)."""
+def settings_key(record: Any, cache: str) -> tuple[Any, ...]:
+    """The values of `record`'s settings that `cache` depends on (`setting(affects=...)`), in declaration order."""
+    return tuple(opt.value_in(record) for opt in options(type(record)) if cache in opt.affects)
+
+
+def validate(record: Any, error: type[PrimeError], what: str) -> None:
+    """Run the checks of `record`'s own settings (sections validate themselves when built); `what` starts each message."""
     for f in dataclasses.fields(record):
         check = f.metadata.get("check")
         value = getattr(record, f.name)
         if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison-free check
             key = f.metadata.get("key") or f.name.replace("_", "-")
-            raise error(f"{what}: {key} must be a finite number, got {value!r}")
+            raise error(f"{what}{': ' if what else ''}{key} must be a finite number, got {value!r}")
         if check is not None and not _passes(check, value):
             key = f.metadata["key"] or f.name.replace("_", "-")
-            raise error(f"{what}: {key} must be {check.says}, got {value!r}")
+            raise error(f"{what}{': ' if what else ''}{key} must be {check.says}, got {value!r}")
 
 
 def _passes(check: Check, value: Any) -> bool:
@@ -265,6 +301,26 @@ def _scalar(key: str, kind: type, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class RunShape:
+    """The shape of a run that the federation, `prime-fl eval`, the plan and the baselines share, declared once.
+
+    A record that holds one of these settings takes it with `shared(RunShape,
+    name)` (same default, help and check), and code that only needs the
+    default reads `RunShape.<name>`. How many sharers are merged (`k`) and
+    how labels are decoded are search settings (`SearchConfig`).
+    """
+
+    model_spec: str = setting(GEMMA_SPEC, "base model: gemma3-270m, tiny (tests) or an HF model folder", NAME)
+    encoder: str = setting(DEFAULT_ENCODER, "user encoder: minilm, hashing[:DIM] or a sentence-transformers folder",
+                           NAME)
+    adapt_fraction: float = setting(0.25, "share of users for task adaptation", Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    rag_k: int = setting(3, "history items retrieved for RAG", at_least(1))
+
+    def __post_init__(self) -> None:
+        validate(self, SettingError, "run shape")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """Every knob of one personalization (paper defaults where the paper has one).
 
@@ -286,27 +342,27 @@ class SearchConfig:
     optimizer: str = setting("cma", "gradient-free optimizer: cma, ngiohtuned, tbpsa or ngopt (server.search)",
                              one_of(*OPTIMIZER_NAMES), sweep="optimizers")
     weight_level: str = setting("lora", "one weight per sharer (lora) or per sharer per layer (layer)",
-                                one_of(*WEIGHT_LEVELS), sweep="weight-levels")
+                                one_of(*WEIGHT_LEVELS), sweep="weight-levels", affects=("baselines",))
     privacy_metric: str = setting(DEFAULT_PRIVACY_METRIC,
                                   "similarity with a sharer's predictions: task (paper Eq. 7: the task's two metrics, "
                                   "sharer as gold) or agreement (share of equal labels / 1-MAE/4 / ROUGE-L)",
                                   one_of(*PRIVACY_METRICS))
-    decoding: str = setting("argmax", "how a label is read off the model's label distribution, by every method and "
+    decoding: str = setting(DEFAULT_DECODING, "how a label is read off the model's label distribution, by every method and "
                                       "the fitness: argmax (the paper's greedy answer), or, for rating only (refused "
                                       "elsewhere), expected (the label nearest the probability-weighted mean) or median",
-                            one_of(*DECODINGS))
+                            one_of(*DECODINGS), affects=("baselines",))
     tie_break: str = setting("none", f"none, or expected: the fitness adds {TIE_BREAK_WEIGHT:g} x the task metric's "
                                      "expectation under the model's label probabilities, so candidates of equal "
                                      "metric are still ordered (refused on generation histories)", one_of(*TIE_BREAKS),
-                             sweep="tie-breaks")
+                             sweep="tie-breaks", affects=("baselines",))
     utility_floor: str = setting("unmerged", "unmerged: never release a merge whose utility on the history is below "
                                              "the unmerged model's (that merge is worse and leaks more), or none: "
                                              "release the best objective if it beats the unmerged model's (the paper)",
-                                 one_of(*UTILITY_FLOORS), sweep="utility-floors")
+                                 one_of(*UTILITY_FLOORS), sweep="utility-floors", unkeyed="none")
     merge: str = setting(DEFAULT_MERGE, "exact (sum of the weighted updates, paper Eq. 2) or elementwise (weighted sums "
-                                        "of A and of B, as the official code)", one_of(*MERGES))
+                                        "of A and of B, as the official code)", one_of(*MERGES), affects=("baselines",))
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
-                                      sweep="history-fractions")
+                                      sweep="history-fractions", affects=("baselines",))
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
     # The two release guards are on by default: together (not either alone) they keep every attack of
     # docs/threats.md above a relative error of 0.5, at no measured utility cost (results/threats-guards,
@@ -317,7 +373,7 @@ class SearchConfig:
                                FRACTION, sweep="share-caps")
     release_rank: int = setting(8, "release only the top r singular directions of each module's merged update, a "
                                    "rank-r LoRA (the size of one LoRA at lora-r 8); 0: the whole merge",
-                                at_least(0), sweep="release-ranks")
+                                at_least(0), sweep="release-ranks", affects=("baselines",))
     # Off by default: the distance that trades utility for privacy is to be measured on Gemma (docs/threats.md);
     # 0.5 is the provisional value to turn it on with.
     release_distance: float = setting(0.0, "smallest scale-free distance (sin of the angle, per module and over the "
@@ -325,13 +381,15 @@ class SearchConfig:
                                            "candidates closer are refused by the search, and a final release closer, "
                                            "or one that lets the ledger's earlier merges unmix a sharer closer, falls "
                                            "back to the unmerged model (server.release_guard); 0: off",
-                                      Check(lambda v: 0 <= v < 1, "in [0, 1)"), sweep="release-distances")
+                                      Check(lambda v: 0 <= v < 1, "in [0, 1)"), sweep="release-distances",
+                                      unkeyed=0.0)
     score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "
                                         "false: it scores the whole merge and only the winner is truncated")
     batch_size: int = setting(DEFAULT_BATCH_SIZE, "rows (history item x candidate) per forward pass",
-                              between(1, MAX_ROWS))
+                              between(1, MAX_ROWS), affects=("baselines",))
     bounds: tuple[float, ...] = setting((-1.5, 1.5), "(low, high) of every weight", exposed=False)
-    seed: int = setting(0, "search seed (the federation and eval derive one per target)", exposed=False)
+    seed: int = setting(0, "search seed (the federation and eval derive one per target)", exposed=False,
+                        affects=("baselines",))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bounds", tuple(float(b) for b in self.bounds))
@@ -369,21 +427,22 @@ class TrainConfig:
     target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA'd linear layers (comma-separated)", NAMES)
     lr: float = setting(1e-3, "LoRA learning rate (sharers, OPPU, and task adaptation unless adapt-lr)", POSITIVE)
     adapt_lr: float = setting(0.0, "task adaptation's learning rate (0: lr); the paper's Table 3 trains the task LoRA "
-                                   "at 1e-4 and the sharers' at 1e-4 or 2e-4", NON_NEGATIVE)
+                                   "at 1e-4 and the sharers' at 1e-4 or 2e-4", NON_NEGATIVE, unkeyed=0.0)
     lr_schedule: str = setting("linear", "decay of the learning rate to 0 over a run's optimizer steps, no warmup: "
-                                         "linear, or cosine (half-cycle, as the official code)", one_of(*LR_SCHEDULES))
+                                         "linear, or cosine (half-cycle, as the official code)", one_of(*LR_SCHEDULES),
+                              unkeyed="linear")
     grad_clip: float = setting(1.0, "clip of the whole gradient's norm before each step (0: none); DP-SGD clips "
-                                    "each example instead (dp-max-grad-norm)", NON_NEGATIVE)
-    adapt_grad_clip: float = setting(0.0, "task adaptation's grad-clip (0: grad-clip)", NON_NEGATIVE)
+                                    "each example instead (dp-max-grad-norm)", NON_NEGATIVE, unkeyed=1.0)
+    adapt_grad_clip: float = setting(0.0, "task adaptation's grad-clip (0: grad-clip)", NON_NEGATIVE, unkeyed=0.0)
     adam_beta2: float = setting(0.999, "AdamW beta2 (torch's default; the official code: 0.95)",
-                                Check(lambda v: 0 < v < 1, "in (0, 1)"))
+                                Check(lambda v: 0 < v < 1, "in (0, 1)"), unkeyed=0.999)
     epochs: int = setting(3, "LoRA epochs over a user's history (when steps is 0)", between(1, MAX_EPOCHS))
     steps: int = setting(0, "LoRA optimizer steps, cycling through the reshuffled history (0: epochs decide); a "
                             "short history then still gets enough updates", between(0, MAX_STEPS), key="train-steps")
     batch_size: int = setting(8, "LoRA training pairs per step", between(1, MAX_ROWS), key="train-batch-size")
     adapt_batch_size: int = setting(0, "task adaptation's train-batch-size (0: train-batch-size); the paper's "
                                        "Table 3 trains the task LoRA with larger batches than the sharers'",
-                                    between(0, MAX_ROWS))
+                                    between(0, MAX_ROWS), unkeyed=0)
     max_length: int = setting(512, "most tokens per LoRA training pair", between(2 * MIN_PROMPT_TOKENS, MAX_TOKENS))
     weight_decay: float = setting(0.0, "LoRA AdamW weight decay", NON_NEGATIVE)
     seed: int = setting(0, "seed of LoRA init and shuffling", exposed=False)

@@ -39,6 +39,7 @@ RATING_LABELS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 # the most likely label (the paper's greedy choice), or, for ordered numeric labels only, the label nearest the
 # distribution's mean or its median.
 DECODINGS: tuple[str, ...] = ("argmax", "expected", "median")
+DEFAULT_DECODING = DECODINGS[0]  # the paper's, and every decoding parameter's default
 # What breaks ties between merge candidates of equal discrete fitness (server.fitness): nothing (the paper), or the
 # task metric's expectation under the model's label probabilities.
 TIE_BREAKS: tuple[str, ...] = ("none", "expected")
@@ -255,7 +256,7 @@ def check_decoding(task: TaskSpec, decoding: str) -> None:
     """
     if decoding not in DECODINGS:
         raise TaskOptionError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
-    if decoding != "argmax" and not task.ordered_labels:
+    if decoding != DEFAULT_DECODING and not task.ordered_labels:
         raise TaskOptionError(f"decoding {decoding!r} needs ordered numeric labels (rating); {task.lamp_id} "
                               f"({task.name}) has none: use decoding = argmax")
 

@@ -27,7 +27,7 @@ from common.errors import PrimeError
 from common.lora_math import MERGES
 from common.progress import report as report_progress
 from common.schema import Schema, listing, record, scalar
-from common.settings import SearchConfig
+from common.settings import SearchConfig, settings_key
 from common.tasks import TaskSpec
 from server.fitness import Baselines, FitnessEvaluator, FitnessParts
 from server.release import kept_energy, release
@@ -224,8 +224,9 @@ def personalize(
 
     `baseline_cache`: a dict the caller keeps for one target's history (and
     model): the sharers' and the unmerged model's answers are stored there
-    under everything they depend on but alpha, the optimizer and the budget,
-    so the target's searches at other alphas skip those passes.
+    under the chosen sharers and the search settings marked
+    `affects=("baselines",)` (common.settings), so the target's searches at
+    other alphas, optimizers or budgets skip those passes.
     """
     t0 = time.perf_counter()
     chosen = select_top_k(
@@ -235,8 +236,7 @@ def personalize(
     ids = [sid for sid, _ in chosen]
     adapters = [sharers[sid][0] for sid in ids]
     t1 = time.perf_counter()
-    key = (tuple(ids), config.history_fraction, config.seed, config.weight_level, config.merge, config.release_rank,
-           config.decoding, config.tie_break, config.batch_size)
+    key = (tuple(ids), *settings_key(config, "baselines"))
     cached = None if baseline_cache is None else baseline_cache.get(key)
     evaluator = FitnessEvaluator(model, tokenizer, task, target_history, adapters, config, baselines=cached)
     if baseline_cache is not None:

@@ -130,14 +130,6 @@ def test_run_config_rejects_unknown_keys_and_bad_values():
     assert (rating.search.decoding, rating.search.tie_break) == ("expected", "expected")
 
 
-def test_pyproject_run_config_matches_the_config_defaults():
-    import tomllib
-    from pathlib import Path
-
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert project["tool"]["flwr"]["app"]["config"] == FederationConfig().to_run_config()
-
-
 def test_adapt_rounds_train_at_adapt_lr_and_sharers_at_lr(tmp_path, monkeypatch):
     """What the nodes train with (in process, no Flower runtime): the adapt requests carry adapt-lr and
     adapt-grad-clip, the share requests lr and grad-clip."""

@@ -44,7 +44,7 @@ import torch
 
 from common.atomic import output_folder, write_text
 from common.errors import PrimeError
-from common.models import resolve_device
+from common.models import GEMMA_SPEC, resolve_device
 from simulations.support.outputs import GPU_CHECK_OUTPUT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="a new (or empty) folder for gpu_check.json and each step's files")
     parser.add_argument("--device", choices=tuple(SIZES), default="cuda", help="default %(default)s")
-    parser.add_argument("--model-spec", default="gemma3-270m", help="gemma3-270m (default) or tiny (the CPU run)")
+    parser.add_argument("--model-spec", default=GEMMA_SPEC, help="gemma3-270m (default) or tiny (the CPU run)")
     parser.add_argument("--model-cache", default=None, help="folder of converted checkpoints (as every model command)")
     parser.add_argument("--data", type=Path, help="LaMP-4-layout folder (huffpost) for the eval; needed on cuda")
     parser.add_argument("--tests", nargs="+", help="pytest paths instead of the device's default selection")

@@ -40,7 +40,7 @@ from common.inference import decode_labels, encode_example, label_probabilities
 from common.lora_math import MERGES, merge_elementwise
 from common.metrics import expected_fitness, parse_label
 from common.settings import SearchConfig
-from common.tasks import TaskSpec
+from common.tasks import DEFAULT_DECODING, TaskSpec
 from server.fitness import FitnessError, FitnessParts, history_task, sample_history, score_parts
 
 MODES = ("generate", "score")
@@ -81,7 +81,7 @@ def peft_predictions(
     adapter: LoraAdapter | None,
     *,
     mode: str = "generate",
-    decoding: str = "argmax",
+    decoding: str = DEFAULT_DECODING,
 ) -> list[str]:
     """Answers of `model` + `adapter` (loaded through PEFT from a saved directory), one example at a time.
 

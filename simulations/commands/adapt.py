@@ -12,6 +12,7 @@ from common.atomic import check_replaceable
 from common.errors import PrimeError
 from common.lamp import SPLITS, LampDataset, LampUser, load_lamp, profile_pairs
 from common.models import MODEL_OUTPUT
+from common.settings import RunShape
 from simulations.support.model_options import add_model_options, load_model
 from simulations.commands.train_lora import add_training_args, train_config
 
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--users", dest="user_ids", nargs="+", default=None, metavar="ID", help="the adaptation users")
     who.add_argument(
-        "--fraction", type=float, default=0.25, help="else this share of users, seeded by --seed (default %(default)s)"
+        "--fraction", type=float, default=RunShape.adapt_fraction, help="else this share of users, seeded by --seed (default %(default)s)"
     )
     parser.add_argument("--max-pairs", type=int, default=None, help="train on at most this many pairs (sampled by seed)")
     parser.add_argument(

@@ -18,7 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-from simulations.evaluation.adaptation import ADAPT_SAMPLINGS
 from common.atomic import output_folder, write_text
 from common.models import resolve_cache_dir
 from common.presets import PresetChoice
@@ -45,47 +44,17 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add("--config", help="JSON or TOML file of settings (keys as the flags below; a TOML [eval] table is used if present)")
     add("--out", help="output folder: cells/, prepare/, results.json, table.{md,csv,json}, plots/")
     add_setting_options(parser, PresetChoice(), layered=True)
-    add("--data", help="LaMP-layout folder")
-    add("--split", choices=("train", "dev"), help="which split when the folder holds several")
-    add("--synthetic", help="generate the synthetic benchmark for this task (tagging, rating, headline, rating-skewed) into OUT/data")
     add_setting_options(parser, SyntheticConfig(), layered=True)
-    add("--synth-seed", type=int, help="synthetic: data seed (default 0; --seeds varies the split and training)")
-    add("--methods", help=f"{_LIST}: np, rag, pag, pag-rag, per-pcs, per-pcs-rag, oppu, oppu-rag, oppu-pag, top1, "
-                          "uniform, lorahub, prime, prime-rag, prime-pag (default: np, rag, oppu, top1, uniform, "
-                          "lorahub, prime)")
-    add("--seeds", type=int, help="number of seeds 0..N-1 (split, training and search; default 1)")
-    add("--first-seed", type=int, help="run seeds S..S+N-1 instead (default 0): one grid split across sessions or "
-                                       "machines; each seed's cells are the same as in the whole run, so a later "
-                                       "run of all seeds into the same folder takes them from the cache")
     add_model_options(parser, default=None, spec_help="gemma3-270m (default), tiny (tests), or an HF model folder")
-    add("--encoder", help="user encoder: minilm (default), hashing[:DIM], or a sentence-transformers folder")
-    add("--targets", type=int, help="target users per seed (default 4)")
-    add("--sharers", type=int, help="sharers per seed (default 8)")
-    add("--adapt-fraction", type=float, help="share of users for task adaptation (default 0.25)")
-    add("--adapt-epochs", type=int, help="task-adaptation epochs (default 2)")
-    add("--adapt-max-pairs", type=int, help="cap on task-adaptation pairs (default 384)")
-    add("--adapt-sampling", choices=ADAPT_SAMPLINGS,
-        help="how task-adaptation pairs are drawn: pooled (default), balanced (each gold label equally often) or "
-             "user (each adaptation user equally often)")
+    # Eval's own settings but those add_model_options adds: flags, help and defaults from EvalConfig.
+    add_setting_options(parser, EvalConfig, layered=True,
+                        skip=("model-spec", "model-cache", "device", "dtype"))
     add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's optimizer, start and budget)"), SearchConfig(),
                         layered=True, sweeps=experiment.DEFAULT_SWEEPS)
     add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),
                         experiment.DEFAULT_NODE, layered=True)
     add_setting_options(parser.add_argument_group("Per-Pcs (its sharers' gates and a target's assembly; preset paper: "
                                                   "Table 3 per task)"), PerPcsConfig(), layered=True)
-    add("--rag-k", type=int, help="history items retrieved for RAG (default 3; preset paper: 1)")
-    add("--lorahub-l1", type=float, help="LoraHub L1 penalty on the weights (default 0.05)")
-    add("--augment", action="store_const", const=True,
-        help="search (PriME, LoraHub) and train OPPU on the official process_profile pairs: each history item plus a "
-             "copy with the PAG profile and the BM25 top-1 earlier item in front (LaMP-2/3/4/5; default off: about "
-             "3x the fitness text on CPU; preset paper: on)")
-    add("--no-augment", dest="augment", action="store_const", const=False,
-        help="plain history pairs only (overrides preset paper's augmentation)")
-    add("--pag-search", choices=experiment.PAG_SEARCHES,
-        help="PriME+PAG's merge: own = a search of its own on history prompts that carry the profile, as its "
-             "queries do (default); shared = PriME's merge at the same settings answers the profile prompts, as the "
-             "official code does (preset paper; costs no search)")
-    add("--no-plots", dest="plots", action="store_const", const=False, help="write tables only")
     add("--no-progress", action="store_true", help="no progress bars")
     run_on = parser.add_argument_group("where the cells run (not settings: the results are the same)")
     run_on.add_argument("--ray", metavar="auto|ADDRESS",

@@ -13,10 +13,11 @@ import numpy as np
 from common.atomic import output_folder
 from common.errors import PrimeError
 from common.lora_math import random_adapter
-from common.settings import SearchConfig
+from common.settings import SearchConfig, from_flat
 from server.personalize import applied_share_cap
 from server.share_cap import cap_shares, update_norms
 from simulations.support.model_options import add_model_options, load_model
+from simulations.support.options import add_setting_options, setting_values
 from simulations.support.outputs import THREATS_OUTPUT
 from simulations.threats import write_json
 from simulations.threats import membership as mia
@@ -25,17 +26,6 @@ from simulations.threats.embedding import EmbeddingConfig, embedding_probe
 from simulations.threats.leak import ThreatError, block_leak
 
 ATTACKS = ("leak", "recovery", "membership", "embedding", "all")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
@@ -49,15 +39,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
             "receives (AUROC with a bootstrap 95% interval, and the utility, per setting); embedding: group probe on user embeddings. Each writes OUT/<attack>.json (+ .csv/.png)."
         ),
     )
-    m, e, r = mia.MembershipConfig(), EmbeddingConfig(), rec.RecoveryConfig()
     parser.add_argument("attack", choices=ATTACKS, help="which attack (all: every one, leak/recovery on the trained adapters)")
     parser.add_argument("--out", required=True, help="output folder")
     add_model_options(parser)
-    parser.add_argument("--task", default=m.task, help="synthetic task: tagging (default), rating, headline, rating-skewed")
-    parser.add_argument("--seed", type=int, default=m.seed, help="random seed (default %(default)s)")
-    parser.add_argument("--sharers", type=int, default=m.sharers, help="k, sharers in a merge (default %(default)s)")
-    parser.add_argument("--rank", type=int, default=m.r, help="LoRA rank r (default %(default)s)")
-    parser.add_argument("--lora-alpha", type=float, default=m.lora_alpha, help="LoRA alpha (default %(default)s)")
     parser.add_argument("--adapters", choices=["random", "trained"], default="random",
                         help="leak/recovery alone: random adapters (instant) or sharers' trained ones (default %(default)s; all: trained)")
     parser.add_argument("--share-cap", type=float, default=SearchConfig.share_cap,
@@ -67,71 +51,25 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         help="leak/recovery: release only each merge's top R singular directions per module, as the "
                              "search setting release-rank does (server.release; default %(default)s, the search's; "
                              "0 = the whole merge)")
-    parser.add_argument("--max-merges", type=int, default=r.max_merges, help="recovery: largest m (default %(default)s)")
-    parser.add_argument("--guesses", type=int, default=r.guesses, help="recovery: random weight guesses averaged (default %(default)s)")
-    parser.add_argument("--data", default=None, metavar="DIR",
-                        help="membership: a LaMP folder of real users instead of synthetic ones (the largest histories "
-                             "are the sharers, each needing --history + --nonmembers items of its own; the task is the "
-                             "data's, --task and --groups are ignored)")
-    parser.add_argument("--groups", type=int, default=m.groups, help="membership: latent groups (default %(default)s)")
-    parser.add_argument("--history", type=int, default=m.history, help="membership: training items per sharer (default %(default)s)")
-    parser.add_argument("--nonmembers", type=int, default=m.nonmembers,
-                        help="membership, fresh protocol: held-out items per sharer (default %(default)s)")
-    parser.add_argument("--protocol", default=m.protocol,
-                        help="membership: non-members are each sharer's held-out items (fresh) or, as the paper's "
-                             "mia.py, the items of the pool's unmerged sharers (official) (default %(default)s)")
-    parser.add_argument("--others", type=int, default=m.others,
-                        help="membership, official protocol: unmerged sharers in the pool (default %(default)s)")
-    parser.add_argument("--queries", type=int, default=m.queries,
-                        help="membership: the target's held-out queries scoring each setting's utility (default %(default)s)")
-    parser.add_argument("--guard-alphas", type=_floats, default=m.guard_alphas,
-                        help="membership: PriME alphas run with the release guards, comma-separated, empty for none "
-                             "(default 1)")
-    parser.add_argument("--guard-share-cap", type=float, default=m.guard_share_cap,
-                        help="membership: the guards' per-sharer share cap (server.share_cap; default %(default)s)")
-    parser.add_argument("--guard-release-rank", type=int, default=m.guard_release_rank,
-                        help="membership: the guards' rank-limited release, top-r directions of the merged update "
-                             "(server.release; 0: none; default %(default)s)")
-    parser.add_argument("--dp-noises", type=_floats, default=m.dp_noises,
-                        help="membership: DP-SGD noise multipliers of the sharers' DP adapters, comma-separated, empty "
-                             "for none (default 0.5,1,2)")
-    parser.add_argument("--dp-max-grad-norm", type=float, default=m.dp_max_grad_norm,
-                        help="membership: DP-SGD per-example clip norm (default %(default)s)")
-    parser.add_argument("--resamples", type=int, default=m.resamples,
-                        help="membership: bootstrap resamples per AUROC interval (default %(default)s)")
-    parser.add_argument("--adapt-users", type=int, default=m.adapt_users, help="membership: users that task-adapt the base first (default %(default)s)")
-    parser.add_argument("--alphas", type=_floats, default=m.alphas, help="membership: PriME alphas, comma-separated (default 0,1,4)")
-    parser.add_argument("--budget", type=int, default=m.budget, help="membership: fitness evaluations of each search (default %(default)s)")
-    parser.add_argument("--popsize", type=int, default=m.popsize, help="membership: candidates per generation (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=m.epochs, help="LoRA training epochs (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=m.lr, help="LoRA learning rate (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=m.batch_size, help="rows per forward (default %(default)s)")
-    parser.add_argument("--users", type=int, default=e.users, help="embedding: users probed (default %(default)s)")
-    parser.add_argument("--embed-groups", type=int, default=e.groups, help="embedding: latent groups (default %(default)s)")
-    parser.add_argument("--embed-history", type=int, default=e.history, help="embedding: history items per user (default %(default)s)")
-    parser.add_argument("--encoders", type=_names, default=e.encoders, help="embedding: encoders, comma-separated (default minilm,hashing)")
-    parser.add_argument("--folds", type=int, default=e.folds, help="embedding: cross-validation folds (default %(default)s)")
+    # Every other option is a setting of an attack's record, with its help, default and check (the task and the
+    # seed are the membership and embedding attacks' both).
+    add_setting_options(parser, mia.MembershipConfig())
+    add_setting_options(parser, EmbeddingConfig(), skip=("task", "seed"))
+    add_setting_options(parser, rec.RecoveryConfig(), skip=("seed",))
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_threats)
 
 
 def _membership_config(args: argparse.Namespace) -> mia.MembershipConfig:
-    return mia.MembershipConfig(
-        task=args.task, data=args.data or "", sharers=args.sharers, groups=args.groups, history=args.history, nonmembers=args.nonmembers,
-        protocol=args.protocol, others=args.others, queries=args.queries, adapt_users=args.adapt_users,
-        alphas=args.alphas, guard_alphas=args.guard_alphas, guard_share_cap=args.guard_share_cap, guard_release_rank=args.guard_release_rank,
-        dp_noises=args.dp_noises, dp_max_grad_norm=args.dp_max_grad_norm, budget=args.budget, popsize=args.popsize,
-        r=args.rank, lora_alpha=args.lora_alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        resamples=args.resamples, seed=args.seed,
-    )
+    return from_flat(mia.MembershipConfig, setting_values(mia.MembershipConfig, args))
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The full equivalent command, every option spelled out (recorded with the results)."""
     parts = ["prime-fl", "threats", args.attack]
     for key, value in vars(args).items():
-        if key in ("attack", "command", "func", "verbose") or value is None or value is False:
+        if key in ("attack", "command", "func", "verbose") or value is None or value is False or value == "":
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -163,8 +101,7 @@ def _threats(args: argparse.Namespace) -> int:
     written: list[Path] = []
     if args.attack in ("embedding", "all"):
         t = time.perf_counter()
-        result = embedding_probe(EmbeddingConfig(task=args.task, users=args.users, groups=args.embed_groups,
-                                                 history=args.embed_history, encoders=args.encoders, folds=args.folds, seed=args.seed))
+        result = embedding_probe(from_flat(EmbeddingConfig, setting_values(EmbeddingConfig, args)))
         written += [write_json(out / "embedding.json", {**result.to_dict(), **meta, "seconds": time.perf_counter() - t}),
                     result.write_csv(out / "embedding.csv")]
         for row in result.rows:
@@ -210,9 +147,8 @@ def _threats(args: argparse.Namespace) -> int:
               f"{leak.release_delta_error:.3f}")
     if args.attack in ("recovery", "all"):
         t = time.perf_counter()
-        recovery = rec.linear_recovery(adapters, rec.RecoveryConfig(
-            max_merges=args.max_merges, guesses=args.guesses, seed=args.seed, release_rank=args.release_rank,
-            share_cap=share_cap))
+        config = from_flat(rec.RecoveryConfig, setting_values(rec.RecoveryConfig, args))
+        recovery = rec.linear_recovery(adapters, replace(config, release_rank=args.release_rank, share_cap=share_cap))
         written += [write_json(out / "recovery.json", {**recovery.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}),
                     recovery.write_csv(out / "recovery.csv")]
         if plots:

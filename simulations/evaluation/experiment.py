@@ -35,19 +35,21 @@ from common.dp import Guarantee, PrivacyError
 from common.encoder import embed_users, load_encoder, save_embeddings
 from common.errors import PrimeError
 from common.jsonable import plain
-from common.lamp import LampDataset, load_lamp, profile_pairs, read_task
+from common.lamp import SPLITS, LampDataset, load_lamp, profile_pairs, read_task
 from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import DEVICES, DTYPES, device_dtype, load_base, resolve_device, resolve_dtype
 from common.plan import UserPlan, make_plan
 from common.presets import DEFAULT_PRESET, PER_TASK, PRESETS, preset_values, resolve
 from common.synthetic import SYNTHETIC_TASKS, Synthetic, SyntheticConfig, generate, synthetic_task, write_synthetic
 from common.settings import (
-    NodeConfig, PerPcsConfig, SearchConfig, SettingError, TrainConfig, coerce, from_flat, options, recent, to_flat,
+    Check, NodeConfig, PerPcsConfig, RunShape, SearchConfig, SettingError, at_least, coerce, from_flat, one_of, options,
+    recent, setting, shared, to_flat, validate,
 )
 from common.schema import Schema, json_type, scalar
 from common.task_model import load_task_model
+from common.tasks import DEFAULT_DECODING
 from common.user_files import UserFileError, read_bytes
-from simulations.evaluation import sharer_signal
+from simulations.evaluation import old_formats, sharer_signal
 from simulations.evaluation.methods import Context, MethodResult, get_method
 from simulations.support.outputs import EVAL_OUTPUT
 from simulations.evaluation.results_schema import ResultsFileError, check_cell, check_results
@@ -67,38 +69,62 @@ class EvalConfigError(PrimeError):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Every knob of an evaluation run; CLI flags and config-file keys have the same names."""
+    """Every knob of an evaluation run; CLI flags and config-file keys have the same names.
 
-    out: str
+    Eval's own settings are declared with `setting` (common.settings): the
+    command line takes their flags, help and defaults from here, and those
+    marked `affects=("prepare",)` are what the prepared inputs are keyed
+    on (`prepare_key`). The search, node, Per-Pcs and synthetic settings are
+    their own records'.
+    """
+
+    out: str  # the output folder: required, so not a setting with a default
     preset: str = DEFAULT_PRESET  # resolved by `from_mapping` into search, node, per_pcs and eval's own keys (common.presets)
-    data: str | None = None
-    split: str | None = None
-    synthetic: str | None = None
+    data: str | None = setting(None, "LaMP-layout folder", affects=("prepare",))
+    split: str | None = setting(None, "which split when the folder holds several: train or dev",
+                                Check(lambda v: v is None or v in SPLITS, "train or dev"), affects=("prepare",))
+    synthetic: str | None = setting(None, "generate the synthetic benchmark for this task (tagging, rating, headline, "
+                                          "rating-skewed) into OUT/data", affects=("prepare",))
     synth: SyntheticConfig = field(default_factory=SyntheticConfig)  # its task is `synthetic`, its seed `synth_seed`
-    synth_seed: int = 0
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seeds: int = 1
-    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: a long grid split across sessions or machines
-    model_spec: str = "gemma3-270m"
-    model_cache: str | None = None
-    device: str = "auto"  # where the LLM runs (common.models.resolve_device); GPU cells have their own cache keys
-    dtype: str = "auto"  # its weights' dtype (common.models.resolve_dtype); a dtype not the device's own keys its cells apart
-    encoder: str = "minilm"
-    targets: int = 4
-    sharers: int = 8
-    adapt_fraction: float = 0.25
-    adapt_epochs: int = 2
-    adapt_max_pairs: int = 384
-    adapt_sampling: str = DEFAULT_ADAPT_SAMPLING  # one of simulations.evaluation.adaptation.ADAPT_SAMPLINGS
+    synth_seed: int = setting(0, "synthetic: data seed (--seeds varies the split and training)", affects=("prepare",))
+    methods: tuple[str, ...] = setting(DEFAULT_METHODS, "comma-separated: np, rag, pag, pag-rag, per-pcs, per-pcs-rag, "
+                                                        "oppu, oppu-rag, oppu-pag, top1, uniform, lorahub, prime, "
+                                                        "prime-rag, prime-pag")
+    seeds: int = setting(1, "number of seeds 0..N-1 (split, training and search)", at_least(1))
+    first_seed: int = setting(0, "run seeds S..S+N-1 instead: one grid split across sessions or machines; each seed's "
+                                 "cells are the same as in the whole run, so a later run of all seeds into the same "
+                                 "folder takes them from the cache", at_least(0))
+    model_spec: str = shared(RunShape, "model_spec", affects=("prepare",))
+    model_cache: str | None = setting(None, "cache folder for the converted Gemma checkpoint")
+    device: str = setting("auto", "where the LLM runs (common.models.resolve_device); GPU cells have their own cache "
+                                  "keys")
+    dtype: str = setting("auto", "its weights' dtype (common.models.resolve_dtype); a dtype not the device's own keys "
+                                 "its cells apart")
+    encoder: str = shared(RunShape, "encoder", affects=("prepare",))
+    targets: int = setting(4, "target users per seed", at_least(1), affects=("prepare",))
+    sharers: int = setting(8, "sharers per seed", at_least(1), affects=("prepare",))
+    adapt_fraction: float = shared(RunShape, "adapt_fraction", affects=("prepare",))
+    adapt_epochs: int = setting(2, "task-adaptation epochs", at_least(1), affects=("prepare",))
+    adapt_max_pairs: int = setting(384, "cap on task-adaptation pairs", at_least(1), affects=("prepare",))
+    adapt_sampling: str = setting(DEFAULT_ADAPT_SAMPLING, "how task-adaptation pairs are drawn: pooled, balanced (each "
+                                                          "gold label equally often) or user (each adaptation user "
+                                                          "equally often)", one_of(*ADAPT_SAMPLINGS),
+                                  affects=("prepare",))
     search: SearchConfig = field(default_factory=SearchConfig)  # every cell's search, but for the swept settings
     sweeps: dict[str, tuple] = field(default_factory=lambda: dict(DEFAULT_SWEEPS))  # setting name -> its values
     node: NodeConfig = field(default_factory=lambda: DEFAULT_NODE)  # sharers' and OPPU's training
-    rag_k: int = 3
-    lorahub_l1: float = 0.05
-    augment: bool = False  # official process_profile pairs for every search and OPPU (methods/augment.py): 2n-1 per n
-    pag_search: str = "own"  # PriME+PAG: a search on profile prompts of its own, or PriME's merge (`shared`, official)
+    rag_k: int = shared(RunShape, "rag_k")
+    lorahub_l1: float = setting(0.05, "LoraHub L1 penalty on the weights", at_least(0))
+    augment: bool = setting(False, "search (PriME, LoraHub) and train OPPU on the official process_profile pairs "
+                                   "(methods/augment.py): each history item plus a copy with the PAG profile and the "
+                                   "BM25 top-1 earlier item in front (LaMP-2/3/4/5; about 3x the fitness text on CPU; "
+                                   "preset paper: on)")
+    pag_search: str = setting("own", "PriME+PAG's merge: own = a search of its own on history prompts that carry the "
+                                     "profile, as its queries do; shared = PriME's merge at the same settings answers "
+                                     "the profile prompts, as the official code does (preset paper; costs no search)",
+                              one_of(*PAG_SEARCHES))
     per_pcs: PerPcsConfig = field(default_factory=PerPcsConfig)  # the Per-Pcs columns (preset paper: per task)
-    plots: bool = True
+    plots: bool = setting(True, "write the figures (no-plots: tables only)")
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.synthetic is None):
@@ -117,22 +143,9 @@ class EvalConfig:
             get_method(name)  # raises MethodError for unknown names
         if not self.methods:
             raise EvalConfigError("--methods is empty")
-        positive = ("seeds", "targets", "sharers", "adapt_epochs", "adapt_max_pairs", "rag_k")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise EvalConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.first_seed < 0:
-            raise EvalConfigError(f"first-seed must be >= 0, got {self.first_seed}")
-        if not 0 <= self.adapt_fraction < 1:
-            raise EvalConfigError(f"adapt-fraction must be in [0, 1), got {self.adapt_fraction}")
-        if self.adapt_sampling not in ADAPT_SAMPLINGS:
-            raise EvalConfigError(f"adapt-sampling must be one of {', '.join(ADAPT_SAMPLINGS)}, got {self.adapt_sampling!r}")
+        validate(self, EvalConfigError, "")
         if self.adapt_sampling == "balanced" and self.synthetic == "headline":
             raise EvalConfigError("adapt-sampling balanced needs a label task (headline's history pairs are text)")
-        if self.pag_search not in PAG_SEARCHES:
-            raise EvalConfigError(f"pag-search must be one of {', '.join(PAG_SEARCHES)}, got {self.pag_search!r}")
-        if self.lorahub_l1 < 0:
-            raise EvalConfigError(f"lorahub-l1 must be >= 0, got {self.lorahub_l1}")
         for name, values in self.sweeps.items():
             if name not in SWEEPS.values():
                 raise EvalConfigError(f"{name!r} is not a swept search setting (those are: {', '.join(SWEEPS)})")
@@ -328,9 +341,8 @@ def _config_schema() -> Schema:
         kind = next(k for k in typing.get_args(kind) if k is not type(None)) if isinstance(kind, types.UnionType) else kind
         if typing.get_origin(kind) is tuple:
             properties[key] = {"type": ["array", "string", "null"], "items": scalar(json_type(typing.get_args(kind)[0]))}
-        elif kind is bool:  # "True" as runs before the settings records wrote synth-quirks into config.json
-            properties[key] = {"type": ["boolean", "string", "null"], "pattern": "^(?i:true|false)$",
-                               "says": "true or false"}
+        elif kind is bool:
+            properties[key] = old_formats.BOOL_PROPERTY
         else:
             properties[key] = scalar([json_type(kind), "null"])
     return Schema({"type": "object", "properties": properties, "additionalProperties": False}, EvalConfigError)
@@ -351,10 +363,9 @@ def _read_toml(path: Path, raw: bytes) -> Any:
 # ------------------------------------------------------------------ the grid
 
 
-# Search settings added after cells were first cached, with the value that reproduces the cells computed before
-# they existed: at that value they stay out of a cell's key, so those cells keep theirs.
-_CELL_KEYED_WHEN_SET = {"utility_floor": "none", "release_distance": 0.0}
-_UNSET = object()
+# A cell's params by name: a search setting added after cells were first cached stays out of a cell's key at the
+# value that reproduces the cells computed before it existed (`setting(unkeyed=...)`), so those cells keep theirs.
+_CELL_OPTIONS = {o.name: o for o in options(SearchConfig)}
 
 
 @dataclass(frozen=True)
@@ -367,13 +378,14 @@ class Cell:
     target: str
     prepare_key: str
     privacy_metric: str = DEFAULT_PRIVACY_METRIC  # run-wide: PriME's privacy term and the held-out similarity
-    decoding: str = "argmax"  # run-wide: how every method reads its labels
+    decoding: str = DEFAULT_DECODING  # run-wide: how every method reads its labels
 
     @property
     def key(self) -> str:
-        params = [(name, value) for name, value in self.params if _CELL_KEYED_WHEN_SET.get(name, _UNSET) != value]
+        params = [(name, value) for name, value in self.params
+                  if name not in _CELL_OPTIONS or _CELL_OPTIONS[name].keyed(value)]
         fields = [self.prepare_key, self.method, params, self.seed, self.target, self.privacy_metric]
-        if self.decoding != "argmax":  # cells computed before the setting existed keep their keys
+        if self.decoding != old_formats.UNKEYED_DECODING:
             fields.append(self.decoding)
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -382,20 +394,15 @@ class Cell:
         return out / CELLS_DIR / f"seed{self.seed}" / self.target / f"{self.method}-{self.key}.json"
 
 
-# Training settings added after prepared inputs were first cached. At their defaults (today's training, bit for bit)
-# they stay out of the key, so inputs prepared before they existed keep theirs; any other value keys them apart.
-_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2", "adapt-batch-size")
-
-
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
     users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
-    fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
-              "adapt_epochs", "adapt_max_pairs", "adapt_sampling")
-    defaults = to_flat(TrainConfig())
-    node = {key: value for key, value in to_flat(config.node).items()
-            if key not in _KEYED_WHEN_SET or value != defaults[key]}
-    settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": node}
+    # A training setting added after inputs were first cached stays out of the key at the value that reproduces
+    # them (`setting(unkeyed=...)`), so inputs prepared before it existed keep theirs.
+    flat = to_flat(config.node)
+    node = {o.key: flat[o.key] for o in options(NodeConfig) if o.keyed(o.value_in(config.node))}
+    settings = {o.name: o.value_in(config) for o in options(EvalConfig) if "prepare" in o.affects}
+    settings |= {"synth": to_flat(config.synth), "node": node}
     device = resolve_device("auto").type if config.device == "auto" else config.device
     if device != "cpu":  # bf16 GPU answers differ; CPU keys stay as they always were
         settings["device"] = device
@@ -694,17 +701,9 @@ def read_cell(path: Path) -> dict[str, Any] | None:
 
 
 def _cached(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
-    """A cached record with the params and label its cell has now.
-
-    A cell cached before a setting existed (`_CELL_KEYED_WHEN_SET`, same key)
-    lacks the setting, and its label was made when the setting had no name;
-    once the setting's default differs from the old behaviour, that label
-    would put the cell in the default's column.
-    """
-    if record is None:
-        return None
-    params = record["params"] | dict(cell.params)  # the cell's own params (its key) win over the file's
-    return record | {"params": params, "label": get_method(cell.method).label(params)}
+    """A cached record with the params and label its cell has now (`old_formats.with_current_params`)."""
+    return None if record is None else old_formats.with_current_params(record, cell.params,
+                                                                        get_method(cell.method).label)
 
 
 @dataclass

@@ -39,13 +39,13 @@ from common.metrics import higher_is_better  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 from simulations.support.outputs import EVAL_OUTPUT  # noqa: E402
 from simulations.evaluation.tables import QUIRKS, SIMILARITY, Stat, seed_scores  # noqa: E402
+from simulations.evaluation.old_formats import UNNAMED_PRIVACY_METRIC  # noqa: E402
 
 AXES = {"k": "effect_k", "history_fraction": "effect_history_fraction", "optimizer": "optimizers", "weight_level": "weight_level",
         "tie_break": "tie_break", "utility_floor": "utility_floor", "release_rank": "release_rank",
         "share_cap": "share_cap", "release_distance": "release_distance"}
 _FIXED = ("budget", "popsize", "min_sharers", "rag_k", "l1")  # run-wide settings, never a plotted axis
 _REFERENCE = ("np", "top1", "uniform", "per-pcs")
-_UNNAMED_PRIVACY_METRIC = "agreement"  # what cells written before `privacy_metric` existed were measured with
 # privacy measure of a trade-off figure -> (score key in seed_scores, x-axis label)
 PRIVACY_AXES = {
     "similarity": (SIMILARITY, "mean prediction similarity with chosen sharers"),
@@ -95,13 +95,13 @@ def _ylabel(metric: str) -> str:
 
 def privacy_metric_of(records: Iterable[Mapping[str, Any]], task: str) -> str:
     """The privacy metric the task's similarities were measured with (names joined by '+' if the cells mix them)."""
-    names = {r.get("privacy_metric", _UNNAMED_PRIVACY_METRIC) for r in records
+    names = {r.get("privacy_metric", UNNAMED_PRIVACY_METRIC) for r in records
              if r["task"] == task and r.get("similarity") is not None}
-    return "+".join(sorted(names)) or _UNNAMED_PRIVACY_METRIC
+    return "+".join(sorted(names)) or UNNAMED_PRIVACY_METRIC
 
 
 def tradeoff(
-    points: list[dict[str, Any]], task: str, privacy: str = "similarity", privacy_metric: str = _UNNAMED_PRIVACY_METRIC
+    points: list[dict[str, Any]], task: str, privacy: str = "similarity", privacy_metric: str = UNNAMED_PRIVACY_METRIC
 ) -> tuple[plt.Figure, list[dict]] | None:
     """Utility vs a privacy measure (`PRIVACY_AXES`) over alpha (PriME at its
     base ablation settings), with reference points; `privacy_metric` names

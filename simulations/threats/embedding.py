@@ -20,7 +20,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
 
 from common.atomic import dict_rows, write_csv
-from common.encoder import Encoder, embed_users, load_encoder
+from common.encoder import DEFAULT_ENCODER, Encoder, embed_users, load_encoder
+from common.settings import MAX_SEED, at_least, between, one_of, setting, validate
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, generate
 from simulations.threats.leak import ThreatError
 
@@ -34,24 +35,21 @@ PROBES = {
 class EmbeddingConfig:
     """Which users are embedded, with which encoders, and how the probe is cross-validated."""
 
-    task: str = "tagging"
-    users: int = 48
-    groups: int = 4
-    history: int = 24
-    encoders: tuple[str, ...] = ("minilm", "hashing")
-    folds: int = 5
-    seed: int = 0
+    task: str = setting("tagging", f"synthetic task: {', '.join(SYNTHETIC_TASKS)}", one_of(*SYNTHETIC_TASKS))
+    users: int = setting(48, "embedding: users probed")
+    groups: int = setting(4, "embedding: latent groups", key="embed-groups")
+    history: int = setting(24, "embedding: history items per user", at_least(1), key="embed-history")
+    encoders: tuple[str, ...] = setting((DEFAULT_ENCODER, "hashing"), "embedding: encoders, comma-separated")
+    folds: int = setting(5, "embedding: cross-validation folds", at_least(2))
+    seed: int = setting(0, "random seed", between(0, MAX_SEED))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoders", tuple(self.encoders))
-        if self.task not in SYNTHETIC_TASKS:
-            raise ThreatError(f"embedding: task must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}")
         if not self.encoders:
             raise ThreatError("embedding: name at least one encoder")
-        if self.folds < 2:
-            raise ThreatError(f"embedding: folds must be >= 2, got {self.folds}")
         if self.groups < 2 or self.users < 2 * self.groups:
             raise ThreatError(f"embedding: need >= 2 groups and >= 2 users per group, got {self.users} users, {self.groups} groups")
+        validate(self, ThreatError, "embedding")
 
 
 @dataclass

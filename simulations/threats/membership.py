@@ -50,12 +50,15 @@ from common.inference import decoder, lm_logits, predict
 from common.lamp import LampFormatError, LampUser, Query, load_lamp, profile_pairs, query_prompts
 from common.lora_math import merge_exact
 from common.metrics import task_metrics
-from common.settings import DpSgdConfig, SearchConfig, TrainConfig
-from common.synthetic import MAX_GROUPS, SYNTHETIC_TASKS, SyntheticConfig, generate
+from common.settings import (
+    POSITIVE, Check, DpSgdConfig, SearchConfig, TrainConfig, at_least, one_of, setting, shared, validate,
+)
+from common.synthetic import MAX_GROUPS, SyntheticConfig, generate
 from common.tasks import TaskSpec
 from server.personalize import applied_share_cap, personalize
 from server.release import release
 from server.selection import select_top_k
+from simulations.threats.embedding import EmbeddingConfig
 from simulations.threats.leak import ThreatError
 
 Pair = tuple[str, str]
@@ -71,49 +74,56 @@ def _finite(values: Sequence[float]) -> bool:
 class MembershipConfig:
     """Size of the membership experiment; defaults fit a CPU run of Gemma 3 270M (the issue's sizes: docs/threats.md)."""
 
-    task: str = "tagging"
-    data: str = ""  # a LaMP folder of real users (its task replaces `task`); empty: synthetic users of `task`
-    sharers: int = 3
-    groups: int = 2
-    history: int = 16  # training items (members) per sharer
-    nonmembers: int = 16  # held-out items per sharer (protocol fresh)
-    protocol: str = "fresh"
-    others: int = 3  # protocol official: unmerged sharers in the pool, whose training items are the non-members
-    queries: int = 8  # the target's held-out queries on which each setting's utility is measured
-    adapt_users: int = 0  # users whose pooled history task-adapts the base first (0: none)
-    alphas: tuple[float, ...] = (0.0, 1.0, 4.0)
+    task: str = shared(EmbeddingConfig, "task")
+    data: str = setting("", "membership: a LaMP folder of real users instead of synthetic ones (the largest histories "
+                            "are the sharers, each needing history + nonmembers items of its own; the task is the "
+                            "data's, task and groups are ignored)",
+                        Check(lambda v: not v or Path(v).is_dir(), "a LaMP folder"))
+    sharers: int = setting(SearchConfig.k, "k, sharers in a merge", Check(lambda v: v >= 2, ">= 2 (a merge needs two)"))
+    groups: int = setting(2, "membership: latent groups", at_least(1))
+    history: int = setting(16, "membership: training items (members) per sharer", at_least(2))
+    nonmembers: int = setting(16, "membership, fresh protocol: held-out items per sharer", at_least(2))
+    protocol: str = setting("fresh", "membership: non-members are each sharer's held-out items (fresh) or, as the "
+                                     "paper's mia.py, the items of the pool's unmerged sharers (official)",
+                            one_of(*PROTOCOLS))
+    others: int = setting(3, "membership, official protocol: unmerged sharers in the pool, whose training items are "
+                             "the non-members")
+    queries: int = setting(8, "membership: the target's held-out queries scoring each setting's utility", at_least(1))
+    adapt_users: int = setting(0, "membership: users whose pooled history task-adapts the base first (0: none)",
+                               at_least(0))
+    alphas: tuple[float, ...] = setting((0.0, 1.0, 4.0), "membership: PriME alphas without the release guards, "
+                                                         "comma-separated",
+                                        Check(lambda v: _finite(v) and all(a >= 0 for a in v), "finite and >= 0"))
     # PriME as the search's defaults release it (alpha, share cap, release rank: the release guards), at these
     # alphas (empty: no such rows); the `alphas` rows are the same search without the guards.
-    guard_alphas: tuple[float, ...] = (SearchConfig.alpha,)
-    guard_share_cap: float = SearchConfig.share_cap  # server.share_cap
-    guard_release_rank: int = SearchConfig.release_rank  # server.release; 0: none
-    dp_noises: tuple[float, ...] = (0.5, 1.0, 2.0)  # DP-SGD noise multipliers of the sharers' DP adapters
-    dp_max_grad_norm: float = 1.0
-    budget: int = 12  # fitness evaluations of each search (3 generations of popsize 4)
-    popsize: int = 4
-    r: int = 8
-    lora_alpha: float = 16.0
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 16
-    resamples: int = 1000  # bootstrap resamples per AUROC interval
-    seed: int = 0
+    guard_alphas: tuple[float, ...] = setting((SearchConfig.alpha,), "membership: PriME alphas run with the release "
+                                                                     "guards, comma-separated, empty for none")
+    guard_share_cap: float = setting(SearchConfig.share_cap, "membership: the guards' per-sharer share cap "
+                                                             "(server.share_cap)")
+    guard_release_rank: int = setting(SearchConfig.release_rank, "membership: the guards' rank-limited release, top-r "
+                                                                 "directions of the merged update (server.release; "
+                                                                 "0: none)")
+    dp_noises: tuple[float, ...] = setting((0.5, 1.0, 2.0), "membership: DP-SGD noise multipliers of the sharers' DP "
+                                                            "adapters, comma-separated, empty for none")
+    dp_max_grad_norm: float = setting(DpSgdConfig.max_grad_norm, "membership: DP-SGD per-example clip norm")
+    budget: int = setting(12, "membership: fitness evaluations of each search (3 generations of popsize 4)",
+                          at_least(1))
+    popsize: int = setting(4, "membership: candidates per generation", at_least(2))
+    r: int = setting(TrainConfig.r, "LoRA rank r", at_least(1), key="rank")
+    lora_alpha: float = setting(TrainConfig.lora_alpha, "LoRA alpha", POSITIVE)
+    epochs: int = setting(TrainConfig.epochs, "LoRA training epochs", at_least(1))
+    lr: float = setting(TrainConfig.lr, "LoRA learning rate", POSITIVE)
+    batch_size: int = setting(16, "rows per forward", at_least(1))
+    resamples: int = setting(1000, "membership: bootstrap resamples per AUROC interval", at_least(10))
+    seed: int = shared(EmbeddingConfig, "seed")
 
     def __post_init__(self) -> None:
         for name in ("alphas", "guard_alphas", "dp_noises"):
             object.__setattr__(self, name, tuple(float(a) for a in getattr(self, name)))
+        # The settings' own checks run last (`validate`), so that these keep their words for a value they cover.
         checks = [
-            (self.task in SYNTHETIC_TASKS, f"task must be one of {', '.join(SYNTHETIC_TASKS)}, got {self.task!r}"),
-            (self.protocol in PROTOCOLS, f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
-            (self.sharers >= 2, f"sharers must be >= 2 (a merge needs two), got {self.sharers}"),
-            (self.groups >= 1, f"groups must be >= 1, got {self.groups}"),
-            (self.history >= 2 and self.nonmembers >= 2, "history and nonmembers must be >= 2"),
             (self.protocol != "official" or self.others >= 1,
              f"the official protocol needs others >= 1 (unmerged sharers give the non-members), got {self.others}"),
-            (self.queries >= 1, f"queries must be >= 1, got {self.queries}"),
-            (not self.data or Path(self.data).is_dir(), f"data must be a LaMP folder, got {self.data!r}"),
-            (self.adapt_users >= 0, f"adapt users must be >= 0, got {self.adapt_users}"),
-            (_finite(self.alphas) and all(a >= 0 for a in self.alphas), f"alphas must be finite and >= 0, got {list(self.alphas)}"),
             (_finite(self.guard_alphas) and all(a >= 0 for a in self.guard_alphas),
              f"guard alphas must be finite and >= 0, got {list(self.guard_alphas)}"),
             (math.isfinite(self.guard_share_cap) and 0.0 < self.guard_share_cap <= 1.0,
@@ -122,13 +132,12 @@ class MembershipConfig:
              f"DP noise multipliers must be finite and > 0, got {list(self.dp_noises)}"),
             (math.isfinite(self.dp_max_grad_norm) and self.dp_max_grad_norm > 0,
              f"DP max grad norm must be finite and > 0, got {self.dp_max_grad_norm}"),
-            (self.budget >= 1 and self.popsize >= 2, "budget must be >= 1 and popsize >= 2"),
-            (self.resamples >= 10, f"resamples must be >= 10, got {self.resamples}"),
             (self.guard_release_rank >= 0, f"guard release rank must be >= 0, got {self.guard_release_rank}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ThreatError(f"membership: {message}")
+        validate(self, ThreatError, "membership")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(r=self.r, lora_alpha=self.lora_alpha, epochs=self.epochs, lr=self.lr, seed=self.seed)
@@ -478,24 +487,24 @@ def membership_attack(
     """AUROC with its interval, utility and epsilon for every setting (see the module docstring)."""
     settings = _settings(model, tokenizer, world, config)
     rows = []
-    for setting in tqdm(settings, desc="membership settings", disable=not progress):
+    for current in tqdm(settings, desc="membership settings", disable=not progress):
         losses = []
-        for adapter, members, nonmembers in _cases(setting, world, config.protocol):
+        for adapter, members, nonmembers in _cases(current, world, config.protocol):
             with applied(model, adapter) as scored:
                 losses.append((example_losses(scored, tokenizer, members, config.batch_size),
                                example_losses(scored, tokenizer, nonmembers, config.batch_size)))
         interval = auroc_interval(losses, config.resamples, config.seed)
-        guarantees = setting.extra.get("dp", {})
+        guarantees = current.extra.get("dp", {})
         rows.append({
-            "setting": setting.name, "auroc": interval.point, "auroc_low": interval.low, "auroc_high": interval.high,
+            "setting": current.name, "auroc": interval.point, "auroc_low": interval.low, "auroc_high": interval.high,
             "auroc_per_case": [membership_auroc(m, n) for m, n in losses],
             "members": sum(len(m) for m, _ in losses), "nonmembers": sum(len(n) for _, n in losses),
             "member_loss": float(np.mean([m.mean() for m, _ in losses])),
             "nonmember_loss": float(np.mean([n.mean() for _, n in losses])),
-            "utility": _utility(model, tokenizer, world, setting),
+            "utility": _utility(model, tokenizer, world, current),
             "epsilon": max((g["epsilon"] for g in guarantees.values()), default=None),
             "delta": max((g["delta"] for g in guarantees.values()), default=None),
-            "extra": setting.extra,
+            "extra": current.extra,
         })
     return MembershipResult(config=asdict(config), sharer_ids=world.sharer_ids, rows=rows, other_ids=world.other_ids,
                             train_losses=world.train_losses)

@@ -40,7 +40,9 @@ from common.adapters import LoraAdapter
 from common.lora_math import check_compatible, factors, merge_exact
 from server.release import release
 from server.release_guard import scale_free_error, unmix_low_rank  # the attack, shared with the cross-release check
+from common.settings import SearchConfig, setting, shared, validate
 from server.share_cap import cap_shares, update_norms
+from simulations.threats.embedding import EmbeddingConfig
 from simulations.threats.leak import ThreatError, as_float64, relative_error
 
 SETTINGS = ("stacked_known", "released_known", "released_guessed", "released_lowrank")
@@ -50,14 +52,17 @@ SETTINGS = ("stacked_known", "released_known", "released_guessed", "released_low
 class RecoveryConfig:
     """How many merges the attacker collects and how the merge weights are drawn."""
 
-    max_merges: int = 6
-    bounds: tuple[float, float] = (-1.5, 1.5)  # the search's weight bounds (paper code)
-    guesses: int = 5  # random weight guesses averaged for setting (c)
-    seed: int = 0
-    release_rank: int = 0  # directions released per module (0: the whole merge, as by default)
-    share_cap: float = 1.0  # largest share of a merge one sharer may carry (1: no cap)
+    max_merges: int = setting(6, "recovery: largest m")
+    bounds: tuple[float, ...] = setting(SearchConfig.bounds, "the search's weight bounds (paper code)", exposed=False)
+    guesses: int = setting(5, "recovery: random weight guesses averaged")
+    seed: int = shared(EmbeddingConfig, "seed")
+    # The command line sets these two from its leak/recovery flags, whose defaults are the search's (the release
+    # guards); the record's are the unguarded release.
+    release_rank: int = setting(0, "directions released per module (0: the whole merge)", exposed=False)
+    share_cap: float = setting(1.0, "largest share of a merge one sharer may carry (1: no cap)", exposed=False)
 
     def __post_init__(self) -> None:
+        # Checked here, not by `setting` checks: the command line's one-line errors name them so.
         if self.max_merges < 1:
             raise ThreatError(f"max merges must be >= 1, got {self.max_merges}")
         if not (len(self.bounds) == 2 and self.bounds[0] < self.bounds[1]):
@@ -68,6 +73,7 @@ class RecoveryConfig:
             raise ThreatError(f"release rank must be >= 0, got {self.release_rank}")
         if not 0 < self.share_cap <= 1:
             raise ThreatError(f"share cap must be in (0, 1], got {self.share_cap}")
+        validate(self, ThreatError, "recovery")
 
 
 @dataclass

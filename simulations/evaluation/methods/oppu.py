@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
+from common.settings import RunShape, SearchConfig
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
 from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.pag import pag_prompts, profile_summary
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 class OPPU(Method):
     name = "oppu"
     title = "OPPU"
-    defaults = {"k": 3, "augment": False}  # k: only picks the sharers its similarity is reported against
+    defaults = {"k": SearchConfig.k, "augment": False}  # k: only picks the sharers its similarity is reported against
 
     def grid(self, config: EvalConfig) -> list[dict]:
         return [similarity_k(config) | {"augment": config.augment}]
@@ -49,7 +50,7 @@ class OPPU(Method):
 class OPPURAG(OPPU):
     name = "oppu-rag"
     title = "OPPU+RAG"
-    defaults = {**OPPU.defaults, "rag_k": 3}
+    defaults = {**OPPU.defaults, "rag_k": RunShape.rag_k}
 
     def grid(self, config: EvalConfig) -> list[dict]:
         return [params | {"rag_k": config.rag_k} for params in super().grid(config)]

@@ -37,7 +37,7 @@ import torch
 from common import safe_json
 from common.atomic import write_text
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, encode_example
-from common.settings import recent
+from common.settings import RunShape, SearchConfig, recent
 from server.personalize import target_seed
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
 from simulations.evaluation.methods.rag import rag_prompts
@@ -172,7 +172,7 @@ def pag_prompts(ctx: Context, target: str, rag_k: int = 0) -> list[str]:
 class PAG(Method):
     name = "pag"
     title = "PAG"
-    defaults = {"k": 3}  # only picks the sharers its similarity is reported against
+    defaults = {"k": SearchConfig.k}  # only picks the sharers its similarity is reported against
 
     def grid(self, config: EvalConfig) -> list[dict]:
         return [similarity_k(config)]
@@ -187,7 +187,7 @@ class PAG(Method):
 class PAGRAG(Method):
     name = "pag-rag"
     title = "PAG+RAG"
-    defaults = {"rag_k": 3, "k": 3}
+    defaults = {"rag_k": RunShape.rag_k, "k": SearchConfig.k}
 
     def grid(self, config: EvalConfig) -> list[dict]:
         return [similarity_k(config) | {"rag_k": config.rag_k}]

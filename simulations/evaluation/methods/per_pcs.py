@@ -43,7 +43,7 @@ from client.training import encode_pairs, pad_id_of, padded_batch
 from common.adapters import LoraAdapter, base_module_name
 from common.inference import decoder
 from common.lora_math import check_elementwise, factors, merge_elementwise
-from common.settings import PerPcsConfig
+from common.settings import PerPcsConfig, RunShape
 from server.personalize import target_seed
 from simulations.evaluation.methods import Context, Method, MethodError, MethodResult, answer, finish, query_prompts, register
 from simulations.evaluation.methods.augment import fitness_history
@@ -204,7 +204,7 @@ class PerPcs(Method):
 class PerPcsRAG(PerPcs):
     name = "per-pcs-rag"
     title = "Per-Pcs+RAG"
-    defaults = {**PerPcs.defaults, "rag_k": 3}
+    defaults = {**PerPcs.defaults, "rag_k": RunShape.rag_k}
 
     def grid(self, config: EvalConfig) -> list[dict]:
         return [params | {"rag_k": config.rag_k} for params in super().grid(config)]

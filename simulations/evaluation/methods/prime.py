@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from common.settings import SearchConfig, options
+from common.settings import RunShape, SearchConfig, options
 from server.personalize import PersonalizationResult, ResultFileError, personalize, target_seed
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
 from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
@@ -45,8 +45,8 @@ class PriME(Method):
     title = "PriME"
     rag = False
     pag = False
-    defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS}, "rag_k": 3,
-                "augment": False}
+    defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS},
+                "rag_k": RunShape.rag_k, "augment": False}
 
     def grid(self, config: EvalConfig) -> list[dict]:
         """One cell per search of the evaluation (its swept settings' product)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy
 
-from common.settings import recent
+from common.settings import RunShape, SearchConfig, recent
 from common.tasks import TaskSpec
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
 
@@ -91,7 +91,7 @@ def rag_prompts(ctx: Context, target: str, k: int) -> list[str]:
 class RAG(Method):
     name = "rag"
     title = "RAG"
-    defaults = {"rag_k": 3, "k": 3}  # k: only picks the sharers its similarity is reported against
+    defaults = {"rag_k": RunShape.rag_k, "k": SearchConfig.k}  # k: only picks the sharers its similarity is reported against
 
     def grid(self, config: EvalConfig) -> list[dict]:
         return [similarity_k(config) | {"rag_k": config.rag_k}]
