@@ -6,6 +6,8 @@ The phases themselves run end to end in the federation, hostile-node and restart
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 
 import pytest
@@ -16,6 +18,7 @@ from common.errors import PrimeError
 from common.federation import FAULT_PHASES
 from common.phases import NODE_JOBS, Phase
 from inprocess_grid import InProcessGrid, tiny_config
+import server.coordinator
 from server.coordinator import Coordinator
 from server.messaging import Messenger
 from server.report import RunReport
@@ -37,6 +40,14 @@ def test_the_wire_strings_are_those_old_nodes_answer():
                     "share": ("train.share", "share"), "personalize": ("query.profile", "profile"),
                     "evaluate": ("evaluate.personalized", "evaluate"), "report": None}
     assert FAULT_PHASES == ("register", "adapt", "share", "profile", "evaluate")  # `fault-phases` values unchanged
+
+
+def test_the_module_opens_with_the_coordinator_whose_first_method_is_run_on_one_screen():
+    tree = ast.parse(inspect.getsource(server.coordinator))
+    first = next(node for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef)))
+    method = next(node for node in first.body if isinstance(node, ast.FunctionDef))
+    assert (first.name, method.name) == ("Coordinator", "run")
+    assert method.end_lineno - method.lineno + 1 <= 40
 
 
 def test_a_phase_without_a_node_job_refuses_to_name_one():
