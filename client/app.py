@@ -1,38 +1,35 @@
-"""Flower ClientApp: one node, one user, three jobs.
+"""Flower ClientApp: one node, one user, one handler per job the protocol gives a node.
 
-- `train.adapt`: one local round of task-LoRA training (FedAvg'd by the coordinator);
-- `train.share`: train this user's LoRA on their private history, embed the
-  history, and reply with one upload sealed to the coordinator and signed;
-- `query.profile` then `evaluate.personalized`: as a target, send the
-  embedding and history (sealed), then receive the one merged adapter and
-  report metrics on the held-out queries.
-
-A node's user is `dataset.users[partition-id]` (or node config `user-id`);
-its data comes from node config `data-path`, else the path the coordinator
-names (the same machine in simulation). Everything else a handler needs
-arrives in the message.
+The phases, their order and their message types are `common.phases.Phase`;
+each handler below answers one phase's `NodeJob`. A node's user is
+`dataset.users[partition-id]` (or node config `user-id`); its data comes
+from node config `data-path`, else the path the coordinator names (the same
+machine in simulation). Everything else a handler needs arrives in the
+message.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.faults import injectable
+from client.faults import Handler, injectable
 from client.training import train_lora, train_sharer
 from common.adapters import applied
 from common.crypto import NodeIdentity, new_upload_id, seal
 from common.encoder import Encoder, load_encoder, user_embedding
-from common.federation import NODE_SETTINGS, PHASE_PROFILE, PHASE_REGISTER, PHASE_SHARE, SYNTHETIC
+from common.federation import NODE_SETTINGS, SYNTHETIC
 from common.key_endorsement import parse_pinned_identity, trusted_identity, verify_endorsement
 from common.inference import predict
 from common.lamp import LampDataset, LampUser, load_lamp, profile_pairs, query_prompts
 from common.metrics import task_metrics
+from common.phases import Phase
 from common.records import adapter_from_records, adapter_to_records, has_adapter
 from common.errors import PrimeError
 from common.settings import NodeConfig, SearchConfig, from_flat, recent
@@ -44,6 +41,13 @@ from common.wire import encode_upload
 app = ClientApp()
 
 _DATASETS: dict[str, LampDataset] = {}
+
+
+def _handles(phase: Phase) -> Callable[[Handler], Handler]:
+    """Make a function the handler Flower routes `phase`'s message type to, with fault injection under its job's name."""
+    job = phase.asks
+    route = {"query": app.query, "train": app.train, "evaluate": app.evaluate}[job.category](job.action)
+    return lambda handler: route(injectable(job.name)(handler))
 
 
 def _identity(context: Context) -> NodeIdentity:
@@ -148,8 +152,7 @@ def _task_model(msg: Message):
     return load_task_model(str(config["model-spec"]), str(config["model-cache"]) or None, task_adapter)
 
 
-@app.query("register")
-@injectable("register")
+@_handles(Phase.REGISTER)
 def register(msg: Message, context: Context) -> Message:
     """Introduce this node: its user, history size, public signing key, and how it trusts the coordinator."""
     config = msg.content.config_records["config"]
@@ -168,12 +171,11 @@ def register(msg: Message, context: Context) -> Message:
     )
     # The embedding the coordinator plans roles with; sealed, since it sketches this user's history.
     embedding = user_embedding(_encoder(str(config["encoder"])), dataset.task, user.profile)
-    sealed = _seal(encode_upload({}, embedding, {"user-id": user.user_id}), context, config, PHASE_REGISTER)
+    sealed = _seal(encode_upload({}, embedding, {"user-id": user.user_id}), context, config, Phase.REGISTER.asks.name)
     return Message(reply_to=msg, content=RecordDict({"node": reply, "upload": ConfigRecord({"sealed": sealed})}))
 
 
-@app.train("adapt")
-@injectable("adapt")
+@_handles(Phase.ADAPT)
 def adapt(msg: Message, context: Context) -> Message:
     """One local round of task-LoRA training, starting from the coordinator's current task LoRA."""
     config = msg.content.config_records["config"]
@@ -188,8 +190,7 @@ def adapt(msg: Message, context: Context) -> Message:
     return Message(reply_to=msg, content=reply)
 
 
-@app.train("share")
-@injectable("share")
+@_handles(Phase.SHARE)
 def share(msg: Message, context: Context) -> Message:
     """Train this user's LoRA, embed the history, seal both to the coordinator.
 
@@ -210,7 +211,7 @@ def share(msg: Message, context: Context) -> Message:
             "target-modules": list(adapter.target_modules), "n-train": stats.examples}
     if stats.privacy is not None:
         meta |= stats.privacy.to_meta()
-    sealed = _seal(encode_upload(adapter.tensors, embedding, meta), context, config, PHASE_SHARE)
+    sealed = _seal(encode_upload(adapter.tensors, embedding, meta), context, config, Phase.SHARE.asks.name)
     raw = sum(t.numel() * 4 for t in adapter.tensors.values())
     values = {"train-seconds": train_seconds, "raw-tensor-bytes": raw, "sealed-bytes": len(sealed)}
     if stats.privacy is None:
@@ -219,8 +220,7 @@ def share(msg: Message, context: Context) -> Message:
     return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed}), "metrics": metrics}))
 
 
-@app.query("profile")
-@injectable("profile")
+@_handles(Phase.PERSONALIZE)
 def profile(msg: Message, context: Context) -> Message:
     """As a target: seal this user's embedding and (most recent) history to the coordinator."""
     config = msg.content.config_records["config"]
@@ -229,12 +229,11 @@ def profile(msg: Message, context: Context) -> Message:
     embedding = user_embedding(encoder, dataset.task, user.profile)
     history = recent(profile_pairs(dataset.task, user.profile), _settings(msg).max_history)
     payload = encode_upload({}, embedding, {"user-id": user.user_id, "history": [list(p) for p in history]})
-    sealed = _seal(payload, context, config, PHASE_PROFILE)
+    sealed = _seal(payload, context, config, Phase.PERSONALIZE.asks.name)
     return Message(reply_to=msg, content=RecordDict({"upload": ConfigRecord({"sealed": sealed})}))
 
 
-@app.evaluate("personalized")
-@injectable("evaluate")
+@_handles(Phase.EVALUATE)
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the unmerged task model (NP) and the merged adapter on this user's held-out queries."""
     dataset, user = _user(context, msg.content)

@@ -258,7 +258,8 @@ def check_magnitudes(adapter: LoraAdapter, max_abs: float = DEFAULT_MAX_ABS) -> 
     """AdapterError unless every tensor is finite with |value| <= `max_abs` (see `common.wire.DEFAULT_MAX_ABS`).
 
     For adapters that did not come through `decode_upload` (which applies
-    the same bound), e.g. FedAvg updates before they are averaged.
+    the same bound): an adapter folder `LoraAdapter.load` reads is no more
+    trusted than an upload.
     """
     for key in sorted(adapter.tensors):
         problem = magnitude_problem(adapter.tensors[key].detach().to("cpu", torch.float32).numpy(), max_abs)

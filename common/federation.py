@@ -1,4 +1,4 @@
-"""What the coordinator and the nodes agree on: the run configuration and the message vocabulary.
+"""What the coordinator and the nodes agree on: the run configuration and the records a request carries.
 
 Every knob of a federated run lives in `FederationConfig`, read once from
 Flower's run config (`[tool.flwr.app.config]`, overridable with
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from common.errors import PrimeError
+from common.phases import NODE_JOBS
 from common.presets import DEFAULT_PRESET, PresetChoice, resolve
 from common.settings import (
     MAX_EPOCHS, MAX_ROUNDS, MAX_SEED, MAX_USERS, NAME, POSITIVE, Check, NodeConfig, RunShape, SearchConfig, SettingError,
@@ -23,27 +24,15 @@ from common.settings import (
 from common.synthetic import SYNTHETIC_TASKS, SyntheticConfig, synthetic_task
 from common.tasks import TASKS, UnknownTaskError, get_task
 
-# Message types: Flower routes "<category>.<action>" to the ClientApp handler of that category.
-REGISTER = "query.register"
-ADAPT = "train.adapt"
-SHARE = "train.share"
-PROFILE = "query.profile"
-EVALUATE = "evaluate.personalized"
-
-# What fault injection (client.faults) can do, and where.
+# What fault injection (client.faults) can do, and where: the nodes' jobs (`common.phases`), in protocol order.
 FAULT_KINDS = ("error", "silent", "malformed")
-FAULT_PHASES = ("register", "adapt", "share", "profile", "evaluate")
+FAULT_PHASES = tuple(job.name for job in NODE_JOBS)
 
 # The record of a request that carries its `NodeConfig` (`to_flat` keys).
 NODE_SETTINGS = "settings"
 # The record that carries the synthetic benchmark's settings (`SyntheticConfig`), when there is no data-dir:
 # each node generates the benchmark itself, so the coordinator never holds user data.
 SYNTHETIC = "synthetic"
-
-# Phase names bound into sealed uploads (a share upload cannot be replayed as a profile).
-PHASE_REGISTER = "register"
-PHASE_SHARE = "share"
-PHASE_PROFILE = "profile"
 
 
 class ConfigError(SettingError):

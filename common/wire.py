@@ -202,19 +202,3 @@ def read_upload(blob: bytes) -> DecodedUpload:
         raise UploadRejected("malformed", f"payload has no {EMBEDDING_KEY!r} tensor")
     embedding = arrays.pop(EMBEDDING_KEY)
     return DecodedUpload(tensors=arrays, embedding=embedding, metadata=_metadata(_header(blob)))
-
-
-def size_report(tensors: Mapping[str, Any], embedding: Any, encoded: bytes, sealed: bytes | None = None) -> dict:
-    """Bytes per upload against raw tensor bytes (float32 payload), for the federation report."""
-    raw = sum(_to_numpy(v, k).astype(np.float32, copy=False).nbytes for k, v in tensors.items())
-    raw_embedding = _to_numpy(embedding, EMBEDDING_KEY).astype(np.float32, copy=False).nbytes
-    report = {
-        "raw_tensor_bytes": raw,
-        "raw_embedding_bytes": raw_embedding,
-        "encoded_bytes": len(encoded),
-        "encoded_overhead": len(encoded) / max(1, raw + raw_embedding),
-    }
-    if sealed is not None:
-        report["sealed_bytes"] = len(sealed)
-        report["sealed_overhead"] = len(sealed) / max(1, raw + raw_embedding)
-    return report

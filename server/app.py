@@ -1,9 +1,10 @@
-"""Flower ServerApp: read and check the run config, then adapt -> share -> personalize -> report.
+"""Flower ServerApp: read and check the run config, then hand the run to the coordinator.
 
-The phases live in `server.coordinator`; this file is the protocol at a
-glance and the only place the coordinator reads its environment (the
-registry key may come from `PRIME_FL_REGISTRY_KEY`). The run config is
-checked as a whole (`server.preflight`) before the first message goes out.
+The phases and their order are `common.phases.Phase`; `server.coordinator`'s
+`Coordinator.run()` goes through them. This file is the only place the
+coordinator reads its environment (the registry key may come from
+`PRIME_FL_REGISTRY_KEY`). The run config is checked as a whole
+(`server.preflight`) before the first message goes out.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _log_progress() -> None:
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> Path:
-    """Run every phase on `grid`; returns the path of the written report."""
+    """Run every phase (`common.phases.Phase`) on `grid`; returns the path of the written report."""
     env_key = registry_key_from(os.environ)
     output_folder(config.out_dir, RUN_OUTPUT)  # the run's folder, where its default key lives (check_run passed it)
     try:

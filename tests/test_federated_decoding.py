@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message
 
 from client.app import app as client_app
 from common.adapters import LoraAdapter
-from common.federation import EVALUATE
+from common.phases import Phase
 from common.inference import predict
 from common.lamp import query_prompts
 from common.metrics import task_metrics
@@ -25,6 +25,7 @@ from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
 
 NODES = 10
+EVALUATE = Phase.EVALUATE.asks.message_type
 
 
 def _run(tmp_path, relay=None, **overrides) -> tuple[dict, InProcessGrid]:

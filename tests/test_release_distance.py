@@ -16,7 +16,8 @@ from common.models import tiny_model
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import get_task
 from inprocess_grid import InProcessGrid, tiny_config
-from server.coordinator import Coordinator, ledger_release
+from server.admission import ledger_release
+from server.coordinator import Coordinator
 from server.fitness import FitnessEvaluator, FitnessParts
 from server.personalize import personalize
 from server.registry import Registry

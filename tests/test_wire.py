@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.crypto import CoordinatorKeys, NodeIdentity, UploadRejected, seal
-from common.wire import EMBEDDING_KEY, UploadSchema, decode_upload, encode_upload, size_report
+from common.crypto import UploadRejected
+from common.wire import EMBEDDING_KEY, UploadSchema, decode_upload, encode_upload
 
 A, B = "base_model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -84,17 +84,6 @@ def test_oversize_and_garbage():
 def test_required_metadata_missing():
     blob = encode_upload(_tensors(), np.zeros(8), {"a": 1})
     assert "'user_id'" in _reject(blob, _schema(required_metadata=("user_id",)))
-
-
-def test_size_report_counts_raw_encoded_sealed():
-    tensors, emb = _tensors(), np.zeros(8, dtype=np.float32)
-    blob = encode_upload(tensors, emb)
-    sealed = seal(blob, sender=NodeIdentity.generate(), coordinator_public=CoordinatorKeys.generate().public_bytes,
-                  run_id="r", node_id="n", phase="share", upload_id="u")
-    rep = size_report(tensors, emb, blob, sealed)
-    assert rep["raw_tensor_bytes"] == (4 * 32 + 32 * 4) * 4
-    assert rep["raw_embedding_bytes"] == 32
-    assert rep["raw_tensor_bytes"] + 32 < rep["encoded_bytes"] < rep["sealed_bytes"] == len(sealed)
 
 
 def _raw_safetensors(header: dict, data: bytes = b"") -> bytes:

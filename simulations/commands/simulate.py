@@ -1,4 +1,4 @@
-"""`prime-fl simulate`: the whole federation (adapt -> share -> personalize) as a Flower simulation."""
+"""`prime-fl simulate`: the whole federation (every phase of `common.phases.Phase`) as a Flower simulation."""
 
 from __future__ import annotations
 
