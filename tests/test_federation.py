@@ -187,7 +187,8 @@ def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tm
 
     from common.settings import options, to_flat
     from server.registry import Registry, load_registry_key
-    from simulations.evaluation.experiment import EvalConfig, prepare
+    from simulations.evaluation.prepare import prepare
+    from simulations.evaluation.settings import EvalConfig
     from simulations.evaluation.methods import METHODS
 
     # No task adaptation (FedAvg rounds and eval's pooled training differ by design); upload clip on: it must match

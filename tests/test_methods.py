@@ -10,7 +10,8 @@ from common.models import tiny_model
 from common.settings import NodeConfig, SearchConfig, TrainConfig
 from common.synthetic import SyntheticConfig
 from server.selection import cosine_scores
-from simulations.evaluation.experiment import EvalConfig, prepare
+from simulations.evaluation.prepare import prepare
+from simulations.evaluation.settings import EvalConfig
 from simulations.evaluation.methods import METHODS, MethodError, applied, get_method
 from simulations.evaluation.methods.rag import HEADER, rag_prompt, retrieve
 

@@ -2,7 +2,7 @@
 
 A method answers a target's held-out queries. Everything that does not depend
 on the method (task-adapted model, user plan, embeddings, the sharers' trained
-adapters) is built once per (dataset, seed) by `simulations.evaluation.experiment.prepare`
+adapters) is built once per (dataset, seed) by `simulations.evaluation.prepare.prepare`
 and handed to every method as a `Context`, so all methods see the same users,
 splits and seeds.
 """
@@ -28,7 +28,7 @@ from common.settings import PerPcsConfig, SearchConfig, TrainConfig, recent
 from common.tasks import TaskSpec
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 
 class MethodError(PrimeError):

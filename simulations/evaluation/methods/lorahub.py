@@ -33,7 +33,7 @@ from simulations.evaluation.methods import Context, Method, MethodResult, answer
 from simulations.evaluation.methods.augment import fitness_history
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 # The search settings a LoraHub cell takes from the evaluation's search (the rest are LoraHub's own).
 _SEARCH = ("k", "min_sharers", "budget", "popsize", "optimizer", "start", "sigma0")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Mapping
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 
 @register

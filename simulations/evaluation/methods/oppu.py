@@ -19,7 +19,7 @@ from simulations.evaluation.methods.pag import pag_prompts, profile_summary
 from simulations.evaluation.methods.rag import rag_prompts
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 
 @register

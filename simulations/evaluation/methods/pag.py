@@ -43,7 +43,7 @@ from simulations.evaluation.methods import Context, Method, MethodResult, answer
 from simulations.evaluation.methods.rag import rag_prompts
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 ITEMS = 10  # history items the summary is written from (gen_profile.py's K)
 FIELD_WORDS = 24  # words kept per item field (the official 200 would not fit ten items in the prompt window)

@@ -50,7 +50,7 @@ from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.rag import rag_prompts
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 SETTINGS = tuple(asdict(PerPcsConfig()))  # a cell's Per-Pcs settings, by PerPcsConfig field name
 
@@ -190,7 +190,7 @@ class PerPcs(Method):
             for old in [k for k in ctx.cache if isinstance(k, tuple) and k[:1] == ("per-pcs",) and k[1] != target]:
                 del ctx.cache[old]
             if ctx.sharer_gates is None:
-                raise MethodError("per-pcs needs the sharers' gates (a context built by simulations.evaluation.experiment)")
+                raise MethodError("per-pcs needs the sharers' gates (a context built by simulations.evaluation.prepare)")
             pool = list(ctx.plan.sharers)
             weights, adapter = assemble(
                 ctx.model, ctx.tokenizer, [ctx.sharer_adapters[s] for s in pool],

@@ -26,7 +26,7 @@ from common.tasks import TaskSpec
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 ITEM_WORDS = 24
 HEADER = "Examples from this user's history:"

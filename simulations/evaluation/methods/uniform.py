@@ -8,7 +8,7 @@ from common.lora_math import merge_exact
 from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, per_k, query_prompts, register, top_k
 
 if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
 
 @register

@@ -1,0 +1,162 @@
+"""The grid's cells: what each is (`Cell`), its cache key and file, and the record a finished one leaves.
+
+A cell is one (method, params, seed, target). Its key hashes the prepared
+inputs it used (`prepare_key`) with its own settings, so a rerun finds a
+finished cell's file under OUT/cells/ and skips it; a setting added later
+stays out of the key at the value that reproduces the cells computed before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from common import safe_json
+from common.dp import Guarantee
+from common.lamp import LampDataset
+from common.metrics import DEFAULT_PRIVACY_METRIC
+from common.models import device_dtype, resolve_device, resolve_dtype
+from common.plan import UserPlan
+from common.settings import TrainConfig, to_flat
+from simulations.evaluation.methods import MethodResult, get_method
+from simulations.evaluation.results_schema import ResultsFileError, check_cell
+from simulations.evaluation.settings import EvalConfig
+
+log = logging.getLogger(__name__)
+
+CELLS_DIR = "cells"
+
+# Search settings added after cells were first cached, with the value that reproduces the cells computed before
+# they existed: at that value they stay out of a cell's key, so those cells keep theirs.
+_CELL_KEYED_WHEN_SET = {"utility_floor": "none", "release_distance": 0.0}
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, params, seed, target) to compute; `key` ties it to the prepared inputs it used."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    target: str
+    prepare_key: str
+    privacy_metric: str = DEFAULT_PRIVACY_METRIC  # run-wide: PriME's privacy term and the held-out similarity
+    decoding: str = "argmax"  # run-wide: how every method reads its labels
+
+    @property
+    def key(self) -> str:
+        params = [(name, value) for name, value in self.params if _CELL_KEYED_WHEN_SET.get(name, _UNSET) != value]
+        fields = [self.prepare_key, self.method, params, self.seed, self.target, self.privacy_metric]
+        if self.decoding != "argmax":  # cells computed before the setting existed keep their keys
+            fields.append(self.decoding)
+        text = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def path(self, out: Path) -> Path:
+        return out / CELLS_DIR / f"seed{self.seed}" / self.target / f"{self.method}-{self.key}.json"
+
+
+# Training settings added after prepared inputs were first cached. At their defaults (today's training, bit for bit)
+# they stay out of the key, so inputs prepared before they existed keep theirs; any other value keys them apart.
+
+
+_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2", "adapt-batch-size")
+
+
+def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
+    """Hash of everything the prepared inputs depend on (data, model, encoder, split sizes, training)."""
+    users = [(u.user_id, len(u.profile), [q.id for q in u.queries]) for u in dataset.users]
+    fields = ("data", "split", "synthetic", "synth_seed", "model_spec", "encoder", "targets", "sharers", "adapt_fraction",
+              "adapt_epochs", "adapt_max_pairs", "adapt_sampling")
+    defaults = to_flat(TrainConfig())
+    node = {key: value for key, value in to_flat(config.node).items()
+            if key not in _KEYED_WHEN_SET or value != defaults[key]}
+    settings = {f: getattr(config, f) for f in fields} | {"synth": to_flat(config.synth), "node": node}
+    device = resolve_device("auto").type if config.device == "auto" else config.device
+    if device != "cpu":  # bf16 GPU answers differ; CPU keys stay as they always were
+        settings["device"] = device
+    dtype = resolve_dtype(config.dtype, torch.device(device))
+    if dtype != device_dtype(torch.device(device)):  # e.g. bf16 on a CPU: its answers differ from float32's
+        settings["dtype"] = str(dtype)
+    text = json.dumps([dataset.task.lamp_id, users, settings], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> list[Cell]:
+    """Every cell of the grid, seed by seed, target by target, in method order."""
+    cells = []
+    for seed, plan in plans.items():
+        for target in plan.targets:
+            for method in config.methods:
+                for params in get_method(method).grid(config):
+                    full = get_method(method).params(params)
+                    cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key, config.search.privacy_metric,
+                                      config.search.decoding))
+    return cells
+
+
+def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
+                privacy: Mapping[str, Guarantee] | None = None) -> dict[str, Any]:
+    """The JSON content of a finished cell.
+
+    `privacy`: the DP-SGD guarantees of the seed's sharers. A cell that used
+    sharers' adapters (`sharer_ids`: for its answers, or only for its
+    similarity with them, as NP does) then records `dp`: what it reports is
+    post-processing of those adapters, so every item of each of its sharers
+    is protected at the largest epsilon and delta among them (`sharers`
+    lists each one's).
+    """
+    params = dict(cell.params)
+    record = {
+        "method": cell.method,
+        "label": get_method(cell.method).label(params),
+        "params": params,
+        "seed": cell.seed,
+        "target": cell.target,
+        "task": task_id,
+        "prepare_key": cell.prepare_key,
+        "privacy_metric": cell.privacy_metric,
+        "decoding": cell.decoding,
+        "seconds": seconds,
+        **dataclasses.asdict(result),
+    }
+    used = {sid: privacy[sid] for sid in result.sharer_ids if privacy and sid in privacy}
+    if used:
+        record["dp"] = {"epsilon": max(g.epsilon for g in used.values()), "delta": max(g.delta for g in used.values()),
+                        "sharers": {sid: g.to_dict() for sid, g in used.items()}}
+    return record
+
+
+def read_cell(path: Path) -> dict[str, Any] | None:
+    """A finished cell's record, or None when the file is missing, unreadable or not a cell (then it is recomputed)."""
+    try:
+        record = safe_json.loads(path.read_bytes())
+        check_cell(record, str(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, safe_json.UnsafeJsonError, ResultsFileError) as err:
+        log.warning("recomputing %s: unreadable cell (%s)", path, err)
+        return None
+    return record
+
+
+def cached_record(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:
+    """A cached record with the params and label its cell has now.
+
+    A cell cached before a setting existed (`_CELL_KEYED_WHEN_SET`, same key)
+    lacks the setting, and its label was made when the setting had no name;
+    once the setting's default differs from the old behaviour, that label
+    would put the cell in the default's column.
+    """
+    if record is None:
+        return None
+    params = record["params"] | dict(cell.params)  # the cell's own params (its key) win over the file's
+    return record | {"params": params, "label": get_method(cell.method).label(params)}
