@@ -228,16 +228,16 @@ def test_a_later_run_loads_prime_searches_from_the_prepare_folder(prepared, monk
 
 
 def _hand_made(lamp_id: str, profile: list[dict], queries: list[tuple[str, str]], max_history: int = 16):
-    """A Context of one user `u` and nothing a model would need: user-prior must answer without any."""
+    """A MethodContext of one user `u` and nothing a model would need: user-prior must answer without any."""
     from common.lamp import LampDataset, LampUser, Query
     from common.plan import UserPlan
     from common.tasks import get_task
-    from simulations.evaluation.methods import Context
+    from simulations.evaluation.methods import MethodContext
 
     user = LampUser("u", profile, [Query(f"q{i}", text, gold) for i, (text, gold) in enumerate(queries)])
-    return Context(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
-                   plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0), embeddings={},
-                   sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)
+    return MethodContext(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
+                         plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0),
+                         embeddings={}, sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)
 
 
 def _prior(ctx):

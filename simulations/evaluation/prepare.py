@@ -32,7 +32,7 @@ from common.synthetic import Synthetic, generate, write_synthetic
 from common.settings import PerPcsConfig, SettingError, recent, to_flat
 from common.task_model import load_task_model
 from simulations.evaluation.cells import Cell, cell_record, prepare_key
-from simulations.evaluation.methods import Context, get_method
+from simulations.evaluation.methods import MethodContext, get_method
 from simulations.evaluation.results import write_json
 from simulations.evaluation.settings import EvalConfig, EvalConfigError
 from simulations.support.outputs import EVAL_OUTPUT
@@ -143,20 +143,20 @@ class Prepared:
     plans: dict[int, UserPlan]
     key: str
     adapter_store: Path | None = None  # --adapter-store: adapters trained by earlier runs, reused when their inputs match
-    contexts: dict[int, Context] = field(default_factory=dict)
+    contexts: dict[int, MethodContext] = field(default_factory=dict)
     privacy: dict[int, dict[str, Guarantee]] = field(default_factory=dict)  # seed -> DP-SGD sharer -> guarantee
 
     def folder(self, seed: int) -> Path:
         return Path(self.config.out) / PREPARE_DIR / f"seed{seed}-{self.key}"
 
-    def context(self, seed: int, progress: bool) -> Context:
+    def context(self, seed: int, progress: bool) -> MethodContext:
         """Task-adapted model and sharers' adapters for `seed`, trained once and cached as PEFT dirs."""
         if seed not in self.contexts:
             self.contexts.clear()  # one model in memory at a time
             self.contexts[seed] = self._build(seed, progress)
         return self.contexts[seed]
 
-    def _build(self, seed: int, progress: bool) -> Context:
+    def _build(self, seed: int, progress: bool) -> MethodContext:
         from client.training import train_lora, train_sharer
         from simulations.evaluation.adaptation import adaptation_pairs
 
@@ -216,10 +216,11 @@ class Prepared:
             return _cached_gates(folder / "adapters" / f"gates-{sid}-{digest}", sharers[sid],
                                  lambda: train_gates(model, tokenizer, sharers[sid], pairs, config)[0], stored)
 
-        return Context(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan, embeddings=self.embeddings,
-                       sharer_adapters=sharers, seed=seed, max_history=c.node.max_history, train_adapter=train_adapter,
-                       folder=folder, privacy_metric=c.search.privacy_metric, decoding=c.search.decoding,
-                       sharer_gates=sharer_gates, train=node.train)
+        return MethodContext(dataset=self.dataset, model=model, tokenizer=tokenizer, plan=plan,
+                             embeddings=self.embeddings, sharer_adapters=sharers, seed=seed,
+                             max_history=c.node.max_history, train_adapter=train_adapter, folder=folder,
+                             privacy_metric=c.search.privacy_metric, decoding=c.search.decoding,
+                             sharer_gates=sharer_gates, train=node.train)
 
 
 def prepare(config: EvalConfig, adapter_store: str | Path | None = None) -> Prepared:

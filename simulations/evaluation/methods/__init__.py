@@ -3,7 +3,7 @@
 A method answers a target's held-out queries. Everything that does not depend
 on the method (task-adapted model, user plan, embeddings, the sharers' trained
 adapters) is built once per (dataset, seed) by `simulations.evaluation.prepare.prepare`
-and handed to every method as a `Context`, so all methods see the same users,
+and handed to every method as a `MethodContext`, so all methods see the same users,
 splits and seeds.
 """
 
@@ -36,8 +36,8 @@ class MethodError(PrimeError):
 
 
 @dataclass
-class Context:
-    """What every method of one (dataset, seed) shares.
+class MethodContext:
+    """What every method of one (dataset, seed) shares (named apart from Flower's `flwr.app.Context`, a node's).
 
     `train_adapter(pairs, seed)` trains a LoRA with the run's settings on the
     task-adapted model (OPPU uses it); `sharer_gates(sharer, settings)` a
@@ -86,7 +86,7 @@ class MethodResult:
     golds: list[str]
     metrics: dict[str, float]
     sharer_ids: list[str] = field(default_factory=list)
-    similarity: float | None = None  # mean similarity (Context.privacy_metric) with the chosen sharers, held-out queries
+    similarity: float | None = None  # mean similarity (ctx.privacy_metric) with the chosen sharers, held-out queries
     weights: Any = None
     fallback: bool | None = None
     sharer_divergence: dict[str, Any] | None = None  # PriME: per_sharer, mean, max (server.personalize)
@@ -94,19 +94,19 @@ class MethodResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def query_prompts(ctx: Context, target: str) -> tuple[list[str], list[str]]:
+def query_prompts(ctx: MethodContext, target: str) -> tuple[list[str], list[str]]:
     """(prompts, golds) of the target's held-out queries."""
     queries = ctx.user(target).queries
     return lamp_query_prompts(ctx.task, queries), [q.gold for q in queries]
 
 
-def answer(ctx: Context, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
+def answer(ctx: MethodContext, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
     """Predictions of the task model (+ adapter) on `prompts`, read with the run's decoding."""
     with applied(ctx.model, adapter) as model:
         return predict(ctx.task, model, ctx.tokenizer, prompts, decoding=ctx.decoding)
 
 
-def sharer_predictions(ctx: Context, sharer: str, target: str) -> list[str]:
+def sharer_predictions(ctx: MethodContext, sharer: str, target: str) -> list[str]:
     """A sharer's own adapter's answers to the target's held-out queries (memoised per run)."""
     key = ("sharer-preds", sharer, target)
     if key not in ctx.cache:
@@ -114,7 +114,7 @@ def sharer_predictions(ctx: Context, sharer: str, target: str) -> list[str]:
     return ctx.cache[key]
 
 
-def mean_similarity(ctx: Context, target: str, predictions: list[str], sharer_ids: list[str]) -> float | None:
+def mean_similarity(ctx: MethodContext, target: str, predictions: list[str], sharer_ids: list[str]) -> float | None:
     """Mean over the chosen sharers of the similarity (`ctx.privacy_metric`) on the target's held-out queries."""
     if not sharer_ids:
         return None
@@ -123,7 +123,7 @@ def mean_similarity(ctx: Context, target: str, predictions: list[str], sharer_id
     return float(np.mean(sims))
 
 
-def top_k(ctx: Context, target: str, k: int, min_sharers: int) -> list[str]:
+def top_k(ctx: MethodContext, target: str, k: int, min_sharers: int) -> list[str]:
     """The k sharers most similar to the target by embedding cosine (server.selection)."""
     from server.selection import select_top_k
 
@@ -144,7 +144,8 @@ def similarity_k(config: EvalConfig) -> dict[str, int]:
     return {"k": config.searches()[0].k}
 
 
-def finish(ctx: Context, target: str, predictions: list[str], sharer_ids: list[str], **extra: Any) -> MethodResult:
+def finish(ctx: MethodContext, target: str, predictions: list[str], sharer_ids: list[str],
+           **extra: Any) -> MethodResult:
     """Score predictions on the held-out queries and attach the similarity with `sharer_ids`."""
     golds = query_prompts(ctx, target)[1]
     return MethodResult(
@@ -185,7 +186,7 @@ class Method:
         """Column name: the title, plus the parameters that shape it."""
         return self.title
 
-    def run(self, ctx: Context, target: str, params: Mapping[str, Any]) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping[str, Any]) -> MethodResult:
         raise NotImplementedError
 
 

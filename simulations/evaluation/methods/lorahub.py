@@ -29,7 +29,7 @@ from common.settings import SearchConfig
 from server.fitness import history_task
 from server.personalize import target_seed
 from server.search import OptimizerConfig, make_optimizer, run_search, start_value
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, applied, finish, query_prompts, register, top_k
+from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, applied, finish, query_prompts, register, top_k
 from simulations.evaluation.methods.augment import fitness_history
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class LoraHub(Method):
         extra = "" if params["optimizer"] == self.defaults["optimizer"] else f" opt={params['optimizer']}"
         return f"LoraHub k={params['k']}{extra}" + (" aug=True" if params["augment"] else "")
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=int(params["min_sharers"]))
         adapters = [ctx.sharer_adapters[s] for s in sharers]
         task = history_task(ctx.task)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
 
 if TYPE_CHECKING:
     from simulations.evaluation.settings import EvalConfig
@@ -19,7 +19,7 @@ class NonPersonalized(Method):
     def grid(self, config: EvalConfig) -> list[dict]:
         return [similarity_k(config)]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         prompts, _ = query_prompts(ctx, target)
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
         return finish(ctx, target, answer(ctx, None, prompts), sharers)

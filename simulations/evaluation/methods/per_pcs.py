@@ -45,7 +45,7 @@ from common.inference import decoder
 from common.lora_math import check_elementwise, factors, merge_elementwise
 from common.settings import PerPcsConfig
 from server.personalize import target_seed
-from simulations.evaluation.methods import Context, Method, MethodError, MethodResult, answer, finish, query_prompts, register
+from simulations.evaluation.methods import MethodContext, Method, MethodError, MethodResult, answer, finish, query_prompts, register
 from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.rag import rag_prompts
 
@@ -174,16 +174,16 @@ class PerPcs(Method):
     def label(self, params: Mapping) -> str:
         return self.title + (" aug=True" if params["augment"] else "")
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return query_prompts(ctx, target)[0]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         pieces = self.pieces(ctx, target, _settings(params), bool(params["augment"]))
         preds = answer(ctx, pieces.adapter, self.prompts(ctx, target, params))
         short = {m.removeprefix("base_model.model."): [float(v) for v in w] for m, w in pieces.weights.items()}
         return finish(ctx, target, preds, pieces.chosen(), weights=short, extra={"pool": pieces.sharers})
 
-    def pieces(self, ctx: Context, target: str, config: PerPcsConfig, augment: bool) -> Pieces:
+    def pieces(self, ctx: MethodContext, target: str, config: PerPcsConfig, augment: bool) -> Pieces:
         """The target's assembled LoRA, once per run for Per-Pcs and Per-Pcs + RAG (only this target's kept)."""
         key = ("per-pcs", target, config, augment)
         if key not in ctx.cache:
@@ -209,5 +209,5 @@ class PerPcsRAG(PerPcs):
     def grid(self, config: EvalConfig) -> list[dict]:
         return [params | {"rag_k": config.rag_k} for params in super().grid(config)]
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return rag_prompts(ctx, target, int(params["rag_k"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping
 
 from common.lora_math import merge_exact
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, per_k, query_prompts, register, top_k
+from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, per_k, query_prompts, register, top_k
 
 if TYPE_CHECKING:
     from simulations.evaluation.settings import EvalConfig
@@ -23,7 +23,7 @@ class Uniform(Method):
     def label(self, params: Mapping) -> str:
         return f"uniform k={params['k']}"
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         k = int(params["k"])
         sharers = top_k(ctx, target, k, min_sharers=int(params["min_sharers"]))
         weights = [1.0 / len(sharers)] * len(sharers)
