@@ -248,11 +248,11 @@ def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypat
 def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--utility-floors none,unmerged`: one PriME column each; the `none` cells keep the key they had before the
     setting existed (so cached runs are not recomputed) and are labelled apart from the default `unmerged`."""
-    from simulations.evaluation.cells import Cell
+    from simulations.evaluation.cells import Cell, method_settings
     from simulations.evaluation.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", utility_floors="none,unmerged")
-    grid = METHODS["prime"].grid(config)
+    grid = METHODS["prime"].grid(method_settings(config))
     assert [params["utility_floor"] for params in grid] == ["none", "unmerged"]
     assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1 floor=none", "PriME α=1"]
     cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
@@ -263,11 +263,11 @@ def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_ex
 def test_release_distance_is_an_axis_and_off_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--release-distances 0,0.5`: one PriME column each; the cells at 0 (off, as every cell before the setting
     existed) keep their key, so cached runs are not recomputed."""
-    from simulations.evaluation.cells import Cell
+    from simulations.evaluation.cells import Cell, method_settings
     from simulations.evaluation.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", release_distances="0,0.5")
-    grid = METHODS["prime"].grid(config)
+    grid = METHODS["prime"].grid(method_settings(config))
     assert [params["release_distance"] for params in grid] == [0.0, 0.5]
     assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1", "PriME α=1 dist=0.5"]
     cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
@@ -312,13 +312,14 @@ def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):
 
 def test_grid_axes_expand_prime_and_uniform():
     config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
-    prime = METHODS["prime"].grid(config)
+    settings = cells.method_settings(config)
+    prime = METHODS["prime"].grid(settings)
     assert len(prime) == 2 * 2 * 2  # alphas x ks x optimizers
     assert {(p["alpha"], p["k"], p["optimizer"]) for p in prime} == {
         (a, k, o) for a in (0.0, 1.0) for k in (2, 3) for o in ("cma", "tbpsa")}
     assert all(p["budget"] == 2 and p["popsize"] == 2 for p in prime)  # the unswept settings, as given
-    assert [p["k"] for p in METHODS["uniform"].grid(config)] == [2, 3]
-    assert METHODS["np"].grid(config) == [{"k": 2}]
+    assert [p["k"] for p in METHODS["uniform"].grid(settings)] == [2, 3]
+    assert METHODS["np"].grid(settings) == [{"k": 2}]
     assert EvalConfig.from_mapping(config.to_dict()) == config  # config.json reads back as the same run
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.adapters import applied
 from common.lora_math import random_adapter
 from common.metrics import task_similarity
 from common.models import tiny_model
@@ -12,7 +13,8 @@ from common.synthetic import SyntheticConfig
 from server.selection import cosine_scores
 from simulations.evaluation.prepare import prepare
 from simulations.evaluation.settings import EvalConfig
-from simulations.evaluation.methods import METHODS, MethodError, applied, get_method
+from simulations.evaluation.cells import method_settings
+from simulations.evaluation.methods import METHODS, MethodError, get_method
 from simulations.evaluation.methods.rag import HEADER, rag_prompt, retrieve
 
 
@@ -109,7 +111,7 @@ def test_lorahub_searches_through_the_optimizer_registry_with_the_budget_in_eval
 def test_lorahub_runs_once_per_k_and_optimizer_of_the_evaluation(prepared):
     config = EvalConfig.from_mapping({"out": "x", "synthetic": "tagging", "ks": "2,3", "optimizers": "cma,tbpsa",
                                       "alphas": "0,1", "budget": 12, "sharers": 4})
-    grid = get_method("lorahub").grid(config)
+    grid = get_method("lorahub").grid(method_settings(config))
     assert sorted((g["k"], g["optimizer"]) for g in grid) == [(2, "cma"), (2, "tbpsa"), (3, "cma"), (3, "tbpsa")]
     assert all(g["budget"] == 12 for g in grid)
     labels = {get_method("lorahub").label(get_method("lorahub").params(g)) for g in grid}

@@ -17,7 +17,8 @@ from common.synthetic import SyntheticConfig
 from common.tasks import get_task
 from simulations.evaluation.prepare import prepare
 from simulations.evaluation.settings import EvalConfig
-from simulations.evaluation.methods import get_method, query_prompts
+from simulations.evaluation.methods import get_method
+from simulations.evaluation.methods.base import query_prompts
 from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
 from simulations.evaluation.methods.rag import HEADER, examples_block, rag_prompts
 

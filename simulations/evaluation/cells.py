@@ -25,7 +25,7 @@ from common.metrics import DEFAULT_PRIVACY_METRIC
 from common.models import device_dtype, resolve_device, resolve_dtype
 from common.plan import UserPlan
 from common.settings import TrainConfig, to_flat
-from simulations.evaluation.methods import MethodResult, get_method
+from simulations.evaluation.methods import MethodResult, MethodSettings, get_method
 from simulations.evaluation.results_schema import ResultsFileError, check_cell
 from simulations.evaluation.settings import EvalConfig
 
@@ -90,13 +90,20 @@ def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def method_settings(config: EvalConfig) -> MethodSettings:
+    """What the methods' parameter grids read of `config` (they see nothing else of it)."""
+    return MethodSettings(searches=tuple(config.searches()), rag_k=config.rag_k, augment=config.augment,
+                          pag_search=config.pag_search, lorahub_l1=config.lorahub_l1, per_pcs=config.per_pcs)
+
+
 def plan_cells(config: EvalConfig, plans: Mapping[int, UserPlan], key: str) -> list[Cell]:
     """Every cell of the grid, seed by seed, target by target, in method order."""
     cells = []
+    settings = method_settings(config)
     for seed, plan in plans.items():
         for target in plan.targets:
             for method in config.methods:
-                for params in get_method(method).grid(config):
+                for params in get_method(method).grid(settings):
                     full = get_method(method).params(params)
                     cells.append(Cell(method, tuple(sorted(full.items())), seed, target, key, config.search.privacy_metric,
                                       config.search.decoding))

@@ -38,12 +38,13 @@ class Runner(Protocol):
 
     def run(self, prepared: Prepared, pending: list[tuple[int, Cell]],
             bar: tqdm) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Compute `pending` (grid index, cell); yield (index, record) as cells finish, in any order."""
-        ...
+        """Compute `pending` (grid index, cell); yield (index, record) as cells finish, in any order.
+
+        `bar` is the run's progress bar: the caller counts the cells, a runner may name the one it works on.
+        """
 
     def close(self) -> None:
         """Let go of what the runner holds (a Ray it started); also after an interrupted run."""
-        ...
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Sequential:
             yield i, compute_cell(prepared, cell, self.progress)
 
     def close(self) -> None:
-        pass
+        """Nothing to let go of: the seed's model lives in `prepared` and goes with it."""
 
 
 def add_quirk_copies(config: EvalConfig, records: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ by default on CPU.
 from __future__ import annotations
 
 from common.settings import recent
-from simulations.evaluation.methods import MethodContext
+from simulations.evaluation.methods.base import MethodContext
 from simulations.evaluation.methods.pag import profile_block, profile_summary
 from simulations.evaluation.methods.rag import bm25_index, bm25_order, examples_block, item_source
 

@@ -11,15 +11,14 @@ adapter.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.pag import pag_prompts, profile_summary
 from simulations.evaluation.methods.rag import rag_prompts
-
-if TYPE_CHECKING:
-    from simulations.evaluation.settings import EvalConfig
 
 
 @register
@@ -28,8 +27,8 @@ class OPPU(Method):
     title = "OPPU"
     defaults = {"k": 3, "augment": False}  # k: only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config) | {"augment": config.augment}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings) | {"augment": settings.augment}]
 
     def label(self, params: Mapping) -> str:
         return self.title + (" aug=True" if params["augment"] else "")
@@ -51,8 +50,8 @@ class OPPURAG(OPPU):
     title = "OPPU+RAG"
     defaults = {**OPPU.defaults, "rag_k": 3}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [params | {"rag_k": config.rag_k} for params in super().grid(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [params | {"rag_k": settings.rag_k} for params in super().grid(settings)]
 
     def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return rag_prompts(ctx, target, int(params["rag_k"]))

@@ -30,7 +30,7 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -39,11 +39,11 @@ from common.atomic import write_text
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, encode_example
 from common.settings import recent
 from server.personalize import target_seed
-from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 from simulations.evaluation.methods.rag import rag_prompts
 
-if TYPE_CHECKING:
-    from simulations.evaluation.settings import EvalConfig
 
 ITEMS = 10  # history items the summary is written from (gen_profile.py's K)
 FIELD_WORDS = 24  # words kept per item field (the official 200 would not fit ten items in the prompt window)
@@ -174,8 +174,8 @@ class PAG(Method):
     title = "PAG"
     defaults = {"k": 3}  # only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings)]
 
     def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
@@ -189,8 +189,8 @@ class PAGRAG(Method):
     title = "PAG+RAG"
     defaults = {"rag_k": 3, "k": 3}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config) | {"rag_k": config.rag_k}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings) | {"rag_k": settings.rag_k}]
 
     def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,12 +45,12 @@ from common.inference import decoder
 from common.lora_math import check_elementwise, factors, merge_elementwise
 from common.settings import PerPcsConfig
 from server.personalize import target_seed
-from simulations.evaluation.methods import MethodContext, Method, MethodError, MethodResult, answer, finish, query_prompts, register
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodError, MethodResult, MethodSettings, answer, finish, query_prompts, register,
+)
 from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.rag import rag_prompts
 
-if TYPE_CHECKING:
-    from simulations.evaluation.settings import EvalConfig
 
 SETTINGS = tuple(asdict(PerPcsConfig()))  # a cell's Per-Pcs settings, by PerPcsConfig field name
 
@@ -168,8 +168,8 @@ class PerPcs(Method):
     title = "Per-Pcs"
     defaults = {**asdict(PerPcsConfig()), "augment": False}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [asdict(config.per_pcs) | {"augment": config.augment}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [asdict(settings.per_pcs) | {"augment": settings.augment}]
 
     def label(self, params: Mapping) -> str:
         return self.title + (" aug=True" if params["augment"] else "")
@@ -206,8 +206,8 @@ class PerPcsRAG(PerPcs):
     title = "Per-Pcs+RAG"
     defaults = {**PerPcs.defaults, "rag_k": 3}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [params | {"rag_k": config.rag_k} for params in super().grid(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [params | {"rag_k": settings.rag_k} for params in super().grid(settings)]
 
     def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return rag_prompts(ctx, target, int(params["rag_k"]))

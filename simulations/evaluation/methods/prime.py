@@ -16,19 +16,19 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from common.settings import SearchConfig, options
 from server.personalize import PersonalizationResult, ResultFileError, personalize, target_seed
-from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, query_prompts, register
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register,
+)
 from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
 from simulations.evaluation.methods.pag import pag_prompts, profile_summary
 from simulations.evaluation.methods.rag import rag_prompts
 
-if TYPE_CHECKING:
-    from simulations.evaluation.settings import EvalConfig
 
 SEARCHES_DIR = "searches"
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
@@ -48,10 +48,10 @@ class PriME(Method):
     defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS}, "rag_k": 3,
                 "augment": False}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
+    def grid(self, settings: MethodSettings) -> list[dict]:
         """One cell per search of the evaluation (its swept settings' product)."""
-        return [{name: getattr(s, name) for name in SEARCH_PARAMS} | {"rag_k": config.rag_k, "augment": config.augment}
-                for s in config.searches()]
+        return [{name: getattr(s, name) for name in SEARCH_PARAMS}
+                | {"rag_k": settings.rag_k, "augment": settings.augment} for s in settings.searches]
 
     def label(self, params: Mapping) -> str:
         extra = [f"{short}={params[key]}" for key, short in _LABELLED.items() if params[key] != self.defaults[key]]
@@ -159,8 +159,8 @@ class PriMEPAG(PriME):
     pag = True
     defaults = {**PriME.defaults, "pag_search": "own"}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [params | {"pag_search": config.pag_search} for params in super().grid(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [params | {"pag_search": settings.pag_search} for params in super().grid(settings)]
 
     def label(self, params: Mapping) -> str:
         return super().label(params) + (f" search={params['pag_search']}" if params["pag_search"] != "own" else "")

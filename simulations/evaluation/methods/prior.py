@@ -27,9 +27,10 @@ from typing import Any, Mapping
 
 from common.metrics import parse_label
 from common.settings import recent
-from simulations.evaluation.methods import MethodContext, Method, MethodError, MethodResult, finish, query_prompts, register
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodError, MethodResult, finish, query_prompts, register,
+)
 from simulations.evaluation.methods.rag import bm25_index, bm25_order, item_source
-
 
 
 def mean_rating(labels: list[str]) -> str:

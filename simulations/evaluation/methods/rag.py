@@ -17,16 +17,16 @@ the more recent item first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy
 
 from common.settings import recent
 from common.tasks import TaskSpec
-from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 
-if TYPE_CHECKING:
-    from simulations.evaluation.settings import EvalConfig
 
 ITEM_WORDS = 24
 HEADER = "Examples from this user's history:"
@@ -93,8 +93,8 @@ class RAG(Method):
     title = "RAG"
     defaults = {"rag_k": 3, "k": 3}  # k: only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config) | {"rag_k": config.rag_k}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings) | {"rag_k": settings.rag_k}]
 
     def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         prompts = rag_prompts(ctx, target, int(params["rag_k"]))

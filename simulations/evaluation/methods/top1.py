@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from simulations.evaluation.methods import MethodContext, Method, MethodResult, answer, finish, query_prompts, register, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, answer, finish, query_prompts, register, top_k,
+)
 
 
 @register
