@@ -1,6 +1,6 @@
 """Node identities and sealed uploads: end-to-end encrypted to the coordinator, signed by the sender.
 
-Threat model (DESIGN.md, "Who holds what"): only the coordinator may read a
+Threat model (docs/design.md, "Threat model"): only the coordinator may read a
 sharer's adapter, and it must know who sent it and that it is fresh. So an
 upload is
 

@@ -309,7 +309,7 @@ class SearchConfig:
                                       sweep="history-fractions")
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
     # The two release guards are on by default: together (not either alone) they keep every attack of
-    # docs/threats.md above a relative error of 0.5, at no measured utility cost (docs/results/threats-guards,
+    # docs/threats.md above a relative error of 0.5, at no measured utility cost (results/threats-guards,
     # gemma-rating-guards, gemma-tagging-guards).
     share_cap: float = setting(0.34, "largest share of a merged update one sharer may carry: every candidate is "
                                      "repaired onto it (server.share_cap); 0.34 leaves k = 3 sharers about equal "

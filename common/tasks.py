@@ -291,6 +291,6 @@ def completion_text(target: str) -> str:
     """Text appended to a prompt for training and scoring.
 
     One leading space, exactly as the model sees it after `Score:`; scoring
-    a label without it scores the wrong token (see DESIGN.md, "Fast fitness").
+    a label without it scores the wrong token (see docs/design.md, "Fast fitness").
     """
     return " " + target.strip()

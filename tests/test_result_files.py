@@ -263,7 +263,7 @@ def test_a_runs_config_json_is_a_valid_config_file(tmp_path):
                                       "target_modules": "q_proj", "dp_clip": 1.0, "synth_quirks": True})
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     assert EvalConfig.from_mapping(read_config_file(tmp_path / "config.json")) == config
-    # Runs before the settings records wrote "True" for synth-quirks (docs/results/gemma-tagging-quirks/config.json).
+    # Runs before the settings records wrote "True" for synth-quirks (results/gemma-tagging-quirks/config.json).
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"synth_quirks": "True"}))
     assert EvalConfig.from_mapping(read_config_file(tmp_path / "config.json")) == config
 

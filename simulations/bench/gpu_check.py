@@ -14,7 +14,7 @@ recorded with its error and the next step still runs:
    hidden from them), pass/fail counts from pytest's JUnit XML;
 2. `engine`: `simulations.bench.engine` on the device, its fast-path
    fitness evaluations per second against the batched CPU figure committed
-   under docs/results/engine/;
+   under results/engine/;
 3. `eval`: one `prime-fl eval` (NP, top-1, uniform, PriME) of 8 targets of
    a LaMP-4-layout folder (`--data`; on the CPU a small synthetic headline
    set), wall time per cell.
@@ -47,8 +47,8 @@ from common.errors import PrimeError
 from common.models import resolve_device
 from simulations.support.outputs import GPU_CHECK_OUTPUT
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU_REFERENCE = ROOT / "docs" / "results" / "engine" / "bench_engine_both_references.json"
+ROOT = Path(__file__).resolve().parents[2]
+CPU_REFERENCE = ROOT / "results" / "engine" / "bench_engine_both_references.json"
 REPORT = "gpu_check.json"
 # Tests whose tiny model is loaded with the device left at `auto` (load_base, the eval grid, the model commands):
 # on a GPU machine they run the CUDA branches (bf16 weights, GPU rows per forward, the mixer's device moves).

@@ -1,4 +1,4 @@
-"""Privacy-threat experiments (DESIGN.md, "Who holds what"): one module per attack.
+"""Privacy-threat experiments (docs/design.md, "Threat model"): one module per attack.
 
 - `leak`: reading each sharer's factors out of a merged adapter's blocks,
   and why `server.release.release` re-factors before sending;
