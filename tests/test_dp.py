@@ -334,7 +334,8 @@ def test_train_lora_cli_refuses_bad_dp_settings_in_one_line(tmp_path, capsys, fl
 
 def test_eval_records_the_guarantee_of_cells_built_on_sharers(tmp_path, monkeypatch):
     import client.training
-    from simulations.evaluation.experiment import EvalConfig, run_grid
+    from simulations.evaluation.grid import run_grid
+    from simulations.evaluation.settings import EvalConfig
 
     config = EvalConfig.from_mapping({
         "synthetic": "tagging", "synth_users": 10, "synth_history": 5, "synth_queries": 2, "model_spec": "tiny",

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import simulations.evaluation.experiment as experiment
+import simulations.evaluation.cells as cells
+import simulations.evaluation.prepare as preparation
 from simulations.cli import main
-from simulations.evaluation.experiment import EvalConfig, EvalConfigError, run_grid
+from simulations.evaluation.grid import run_grid
+from simulations.evaluation.results import load_results
+from simulations.evaluation.settings import EvalConfig, EvalConfigError
 from simulations.evaluation.methods import METHODS
 
 SMALL = {
@@ -40,7 +43,7 @@ def test_rerun_computes_nothing_and_does_not_load_the_model(tmp_path, monkeypatc
     def no_model(*args, **kwargs):
         raise AssertionError("a fully cached run must not load the model")
 
-    monkeypatch.setattr(experiment, "load_task_model", no_model)
+    monkeypatch.setattr(preparation, "load_task_model", no_model)
     second = run_grid(_config(tmp_path), progress=False)
     assert (second.computed, second.reused) == (0, N_CELLS)
     assert [r["predictions"] for r in second.records] == [r["predictions"] for r in first.records]
@@ -62,10 +65,10 @@ def test_adapter_store_reuses_adapters_trained_on_the_same_inputs_across_runs(tm
     monkeypatch.setattr(training, "train_lora", counting)
     store = tmp_path / "store"
     base = {"methods": "np,uniform", "targets": 1}
-    first = experiment.prepare(_config(tmp_path / "a", **base), adapter_store=store)
+    first = preparation.prepare(_config(tmp_path / "a", **base), adapter_store=store)
     first_ctx = first.context(0, progress=False)
     assert len(trained) == 1 + 4  # the task adapter and four sharers
-    second = experiment.prepare(_config(tmp_path / "b", **base | {"targets": 2}), adapter_store=store)
+    second = preparation.prepare(_config(tmp_path / "b", **base | {"targets": 2}), adapter_store=store)
     assert second.key != first.key
     new_sharers = set(second.plans[0].sharers) - set(first.plans[0].sharers)
     second_ctx = second.context(0, progress=False)
@@ -75,7 +78,7 @@ def test_adapter_store_reuses_adapters_trained_on_the_same_inputs_across_runs(tm
             assert torch.equal(tensor, first_ctx.sharer_adapters[sid].tensors[name])
     assert (second.folder(0) / "task_adapter").is_dir()  # the run folder holds its own copy, as without a store
     # another training setting is another adapter: everything is trained again
-    third = experiment.prepare(_config(tmp_path / "c", **base | {"epochs": 2}), adapter_store=store)
+    third = preparation.prepare(_config(tmp_path / "c", **base | {"epochs": 2}), adapter_store=store)
     third.context(0, progress=False)
     assert len(trained) == 1 + 4 + len(new_sharers) + 4
 
@@ -83,7 +86,7 @@ def test_adapter_store_reuses_adapters_trained_on_the_same_inputs_across_runs(tm
 def test_an_adapter_store_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "store").write_text("not a folder")
     with pytest.raises(EvalConfigError, match="is not a folder"):
-        experiment.prepare(_config(tmp_path / "a", methods="np"), adapter_store=tmp_path / "store")
+        preparation.prepare(_config(tmp_path / "a", methods="np"), adapter_store=tmp_path / "store")
 
 
 def test_a_grid_split_by_first_seed_is_the_whole_grid(tmp_path):
@@ -177,9 +180,9 @@ def test_decoding_reaches_every_method_and_tie_break_is_a_prime_axis(tmp_path):
 def test_quirks_are_part_of_the_prepared_inputs_key(tmp_path):
     plain = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path / "a")})
     quirky = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path / "b"), "synth_quirks": "true"})
-    plain_data, quirky_data = experiment.load_dataset(plain), experiment.load_dataset(quirky)
+    plain_data, quirky_data = preparation.load_dataset(plain), preparation.load_dataset(quirky)
     assert [q.gold for u in plain_data.users for q in u.queries] != [q.gold for u in quirky_data.users for q in u.queries]
-    assert experiment.prepare_key(plain, plain_data) != experiment.prepare_key(quirky, quirky_data)
+    assert cells.prepare_key(plain, plain_data) != cells.prepare_key(quirky, quirky_data)
 
 
 def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
@@ -199,8 +202,8 @@ def test_adaptation_sampling_and_train_steps_are_prepared_inputs(tmp_path, over)
     config.json."""
     plain = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path)})
     changed = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), **over})
-    dataset = experiment.load_dataset(plain)
-    assert experiment.prepare_key(plain, dataset) != experiment.prepare_key(changed, dataset)
+    dataset = preparation.load_dataset(plain)
+    assert cells.prepare_key(plain, dataset) != cells.prepare_key(changed, dataset)
     assert EvalConfig.from_mapping(changed.to_dict()) == changed
 
 
@@ -208,11 +211,11 @@ def test_inputs_prepared_before_the_optimizer_settings_existed_keep_their_key(tm
     """At their defaults adapt-lr, lr-schedule, grad-clip, adapt-grad-clip and adam-beta2 train as before they
     existed, so a run's cached sharers and cells stay valid (b4024324bf90: this config's key at the commit before)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    dataset = experiment.load_dataset(_config(tmp_path))
+    dataset = preparation.load_dataset(_config(tmp_path))
     spelled = {"lr_schedule": "linear", "grad_clip": 1.0, "adapt_lr": 0.0, "adapt_grad_clip": 0.0, "adam_beta2": 0.999,
                "adapt_batch_size": 0}
-    assert experiment.prepare_key(_config(tmp_path), dataset) == "b4024324bf90"
-    assert experiment.prepare_key(_config(tmp_path, **spelled), dataset) == "b4024324bf90"
+    assert cells.prepare_key(_config(tmp_path), dataset) == "b4024324bf90"
+    assert cells.prepare_key(_config(tmp_path, **spelled), dataset) == "b4024324bf90"
 
 
 def test_eval_adapts_the_task_lora_at_adapt_lr_and_trains_the_sharers_at_lr(tmp_path, monkeypatch):
@@ -234,10 +237,10 @@ def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypat
     """bf16 on a CPU answers differently, so its cells never mix with float32's; naming float32 keeps today's keys."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     auto = EvalConfig.from_mapping({**SMALL, "out": str(tmp_path)})
-    dataset = experiment.load_dataset(auto)
-    keys = {d: experiment.prepare_key(EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": d}), dataset)
+    dataset = preparation.load_dataset(auto)
+    keys = {d: cells.prepare_key(EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": d}), dataset)
             for d in ("float32", "bfloat16")}
-    assert keys["float32"] == experiment.prepare_key(auto, dataset) != keys["bfloat16"]
+    assert keys["float32"] == cells.prepare_key(auto, dataset) != keys["bfloat16"]
     with pytest.raises(EvalConfigError, match="--dtype must be one of auto, float32, bfloat16"):
         EvalConfig.from_mapping({**SMALL, "out": str(tmp_path), "dtype": "fp16"})
 
@@ -245,11 +248,11 @@ def test_a_cpu_dtype_other_than_float32_keys_its_cells_apart(tmp_path, monkeypat
 def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--utility-floors none,unmerged`: one PriME column each; the `none` cells keep the key they had before the
     setting existed (so cached runs are not recomputed) and are labelled apart from the default `unmerged`."""
-    from simulations.evaluation.experiment import Cell
+    from simulations.evaluation.cells import Cell, method_settings
     from simulations.evaluation.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", utility_floors="none,unmerged")
-    grid = METHODS["prime"].grid(config)
+    grid = METHODS["prime"].grid(method_settings(config))
     assert [params["utility_floor"] for params in grid] == ["none", "unmerged"]
     assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1 floor=none", "PriME α=1"]
     cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
@@ -260,11 +263,11 @@ def test_utility_floor_is_an_axis_and_none_keeps_the_cells_computed_before_it_ex
 def test_release_distance_is_an_axis_and_off_keeps_the_cells_computed_before_it_existed(tmp_path):
     """`--release-distances 0,0.5`: one PriME column each; the cells at 0 (off, as every cell before the setting
     existed) keep their key, so cached runs are not recomputed."""
-    from simulations.evaluation.experiment import Cell
+    from simulations.evaluation.cells import Cell, method_settings
     from simulations.evaluation.methods import METHODS
 
     config = _config(tmp_path, methods="prime", alphas="1", release_distances="0,0.5")
-    grid = METHODS["prime"].grid(config)
+    grid = METHODS["prime"].grid(method_settings(config))
     assert [params["release_distance"] for params in grid] == [0.0, 0.5]
     assert [METHODS["prime"].label(params) for params in grid] == ["PriME α=1", "PriME α=1 dist=0.5"]
     cells = [Cell("prime", tuple(sorted(params.items())), 0, "u1", "abc") for params in grid]
@@ -309,13 +312,14 @@ def test_rating_skewed_grid_records_sharer_divergence_per_prime_cell(tmp_path):
 
 def test_grid_axes_expand_prime_and_uniform():
     config = EvalConfig.from_mapping({**SMALL, "out": "x", "methods": "uniform,prime,np", "ks": "2,3", "optimizers": "cma,tbpsa"})
-    prime = METHODS["prime"].grid(config)
+    settings = cells.method_settings(config)
+    prime = METHODS["prime"].grid(settings)
     assert len(prime) == 2 * 2 * 2  # alphas x ks x optimizers
     assert {(p["alpha"], p["k"], p["optimizer"]) for p in prime} == {
         (a, k, o) for a in (0.0, 1.0) for k in (2, 3) for o in ("cma", "tbpsa")}
     assert all(p["budget"] == 2 and p["popsize"] == 2 for p in prime)  # the unswept settings, as given
-    assert [p["k"] for p in METHODS["uniform"].grid(config)] == [2, 3]
-    assert METHODS["np"].grid(config) == [{"k": 2}]
+    assert [p["k"] for p in METHODS["uniform"].grid(settings)] == [2, 3]
+    assert METHODS["np"].grid(settings) == [{"k": 2}]
     assert EvalConfig.from_mapping(config.to_dict()) == config  # config.json reads back as the same run
 
 
@@ -411,7 +415,7 @@ def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, ca
     assert main(argv) == 0
     assert "26 cells (26 computed, 0 from the cache)" in capsys.readouterr().out
     assert len(written) == 2  # one summary per target, shared by every PAG column and the augmented searches
-    records = experiment.load_results(out)
+    records = load_results(out)
     summaries = {(r["target"], r["extra"]["profile"]) for r in records if r["method"] in ("pag", "pag-rag", "oppu-pag", "prime-pag")}
     assert len(summaries) == 2
     assert all(r["params"]["augment"] for r in records if r["method"] in ("prime", "prime-rag", "prime-pag", "lorahub"))
@@ -437,7 +441,7 @@ def test_user_prior_is_a_column_every_method_is_paired_with_and_results_hold_the
     from common.settings import recent
 
     report = run_grid(_config(tmp_path, methods="user-prior,np,prime", alphas="0"), progress=False)
-    dataset = experiment.load_dataset(_config(tmp_path))
+    dataset = preparation.load_dataset(_config(tmp_path))
     for record in (r for r in report.records if r["method"] == "user-prior"):
         tags = [item["tag"] for item in recent(dataset.user(record["target"]).profile, 16)]
         top = max(Counter(tags).values())

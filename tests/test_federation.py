@@ -179,7 +179,9 @@ def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tm
 
     from common.settings import options, to_flat
     from server.registry import Registry, load_registry_key
-    from simulations.evaluation.experiment import EvalConfig, prepare
+    from simulations.evaluation.cells import method_settings
+    from simulations.evaluation.prepare import prepare
+    from simulations.evaluation.settings import EvalConfig
     from simulations.evaluation.methods import METHODS
 
     # No task adaptation (FedAvg rounds and eval's pooled training differ by design); upload clip on: it must match
@@ -215,7 +217,7 @@ def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tm
         assert all(torch.equal(torch.as_tensor(uploaded[key]), trained[key]) for key in trained), sharer
 
     prime = METHODS["prime"]
-    (params,) = prime.grid(eval_config)
+    (params,) = prime.grid(method_settings(eval_config))
     for target in plan.targets:
         found, federated = prime.run(ctx, target, params), report["targets"][target]
         assert found.sharer_ids == federated["sharers"]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from common.adapters import applied
 from common.lora_math import random_adapter
 from common.metrics import task_similarity
 from common.models import tiny_model
 from common.settings import NodeConfig, SearchConfig, TrainConfig
 from common.synthetic import SyntheticConfig
 from server.selection import cosine_scores
-from simulations.evaluation.experiment import EvalConfig, prepare
-from simulations.evaluation.methods import METHODS, MethodError, applied, get_method
+from simulations.evaluation.prepare import prepare
+from simulations.evaluation.settings import EvalConfig
+from simulations.evaluation.cells import method_settings
+from simulations.evaluation.methods import METHODS, MethodError, get_method
 from simulations.evaluation.methods.rag import HEADER, rag_prompt, retrieve
 
 
@@ -108,7 +111,7 @@ def test_lorahub_searches_through_the_optimizer_registry_with_the_budget_in_eval
 def test_lorahub_runs_once_per_k_and_optimizer_of_the_evaluation(prepared):
     config = EvalConfig.from_mapping({"out": "x", "synthetic": "tagging", "ks": "2,3", "optimizers": "cma,tbpsa",
                                       "alphas": "0,1", "budget": 12, "sharers": 4})
-    grid = get_method("lorahub").grid(config)
+    grid = get_method("lorahub").grid(method_settings(config))
     assert sorted((g["k"], g["optimizer"]) for g in grid) == [(2, "cma"), (2, "tbpsa"), (3, "cma"), (3, "tbpsa")]
     assert all(g["budget"] == 12 for g in grid)
     labels = {get_method("lorahub").label(get_method("lorahub").params(g)) for g in grid}
@@ -227,16 +230,16 @@ def test_a_later_run_loads_prime_searches_from_the_prepare_folder(prepared, monk
 
 
 def _hand_made(lamp_id: str, profile: list[dict], queries: list[tuple[str, str]], max_history: int = 16):
-    """A Context of one user `u` and nothing a model would need: user-prior must answer without any."""
+    """A MethodContext of one user `u` and nothing a model would need: user-prior must answer without any."""
     from common.lamp import LampDataset, LampUser, Query
     from common.plan import UserPlan
     from common.tasks import get_task
-    from simulations.evaluation.methods import Context
+    from simulations.evaluation.methods import MethodContext
 
     user = LampUser("u", profile, [Query(f"q{i}", text, gold) for i, (text, gold) in enumerate(queries)])
-    return Context(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
-                   plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0), embeddings={},
-                   sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)
+    return MethodContext(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
+                         plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0),
+                         embeddings={}, sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)
 
 
 def _prior(ctx):

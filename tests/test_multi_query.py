@@ -19,7 +19,8 @@ from common.lamp import load_lamp
 from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
 from simulations.cli import main
-from simulations.evaluation.experiment import EvalConfig, run_grid
+from simulations.evaluation.grid import run_grid
+from simulations.evaluation.settings import EvalConfig
 
 N_USERS = 12
 WORDS = ("plot", "cast", "music", "pace", "ending", "dialogue", "camera", "story")

@@ -15,8 +15,10 @@ from common.lamp import LampDataset, LampUser, Query, profile_pairs
 from common.settings import NodeConfig, SearchConfig, TrainConfig, recent
 from common.synthetic import SyntheticConfig
 from common.tasks import get_task
-from simulations.evaluation.experiment import EvalConfig, prepare
-from simulations.evaluation.methods import get_method, query_prompts
+from simulations.evaluation.prepare import prepare
+from simulations.evaluation.settings import EvalConfig
+from simulations.evaluation.methods import get_method
+from simulations.evaluation.methods.base import query_prompts
 from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
 from simulations.evaluation.methods.rag import HEADER, examples_block, rag_prompts
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import simulations.evaluation.experiment as experiment
+import simulations.evaluation.prepare as preparation
 from client.gates import GATES_FILE, GateError, _GatedLora, gate_config, load_gates, save_gates, train_gates
 from client.training import encode_pairs, pad_id_of, padded_batch
 from common.adapters import applied, base_module_name
@@ -22,7 +22,8 @@ from common.models import tiny_model
 from common.presets import PER_TASK
 from common.settings import PerPcsConfig, TrainConfig
 from simulations.cli import main
-from simulations.evaluation.experiment import EvalConfig, EvalConfigError
+from simulations.evaluation.results import load_results
+from simulations.evaluation.settings import EvalConfig, EvalConfigError
 from simulations.evaluation.methods import MethodError
 from simulations.evaluation.methods.per_pcs import assemble
 from simulations.evaluation.tables import build_table
@@ -259,7 +260,7 @@ def test_an_unreadable_or_missing_gates_file_is_refused(stored_gates, content):
 def test_corrupt_cached_gates_are_trained_again(stored_gates):
     adapter, gates, folder = stored_gates
     (folder / GATES_FILE).write_bytes(b"garbage")
-    trained = experiment._cached_gates(folder, adapter, lambda: gates, None)
+    trained = preparation._cached_gates(folder, adapter, lambda: gates, None)
     assert all(torch.equal(trained[k], gates[k]) for k in gates)
     assert all(torch.equal(v, gates[k]) for k, v in load_gates(folder, adapter).items())  # and written back
 
@@ -381,12 +382,12 @@ def test_grid_runs_per_pcs_and_its_rag_variant_and_trains_each_gate_once_per_see
         trained.append(args[2])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train_gates", counting)
+    monkeypatch.setattr(preparation, "train_gates", counting)
     out, store = tmp_path / "run", tmp_path / "store"
     assert main(["eval", *GRID, "--out", str(out), "--adapter-store", str(store)]) == 0
     assert "4 cells (4 computed, 0 from the cache)" in capsys.readouterr().out
     assert len(trained) == 4  # one gate set per sharer, shared by both columns and both targets
-    records = experiment.load_results(out)
+    records = load_results(out)
     assert {r["label"] for r in records} == {"Per-Pcs", "Per-Pcs+RAG"}
     prepare = next((out / "prepare").glob("seed0-*"))
     sharers = json.loads((prepare / "plan.json").read_text())["sharers"]
@@ -402,15 +403,15 @@ def test_grid_runs_per_pcs_and_its_rag_variant_and_trains_each_gate_once_per_see
     assert sorted(p.name.split("-")[1] for p in (prepare / "adapters").glob("gates-*")) == sorted(sharers)
     assert len(list(store.glob("gates-*"))) == 4
 
-    monkeypatch.setattr(experiment, "train_gates", lambda *a, **k: pytest.fail("gates are trained once per seed"))
+    monkeypatch.setattr(preparation, "train_gates", lambda *a, **k: pytest.fail("gates are trained once per seed"))
     for cell in (out / "cells").rglob("per-pcs-[0-9a-f]*.json"):  # lost Per-Pcs cells: recomputed from the kept gates
         cell.unlink()
     assert main(["eval", *GRID, "--out", str(out)]) == 0
     assert "(2 computed, 2 from the cache)" in capsys.readouterr().out
-    again = experiment.load_results(out)
+    again = load_results(out)
     assert sorted(json.dumps(r["predictions"]) for r in again) == sorted(json.dumps(r["predictions"]) for r in records)
     # Another run folder (more targets: another prepare key) reads the gates of the sharers it shares from the store.
-    monkeypatch.setattr(experiment, "train_gates", counting)
+    monkeypatch.setattr(preparation, "train_gates", counting)
     trained.clear()
     other = tmp_path / "other"
     assert main(["eval", *GRID, "--targets", "3", "--out", str(other), "--adapter-store", str(store)]) == 0

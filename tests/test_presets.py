@@ -12,7 +12,7 @@ from common.federation import ConfigError, FederationConfig
 from common.presets import PAPER_TABLE3, PER_TASK, PRESETS, preset_values
 from common.settings import SearchConfig, SettingError
 from simulations.cli import main
-from simulations.evaluation.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
+from simulations.evaluation.settings import DEFAULT_NODE, EvalConfig, EvalConfigError
 
 FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 EVAL = {"out": "runs/x", "synthetic": "tagging"}
@@ -235,7 +235,8 @@ def test_eval_flags_record_the_preset_and_every_resolved_value(tmp_path):
 ])
 def test_eval_with_the_paper_preset_records_table3_in_config_json(tmp_path, synthetic, expected):
     """`prime-fl eval --preset paper --synthetic TASK` writes config.json (once the run is prepared) with the row."""
-    import simulations.evaluation.experiment as experiment
+    import simulations.evaluation.grid as grid
+    import simulations.evaluation.prepare as preparation
 
     class Stop(Exception):
         pass
@@ -244,13 +245,13 @@ def test_eval_with_the_paper_preset_records_table3_in_config_json(tmp_path, synt
         raise Stop
 
     def prepared_nothing(config, adapter_store=None):  # `prepare` creates the run folder, then trains: only the former
-        experiment.output_folder(config.out, experiment.EVAL_OUTPUT)
+        preparation.output_folder(config.out, preparation.EVAL_OUTPUT)
         return SimpleNamespace(plans=None, key=None)
 
     out = tmp_path / "e"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(experiment, "prepare", prepared_nothing)
-        patch.setattr(experiment, "plan_cells", stop)  # everything after config.json is not this test's
+        patch.setattr(grid, "prepare", prepared_nothing)
+        patch.setattr(grid, "plan_cells", stop)  # everything after config.json is not this test's
         with pytest.raises(Stop):
             main(["eval", "--synthetic", synthetic, "--preset", "paper", "--out", str(out), "--no-progress"])
     recorded = json.loads((out / "config.json").read_text())

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from simulations.evaluation import ray_grid
-from simulations.evaluation.experiment import Cell, EvalConfig, compute_cell, run_grid
+from simulations.evaluation.cells import Cell
+from simulations.evaluation.grid import run_grid
+from simulations.evaluation.prepare import compute_cell
+from simulations.evaluation.settings import EvalConfig
 from simulations.evaluation.ray_grid import RayGridError
 
 SMALL = {

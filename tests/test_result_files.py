@@ -22,7 +22,7 @@ from common.settings import SearchConfig
 from server.personalize import PersonalizationResult, ResultFileError
 from simulations.evaluation import paired, tables
 from simulations.cli import main
-from simulations.evaluation.experiment import read_cell
+from simulations.evaluation.cells import read_cell
 
 GOLDS = ["comedy", "action"]
 
@@ -257,7 +257,7 @@ def test_a_quoted_task_name_is_refused_not_run(tmp_path, capsys):
 
 def test_a_runs_config_json_is_a_valid_config_file(tmp_path):
     """OUT/config.json (every resolved value, nulls for unset ones) read back as --config gives the same run."""
-    from simulations.evaluation.experiment import EvalConfig, read_config_file
+    from simulations.evaluation.settings import EvalConfig, read_config_file
 
     config = EvalConfig.from_mapping({"out": "o", "synthetic": "tagging", "alphas": "0,1", "ks": [2, 3],
                                       "target_modules": "q_proj", "dp_clip": 1.0, "synth_quirks": True})
@@ -388,7 +388,7 @@ CONFIG = {"out": "o", "synthetic": "tagging", "methods": ["np", "prime"], "alpha
 @FEW
 @given(near(CONFIG))
 def test_any_config_file_builds_a_config_or_is_one_error_line(document):
-    from simulations.evaluation.experiment import EvalConfig, read_config_file
+    from simulations.evaluation.settings import EvalConfig, read_config_file
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, "c.json")

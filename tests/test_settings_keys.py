@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from common.settings import NodeConfig, SearchConfig, options, setting, settings_key
 from server import fitness
-from simulations.evaluation.experiment import Cell, EvalConfig, load_dataset, prepare_key
+from simulations.evaluation.cells import Cell, method_settings, prepare_key
+from simulations.evaluation.prepare import load_dataset
+from simulations.evaluation.settings import EvalConfig
 from simulations.evaluation.methods import get_method
 
 # The keys these configs had before the keys were derived from the records (computed on the code of that time):
@@ -33,7 +35,7 @@ def _eval(**extra) -> EvalConfig:
 
 def _prime_cell(decoding: str = "argmax", **params) -> Cell:
     method = get_method("prime")
-    full = method.params(method.grid(_eval())[0]) | params
+    full = method.params(method.grid(method_settings(_eval()))[0]) | params
     return Cell("prime", tuple(sorted(full.items())), 0, "u1", "abc123", "task", decoding)
 
 

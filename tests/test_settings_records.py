@@ -12,7 +12,7 @@ from common.federation import FederationConfig
 from common.settings import RunShape, SearchConfig, options, setting, shared
 from simulations.commands import eval as eval_command
 from simulations.commands import threats as threats_command
-from simulations.evaluation.experiment import EvalConfig, EvalConfigError
+from simulations.evaluation.settings import EvalConfig, EvalConfigError
 from simulations.threats.embedding import EmbeddingConfig
 from simulations.threats.leak import ThreatError
 from simulations.threats.membership import MembershipConfig

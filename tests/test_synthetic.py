@@ -200,7 +200,7 @@ def test_rating_skewed_poses_lamp3_and_takes_rating_only_settings(tmp_path):
     from common.federation import FederationConfig
     from common.settings import SearchConfig
     from common.synthetic import synthetic_task
-    from simulations.evaluation.experiment import EvalConfig
+    from simulations.evaluation.settings import EvalConfig
 
     assert synthetic_task("rating-skewed").lamp_id == "LaMP_3"
     with pytest.raises(PrimeError, match="synthetic task 'ratings' unknown"):

@@ -23,9 +23,10 @@ from common.models import resolve_cache_dir
 from common.presets import PresetChoice
 from common.settings import PerPcsConfig, SearchConfig
 from common.synthetic import SyntheticConfig
-from simulations.evaluation import experiment, paired, tables
+from simulations.evaluation import paired, results, settings, tables
 from simulations.evaluation.column_labels import without_settings
-from simulations.evaluation.experiment import EvalConfig, EvalConfigError
+from simulations.evaluation.grid import run_grid
+from simulations.evaluation.settings import EvalConfig, EvalConfigError
 from simulations.support.model_options import add_model_options
 from simulations.support.options import add_setting_options
 from simulations.support.outputs import EVAL_OUTPUT
@@ -50,9 +51,9 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add_setting_options(parser, EvalConfig, layered=True,
                         skip=("model-spec", "model-cache", "device", "dtype"))
     add_setting_options(parser.add_argument_group("search (PriME, and LoraHub's optimizer, start and budget)"), SearchConfig(),
-                        layered=True, sweeps=experiment.DEFAULT_SWEEPS)
+                        layered=True, sweeps=settings.DEFAULT_SWEEPS)
     add_setting_options(parser.add_argument_group("training (sharers as federation nodes train them, and OPPU)"),
-                        experiment.DEFAULT_NODE, layered=True)
+                        settings.DEFAULT_NODE, layered=True)
     add_setting_options(parser.add_argument_group("Per-Pcs (its sharers' gates and a target's assembly; preset paper: "
                                                   "Table 3 per task)"), PerPcsConfig(), layered=True)
     add("--no-progress", action="store_true", help="no progress bars")
@@ -120,7 +121,7 @@ _NOT_SETTINGS = {"config", "func", "command", "verbose", "no_progress", "eval_co
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """Defaults < config file < flags."""
-    values = experiment.read_config_file(args.config) if args.config else {}
+    values = settings.read_config_file(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     values = {str(k).replace("-", "_"): v for k, v in values.items()} | flags
     values["model_cache"] = str(resolve_cache_dir(values.get("model_cache")))
@@ -129,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    report = experiment.run_grid(config, progress=not args.no_progress, ray=args.ray, ray_workers=args.ray_workers,
+    report = run_grid(config, progress=not args.no_progress, ray=args.ray, ray_workers=args.ray_workers,
                                  adapter_store=args.adapter_store)
     print(f"{len(report.records)} cells ({report.computed} computed, {report.reused} from the cache) -> {report.out}")
     print((report.out / "table.md").read_text(encoding="utf-8"), end="")
@@ -139,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from simulations.evaluation import plots
 
-    index = plots.write_plots(experiment.load_results(args.run), Path(args.run) / "plots")
+    index = plots.write_plots(results.load_results(args.run), Path(args.run) / "plots")
     print(f"wrote {len(index['written'])} figures to {Path(args.run) / 'plots'} ({len(index['skipped'])} skipped)")
     return 0
 
@@ -148,7 +149,7 @@ def _diff(args: argparse.Namespace) -> int:
     names = tuple(n.strip() for n in args.names.split(","))
     if len(names) != 2 or not all(names) or names[0] == names[1]:
         raise EvalConfigError(f"--names must be two different names separated by a comma, got {args.names!r}")
-    before, after = experiment.load_results(args.before), experiment.load_results(args.after)
+    before, after = results.load_results(args.before), results.load_results(args.after)
     keys = [key.strip() for key in args.match_without.split(",") if key.strip()]
     if keys:
         for name, run in zip(names, (before, after)):
@@ -167,7 +168,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    records = experiment.load_results(args.run)
+    records = results.load_results(args.run)
     labels = sorted({r["label"] for r in records})
     wanted = [c.strip() for c in args.columns.split(",") if c.strip()] or [
         label for label in labels if label.startswith(paired.METHOD_PREFIX) and label != args.baseline]
@@ -191,7 +192,7 @@ def _tradeoffs(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.names.split(",")] if args.names else [Path(run).name for run in args.runs]
     if len(names) != len(args.runs) or not all(names) or len(set(names)) != len(names):
         raise EvalConfigError(f"--names must give {len(args.runs)} different names, one per run, got {names}")
-    index = plots.tradeoffs_beside({name: experiment.load_results(run) for name, run in zip(names, args.runs)},
+    index = plots.tradeoffs_beside({name: results.load_results(run) for name, run in zip(names, args.runs)},
                                    args.tradeoffs_out)
     print(f"wrote {', '.join(index['written']) or 'no figure'} to {args.tradeoffs_out}"
           + "".join(f"\nskipped {stem}: {why}" for stem, why in index["skipped"].items()))
@@ -200,7 +201,7 @@ def _tradeoffs(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     try:
-        records = tables.combine_runs({run: experiment.load_results(run) for run in args.runs})
+        records = tables.combine_runs({run: results.load_results(run) for run in args.runs})
     except ValueError as err:
         raise EvalConfigError(str(err)) from None
     if not records:
@@ -209,8 +210,8 @@ def _table(args: argparse.Namespace) -> int:
     out = Path(args.table_out).resolve()
     if len(args.runs) > 1 and all(Path(run).resolve() != out for run in args.runs):
         # The combined cells, so `eval plot/diff/compare/tradeoffs` take this folder as they take a run.
-        sources = {run: experiment.results_complete(run) for run in args.runs}
-        write_text(out / experiment.RESULTS_FILE, json.dumps(
+        sources = {run: results.results_complete(run) for run in args.runs}
+        write_text(out / results.RESULTS_FILE, json.dumps(
             {"runs": sources, "complete": all(sources.values()), "cells": records}, indent=2, ensure_ascii=False))
     print(tables.to_markdown(tables.build_table(records, layout=args.layout)), end="")
     print((Path(args.table_out) / "paired.md").read_text(), end="")

@@ -2,7 +2,7 @@
 
 Each worker is a Ray actor that holds one model (the task-adapted model of
 the seed it last worked on, as the sequential loop does) and computes whole
-cells with `experiment.compute_cell`. The run goes in two waves, because
+cells with `prepare.compute_cell`. The run goes in two waves, because
 cells depend on their seed's preparation: first each seed with missing
 cells is prepared (task adaptation, then the sharers' adapters) by one
 worker, seeds in parallel, into OUT/prepare/; then the cells go to whichever
@@ -16,8 +16,9 @@ search and training is seeded by the cell, not by the process), so the
 table is the sequential run's whatever the scheduling; the driver puts each
 record back in its grid position.
 
-This is for the experiment grid only: the federation's protocol runs under
-Flower (`prime-fl simulate`, `prime-fl deploy`).
+`RayRunner` is the grid's `Runner` (simulations.evaluation.grid) for a
+cluster. This is for the experiment grid only: the federation's protocol
+runs under Flower (`prime-fl simulate`, `prime-fl deploy`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from common.errors import PrimeError
-from simulations.evaluation.experiment import Cell, EvalConfig, Prepared, compute_cell
+from simulations.evaluation.cells import Cell
+from simulations.evaluation.prepare import Prepared, compute_cell
+from simulations.evaluation.settings import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def connect(address: str) -> Cluster:
 def with_cluster_device(config: EvalConfig) -> EvalConfig:
     """`config` with `device=auto` made concrete when the workers would resolve it differently from this driver.
 
-    The cells' cache keys name the device they ran on (`experiment.prepare_key`), so
+    The cells' cache keys name the device they ran on (`cells.prepare_key`), so
     the driver must know it: a CPU-only driver of a GPU cluster runs its cells on CUDA.
     """
     import ray
@@ -158,3 +162,18 @@ def run_cells(prepared: Prepared, pending: list[tuple[int, Cell]], workers: int 
     finally:
         for a in actors:
             ray.kill(a)
+
+
+@dataclass
+class RayRunner:
+    """The grid's `Runner` on a Ray cluster: `run_cells` on `workers` workers (None: as many as it hosts)."""
+
+    cluster: Cluster
+    workers: int | None = None
+
+    def run(self, prepared: Prepared, pending: list[tuple[int, Cell]],
+            bar: tqdm) -> Iterator[tuple[int, dict[str, Any]]]:
+        return run_cells(prepared, pending, self.workers)
+
+    def close(self) -> None:
+        self.cluster.close()

@@ -1,7 +1,7 @@
 """The target's fitness and training pairs, optionally augmented as the official `process_profile` does.
 
 Plain (the default, and what a federation node uploads): one (prompt,
-target) pair per recent history item (`Context.history`).
+target) pair per recent history item (`MethodContext.history`).
 
 Augmented (`prime-fl eval --augment`): after each recent item but the
 oldest comes a copy of it whose prompt carries, in front, the user's
@@ -27,14 +27,14 @@ by default on CPU.
 from __future__ import annotations
 
 from common.settings import recent
-from simulations.evaluation.methods import Context
+from simulations.evaluation.methods.base import MethodContext
 from simulations.evaluation.methods.pag import profile_block, profile_summary
 from simulations.evaluation.methods.rag import bm25_index, bm25_order, examples_block, item_source
 
 AUGMENTED = frozenset({"LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5"})  # the official `should_format` tasks
 
 
-def fitness_history(ctx: Context, target: str, *, augment: bool, pag: bool = False) -> list[tuple[str, str]]:
+def fitness_history(ctx: MethodContext, target: str, *, augment: bool, pag: bool = False) -> list[tuple[str, str]]:
     """The target's (prompt, target) pairs: plain, augmented, and with `pag` every prompt carrying the profile block.
 
     With `pag` the plain pairs get the profile block too (the augmented

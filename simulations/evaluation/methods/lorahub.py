@@ -18,22 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy
 
 from common import metrics
+from common.adapters import applied
 from common.inference import predict
 from common.lora_math import merge_elementwise
 from common.settings import SearchConfig
 from server.fitness import history_task
 from server.personalize import target_seed
 from server.search import OptimizerConfig, make_optimizer, run_search, start_value
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, applied, finish, query_prompts, register, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, top_k,
+)
 from simulations.evaluation.methods.augment import fitness_history
 
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
 
 # The search settings a LoraHub cell takes from the evaluation's search (the rest are LoraHub's own).
 _SEARCH = ("k", "min_sharers", "budget", "popsize", "optimizer", "start", "sigma0")
@@ -58,20 +59,20 @@ class LoraHub(Method):
     defaults = {**{key: value for key, value in asdict(SearchConfig()).items() if key in _SEARCH}, "l1": 0.05,
                 "augment": False}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
+    def grid(self, settings: MethodSettings) -> list[dict]:
         """Per k and optimizer of the evaluation, the first search's settings (as many evaluations as PriME's), on
         the same fitness pairs."""
         firsts: dict[tuple, SearchConfig] = {}
-        for search in config.searches():
+        for search in settings.searches:
             firsts.setdefault((search.k, search.optimizer), search)
-        return [{key: getattr(s, key) for key in _SEARCH} | {"l1": config.lorahub_l1, "augment": config.augment}
+        return [{key: getattr(s, key) for key in _SEARCH} | {"l1": settings.lorahub_l1, "augment": settings.augment}
                 for s in firsts.values()]
 
     def label(self, params: Mapping) -> str:
         extra = "" if params["optimizer"] == self.defaults["optimizer"] else f" opt={params['optimizer']}"
         return f"LoraHub k={params['k']}{extra}" + (" aug=True" if params["augment"] else "")
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=int(params["min_sharers"]))
         adapters = [ctx.sharer_adapters[s] for s in sharers]
         task = history_task(ctx.task)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
-
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 
 
 @register
@@ -16,10 +15,10 @@ class NonPersonalized(Method):
     title = "NP"
     defaults = {"k": 3}  # only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings)]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         prompts, _ = query_prompts(ctx, target)
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
         return finish(ctx, target, answer(ctx, None, prompts), sharers)

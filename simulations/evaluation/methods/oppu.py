@@ -11,16 +11,15 @@ adapter.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from common.settings import RunShape, SearchConfig
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.pag import pag_prompts, profile_summary
 from simulations.evaluation.methods.rag import rag_prompts
-
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
 
 
 @register
@@ -29,16 +28,16 @@ class OPPU(Method):
     title = "OPPU"
     defaults = {"k": SearchConfig.k, "augment": False}  # k: only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config) | {"augment": config.augment}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings) | {"augment": settings.augment}]
 
     def label(self, params: Mapping) -> str:
         return self.title + (" aug=True" if params["augment"] else "")
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return query_prompts(ctx, target)[0]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         augment = bool(params["augment"])
         pairs = fitness_history(ctx, target, augment=augment)
         adapter = ctx.train_adapter(pairs, f"oppu-aug-{target}" if augment else f"oppu-{target}")
@@ -52,10 +51,10 @@ class OPPURAG(OPPU):
     title = "OPPU+RAG"
     defaults = {**OPPU.defaults, "rag_k": RunShape.rag_k}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [params | {"rag_k": config.rag_k} for params in super().grid(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [params | {"rag_k": settings.rag_k} for params in super().grid(settings)]
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return rag_prompts(ctx, target, int(params["rag_k"]))
 
 
@@ -64,10 +63,10 @@ class OPPUPAG(OPPU):
     name = "oppu-pag"
     title = "OPPU+PAG"
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return pag_prompts(ctx, target)
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         result = super().run(ctx, target, params)
         result.extra["profile"] = profile_summary(ctx, target)
         return result

@@ -30,7 +30,7 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -39,11 +39,11 @@ from common.atomic import write_text
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS, encode_example
 from common.settings import RunShape, SearchConfig, recent
 from server.personalize import target_seed
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 from simulations.evaluation.methods.rag import rag_prompts
 
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
 
 ITEMS = 10  # history items the summary is written from (gen_profile.py's K)
 FIELD_WORDS = 24  # words kept per item field (the official 200 would not fit ten items in the prompt window)
@@ -98,7 +98,7 @@ def _item_text(formats: tuple[str, ...], item: Mapping[str, Any]) -> str:
     return _fill(last, item)
 
 
-def summary_prompt(ctx: Context, target: str) -> str:
+def summary_prompt(ctx: MethodContext, target: str) -> str:
     """The official profile prompt over `ITEMS` of the target's recent history items (seeded per target).
 
     Items are dropped from the end while the prompt is longer than the
@@ -115,7 +115,7 @@ def summary_prompt(ctx: Context, target: str) -> str:
         lines.pop()
 
 
-def _write_summary(ctx: Context, prompt: str) -> str:
+def _write_summary(ctx: MethodContext, prompt: str) -> str:
     """Greedy continuation of `prompt` by the task model, whitespace-trimmed (all lines, as the official keeps)."""
     ids, _ = encode_example(ctx.tokenizer, prompt)
     inputs = torch.tensor([ids], device=next(ctx.model.parameters()).device)
@@ -126,7 +126,7 @@ def _write_summary(ctx: Context, prompt: str) -> str:
     return ctx.tokenizer.decode(out[0, inputs.shape[1]:], skip_special_tokens=True).strip()
 
 
-def profile_summary(ctx: Context, target: str) -> str:
+def profile_summary(ctx: MethodContext, target: str) -> str:
     """The target's profile summary: from memory, from OUT/prepare/.../profiles/TARGET.json when it was written
     from the same prompt, else written now and saved there."""
     key = ("pag", target)
@@ -161,7 +161,7 @@ def profile_block(summary: str) -> str:
     return f"### User Profile:\n{summary}\n\n"
 
 
-def pag_prompts(ctx: Context, target: str, rag_k: int = 0) -> list[str]:
+def pag_prompts(ctx: MethodContext, target: str, rag_k: int = 0) -> list[str]:
     """The target's query prompts with the profile block in front (and, with `rag_k`, the RAG examples after it)."""
     block = profile_block(profile_summary(ctx, target))
     prompts = rag_prompts(ctx, target, rag_k) if rag_k else query_prompts(ctx, target)[0]
@@ -174,10 +174,10 @@ class PAG(Method):
     title = "PAG"
     defaults = {"k": SearchConfig.k}  # only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings)]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
         preds = answer(ctx, None, pag_prompts(ctx, target))
         return finish(ctx, target, preds, sharers, extra={"profile": profile_summary(ctx, target)})
@@ -189,10 +189,10 @@ class PAGRAG(Method):
     title = "PAG+RAG"
     defaults = {"rag_k": RunShape.rag_k, "k": SearchConfig.k}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config) | {"rag_k": config.rag_k}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings) | {"rag_k": settings.rag_k}]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
         preds = answer(ctx, None, pag_prompts(ctx, target, int(params["rag_k"])))
         return finish(ctx, target, preds, sharers, extra={"profile": profile_summary(ctx, target)})

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,12 +45,12 @@ from common.inference import decoder
 from common.lora_math import check_elementwise, factors, merge_elementwise
 from common.settings import PerPcsConfig, RunShape
 from server.personalize import target_seed
-from simulations.evaluation.methods import Context, Method, MethodError, MethodResult, answer, finish, query_prompts, register
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodError, MethodResult, MethodSettings, answer, finish, query_prompts, register,
+)
 from simulations.evaluation.methods.augment import fitness_history
 from simulations.evaluation.methods.rag import rag_prompts
 
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
 
 SETTINGS = tuple(asdict(PerPcsConfig()))  # a cell's Per-Pcs settings, by PerPcsConfig field name
 
@@ -168,29 +168,29 @@ class PerPcs(Method):
     title = "Per-Pcs"
     defaults = {**asdict(PerPcsConfig()), "augment": False}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [asdict(config.per_pcs) | {"augment": config.augment}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [asdict(settings.per_pcs) | {"augment": settings.augment}]
 
     def label(self, params: Mapping) -> str:
         return self.title + (" aug=True" if params["augment"] else "")
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return query_prompts(ctx, target)[0]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         pieces = self.pieces(ctx, target, _settings(params), bool(params["augment"]))
         preds = answer(ctx, pieces.adapter, self.prompts(ctx, target, params))
         short = {m.removeprefix("base_model.model."): [float(v) for v in w] for m, w in pieces.weights.items()}
         return finish(ctx, target, preds, pieces.chosen(), weights=short, extra={"pool": pieces.sharers})
 
-    def pieces(self, ctx: Context, target: str, config: PerPcsConfig, augment: bool) -> Pieces:
+    def pieces(self, ctx: MethodContext, target: str, config: PerPcsConfig, augment: bool) -> Pieces:
         """The target's assembled LoRA, once per run for Per-Pcs and Per-Pcs + RAG (only this target's kept)."""
         key = ("per-pcs", target, config, augment)
         if key not in ctx.cache:
             for old in [k for k in ctx.cache if isinstance(k, tuple) and k[:1] == ("per-pcs",) and k[1] != target]:
                 del ctx.cache[old]
             if ctx.sharer_gates is None:
-                raise MethodError("per-pcs needs the sharers' gates (a context built by simulations.evaluation.experiment)")
+                raise MethodError("per-pcs needs the sharers' gates (a context built by simulations.evaluation.prepare)")
             pool = list(ctx.plan.sharers)
             weights, adapter = assemble(
                 ctx.model, ctx.tokenizer, [ctx.sharer_adapters[s] for s in pool],
@@ -206,8 +206,8 @@ class PerPcsRAG(PerPcs):
     title = "Per-Pcs+RAG"
     defaults = {**PerPcs.defaults, "rag_k": RunShape.rag_k}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [params | {"rag_k": config.rag_k} for params in super().grid(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [params | {"rag_k": settings.rag_k} for params in super().grid(settings)]
 
-    def prompts(self, ctx: Context, target: str, params: Mapping) -> list[str]:
+    def prompts(self, ctx: MethodContext, target: str, params: Mapping) -> list[str]:
         return rag_prompts(ctx, target, int(params["rag_k"]))

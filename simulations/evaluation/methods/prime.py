@@ -16,19 +16,19 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from common.settings import RunShape, SearchConfig, options
 from server.personalize import PersonalizationResult, ResultFileError, personalize, target_seed
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register,
+)
 from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
 from simulations.evaluation.methods.pag import pag_prompts, profile_summary
 from simulations.evaluation.methods.rag import rag_prompts
 
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
 
 SEARCHES_DIR = "searches"
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
@@ -48,20 +48,20 @@ class PriME(Method):
     defaults = {**{name: value for name, value in asdict(SearchConfig()).items() if name in SEARCH_PARAMS},
                 "rag_k": RunShape.rag_k, "augment": False}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
+    def grid(self, settings: MethodSettings) -> list[dict]:
         """One cell per search of the evaluation (its swept settings' product)."""
-        return [{name: getattr(s, name) for name in SEARCH_PARAMS} | {"rag_k": config.rag_k, "augment": config.augment}
-                for s in config.searches()]
+        return [{name: getattr(s, name) for name in SEARCH_PARAMS}
+                | {"rag_k": settings.rag_k, "augment": settings.augment} for s in settings.searches]
 
     def label(self, params: Mapping) -> str:
         extra = [f"{short}={params[key]}" for key, short in _LABELLED.items() if params[key] != self.defaults[key]]
         return " ".join([f"{self.title} α={params['alpha']:g}", *extra])
 
-    def search_config(self, ctx: Context, target: str, params: Mapping) -> SearchConfig:
+    def search_config(self, ctx: MethodContext, target: str, params: Mapping) -> SearchConfig:
         # Seeded per target, as the coordinator seeds each target's search.
         return SearchConfig(**{name: params[name] for name in SEARCH_PARAMS}, seed=target_seed(ctx.seed, target))
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         result, reused = self.search(ctx, target, params)
         if self.pag:
             prompts = pag_prompts(ctx, target)
@@ -84,7 +84,7 @@ class PriME(Method):
                   | ({"search_reused": True} if reused else {}),
         )
 
-    def search(self, ctx: Context, target: str, params: Mapping) -> tuple[PersonalizationResult, bool]:
+    def search(self, ctx: MethodContext, target: str, params: Mapping) -> tuple[PersonalizationResult, bool]:
         """The target's personalization, and whether it was taken from an earlier cell or run.
 
         PriME and PriME + RAG search on the same history prompts with the same
@@ -122,7 +122,7 @@ class PriME(Method):
         return result, False
 
 
-def _saved_search(ctx: Context, target: str, history: list[tuple[str, str]], config: SearchConfig) -> Path | None:
+def _saved_search(ctx: MethodContext, target: str, history: list[tuple[str, str]], config: SearchConfig) -> Path | None:
     """Where a search of the seed's prepared inputs is kept (OUT/prepare/.../searches/TARGET/HASH), so a later
     run (PriME+PAG added to a finished grid, a lost cell) loads it instead of searching again. The hash is of
     the fitness history itself, not of how it was made: a rewritten profile summary is a new search."""
@@ -159,8 +159,8 @@ class PriMEPAG(PriME):
     pag = True
     defaults = {**PriME.defaults, "pag_search": "own"}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [params | {"pag_search": config.pag_search} for params in super().grid(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [params | {"pag_search": settings.pag_search} for params in super().grid(settings)]
 
     def label(self, params: Mapping) -> str:
         return super().label(params) + (f" search={params['pag_search']}" if params["pag_search"] != "own" else "")

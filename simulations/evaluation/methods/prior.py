@@ -27,9 +27,10 @@ from typing import Any, Mapping
 
 from common.metrics import parse_label
 from common.settings import recent
-from simulations.evaluation.methods import Context, Method, MethodError, MethodResult, finish, query_prompts, register
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodError, MethodResult, finish, query_prompts, register,
+)
 from simulations.evaluation.methods.rag import bm25_index, bm25_order, item_source
-
 
 
 def mean_rating(labels: list[str]) -> str:
@@ -70,7 +71,7 @@ def nearer_candidate(history_texts: list[str], query: str) -> str:
     return "[2]" if totals[1] > totals[0] else "[1]"
 
 
-def prior_answers(ctx: Context, target: str) -> list[str]:
+def prior_answers(ctx: MethodContext, target: str) -> list[str]:
     """The trivial rule's answer to each of the target's held-out queries (see the module doc)."""
     task = ctx.task
     prompts = query_prompts(ctx, target)[0]
@@ -96,5 +97,5 @@ class UserPrior(Method):
     title = "user-prior"
     defaults: dict[str, Any] = {}
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         return finish(ctx, target, prior_answers(ctx, target), [])

@@ -17,16 +17,16 @@ the more recent item first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy
 
 from common.settings import RunShape, SearchConfig, recent
 from common.tasks import TaskSpec
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, similarity_k, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register, similarity_k, top_k,
+)
 
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
 
 ITEM_WORDS = 24
 HEADER = "Examples from this user's history:"
@@ -63,7 +63,7 @@ def bm25_order(index: Any, n_docs: int, query: str) -> list[int]:
     return sorted(range(n_docs), key=lambda i: (-float(scores[i]), -i))
 
 
-def retrieve(ctx: Context, target: str, query: str, k: int) -> list[dict]:
+def retrieve(ctx: MethodContext, target: str, query: str, k: int) -> list[dict]:
     """The k history items of `target` that BM25 ranks highest for `query` (most recent first on ties)."""
     profile = recent(ctx.user(target).profile, ctx.max_history)
     key = ("bm25", target)
@@ -78,12 +78,12 @@ def examples_block(task: TaskSpec, items: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def rag_prompt(ctx: Context, target: str, query: str, k: int) -> str:
+def rag_prompt(ctx: MethodContext, target: str, query: str, k: int) -> str:
     """The query with its user's k most relevant history items in front (format in the module doc)."""
     return examples_block(ctx.task, retrieve(ctx, target, query, k)) + query
 
 
-def rag_prompts(ctx: Context, target: str, k: int) -> list[str]:
+def rag_prompts(ctx: MethodContext, target: str, k: int) -> list[str]:
     return [rag_prompt(ctx, target, p, k) for p in query_prompts(ctx, target)[0]]
 
 
@@ -93,10 +93,10 @@ class RAG(Method):
     title = "RAG"
     defaults = {"rag_k": RunShape.rag_k, "k": SearchConfig.k}  # k: only picks the sharers its similarity is reported against
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [similarity_k(config) | {"rag_k": config.rag_k}]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [similarity_k(settings) | {"rag_k": settings.rag_k}]
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         prompts = rag_prompts(ctx, target, int(params["rag_k"]))
         sharers = top_k(ctx, target, int(params["k"]), min_sharers=1)
         return finish(ctx, target, answer(ctx, None, prompts), sharers)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, query_prompts, register, top_k
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, answer, finish, query_prompts, register, top_k,
+)
 
 
 @register
@@ -17,7 +19,7 @@ class TopOne(Method):
     title = "top-1"
     defaults: dict = {}
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         (sharer,) = top_k(ctx, target, 1, min_sharers=1)
         prompts, _ = query_prompts(ctx, target)
         return finish(ctx, target, answer(ctx, ctx.sharer_adapters[sharer], prompts), [sharer], weights=[1.0])

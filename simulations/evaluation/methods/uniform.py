@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from common.lora_math import merge_exact
-from simulations.evaluation.methods import Context, Method, MethodResult, answer, finish, per_k, query_prompts, register, top_k
-
-if TYPE_CHECKING:
-    from simulations.evaluation.experiment import EvalConfig
+from simulations.evaluation.methods.base import (
+    MethodContext, Method, MethodResult, MethodSettings, answer, finish, per_k, query_prompts, register, top_k,
+)
 
 
 @register
@@ -17,13 +16,13 @@ class Uniform(Method):
     title = "uniform"
     defaults = {"k": 3, "min_sharers": 2}
 
-    def grid(self, config: EvalConfig) -> list[dict]:
-        return [{"k": s.k, "min_sharers": s.min_sharers} for s in per_k(config)]
+    def grid(self, settings: MethodSettings) -> list[dict]:
+        return [{"k": s.k, "min_sharers": s.min_sharers} for s in per_k(settings)]
 
     def label(self, params: Mapping) -> str:
         return f"uniform k={params['k']}"
 
-    def run(self, ctx: Context, target: str, params: Mapping) -> MethodResult:
+    def run(self, ctx: MethodContext, target: str, params: Mapping) -> MethodResult:
         k = int(params["k"])
         sharers = top_k(ctx, target, k, min_sharers=int(params["min_sharers"]))
         weights = [1.0 / len(sharers)] * len(sharers)
