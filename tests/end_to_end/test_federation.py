@@ -15,7 +15,7 @@ from common.federation import ConfigError, FederationConfig
 
 pytestmark = pytest.mark.timeout(900)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What `_config` sets, as `prime-fl simulate --run-config` takes it (TOML values).
 TINY_RUN = ('task="rating" encoder="hashing" alpha=0.5 k=2 budget=8 popsize=4 num-targets=2 num-sharers=4 '
             'adapt-rounds=1 adapt-epochs=1 epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 '
@@ -134,7 +134,7 @@ def test_pyproject_run_config_matches_the_config_defaults():
     import tomllib
     from pathlib import Path
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert project["tool"]["flwr"]["app"]["config"] == FederationConfig().to_run_config()
 
 
@@ -172,7 +172,7 @@ def test_real_deployment_runs_the_protocol_with_tls_and_node_auth(tmp_path):
     overrides = ('task="rating" model-spec="tiny" encoder="hashing" k=2 budget=8 popsize=4 num-targets=2 '
                  'num-sharers=4 epochs=1 adapt-epochs=1 lora-r=2 lora-alpha=4 synth-users=10 synth-history=6 '
                  'synth-queries=2 max-history=4')
-    result = deploy(DeployConfig(app_dir=Path(__file__).parents[1], out=tmp_path / "deploy", nodes=10,
+    result = deploy(DeployConfig(app_dir=Path(__file__).parents[2], out=tmp_path / "deploy", nodes=10,
                                  run_config=overrides, timeout=1200))
     report = json.loads((tmp_path / "deploy" / "app-out" / "report.json").read_text())
     assert report["skipped"] == [] and len(report["targets"]) == 2
@@ -192,7 +192,7 @@ def test_federation_and_eval_train_the_same_sharers_and_find_the_same_weights(tm
 
     # No task adaptation (FedAvg rounds and eval's pooled training differ by design); upload clip on: it must match
     # too. No upload noise: dp-noise, like DP-SGD, draws fresh OS randomness per upload, so noised adapters differ
-    # run to run by design (tests/test_dp.py).
+    # run to run by design (tests/modules/common/test_dp.py).
     config = _config(tmp_path, adapt_rounds=0, adapt_fraction=0.0, dp_clip=1.0)
     report = _simulate(config, num_nodes=10)
 

@@ -19,7 +19,7 @@ from common.synthetic import SyntheticConfig, generate, write_synthetic
 from inprocess_grid import InProcessGrid, tiny_config
 from server.coordinator import Coordinator
 
-CLIENT_DIR = str(Path(__file__).parents[1] / "client") + "/"
+CLIENT_DIR = str(Path(__file__).parents[2] / "client") + "/"
 _WATCH: list[tuple[str, list[tuple[str, bool]]]] = []  # (folder, [(path, by a node)])
 
 

@@ -1,6 +1,6 @@
 """User data stays on the nodes in a real multi-process deployment, checked by an audit hook in every process.
 
-`tests/test_data_stays_on_nodes.py` checks the coordinator's code in one
+`tests/promises/test_data_stays_on_nodes.py` checks the coordinator's code in one
 process. Here the server side runs where Flower runs it, in its own
 `flwr-serverapp` process under a SuperLink, and the nodes in their own
 `flwr-clientapp` processes under SuperNodes (`prime-fl deploy`). Every one
@@ -20,8 +20,8 @@ import pytest
 
 from common.synthetic import SyntheticConfig, generate, write_synthetic
 
-AUDIT_SITE = Path(__file__).parent / "audit_site"
-ROOT = Path(__file__).parents[1]
+AUDIT_SITE = Path(__file__).parents[1] / "audit_site"
+ROOT = Path(__file__).parents[2]
 
 
 def _audit_env(data: Path, log: Path) -> dict[str, str]:

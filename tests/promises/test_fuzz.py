@@ -1,13 +1,12 @@
 """Property tests: whatever bytes arrive, each parser raises only its own error (or accepts), never a crash.
 
-Kept small (tens of examples, no deadline) so the suite stays quick on two cores;
+Kept small (the profile in `tests/hostile_bytes.py`: tens of examples, no deadline) so the suite stays quick on two cores;
 `HYPOTHESIS_PROFILE=thorough` runs many more.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import tempfile
 from pathlib import Path
@@ -16,16 +15,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hostile_bytes import mutated  # and the suite's hypothesis profile
 from safetensors.numpy import save as st_save
 
 from common import safe_json
 from common.crypto import CoordinatorKeys, NodeIdentity, UploadRejected, open_sealed, seal
 from common.lamp import LampFormatError, load_lamp
 from common.wire import EMBEDDING_KEY, METADATA_KEY, UploadSchema, decode_upload, encode_upload, read_upload
-
-settings.register_profile("quick", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=2000, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 SENDER, COORD = NodeIdentity.generate(), CoordinatorKeys.generate()
 A, B = "m.lora_A.weight", "m.lora_B.weight"
@@ -40,22 +36,6 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
-
-
-@st.composite
-def mutated(draw: st.DrawFn, blob: bytes) -> bytes:
-    """`blob` with a few bytes flipped, a slice cut out, or bytes inserted: near-valid input reaches the deep checks."""
-    data = bytearray(blob)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "cut", "insert"]))
-        at = draw(st.integers(0, max(0, len(data) - 1)))
-        if kind == "flip" and data:
-            data[at] ^= draw(st.integers(1, 255))
-        elif kind == "cut":
-            del data[at : at + draw(st.integers(1, 16))]
-        else:
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
-    return bytes(data)
 
 
 def _depth(value: object) -> int:

@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
-from test_fuzz import mutated  # the shared strategy of near-valid bytes (and the suite's hypothesis profile)
+from hostile_bytes import mutated  # the shared strategy of near-valid bytes (and the suite's hypothesis profile)
 
 from common.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
 from common.encoder import load_embeddings, save_embeddings

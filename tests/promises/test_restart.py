@@ -14,7 +14,7 @@ import pytest
 from restart_run import main as restart
 from server.registry import Registry
 
-SCRIPT = Path(__file__).parent / "restart_run.py"
+SCRIPT = Path(__file__).parents[1] / "restart_run.py"
 
 
 def _run(out: Path, reuse: bool, kill_at: str = "none") -> int:

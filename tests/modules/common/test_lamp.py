@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tagging_records
+from lamp_sets import tagging_records
 
 from common.errors import PrimeError
 from common.lamp import LampDataset, LampFormatError, LampUser, Query, load_lamp, profile_pairs, query_prompts, write_lamp
@@ -165,7 +165,7 @@ def test_queries_already_in_template_form_and_lamp1_are_kept():
 
 
 def test_huffpost_queries_get_the_headline_cue():
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "huffpost-lamp4"
+    folder = Path(__file__).resolve().parents[4] / "shared" / "data" / "huffpost-lamp4"
     if not folder.is_dir():
         pytest.skip("../shared/data/huffpost-lamp4 is not on this machine")
     data = load_lamp(folder)

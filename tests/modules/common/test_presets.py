@@ -14,7 +14,7 @@ from common.settings import SearchConfig, SettingError
 from simulations.cli import main
 from simulations.evaluation.experiment import DEFAULT_NODE, EvalConfig, EvalConfigError
 
-FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
+FIDELITY = Path(__file__).resolve().parents[3] / "docs" / "fidelity.md"
 EVAL = {"out": "runs/x", "synthetic": "tagging"}
 EVAL_ONLY = ("rag-k", "augment", "pag-search", "pcs-gate-batch-size", "pcs-gate-steps", "pcs-gate-lr", "pcs-batch-size",
              "pcs-top-k")  # preset keys only `prime-fl eval` has (Per-Pcs is an evaluation baseline)

@@ -106,7 +106,7 @@ def test_bad_sharer_id(tmp_path):
 
 
 def test_load_registry_key(tmp_path):
-    path = tmp_path / "registry.key"  # in a folder that exists: a missing one is refused (tests/test_run_config.py)
+    path = tmp_path / "registry.key"  # in a folder that exists: a missing one is refused (tests/promises/test_run_config.py)
     with pytest.raises(KeyFileError, match="does not exist"):
         load_registry_key(path, None)
     key = load_registry_key(path, None, create=True)

@@ -59,7 +59,7 @@ def test_padding_keeps_the_review_and_the_rating_template():
 def test_gpu_check_cpu_mode_runs_every_step_and_reports_it(tmp_path):
     out = tmp_path / "check"
     argv = ["--out", str(out), "--device", "cpu", "--model-spec", "tiny",
-            "--tests", "tests/test_models.py::test_tiny_spec_is_the_deterministic_tiny_model"]
+            "--tests", "tests/modules/common/test_models.py::test_tiny_spec_is_the_deterministic_tiny_model"]
     assert bench_gpu_check.main(argv) == 0
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["ok"] is True and report["command"][-len(argv):] == argv

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tagging_records
+from lamp_sets import tagging_records
 
 from common.atomic import MARKER_FILE
 from common.encoder import load_embeddings

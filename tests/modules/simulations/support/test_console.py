@@ -1,6 +1,6 @@
 """What `prime-fl simulate` prints: phase lines, search progress and the table; no third-party noise unless -v.
 
-The end-to-end run of the CLI is `tests/test_federation.py::test_full_protocol_on_tiny_model` (one simulation
+The end-to-end run of the CLI is `tests/end_to_end/test_federation.py::test_full_protocol_on_tiny_model` (one simulation
 serves both, for CI time); these test the relay and the progress lines on their own.
 """
 

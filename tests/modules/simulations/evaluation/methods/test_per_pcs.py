@@ -314,7 +314,7 @@ def test_paper_on_a_data_folder_takes_its_task_s_values(write_lamp_dir, tmp_path
 
 
 def test_per_pcs_keys_are_in_the_fidelity_doc():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[5] / "docs" / "fidelity.md").read_text(encoding="utf-8")
     section = text.split("## Per-Pcs", 1)[1]
     for key in (key for key in PER_TASK["paper"]["LaMP_2"] if key.startswith("pcs-")):
         assert f"`{key}`" in section, key
