@@ -10,9 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from simulations.cli import main
 from simulations.launch.deploy import DeployConfig, DeployError, deploy, superlink_argv, supernode_argv
@@ -195,24 +192,6 @@ def test_ctrl_c_twice_stops_every_process(app_dir, tmp_path, moment):
     _assert_all_stopped(report)
 
 
-def test_stop_reaches_orphans_in_their_own_sessions(tmp_path):
-    """Like SuperLink's SuperExec: a grandchild in a new session whose parent has already exited is still stopped."""
-    spawn = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
-             "start_new_session=True); print(p.pid, flush=True)")
-    procs = Processes(tmp_path, dict(os.environ))
-    parent = procs.start("parent", [sys.executable, "-c", spawn])
-    assert parent.wait(timeout=60) == 0
-    orphan = psutil.Process(int((tmp_path / "parent.log").read_text().splitlines()[-1]))
-    assert orphan.is_running() and os.getsid(orphan.pid) != parent.pid  # parent.pid: the session it led
-    try:
-        assert procs.stop(grace=5) == []
-        assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
-        assert orphan.pid in procs.pids
-    finally:
-        if orphan.is_running():
-            orphan.kill()
-
-
 def test_unregistered_supernode_is_refused(tmp_path):
     """SuperNode authentication is on: a key the SuperLink was not given cannot join."""
     tls = generate_tls(tmp_path / "certs")
@@ -252,23 +231,6 @@ def test_bad_app_dirs(tmp_path, app_dir, capsys):
     assert legacy.read_text() == before
     with pytest.raises(DeployError, match="--nodes"):
         DeployConfig(app_dir=app_dir, out=tmp_path / "o", nodes=0)
-
-
-def test_generated_certificates_and_node_keys(tmp_path):
-    tls = generate_tls(tmp_path / "certs")
-    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
-    server = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
-    server.verify_directly_issued_by(ca)
-    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "localhost" in san.get_values_for_type(x509.DNSName)
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert oct(tls.server_key.stat().st_mode & 0o777) == "0o600"
-    keys = generate_node_keys(tmp_path / "keys", 2)
-    private = load_ssh_private_key(keys[1].private_key.read_bytes(), None)
-    public = load_ssh_public_key(keys[1].public_key.read_bytes())
-    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-    assert private.public_key().public_numbers() == public.public_numbers()
-    assert keys[0].public_key.read_bytes() != keys[1].public_key.read_bytes()
 
 
 def test_supernode_pins_the_coordinator_identity_when_given_one():

@@ -8,14 +8,7 @@ from __future__ import annotations
 
 import io
 
-from common.progress import Progress, parse
 from simulations.support.console import RelayedRun, shown
-
-
-def test_progress_lines_survive_a_log_prefix():
-    step = Progress("search u002", 3, 6, {"best": "0.6120"})
-    assert parse(f"2026-01-01 10:00:00,000 INFO common.progress: {step.line()}") == step
-    assert parse("2026-01-01 10:00:00,000 INFO server.coordinator: registered 10 of 10 nodes") is None
 
 
 def test_relay_shows_our_lines_and_errors_and_hides_library_lines():

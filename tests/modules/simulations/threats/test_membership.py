@@ -272,3 +272,65 @@ def test_real_users_from_a_lamp_folder_are_attacked_on_their_own_items(tmp_path)
     with pytest.raises(ThreatError, match="a target with 40 history items"):
         mia.build_world(model, tok, mia.MembershipConfig(**{**SMALL, "data": str(tmp_path / "lamp"), "history": 40}),
                         progress=False)
+
+
+# ------------------------------------------------------------------ the attack's parts on a small world
+
+
+def test_auroc_on_constructed_losses():
+    assert mia.membership_auroc([0.1, 0.2], [0.5, 0.9, 1.0]) == 1.0  # members: lower loss
+    assert mia.membership_auroc([2.0, 3.0], [0.5, 1.0]) == 0.0
+    assert mia.membership_auroc([1.0, 3.0], [2.0, 2.0]) == 0.5
+    assert mia.membership_auroc([1.0, 1.0], [1.0]) == 0.5  # ties are coin flips
+    assert mia.membership_auroc([0.1, 0.6], [0.5, 0.9]) == 0.75
+    with pytest.raises(ThreatError, match="at least one"):
+        mia.membership_auroc([], [1.0])
+    with pytest.raises(ThreatError, match="finite"):
+        mia.membership_auroc([float("nan")], [1.0])
+
+
+WORLD = dict(sharers=3, groups=2, history=4, nonmembers=4, alphas=(0.0,), guard_alphas=(), dp_noises=(), budget=2,
+             popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2, batch_size=8, resamples=20)
+
+
+@pytest.fixture(scope="module")
+def world():
+    model, tok = tiny_model(seed=0)
+    config = mia.MembershipConfig(**WORLD)
+    model, built = mia.build_world(model, tok, config, progress=False)
+    return model, tok, config, built
+
+
+def test_world_members_and_fresh_nonmembers(world):
+    _, _, config, w = world
+    assert len(w.sharer_ids) == config.sharers and set(w.adapters) == set(w.sharer_ids)
+    members = {p for s in w.sharer_ids for p in w.members[s]}
+    for s in w.sharer_ids:
+        assert len(w.members[s]) == config.history and len(w.nonmembers[s]) == config.nonmembers
+        assert not members & set(w.nonmembers[s]), "a non-member item must never be a training item"
+    assert all(len(losses) == config.epochs for losses in w.train_losses.values())
+
+
+def test_example_losses_do_not_depend_on_batching(world):
+    model, tok, _, w = world
+    pairs = w.members[w.sharer_ids[0]] + w.nonmembers[w.sharer_ids[1]]
+    together = mia.example_losses(model, tok, pairs, batch_size=8)
+    alone = mia.example_losses(model, tok, pairs, batch_size=1)
+    assert together.shape == (len(pairs),) and np.allclose(together, alone, atol=1e-4)
+
+
+def test_membership_attack_end_to_end(world):
+    model, tok, config, w = world
+    probe = tok(["Description: a movie. Tag:"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**probe).logits
+    result = mia.membership_attack(model, tok, w, config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(**probe).logits, before), "the task model must come back unchanged"
+    names = [row["setting"] for row in result.rows]
+    assert names[0] == "unmerged task model" and names[1].startswith("top-1") and names[-1] == "PriME alpha=0"
+    for row in result.rows:
+        assert len(row["auroc_per_case"]) == config.sharers and 0 <= row["auroc"] <= 1
+        assert row["auroc"] == pytest.approx(np.mean(row["auroc_per_case"]))
+    unmerged, own = result.rows[0], result.rows[1]
+    assert own["member_loss"] < unmerged["member_loss"], "a sharer's own adapter lowered the loss on its training items"
