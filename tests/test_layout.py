@@ -26,9 +26,6 @@ EXEMPT = {
 NOT_YET = {
     "client/app.py": "every in-process run (tests/promises/test_hostile_nodes.py, tests/end_to_end/)",
     "server/app.py": "tests/promises/test_run_config.py, tests/promises/test_coordinator_trust.py",
-    "common/model_folder.py": "tests/promises/test_hostile_files.py",
-    "common/task_model.py": "tests/end_to_end/test_federated_decoding.py",
-    "common/user_files.py": "tests/promises/test_hostile_files.py",
     "simulations/bench/models.py": "none yet",
     "simulations/bench/peft_loop.py": "tests/modules/server/test_fitness.py (the parity oracle)",
     "simulations/evaluation/results_schema.py": "tests/promises/test_result_files.py",
