@@ -28,7 +28,6 @@ NOT_YET = {
     "server/app.py": "tests/promises/test_run_config.py, tests/promises/test_coordinator_trust.py",
     "simulations/bench/models.py": "none yet",
     "simulations/bench/peft_loop.py": "tests/modules/server/test_fitness.py (the parity oracle)",
-    "simulations/evaluation/results_schema.py": "tests/promises/test_result_files.py",
     "simulations/evaluation/methods/augment.py": "tests/modules/simulations/evaluation/methods/test_pag.py",
     "simulations/evaluation/methods/lorahub.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/non_personalized.py": "tests/modules/simulations/evaluation/test_methods.py",
@@ -36,8 +35,6 @@ NOT_YET = {
     "simulations/evaluation/methods/prime.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/top1.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/uniform.py": "tests/modules/simulations/evaluation/test_methods.py",
-    "simulations/support/options.py": "every command's flags (tests/modules/simulations/commands/)",
-    "simulations/support/outputs.py": "tests/promises/test_output_paths.py",
 }
 
 
