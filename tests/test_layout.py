@@ -27,7 +27,6 @@ NOT_YET = {
     "client/app.py": "every in-process run (tests/promises/test_hostile_nodes.py, tests/end_to_end/)",
     "server/app.py": "tests/promises/test_run_config.py, tests/promises/test_coordinator_trust.py",
     "simulations/bench/models.py": "none yet",
-    "simulations/bench/peft_loop.py": "tests/modules/server/test_fitness.py (the parity oracle)",
     "simulations/evaluation/methods/augment.py": "tests/modules/simulations/evaluation/methods/test_pag.py",
     "simulations/evaluation/methods/lorahub.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/non_personalized.py": "tests/modules/simulations/evaluation/test_methods.py",

@@ -13,7 +13,7 @@ from common.models import tiny_model
 from common.settings import SearchConfig, SearchConfigError
 from common.tasks import LAMP2_TAGS, get_task
 from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
-from simulations.bench.peft_loop import PeftLoopEvaluator, official_predictions, peft_label_scores
+from simulations.bench.peft_loop import PeftLoopEvaluator, peft_label_scores
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
@@ -127,18 +127,6 @@ def test_unknown_privacy_metric_or_merge_is_refused_by_the_search_config(kwargs,
         SearchConfig(**kwargs)
 
 
-def test_official_loop_samples_reproducibly_without_touching_the_global_generator(setup):
-    model, tok, adapters = setup
-    prompts = [p for p, _ in headline_history(2)]
-    torch.manual_seed(123)
-    before = torch.rand(1)
-    torch.manual_seed(123)
-    first = official_predictions(model, tok, HEADLINE, prompts, adapters, [0.5, -0.4, 0.9], max_new_tokens=6, seed=4)
-    assert torch.equal(torch.rand(1), before)  # the caller's random stream is as it was
-    again = official_predictions(model, tok, HEADLINE, prompts, adapters, [0.5, -0.4, 0.9], max_new_tokens=6, seed=4)
-    assert first == again and len(first) == 2 and any(first)
-
-
 # ------------------------------------------------------------------ decoding and tie-break
 
 
@@ -237,11 +225,3 @@ def test_decoding_and_tie_break_the_task_cannot_use_are_refused(setup, task, kwa
 def test_unknown_decoding_or_tie_break_is_refused_by_the_search_config(kwargs, match):
     with pytest.raises(SearchConfigError, match=match):
         SearchConfig(**kwargs)
-
-
-def test_reference_generation_loop_refuses_what_it_cannot_read(setup):
-    model, tok, adapters = setup
-    with pytest.raises(FitnessError, match="needs mode 'score'"):
-        PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(tie_break="expected"))
-    with pytest.raises(FitnessError, match="needs mode 'score'"):
-        PeftLoopEvaluator(model, tok, RATING, rating_history(), adapters, SearchConfig(decoding="median"))
