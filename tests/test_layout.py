@@ -25,7 +25,6 @@ EXEMPT = {
 # only with a fixture shared across those files, or CI prepares the grid once per file.
 NOT_YET = {
     "client/app.py": "every in-process run (tests/promises/test_hostile_nodes.py, tests/end_to_end/)",
-    "server/app.py": "tests/promises/test_run_config.py, tests/promises/test_coordinator_trust.py",
     "simulations/bench/models.py": "none yet",
     "simulations/evaluation/methods/augment.py": "tests/modules/simulations/evaluation/methods/test_pag.py",
     "simulations/evaluation/methods/lorahub.py": "tests/modules/simulations/evaluation/test_methods.py",
