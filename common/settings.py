@@ -44,7 +44,7 @@ LR_SCHEDULES = ("linear", "cosine")
 # logits of 32 short rows stay in the tens of MB (docs/engine.md).
 DEFAULT_BATCH_SIZE = 32
 MIN_PROMPT_TOKENS = 8  # a training prompt keeps at least this many tokens (client.training)
-# The gradient-free optimizers server.search registers (tests/test_search.py keeps the two in step): named here so
+# The gradient-free optimizers server.search registers (tests/modules/server/test_search.py keeps the two in step): named here so
 # that every record refuses an unknown one when it is built, not the search minutes into a run.
 OPTIMIZER_NAMES = ("cma", "ngiohtuned", "tbpsa", "ngopt")
 

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
+from lamp_sets import tagging_records
 
 # The tiny test model is faster on one thread than on two contended ones, and CI has two cores.
 torch.set_num_threads(1)
-
-
-def tagging_records() -> tuple[list[dict], dict]:
-    """A valid two-user LaMP-2 set: (questions, outputs)."""
-    profile = [
-        {"description": "A pilot in a sci-fi movie.", "tag": "sci-fi", "id": "p0"},
-        {"description": "Two friends in a comedy.", "tag": "comedy", "extra": 3},
-    ]
-    questions = [
-        {"id": "q1", "input": "Description: a robot story. Tag:", "profile": profile},
-        {"id": "q2", "input": "Description: a love story. Tag:", "profile": profile[:1]},
-    ]
-    outputs = {"task": "LaMP_2", "golds": [{"id": "q1", "output": "sci-fi"}, {"id": "q2", "output": "romance"}]}
-    return copy.deepcopy(questions), outputs
 
 
 @pytest.fixture

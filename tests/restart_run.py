@@ -1,6 +1,6 @@
 """One coordinator run over the in-process grid, optionally killed with SIGKILL at a chosen point.
 
-Run by tests/test_restart.py as `python tests/restart_run.py OUT_DIR REUSE KILL_AT`; KILL_AT is
+Run by tests/promises/test_restart.py as `python tests/restart_run.py OUT_DIR REUSE KILL_AT`; KILL_AT is
 `none`, `after-register`, `after-adapt`, `after-share` (phase boundaries: the coordinator's
 checkpoints) or `mid-share` (after the second sharer's upload is stored).
 """

@@ -52,8 +52,9 @@ CPU_REFERENCE = ROOT / "results" / "engine" / "bench_engine_both_references.json
 REPORT = "gpu_check.json"
 # Tests whose tiny model is loaded with the device left at `auto` (load_base, the eval grid, the model commands):
 # on a GPU machine they run the CUDA branches (bf16 weights, GPU rows per forward, the mixer's device moves).
-CUDA_TESTS = ("tests/test_models.py", "tests/test_cli_models.py", "tests/test_methods.py", "tests/test_pag.py",
-              "tests/test_personalize.py")
+CUDA_TESTS = ("tests/modules/common/test_models.py", "tests/end_to_end/test_cli_models.py",
+              "tests/modules/simulations/evaluation/test_methods.py",
+              "tests/modules/simulations/evaluation/methods/test_pag.py", "tests/modules/server/test_personalize.py")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ SIZES = {
               "--epochs", "3", "--ks", "3", "--budget", "36", "--popsize", "6", "--alphas", "1"),
     ),
     "cpu": Sizes(
-        tests=("tests/test_models.py",),
+        tests=("tests/modules/common/test_models.py",),
         engine=("--tasks", "tagging", "--budget", "2", "--popsize", "2", "--history", "4", "--ref-candidates", "1",
                 "--official-max-new-tokens", "4", "--threads", "1"),
         eval=("--encoder", "hashing", "--targets", "2", "--sharers", "3", "--epochs", "1", "--adapt-epochs", "1",

@@ -9,7 +9,7 @@ its `config.json` and `results.json` (`prime-fl eval`) or `report.json`
 the caveats from the folder's README and from its guards against today's
 defaults, and the docs that discuss it from README.md and docs/. A folder
 with neither a run nor a README cannot be described and is refused.
-tests/test_results_index.py fails when the committed index is not what this
+tests/modules/simulations/evaluation/test_results_index.py fails when the committed index is not what this
 module writes.
 """
 

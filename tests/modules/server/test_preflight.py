@@ -1,0 +1,44 @@
+"""check_run: a run config checked as a whole, one ConfigError naming the setting, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.federation import ConfigError, FederationConfig
+from server.preflight import REGISTRY_KEY_ENV, check_run, coordinator_key_file, registry_key_file, registry_key_from
+
+
+def _config(tmp_path, **changes) -> FederationConfig:
+    values = {"out-dir": str(tmp_path / "run"), "encoder": "hashing", "model-spec": "tiny", "synth-users": 10,
+              "num-targets": 2, "num-sharers": 4}
+    return FederationConfig.from_run_config(values | changes)
+
+
+def test_a_sound_config_passes_and_writes_nothing(tmp_path):
+    check_run(_config(tmp_path), nodes=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("changes, nodes, says", [
+    ({}, 0, "--nodes must be from 1 to"),
+    ({"model-spec": "gpt-9"}, 10, "run config model-spec:"),
+    ({"encoder": "word2vec"}, 10, "run config encoder:"),
+    ({"num-sharers": 9}, 10, "run config:"),
+    ({"registry-key-file": "missing/registry.key"}, 10, "registry-key-file"),
+])
+def test_what_the_coordinator_would_refuse_is_one_error_before_anything_starts(tmp_path, changes, nodes, says):
+    changes = {k: str(tmp_path / v) if k.endswith("-file") else v for k, v in changes.items()}
+    with pytest.raises(ConfigError, match=says) as info:
+        check_run(_config(tmp_path, **changes), nodes=nodes)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()
+
+
+def test_key_files_default_to_the_run_folder_and_the_environment_key_replaces_the_file(tmp_path):
+    config = _config(tmp_path)
+    assert registry_key_file(config, None) == tmp_path / "run" / "registry.key"
+    assert registry_key_file(config, "ab" * 32) is None
+    assert coordinator_key_file(config) == tmp_path / "run" / "coordinator.key"
+    assert registry_key_from({REGISTRY_KEY_ENV: ""}) is None and registry_key_from({REGISTRY_KEY_ENV: "x"}) == "x"
+    with pytest.raises(ConfigError, match=REGISTRY_KEY_ENV):
+        check_run(config, nodes=10, env_key="not hex")

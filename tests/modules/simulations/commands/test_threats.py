@@ -1,0 +1,84 @@
+"""`prime-fl threats` on the tiny model: every result written, bad input in one line, the defaults keep each algebraic attack informative."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.settings import SearchConfig
+from simulations.cli import main
+
+
+def test_cli_all_writes_every_result(tmp_path, capsys):
+    out = tmp_path / "threats"
+    code = main(["threats", "all", "--out", str(out), "--model-spec", "tiny", "--rank", "2", "--lora-alpha", "4",
+                 "--history", "3", "--nonmembers", "3", "--budget", "2", "--popsize", "2", "--alphas", "0",
+                 "--epochs", "1", "--max-merges", "3", "--guesses", "1", "--users", "8", "--embed-groups", "2",
+                 "--embed-history", "4", "--encoders", "hashing", "--folds", "2", "--no-progress"])
+    assert code == 0
+    for name in ("leak.json", "recovery.json", "recovery.csv", "recovery.png", "membership.json", "membership.csv",
+                 "membership.png", "embedding.json", "embedding.csv"):
+        assert (out / name).is_file(), name
+    leak = json.loads((out / "leak.json").read_text())
+    assert leak["attack"] == "leak" and leak["adapters"] == "trained"
+    assert leak["command"].startswith("prime-fl threats all --out ") and "--alphas 0 " in leak["command"]
+    recovery = json.loads((out / "recovery.json").read_text())
+    assert [row["m"] for row in recovery["rows"]] == [1, 2, 3] and recovery["rows"][0]["released_lowrank"] is None
+    assert "AUROC" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["leak", "--sharers", "1"], "--sharers must be >= 2"),
+    (["membership", "--sharers", "1"], "sharers must be >= 2"),
+    (["recovery", "--max-merges", "0"], "max merges"),
+    (["leak", "--release-rank", "-2"], "release rank must be >= 0"),
+    (["leak", "--share-cap", "0"], "the share cap must be in (0, 1]"),  # not silently lifted to 1/k
+    (["recovery", "--share-cap", "-1"], "the share cap must be in (0, 1]"),
+    (["leak", "--share-cap", "nan"], "the share cap must be in (0, 1]"),
+    (["leak", "--share-cap", "1.5"], "the share cap must be in (0, 1]"),
+    (["embedding", "--encoders", "nosuch"], "unknown encoder"),
+    (["leak", "--model-spec", "/nonexistent/model"], "unknown model spec"),
+])
+def test_cli_bad_input_is_one_line_error(tmp_path, capsys, argv, fragment):
+    code = main(["threats", argv[0], "--out", str(tmp_path), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
+
+
+def test_cli_rejects_bad_alphas(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["threats", "membership", "--out", str(tmp_path), "--alphas", "x"])
+    assert exit_info.value.code == 2
+
+
+def test_cli_leak_and_recovery_run_against_the_rank_limited_release(tmp_path):
+    out = tmp_path / "threats"
+    for attack in ("leak", "recovery"):
+        assert main(["threats", attack, "--out", str(out / attack), "--model-spec", "tiny", "--rank", "2",
+                     "--release-rank", "2", "--max-merges", "2", "--guesses", "1", "--no-plots", "--no-progress"]) == 0
+    leak = json.loads((out / "leak" / "leak.json").read_text())
+    recovery = json.loads((out / "recovery" / "recovery.json").read_text())
+    assert leak["release_rank"] == recovery["release_rank"] == 2 and "--release-rank 2" in leak["command"]
+    assert leak["release_delta_error"] > 0.1  # the truncated release, not the whole merge
+    assert recovery["rows"][1]["released_lowrank_scale_free"] > 0.3
+
+
+def test_default_settings_keep_every_algebraic_attack_above_half(tmp_path):
+    """Issue 13's bar with nothing but defaults: the search's guards (share cap, release rank) are what the attacks
+    face, and neither the leak nor the unmixing from 1-4 merges brings any sharer's update closer than 0.5."""
+    for attack in ("leak", "recovery"):
+        assert main(["threats", attack, "--out", str(tmp_path), "--model-spec", "tiny", "--max-merges", "4",
+                     "--guesses", "1", "--no-plots", "--no-progress"]) == 0
+    leak = json.loads((tmp_path / "leak.json").read_text())
+    recovery = json.loads((tmp_path / "recovery.json").read_text())
+    assert (leak["share_cap"], leak["release_rank"]) == (SearchConfig().share_cap, SearchConfig().release_rank) == (0.34, 8)
+    assert leak["released_top_r_error"] > 0.5
+    assert [row["m"] for row in recovery["rows"]] == [1, 2, 3, 4]
+    assert min(row["released_lowrank_scale_free_best_sharer"] for row in recovery["rows"]) > 0.5
+
+
+def test_a_default_share_cap_below_one_over_k_is_lifted_as_the_search_lifts_it(tmp_path):
+    assert main(["threats", "leak", "--out", str(tmp_path), "--model-spec", "tiny", "--sharers", "2", "--no-plots",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "leak.json").read_text())["share_cap_applied"] == 0.5

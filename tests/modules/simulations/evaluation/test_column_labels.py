@@ -1,0 +1,25 @@
+"""Column labels: settings every column shares are said once under the table, never at the cost of two equal names."""
+
+from __future__ import annotations
+
+from simulations.evaluation.column_labels import shared_note, shared_settings, shorten, without_settings
+
+
+def test_settings_every_column_shares_are_left_out_and_stated_once():
+    labels = ["PriME α=0.5 k=3 budget=36", "PriME α=1 k=3 budget=36", "Top-1 k=3"]
+    shared = shared_settings(labels)
+    assert shared == ["k=3", "budget=36"]
+    assert [shorten(label, shared) for label in labels] == ["PriME α=0.5", "PriME α=1", "Top-1"]
+    assert shared_note(shared).strip().endswith("k=3 budget=36.") and shared_note([]) == ""
+
+
+def test_the_swept_alpha_a_setting_with_two_values_and_a_setting_that_names_a_column_are_kept():
+    assert shared_settings(["PriME α=1 k=3", "PriME α=1 k=3 aug=True"]) == ["k=3"]
+    assert shared_settings(["A k=3", "A k=3 j=1", "A j=1"]) == []  # dropping either would make two columns one
+    assert shared_settings(["PriME α=1 k=2", "PriME α=1 k=3"]) == []
+    assert shared_settings(["OPPU", "OPPU aug=True"]) == []  # seen once: a default elsewhere
+
+
+def test_without_settings_pairs_columns_of_runs_that_differ_only_in_them():
+    assert without_settings("PriME α=1 k=3 budget=36", ["budget"]) == "PriME α=1 k=3"
+    assert without_settings("PriME α=1 k=3", ["α", "k"]) == "PriME"

@@ -1,0 +1,48 @@
+"""What `prime-fl simulate` prints: phase lines, search progress and the table; no third-party noise unless -v.
+
+The end-to-end run of the CLI is `tests/end_to_end/test_federation.py::test_full_protocol_on_tiny_model` (one simulation
+serves both, for CI time); these test the relay and the progress lines on their own.
+"""
+
+from __future__ import annotations
+
+import io
+
+from simulations.support.console import RelayedRun, shown
+
+
+def test_relay_shows_our_lines_and_errors_and_hides_library_lines():
+    ours = "2026-01-01 10:00:00,000 INFO server.coordinator: registry holds 4 sharers"
+    assert shown(ours, verbose=False)
+    assert shown("\x1b[91mERROR \x1b[0m:     ServerApp raised an exception", verbose=False)
+    assert shown("common.plan.PlanError: not enough users: 4 in the dataset", verbose=False)
+    for noise in ("2026-01-01 10:00:00,000 INFO alembic.runtime.plugins: setup plugin",
+                  "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation",
+                  "/site-packages/ray/_private/worker.py:2051: FutureWarning: Tip: In future versions of Ray"):
+        assert not shown(noise, verbose=False) and shown(noise, verbose=True)
+
+
+def test_relay_prints_progress_as_plain_lines_off_a_terminal():
+    out = io.StringIO()
+    relay = RelayedRun(out)
+    relay.feed("x INFO common.progress: progress search u1 1/2 best=0.5000\n")
+    relay.feed("\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n")
+    relay.close()
+    assert out.getvalue() == "progress search u1 1/2 best=0.5000\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_relay_draws_one_bar_per_search_on_a_terminal():
+    out = _Terminal()
+    relay = RelayedRun(out)
+    for done in (1, 2):
+        relay.feed(f"x INFO common.progress: progress search u1 {done}/2 best=0.{done}000\n")
+    relay.feed("2026-01-01 10:00:00,000 INFO server.coordinator: target u1: sharers u2,u3\n")
+    relay.close()
+    text = out.getvalue()
+    assert "search u1" in text and "2/2" in text and "best=0.2000" in text and "progress search" not in text
+    assert text.rstrip().endswith("target u1: sharers u2,u3")  # the bar is finished before the next line

@@ -1,0 +1,68 @@
+"""kill -9 of the coordinator at each phase boundary and mid-share, then a restart: the registry an uninterrupted run has."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from restart_run import main as restart
+from server.registry import Registry
+
+SCRIPT = Path(__file__).parents[1] / "restart_run.py"
+
+
+def _run(out: Path, reuse: bool, kill_at: str = "none") -> int:
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out), "true" if reuse else "false", kill_at],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(done.stderr[-3000:])
+    return done.returncode
+
+
+def _contents(out: Path) -> dict:
+    registry = Registry(out / "registry", b"k" * 32)
+    contents = {}
+    for sharer_id in registry.sharers():
+        stored = registry.get(sharer_id)
+        contents[sharer_id] = (stored.user_id, stored.node_id, stored.metadata, stored.embedding, stored.tensors)
+    return contents
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert _run(out, reuse=False) == 0
+    return _contents(out)
+
+
+# after-adapt and mid-share cover the reloaded task adapter and the partial share; the two other boundaries are
+# slow-marked for CI time (each case is a coordinator run of 30-50 s).
+@pytest.mark.parametrize("kill_at", [pytest.param("after-register", marks=pytest.mark.slow), "after-adapt", "mid-share",
+                                     pytest.param("after-share", marks=pytest.mark.slow)])
+def test_kill_then_restart_gives_the_uninterrupted_registry_and_a_report(tmp_path, uninterrupted, kill_at):
+    out = tmp_path / "run"
+    assert _run(out, reuse=True, kill_at=kill_at) == -signal.SIGKILL
+    killed = json.loads((out / "report.json").read_text())
+    assert killed["status"] == "running", "a killed run's last checkpoint must say it did not finish"
+    restart(str(out), True, "none")  # in this process: one interpreter start less per case
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and len(report["targets"]) == 2
+    if kill_at == "mid-share":  # only the two sharers the killed run never stored are asked again
+        assert len(report["phases"]["share"]["asked"]) == 2 and len(report["phases"]["share"]["reused"]) == 2
+    if kill_at in ("after-adapt", "mid-share", "after-share"):
+        assert "adapt" in report["phases"] and "adapt-1" not in report["phases"], "the saved task adapter is reloaded"
+    restarted = _contents(out)
+    assert sorted(restarted) == sorted(uninterrupted)
+    for sharer_id, (user_id, node_id, meta, embedding, tensors) in uninterrupted.items():
+        r_user, r_node, r_meta, r_embedding, r_tensors = restarted[sharer_id]
+        assert (r_user, r_node, r_meta) == (user_id, node_id, meta)
+        np.testing.assert_array_equal(r_embedding, embedding)
+        assert sorted(r_tensors) == sorted(tensors)
+        for key in tensors:
+            np.testing.assert_allclose(r_tensors[key], tensors[key], rtol=0, atol=1e-6)
