@@ -9,6 +9,7 @@ test folder (`tests/modules/simulations/evaluation/test_methods.py`). Tests of a
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,18 @@ def test_the_mirror_rule_maps_modules_and_packages_as_documented():
     methods = ROOT / "simulations" / "evaluation" / "methods" / "__init__.py"
     assert _test_file(methods) == MODULE_TESTS / "simulations" / "evaluation" / "test_methods.py"
     assert _has_code(methods) and not _has_code(ROOT / "common" / "__init__.py")
+
+
+def test_the_architecture_page_names_every_module_and_only_modules_that_exist():
+    """docs/ARCHITECTURE.md's module table is the map of the code: a module added without its row, or a row left
+    for a module that moved, fails here (a row may name a package folder, e.g. `simulations/threats/`)."""
+    page = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = page[page.index("## Modules"):page.index("## Contracts")]
+    named = set(re.findall(r"`((?:common|client|server|simulations)/[\w/]*(?:\.py|/))`", table))
+    assert named, "no module rows found"
+    missing_files = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing_files, f"rows for modules that do not exist: {missing_files}"
+    folders = tuple(path for path in named if path.endswith("/"))
+    unnamed = sorted(module for module in _modules()
+                     if module not in named and not module.endswith("__init__.py") and not module.startswith(folders))
+    assert not unnamed, f"modules without a row in docs/ARCHITECTURE.md: {unnamed}"
