@@ -166,7 +166,7 @@ class Coordinator:
             for node_id, content in contents.items()
         ]
         log.info("%s: waiting for %d node(s) (timeout %.0f s)", phase, len(contents), self.config.phase_timeout)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         replies: dict[int, Message] = {}
         answered: set[int] = set()
         asked: dict[str, int] = {}  # message id -> the node it went to, filled as the grid gives ids
@@ -196,6 +196,7 @@ class Coordinator:
             log.warning("%s: node %s sent no reply within %.0f s", phase, node_id, self.config.phase_timeout)
             self.report.skip(phase, node_id, f"no reply within {self.config.phase_timeout:.0f} s", self._user_of(node_id))
         self.report.time(phase, time.perf_counter() - started)
+        self.report.own(f"{phase}.exchange", time.perf_counter() - started, time.thread_time() - cpu)
         return replies
 
     def _each(self, phase: str, replies: dict[int, Message], handle: Callable[[int, Message], None]) -> None:
@@ -206,6 +207,7 @@ class Coordinator:
         our checks missed: it is still that node's fault and must not stop
         the run, so it is recorded with its type and logged with the trace.
         """
+        started, cpu = time.perf_counter(), time.thread_time()
         for node_id, reply in sorted(replies.items()):
             try:
                 handle(node_id, reply)
@@ -216,6 +218,7 @@ class Coordinator:
                 log.exception("%s: node %s: unexpected failure on its reply", phase, node_id)
                 self.report.skip(phase, node_id, f"reply not usable ({type(err).__name__}: {one_line(err)})",
                                  self._user_of(node_id))
+        self.report.own(f"{phase}.handle", time.perf_counter() - started, time.thread_time() - cpu)
 
     def _user_of(self, node_id: int) -> str | None:
         node = self.nodes.get(node_id)
@@ -593,7 +596,8 @@ class Coordinator:
         self._checkpoint()
         self.search.check_task(self.task)  # decoding and tie-break fit the nodes' task, before any training
         check_preset_task(self.config, self.task)
-        plan = self.plan()
+        with self.report.step("plan"):
+            plan = self.plan()
         self.report.plan = plan.to_dict()
         if not self._reload_task_adapter() and self.config.adapt_rounds:
             self.adapt(plan)
@@ -605,7 +609,8 @@ class Coordinator:
 
     def _checkpoint(self) -> None:
         """The report so far, so that a killed run leaves a report that says it stopped early."""
-        self.report.write(self.out_dir)
+        with self.report.step("report"):
+            self.report.write(self.out_dir)
 
     def run(self) -> RunReport:
         """Every phase; the report is written whatever happens (`status` says how far the run got)."""
