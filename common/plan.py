@@ -89,9 +89,12 @@ def choose_sharers(
         if members:
             best = min(members, key=lambda i: (-history[candidates[i]], distance[i], i))
             chosen.append(candidates[best])
-    rest = sorted((u for u in candidates if u not in chosen), key=lambda u: (-history[u], candidates.index(u)))
+    position = {u: i for i, u in enumerate(candidates)}  # not candidates.index: quadratic in the users
+    taken = set(chosen)
+    rest = sorted((u for u in candidates if u not in taken), key=lambda u: (-history[u], position[u]))
     chosen += rest[: n_sharers - len(chosen)]
-    return tuple(u for u in candidates if u in set(chosen))
+    taken = set(chosen)
+    return tuple(u for u in candidates if u in taken)
 
 
 def split_sizes(n_users: int, adapt_fraction: float, n_targets: int, n_sharers: int,
