@@ -7,9 +7,18 @@ serves both, for CI time); these test the relay and the progress lines on their 
 from __future__ import annotations
 
 import io
+import tomllib
 
 from common.progress import Progress, parse
+from simulations.launch.simulate import PROJECT_ROOT
 from simulations.support.console import RelayedRun, shown
+
+
+def test_simulate_submits_the_repository_root_as_the_flower_app():
+    """`flwr run` reads the apps from the pyproject.toml there (after the move to simulations/launch/ it was handed
+    simulations/, and every `prime-fl simulate` failed before its first message)."""
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
 
 
 def test_progress_lines_survive_a_log_prefix():
