@@ -23,7 +23,8 @@ node), so that what grows is the federation, not the learning. Per size:
 Each cost's exponent is the slope of a least-squares line through
 (log nodes, log cost): 1 is linear. Writes OUT/bench_scale.json, the
 log-log plot OUT/scale.png, OUT/README.md (command, machine, date, load)
-and each size's run folder under OUT/runs/.
+and each size's run folder under OUT/sizes/ (not runs/, which .gitignore leaves out: a result folder
+is committed as it is written).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from common.errors import PrimeError  # noqa: E402
 from common.plan import split_sizes  # noqa: E402
 from common.progress import parse  # noqa: E402
 
-SCALE_OUTPUT = OutputKind("bench-scale", (Layout(frozenset({"bench_scale.json"}), ("scale.png", "README.md", "runs")),))
+SCALE_OUTPUT = OutputKind("bench-scale", (Layout(frozenset({"bench_scale.json"}), ("scale.png", "README.md", "sizes")),))
 RESULT = "bench_scale.json"
 # The learning kept as small as the protocol allows: what grows is the number of nodes (synth-users = nodes).
 SCALE_RUN = ('task="rating" encoder="hashing" alpha=0.5 k=2 budget=8 popsize=4 num-targets=2 num-sharers=4 '
@@ -266,7 +267,7 @@ def readme(result: dict[str, Any], note: str) -> str:
     above = result["fit"]["coordinator_steps_above_linear"]
     lines += ["", f"Coordinator steps above linear: {', '.join(above) if above else 'none'} "
                   f"({result['fit']['rule']}).", "",
-              "Files: `bench_scale.json` (every number), `scale.png` (log-log plot), `runs/n*/report.json` "
+              "Files: `bench_scale.json` (every number), `scale.png` (log-log plot), `sizes/n*/report.json` "
               "(each run's report).", ""]
     return "\n".join(lines)
 
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         except PrimeError as err:
             parser.error(str(err))
     out = output_folder(args.out, SCALE_OUTPUT)
-    runs = out / "runs"
+    runs = out / "sizes"
     runs.mkdir(exist_ok=True)
     result: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "simulations.bench.scale", *(argv if argv is not None else sys.argv[1:])]),
