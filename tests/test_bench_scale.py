@@ -76,3 +76,17 @@ def test_two_tiny_sizes_end_to_end(tmp_path):
         assert "register" in size["peak_rss_mb_by_phase"]
     assert "register" in result["fit"]["exponents"]["phase_wall_s"]
     assert (out / "scale.png").exists() and "| 10 | complete |" in (out / "README.md").read_text()
+
+
+def test_report_adds_up_each_coordinator_step_also_when_it_raises():
+    from server.report import RunReport
+
+    report = RunReport(run_id="r", config={})
+    report.own("register.exchange", 2.0, 0.5)
+    report.own("register.exchange", 1.0, 0.25)
+    with pytest.raises(ValueError), report.step("plan"):
+        sum(range(10**6))
+        raise ValueError("a plan error still leaves its time")
+    spent = report.to_dict()["coordinator_s"]
+    assert spent["register.exchange"] == {"wall_s": 3.0, "cpu_s": 0.75}
+    assert spent["plan"]["wall_s"] >= spent["plan"]["cpu_s"] > 0
