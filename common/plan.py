@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
 
 from common.errors import PrimeError
 from common.lamp import LampDataset
@@ -80,7 +81,10 @@ def choose_sharers(
     then the largest-history candidates not yet chosen.
     """
     points = _embedding_matrix(candidates, embeddings)
-    with warnings.catch_warnings():
+    # One thread: k-means over a few thousand users takes a fraction of a second on one, while OpenMP's threads on
+    # a machine whose cores are busy (the coordinator beside simulated nodes) spin for seconds (10 s at 1,000
+    # users: results/bench-scale/README.md); and the plan cannot depend on how many threads summed the centroids.
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="openmp"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # duplicate points: handled below
         kmeans = KMeans(n_clusters=n_sharers, n_init=10, random_state=seed).fit(points)
     distance = np.linalg.norm(points - kmeans.cluster_centers_[kmeans.labels_], axis=1)
@@ -90,9 +94,12 @@ def choose_sharers(
         if members:
             best = min(members, key=lambda i: (-history[candidates[i]], distance[i], i))
             chosen.append(candidates[best])
-    rest = sorted((u for u in candidates if u not in chosen), key=lambda u: (-history[u], candidates.index(u)))
+    position = {u: i for i, u in enumerate(candidates)}  # not candidates.index: quadratic in the users
+    taken = set(chosen)
+    rest = sorted((u for u in candidates if u not in taken), key=lambda u: (-history[u], position[u]))
     chosen += rest[: n_sharers - len(chosen)]
-    return tuple(u for u in candidates if u in set(chosen))
+    taken = set(chosen)
+    return tuple(u for u in candidates if u in taken)
 
 
 def split_sizes(n_users: int, adapt_fraction: float, n_targets: int, n_sharers: int,

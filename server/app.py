@@ -24,6 +24,7 @@ from common.errors import PrimeError
 from common.federation import ConfigError, FederationConfig
 from common.logs import setup_app
 from server.coordinator import Coordinator
+from server.pacing import PacedGrid
 from server.preflight import check_run, registry_key_file, registry_key_from
 from server.registry import load_registry_key
 from server.replies import one_line
@@ -79,7 +80,8 @@ def run_federation(grid: Grid, config: FederationConfig) -> Path:
     except PrimeError as err:
         write_failed_report(config.to_run_config(), err)
         raise
-    report = Coordinator(grid=grid, config=config, registry_key=key).run()
+    # Paced polling: a wait's cost grows with the nodes, not their square (server.pacing).
+    report = Coordinator(grid=PacedGrid(grid), config=config, registry_key=key).run()
     log = logging.getLogger(__name__)
     if report.status == "complete":
         log.info("summary: %s", report.summary())

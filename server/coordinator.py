@@ -131,7 +131,8 @@ class Coordinator:
 
     def _checkpoint(self) -> None:
         """The report so far, so that a killed run leaves a report that says it stopped early."""
-        self.report.write(self.out_dir)
+        with self.report.step("report"):
+            self.report.write(self.out_dir)
 
     def _task_model(self) -> tuple[torch.nn.Module, Any]:
         """The base model with the run's task adapter folded in: what sharers build on and targets are scored with."""
@@ -201,8 +202,9 @@ class Coordinator:
         check_preset_task(self.config, self.task)
         nodes = sorted(self.nodes.values(), key=lambda n: (n.partition, n.user_id))
         c = self.config
-        plan = make_plan({n.user_id: n.n_history for n in nodes}, {n.user_id: n.plan_embedding for n in nodes},
-                         c.adapt_fraction, c.num_targets, c.num_sharers, c.seed)
+        with self.report.step("plan"):  # the coordinator's own time for it (simulations/bench/scale.py)
+            plan = make_plan({n.user_id: n.n_history for n in nodes}, {n.user_id: n.plan_embedding for n in nodes},
+                             c.adapt_fraction, c.num_targets, c.num_sharers, c.seed)
         self.report.plan = plan.to_dict()
         return plan
 

@@ -98,7 +98,7 @@ class Messenger:
             for node_id, content in contents.items()
         ]
         log.info("%s: waiting for %d node(s) (timeout %.0f s)", label, len(contents), timeout)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         replies: dict[int, Message] = {}
         answered: set[int] = set()
         asked: dict[str, int] = {}  # message id -> the node it went to, filled as the grid gives ids
@@ -128,6 +128,7 @@ class Messenger:
             log.warning("%s: node %s sent no reply within %.0f s", label, node_id, timeout)
             self.report.skip(label, node_id, f"no reply within {timeout:.0f} s", self.user_of(node_id))
         self.report.time(label, time.perf_counter() - started)
+        self.report.own(f"{label}.exchange", time.perf_counter() - started, time.thread_time() - cpu)
         return replies
 
     def each(self, label: str, replies: dict[int, Message], handle: Callable[[int, Message], None]) -> None:
@@ -138,6 +139,7 @@ class Messenger:
         our checks missed: it is still that node's fault and must not stop
         the run, so it is recorded with its type and logged with the trace.
         """
+        started, cpu = time.perf_counter(), time.thread_time()
         for node_id, reply in sorted(replies.items()):
             try:
                 handle(node_id, reply)
@@ -148,6 +150,7 @@ class Messenger:
                 log.exception("%s: node %s: unexpected failure on its reply", label, node_id)
                 self.report.skip(label, node_id, f"reply not usable ({type(err).__name__}: {one_line(err)})",
                                  self.user_of(node_id))
+        self.report.own(f"{label}.handle", time.perf_counter() - started, time.thread_time() - cpu)
 
     def open(self, reply: Message, phase: Phase, node_id: int, identity: bytes, seen_upload_ids: Any) -> tuple[bytes, str]:
         """Verify and decrypt a sealed upload that node `node_id` signed with its registered `identity` for `phase`;

@@ -5,6 +5,15 @@ timings, what each phase asked for and what arrived, skipped nodes and
 registry entries with one-line reasons, upload sizes, per-target search
 results and metrics) and one CSV row per target for spreadsheets and plots.
 
+`timings_s` is each phase's wall time, waiting on the nodes included;
+`coordinator_s` is the coordinator's own share, step by step (a phase's
+exchange, the handling of its replies, the plan, the report's writes), as
+wall seconds and the CPU seconds of the thread that runs it (in a Flower
+simulation the ServerApp shares its process with the simulation engine, so
+the process's CPU time would count the nodes' message routing too): what
+grows with the federation's size on the coordinator's side
+(`simulations/bench/scale.py` measures it).
+
 `status` is `running` in the checkpoints written between phases (a run killed
 there leaves a report that says it did not finish), then `complete`,
 `incomplete` (the run ended but a phase could not do its job, e.g. too few
@@ -18,6 +27,9 @@ writes into a folder only when it is new, empty or an earlier run's.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,6 +56,7 @@ class RunReport:
     coordinator_trust: dict[str, int] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    coordinator: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     adapt_rounds: list[dict[str, Any]] = field(default_factory=list)
     uploads: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -80,6 +93,21 @@ class RunReport:
 
     def time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = round(self.timings.get(phase, 0.0) + seconds, 3)
+
+    def own(self, step: str, wall: float, cpu: float) -> None:
+        """Add the coordinator's own wall and CPU seconds for `step` (`<phase>.exchange`, `<phase>.handle`, `plan`, ...)."""
+        spent = self.coordinator.setdefault(step, {"wall_s": 0.0, "cpu_s": 0.0})
+        spent["wall_s"] = round(spent["wall_s"] + wall, 4)
+        spent["cpu_s"] = round(spent["cpu_s"] + cpu, 4)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time the enclosed coordinator step into `coordinator_s` (also when it raises)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.own(name, time.perf_counter() - wall, time.thread_time() - cpu)
 
     def add_round(self, round_: int, n_nodes: int, loss: float) -> None:
         self.adapt_rounds.append({"round": round_, "nodes": n_nodes, "loss": loss})
@@ -124,6 +152,7 @@ class RunReport:
             "coordinator_trust": self.coordinator_trust,
             "plan": self.plan,
             "timings_s": self.timings,
+            "coordinator_s": self.coordinator,
             "skipped": self.skipped,
             "adapt_rounds": self.adapt_rounds,
             "uploads": self.uploads,

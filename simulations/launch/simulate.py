@@ -32,7 +32,7 @@ from simulations.launch.supervisor import HOST, Interrupts, LaunchError, Process
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository root: its pyproject.toml names the apps
 CONNECTION = "prime-fl-simulation"
 STARTUP_TIMEOUT_S = 60.0
 _PHASE_ORDER = ("register", "adapt", "share", "profile", "search", "evaluate", "total")

@@ -100,3 +100,45 @@ def test_missing_or_inconsistent_embeddings():
 def test_from_dict_validates(data, message):
     with pytest.raises(PlanError, match=message):
         UserPlan.from_dict(data)
+
+
+class _CountedId(str):
+    """A user id that counts the equality tests made on it (a dict lookup by hash makes almost none)."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedId.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_plan_compares_user_ids_linearly_in_the_users():
+    """Identical embeddings leave clusters empty, so the fill-up by history runs over every candidate: it once
+    looked each one's place up with list.index, n^2/2 comparisons (2 million at 2,000 users)."""
+    n = 2000
+    ids = [_CountedId(f"u{i:05d}") for i in range(n)]
+    _CountedId.compared = 0
+    plan = make_plan({u: 5 for u in ids}, {u: np.zeros(2) for u in ids}, 0.25, 2, 4, seed=0)
+    assert len(plan.sharers) == 4
+    assert _CountedId.compared < 20 * n
+
+
+def test_plan_k_means_runs_on_one_openmp_thread(monkeypatch):
+    """OpenMP's threads on busy cores made the coordinator's plan take 10 s at 1,000 users instead of 0.3 s."""
+    import common.plan
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    class Recording(common.plan.KMeans):
+        def fit(self, X, y=None, sample_weight=None):
+            seen.append([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "openmp"])
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(common.plan, "KMeans", Recording)
+    rng = np.random.default_rng(0)
+    users = {f"u{i}": 5 for i in range(40)}
+    make_plan(users, {u: rng.normal(size=4) for u in users}, 0.25, 2, 4, seed=0)
+    assert seen and seen[0] and all(n == 1 for n in seen[0])
