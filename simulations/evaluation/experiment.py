@@ -384,7 +384,8 @@ class Cell:
 
 # Training settings added after prepared inputs were first cached. At their defaults (today's training, bit for bit)
 # they stay out of the key, so inputs prepared before they existed keep theirs; any other value keys them apart.
-_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2", "adapt-batch-size")
+_KEYED_WHEN_SET = ("adapt-lr", "lr-schedule", "grad-clip", "adapt-grad-clip", "adam-beta2", "adapt-batch-size",
+                   "train-bf16")
 
 
 def prepare_key(config: EvalConfig, dataset: LampDataset) -> str:
