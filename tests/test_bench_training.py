@@ -37,11 +37,15 @@ def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
     for result, batch in zip(report["results"], (3, 4)):
         assert result["pairs"] == 6 and result["config"]["batch_size"] == batch
         runs = result["runs"]
-        assert [(r["repeat"], r["path"]) for r in runs] == [(0, "old"), (0, "new"), (1, "old"), (1, "new")]
+        assert [(r["repeat"], r["path"]) for r in runs] == [(i, p) for i in (0, 1) for p in ("old", "new", "new-bf16")]
         assert all(r["examples"] == 6 and r["examples_per_s"] > 0 and r["tokens_per_s"] > r["examples_per_s"]
                    for r in runs)
-        ratios = [n["examples_per_s"] / o["examples_per_s"] for o, n in zip(runs[::2], runs[1::2])]
-        assert result["speedup_examples_per_s"] == statistics.median(ratios)
-        assert result["final_loss"]["new"] == pytest.approx(result["final_loss"]["old"], rel=0.05)
+        for path in ("new", "new-bf16"):
+            ratios = [n["examples_per_s"] / o["examples_per_s"]
+                      for o, n in zip(runs[0::3], [r for r in runs if r["path"] == path])]
+            assert result["speedup_examples_per_s"][path] == statistics.median(ratios)
+        losses = result["final_loss"]
+        assert losses["new"] == pytest.approx(losses["old"], rel=1e-4)  # float32: the same training
+        assert losses["new-bf16"] == pytest.approx(losses["old"], rel=0.05)
     readme = (out / "README.md").read_text()
     assert report["command"] in readme and report["date"] in readme

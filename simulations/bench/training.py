@@ -7,10 +7,11 @@ the same settings, seed and order, alternating the two paths (old, new, old,
 new, ...) so that load from other work on the machine hits both alike; the
 figure is the median of the per-repeat ratios. The old path (`reference_fit`,
 kept here only) is the loop as it was: one right-padded forward per step in
-the model's dtype, per-tensor AdamW. The new one is `train_lora` with
-`train-bf16` on: length-chunked forwards, bfloat16 autocast, fused AdamW.
-Each run records examples/s, real (unpadded) tokens/s and its per-pass mean
-loss, so the speedup is read at an equal loss. Writes `bench_training.json`
+the model's dtype, per-tensor AdamW. `new` is `train_lora` as configured
+(length-chunked forwards on the CPU, fused AdamW: the same loss as old up to
+float rounding), `new-bf16` the same with `train-bf16` on (the decoder under
+bfloat16 autocast). Each run records examples/s, real (unpadded) tokens/s
+and its per-pass mean loss, so a speedup is read next to its loss. Writes `bench_training.json`
 and a README.md (command, machine, date) into `--out`.
 """
 
@@ -42,6 +43,7 @@ from simulations.evaluation.adaptation import adaptation_pairs
 from simulations.support.model_options import add_model_options, load_model
 
 REPORT_FILE = "bench_training.json"
+PATHS = ("old", "new", "new-bf16")
 
 
 def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[float], int]:
@@ -87,12 +89,13 @@ def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) 
 
 
 def _run(path: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict:
-    """One timed training on the old or the new path: examples/s, real tokens/s, per-pass losses."""
+    """One timed training on one of `PATHS`: examples/s, real (unpadded) tokens/s, per-pass losses."""
     start = time.perf_counter()
     if path == "old":
         losses, examples = reference_fit(model, tokenizer, pairs, config)
     else:
-        _, stats = train_lora(model, tokenizer, pairs, dataclasses.replace(config, bf16=True), progress=False)
+        chosen = dataclasses.replace(config, bf16=path == "new-bf16")
+        _, stats = train_lora(model, tokenizer, pairs, chosen, progress=False)
         losses, examples = stats.epoch_losses, stats.seen
     seconds = time.perf_counter() - start
     tokens_per_pass = sum(len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length))
@@ -102,19 +105,18 @@ def _run(path: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig
 
 
 def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, repeats: int) -> dict:
-    """`repeats` x (old, new) on one training; the median of the per-repeat new/old ratios."""
+    """`repeats` x (old, new, new-bf16) on one training; per new path the median of its per-repeat ratios to old."""
     warm = dataclasses.replace(config, steps=1)  # one untimed step of each: first-call costs stay out of the figures
-    for path in ("old", "new"):
+    for path in PATHS:
         _run(path, model, tokenizer, pairs, warm)
     runs = []
     for repeat in range(repeats):
-        for path in ("old", "new"):
+        for path in PATHS:
             run = _run(path, model, tokenizer, pairs, config)
             print(f"{name} repeat {repeat} {path}: {run['examples_per_s']:.3f} examples/s, "
                   f"{run['tokens_per_s']:.1f} tokens/s, loss {run['final_loss']:.4f}", flush=True)
             runs.append({"repeat": repeat, **run})
-    old = [r for r in runs if r["path"] == "old"]
-    new = [r for r in runs if r["path"] == "new"]
+    by_path = {path: [r for r in runs if r["path"] == path] for path in PATHS}
     lengths = [len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length)]
     return {
         "training": name,
@@ -122,9 +124,11 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
         "tokens_per_pair": {"min": min(lengths), "mean": statistics.mean(lengths), "max": max(lengths)},
         "config": dataclasses.asdict(config),
         "runs": runs,
-        "speedup_examples_per_s": statistics.median(n["examples_per_s"] / o["examples_per_s"] for o, n in zip(old, new)),
-        "final_loss": {"old": statistics.median(r["final_loss"] for r in old),
-                       "new": statistics.median(r["final_loss"] for r in new)},
+        "examples_per_s": {path: statistics.median(r["examples_per_s"] for r in rs) for path, rs in by_path.items()},
+        "speedup_examples_per_s": {
+            path: statistics.median(n["examples_per_s"] / o["examples_per_s"] for o, n in zip(by_path["old"], by_path[path]))
+            for path in PATHS[1:]},
+        "final_loss": {path: statistics.median(r["final_loss"] for r in rs) for path, rs in by_path.items()},
     }
 
 
@@ -162,20 +166,23 @@ def machine() -> dict:
 
 
 def _readme(report: dict) -> str:
-    lines = ["# LoRA training speed: the loop before issue 31 (old) against `train_lora` with train-bf16 (new)", "",
+    lines = ["# LoRA training speed: the loop before issue 31 (old) against `train_lora` (new, new + train-bf16)", "",
              "```", report["command"], "```", "",
              f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical "
              f"CPUs, {report['machine']['threads']} torch threads, CPU bf16 flags: "
              f"{', '.join(report['machine']['bf16_flags']) or 'none'}), load average at the end "
              f"{report['machine']['load_average_at_end'][0]:.1f}; model {report['model']} ({report['dtype']}), data "
-             f"{report['data']}. Old and new alternate in one run; speedup = median of the per-repeat ratios.", "",
-             "| training | pairs | batch | old examples/s | new examples/s | speedup | old loss | new loss |",
+             f"{report['data']}. The paths alternate in one run; a speedup is the median of the per-repeat ratios "
+             "to old; a loss is the training loss of the last pass (median over repeats).", "",
+             "| training | pairs | tokens/pair | batch | path | examples/s | speedup | loss |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        old = statistics.median(x["examples_per_s"] for x in r["runs"] if x["path"] == "old")
-        new = statistics.median(x["examples_per_s"] for x in r["runs"] if x["path"] == "new")
-        lines.append(f"| {r['training']} | {r['pairs']} | {r['config']['batch_size']} | {old:.3f} | {new:.3f} | "
-                     f"{r['speedup_examples_per_s']:.2f}x | {r['final_loss']['old']:.4f} | {r['final_loss']['new']:.4f} |")
+        t = r["tokens_per_pair"]
+        for path in PATHS:
+            speedup = "1" if path == "old" else f"{r['speedup_examples_per_s'][path]:.2f}x"
+            lines.append(f"| {r['training']} | {r['pairs']} | {t['min']}-{t['max']} (mean {t['mean']:.0f}) | "
+                         f"{r['config']['batch_size']} | {path} | {r['examples_per_s'][path]:.3f} | {speedup} | "
+                         f"{r['final_loss'][path]:.4f} |")
     lines += ["", f"Every run (tokens/s, per-pass losses, settings): `{REPORT_FILE}`.", ""]
     return "\n".join(lines)
 
@@ -215,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     write_text(out / "README.md", _readme(report))
     for r in results:
-        print(f"{r['training']}: {r['speedup_examples_per_s']:.2f}x examples/s, loss old {r['final_loss']['old']:.4f} "
-              f"new {r['final_loss']['new']:.4f}")
+        print(f"{r['training']}: " + ", ".join(f"{path} {r['speedup_examples_per_s'][path]:.2f}x examples/s"
+                                               for path in PATHS[1:])
+              + "; loss " + ", ".join(f"{path} {loss:.4f}" for path, loss in r["final_loss"].items()))
     print(f"-> {out / REPORT_FILE}")
     return 0
 
