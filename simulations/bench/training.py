@@ -134,7 +134,8 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
 
 def training_pairs(args: argparse.Namespace) -> tuple[list[Pair], list[Pair], str]:
     """(a sharer's history pairs, the task adaptation's pooled pairs, what the data is): from `--data`, else the
-    synthetic `--task`; `--examples` of each, the sharer from the first user, adaptation from the others."""
+    synthetic `--task`; `--examples` of each (at most), the sharer the user with the longest history (the first
+    of them), adaptation drawn from the others."""
     if args.data:
         dataset = load_lamp(args.data)
         source = f"{args.data} ({dataset.task.lamp_id})"
@@ -142,9 +143,10 @@ def training_pairs(args: argparse.Namespace) -> tuple[list[Pair], list[Pair], st
         dataset = synthesize(args.task, n_users=5, history=args.examples, queries=1, seed=args.seed)
         source = f"synthetic {args.task} (seed {args.seed})"
     by_user = {u.user_id: profile_pairs(dataset.task, u.profile) for u in dataset.users}
-    first, *others = by_user
-    sharer = by_user[first][-args.examples :]
-    adapt = adaptation_pairs(dataset.task, {u: by_user[u] for u in others}, "pooled", args.examples, args.seed)
+    sharer_id = max(by_user, key=lambda user: len(by_user[user]))
+    sharer = by_user[sharer_id][-args.examples :]
+    others = {user: pairs for user, pairs in by_user.items() if user != sharer_id}
+    adapt = adaptation_pairs(dataset.task, others, "pooled", args.examples, args.seed)
     return sharer, adapt, source
 
 
