@@ -103,8 +103,13 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW as every LoRA here trains: `lr`, `weight-decay`, betas (0.9, `adam-beta2`)."""
-    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay)
+    """AdamW as every LoRA here trains: `lr`, `weight-decay`, betas (0.9, `adam-beta2`).
+
+    Fused: one kernel over all LoRA factors instead of a dozen small ops per
+    factor (a rank-8 LoRA of q, k, v and o has 144 of them on Gemma 3 270M).
+    """
+    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay,
+                             fused=True)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -150,26 +155,69 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int, per_example: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over target + EOS tokens of a right-padded batch.
+def _token_losses(model, batch: list[tuple[list[int], int]], pad_id: int,
+                  bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of every target + EOS token of a right-padded batch, the batch row of each).
 
-    `per_example`: the mean over rows of each row's own token mean instead,
-    so that a row's gradient depends on that row alone (DP-SGD clips per
-    row; a mean over the batch's tokens would weigh a row by the others'
-    lengths).
+    `bf16`: the decoder runs under bfloat16 autocast (`train-bf16`); the LM
+    head and the loss stay in the head's own dtype, so only the body's
+    matmuls are rounded.
     """
     device = next(model.parameters()).device
     ids, mask, predict = padded_batch(batch, pad_id, device)
-    hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = ids[:, 1:][predict[:, :-1]]
-    logits = lm_logits(model, hidden[predict])
-    if not per_example:
-        return torch.nn.functional.cross_entropy(logits, targets)
-    token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    rows = predict.nonzero()[:, 0]
-    sums = torch.zeros(len(batch), device=device).index_add(0, rows, token_losses)
-    counts = torch.zeros(len(batch), device=device).index_add(0, rows, torch.ones_like(token_losses))
+    logits = lm_logits(model, hidden[predict].to(model.get_output_embeddings().weight.dtype))
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), predict.nonzero()[:, 0]
+
+
+def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """The mean over rows of each row's own mean cross-entropy over its target + EOS tokens.
+
+    A row's gradient then depends on that row alone (DP-SGD clips per row; a
+    mean over the batch's tokens would weigh a row by the others' lengths).
+    """
+    token_losses, rows = _token_losses(model, batch, pad_id)
+    sums = torch.zeros(len(batch), device=token_losses.device).index_add(0, rows, token_losses)
+    counts = torch.zeros(len(batch), device=token_losses.device).index_add(0, rows, torch.ones_like(token_losses))
     return (sums / counts).mean()
+
+
+def length_chunks(batch: list[tuple[list[int], int]], slack: float = 1.125) -> list[list[tuple[list[int], int]]]:
+    """The rows of one optimizer step as forwards of similar length: sorted by length, a row joins the current
+    forward while that forward's padded size stays within `slack` times its real tokens.
+
+    A right-padded forward costs as much at the padding as at the tokens; one
+    long row in a batch of short ones would otherwise double the step.
+    """
+    chunks: list[list[tuple[list[int], int]]] = []
+    tokens = 0
+    for row in sorted(batch, key=lambda row: len(row[0])):
+        if chunks and len(row[0]) * (len(chunks[-1]) + 1) <= slack * (tokens + len(row[0])):
+            chunks[-1].append(row)
+            tokens += len(row[0])
+        else:
+            chunks.append([row])
+            tokens = len(row[0])
+    return chunks
+
+
+def _backward_step(model, batch: list[tuple[list[int], int]], pad_id: int, config: TrainConfig) -> float:
+    """Gradient of the batch's mean cross-entropy over all its target + EOS tokens, accumulated over
+    `length_chunks` (each chunk's token sum over the batch's token count: the same gradient as one padded
+    forward); returns that mean. On a GPU the batch stays one forward: there a forward costs about the same
+    for any number of rows, so splitting would only add forwards."""
+    n_tokens = sum(len(ids) - n_prompt for ids, n_prompt in batch)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    total = 0.0
+    for chunk in length_chunks(batch) if on_cpu else [batch]:
+        loss_sum = _token_losses(model, chunk, pad_id, bf16=config.bf16)[0].sum()
+        if not torch.isfinite(loss_sum):
+            raise TrainingError(f"loss became {loss_sum.item()} (lower the learning rate, now {config.lr})")
+        (loss_sum / n_tokens).backward()
+        total += loss_sum.item()
+    return total / n_tokens
 
 
 def train_lora(
@@ -262,19 +310,16 @@ def _fit(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, config: 
             loss_sum, seen = 0.0, 0
             for s in range(min(steps_per_pass, total - stats.steps)):
                 batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
-                loss = _batch_loss(peft_model, batch, pad_id)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} (lower the learning rate, now {config.lr})")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = _backward_step(peft_model, batch, pad_id, config)
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
                 schedule.step()
                 stats.steps += 1
-                loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
+                loss_sum, seen = loss_sum + loss * len(batch), seen + len(batch)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}")
             stats.seen += seen
             stats.epoch_losses.append(loss_sum / seen)
     finally:
@@ -329,7 +374,7 @@ def _fit_dp(peft_model, encoded: list[tuple[list[int], int]], pad_id: int, confi
                 batch = [encoded[i] for i in next(batches)]
                 optimizer.zero_grad(set_to_none=True)
                 if batch:
-                    loss = _batch_loss(peft_model, batch, pad_id, per_example=True)
+                    loss = _batch_loss(peft_model, batch, pad_id)
                     if not torch.isfinite(loss):
                         raise TrainingError(f"loss became {loss.item()} (lower the learning rate, now {config.lr})")
                     with warnings.catch_warnings():  # opacus' module hooks on LoRA layers whose inputs are frozen

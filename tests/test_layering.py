@@ -35,6 +35,8 @@ MARKERS = {"simulations"}  # an empty package file: in no layer, and it must imp
 SIBLINGS = {
     ("simulations.threats", "simulations.evaluation.adaptation"):
         "membership inference attacks a task-adapted model, adapted as the grid adapts it (evaluation.adaptation)",
+    ("simulations.bench", "simulations.evaluation.adaptation"):
+        "the training benchmark times the task adaptation on the pairs the grid draws for it (adaptation_pairs)",
 }
 
 

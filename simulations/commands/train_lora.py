@@ -13,7 +13,7 @@ from common.adapters import CONFIG_FILE, WEIGHTS_FILE
 from common.atomic import Layout, OutputKind, check_replaceable, replace_folder
 from common.lamp import SPLITS, load_lamp, profile_pairs
 from common.errors import PrimeError
-from common.settings import DpSgdConfig, from_flat, to_flat
+from common.settings import DpSgdConfig, from_flat, options, to_flat
 from simulations.support.model_options import add_model_options, load_model
 from simulations.support.options import add_setting_option, add_setting_options, setting_values
 
@@ -38,6 +38,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainConfig, *,
         add_setting_option(group, defaults, name)
     for name in ("lr_schedule", "grad_clip", "adam_beta2"):
         add_setting_option(group, defaults, name)
+    group.add_argument("--train-bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16,
+                       help=f"{next(o.help for o in options(TrainConfig) if o.name == 'bf16')} "
+                            f"(default {'on' if defaults.bf16 else 'off'})")
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the pairs (default %(default)s)")
     group.add_argument("--train-steps", type=int, default=defaults.steps,
                        help="optimizer steps instead, cycling through the reshuffled pairs (0: --epochs decide; "
@@ -61,6 +64,7 @@ def train_config(args: argparse.Namespace, *, adaptation: bool = False) -> Train
         steps=args.train_steps,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        bf16=args.train_bf16,
         seed=args.seed,
         **({"adapt_lr": args.adapt_lr, "adapt_grad_clip": args.adapt_grad_clip,
             "adapt_batch_size": args.adapt_batch_size} if adaptation else {}),

@@ -196,7 +196,7 @@ def test_quirk_runs_record_copies_and_table_the_rate(tmp_path):
 @pytest.mark.parametrize("over", [{"adapt_sampling": "balanced"}, {"adapt_sampling": "user"}, {"train_steps": 12},
                                   {"lr": 2e-5}, {"adapt_lr": 1e-4}, {"lr_schedule": "cosine"}, {"grad_clip": 0.5},
                                   {"grad_clip": 0}, {"adapt_grad_clip": 0.3}, {"adam_beta2": 0.95},
-                                  {"adapt_batch_size": 16}])
+                                  {"adapt_batch_size": 16}, {"train_bf16": True}])
 def test_adaptation_sampling_and_train_steps_are_prepared_inputs(tmp_path, over):
     """Another sampling, step count or optimizer setting trains other adapters: other prepared inputs, read back from
     config.json."""
@@ -213,7 +213,7 @@ def test_inputs_prepared_before_the_optimizer_settings_existed_keep_their_key(tm
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dataset = preparation.load_dataset(_config(tmp_path))
     spelled = {"lr_schedule": "linear", "grad_clip": 1.0, "adapt_lr": 0.0, "adapt_grad_clip": 0.0, "adam_beta2": 0.999,
-               "adapt_batch_size": 0}
+               "adapt_batch_size": 0, "train_bf16": False}
     assert cells.prepare_key(_config(tmp_path), dataset) == "b4024324bf90"
     assert cells.prepare_key(_config(tmp_path, **spelled), dataset) == "b4024324bf90"
 

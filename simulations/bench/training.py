@@ -1,0 +1,235 @@
+"""Benchmark of LoRA training: the training loop before issue 31 against `client.training.train_lora` today.
+
+    python -m simulations.bench.training --out results/bench-training
+
+Times a sharer's LoRA and the task adaptation's, each on the same pairs with
+the same settings, seed and order, alternating the two paths (old, new, old,
+new, ...) so that load from other work on the machine hits both alike; the
+figure is the median of the per-repeat ratios. The old path (`reference_fit`,
+kept here only) is the loop as it was: one right-padded forward per step in
+the model's dtype, per-tensor AdamW. `new` is `train_lora` as configured
+(length-chunked forwards on the CPU, fused AdamW: the same loss as old up to
+float rounding), `new-bf16` the same with `train-bf16` on (the decoder under
+bfloat16 autocast). Each run records examples/s, real (unpadded) tokens/s
+and its per-pass mean loss, so a speedup is read next to its loss. Writes `bench_training.json`
+and a README.md (command, machine, date) into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import psutil
+import torch
+
+from client.training import Pair, _token_losses, encode_pairs, lr_factor, pad_id_of, total_steps, train_lora
+from common.adapters import lora_config
+from common.atomic import write_text
+from common.lamp import load_lamp, profile_pairs
+from common.settings import TrainConfig
+from common.synthetic import SYNTHETIC_TASKS, synthesize
+from simulations.evaluation.adaptation import adaptation_pairs
+from simulations.support.model_options import add_model_options, load_model
+
+REPORT_FILE = "bench_training.json"
+PATHS = ("old", "new", "new-bf16")
+
+
+def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[float], int]:
+    """The LoRA training loop before issue 31 (the old path, for comparison only): each step one right-padded
+    forward of the whole batch in the model's dtype, the mean over its target tokens, per-tensor AdamW. Same
+    init, order, schedule and clip as `train_lora`; returns (the per-pass mean losses, the rows read)."""
+    from peft import get_peft_model
+
+    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    pad_id = pad_id_of(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, lora_config(config.r, config.lora_alpha, config.target_modules))
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2),
+                                      weight_decay=config.weight_decay, foreach=False)
+        total = total_steps(config, len(encoded))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config.lr_schedule, s, total))
+        per_pass = -(-len(encoded) // config.batch_size)
+        rng, steps, losses, read = random.Random(config.seed), 0, [], 0
+        peft_model.train()
+        while steps < total:
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            loss_sum, seen = 0.0, 0
+            for s in range(min(per_pass, total - steps)):
+                batch = [encoded[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
+                loss = _token_losses(peft_model, batch, pad_id)[0].mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                schedule.step()
+                steps += 1
+                loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
+            losses.append(loss_sum / seen)
+            read += seen
+    finally:
+        peft_model.unload()
+    return losses, read
+
+
+def _run(path: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict:
+    """One timed training on one of `PATHS`: examples/s, real (unpadded) tokens/s, per-pass losses."""
+    start = time.perf_counter()
+    if path == "old":
+        losses, examples = reference_fit(model, tokenizer, pairs, config)
+    else:
+        chosen = dataclasses.replace(config, bf16=path == "new-bf16")
+        _, stats = train_lora(model, tokenizer, pairs, chosen, progress=False)
+        losses, examples = stats.epoch_losses, stats.seen
+    seconds = time.perf_counter() - start
+    tokens_per_pass = sum(len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length))
+    return {"path": path, "seconds": seconds, "examples": examples, "examples_per_s": examples / seconds,
+            "tokens_per_s": tokens_per_pass * examples / len(pairs) / seconds, "epoch_losses": losses,
+            "final_loss": losses[-1]}
+
+
+def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, repeats: int) -> dict:
+    """`repeats` x (old, new, new-bf16) on one training; per new path the median of its per-repeat ratios to old."""
+    warm = dataclasses.replace(config, steps=1)  # one untimed step of each: first-call costs stay out of the figures
+    for path in PATHS:
+        _run(path, model, tokenizer, pairs, warm)
+    runs = []
+    for repeat in range(repeats):
+        for path in PATHS:
+            run = _run(path, model, tokenizer, pairs, config)
+            print(f"{name} repeat {repeat} {path}: {run['examples_per_s']:.3f} examples/s, "
+                  f"{run['tokens_per_s']:.1f} tokens/s, loss {run['final_loss']:.4f}", flush=True)
+            runs.append({"repeat": repeat, **run})
+    by_path = {path: [r for r in runs if r["path"] == path] for path in PATHS}
+    lengths = [len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length)]
+    return {
+        "training": name,
+        "pairs": len(pairs),
+        "tokens_per_pair": {"min": min(lengths), "mean": statistics.mean(lengths), "max": max(lengths)},
+        "config": dataclasses.asdict(config),
+        "runs": runs,
+        "examples_per_s": {path: statistics.median(r["examples_per_s"] for r in rs) for path, rs in by_path.items()},
+        "speedup_examples_per_s": {
+            path: statistics.median(n["examples_per_s"] / o["examples_per_s"] for o, n in zip(by_path["old"], by_path[path]))
+            for path in PATHS[1:]},
+        "final_loss": {path: statistics.median(r["final_loss"] for r in rs) for path, rs in by_path.items()},
+    }
+
+
+def training_pairs(args: argparse.Namespace) -> tuple[list[Pair], list[Pair], str]:
+    """(a sharer's history pairs, the task adaptation's pooled pairs, what the data is): from `--data`, else the
+    synthetic `--task`; `--examples` of each (at most), the sharer the user with the longest history (the first
+    of them), adaptation drawn from the others."""
+    if args.data:
+        dataset = load_lamp(args.data)
+        source = f"{args.data} ({dataset.task.lamp_id})"
+    else:
+        dataset = synthesize(args.task, n_users=5, history=args.examples, queries=1, seed=args.seed)
+        source = f"synthetic {args.task} (seed {args.seed})"
+    by_user = {u.user_id: profile_pairs(dataset.task, u.profile) for u in dataset.users}
+    sharer_id = max(by_user, key=lambda user: len(by_user[user]))
+    sharer = by_user[sharer_id][-args.examples :]
+    others = {user: pairs for user, pairs in by_user.items() if user != sharer_id}
+    adapt = adaptation_pairs(dataset.task, others, "pooled", args.examples, args.seed)
+    return sharer, adapt, source
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        bf16_flags = sorted({f for f in flags.split() if f in ("avx512_bf16", "amx_bf16", "amx_tile")})
+    except (OSError, StopIteration):
+        bf16_flags = []
+    return {"cpu": model_name, "logical_cpus": psutil.cpu_count(), "bf16_flags": bf16_flags,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_at_end": list(psutil.getloadavg())}
+
+
+def _readme(report: dict) -> str:
+    lines = ["# LoRA training speed: the loop before issue 31 (old) against `train_lora` (new, new + train-bf16)", "",
+             "```", report["command"], "```", "",
+             f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical "
+             f"CPUs, {report['machine']['threads']} torch threads, CPU bf16 flags: "
+             f"{', '.join(report['machine']['bf16_flags']) or 'none'}), load average at the end "
+             f"{report['machine']['load_average_at_end'][0]:.1f}; model {report['model']} ({report['dtype']}), data "
+             f"{report['data']}. The paths alternate in one run; a speedup is the median of the per-repeat ratios "
+             "to old; a loss is the training loss of the last pass (median over repeats).", "",
+             "| training | pairs | tokens/pair | batch | path | examples/s | speedup | loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        t = r["tokens_per_pair"]
+        for path in PATHS:
+            speedup = "1" if path == "old" else f"{r['speedup_examples_per_s'][path]:.2f}x"
+            lines.append(f"| {r['training']} | {r['pairs']} | {t['min']}-{t['max']} (mean {t['mean']:.0f}) | "
+                         f"{r['config']['batch_size']} | {path} | {r['examples_per_s'][path]:.3f} | {speedup} | "
+                         f"{r['final_loss'][path]:.4f} |")
+    lines += ["", f"Every run (tokens/s, per-pass losses, settings): `{REPORT_FILE}`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for bench_training.json and README.md")
+    add_model_options(parser)
+    parser.add_argument("--data", default=None, help="a LaMP folder (default: the synthetic --task)")
+    parser.add_argument("--task", default="rating", choices=SYNTHETIC_TASKS, help="synthetic task (default %(default)s)")
+    parser.add_argument("--examples", type=int, default=48, help="pairs of each training (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over them (default %(default)s)")
+    parser.add_argument("--sharer-batch", type=int, default=6, help="the paper's Table 3 LaMP-2 sharer batch")
+    parser.add_argument("--adapt-batch", type=int, default=16, help="the paper's Table 3 LaMP-2 adaptation batch")
+    parser.add_argument("--repeats", type=int, default=2, help="old/new pairs per training (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer, spec = load_model(args)
+    sharer_pairs, adapt_pairs, source = training_pairs(args)
+    # The paper preset's LoRA and optimizer (docs/fidelity.md): r 8, alpha 8, q/k/v/o, AdamW (0.9, 0.95), cosine.
+    base = TrainConfig(r=8, lora_alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), lr=2e-4,
+                       adapt_lr=1e-4, lr_schedule="cosine", adam_beta2=0.95, weight_decay=0.01, adapt_grad_clip=0.3,
+                       epochs=args.epochs, batch_size=args.sharer_batch, adapt_batch_size=args.adapt_batch,
+                       seed=args.seed)
+    results = [bench_training("sharer", model, tokenizer, sharer_pairs, base, args.repeats),
+               bench_training("task adaptation", model, tokenizer, adapt_pairs, base.for_adaptation(), args.repeats)]
+    report = {
+        "command": "python -m simulations.bench.training " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": spec, "dtype": str(next(model.parameters()).dtype), "data": source,
+        "machine": machine(), "settings": vars(args), "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / REPORT_FILE, json.dumps(report, indent=2))
+    write_text(out / "README.md", _readme(report))
+    for r in results:
+        print(f"{r['training']}: " + ", ".join(f"{path} {r['speedup_examples_per_s'][path]:.2f}x examples/s"
+                                               for path in PATHS[1:])
+              + "; loss " + ", ".join(f"{path} {loss:.4f}" for path, loss in r["final_loss"].items()))
+    print(f"-> {out / REPORT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""The training benchmark on the tiny model: its old path is the loop as it was, and its report says what it ran.
+
+The figures themselves are measured on Gemma (results/bench-training, docs/engine.md).
+"""
+
+import json
+import statistics
+
+import pytest
+
+from client.training import TrainConfig, train_lora
+from common.models import tiny_model
+from simulations.bench import training as bench_training
+
+PAIRS = [(f"Review: {'very ' * n}good film Score:", str(1 + n % 5)) for n in (0, 1, 2, 9, 10, 30, 31, 3, 4)]
+
+
+def test_the_old_path_trains_what_train_lora_does_in_float32():
+    """Without train-bf16 the new loop (length chunks, fused AdamW) follows the old one's losses: the speedup is
+    measured between two trainings of the same model."""
+    config = TrainConfig(r=2, lora_alpha=4, lr=2e-2, epochs=3, batch_size=4, seed=0, lr_schedule="cosine")
+    old_losses, read = bench_training.reference_fit(*tiny_model(seed=1), PAIRS, config)
+    _, stats = train_lora(*tiny_model(seed=1), PAIRS, config, progress=False)
+    assert read == stats.seen == 3 * len(PAIRS)
+    assert old_losses == pytest.approx(stats.epoch_losses, rel=1e-4)
+
+
+def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
+    out = tmp_path / "bench"
+    args = ["--out", str(out), "--model-spec", "tiny", "--examples", "6", "--repeats", "2", "--threads", "1",
+            "--sharer-batch", "3", "--adapt-batch", "4"]
+    assert bench_training.main(args) == 0
+    report = json.loads((out / bench_training.REPORT_FILE).read_text())
+    assert report["command"] == "python -m simulations.bench.training " + " ".join(args)
+    assert report["data"].startswith("synthetic rating") and report["machine"]["logical_cpus"] >= 1
+    assert [r["training"] for r in report["results"]] == ["sharer", "task adaptation"]
+    for result, batch in zip(report["results"], (3, 4)):
+        assert result["pairs"] == 6 and result["config"]["batch_size"] == batch
+        runs = result["runs"]
+        assert [(r["repeat"], r["path"]) for r in runs] == [(i, p) for i in (0, 1) for p in ("old", "new", "new-bf16")]
+        assert all(r["examples"] == 6 and r["examples_per_s"] > 0 and r["tokens_per_s"] > r["examples_per_s"]
+                   for r in runs)
+        for path in ("new", "new-bf16"):
+            ratios = [n["examples_per_s"] / o["examples_per_s"]
+                      for o, n in zip(runs[0::3], [r for r in runs if r["path"] == path])]
+            assert result["speedup_examples_per_s"][path] == statistics.median(ratios)
+        losses = result["final_loss"]
+        assert losses["new"] == pytest.approx(losses["old"], rel=1e-4)  # float32: the same training
+        assert losses["new-bf16"] == pytest.approx(losses["old"], rel=0.05)
+    readme = (out / "README.md").read_text()
+    assert report["command"] in readme and report["date"] in readme
