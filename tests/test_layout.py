@@ -35,13 +35,8 @@ NOT_YET = {
     "simulations/evaluation/methods/uniform.py": "tests/modules/simulations/evaluation/test_methods.py",
     "common/phases.py": "tests/modules/server/test_coordinator.py",
     "server/messaging.py": "tests/modules/server/test_coordinator.py",
-    "simulations/evaluation/cells.py": "tests/modules/simulations/evaluation/test_experiment.py",
-    "simulations/evaluation/grid.py": "tests/modules/simulations/evaluation/test_experiment.py",
     "simulations/evaluation/methods/base.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/old_formats.py": "tests/promises/test_cache_keys.py",
-    "simulations/evaluation/prepare.py": "tests/modules/simulations/evaluation/test_experiment.py",
-    "simulations/evaluation/results.py": "tests/modules/simulations/evaluation/test_experiment.py",
-    "simulations/evaluation/settings.py": "tests/modules/simulations/evaluation/test_experiment.py",
 }
 
 
