@@ -24,7 +24,6 @@ EXEMPT = {
 # The methods' end-to-end tests share test_methods.py's module-scoped prepared grid; split one file per method
 # only with a fixture shared across those files, or CI prepares the grid once per file.
 NOT_YET = {
-    "client/app.py": "every in-process run (tests/promises/test_hostile_nodes.py, tests/end_to_end/)",
     "simulations/bench/models.py": "none yet",
     "simulations/evaluation/methods/augment.py": "tests/modules/simulations/evaluation/methods/test_pag.py",
     "simulations/evaluation/methods/lorahub.py": "tests/modules/simulations/evaluation/test_methods.py",
@@ -33,8 +32,6 @@ NOT_YET = {
     "simulations/evaluation/methods/prime.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/top1.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/uniform.py": "tests/modules/simulations/evaluation/test_methods.py",
-    "common/phases.py": "tests/modules/server/test_coordinator.py",
-    "server/messaging.py": "tests/modules/server/test_coordinator.py",
     "simulations/evaluation/methods/base.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/old_formats.py": "tests/promises/test_cache_keys.py",
 }
