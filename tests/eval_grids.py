@@ -1,5 +1,5 @@
-"""The small evaluation grid the grid's module tests share (tests/modules/simulations/evaluation/): its settings, a
-config for a run folder, and the cell files a run left.
+"""What the evaluation's module tests share (tests/modules/simulations/evaluation/): the small grid's settings, a
+config for a run folder, the cell files a run left, and a method context of one hand-made user.
 
 Each test runs its own grid in its own folder (no prepared grid is shared between them), so splitting the tests
 across files costs no extra preparation.
@@ -27,3 +27,16 @@ def small_config(out: Path, **over) -> EvalConfig:
 def cell_files(out: Path) -> list[Path]:
     """The cell files of the run in `out`, sorted."""
     return sorted((out / "cells").rglob("*.json"))
+
+
+def hand_made_context(lamp_id: str, profile: list[dict], queries: list[tuple[str, str]], max_history: int = 16):
+    """A MethodContext of one user `u` and nothing a model would need: user-prior must answer without any."""
+    from common.lamp import LampDataset, LampUser, Query
+    from common.plan import UserPlan
+    from common.tasks import get_task
+    from simulations.evaluation.methods import MethodContext
+
+    user = LampUser("u", profile, [Query(f"q{i}", text, gold) for i, (text, gold) in enumerate(queries)])
+    return MethodContext(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
+                         plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0),
+                         embeddings={}, sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)

@@ -32,8 +32,6 @@ NOT_YET = {
     "simulations/evaluation/methods/prime.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/top1.py": "tests/modules/simulations/evaluation/test_methods.py",
     "simulations/evaluation/methods/uniform.py": "tests/modules/simulations/evaluation/test_methods.py",
-    "simulations/evaluation/methods/base.py": "tests/modules/simulations/evaluation/test_methods.py",
-    "simulations/evaluation/old_formats.py": "tests/promises/test_cache_keys.py",
 }
 
 

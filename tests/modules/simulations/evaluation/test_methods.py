@@ -10,6 +10,7 @@ from common.metrics import task_similarity
 from common.models import tiny_model
 from common.settings import NodeConfig, SearchConfig, TrainConfig
 from common.synthetic import SyntheticConfig
+from eval_grids import hand_made_context
 from server.selection import cosine_scores
 from simulations.evaluation.prepare import prepare
 from simulations.evaluation.settings import EvalConfig
@@ -229,19 +230,6 @@ def test_a_later_run_loads_prime_searches_from_the_prepare_folder(prepared, monk
 # ------------------------------------------------------------------ user-prior on hand-made users
 
 
-def _hand_made(lamp_id: str, profile: list[dict], queries: list[tuple[str, str]], max_history: int = 16):
-    """A MethodContext of one user `u` and nothing a model would need: user-prior must answer without any."""
-    from common.lamp import LampDataset, LampUser, Query
-    from common.plan import UserPlan
-    from common.tasks import get_task
-    from simulations.evaluation.methods import MethodContext
-
-    user = LampUser("u", profile, [Query(f"q{i}", text, gold) for i, (text, gold) in enumerate(queries)])
-    return MethodContext(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
-                         plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0),
-                         embeddings={}, sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)
-
-
 def _prior(ctx):
     method = get_method("user-prior")
     return method.run(ctx, "u", method.params({}))
@@ -249,23 +237,23 @@ def _prior(ctx):
 
 def test_user_prior_rating_is_the_history_mean_rounded_half_up():
     review = lambda score: {"text": "a review", "score": score}  # noqa: E731
-    ctx = _hand_made("LaMP_3", [review(s) for s in ("5", "4", "4", "2")], [("Review: fine", "4"), ("Review: bad", "2")])
+    ctx = hand_made_context("LaMP_3", [review(s) for s in ("5", "4", "4", "2")], [("Review: fine", "4"), ("Review: bad", "2")])
     result = _prior(ctx)
     assert result.predictions == ["4", "4"]  # mean 3.75
     assert result.metrics["mae"] == pytest.approx(1.0) and result.sharer_ids == [] and result.similarity is None
-    assert _prior(_hand_made("LaMP_3", [review(2), review(3)], [("Review: x", "3")])).predictions == ["3"]  # 2.5 -> 3
+    assert _prior(hand_made_context("LaMP_3", [review(2), review(3)], [("Review: x", "3")])).predictions == ["3"]  # 2.5 -> 3
     # only the most recent max-history items count: the old 1s are cut
-    recent = _hand_made("LaMP_3", [review("1")] * 4 + [review("5"), review("4")], [("Review: x", "5")], max_history=2)
+    recent = hand_made_context("LaMP_3", [review("1")] * 4 + [review("5"), review("4")], [("Review: x", "5")], max_history=2)
     assert _prior(recent).predictions == ["5"]  # (5 + 4) / 2 = 4.5 -> 5
 
 
 def test_user_prior_tagging_is_the_most_frequent_tag_and_a_tie_goes_to_the_latest():
     movie = lambda tag: {"description": "a movie", "tag": tag}  # noqa: E731
-    ctx = _hand_made("LaMP_2", [movie(t) for t in ("comedy", "action", "comedy", "romance")],
+    ctx = hand_made_context("LaMP_2", [movie(t) for t in ("comedy", "action", "comedy", "romance")],
                      [("Description: a film", "comedy"), ("Description: another", "action")])
     result = _prior(ctx)
     assert result.predictions == ["comedy", "comedy"] and result.metrics["accuracy"] == pytest.approx(0.5)
-    tie = _hand_made("LaMP_2", [movie(t) for t in ("action", "comedy", "comedy", "action")], [("Description: x", "action")])
+    tie = hand_made_context("LaMP_2", [movie(t) for t in ("action", "comedy", "comedy", "action")], [("Description: x", "action")])
     assert _prior(tie).predictions == ["action"]  # two each; action was used last
     assert _prior(tie).metrics["accuracy"] == 1.0
 
@@ -274,7 +262,7 @@ def test_user_prior_generation_answers_the_output_of_the_bm25_nearest_history_it
     articles = [{"text": "the football team won the league final", "title": "Champions at last"},
                 {"text": "parliament passed the new budget law", "title": "Budget approved"},
                 {"text": "a storm closed schools along the coast", "title": "Storm shuts schools"}]
-    ctx = _hand_made("LaMP_4", articles, [("Generate a headline for the following article: the budget law was "
+    ctx = hand_made_context("LaMP_4", articles, [("Generate a headline for the following article: the budget law was "
                                            "debated in parliament", "Budget debate"),
                                           ("Generate a headline for the following article: league final tonight",
                                            "Final tonight")])
@@ -283,7 +271,7 @@ def test_user_prior_generation_answers_the_output_of_the_bm25_nearest_history_it
     assert 0.0 < result.metrics["rouge1"] < 1.0
     # LaMP-7 items hold only the tweet: the tweets themselves are searched
     tweets = [{"text": "my cat sleeps all day"}, {"text": "coffee first, then code"}]
-    paraphrase = _hand_made("LaMP_7", tweets, [("Paraphrase the following text into tweet without any explanation "
+    paraphrase = hand_made_context("LaMP_7", tweets, [("Paraphrase the following text into tweet without any explanation "
                                                  "before or after it: code needs coffee", "coffee then code")])
     assert _prior(paraphrase).predictions == ["coffee first, then code"]
 
@@ -292,7 +280,7 @@ def test_user_prior_citation_picks_the_candidate_nearer_the_users_papers():
     papers = [{"title": "Graph neural networks for molecules", "abstract": "message passing on molecular graphs"},
               {"title": "Scaling graph attention", "abstract": "attention over graph neighbourhoods"}]
     ask = 'For an author who has written the paper with the title "X", which reference is related? [1]: "{}" [2]: "{}"'
-    ctx = _hand_made("LaMP_1", papers, [(ask.format("medieval poetry and rhyme", "graph message passing"), "[2]"),
+    ctx = hand_made_context("LaMP_1", papers, [(ask.format("medieval poetry and rhyme", "graph message passing"), "[2]"),
                                         (ask.format("graph attention networks", "tax policy in europe"), "[1]"),
                                         ("a query without candidates", "[2]")])
     result = _prior(ctx)
