@@ -1,5 +1,6 @@
 """What the evaluation's module tests share (tests/modules/simulations/evaluation/): the small grid's settings, a
-config for a run folder, the cell files a run left, and a method context of one hand-made user.
+config for a run folder, the cell files a run left, a method run on a context's first target, and a method
+context of one hand-made user.
 
 Each test runs its own grid in its own folder (no prepared grid is shared between them), so splitting the tests
 across files costs no extra preparation.
@@ -40,3 +41,24 @@ def hand_made_context(lamp_id: str, profile: list[dict], queries: list[tuple[str
     return MethodContext(dataset=LampDataset(get_task(lamp_id), [user]), model=None, tokenizer=None,
                          plan=UserPlan(adaptation=(), targets=("u",), sharers=(), candidates=(), seed=0),
                          embeddings={}, sharer_adapters={}, seed=0, max_history=max_history, train_adapter=None)
+
+
+def run_on_first_target(ctx, name, **params):
+    """(the first target, `name`'s result on it with `params` over the defaults)."""
+    from simulations.evaluation.methods import get_method
+
+    method = get_method(name)
+    target = ctx.plan.targets[0]
+    return target, method.run(ctx, target, method.params(params))
+
+
+def one_user_context(ctx, task: str, profile: list[dict], folder):
+    """`ctx` over a one-user dataset of `task` (user `u1`, the run's model), with an empty memo and its files in
+    `folder`."""
+    import dataclasses
+
+    from common.lamp import LampDataset, LampUser, Query
+    from common.tasks import get_task
+
+    user = LampUser("u1", profile, [Query("q1", "x", "y")])
+    return dataclasses.replace(ctx, cache={}, dataset=LampDataset(get_task(task), [user]), folder=folder)
