@@ -2,8 +2,8 @@
 config for a run folder, the cell files a run left, a method run on a context's first target, and a method
 context of one hand-made user.
 
-Each test runs its own grid in its own folder (no prepared grid is shared between them), so splitting the tests
-across files costs no extra preparation.
+The grid's tests each run their own grid in their own folder, so splitting them across files costs no extra
+preparation; the methods' prepared grid is one session fixture (evaluation/conftest.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def cell_files(out: Path) -> list[Path]:
 
 
 def hand_made_context(lamp_id: str, profile: list[dict], queries: list[tuple[str, str]], max_history: int = 16):
-    """A MethodContext of one user `u` and nothing a model would need: user-prior must answer without any."""
+    """A MethodContext of one user `u` and nothing a model would need (user-prior and the base helpers need none)."""
     from common.lamp import LampDataset, LampUser, Query
     from common.plan import UserPlan
     from common.tasks import get_task
