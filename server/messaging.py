@@ -47,7 +47,9 @@ class Messenger:
 
     def __post_init__(self) -> None:
         self.endorsement = endorse(self.identity, self.run_id, self.keys.public_bytes)
-        self.synthetic = dataclasses.replace(self.config.synth, task=self.config.task, seed=self.config.seed)
+        # The benchmark each node generates; none with a data-dir, whose task may be a LaMP name with no generator.
+        self.synthetic = None if self.config.data_dir else dataclasses.replace(
+            self.config.synth, task=self.config.task, seed=self.config.seed)
 
     def _config(self, **extra: Any) -> ConfigRecord:
         c = self.config
@@ -74,7 +76,7 @@ class Messenger:
         without a data-dir, the synthetic benchmark's settings, from which each node generates its own data."""
         content = RecordDict({"config": self._config(**extra),
                               NODE_SETTINGS: ConfigRecord(to_flat(self.config.node_config(epochs)))})
-        if not self.config.data_dir:
+        if self.synthetic is not None:
             content[SYNTHETIC] = ConfigRecord(to_flat(self.synthetic))
         return content
 

@@ -101,3 +101,20 @@ def bad_lamp_dir(request: pytest.FixtureRequest, write_lamp_dir: Callable[..., P
     _, mutate, fragments = request.param
     questions, outputs = mutate(*tagging_records())
     return write_lamp_dir(questions, outputs), fragments
+
+
+@pytest.fixture
+def optimizer_record(monkeypatch):
+    """What each AdamW step really ran with: its learning rate, the norm of the gradient it applied, its betas."""
+    record: list[tuple[float, float, tuple[float, float]]] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        group = self.param_groups[0]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        record.append((group["lr"], norm, group["betas"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return record

@@ -80,6 +80,20 @@ class InProcessGrid:
                 yield from replies if isinstance(replies, list) else [replies]
 
 
+class SilentGrid:
+    """A grid whose nodes never answer; it keeps what was sent."""
+
+    def __init__(self) -> None:
+        # Flower reads the sender's task identity when a message is built; a test that builds one before any
+        # InProcessGrid exists (run alone, or first) needs it set too.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        self.sent.extend(messages)
+        return iter(())
+
+
 def tiny_config(out_dir: str, **overrides) -> FederationConfig:
     """The run config the coordinator tests share: tiny model, 10 synthetic rating users, 4 sharers, 2 targets."""
     values = dict(task="rating", model_spec="tiny", encoder="hashing", alpha=0.5, k=2, budget=8, popsize=4,

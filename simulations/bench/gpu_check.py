@@ -54,7 +54,9 @@ REPORT = "gpu_check.json"
 # on a GPU machine they run the CUDA branches (bf16 weights, GPU rows per forward, the mixer's device moves).
 CUDA_TESTS = ("tests/modules/common/test_models.py", "tests/end_to_end/test_cli_models.py",
               "tests/modules/simulations/evaluation/test_methods.py",
-              "tests/modules/simulations/evaluation/methods/test_pag.py", "tests/modules/server/test_personalize.py")
+              *(f"tests/modules/simulations/evaluation/methods/test_{method}.py"
+                for method in ("non_personalized", "oppu", "top1", "uniform", "lorahub", "prime", "augment", "pag")),
+              "tests/modules/server/test_personalize.py")
 
 
 @dataclass(frozen=True)

@@ -187,21 +187,6 @@ def test_bad_optimizer_settings_are_refused_with_their_key(key, value, says):
         FederationConfig.from_run_config({key: value})
 
 
-@pytest.fixture
-def optimizer_record(monkeypatch):
-    """What each AdamW step really ran with: its learning rate, the norm of the gradient it applied, its betas."""
-    record: list[tuple[float, float, tuple[float, float]]] = []
-    real_step = torch.optim.AdamW.step
-
-    def recording(self, *args, **kwargs):
-        group = self.param_groups[0]
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
-        record.append((group["lr"], norm, group["betas"]))
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
-    return record
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

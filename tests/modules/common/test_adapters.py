@@ -1,4 +1,4 @@
-"""LoraAdapter: PEFT directory round trip and every import error."""
+"""LoraAdapter: PEFT directory round trip and every import error; `applied` leaves no LoRA layer behind."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter, base_module_name, check_magnitudes
+from common.adapters import (
+    CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter, applied, base_module_name, check_magnitudes,
+)
 from common.atomic import MARKER_FILE
 from common.errors import PrimeError
+from common.lora_math import random_adapter
 from common.models import tiny_model
 
 PROMPT = "Review: a great film Score:"
@@ -191,3 +194,17 @@ def test_a_save_that_fails_midway_leaves_the_previous_adapter(saved, monkeypatch
     reloaded = LoraAdapter.load(directory)
     assert all(torch.equal(reloaded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
     assert [p.name for p in directory.parent.iterdir()] == [directory.name]
+
+
+def _no_lora_left(model) -> bool:
+    return not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_applied_unloads_even_when_the_block_fails():
+    model, _ = tiny_model()
+    adapter = random_adapter(model)
+    with pytest.raises(RuntimeError):
+        with applied(model, adapter) as peft_model:
+            assert not _no_lora_left(peft_model)
+            raise RuntimeError("boom")
+    assert _no_lora_left(model)

@@ -12,18 +12,16 @@ import inspect
 import json
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import RecordDict
 
 from client.app import app as client_app
 from common.errors import PrimeError
-from common.federation import FAULT_PHASES, ConfigError, FederationConfig
-from common.phases import NODE_JOBS, Phase
+from common.federation import ConfigError, FederationConfig
+from common.phases import Phase
 from common.tasks import get_task
-from inprocess_grid import InProcessGrid, tiny_config
+from inprocess_grid import InProcessGrid, SilentGrid, tiny_config
 import server.coordinator
 from server.coordinator import Coordinator, check_preset_task
-from server.messaging import Messenger
-from server.report import RunReport
 
 # The method of `Coordinator` that carries out each phase.
 METHOD = {Phase.REGISTER: "register", Phase.PLAN: "plan", Phase.ADAPT: "adapt", Phase.SHARE: "share",
@@ -36,64 +34,12 @@ def test_the_phases_are_the_protocol_in_order():
     assert set(METHOD) == set(Phase)
 
 
-def test_the_wire_strings_are_those_old_nodes_answer():
-    jobs = {phase.label: (phase.job.message_type, phase.job.name) if phase.job else None for phase in Phase}
-    assert jobs == {"register": ("query.register", "register"), "plan": None, "adapt": ("train.adapt", "adapt"),
-                    "share": ("train.share", "share"), "personalize": ("query.profile", "profile"),
-                    "evaluate": ("evaluate.personalized", "evaluate"), "report": None}
-    assert FAULT_PHASES == ("register", "adapt", "share", "profile", "evaluate")  # `fault-phases` values unchanged
-
-
 def test_the_module_opens_with_the_coordinator_whose_first_method_is_run_on_one_screen():
     tree = ast.parse(inspect.getsource(server.coordinator))
     first = next(node for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef)))
     method = next(node for node in first.body if isinstance(node, ast.FunctionDef))
     assert (first.name, method.name) == ("Coordinator", "run")
     assert method.end_lineno - method.lineno + 1 <= 40
-
-
-def test_a_phase_without_a_node_job_refuses_to_name_one():
-    with pytest.raises(ValueError, match="'plan' sends no message"):
-        Phase.PLAN.asks
-
-
-@pytest.mark.parametrize("job", NODE_JOBS, ids=lambda job: job.name)
-def test_the_client_app_answers_each_job_under_its_name(job):
-    """Flower routes each phase's message type to a handler, and that handler's fault injection knows it by the
-    job's name: a node told to fail in exactly this job fails there, naming it."""
-    grid = InProcessGrid(client_app, 1)
-    config = ConfigRecord({"fault-fraction": 1.0, "fault-kinds": "error", "fault-phases": job.name})
-    message = Message(RecordDict({"config": config}), dst_node_id=grid.node_id(0), message_type=job.message_type)
-    (reply,) = grid.send_and_receive([message])
-    assert reply.has_error() and reply.error.reason.strip().endswith(f"injected fault: node fails in phase {job.name}")
-
-
-class _SilentGrid:
-    """A grid whose nodes never answer; it keeps what was sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[Message] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        self.sent.extend(messages)
-        return iter(())
-
-
-def test_an_exchange_sends_the_phase_message_type_and_skips_silent_nodes(tmp_path):
-    from common.crypto import CoordinatorKeys, NodeIdentity
-
-    grid, report = _SilentGrid(), RunReport(run_id="r", config={})
-    config = tiny_config(str(tmp_path / "run"), phase_timeout=3.0)
-    messenger = Messenger(grid, config, "r", CoordinatorKeys.generate(), NodeIdentity.generate(), report,
-                          user_of={5: "u5"}.get)
-    assert messenger.exchange(Phase.PERSONALIZE, {5: messenger.request(), 6: messenger.request()}) == {}
-    assert [(m.metadata.message_type, m.metadata.group_id) for m in grid.sent] == [("query.profile", "profile")] * 2
-    assert sorted((s["phase"], s["node_id"], s.get("user_id")) for s in report.skipped) == [
-        ("profile", 5, "u5"), ("profile", 6, None)]
-    assert {s["reason"] for s in report.skipped} == {"no reply within 3 s"}
-    messenger.exchange(Phase.ADAPT, {5: messenger.request()}, label="adapt-2")
-    assert (grid.sent[-1].metadata.message_type, grid.sent[-1].metadata.group_id) == ("train.adapt", "adapt-2")
-    assert report.skipped[-1]["phase"] == "adapt-2"
 
 
 def _spied(tmp_path, monkeypatch, fail: str | None = None, error: BaseException | None = None,
@@ -182,7 +128,7 @@ def test_a_crash_is_written_as_one_and_raised(tmp_path, monkeypatch):
 
 def test_a_personalize_phase_that_asked_no_target_leaves_evaluate_nothing_to_send(tmp_path):
     """Too few usable sharers: personalize returns None and evaluate sends nothing (no `personalize` phase row)."""
-    coordinator = Coordinator(grid=_SilentGrid(), config=tiny_config(str(tmp_path / "run")), registry_key=b"k" * 32)
+    coordinator = Coordinator(grid=SilentGrid(), config=tiny_config(str(tmp_path / "run")), registry_key=b"k" * 32)
     coordinator.evaluate(plan=None, evaluations=None)
     assert coordinator.grid.sent == [] and coordinator.report.phases == {}
 

@@ -1,5 +1,5 @@
-"""PAG: the profile summary (official prompt, written once per target, kept on disk), the PAG prompts of
-PAG, PAG+RAG, OPPU+PAG and PriME+PAG, and the official process_profile augmentation of the fitness pairs."""
+"""PAG: the profile summary (official prompt, written once per target, kept on disk) and the PAG prompts of
+PAG, PAG+RAG, OPPU+PAG and PriME+PAG (the augmented fitness pairs: test_augment.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import pytest
 import simulations.evaluation.methods.pag as pag
 import simulations.evaluation.methods.prime as prime_module
 from common.inference import DEFAULT_MAX_PROMPT_TOKENS
-from common.lamp import LampDataset, LampUser, Query, profile_pairs
+from common.lamp import profile_pairs
 from common.settings import NodeConfig, SearchConfig, TrainConfig, recent
 from common.synthetic import SyntheticConfig
-from common.tasks import get_task
+from eval_grids import one_user_context
 from simulations.evaluation.prepare import prepare
 from simulations.evaluation.settings import EvalConfig
 from simulations.evaluation.methods import get_method
 from simulations.evaluation.methods.base import query_prompts
-from simulations.evaluation.methods.augment import AUGMENTED, fitness_history
-from simulations.evaluation.methods.rag import HEADER, examples_block, rag_prompts
+from simulations.evaluation.methods.rag import rag_prompts
 
 
 @pytest.fixture(scope="module")
@@ -160,54 +159,6 @@ def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(p
     assert len(searches) == 3 and "drama" in searches[2][0][0]
 
 
-def _custom(ctx, task: str, profile: list[dict], tmp_path):
-    """`ctx` over a one-user dataset of `task` (the run's model), its summary fixed."""
-    user = LampUser("u1", profile, [Query("q1", "x", "y")])
-    return fresh(ctx, dataset=LampDataset(get_task(task), [user]), folder=tmp_path)
-
-
-def test_augmentation_adds_a_profile_and_best_earlier_item_copy_after_every_item_but_the_first(ctx, tmp_path, monkeypatch):
-    monkeypatch.setattr(pag, "_write_summary", lambda c, p: "most popular tag: sci-fi")
-    profile = [
-        {"description": "A robot pilot flies a space ship.", "tag": "sci-fi"},
-        {"description": "Two lovers marry in Paris.", "tag": "romance"},
-        {"description": "A robot soldier wages a space war.", "tag": "action"},
-        {"description": "Lovers meet again in Paris.", "tag": "romance"},
-    ]
-    c = _custom(ctx, "LaMP_2", profile, tmp_path)
-    plain = profile_pairs(c.task, profile)
-    pairs = fitness_history(c, "u1", augment=True)
-    assert len(pairs) == 2 * len(profile) - 1
-    # Each item as it is, then (from the second on) its copy: p0, p1, c1, p2, c2, p3, c3.
-    assert [pairs[0], *pairs[1::2]] == plain
-    block = "### User Profile:\nmost popular tag: sci-fi\n\n"
-    best_earlier = [None, 0, 0, 1]  # item 1 can only see item 0; the robot/space war matches item 0; Paris item 1
-    for idx in range(1, len(profile)):
-        prompt, answer = plain[idx]
-        assert pairs[2 * idx] == (block + examples_block(c.task, [profile[best_earlier[idx]]]) + prompt, answer)
-    assert pairs[2][0].count(HEADER) == 1 and pairs[2][0].count(" -> ") == 1
-    assert fitness_history(c, "u1", augment=False) == plain
-    assert fitness_history(c, "u1", augment=False, pag=True) == [(block + p, y) for p, y in plain]
-    with_pag = fitness_history(c, "u1", augment=True, pag=True)
-    assert [with_pag[0], *with_pag[1::2]] == [(block + p, y) for p, y in plain] and with_pag[2::2] == pairs[2::2]
-
-
-def test_augmentation_leaves_the_tasks_the_official_code_leaves(ctx, tmp_path, monkeypatch):
-    monkeypatch.setattr(pag, "_write_summary", lambda c, p: pytest.fail("no summary is needed"))
-    tweets = [{"text": "hello world"}, {"text": "good morning all"}, {"text": "hello again"}]
-    c = _custom(ctx, "LaMP_7", tweets, tmp_path)
-    assert "LaMP_7" not in AUGMENTED
-    assert fitness_history(c, "u1", augment=True) == profile_pairs(c.task, tweets)
-
-
-def test_stopword_only_history_still_ranks(ctx, tmp_path, monkeypatch):
-    monkeypatch.setattr(pag, "_write_summary", lambda c, p: "s")
-    profile = [{"description": "the a", "tag": "comedy"}, {"description": "it is", "tag": "action"},
-               {"description": "the", "tag": "romance"}]
-    pairs = fitness_history(_custom(ctx, "LaMP_2", profile, tmp_path), "u1", augment=True)
-    assert len(pairs) == 5 and "-> action" in pairs[4][0]  # no word to match: the most recent earlier item
-
-
 def test_oppu_variants_share_one_adapter_and_augmented_training_is_another(prepared, ctx, monkeypatch):
     target = ctx.plan.targets[0]
     monkeypatch.setattr(pag, "_write_summary", lambda c, p: "s")
@@ -226,5 +177,5 @@ def test_oppu_variants_share_one_adapter_and_augmented_training_is_another(prepa
 def test_lamp1_items_use_the_official_citation_form_when_they_have_one(ctx, tmp_path):
     papers = [{"title": "Deep nets", "abstract": "We study nets.", "citation": "Old nets"},
               {"title": "Shallow nets", "abstract": "We study small nets."}]
-    prompt = pag.summary_prompt(_custom(ctx, "LaMP_1", papers, tmp_path), "u1")
+    prompt = pag.summary_prompt(one_user_context(ctx, "LaMP_1", papers, tmp_path), "u1")
     assert "'paper title: Deep nets reference: Old nets'" in prompt and "'paper title: Shallow nets'" in prompt

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from common.tasks import get_task
-from simulations.evaluation.methods.rag import HEADER, ITEM_WORDS, bm25_index, bm25_order, examples_block, item_source
+from simulations.evaluation.methods.rag import (
+    HEADER, ITEM_WORDS, bm25_index, bm25_order, examples_block, item_source, rag_prompt, retrieve,
+)
 
 TAGGING = get_task("tagging")
 ITEMS = [{"description": "A pilot flies to a distant planet.", "tag": "sci-fi"},
@@ -30,3 +32,16 @@ def test_the_examples_block_has_the_header_and_one_shortened_line_per_item():
     lines = block.rstrip("\n").split("\n")
     assert lines[0] == HEADER and lines[1] == "Two friends on a road trip, many jokes. -> comedy"
     assert lines[2] == " ".join(["word"] * ITEM_WORDS) + " ... -> comedy" and block.endswith("\n\n")
+
+
+def test_rag_retrieves_the_matching_history_item_and_keeps_the_query_last(ctx):
+    target = ctx.plan.targets[0]
+    item = ctx.user(target).profile[-2]
+    query = f"Description: {item['description']} Tag:"
+    assert retrieve(ctx, target, query, 1)[0] is item
+    prompt = rag_prompt(ctx, target, query, 2)
+    lines = prompt.split("\n")
+    assert lines[0] == HEADER
+    assert lines[1].endswith(f"-> {item['tag']}")
+    assert len([line for line in lines if " -> " in line]) == 2
+    assert prompt.endswith("\n\n" + query)
