@@ -24,6 +24,15 @@ PriME merges at several alpha, PriME with the release guards, and each
 sharer's own adapter trained with DP-SGD at several noise levels (epsilon
 from opacus' accountant). Every merge reaches the target through
 `released_adapter`.
+
+Scores (higher = member), each reported as AUROC and as TPR at 1% and 0.1%
+FPR, all with bootstrap intervals: `loss` (`-loss`, the paper's); `ref`,
+reference-calibrated, `loss_ref - loss` with the unmerged task model as the
+reference (the model the target holds without any sharer's data, so the
+attacker has it too): it cancels how hard an item is in itself; `min-k`, the
+mean of the lowest k% token log-probabilities of the completion (Shi et al.
+2024). A TPR at an FPR below 1 / non-members is the TPR at zero false
+positives, and the rows say so (`fpr_resolution`, `*_zero_fp`).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -51,7 +60,7 @@ from common.lamp import LampFormatError, LampUser, Query, load_lamp, profile_pai
 from common.lora_math import merge_exact
 from common.metrics import task_metrics
 from common.settings import (
-    POSITIVE, Check, DpSgdConfig, SearchConfig, TrainConfig, at_least, one_of, setting, shared, validate,
+    NON_NEGATIVE, POSITIVE, Check, DpSgdConfig, SearchConfig, TrainConfig, at_least, one_of, setting, shared, validate,
 )
 from common.synthetic import MAX_GROUPS, SyntheticConfig, generate
 from common.tasks import TaskSpec
@@ -64,6 +73,14 @@ from simulations.threats.leak import ThreatError
 Pair = tuple[str, str]
 PROTOCOLS = ("fresh", "official")
 CONFIDENCE = 0.95
+SCORES = ("loss", "ref", "min-k")  # higher = member for each (module docstring)
+FPRS = (0.01, 0.001)  # the false-positive rates each score's TPR is read at
+POOLED = "pooled"  # the `target` of a row over every target's cases
+
+
+def fpr_label(fpr: float) -> str:
+    """`1%`, `0.1%`: how a false-positive bound names its columns."""
+    return f"{100 * fpr:g}%"
 
 
 def _finite(values: Sequence[float]) -> bool:
@@ -115,6 +132,13 @@ class MembershipConfig:
     lr: float = setting(TrainConfig.lr, "LoRA learning rate", POSITIVE)
     batch_size: int = setting(16, "rows per forward", at_least(1))
     resamples: int = setting(1000, "membership: bootstrap resamples per AUROC interval", at_least(10))
+    min_k: float = setting(20.0, "membership: the min-k score's k, the percent of a completion's least likely tokens "
+                                 "whose log-probabilities it averages (Shi et al. 2024)",
+                           Check(lambda v: 0 < v <= 100, "in (0, 100]"))
+    near_null: float = setting(0.05, "membership: a released merge whose largest |weight| is below this is near-null "
+                                     "(flagged in the rows)", NON_NEGATIVE)
+    targets: int = setting(1, "membership: targets, each with its own k sharers (disjoint users); rows per target "
+                              "and pooled", at_least(1))
     seed: int = shared(EmbeddingConfig, "seed")
 
     def __post_init__(self) -> None:
@@ -166,6 +190,7 @@ class World:
     dp_adapters: dict[float, dict[str, LoraAdapter]] = field(default_factory=dict)  # noise -> sharer -> adapter
     dp_guarantees: dict[float, dict[str, dp.Guarantee]] = field(default_factory=dict)
     train_losses: dict[str, list[float]] = field(default_factory=dict)  # per sharer, per epoch
+    target_id: str = ""
 
 
 @dataclass
@@ -180,13 +205,16 @@ class Setting:
 
 @dataclass
 class MembershipResult:
-    """AUROC of the loss attack per setting, with its bootstrap interval, utility and (DP rows) epsilon."""
+    """Per setting and target (then pooled over targets): every score's AUROC and TPR at low FPR with bootstrap
+    intervals, the loss AUROC per case, utility, (DP rows) epsilon and (merges) the released weights."""
 
     config: dict
-    sharer_ids: list[str]
+    sharer_ids: list[str]  # the first target's; each row's cases are its own target's sharers
     rows: list[dict]
     other_ids: list[str] = field(default_factory=list)
     train_losses: dict[str, list[float]] = field(default_factory=dict)
+    target_ids: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # footnotes (JSON, console, plot): which TPRs are at zero FP
 
     def to_dict(self) -> dict:
         return {"attack": "membership", **asdict(self)}
@@ -194,12 +222,23 @@ class MembershipResult:
     def write_csv(self, path: str | Path) -> Path:
         metrics = list(self.rows[0]["utility"]) if self.rows else []
         cases = max((len(row["auroc_per_case"]) for row in self.rows), default=0)
-        header = ["setting", "auroc", "auroc_low", "auroc_high", "member_loss", "nonmember_loss",
-                  *[f"utility_{m}" for m in metrics], "epsilon", "delta", *[f"auroc_case{i}" for i in range(cases)]]
-        body = [[row["setting"], row["auroc"], row["auroc_low"], row["auroc_high"], row["member_loss"],
-                 row["nonmember_loss"], *[row["utility"][m] for m in metrics],
-                 "" if row["epsilon"] is None else row["epsilon"], "" if row["delta"] is None else row["delta"],
-                 *row["auroc_per_case"], *[""] * (cases - len(row["auroc_per_case"]))] for row in self.rows]
+        columns = [f"tpr_at_{fpr_label(f)}_fpr{end}" for f in FPRS for end in ("", "_low", "_high", "_zero_fp")]
+        scored = ["auroc", "auroc_low", "auroc_high", *columns, "fpr_resolution"]
+        header = ["setting", "target", "auroc", "auroc_low", "auroc_high", "member_loss", "nonmember_loss",
+                  *[f"{score}_{c}" for score in SCORES for c in scored],
+                  *[f"utility_{m}" for m in metrics], "epsilon", "delta", "merge_weights", "merge_max_abs_weight",
+                  "merge_fallback", "merge_near_null", *[f"auroc_case{i}" for i in range(cases)]]
+        body = []
+        for row in self.rows:
+            merge = row["merge"] if row["target"] != POOLED else {}
+            body.append([
+                row["setting"], row["target"], row["auroc"], row["auroc_low"], row["auroc_high"], row["member_loss"],
+                row["nonmember_loss"], *[row["scores"][score][c] for score in SCORES for c in scored],
+                *[row["utility"][m] for m in metrics],
+                "" if row["epsilon"] is None else row["epsilon"], "" if row["delta"] is None else row["delta"],
+                " ".join(f"{w:.4g}" for w in merge.get("weights", [])), merge.get("max_abs_weight", ""),
+                merge.get("fallback", ""), merge.get("near_null", ""),
+                *row["auroc_per_case"], *[""] * (cases - len(row["auroc_per_case"]))])
         return write_csv(path, [header] + body)
 
 
@@ -273,14 +312,29 @@ def auroc_interval(
     return Interval(point=point, low=float(low), high=float(high))
 
 
-def example_losses(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int = 16, max_length: int = 512
-) -> np.ndarray:
-    """Mean cross-entropy of each pair's target tokens + EOS: exactly the quantity LoRA training lowered."""
+def min_k_score(logits: torch.Tensor, target: torch.Tensor, k_percent: float) -> float:
+    """Mean of the lowest `k_percent`% (at least one) of the target tokens' log-probabilities under `logits`
+    (one row per target token): Min-K% Prob (Shi et al. 2024); a model that trained on the text has fewer very
+    unlikely tokens in it."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[:, None])[:, 0]
+    lowest = max(1, math.ceil(len(logprobs) * k_percent / 100))
+    return float(torch.sort(logprobs).values[:lowest].mean())
+
+
+def example_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int = 16,
+    k_percent: float = MembershipConfig.min_k, max_length: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, min-k score) of each pair, from one forward per batch.
+
+    The loss is the mean cross-entropy of the pair's target tokens + EOS:
+    exactly the quantity LoRA training lowered; the min-k score reads the
+    same tokens' log-probabilities.
+    """
     encoded = encode_pairs(tokenizer, pairs, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    losses = []
+    losses, min_k = [], []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start : start + batch_size]
@@ -295,7 +349,81 @@ def example_losses(
                 logits = lm_logits(model, hidden[row, n_prompt - 1 : len(seq) - 1])
                 target = torch.tensor(seq[n_prompt:], device=device)
                 losses.append(float(torch.nn.functional.cross_entropy(logits, target)))
-    return np.asarray(losses)
+                min_k.append(min_k_score(logits, target, k_percent))
+    return np.asarray(losses), np.asarray(min_k)
+
+
+def example_losses(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], batch_size: int = 16, max_length: int = 512
+) -> np.ndarray:
+    """Mean cross-entropy of each pair's target tokens + EOS (`example_scores`' first half)."""
+    return example_scores(model, tokenizer, pairs, batch_size, max_length=max_length)[0]
+
+
+def tpr_at_fpr(member_scores: Sequence[float], nonmember_scores: Sequence[float], fpr: float) -> float:
+    """The largest true-positive rate of a threshold on the score (higher = member) whose false-positive rate is
+    at most `fpr`, read off scikit-learn's ROC curve.
+
+    With n non-members the FPR moves in steps of 1/n: below 1/n this is the
+    TPR at zero false positives (`zero_false_positives`).
+    """
+    if len(member_scores) == 0 or len(nonmember_scores) == 0:
+        raise ThreatError("a TPR at a false-positive rate needs at least one member and one non-member score")
+    if not 0 <= fpr <= 1:
+        raise ThreatError(f"a false-positive rate must lie in [0, 1], got {fpr}")
+    scores = np.concatenate([np.asarray(member_scores, float), np.asarray(nonmember_scores, float)])
+    if not np.isfinite(scores).all():
+        raise ThreatError("membership scores must be finite")
+    labels = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
+    fprs, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(tprs[fprs <= fpr + 1e-12].max())
+
+
+def zero_false_positives(fpr: float, nonmembers: int) -> bool:
+    """Whether a TPR at `fpr` is in fact the TPR at zero false positives: the FPR's resolution, 1 / non-members,
+    is coarser than the bound."""
+    return math.floor(fpr * nonmembers + 1e-9) == 0
+
+
+def resampled_tprs(
+    member_scores: np.ndarray, nonmember_scores: np.ndarray, member_draws: np.ndarray, nonmember_draws: np.ndarray,
+    fpr: float,
+) -> np.ndarray:
+    """`tpr_at_fpr` of each resample (row of `member_draws` / `nonmember_draws`: the indices drawn), at once.
+
+    A threshold allowed f = floor(fpr * n) false positives passes the members
+    above the (f+1)-th highest non-member score and no other, so that is the
+    TPR; the test checks it against `tpr_at_fpr` resample by resample.
+    """
+    members, nonmembers = member_scores[member_draws], np.sort(nonmember_scores[nonmember_draws], axis=1)[:, ::-1]
+    allowed = math.floor(fpr * nonmembers.shape[1] + 1e-9)
+    if allowed >= nonmembers.shape[1]:
+        return np.ones(len(members))
+    return (members > nonmembers[:, allowed : allowed + 1]).mean(axis=1)
+
+
+def score_metrics(
+    cases: Sequence[tuple[np.ndarray, np.ndarray]], resamples: int, seed: int = 0, confidence: float = CONFIDENCE
+) -> dict:
+    """AUROC and TPR at each of `FPRS`, each the mean over cases (member scores, non-member scores; higher =
+    member) with a percentile bootstrap interval (members and non-members resampled separately, as
+    `auroc_interval`), plus the FPR resolution and whether each TPR is one at zero false positives."""
+    auroc = auroc_interval([(-np.asarray(m), -np.asarray(n)) for m, n in cases], resamples, seed, confidence)
+    out = {"auroc": auroc.point, "auroc_low": auroc.low, "auroc_high": auroc.high}
+    smallest = min(len(n) for _, n in cases)
+    out["fpr_resolution"] = 1.0 / smallest
+    rng = np.random.default_rng(seed)
+    draws = [(rng.integers(0, len(m), (resamples, len(m))), rng.integers(0, len(n), (resamples, len(n)))) for m, n in cases]
+    tail = (1 - confidence) / 2
+    for fpr in FPRS:
+        name = f"tpr_at_{fpr_label(fpr)}_fpr"
+        resampled = np.mean([resampled_tprs(np.asarray(m, float), np.asarray(n, float), dm, dn, fpr)
+                             for (m, n), (dm, dn) in zip(cases, draws)], axis=0)
+        low, high = np.quantile(resampled, [tail, 1 - tail])
+        out[name] = float(np.mean([tpr_at_fpr(m, n, fpr) for m, n in cases]))
+        out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
+        out[f"{name}_zero_fp"] = zero_false_positives(fpr, smallest)
+    return out
 
 
 def _split_items(task: TaskSpec, pool: Sequence[LampUser], config: MembershipConfig) -> dict[str, tuple[list[dict], list[dict]]]:
@@ -323,47 +451,70 @@ def _split_items(task: TaskSpec, pool: Sequence[LampUser], config: MembershipCon
     return out
 
 
-def _users(config: MembershipConfig) -> tuple[TaskSpec, LampUser, list[LampUser], list[LampUser], dict[str, int]]:
-    """(task, target, sharing pool, task-adaptation users, latent group of each synthetic user).
+def _users(config: MembershipConfig) -> tuple[TaskSpec, list[tuple[LampUser, list[LampUser]]], list[LampUser], dict[str, int]]:
+    """(task, (target, its sharing pool) per target, task-adaptation users, latent group of each synthetic user).
 
     Synthetic: generated, with twice the draws a sharer needs (duplicates and
-    items another pool user drew leave its pool). Real (`data`): the users
-    with the most history items form the pool (ties by id), since each needs
-    `history + nonmembers` distinct items of its own; the next user with a
-    query and `history` items is the target, the ones after it adapt the
-    task. Real users have no latent groups.
+    items another pool user drew leave its pool); each target and its pool
+    are users of their own. Real (`data`): the users with the most history
+    items form the pools (ties by id; target t gets the t-th block), since
+    each needs `history + nonmembers` distinct items of its own; the next
+    users with a query and `history` items are the targets, the ones after
+    them adapt the task. Real users have no latent groups.
     """
     pool_size = config.sharers + (config.others if config.protocol == "official" else 0)
+    block = 1 + pool_size
     if not config.data:
         synth = generate(SyntheticConfig(
-            task=config.task, n_users=1 + pool_size + config.adapt_users, n_groups=min(config.groups, MAX_GROUPS[config.task]),
-            history=2 * (config.history + config.nonmembers), queries=config.queries, seed=config.seed,
+            task=config.task, n_users=config.targets * block + config.adapt_users,
+            n_groups=min(config.groups, MAX_GROUPS[config.task]), history=2 * (config.history + config.nonmembers),
+            queries=config.queries, seed=config.seed,
         ))
         users = synth.dataset.users
-        target, pool = users[0], users[1 : 1 + pool_size]
-        return synth.dataset.task, target, pool, users[1 + pool_size :], {u.user_id: synth.groups[u.user_id] for u in [target, *pool]}
+        worlds = [(users[t * block], users[t * block + 1 : (t + 1) * block]) for t in range(config.targets)]
+        groups = {u.user_id: synth.groups[u.user_id] for u in users[: config.targets * block]}
+        return synth.dataset.task, worlds, users[config.targets * block :], groups
     try:
         dataset = load_lamp(config.data)
     except LampFormatError as err:
         raise ThreatError(f"membership: {err}") from None
     ranked = sorted(dataset.users, key=lambda u: (-len(u.profile), u.user_id))
-    pool = ranked[:pool_size]
-    rest = [u for u in ranked[pool_size:] if u.queries and len(u.profile) >= config.history]
-    if len(pool) < pool_size or len(rest) < 1 + config.adapt_users:
-        raise ThreatError(f"membership: {config.data} has {len(dataset.users)} users; need {pool_size} sharers, a target "
-                          f"with {config.history} history items and a query, and {config.adapt_users} adaptation users")
-    return dataset.task, rest[0], pool, rest[1 : 1 + config.adapt_users], {}
+    pools = config.targets * pool_size
+    rest = [u for u in ranked[pools:] if u.queries and len(u.profile) >= config.history]
+    if len(ranked) < pools or len(rest) < config.targets + config.adapt_users:
+        raise ThreatError(f"membership: {config.data} has {len(dataset.users)} users; need, for each of "
+                          f"{config.targets} target(s), {pool_size} sharers and a target with {config.history} history "
+                          f"items and a query, and {config.adapt_users} adaptation users")
+    worlds = [(rest[t], ranked[t * pool_size : (t + 1) * pool_size]) for t in range(config.targets)]
+    return dataset.task, worlds, rest[config.targets : config.targets + config.adapt_users], {}
 
 
 def build_world(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, progress: bool = True
 ) -> tuple[PreTrainedModel, World]:
-    """Generate the users, task-adapt `model` if asked (in place), train each merged sharer's LoRA (and DP LoRAs)."""
-    task, target, pool, adapters_pool, groups = _users(config)
-    target_history = target.profile[: config.history]
+    """The first target's world (`build_worlds` with one target)."""
+    model, worlds = build_worlds(model, tokenizer, replace(config, targets=1), progress)
+    return model, worlds[0]
+
+
+def build_worlds(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, progress: bool = True
+) -> tuple[PreTrainedModel, list[World]]:
+    """Generate the users, task-adapt `model` once if asked (in place), and per target train each merged sharer's
+    LoRA (and DP LoRAs)."""
+    task, targets, adapters_pool, groups = _users(config)
     if adapters_pool:
         pooled = {u.user_id: profile_pairs(task, u.profile[: config.history]) for u in adapters_pool}
         model = adapt(model, tokenizer, task, pooled, config.train_config(), progress=progress)
+    return model, [_world(model, tokenizer, config, task, target, pool, groups, progress) for target, pool in targets]
+
+
+def _world(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MembershipConfig, task: TaskSpec,
+    target: LampUser, pool: list[LampUser], groups: dict[str, int], progress: bool,
+) -> World:
+    """One target's world: its pool's items split, the k merged sharers chosen, their LoRAs trained."""
+    target_history = target.profile[: config.history]
     split = _split_items(task, pool, config)
     encoder = load_encoder("hashing")
     embeddings = {u.user_id: user_embedding(encoder, task, split[u.user_id][0]) for u in pool}  # of what it trains on
@@ -394,7 +545,7 @@ def build_world(
             adapter, stats = train_lora(model, tokenizer, members[user.user_id], train, progress=False, dp_sgd=dp_sgd)
             dp_adapters[noise][user.user_id] = adapter
             dp_guarantees[noise][user.user_id] = stats.privacy
-    world = World(
+    return World(
         task=task,
         target_pairs=profile_pairs(task, target_history),
         target_queries=list(target.queries),
@@ -409,8 +560,8 @@ def build_world(
         dp_adapters=dp_adapters,
         dp_guarantees=dp_guarantees,
         train_losses=train_losses,
+        target_id=target.user_id,
     )
-    return model, world
 
 
 def released_adapter(merged: LoraAdapter | None) -> LoraAdapter | None:
@@ -434,7 +585,7 @@ def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world:
     uniform = [1.0 / len(ids)] * len(ids)
     settings.append(Setting(f"uniform merge of k={len(ids)}",
                             dict.fromkeys(ids, released_adapter(merge_exact([world.adapters[s] for s in ids], uniform))),
-                            one_model=True, extra={"weights": uniform}))
+                            one_model=True, extra={"weights": uniform, "fallback": False}))
     sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
     searches = [(f"PriME alpha={a:g}", config.search_config(a)) for a in config.alphas]
     guards = f"share cap {applied_share_cap(config.guard_share_cap, len(ids)):g}" + (f", release rank {config.guard_release_rank}"
@@ -481,61 +632,135 @@ def _utility(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: 
     return {name: float(np.mean([s[name] for s in scores])) for name in scores[0]}
 
 
+def _case_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: LoraAdapter | None, pairs: list[Pair],
+    config: MembershipConfig, reference: dict[tuple[Pair, ...], np.ndarray],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(losses, every score of `SCORES`) of `pairs` under the release `adapter`; `reference` caches the unmerged
+    task model's losses of each item list, scored once per list."""
+    key = tuple(pairs)
+    if key not in reference:
+        reference[key] = example_losses(model, tokenizer, pairs, config.batch_size)
+    with applied(model, adapter) as scored:
+        losses, min_k = example_scores(scored, tokenizer, pairs, config.batch_size, config.min_k)
+    return losses, {"loss": -losses, "ref": reference[key] - losses, "min-k": min_k}
+
+
+def _merge_record(setting: Setting, near_null: float) -> dict:
+    """The weights of a released merge, whether it fell back and whether it is near-null; empty for a setting
+    that releases no merge."""
+    weights = setting.extra.get("weights")
+    if weights is None:
+        return {}
+    largest = float(np.max(np.abs(weights)))
+    return {"weights": [float(w) for w in weights], "max_abs_weight": largest,
+            "fallback": bool(setting.extra.get("fallback", False)), "near_null": largest < near_null}
+
+
+def _row(name: str, target: str, cases: list[tuple[tuple[np.ndarray, np.ndarray], dict]], config: MembershipConfig) -> dict:
+    """The metrics of one setting over its cases ((member losses, non-member losses), {score: (members,
+    non-members)})."""
+    losses = [pair for pair, _ in cases]
+    interval = auroc_interval(losses, config.resamples, config.seed)
+    return {
+        "setting": name, "target": target, "auroc": interval.point, "auroc_low": interval.low, "auroc_high": interval.high,
+        "auroc_per_case": [membership_auroc(m, n) for m, n in losses],
+        "members": sum(len(m) for m, _ in losses), "nonmembers": sum(len(n) for _, n in losses),
+        "member_loss": float(np.mean([m.mean() for m, _ in losses])),
+        "nonmember_loss": float(np.mean([n.mean() for _, n in losses])),
+        "scores": {score: score_metrics([scores[score] for _, scores in cases], config.resamples, config.seed)
+                   for score in SCORES},
+    }
+
+
 def membership_attack(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: World, config: MembershipConfig, progress: bool = True
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, worlds: World | Sequence[World], config: MembershipConfig,
+    progress: bool = True,
 ) -> MembershipResult:
-    """AUROC with its interval, utility and epsilon for every setting (see the module docstring)."""
-    settings = _settings(model, tokenizer, world, config)
-    rows = []
-    for current in tqdm(settings, desc="membership settings", disable=not progress):
-        losses = []
-        for adapter, members, nonmembers in _cases(current, world, config.protocol):
-            with applied(model, adapter) as scored:
-                losses.append((example_losses(scored, tokenizer, members, config.batch_size),
-                               example_losses(scored, tokenizer, nonmembers, config.batch_size)))
-        interval = auroc_interval(losses, config.resamples, config.seed)
-        guarantees = current.extra.get("dp", {})
-        rows.append({
-            "setting": current.name, "auroc": interval.point, "auroc_low": interval.low, "auroc_high": interval.high,
-            "auroc_per_case": [membership_auroc(m, n) for m, n in losses],
-            "members": sum(len(m) for m, _ in losses), "nonmembers": sum(len(n) for _, n in losses),
-            "member_loss": float(np.mean([m.mean() for m, _ in losses])),
-            "nonmember_loss": float(np.mean([n.mean() for _, n in losses])),
-            "utility": _utility(model, tokenizer, world, current),
-            "epsilon": max((g["epsilon"] for g in guarantees.values()), default=None),
-            "delta": max((g["delta"] for g in guarantees.values()), default=None),
-            "extra": current.extra,
-        })
-    return MembershipResult(config=asdict(config), sharer_ids=world.sharer_ids, rows=rows, other_ids=world.other_ids,
-                            train_losses=world.train_losses)
+    """Every score's AUROC and TPR at low FPR with their intervals, utility, epsilon and the released merge's
+    weights for every setting of every target, then (several targets) every setting pooled over targets: its
+    cases are all targets' (see the module docstring)."""
+    worlds = [worlds] if isinstance(worlds, World) else list(worlds)
+    rows, pooled = [], {}
+    for world in worlds:
+        reference: dict[tuple[Pair, ...], np.ndarray] = {}
+        settings = _settings(model, tokenizer, world, config)
+        for current in tqdm(settings, desc=f"membership settings, target {world.target_id}", disable=not progress):
+            cases = []
+            for adapter, members, nonmembers in _cases(current, world, config.protocol):
+                (m_loss, m_scores), (n_loss, n_scores) = (
+                    _case_scores(model, tokenizer, adapter, items, config, reference) for items in (members, nonmembers))
+                cases.append(((m_loss, n_loss), {s: (m_scores[s], n_scores[s]) for s in SCORES}))
+            pooled.setdefault(current.name, []).extend(cases)
+            guarantees = current.extra.get("dp", {})
+            rows.append({
+                **_row(current.name, world.target_id, cases, config),
+                "utility": _utility(model, tokenizer, world, current),
+                "epsilon": max((g["epsilon"] for g in guarantees.values()), default=None),
+                "delta": max((g["delta"] for g in guarantees.values()), default=None),
+                "merge": _merge_record(current, config.near_null),
+                "extra": current.extra,
+            })
+    if len(worlds) > 1:
+        for name, cases in pooled.items():
+            per_target = [row for row in rows if row["setting"] == name]
+            rows.append({
+                **_row(name, POOLED, cases, config),
+                "utility": {m: float(np.mean([row["utility"][m] for row in per_target])) for m in per_target[0]["utility"]},
+                "epsilon": max((row["epsilon"] for row in per_target if row["epsilon"] is not None), default=None),
+                "delta": max((row["delta"] for row in per_target if row["delta"] is not None), default=None),
+                "merge": {row["target"]: row["merge"] for row in per_target if row["merge"]},
+                "extra": {},
+            })
+    smallest = min(row["nonmembers"] // len(row["auroc_per_case"]) for row in rows)
+    notes = [f"TPR at {fpr_label(fpr)} FPR is the TPR at zero false positives: with {smallest} non-members per case "
+             f"the FPR resolution is {1 / smallest:.3g}" for fpr in FPRS if zero_false_positives(fpr, smallest)]
+    return MembershipResult(config=asdict(config), sharer_ids=worlds[0].sharer_ids, rows=rows,
+                            other_ids=worlds[0].other_ids, train_losses=worlds[0].train_losses,
+                            target_ids=[w.target_id for w in worlds], notes=notes)
 
 
 def plot(result: MembershipResult, path: str | Path) -> Path:
-    """Per setting: AUROC (bar = mean over cases, whisker = bootstrap 95% interval, dots = each case; dashed =
-    chance) next to the utility on the target's queries (the task's first metric)."""
+    """Per setting (pooled over targets when several): each score's AUROC and TPR at 1% FPR (bars, whiskers =
+    bootstrap 95% interval; dots = the loss AUROC of each case; dashed = chance) next to the utility on the
+    targets' queries (the task's first metric); the footnotes below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["setting"] for row in result.rows]
-    metric = next(iter(result.rows[0]["utility"]))
-    fig, (ax, ux) = plt.subplots(1, 2, figsize=(10.0, 0.45 * len(names) + 1.8), sharey=True,
-                                 gridspec_kw={"width_ratios": [3, 2]})
-    aurocs = np.array([row["auroc"] for row in result.rows])
-    errors = np.array([[row["auroc"] - row["auroc_low"], row["auroc_high"] - row["auroc"]] for row in result.rows]).T
-    ax.barh(range(len(names)), aurocs, xerr=errors, color="#8fb3d9", capsize=3)
-    for i, row in enumerate(result.rows):
-        ax.plot(row["auroc_per_case"], [i] * len(row["auroc_per_case"]), "k.", markersize=4)
+    rows = [row for row in result.rows if len(result.target_ids) <= 1 or row["target"] == POOLED]
+    names = [row["setting"] for row in rows]
+    metric = next(iter(rows[0]["utility"]))
+    tpr = f"tpr_at_{fpr_label(FPRS[0])}_fpr"
+    fig, (ax, tx, ux) = plt.subplots(1, 3, figsize=(13.0, 0.6 * len(names) + 2.2), sharey=True,
+                                     gridspec_kw={"width_ratios": [3, 3, 2]})
+    height = 0.8 / len(SCORES)
+    for j, score in enumerate(SCORES):
+        at = np.arange(len(names)) + (j - (len(SCORES) - 1) / 2) * height
+        for axis, name in ((ax, "auroc"), (tx, tpr)):
+            values = np.array([row["scores"][score][name] for row in rows])
+            errors = np.array([[values[i] - row["scores"][score][f"{name}_low"], row["scores"][score][f"{name}_high"] - values[i]]
+                               for i, row in enumerate(rows)]).T
+            axis.barh(at, values, height=height, xerr=errors, capsize=2, label=score, color=f"C{j}", alpha=0.7)
+    for i, row in enumerate(rows):
+        ax.plot(row["auroc_per_case"], [i - (len(SCORES) - 1) / 2 * height] * len(row["auroc_per_case"]), "k.",
+                markersize=3)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    tx.axvline(FPRS[0], color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"loss-attack AUROC, {result.config['protocol']} protocol\n(95% bootstrap interval)")
-    ux.barh(range(len(names)), [row["utility"][metric] for row in result.rows], color="#b9d99a")
+    tx.set_xlim(0, 1)
+    ax.legend(fontsize=7, title="score", title_fontsize=7)
+    ax.set_xlabel(f"AUROC, {result.config['protocol']} protocol\n(95% bootstrap interval)")
+    tx.set_xlabel(f"TPR at {fpr_label(FPRS[0])} FPR\n(95% bootstrap interval)")
+    ux.barh(range(len(names)), [row["utility"][metric] for row in rows], color="#b9d99a")
     ux.set_xlabel(f"utility: {metric}\non the target's queries")
-    fig.suptitle("Membership inference on sharers' training items vs utility")
-    fig.tight_layout()
+    fig.suptitle(f"Membership inference on sharers' training items vs utility ({len(result.target_ids) or 1} target(s))")
+    if result.notes:
+        fig.text(0.01, 0.005, "\n".join(result.notes), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * len(result.notes), 1, 1))
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return Path(path)
