@@ -35,8 +35,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description=(
             "Measure what the parties of PriME-FL can learn. leak: read sharers' factors out of a stacked merge "
             "vs the released (SVD) adapter; recovery: individual adapters from m merges of the same sharers; "
-            "membership: loss-based membership inference on sharers' training items through what the target "
-            "receives (AUROC with a bootstrap 95% interval, and the utility, per setting); embedding: group probe on user embeddings. Each writes OUT/<attack>.json (+ .csv/.png)."
+            "membership: membership inference on sharers' training items through what the target receives, by "
+            "three scores: loss (-loss), ref (reference-calibrated: the unmerged task model's loss minus the "
+            "release's) and min-k (mean of the lowest k% token log-probabilities), each as AUROC and TPR at 1% and "
+            "0.1% FPR with bootstrap 95% intervals (a TPR at an FPR below 1/non-members is the TPR at zero false "
+            "positives, and says so), with the utility and the released merge's weights per setting and target; embedding: group probe on user embeddings. Each writes OUT/<attack>.json (+ .csv/.png)."
         ),
     )
     parser.add_argument("attack", choices=ATTACKS, help="which attack (all: every one, leak/recovery on the trained adapters)")
@@ -113,10 +116,10 @@ def _threats(args: argparse.Namespace) -> int:
     adapters = None
     if mconfig is not None:
         t = time.perf_counter()
-        model, world = mia.build_world(model, tokenizer, mconfig, progress=progress)
-        adapters = [world.adapters[s] for s in world.sharer_ids]
+        model, worlds = mia.build_worlds(model, tokenizer, mconfig, progress=progress)
+        adapters = [worlds[0].adapters[s] for s in worlds[0].sharer_ids]  # leak/recovery: the first target's sharers
         if args.attack in ("membership", "all"):
-            result = mia.membership_attack(model, tokenizer, world, mconfig, progress=progress)
+            result = mia.membership_attack(model, tokenizer, worlds, mconfig, progress=progress)
             written += [write_json(out / "membership.json", {**result.to_dict(), **meta, "seconds": time.perf_counter() - t}),
                         result.write_csv(out / "membership.csv")]
             if plots:
@@ -124,9 +127,19 @@ def _threats(args: argparse.Namespace) -> int:
             for row in result.rows:
                 utility = ", ".join(f"{name} {value:.3f}" for name, value in row["utility"].items())
                 epsilon = "" if row["epsilon"] is None else f", epsilon {row['epsilon']:.3g} (delta {row['delta']:.1g})"
-                print(f"membership {row['setting']:<48} AUROC {row['auroc']:.3f} [{row['auroc_low']:.3f}, "
-                      f"{row['auroc_high']:.3f}] (member loss {row['member_loss']:.3f}, non-member "
-                      f"{row['nonmember_loss']:.3f}); utility {utility}{epsilon}")
+                scores = "; ".join(
+                    f"{name} AUROC {m['auroc']:.3f} [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}]"
+                    + "".join(f", TPR@{mia.fpr_label(f)} {m[f'tpr_at_{mia.fpr_label(f)}_fpr']:.3f}"
+                              f"{'*' if m[f'tpr_at_{mia.fpr_label(f)}_fpr_zero_fp'] else ''}" for f in mia.FPRS)
+                    for name, m in row["scores"].items())
+                merge = row["merge"] if row["target"] != mia.POOLED else {}
+                weights = (f"; weights {' '.join(f'{w:.3g}' for w in np.ravel(merge['weights'] or []))}"
+                           + (" (fallback)" if merge["fallback"] else "") + (" (near-null)" if merge["near_null"] else "")
+                           if merge else "")
+                print(f"membership [{row['target']}] {row['setting']:<48} {scores} (member loss {row['member_loss']:.3f}, "
+                      f"non-member {row['nonmember_loss']:.3f}); utility {utility}{epsilon}{weights}")
+            for note in result.notes:
+                print(f"membership * {note}")
     if adapters is None and args.attack in ("leak", "recovery"):
         if args.sharers < 2:
             raise ThreatError(f"--sharers must be >= 2, got {args.sharers}")

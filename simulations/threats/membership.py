@@ -37,6 +37,7 @@ positives, and the rows say so (`fpr_resolution`, `*_zero_fp`).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, field, replace
@@ -236,7 +237,7 @@ class MembershipResult:
                 row["nonmember_loss"], *[row["scores"][score][c] for score in SCORES for c in scored],
                 *[row["utility"][m] for m in metrics],
                 "" if row["epsilon"] is None else row["epsilon"], "" if row["delta"] is None else row["delta"],
-                " ".join(f"{w:.4g}" for w in merge.get("weights", [])), merge.get("max_abs_weight", ""),
+                json.dumps(merge["weights"]) if merge else "", merge.get("max_abs_weight", ""),
                 merge.get("fallback", ""), merge.get("near_null", ""),
                 *row["auroc_per_case"], *[""] * (cases - len(row["auroc_per_case"]))])
         return write_csv(path, [header] + body)
@@ -647,14 +648,15 @@ def _case_scores(
 
 
 def _merge_record(setting: Setting, near_null: float) -> dict:
-    """The weights of a released merge, whether it fell back and whether it is near-null; empty for a setting
-    that releases no merge."""
-    weights = setting.extra.get("weights")
-    if weights is None:
+    """The weights of a merged setting ([k], or [k][layers]), whether its search fell back (no weights: the target
+    gets the unmerged model, max |weight| 0, so near-null too) and whether it is near-null; empty for a setting
+    that merges nothing."""
+    if "weights" not in setting.extra:
         return {}
-    largest = float(np.max(np.abs(weights)))
-    return {"weights": [float(w) for w in weights], "max_abs_weight": largest,
-            "fallback": bool(setting.extra.get("fallback", False)), "near_null": largest < near_null}
+    weights = setting.extra["weights"]
+    largest = 0.0 if weights is None else float(np.abs(np.asarray(weights, float)).max())
+    return {"weights": weights, "max_abs_weight": largest, "fallback": bool(setting.extra.get("fallback", False)),
+            "near_null": largest < near_null or weights is None}
 
 
 def _row(name: str, target: str, cases: list[tuple[tuple[np.ndarray, np.ndarray], dict]], config: MembershipConfig) -> dict:

@@ -334,3 +334,138 @@ def test_membership_attack_end_to_end(world):
         assert row["auroc"] == pytest.approx(np.mean(row["auroc_per_case"]))
     unmerged, own = result.rows[0], result.rows[1]
     assert own["member_loss"] < unmerged["member_loss"], "a sharer's own adapter lowered the loss on its training items"
+
+
+# ------------------------------------------------------------------ reference-calibrated and min-k scores, TPR at low FPR
+
+
+def test_tpr_at_fpr_on_constructed_scores():
+    assert mia.tpr_at_fpr([5.0, 6.0, 7.0], [0.0, 1.0, 2.0], 0.01) == 1.0  # perfect separation
+    assert mia.tpr_at_fpr([0.0, 1.0], [5.0, 6.0], 0.01) == 0.0  # every member below every non-member
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=20000), rng.normal(size=20000)  # one distribution: the TPR is about the FPR
+    assert mia.tpr_at_fpr(*same, 0.01) == pytest.approx(0.01, abs=0.004)
+    assert mia.tpr_at_fpr(*same, 0.1) == pytest.approx(0.1, abs=0.01)
+    # 10 non-members: the FPR moves in steps of 0.1, so at 1% and 0.1% it is the TPR at zero false positives
+    members, nonmembers = [0.5, 1.5, 2.5, 3.5], [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 3.0]
+    assert mia.tpr_at_fpr(members, nonmembers, 0.01) == mia.tpr_at_fpr(members, nonmembers, 0.001) == 0.25
+    assert mia.tpr_at_fpr(members, nonmembers, 0.1) == 0.75  # one false positive allowed: above 0.9
+    assert mia.zero_false_positives(0.001, 10) and mia.zero_false_positives(0.001, 999)
+    assert not mia.zero_false_positives(0.001, 1000) and not mia.zero_false_positives(0.01, 100)
+    with pytest.raises(ThreatError, match="at least one member"):
+        mia.tpr_at_fpr([], [1.0], 0.01)
+    with pytest.raises(ThreatError, match="finite"):
+        mia.tpr_at_fpr([float("nan")], [1.0], 0.01)
+
+
+def test_resampled_tprs_are_tpr_at_fpr_of_the_resampled_items():
+    rng = np.random.default_rng(4)
+    members, nonmembers = rng.integers(0, 6, 12).astype(float), rng.integers(0, 5, 150).astype(float)  # ties
+    dm, dn = rng.integers(0, 12, (30, 12)), rng.integers(0, 150, (30, 150))
+    for fpr in (0.001, 0.01, 0.1, 1.0):
+        fast = mia.resampled_tprs(members, nonmembers, dm, dn, fpr)
+        for r in range(30):
+            assert fast[r] == pytest.approx(mia.tpr_at_fpr(members[dm[r]], nonmembers[dn[r]], fpr)), (fpr, r)
+
+
+def test_score_metrics_say_where_a_tpr_is_at_zero_false_positives():
+    rng = np.random.default_rng(5)
+    cases = [(rng.normal(1.0, 1.0, 20), rng.normal(0.0, 1.0, 200)) for _ in range(2)]
+    metrics = mia.score_metrics(cases, resamples=200, seed=1)
+    assert metrics["fpr_resolution"] == pytest.approx(1 / 200)
+    assert not metrics["tpr_at_1%_fpr_zero_fp"] and metrics["tpr_at_0.1%_fpr_zero_fp"]
+    for name in ("auroc", "tpr_at_1%_fpr", "tpr_at_0.1%_fpr"):
+        assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"], name
+    assert metrics["auroc"] == pytest.approx(np.mean([mia.membership_auroc(-m, -n) for m, n in cases]))
+    assert metrics["tpr_at_1%_fpr"] == pytest.approx(np.mean([mia.tpr_at_fpr(m, n, 0.01) for m, n in cases]))
+
+
+def test_min_k_is_the_mean_of_the_lowest_token_log_probabilities():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0], [0.0, 2.0, 1.0]])
+    target = torch.tensor([0, 0, 2, 1, 2])
+    exp = np.exp(logits.numpy())
+    logprobs = np.log(exp[np.arange(5), target.numpy()] / exp.sum(axis=1))
+    lowest = np.sort(logprobs)
+    assert mia.min_k_score(logits, target, 20.0) == pytest.approx(lowest[0])  # 20% of 5 tokens: one
+    assert mia.min_k_score(logits, target, 50.0) == pytest.approx(lowest[:3].mean())  # 2.5 rounds up to 3
+    assert mia.min_k_score(logits, target, 100.0) == pytest.approx(
+        -float(torch.nn.functional.cross_entropy(logits, target)))  # all of them: minus the loss
+
+
+def test_ref_score_ranks_a_sharers_training_items_above_its_held_out_ones(world):
+    """The sharer's own adapter (top-1 release) lowered its training items' loss below the reference's (the
+    unmerged task model's); the reference-calibrated score sees it."""
+    model, tok, config, w = world
+    reference = {}
+    for s in w.sharer_ids:
+        member_losses, members = mia._case_scores(model, tok, w.adapters[s], w.members[s], config, reference)
+        _, nonmembers = mia._case_scores(model, tok, w.adapters[s], w.nonmembers[s], config, reference)
+        assert np.allclose(members["ref"], mia.example_losses(model, tok, w.members[s]) - member_losses, atol=1e-5)
+        assert members["ref"].mean() > 0, "training lowered the members' loss below the reference's"
+        assert members["ref"].mean() > nonmembers["ref"].mean(), s
+    assert len(reference) == 2 * len(w.sharer_ids), "the reference scores each item list once"
+
+
+def test_every_row_has_every_score_and_the_released_merges_weights(fresh, tmp_path):
+    *_, config, world, result = fresh
+    for row in result.rows:
+        assert row["target"] == world.target_id and set(row["scores"]) == set(mia.SCORES)
+        for score, metrics in row["scores"].items():
+            values = [v for k, v in metrics.items() if not k.endswith("_zero_fp")]
+            assert np.isfinite(values).all(), (row["setting"], score)
+            assert metrics["fpr_resolution"] == 1 / config.nonmembers and metrics["tpr_at_1%_fpr_zero_fp"]
+        assert row["scores"]["loss"]["auroc"] == pytest.approx(row["auroc"])
+        merged = row["setting"].startswith(("uniform", "PriME"))
+        assert bool(row["merge"]) == merged, row["setting"]
+        if merged and row["merge"]["fallback"]:  # the target got the unmerged model
+            assert row["merge"]["weights"] is None and row["merge"]["near_null"]
+        elif merged:
+            weights = np.asarray(row["merge"]["weights"])
+            assert len(weights) == config.sharers and row["merge"]["max_abs_weight"] == pytest.approx(np.abs(weights).max())
+            assert row["merge"]["near_null"] == (np.abs(weights).max() < config.near_null)
+            assert row["merge"]["fallback"] == row["extra"].get("fallback", False)
+    unmerged = result.rows[0]["scores"]["ref"]
+    assert unmerged["auroc"] == 0.5, "the reference is the unmerged model: its own ref score is a tie everywhere"
+    assert len(result.notes) == 2 and all("zero false positives" in note for note in result.notes)
+    with open(result.write_csv(tmp_path / "m.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert {"ref_auroc", "min-k_tpr_at_1%_fpr_low", "loss_tpr_at_0.1%_fpr_zero_fp", "merge_weights",
+            "merge_near_null", "target"} <= set(table[0])
+    assert table[2]["merge_weights"] and table[0]["merge_weights"] == ""
+
+
+def test_several_targets_each_with_their_sharers_then_pooled():
+    model, tok = tiny_model(seed=0)
+    config = mia.MembershipConfig(**{**WORLD, "alphas": (), "targets": 2, "resamples": 10})
+    model, worlds = mia.build_worlds(model, tok, config, progress=False)
+    assert len(worlds) == 2 and worlds[0].target_id != worlds[1].target_id
+    assert not set(worlds[0].sharer_ids) & set(worlds[1].sharer_ids), "each target has sharers of its own"
+    result = mia.membership_attack(model, tok, worlds, config, progress=False)
+    assert [row["target"] for row in result.rows] == [worlds[0].target_id] * 3 + [worlds[1].target_id] * 3 + ["pooled"] * 3
+    assert result.target_ids == [w.target_id for w in worlds]
+    for pooled in result.rows[6:]:
+        own = [row for row in result.rows[:6] if row["setting"] == pooled["setting"]]
+        assert pooled["auroc_per_case"] == own[0]["auroc_per_case"] + own[1]["auroc_per_case"]
+        assert pooled["auroc"] == pytest.approx(np.mean(pooled["auroc_per_case"]))
+    assert set(result.rows[-1]["merge"]) == set(result.target_ids)  # uniform merge: each target's weights
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(min_k=0.0), "min-k must be in \\(0, 100\\]"),
+    (dict(min_k=100.5), "min-k must be in \\(0, 100\\]"),
+    (dict(min_k=float("nan")), "min-k must be a finite number"),
+    (dict(near_null=-0.1), "near-null must be"),
+    (dict(targets=0), "targets must be >= 1"),
+    (dict(history=0), "history must be >= 2"),  # no empty member set
+])
+def test_config_refuses_bad_score_settings(bad, fragment):
+    with pytest.raises(ThreatError, match=r"membership: .*" + fragment):
+        mia.MembershipConfig(**bad)
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--min-k", "0"], "min"), (["--min-k", "101"], "min"),
+                                            (["--targets", "0"], "targets")])
+def test_cli_refuses_bad_score_options_in_one_line(tmp_path, capsys, argv, fragment):
+    code = main(["threats", "membership", "--out", str(tmp_path), "--model-spec", "tiny", "--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
