@@ -133,9 +133,13 @@ def _threats(args: argparse.Namespace) -> int:
                               f"{'*' if m[f'tpr_at_{mia.fpr_label(f)}_fpr_zero_fp'] else ''}" for f in mia.FPRS)
                     for name, m in row["scores"].items())
                 merge = row["merge"] if row["target"] != mia.POOLED else {}
-                weights = (f"; weights {' '.join(f'{w:.3g}' for w in np.ravel(merge['weights'] or []))}"
-                           + (" (fallback)" if merge["fallback"] else "") + (" (near-null)" if merge["near_null"] else "")
-                           if merge else "")
+                if not merge:
+                    weights = ""
+                elif merge["fallback"]:
+                    weights = "; the search fell back (the unmerged model)"
+                else:
+                    weights = (f"; weights {' '.join(f'{w:.3g}' for w in np.ravel(merge['weights']))}"
+                               + (" (near-null)" if merge["near_null"] else ""))
                 print(f"membership [{row['target']}] {row['setting']:<48} {scores} (member loss {row['member_loss']:.3f}, "
                       f"non-member {row['nonmember_loss']:.3f}); utility {utility}{epsilon}{weights}")
             for note in result.notes:
