@@ -55,7 +55,9 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int = D
             raise UnsafeJsonError(f"not UTF-8 (bad byte at offset {err.start})") from None
     else:
         text = data
-        if max_bytes is not None and len(text) > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        # A character is 1 to 4 UTF-8 bytes: more characters than the limit is over it; fewer than a quarter is under.
+        if max_bytes is not None and (len(text) > max_bytes or (
+                4 * len(text) > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes)):
             raise UnsafeJsonError(f"JSON text over the {max_bytes}-byte limit")
     depth = nesting_depth(text)
     if depth > max_depth:

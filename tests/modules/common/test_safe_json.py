@@ -34,4 +34,7 @@ def test_the_size_cap_counts_utf8_bytes_before_parsing():
         loads(b"[1, 22]", max_bytes=6)
     with pytest.raises(UnsafeJsonError, match="over the 6-byte limit"):
         loads('"' + "é" * 6 + '"', max_bytes=6)  # text: 8 characters, 14 bytes
+    with pytest.raises(UnsafeJsonError, match="over the 8-byte limit"):
+        loads('"' + "é" * 4 + '"', max_bytes=8)  # text: 6 characters, under the limit, but 10 bytes
+    assert loads('"' + "é" * 3 + '"', max_bytes=8) == "é" * 3  # 5 characters, 8 bytes: at the limit
     assert loads("[[1]]", max_depth=2) == [[1]]
