@@ -35,7 +35,7 @@ import torch
 
 from client.training import Pair, _token_losses, encode_pairs, lr_factor, pad_id_of, total_steps, train_lora
 from common.adapters import lora_config
-from common.atomic import write_text
+from common.atomic import Layout, OutputKind, OutputError, check_output_folder, output_folder, write_text
 from common.lamp import load_lamp, profile_pairs
 from common.settings import TrainConfig
 from common.synthetic import SYNTHETIC_TASKS, synthesize
@@ -43,6 +43,8 @@ from simulations.evaluation.adaptation import adaptation_pairs
 from simulations.support.model_options import add_model_options, load_model
 
 REPORT_FILE = "bench_training.json"
+# Its output folder: written only when new, empty or an earlier run of this benchmark (results/bench-training*/).
+TRAINING_OUTPUT = OutputKind("bench-training", (Layout(frozenset({REPORT_FILE}), ("README.md",)),))
 PATHS = ("old", "new", "new-bf16")
 
 
@@ -203,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    sizes = {"--examples": args.examples, "--epochs": args.epochs, "--sharer-batch": args.sharer_batch,
+             "--adapt-batch": args.adapt_batch, "--repeats": args.repeats, "--threads": args.threads}
+    for flag, value in sizes.items():
+        if not 1 <= value <= 100_000:
+            parser.error(f"{flag} must be from 1 to 100000, got {value}")
+    try:
+        check_output_folder(args.out, TRAINING_OUTPUT)  # before the model loads: a refused folder costs nothing
+    except OutputError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     model, tokenizer, spec = load_model(args)
     sharer_pairs, adapt_pairs, source = training_pairs(args)
@@ -219,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": spec, "dtype": str(next(model.parameters()).dtype), "data": source,
         "machine": machine(), "settings": vars(args), "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = output_folder(args.out, TRAINING_OUTPUT)
+    except OutputError as err:
+        parser.error(str(err))
     write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     write_text(out / "README.md", _readme(report))
     for r in results:

@@ -49,3 +49,22 @@ def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
         assert losses["new-bf16"] == pytest.approx(losses["old"], rel=0.05)
     readme = (out / "README.md").read_text()
     assert report["command"] in readme and report["date"] in readme
+
+
+def test_an_out_folder_it_did_not_write_is_refused_before_any_work(tmp_path, capsys):
+    """`--out` naming a user's folder (here one holding their own README.md) is one error line, exit 2, the folder
+    untouched, and no model loaded; so are sizes that would train nothing."""
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    with pytest.raises(SystemExit) as done:
+        bench_training.main(["--out", str(mine), "--model-spec", "tiny"])
+    assert done.value.code == 2 and (mine / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md"]
+    assert "error:" in capsys.readouterr().err
+    for flag, value in [("--examples", "0"), ("--repeats", "0"), ("--epochs", "-1"), ("--sharer-batch", "0"),
+                        ("--threads", "0")]:
+        with pytest.raises(SystemExit) as done:
+            bench_training.main(["--out", str(tmp_path / "new"), "--model-spec", "tiny", flag, value])
+        assert done.value.code == 2, flag
+        assert not (tmp_path / "new").exists()
