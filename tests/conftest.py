@@ -118,3 +118,17 @@ def optimizer_record(monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording)
     return record
+
+
+@pytest.fixture
+def stored_gates(tmp_path):
+    """(adapter, its Per-Pcs gates, the folder they were saved to) on the tiny model."""
+    from client.gates import save_gates
+    from common.lora_math import factors, random_adapter
+    from common.models import tiny_model
+
+    model, _ = tiny_model(seed=1)
+    adapter = random_adapter(model, r=2, target_modules=("q_proj", "v_proj"), seed=0)
+    gates = {m: torch.randn(a.shape[1]) for m, (a, _) in factors(adapter).items()}
+    return adapter, gates, save_gates(gates, tmp_path / "gates")
+

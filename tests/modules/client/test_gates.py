@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from client.gates import GATES_FILE, GateError, _GatedLora, gate_config, load_gates, save_gates, train_gates
+from client.gates import GATES_FILE, GateError, _GatedLora, gate_config, load_gates, train_gates
 from common.lora_math import factors, random_adapter
 from common.models import tiny_model
 from common.settings import PerPcsConfig, TrainConfig
@@ -57,14 +57,6 @@ def test_a_zero_gate_halves_the_piece_and_leaves_the_base_path_alone():
         gated.gate.copy_(torch.randn(linear.in_features))
         opening = torch.sigmoid(x @ gated.gate).unsqueeze(-1)
         assert torch.allclose(gated(x), linear(x) + 2.0 * ((opening * x) @ a.t()) @ b.t(), atol=1e-5)
-
-
-@pytest.fixture
-def stored_gates(tmp_path):
-    model, _ = tiny_model(seed=1)
-    adapter = random_adapter(model, r=2, target_modules=("q_proj", "v_proj"), seed=0)
-    gates = {m: torch.randn(a.shape[1]) for m, (a, _) in factors(adapter).items()}
-    return adapter, gates, save_gates(gates, tmp_path / "gates")
 
 
 def test_gates_round_trip(stored_gates):

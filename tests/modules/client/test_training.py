@@ -13,15 +13,8 @@ from common.errors import PrimeError
 from common.inference import encode_example, predict_labels, score_labels
 from common.models import ModelSpecError, load_base, tiny_model
 from common.settings import NodeConfig, SettingError
+from lamp_sets import FAST, LABELS, PAIRS
 
-LABELS = ["1", "2", "3", "4", "5"]
-PAIRS = [
-    ("Review: great film Score:", "5"),
-    ("Review: bad film Score:", "1"),
-    ("Review: fine film Score:", "3"),
-    ("Review: good film Score:", "4"),
-]
-FAST = TrainConfig(r=4, lora_alpha=8, lr=2e-2, epochs=12, batch_size=4, seed=0)
 
 
 @pytest.fixture(scope="module")

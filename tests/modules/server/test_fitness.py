@@ -14,6 +14,7 @@ from common.settings import SearchConfig, SearchConfigError
 from common.tasks import LAMP2_TAGS, get_task
 from server.fitness import FitnessError, FitnessEvaluator, sample_history, score_parts
 from simulations.bench.peft_loop import PeftLoopEvaluator, peft_label_scores
+from lamp_sets import headline_history, rating_history
 
 # The tiny model's matmuls are microscopic: more threads only add sync cost (seconds per step on a busy box).
 torch.set_num_threads(1)
@@ -26,16 +27,6 @@ RATING = get_task("rating")
 def tag_history(n: int = 6) -> list[tuple[str, str]]:
     items = [{"description": f"a film about {w} and a man", "tag": LAMP2_TAGS[i % 5]} for i, w in enumerate(["love", "war", "space", "a dog", "money", "a ship", "rain", "trains"][:n])]
     return [TAGGING.profile_pair(it) for it in items]
-
-
-def rating_history(n: int = 4) -> list[tuple[str, str]]:
-    items = [{"text": f"the film was {w}", "score": str(i % 5 + 1)} for i, w in enumerate(["great", "bad", "fine", "long", "dull"][:n])]
-    return [RATING.profile_pair(it) for it in items]
-
-
-def headline_history(n: int = 4) -> list[tuple[str, str]]:
-    items = [{"text": f"the city council voted on {w} today", "title": f"council votes on {w}"} for w in ["roads", "taxes", "parks", "schools"][:n]]
-    return [HEADLINE.profile_pair(it) for it in items]
 
 
 @pytest.fixture(scope="module")

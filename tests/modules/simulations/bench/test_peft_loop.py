@@ -11,20 +11,11 @@ from common.settings import SearchConfig
 from common.tasks import get_task
 from server.fitness import FitnessError
 from simulations.bench.peft_loop import PeftLoopEvaluator, official_predictions
+from lamp_sets import headline_history, rating_history
 
 
 HEADLINE = get_task("headline")
 RATING = get_task("rating")
-
-
-def rating_history(n: int = 4) -> list[tuple[str, str]]:
-    items = [{"text": f"the film was {w}", "score": str(i % 5 + 1)} for i, w in enumerate(["great", "bad", "fine", "long", "dull"][:n])]
-    return [RATING.profile_pair(it) for it in items]
-
-
-def headline_history(n: int = 4) -> list[tuple[str, str]]:
-    items = [{"text": f"the city council voted on {w} today", "title": f"council votes on {w}"} for w in ["roads", "taxes", "parks", "schools"][:n]]
-    return [HEADLINE.profile_pair(it) for it in items]
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,9 @@ from common.atomic import OutputError
 from common.inference import predict_labels, score_labels
 from common.models import load_base, tiny_model
 from common.tasks import get_task
+from lamp_sets import FAST, LABELS, PAIRS
 
 
-LABELS = ["1", "2", "3", "4", "5"]
-PAIRS = [
-    ("Review: great film Score:", "5"),
-    ("Review: bad film Score:", "1"),
-    ("Review: fine film Score:", "3"),
-    ("Review: good film Score:", "4"),
-]
-FAST = TrainConfig(r=4, lora_alpha=8, lr=2e-2, epochs=12, batch_size=4, seed=0)
 
 
 def _hits(model, tok) -> int:

@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 
 from common.lora_math import random_adapter
-from common.models import tiny_model
 from simulations.threats.leak import ThreatError, block_leak, max_principal_angle, scale_free_error
 
-K, R = 3, 2
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0, hidden_size=64)
-
-
-@pytest.fixture(scope="module")
-def adapters(model):
-    return [random_adapter(model[0], r=R, lora_alpha=4.0, seed=s) for s in range(K)]
+from threat_pool import K, R
 
 
 # ------------------------------------------------------------------ leak

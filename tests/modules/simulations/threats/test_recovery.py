@@ -5,24 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.lora_math import random_adapter
-from common.models import tiny_model
 from server.share_cap import update_norms
 from simulations.threats.leak import ThreatError, scale_free_error
 from simulations.threats.recovery import RecoveryConfig, linear_recovery, unmix_low_rank
 
 
-K, R = 3, 2
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0, hidden_size=64)
-
-
-@pytest.fixture(scope="module")
-def adapters(model):
-    return [random_adapter(model[0], r=R, lora_alpha=4.0, seed=s) for s in range(K)]
+from threat_pool import K, R
 
 
 def test_recovery_exact_with_known_weights_only_once_m_reaches_k(adapters):

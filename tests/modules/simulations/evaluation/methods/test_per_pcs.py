@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import simulations.evaluation.prepare as preparation
-from client.gates import GATES_FILE, load_gates, save_gates
+from client.gates import GATES_FILE, load_gates
 from client.training import encode_pairs, pad_id_of, padded_batch
 from common.adapters import applied, base_module_name
 from common.inference import decoder
@@ -162,14 +162,6 @@ def test_assembly_refuses_a_top_k_larger_than_the_pool():
     adapters, gates = _pool(model, n=2)
     with pytest.raises(MethodError, match="pcs-top-k=3 is more than the 2 sharers"):
         assemble(model, tokenizer, adapters, gates, PAIRS, PerPcsConfig(top_k=3), seed=0, max_length=512)
-
-
-@pytest.fixture
-def stored_gates(tmp_path):
-    model, _ = tiny_model(seed=1)
-    adapter = random_adapter(model, r=2, target_modules=("q_proj", "v_proj"), seed=0)
-    gates = {m: torch.randn(a.shape[1]) for m, (a, _) in factors(adapter).items()}
-    return adapter, gates, save_gates(gates, tmp_path / "gates")
 
 
 def test_corrupt_cached_gates_are_trained_again(stored_gates):
