@@ -11,9 +11,12 @@ the model's dtype, per-tensor AdamW. `new` is `train_lora` as configured
 (on the CPU the prompt prefix all rows of a step share runs once and the
 rows run in length-chunked forwards; fused AdamW: the same loss as old up to
 float rounding), `new-bf16` the same with `train-bf16` on (the decoder under
-bfloat16 autocast). Each run records examples/s, real (unpadded) tokens/s
-and its per-pass mean loss, so a speedup is read next to its loss. Writes `bench_training.json`
-and a README.md (command, machine, date) into `--out`.
+bfloat16 autocast). Each run records examples/s by wall time and by the
+process's CPU time (steadier on a shared machine with one torch thread),
+real (unpadded) tokens/s and its per-pass mean loss, so a speedup is read
+next to its loss; float32 trainings under other seeds give the loss's own
+spread. Writes `bench_training.json` and a README.md (command, machine,
+date) into `--out`.
 """
 
 from __future__ import annotations
@@ -93,22 +96,26 @@ def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) 
 
 def _run(path: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict:
     """One timed training on one of `PATHS`: examples/s, real (unpadded) tokens/s, per-pass losses."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if path == "old":
         losses, examples = reference_fit(model, tokenizer, pairs, config)
     else:
         chosen = dataclasses.replace(config, bf16=path == "new-bf16")
         _, stats = train_lora(model, tokenizer, pairs, chosen, progress=False)
         losses, examples = stats.epoch_losses, stats.seen
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens_per_pass = sum(len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length))
-    return {"path": path, "seconds": seconds, "examples": examples, "examples_per_s": examples / seconds,
+    return {"path": path, "seconds": seconds, "cpu_seconds": cpu_seconds, "examples": examples,
+            "examples_per_s": examples / seconds, "examples_per_cpu_s": examples / cpu_seconds,
             "tokens_per_s": tokens_per_pass * examples / len(pairs) / seconds, "epoch_losses": losses,
             "final_loss": losses[-1]}
 
 
-def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, repeats: int) -> dict:
-    """`repeats` x (old, new, new-bf16) on one training; per new path the median of its per-repeat ratios to old."""
+def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, repeats: int,
+                   loss_seeds: int) -> dict:
+    """`repeats` x (old, new, new-bf16) on one training; per new path the median of its per-repeat ratios to old,
+    by wall and by CPU time; then `loss_seeds` float32 trainings with other seeds (LoRA init and order), the
+    spread that says whether a loss difference is more than noise."""
     warm = dataclasses.replace(config, steps=1)  # one untimed step of each: first-call costs stay out of the figures
     for path in PATHS:
         _run(path, model, tokenizer, pairs, warm)
@@ -116,11 +123,20 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
     for repeat in range(repeats):
         for path in PATHS:
             run = _run(path, model, tokenizer, pairs, config)
-            print(f"{name} repeat {repeat} {path}: {run['examples_per_s']:.3f} examples/s, "
-                  f"{run['tokens_per_s']:.1f} tokens/s, loss {run['final_loss']:.4f}", flush=True)
+            print(f"{name} repeat {repeat} {path}: {run['examples_per_s']:.3f} examples/s "
+                  f"({run['examples_per_cpu_s']:.3f} per CPU second), {run['tokens_per_s']:.1f} tokens/s, "
+                  f"loss {run['final_loss']:.4f}", flush=True)
             runs.append({"repeat": repeat, **run})
+    seed_losses = {config.seed: statistics.median(r["final_loss"] for r in runs if r["path"] == "new")}
+    for seed in range(config.seed + 1, config.seed + 1 + loss_seeds):
+        seed_losses[seed] = _run("new", model, tokenizer, pairs, dataclasses.replace(config, seed=seed))["final_loss"]
     by_path = {path: [r for r in runs if r["path"] == path] for path in PATHS}
     lengths = [len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length)]
+
+    def speedups(key: str) -> dict[str, float]:
+        return {path: statistics.median(n[key] / o[key] for o, n in zip(by_path["old"], by_path[path]))
+                for path in PATHS[1:]}
+
     return {
         "training": name,
         "pairs": len(pairs),
@@ -128,10 +144,12 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
         "config": dataclasses.asdict(config),
         "runs": runs,
         "examples_per_s": {path: statistics.median(r["examples_per_s"] for r in rs) for path, rs in by_path.items()},
-        "speedup_examples_per_s": {
-            path: statistics.median(n["examples_per_s"] / o["examples_per_s"] for o, n in zip(by_path["old"], by_path[path]))
-            for path in PATHS[1:]},
+        "examples_per_cpu_s": {path: statistics.median(r["examples_per_cpu_s"] for r in rs)
+                               for path, rs in by_path.items()},
+        "speedup_examples_per_s": speedups("examples_per_s"),
+        "speedup_examples_per_cpu_s": speedups("examples_per_cpu_s"),
         "final_loss": {path: statistics.median(r["final_loss"] for r in rs) for path, rs in by_path.items()},
+        "float32_loss_by_seed": {str(seed): loss for seed, loss in seed_losses.items()},
     }
 
 
@@ -178,16 +196,26 @@ def _readme(report: dict) -> str:
              f"{', '.join(report['machine']['bf16_flags']) or 'none'}), load average at the end "
              f"{report['machine']['load_average_at_end'][0]:.1f}; model {report['model']} ({report['dtype']}), data "
              f"{report['data']}. The paths alternate in one run; a speedup is the median of the per-repeat ratios "
-             "to old; a loss is the training loss of the last pass (median over repeats).", "",
-             "| training | pairs | tokens/pair | batch | path | examples/s | speedup | loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "to old, by wall time and by the process's CPU time (with one torch thread on a shared machine the CPU "
+             "time is the steadier: it does not count waiting for a core); a loss is the training loss of the last "
+             "pass (median over repeats), beside the float32 loss under other seeds (LoRA init and order).", "",
+             "| training | pairs | tokens/pair | batch | path | examples/s | speedup | examples/CPU-s | speedup (CPU) "
+             "| loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         t = r["tokens_per_pair"]
         for path in PATHS:
-            speedup = "1" if path == "old" else f"{r['speedup_examples_per_s'][path]:.2f}x"
+            wall = "1" if path == "old" else f"{r['speedup_examples_per_s'][path]:.2f}x"
+            cpu = "1" if path == "old" else f"{r['speedup_examples_per_cpu_s'][path]:.2f}x"
             lines.append(f"| {r['training']} | {r['pairs']} | {t['min']}-{t['max']} (mean {t['mean']:.0f}) | "
-                         f"{r['config']['batch_size']} | {path} | {r['examples_per_s'][path]:.3f} | {speedup} | "
-                         f"{r['final_loss'][path]:.4f} |")
+                         f"{r['config']['batch_size']} | {path} | {r['examples_per_s'][path]:.3f} | {wall} | "
+                         f"{r['examples_per_cpu_s'][path]:.3f} | {cpu} | {r['final_loss'][path]:.4f} |")
+    lines.append("")
+    for r in report["results"]:
+        seeds = r["float32_loss_by_seed"]
+        lines.append(f"- {r['training']}: float32 loss by seed " + ", ".join(f"{s} {v:.4f}" for s, v in seeds.items())
+                     + f" (spread {max(seeds.values()) - min(seeds.values()):.4f}); new-bf16 minus new "
+                     f"{r['final_loss']['new-bf16'] - r['final_loss']['new']:+.4f}.")
     lines += ["", f"Every run (tokens/s, per-pass losses, settings): `{REPORT_FILE}`.", ""]
     return "\n".join(lines)
 
@@ -203,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharer-batch", type=int, default=6, help="the paper's Table 3 LaMP-2 sharer batch")
     parser.add_argument("--adapt-batch", type=int, default=16, help="the paper's Table 3 LaMP-2 adaptation batch")
     parser.add_argument("--repeats", type=int, default=2, help="old/new pairs per training (default %(default)s)")
+    parser.add_argument("--loss-seeds", type=int, default=2,
+                        help="float32 trainings under other seeds, the loss's noise (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = {"--examples": args.examples, "--epochs": args.epochs, "--sharer-batch": args.sharer_batch,
-             "--adapt-batch": args.adapt_batch, "--repeats": args.repeats, "--threads": args.threads}
+             "--adapt-batch": args.adapt_batch, "--repeats": args.repeats, "--threads": args.threads,
+             "--loss-seeds": args.loss_seeds}
     for flag, value in sizes.items():
-        if not 1 <= value <= 100_000:
+        if not (0 if flag == "--loss-seeds" else 1) <= value <= 100_000:
             parser.error(f"{flag} must be from 1 to 100000, got {value}")
     try:
         check_output_folder(args.out, TRAINING_OUTPUT)  # before the model loads: a refused folder costs nothing
@@ -223,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                        adapt_lr=1e-4, lr_schedule="cosine", adam_beta2=0.95, weight_decay=0.01, adapt_grad_clip=0.3,
                        epochs=args.epochs, batch_size=args.sharer_batch, adapt_batch_size=args.adapt_batch,
                        seed=args.seed)
-    results = [bench_training("sharer", model, tokenizer, sharer_pairs, base, args.repeats),
-               bench_training("task adaptation", model, tokenizer, adapt_pairs, base.for_adaptation(), args.repeats)]
+    results = [bench_training("sharer", model, tokenizer, sharer_pairs, base, args.repeats, args.loss_seeds),
+               bench_training("task adaptation", model, tokenizer, adapt_pairs, base.for_adaptation(), args.repeats,
+                              args.loss_seeds)]
     report = {
         "command": "python -m simulations.bench.training " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -238,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     write_text(out / "README.md", _readme(report))
     for r in results:
-        print(f"{r['training']}: " + ", ".join(f"{path} {r['speedup_examples_per_s'][path]:.2f}x examples/s"
+        print(f"{r['training']}: " + ", ".join(f"{path} {r['speedup_examples_per_s'][path]:.2f}x examples/s "
+                                               f"({r['speedup_examples_per_cpu_s'][path]:.2f}x per CPU second)"
                                                for path in PATHS[1:])
               + "; loss " + ", ".join(f"{path} {loss:.4f}" for path, loss in r["final_loss"].items()))
     print(f"-> {out / REPORT_FILE}")

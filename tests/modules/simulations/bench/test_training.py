@@ -28,7 +28,7 @@ def test_the_old_path_trains_what_train_lora_does_in_float32():
 def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
     out = tmp_path / "bench"
     args = ["--out", str(out), "--model-spec", "tiny", "--examples", "6", "--repeats", "2", "--threads", "1",
-            "--sharer-batch", "3", "--adapt-batch", "4"]
+            "--sharer-batch", "3", "--adapt-batch", "4", "--loss-seeds", "2"]
     assert bench_training.main(args) == 0
     report = json.loads((out / bench_training.REPORT_FILE).read_text())
     assert report["command"] == "python -m simulations.bench.training " + " ".join(args)
@@ -40,15 +40,19 @@ def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
         assert [(r["repeat"], r["path"]) for r in runs] == [(i, p) for i in (0, 1) for p in ("old", "new", "new-bf16")]
         assert all(r["examples"] == 6 and r["examples_per_s"] > 0 and r["tokens_per_s"] > r["examples_per_s"]
                    for r in runs)
+        assert all(r["cpu_seconds"] > 0 and r["examples_per_cpu_s"] == 6 / r["cpu_seconds"] for r in runs)
         for path in ("new", "new-bf16"):
-            ratios = [n["examples_per_s"] / o["examples_per_s"]
-                      for o, n in zip(runs[0::3], [r for r in runs if r["path"] == path])]
-            assert result["speedup_examples_per_s"][path] == statistics.median(ratios)
+            for key in ("examples_per_s", "examples_per_cpu_s"):
+                ratios = [n[key] / o[key] for o, n in zip(runs[0::3], [r for r in runs if r["path"] == path])]
+                assert result["speedup_" + key][path] == statistics.median(ratios)
+        by_seed = result["float32_loss_by_seed"]
+        assert list(by_seed) == ["0", "1", "2"] and by_seed["0"] == result["final_loss"]["new"]
+        assert len(set(by_seed.values())) == 3  # another seed, another init and order: another loss
         losses = result["final_loss"]
         assert losses["new"] == pytest.approx(losses["old"], rel=1e-4)  # float32: the same training
         assert losses["new-bf16"] == pytest.approx(losses["old"], rel=0.05)
     readme = (out / "README.md").read_text()
-    assert report["command"] in readme and report["date"] in readme
+    assert report["command"] in readme and report["date"] in readme and "float32 loss by seed 0" in readme
 
 
 def test_an_out_folder_it_did_not_write_is_refused_before_any_work(tmp_path, capsys):
@@ -63,7 +67,7 @@ def test_an_out_folder_it_did_not_write_is_refused_before_any_work(tmp_path, cap
     assert sorted(p.name for p in mine.iterdir()) == ["README.md"]
     assert "error:" in capsys.readouterr().err
     for flag, value in [("--examples", "0"), ("--repeats", "0"), ("--epochs", "-1"), ("--sharer-batch", "0"),
-                        ("--threads", "0")]:
+                        ("--threads", "0"), ("--loss-seeds", "-1")]:
         with pytest.raises(SystemExit) as done:
             bench_training.main(["--out", str(tmp_path / "new"), "--model-spec", "tiny", flag, value])
         assert done.value.code == 2, flag
