@@ -110,6 +110,7 @@ def test_simulate_refuses_a_bad_run_config_before_anything_starts(tmp_path, caps
     ("-3", "--nodes must be from 1 to"),
     ("100000", "--nodes must be from 1 to"),
     ("5", "not enough users: 5 (of 24 users, 5 nodes), need 1 for adaptation"),
+    ("30", "--nodes must be at most the 24 users the data holds"),  # was: accepted, and 12 nodes refused at register
 ])
 def test_simulate_refuses_node_counts_that_cannot_run(tmp_path, capsys, nodes, fragment):
     out = tmp_path / "out"
@@ -139,6 +140,7 @@ def test_a_missing_key_folder_is_never_created(tmp_path, capsys):
 DEPLOY_CASES = [
     (["--nodes", "2"], "", "not enough users: 2 (of 24 users, 2 nodes)"),  # the default --nodes for this app
     (["--nodes", "0"], "", "--nodes must be from 1 to"),
+    (["--nodes", "25"], "", "--nodes must be at most the 24 users the data holds"),
     (["--nodes", "100000"], "", "--nodes must be from 1 to"),
     (["--nodes", "14", "--timeout", "nan"], "", "timeouts must be positive, got nan"),
     (["--nodes", "14"], 'optimizer="adam"', "optimizer must be one of"),
