@@ -276,13 +276,12 @@ def _check_same_golds(first_name: str, first: Mapping[str, Any], name: str, r: M
         return
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     gold_a, gold_b = (repr(g[i][:60]) if i < len(g) else "none" for g in (a, b))
-    where = (f"column {r['label']!r} (seed {r['seed']}, target {r['target']}) is in {first_name} and {name}"
+    where = (f"column {r['label']!r} (seed {r['seed']}, target {r['target']}) in {first_name} and {name}"
              if first["label"] == r["label"] else
-             f"target {r['target']} (seed {r['seed']}) has different golds in {first_name} (column {first['label']!r}) "
-             f"and {name} (column {r['label']!r})")
-    raise ValueError(f"{where}{' with different golds' if first['label'] == r['label'] else ''} (other data, or other "
-                     f"targets under one name): query {i} has gold {gold_a} in {first_name}, {gold_b} in {name}; "
-                     "table them separately")
+             f"column {first['label']!r} of {first_name} and column {r['label']!r} of {name} (seed {r['seed']}, "
+             f"target {r['target']})")
+    raise ValueError(f"{where} were scored on different queries (other data, or other targets under one name): "
+                     f"query {i} has gold {gold_a} in {first_name}, {gold_b} in {name}; table them separately")
 
 
 def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout: str = "methods") -> list[Path]:

@@ -206,9 +206,9 @@ def test_a_run_whose_median_sharer_changes_under_10_percent_is_warned_under_both
 def test_combining_runs_refuses_one_column_scored_on_other_golds():
     """The bug: runs on other data (or other targets under one name) with equal settings were pooled as one column."""
     other = [dict(c, golds=["4"]) if (c["label"], c["seed"], c["target"]) == ("A", 1, "t2") else c for c in CELLS]
-    with pytest.raises(ValueError, match=r"^column 'A' \(seed 1, target t2\) is in a and b with different golds "
-                                         r"\(other data, or other targets under one name\): query 0 has gold '5' in a, "
-                                         r"'4' in b; table them separately$"):
+    with pytest.raises(ValueError, match=r"^column 'A' \(seed 1, target t2\) in a and b were scored on different "
+                                         r"queries \(other data, or other targets under one name\): query 0 has gold "
+                                         r"'5' in a, '4' in b; table them separately$"):
         combine_runs({"a": CELLS, "b": other})
 
 
@@ -217,9 +217,9 @@ def test_combining_runs_refuses_two_columns_of_one_target_scored_on_other_golds(
     queries, as within a run (`results_schema.check_results`), or the paired comparisons pair unrelated answers."""
     a = [cell("A", 0, "t1", ["3"], ["3"]), cell("A", 0, "t2", ["4"], ["5"])]
     b = [cell("B", 0, "t1", ["1"], ["3"]), cell("B", 0, "t2", ["5", "2"], ["5", "2"])]
-    with pytest.raises(ValueError, match=r"^target t2 \(seed 0\) has different golds in a \(column 'A'\) and b "
-                                         r"\(column 'B'\) \(other data, or other targets under one name\): query 1 "
-                                         r"has gold none in a, '2' in b; table them separately$"):
+    with pytest.raises(ValueError, match=r"^column 'A' of a and column 'B' of b \(seed 0, target t2\) were scored "
+                                         r"on different queries \(other data, or other targets under one name\): "
+                                         r"query 1 has gold none in a, '2' in b; table them separately$"):
         combine_runs({"a": a, "b": b})
     b[1] = cell("B", 0, "t2", ["5"], ["5"])
     assert combine_runs({"a": a, "b": b}) == a + b
