@@ -87,7 +87,25 @@ def _check_name(path: str | Path) -> Path:
     """`path` as a Path; OutputError for an empty one (`Path("")` would be the current folder)."""
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise OutputError(f"output path {str(path)!r} is empty")
+    if "\0" in str(path):  # the system refuses it, and Python says so with ValueError, not OSError
+        raise OutputError(f"output path {str(path)!r} holds a NUL byte")
     return Path(path)
+
+
+def _check_creatable(path: Path, folder: Path) -> None:
+    """OutputError unless the nearest existing one of `folder` and its parents is a folder this process may write in
+    (`folder`: `path` itself for an output folder, its parent for a file, where the temporary sibling goes).
+
+    `Path.exists()` is False for `somefile/run`, so without this such a path
+    passed every check and failed only when the work was done and written.
+    """
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:  # a relative path whose working folder was deleted: the write says so
+        return
+    if not existing.is_dir():
+        raise OutputError(f"{existing}: is not a folder, cannot hold {path}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{existing}: no permission to write in it")
 
 
 def _followed(path: Path) -> Path:
@@ -140,6 +158,7 @@ def check_output_file(path: str | Path) -> Path:
         if path.exists() and not path.is_file():
             what = "a folder" if path.is_dir() else "not a regular file"
             raise OutputError(f"{path}: is {what}, expected a file name")
+        _check_creatable(path, path.parent)
     except OutputError:
         raise
     except OSError as err:
@@ -229,6 +248,7 @@ def check_output_folder(path: str | Path, kind: OutputKind) -> Path:
     try:
         path = _followed(path)
         _check_existing(path, kind)
+        _check_creatable(path, path)
     except OutputError:
         raise
     except OSError as err:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from common.adapters import LoraAdapter
-from common.dp import Guarantee, plan as dp_plan
+from common.dp import DEFAULT_MAX_DELTA, Guarantee, plan as dp_plan
 from common.errors import PrimeError
 from common.lora_math import MERGES
 from common.phases import Phase
@@ -116,6 +118,53 @@ def upload_privacy(meta: dict[str, Any], node: NodeConfig, n_items: int | None =
     return privacy
 
 
+def perturbation_meta(node: NodeConfig) -> dict[str, float]:
+    """The output perturbation (`dp-clip`, `dp-noise`) a run asks of its sharers, stored with each upload it accepts
+    so that a later `reuse-registry` run can tell (`stored_privacy`); nothing for a run without it."""
+    return {"dp-clip": node.dp_clip, "dp-noise": node.dp_noise} if node.dp_clip > 0 else {}
+
+
+def stored_privacy(meta: Mapping[str, Any], node: NodeConfig) -> Guarantee | None:
+    """A registry entry's DP-SGD guarantee, held to this run's privacy settings (`node`); NodeReplyError where the
+    entry is less private than the run asks.
+
+    A `reuse-registry` run finds entries that earlier runs stored under
+    their own settings. Each must be at least as private as this run asks,
+    or the run would merge what its settings promise it does not: DP-SGD
+    when the run asks for it, with at most its epsilon and delta (dp-delta,
+    else the most its default gives) and at least its noise multiplier; and
+    output perturbation no weaker than the run's (a clip norm at most
+    `dp-clip`, a noise multiplier at least `dp-noise`; an entry from before
+    these were stored counts as unperturbed). A more private entry serves a
+    less private run.
+    """
+    privacy = upload_privacy(dict(meta), node)
+    wanted = node.dp_sgd
+    if privacy is not None and wanted.enabled:
+        if privacy.noise_multiplier < wanted.noise_multiplier:
+            raise NodeReplyError(f"stored with DP-SGD noise multiplier {privacy.noise_multiplier:g}, the run asks for "
+                                 f"at least {wanted.noise_multiplier:g}")
+        delta = wanted.delta or DEFAULT_MAX_DELTA
+        if privacy.delta > delta * (1 + 1e-9):
+            raise NodeReplyError(f"stored with DP-SGD delta {privacy.delta:g}, the run allows at most {delta:g}")
+    clip, noise = (_non_negative(meta, key) for key in ("dp-clip", "dp-noise"))
+    if node.dp_clip > 0 and clip == 0:
+        raise NodeReplyError(f"stored without output perturbation, the run asks for dp-clip {node.dp_clip:g}")
+    if node.dp_clip > 0 and clip > node.dp_clip:
+        raise NodeReplyError(f"stored with dp-clip {clip:g}, the run asks for at most {node.dp_clip:g}")
+    if noise < node.dp_noise:
+        raise NodeReplyError(f"stored with dp-noise {noise:g}, the run asks for at least {node.dp_noise:g}")
+    return privacy
+
+
+def _non_negative(meta: Mapping[str, Any], key: str) -> float:
+    """`meta[key]` (0 when absent) if a finite number >= 0, else NodeReplyError."""
+    value = meta.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise NodeReplyError(f"metadata {key!r} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def usable_sharers(registry: Registry, shape: LoraShape, node: NodeConfig, report: RunReport,
                    privacy: dict[str, Guarantee | None]) -> Sharers:
     """The registry's sharers that pass today's checks (an entry from an older run may not); each one's checked
@@ -125,8 +174,8 @@ def usable_sharers(registry: Registry, shape: LoraShape, node: NodeConfig, repor
         try:
             stored = registry.get(sharer_id)
             meta = shape.check_meta(stored.metadata)
-            # A DP run reusing a registry refuses entries trained without DP-SGD; kept for the report.
-            privacy[sharer_id] = upload_privacy(stored.metadata, node)
+            # A run reusing a registry refuses entries less private than it asks; kept for the report.
+            privacy[sharer_id] = stored_privacy(stored.metadata, node)
             tensors = {k: torch.from_numpy(np.array(v)) for k, v in stored.tensors.items()}
             check_tensors(tensors, shape.shapes, "stored adapter")
             adapter = LoraAdapter(tensors=tensors, r=meta["r"], lora_alpha=meta["lora-alpha"],

@@ -49,15 +49,18 @@ def main(grid: Grid, context: Context) -> None:
 def write_failed_report(run_config: Mapping[str, Any], err: Exception) -> Path | None:
     """A report for a run whose config is unusable, in the out-dir it names (or the default one).
 
-    None, with the reason logged, where that out-dir may not be written (a
-    user's folder, a file): the raised error is then the only account.
+    None where that out-dir may not be written (a user's folder, a file):
+    one error line then says why the run was refused and why no report was
+    written, beside the raised error.
     """
     out_dir = run_config.get("out-dir")
     out_dir = Path(out_dir if isinstance(out_dir, str) and out_dir else FederationConfig().out_dir)
     try:
         out_dir = output_folder(out_dir, RUN_OUTPUT)
     except OutputError as refused:
-        logging.getLogger(__name__).error("no report written: %s", one_line(refused))
+        why, where = one_line(err), one_line(refused)
+        logging.getLogger(__name__).error("run refused: %s; no report written%s", why,
+                                          "" if where in why else f" ({where})")
         return None
     # The rejected values as given, except that a NaN or infinity is kept as its text: report.json is strict JSON.
     report = RunReport(run_id="", config={key: repr(value) if isinstance(value, float) and not math.isfinite(value)

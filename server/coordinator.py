@@ -44,7 +44,8 @@ from common.task_model import load_task_model
 from common.tasks import TaskSpec, get_task
 from common.wire import UploadSchema, decode_upload
 from server.admission import (
-    Node, agree_on_task, candidates, refuse_shared_user_ids, release_refusal, upload_privacy, usable_sharers,
+    Node, agree_on_task, candidates, perturbation_meta, refuse_shared_user_ids, release_refusal, stored_privacy,
+    upload_privacy, usable_sharers,
 )
 from server.aggregate import fedavg
 from server.messaging import Messenger
@@ -264,10 +265,12 @@ class Coordinator:
         """Sharers train and upload; each upload is verified, validated, then stored.
 
         With `reuse-registry`, only the planned sharers whose upload the
-        registry lacks are asked (a restart after a kill mid-share resumes).
+        registry lacks are asked (a restart after a kill mid-share resumes),
+        or whose entry is less private than this run asks (`stored_privacy`):
+        their fresh upload replaces it.
         """
         phase, messenger = Phase.SHARE, self.messenger
-        stored = set(self.registry.sharers()) if self.config.reuse_registry else set()
+        stored = self._reusable(plan.sharers) if self.config.reuse_registry else set()
         wanted = [u for u in plan.sharers if u not in stored]
         if stored:
             log.info("registry already holds %d of %d planned sharers; asking %d", len(set(plan.sharers) & stored),
@@ -289,6 +292,7 @@ class Coordinator:
             privacy = upload_privacy(upload.metadata, self.config.node, min(node.n_history, self.config.node.max_history))
             if privacy is not None:
                 meta |= privacy.to_meta()  # stored with the entry: every later merge can name its epsilon
+            meta |= perturbation_meta(self.config.node)  # and a later run, what perturbation it was asked for
             embedding = check_embedding(upload.embedding)
             metrics = read_metrics(reply.content)
             self.registry.add(node.user_id, node_id=str(node_id), user_id=node.user_id, upload_id=upload_id,
@@ -302,6 +306,18 @@ class Coordinator:
         messenger.each(phase.asks.name, replies, accept)
         self.report.phase(phase.label, asked=wanted, arrived=arrived, reused=sorted(set(plan.sharers) & stored))
         log.info("registry holds %d sharers", len(self.registry))
+
+    def _reusable(self, sharers: Iterable[str]) -> set[str]:
+        """The planned sharers whose registry entry this run may reuse; each other stored entry is logged with why."""
+        reusable = set()
+        for sharer_id in sorted(set(sharers) & set(self.registry.sharers())):
+            try:
+                stored_privacy(self.registry.get(sharer_id).metadata, self.config.node)
+            except PrimeError as err:
+                log.info("registry entry %s not reused, its sharer is asked again: %s", sharer_id, one_line(err))
+                continue
+            reusable.add(sharer_id)
+        return reusable
 
     def personalize(self, plan: UserPlan, model: torch.nn.Module, tokenizer: Any) -> dict[int, RecordDict] | None:
         """Per target: sealed profile in, privacy-penalized merge; returns each target node's evaluation request

@@ -60,7 +60,14 @@ def check_run(config: FederationConfig, nodes: int, *, users: int | None = None,
     """
     if not 1 <= nodes <= MAX_USERS:
         raise ConfigError(f"{nodes_name} must be from 1 to {MAX_USERS}, got {nodes}")
-    _check_split(config, nodes, config.synth.n_users if not config.data_dir else users)
+    users = config.synth.n_users if not config.data_dir else users
+    if users is not None and nodes > users:
+        # A node takes the user of its partition id modulo the users (`client.app`): two nodes would claim one user,
+        # and the coordinator refuses a user id claimed twice for every claimant (`server.admission`).
+        raise ConfigError(f"{nodes_name} must be at most the {users} users the data holds (one user per node: node i "
+                          f"holds user i mod {users}, so {nodes - users} users would be claimed twice and refused), "
+                          f"got {nodes}")
+    _check_split(config, nodes, users)
     _check("model-spec", check_model_spec, config.model_spec)
     _check("encoder", check_encoder_spec, config.encoder)
     _check("out-dir", lambda path: check_output_folder(path, RUN_OUTPUT), config.out_dir)  # a user's folder: refused
@@ -90,9 +97,8 @@ def _check_split(config: FederationConfig, nodes: int, users: int | None) -> Non
     not fit this many users fits no fewer either.
     """
     where = f"(at most one per node, {nodes} nodes)" if users is None else f"(of {users} users, {nodes} nodes)"
-    registering = nodes if users is None else min(nodes, users)
     try:
-        split_sizes(registering, config.adapt_fraction, config.num_targets, config.num_sharers, where)
+        split_sizes(nodes, config.adapt_fraction, config.num_targets, config.num_sharers, where)
     except PlanError as err:
         raise ConfigError(f"run config: {err}") from None
 

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--run-config", default="", metavar="'K=V ...'",
                         help="overrides, e.g. 'task=\"rating\" alpha=1.0 budget=24' (TOML values)")
     parser.add_argument("--out", default=None, help="output folder (default: the run config's out-dir)")
-    parser.add_argument("--nodes", type=int, default=None, help="simulated SuperNodes (default: one per user)")
+    parser.add_argument("--nodes", type=int, default=None, help="simulated SuperNodes, at most one per user (default: one per user)")
     add_model_options(parser, default=None, spec_help="base model (default: the run config's model-spec, gemma3-270m)",
                       device=False)  # nodes and the coordinator each take their own machine's device (auto)
     parser.set_defaults(func=_simulate)

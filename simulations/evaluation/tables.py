@@ -242,12 +242,18 @@ def combine_runs(runs: Mapping[str, list[Mapping[str, Any]]]) -> list[Mapping[st
     Two cells with the same task, label, seed and target that differ in a
     setting the label does not name (e.g. one run searched with the
     `agreement` privacy metric, the other with `task`) would be pooled as one
-    column; that is refused, naming the settings that differ.
+    column; that is refused, naming the settings that differ. So are cells of
+    one task, seed and target of two runs with different golds, whatever
+    their column: runs on other data, or other targets under one name, that
+    the settings alone do not tell apart (the data's hash covers its ids, not
+    its answers; within a run `results_schema.check_results` holds them equal).
     """
     seen: dict[tuple[str, str, int, str], tuple[str, Mapping[str, Any]]] = {}
+    queries: dict[tuple[str, int, str], tuple[str, Mapping[str, Any]]] = {}  # the first cell of each target
     combined = []
     for name, records in runs.items():
         for r in records:
+            _check_same_golds(*queries.setdefault((r["task"], int(r["seed"]), r["target"]), (name, r)), name, r)
             key = (r["task"], r["label"], int(r["seed"]), r["target"])
             if key not in seen:
                 seen[key] = (name, r)
@@ -261,6 +267,21 @@ def combine_runs(runs: Mapping[str, list[Mapping[str, Any]]]) -> list[Mapping[st
                     f"with different {', '.join(differ)}: one table would pool them; table them separately, "
                     f"or put them beside each other with `prime-fl eval diff` or `prime-fl eval tradeoffs`")
     return combined
+
+
+def _check_same_golds(first_name: str, first: Mapping[str, Any], name: str, r: Mapping[str, Any]) -> None:
+    """ValueError naming the columns and the first query where two runs' cells of one task, seed and target differ."""
+    a, b = first["golds"], r["golds"]
+    if first_name == name or a == b:
+        return
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    gold_a, gold_b = (repr(g[i][:60]) if i < len(g) else "none" for g in (a, b))
+    where = (f"column {r['label']!r} (seed {r['seed']}, target {r['target']}) in {first_name} and {name}"
+             if first["label"] == r["label"] else
+             f"column {first['label']!r} of {first_name} and column {r['label']!r} of {name} (seed {r['seed']}, "
+             f"target {r['target']})")
+    raise ValueError(f"{where} were scored on different queries (other data, or other targets under one name): "
+                     f"query {i} has gold {gold_a} in {first_name}, {gold_b} in {name}; table them separately")
 
 
 def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout: str = "methods") -> list[Path]:

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.app import app as client_app
+from inprocess_grid import InProcessGrid, tiny_config
 from restart_run import main as restart
+from server.coordinator import Coordinator
 from server.registry import Registry
 
 SCRIPT = Path(__file__).parents[1] / "restart_run.py"
@@ -66,3 +69,20 @@ def test_kill_then_restart_gives_the_uninterrupted_registry_and_a_report(tmp_pat
         assert sorted(r_tensors) == sorted(tensors)
         for key in tensors:
             np.testing.assert_allclose(r_tensors[key], tensors[key], rtol=0, atol=1e-6)
+
+
+def test_a_restart_with_stricter_privacy_asks_the_sharers_again_instead_of_reusing_their_entries(tmp_path):
+    """The bug: a `reuse-registry` run with dp-clip/dp-noise reused entries uploaded without them (nothing recorded
+    which perturbation an entry had), so its merges held unperturbed adapters it promised were clipped and noised."""
+    out = tmp_path / "run"
+    restart(str(out), False, "none")
+    assert sorted(_contents(out)) and all("dp-clip" not in meta for _, _, meta, _, _ in _contents(out).values())
+    config = tiny_config(str(out), reuse_registry=True, dp_clip=1.0, dp_noise=0.01)
+    report = Coordinator(grid=InProcessGrid(client_app, 10), config=config, registry_key=b"k" * 32).run().to_dict()
+    assert report["status"] == "complete", report["reasons"]
+    share = report["phases"]["share"]
+    assert len(share["asked"]) == 4 and sorted(share["arrived"]) == sorted(share["asked"]) and "reused" not in share
+    merged = {sid for target in report["targets"].values() for sid in target["sharers"]}
+    contents = _contents(out)
+    assert merged and merged <= set(share["arrived"]) and report["skipped"] == []
+    assert all(contents[sid][2]["dp-clip"] == 1.0 and contents[sid][2]["dp-noise"] == 0.01 for sid in share["arrived"])

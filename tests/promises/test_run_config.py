@@ -60,7 +60,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     dangling = tmp_path / "dangling.key"
     dangling.symlink_to(tmp_path / "nowhere.key")
     return {"not-a-key": not_a_key, "hex": hex_key, "missing": tmp_path / "nonexistent" / "dir" / "k.key",
-            "dangling": dangling}
+            "dangling": dangling, "under-a-file": not_a_key / "run"}
 
 
 # (run-config overrides, the fragment the error line must hold); {x} are `_files` paths.
@@ -110,6 +110,7 @@ def test_simulate_refuses_a_bad_run_config_before_anything_starts(tmp_path, caps
     ("-3", "--nodes must be from 1 to"),
     ("100000", "--nodes must be from 1 to"),
     ("5", "not enough users: 5 (of 24 users, 5 nodes), need 1 for adaptation"),
+    ("30", "--nodes must be at most the 24 users the data holds"),  # was: accepted, and 12 nodes refused at register
 ])
 def test_simulate_refuses_node_counts_that_cannot_run(tmp_path, capsys, nodes, fragment):
     out = tmp_path / "out"
@@ -139,6 +140,7 @@ def test_a_missing_key_folder_is_never_created(tmp_path, capsys):
 DEPLOY_CASES = [
     (["--nodes", "2"], "", "not enough users: 2 (of 24 users, 2 nodes)"),  # the default --nodes for this app
     (["--nodes", "0"], "", "--nodes must be from 1 to"),
+    (["--nodes", "25"], "", "--nodes must be at most the 24 users the data holds"),
     (["--nodes", "100000"], "", "--nodes must be from 1 to"),
     (["--nodes", "14", "--timeout", "nan"], "", "timeouts must be positive, got nan"),
     (["--nodes", "14"], 'optimizer="adam"', "optimizer must be one of"),
@@ -147,6 +149,8 @@ DEPLOY_CASES = [
     (["--nodes", "14"], "seed=-1", "seed must be from 0 to"),
     (["--nodes", "14"], 'registry-key-file="{missing}"', "folder does not exist"),
     (["--nodes", "14"], 'model-spec="gpt5"', "unknown model spec 'gpt5'"),
+    # It passed the check, and the deployment's ServerApp failed on it with the reason only in a log.
+    (["--nodes", "14"], 'out-dir="{under-a-file}"', "is not a folder, cannot hold"),
 ]
 
 
@@ -246,6 +250,18 @@ def test_server_app_refuses_an_out_dir_that_is_a_file(tmp_path):
     with pytest.raises(ConfigError, match="out-dir: .*exists and is not a folder"):
         server_main(InProcessGrid(client_app, 10), _server_context(tmp_path, out_dir=str(path)))
     assert path.read_text() == "mine"
+
+
+def test_server_app_refuses_an_out_dir_that_cannot_be_made_before_any_message(tmp_path, caplog):
+    """The bug: `file/run` passed the check; the ServerApp failed on it later, with no line of its own saying why."""
+    under_a_file = _files(tmp_path)["under-a-file"]
+    grid = InProcessGrid(client_app, 10)
+    with pytest.raises(ConfigError, match="out-dir: .*not-a-key.key: is not a folder, cannot hold .*run"):
+        server_main(grid, _server_context(tmp_path, out_dir=str(under_a_file)))
+    assert grid.sent == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"run refused: run config out-dir: {under_a_file.parent}: is not a folder, cannot hold {under_a_file}; "
+        "no report written"]
 
 
 def test_an_earlier_run_folder_is_accepted_with_or_without_the_marker(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 
 import common.atomic as atomic
 from common.atomic import (
-    MARKER_FILE, Layout, OutputError, OutputKind, check_output_file, check_replaceable, dict_rows, output_folder,
+    MARKER_FILE, Layout, OutputError, OutputKind, check_output_file, check_output_folder, check_replaceable, dict_rows,
+    output_folder,
     replace_folder, write_bytes, write_csv, write_text,
 )
 
@@ -216,6 +217,38 @@ def test_an_empty_output_path_is_refused_not_taken_for_the_current_folder(path):
                  lambda: check_replaceable(path, RESULT), lambda: write_text(path, "x")):
         with pytest.raises(OutputError, match="output path .* is empty"):
             call()
+
+
+def test_a_path_that_cannot_be_made_is_refused_by_the_check_not_by_the_write(tmp_path):
+    """The bug: `somefile/run` passed every check (its `exists()` is False) and failed only at the write, after the work."""
+    (tmp_path / "file").write_text("mine")
+    for path in (tmp_path / "file" / "run", tmp_path / "file" / "a" / "b"):
+        for call in (lambda: check_output_folder(path, RESULT), lambda: check_replaceable(path, RESULT),
+                     lambda: check_output_file(path)):
+            with pytest.raises(OutputError, match=f"{tmp_path / 'file'}: is not a folder, cannot hold {path}"):
+                call()
+    assert _tree(tmp_path) == {"file": "mine"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_a_folder_without_write_permission_is_refused_by_the_check(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    for path in (locked, locked / "run"):
+        with pytest.raises(OutputError, match=f"{locked}: no permission to write in it"):
+            check_output_folder(path, RESULT)
+    with pytest.raises(OutputError, match=f"{locked}: no permission to write in it"):
+        check_output_file(locked / "table.csv")
+
+
+def test_a_nul_byte_in_an_output_path_is_one_clear_error(tmp_path):
+    """A run config's TOML string may hold \\u0000: it made `output_folder` raise ValueError, not a one-line error."""
+    path = f"{tmp_path}/a\0b"
+    for call in (lambda: check_output_folder(path, RESULT), lambda: output_folder(path, RESULT),
+                 lambda: check_output_file(path), lambda: write_text(path, "x")):
+        with pytest.raises(OutputError, match="holds a NUL byte"):
+            call()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_file_system_errors_are_one_clear_error(tmp_path):

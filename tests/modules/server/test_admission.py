@@ -10,9 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.dp import Guarantee, epsilon_for
 from common.settings import NodeConfig, from_flat
 from common.tasks import get_task
-from server.admission import Node, agree_on_task, candidates, ledger_release, refuse_shared_user_ids, upload_privacy
+from server.admission import (
+    Node, agree_on_task, candidates, ledger_release, refuse_shared_user_ids, stored_privacy, upload_privacy,
+)
 from server.registry import Registry
 from server.replies import NodeReplyError
 from server.report import RunReport
@@ -53,6 +56,47 @@ def test_an_upload_must_declare_the_guarantee_a_dp_run_asks_for():
     assert upload_privacy({}, NodeConfig(), n_items=6) is None
     with pytest.raises(NodeReplyError, match="no DP-SGD guarantee; the run asks for dp-sgd"):
         upload_privacy({}, from_flat(NodeConfig, {"dp-sgd": True, "dp-epsilon": 8.0}), n_items=6)
+
+
+def _dp_meta(noise: float, delta: float = 1e-5) -> dict:
+    """An upload's DP-SGD metadata for `noise`, its epsilon computed by the accountant as a node's would be."""
+    rate, steps = 0.5, 6
+    return Guarantee(epsilon_for(noise, rate, steps, delta), delta, noise, rate, steps, 1.0).to_meta()
+
+
+def _node(**flat) -> NodeConfig:
+    return from_flat(NodeConfig, flat)
+
+
+@pytest.mark.parametrize(("meta", "run", "says"), [
+    ({}, {"dp-sgd": True, "dp-noise-multiplier": 1.0}, "upload declares no DP-SGD guarantee; the run asks for dp-sgd"),
+    (_dp_meta(0.5), {"dp-sgd": True, "dp-noise-multiplier": 1.0},
+     "stored with DP-SGD noise multiplier 0.5, the run asks for at least 1"),
+    (_dp_meta(1.0, delta=1e-3), {"dp-sgd": True, "dp-noise-multiplier": 1.0},
+     "stored with DP-SGD delta 0.001, the run allows at most 1e-05"),
+    (_dp_meta(1.0, delta=1e-3), {"dp-sgd": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-4},
+     "stored with DP-SGD delta 0.001, the run allows at most 0.0001"),
+    ({}, {"dp-clip": 1.0}, "stored without output perturbation, the run asks for dp-clip 1"),
+    ({"dp-clip": 2.0, "dp-noise": 0.0}, {"dp-clip": 1.0}, "stored with dp-clip 2, the run asks for at most 1"),
+    ({"dp-clip": 1.0, "dp-noise": 0.1}, {"dp-clip": 1.0, "dp-noise": 0.5},
+     "stored with dp-noise 0.1, the run asks for at least 0.5"),
+    ({"dp-clip": "1"}, {}, "metadata 'dp-clip' must be a finite number >= 0, got '1'"),
+    ({"dp-clip": 1.0, "dp-noise": float("nan")}, {}, "metadata 'dp-noise' must be a finite number >= 0, got nan"),
+])
+def test_a_registry_entry_less_private_than_the_run_asks_is_refused(meta, run, says):
+    """The bug: `reuse-registry` rechecked a stored entry for DP-SGD only at all (none, or an epsilon above the target):
+    one clipped and noised by another setting, or not at all, or trained with less noise or a larger delta, was used."""
+    with pytest.raises(NodeReplyError, match=f"^{says.replace('(', '[(]').replace(')', '[)]')}$"):
+        stored_privacy(meta, _node(**run))
+
+
+def test_a_registry_entry_as_private_as_the_run_asks_or_more_is_used():
+    assert stored_privacy({}, NodeConfig()) is None
+    assert stored_privacy({"dp-clip": 0.5, "dp-noise": 2.0}, _node(**{"dp-clip": 1.0, "dp-noise": 0.5})) is None
+    assert stored_privacy({"dp-clip": 1.0, "dp-noise": 0.0}, NodeConfig()) is None  # stronger than a plain run
+    strong = stored_privacy(_dp_meta(2.0, delta=1e-6), _node(**{"dp-sgd": True, "dp-noise-multiplier": 1.0}))
+    assert strong.noise_multiplier == 2.0
+    assert stored_privacy(_dp_meta(2.0), NodeConfig()).noise_multiplier == 2.0  # a DP entry serves a run without DP
 
 
 def test_a_target_never_merges_itself_and_a_spent_budget_refuses_the_release(tmp_path):

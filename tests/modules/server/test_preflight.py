@@ -34,6 +34,20 @@ def test_what_the_coordinator_would_refuse_is_one_error_before_anything_starts(t
     assert not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()
 
 
+def test_more_nodes_than_users_is_refused_where_the_users_are_known(tmp_path):
+    """The bug: `--nodes 12` on 10 users passed; node i holds user i mod 10, so nodes 10 and 11 claimed the users of
+    nodes 0 and 1, and all four were refused at registration (`server.admission.refuse_shared_user_ids`)."""
+    says = r"--nodes must be at most the 10 users the data holds \(one user per node: node i holds user i mod 10, "
+    with pytest.raises(ConfigError, match=says + r"so 2 users would be claimed twice and refused\), got 12$"):
+        check_run(_config(tmp_path), nodes=12)
+    data = tmp_path / "lamp"
+    with pytest.raises(ConfigError, match=says):
+        check_run(_config(tmp_path, **{"data-dir": str(data)}), nodes=12, users=10)
+    check_run(_config(tmp_path), nodes=10)
+    check_run(_config(tmp_path, **{"data-dir": str(data)}), nodes=12)  # the ServerApp: only the nodes read the data
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_key_files_default_to_the_run_folder_and_the_environment_key_replaces_the_file(tmp_path):
     config = _config(tmp_path)
     assert registry_key_file(config, None) == tmp_path / "run" / "registry.key"

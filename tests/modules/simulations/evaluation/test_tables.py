@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from simulations.evaluation import sharer_signal
-from simulations.evaluation.tables import build_table, to_csv, to_json, to_markdown, write_results, write_tables
+from simulations.evaluation.tables import (
+    build_table, combine_runs, to_csv, to_json, to_markdown, write_results, write_tables,
+)
 
 
 def cell(label, seed, target, preds, golds, similarity=None, task="LaMP_3"):
@@ -199,3 +201,25 @@ def test_a_run_whose_median_sharer_changes_under_10_percent_is_warned_under_both
     assert "cannot compare merges" not in (tmp_path / "moving" / "table.md").read_text()
     assert "cannot compare merges" not in (tmp_path / "moving" / "paired.md").read_text()
     assert sharer_signal.note([cell("NP", 0, "t1", ["3"], ["4"])]) == ""  # no search, nothing measured: no claim
+
+
+def test_combining_runs_refuses_one_column_scored_on_other_golds():
+    """The bug: runs on other data (or other targets under one name) with equal settings were pooled as one column."""
+    other = [dict(c, golds=["4"]) if (c["label"], c["seed"], c["target"]) == ("A", 1, "t2") else c for c in CELLS]
+    with pytest.raises(ValueError, match=r"^column 'A' \(seed 1, target t2\) in a and b were scored on different "
+                                         r"queries \(other data, or other targets under one name\): query 0 has gold "
+                                         r"'5' in a, '4' in b; table them separately$"):
+        combine_runs({"a": CELLS, "b": other})
+
+
+def test_combining_runs_refuses_two_columns_of_one_target_scored_on_other_golds():
+    """Column B of one run beside column A of another, on one seed and target: they must have answered one set of
+    queries, as within a run (`results_schema.check_results`), or the paired comparisons pair unrelated answers."""
+    a = [cell("A", 0, "t1", ["3"], ["3"]), cell("A", 0, "t2", ["4"], ["5"])]
+    b = [cell("B", 0, "t1", ["1"], ["3"]), cell("B", 0, "t2", ["5", "2"], ["5", "2"])]
+    with pytest.raises(ValueError, match=r"^column 'A' of a and column 'B' of b \(seed 0, target t2\) were scored "
+                                         r"on different queries \(other data, or other targets under one name\): "
+                                         r"query 1 has gold none in a, '2' in b; table them separately$"):
+        combine_runs({"a": a, "b": b})
+    b[1] = cell("B", 0, "t2", ["5"], ["5"])
+    assert combine_runs({"a": a, "b": b}) == a + b
