@@ -37,6 +37,7 @@ Gemma-shaped release costs milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -203,10 +204,23 @@ class Frame:
         if len(names) != len(adapters) or len(set(names)) != len(names):
             raise ThreatError("the pool needs one distinct name per adapter")
         self.names, self.adapters, self.merge = list(names), list(adapters), merge
-        self.cores = Cores.of(adapters)
-        self.stacked = self.cores.stacked
-        self.gram = sum(np.einsum("iab,jab->ij", s, s) for s in self.stacked.values())  # <D_i, D_j>, whole adapter
-        self.norms = np.sqrt(np.diag(self.gram))
+
+    @functools.cached_property  # built on first use: a frame used only for its subsets never builds the pool's
+    def cores(self) -> Cores:
+        return Cores.of(self.adapters)
+
+    @property
+    def stacked(self) -> dict[str, np.ndarray]:
+        return self.cores.stacked
+
+    @functools.cached_property
+    def gram(self) -> np.ndarray:
+        """<D_i, D_j> over the whole adapter."""
+        return sum(np.einsum("iab,jab->ij", s, s) for s in self.stacked.values())
+
+    @functools.cached_property
+    def norms(self) -> np.ndarray:
+        return np.sqrt(np.diag(self.gram))
 
     def release(self, members: Sequence[int], weights: np.ndarray, guard: Guard) -> Outcome:
         w = capped(weights, self.norms[list(members)], guard.share_cap)
@@ -216,6 +230,10 @@ class Frame:
         per_module, whole = distances(released, {m: [self.stacked[m][i] for i in members] for m in self.cores.modules})
         refused = guard.release_distance > 0 and min(per_module.min(), whole.min()) < guard.release_distance
         return Outcome(weights=w, released=released, best_module=per_module, whole=whole, refused=bool(refused))
+
+    def subset(self, members: Sequence[int]) -> Frame:
+        """The frame of some members alone: the same releases of their merges on smaller cores."""
+        return Frame([self.names[i] for i in members], [self.adapters[i] for i in members], self.merge)
 
     def record(self, members: Sequence[int], weights: np.ndarray, guard: Guard) -> Released:
         return Released(sharers=tuple(self.names[i] for i in members), weights=weights, merge=self.merge,
@@ -244,9 +262,10 @@ def mixed_sign(frame: Frame, groups: Mapping[str, Sequence[int]], guards: Sequen
     if max_merges < 2:
         raise ThreatError(f"the unmixing needs at least 2 merges per sequence, got {max_merges}")
     weights = weight_draws(groups, draws, seed)
+    subsets = {g: frame.subset(members) for g, members in groups.items()}  # k x r cores, not the pool's
     rows = []
     for guard in guards:
-        releases = [(g, frame.release(members, w, guard)) for g, members in groups.items() for w in weights[g]]
+        releases = [(g, subsets[g].release(range(len(members)), w, guard)) for g, members in groups.items() for w in weights[g]]
         left = [out for _, out in releases if not out.refused]
         rows.append({
             **guard.record(), "releases": len(releases), "refused": len(releases) - len(left),
@@ -254,19 +273,20 @@ def mixed_sign(frame: Frame, groups: Mapping[str, Sequence[int]], guards: Sequen
             "leak_whole": _summary([float(out.whole.min()) for out in left]),
             "draws": [{"group": g, "weights": out.weights.tolist(), "refused": out.refused,
                        "best_module": out.best_module.tolist(), "whole": out.whole.tolist()} for g, out in releases],
-            "unmixing": _unmixing(frame, groups, weights, guard, max_merges, seed),
+            "unmixing": _unmixing(subsets, weights, guard, max_merges, seed),
         })
     return rows
 
 
-def _unmixing(frame: Frame, groups: Mapping[str, Sequence[int]], weights: Mapping[str, np.ndarray], guard: Guard,
-              max_merges: int, seed: int) -> list[dict]:
+def _unmixing(subsets: Mapping[str, Frame], weights: Mapping[str, np.ndarray], guard: Guard, max_merges: int,
+              seed: int) -> list[dict]:
     """Per m = 2..max_merges: the low-rank unmixing's best sharer / best module over every sequence that released m."""
-    adapters = dict(zip(frame.names, frame.adapters))
     rng = np.random.default_rng(seed)
     per_m: dict[int, list[tuple[float, float]]] = {m: [] for m in range(2, max_merges + 1)}
-    for g, members in groups.items():
-        parts = {m: [frame.stacked[m][i] for i in members] for m in frame.cores.modules}
+    for g, frame in subsets.items():
+        adapters = dict(zip(frame.names, frame.adapters))
+        members = range(len(frame.names))
+        parts = {m: list(frame.stacked[m]) for m in frame.cores.modules}
         for start in range(0, len(weights[g]) - max_merges + 1, max_merges):
             observed, ledger = [], []
             for w in weights[g][start:start + max_merges]:
@@ -279,7 +299,7 @@ def _unmixing(frame: Frame, groups: Mapping[str, Sequence[int]], weights: Mappin
                 ledger.append(record)
             for m in range(2, len(observed) + 1):
                 errors = np.array([matched_scale_free(
-                    unmix_low_rank([obs[module] for obs in observed[:m]], len(members), frame.cores.r, rng), parts[module])
+                    unmix_low_rank([obs[module] for obs in observed[:m]], len(frame.names), frame.cores.r, rng), parts[module])
                     for module in frame.cores.modules])  # [modules, members], each sharer matched to its best part
                 per_m[m].append((float(errors.mean(axis=0).min()), float(errors.min())))
     return [{"m": m, "sequences": len(v),
