@@ -266,7 +266,9 @@ def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
                 unmix = ", ".join(f"m={u['m']}: {_fmt(u['best_sharer'])} / {_fmt(u['best_module'])}" for u in row["unmixing"])
                 print(f"mixed-sign {row['guard']:<55} leak best module {_fmt(row['leak_best_module']['best'])} "
                       f"(median {_fmt(row['leak_best_module']['median'])}), whole {_fmt(row['leak_whole']['best'])}; "
-                      f"refused {row['refused']}/{row['releases']}; unmixing best sharer / module {unmix}")
+                      f"refused {row['refused']}/{row['releases']}; unmixing best sharer / module {unmix}; closest pair "
+                      f"of sharers {_fmt(min(p['best_module'] for p in row['closest_pair'].values()))} / "
+                      f"{_fmt(min(p['whole'] for p in row['closest_pair'].values()))}")
         else:
             rows = ra.pool_unmixing(frame, sets, guards, args.draws, args.seed)
             for row in rows:

@@ -256,6 +256,20 @@ def _summary(values: Sequence[float]) -> dict:
     return {"best": float(min(values)), "median": float(np.median(values)), "below_half": int(sum(v < 0.5 for v in values))}
 
 
+def closest_pair(frame: Frame) -> dict:
+    """The smallest distance between two of the frame's own updates (best module, whole adapter): how much any
+    one sharer's update already says about another's. Correlated sharers sit close; a release cannot be kept
+    further from them than they are from each other without leaving the group's common direction out."""
+    k, modules = len(frame.names), frame.cores.modules
+    best_module, whole = 1.0, 1.0
+    for t in range(k):
+        others = [s for s in range(k) if s != t]
+        per_module, per_whole = distances({m: frame.stacked[m][t] for m in modules},
+                                          {m: [frame.stacked[m][s] for s in others] for m in modules})
+        best_module, whole = min(best_module, float(per_module.min())), min(whole, float(per_whole.min()))
+    return {"best_module": best_module, "whole": whole}
+
+
 def mixed_sign(frame: Frame, groups: Mapping[str, Sequence[int]], guards: Sequence[Guard], draws: int,
                max_merges: int, seed: int = 0) -> list[dict]:
     """Per guard: the leak over every (group, draw) release and the unmixing over sequences of `max_merges` draws."""
@@ -263,12 +277,13 @@ def mixed_sign(frame: Frame, groups: Mapping[str, Sequence[int]], guards: Sequen
         raise ThreatError(f"the unmixing needs at least 2 merges per sequence, got {max_merges}")
     weights = weight_draws(groups, draws, seed)
     subsets = {g: frame.subset(members) for g, members in groups.items()}  # k x r cores, not the pool's
+    pairs = {g: closest_pair(sub) for g, sub in subsets.items()}
     rows = []
     for guard in guards:
         releases = [(g, subsets[g].release(range(len(members)), w, guard)) for g, members in groups.items() for w in weights[g]]
         left = [out for _, out in releases if not out.refused]
         rows.append({
-            **guard.record(), "releases": len(releases), "refused": len(releases) - len(left),
+            **guard.record(), "releases": len(releases), "refused": len(releases) - len(left), "closest_pair": pairs,
             "leak_best_module": _summary([float(out.best_module.min()) for out in left]),
             "leak_whole": _summary([float(out.whole.min()) for out in left]),
             "draws": [{"group": g, "weights": out.weights.tolist(), "refused": out.refused,

@@ -12,7 +12,7 @@ from server.release_guard import scale_free_error
 from simulations.threats.leak import ThreatError
 from simulations.threats.recovery import delta64
 from simulations.threats.release_attacks import (
-    Frame, Guard, cancellation, guard_settings, mixed_sign, near_copy, pool_fit, pool_unmixing, weight_draws,
+    Frame, Guard, cancellation, closest_pair, guard_settings, mixed_sign, near_copy, pool_fit, pool_unmixing, weight_draws,
 )
 from small_adapters import random_adapter
 
@@ -121,3 +121,11 @@ def test_mixed_sign_merges_unmix_unguarded_and_the_release_distance_keeps_every_
     assert rows["release-distance 0.5"]["unmixing"][0]["sequences"] == 0  # the ledger refuses every second exact merge
     with pytest.raises(ThreatError, match="at least 2 merges"):
         mixed_sign(frame, GROUPS, [Guard()], 3, 1)
+
+
+def test_closest_pair_is_the_distance_between_two_members_own_updates():
+    frame = Frame(["a", "b", "c"], TRIO)  # C = B + 0.05 noise: B and C nearly coincide
+    pair = closest_pair(frame)
+    assert pair["best_module"] <= pair["whole"] < 0.1
+    assert pair["whole"] == pytest.approx(scale_free_error(_whole(TRIO[1]), _whole(TRIO[2])), abs=1e-6)
+    assert closest_pair(Frame(["a", "b"], [A, B]))["best_module"] > 0.5  # independent random adapters
