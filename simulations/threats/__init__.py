@@ -7,7 +7,8 @@
 - `embedding`: what a user embedding says about the user's latent group;
 - `release_attacks`: what one release reveals under each guard setting (the
   cancellation construction, mixed-sign merges of correlated sharers, least
-  squares over the whole sharer pool), on pools `sharer_folder` reads.
+  squares over the whole sharer pool), on pools `sharer_folder` reads;
+  `release_summary` prints their tables over several runs.
 
 Each attack is a function returning a result dataclass with `to_dict()`;
 `write_json` puts it on disk. `prime-fl threats` runs them.
