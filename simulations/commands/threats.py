@@ -217,7 +217,7 @@ def _release_pool(args: argparse.Namespace) -> tuple[list[str], list, dict[str, 
         if not 3 <= args.pool <= 256:
             raise ThreatError(f"--pool must be in [3, 256], got {args.pool}")
         model = load_model(args)[0]
-        names = [f"random{s}" for s in range(args.pool)]
+        names = [f"random{args.seed + s}" for s in range(args.pool)]  # named by their seeds
         adapters = [random_adapter(model, r=args.rank, lora_alpha=args.lora_alpha, seed=args.seed + s) for s in range(args.pool)]
         source = {"adapters": "random"}
     if args.groups_file is not None:
