@@ -240,8 +240,8 @@ def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
         if len(names) < 3:
             raise ThreatError(f"the cancellation needs 3 adapters (A, B, noise), the pool has {len(names)}")
         cases = {"constructed": ([0, 1, 2], True)}  # A, B and C = B + 0.05 x noise (the pool's third adapter)
-        if args.groups_file is not None:  # B, C: two real sharers of one group; A: the next group's first
-            groups = list(sets)
+        groups = list(sets) if args.groups_file is not None else []
+        if len(groups) >= 2:  # B, C: two real sharers of one group; A: the next group's first (so never B's group)
             cases |= {f"same-group {g}": ([sets[groups[(i + 1) % len(groups)]][0], *sets[g][:2]], False)
                       for i, g in enumerate(groups)}
         rows = {}

@@ -135,3 +135,12 @@ def test_cli_a_planted_bad_adapter_is_one_error_line(tmp_path, sharer_folder, ca
     code = main(["threats", "pool", "--out", str(tmp_path / "out"), "--adapters-dir", str(folder), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "sharer-u003" in err and "'r'" in err and len(err.splitlines()) == 1
+
+
+def test_cli_cancellation_with_one_group_takes_no_a_from_bs_own_group(tmp_path, sharer_folder):
+    folder, groups = sharer_folder
+    groups.write_text(json.dumps({f"u{i:03d}": "g" for i in range(6)}))
+    out = tmp_path / "out"
+    assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--groups-file",
+                 str(groups), "--no-progress"]) == 0
+    assert list(json.loads((out / "cancellation.json").read_text())["cases"]) == ["constructed"]
