@@ -22,10 +22,13 @@ from simulations.support.outputs import THREATS_OUTPUT
 from simulations.threats import write_json
 from simulations.threats import membership as mia
 from simulations.threats import recovery as rec
+from simulations.threats import release_attacks as ra
 from simulations.threats.embedding import EmbeddingConfig, embedding_probe
 from simulations.threats.leak import ThreatError, block_leak
+from simulations.threats.sharer_folder import by_group, load_pool, read_groups
 
-ATTACKS = ("leak", "recovery", "membership", "embedding", "all")
+RELEASE_ATTACKS = ("cancellation", "mixed-sign", "pool")  # simulations.threats.release_attacks: linear algebra only
+ATTACKS = ("leak", "recovery", "membership", "embedding", *RELEASE_ATTACKS, "all")
 
 
 def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
@@ -35,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description=(
             "Measure what the parties of PriME-FL can learn. leak: read sharers' factors out of a stacked merge "
             "vs the released (SVD) adapter; recovery: individual adapters from m merges of the same sharers; "
-            "membership: membership inference on sharers' training items through what the target receives, by "
+            "cancellation, mixed-sign, pool: what one release reveals under each guard setting (none; --share-cap; "
+            "--share-cap + --release-rank; --release-distance; all three): the cancellation construction A, B, "
+            "C = B + 0.05 noise at weights (1, 1, -1); mixed-sign merges of k sharers of one group (leak and unmixing); "
+            "least squares over the whole sharer pool (the coordinator's view); membership: membership inference on "
+            "sharers' training items through what the target receives, by "
             "three scores: loss (-loss), ref (reference-calibrated: the unmerged task model's loss minus the "
             "release's) and min-k (mean of the lowest k% token log-probabilities), each as AUROC and TPR at 1% and "
             "0.1% FPR with bootstrap 95% intervals (a TPR at an FPR below 1/non-members is the TPR at zero false "
@@ -54,6 +61,20 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
                         help="leak/recovery: release only each merge's top R singular directions per module, as the "
                              "search setting release-rank does (server.release; default %(default)s, the search's; "
                              "0 = the whole merge)")
+    parser.add_argument("--release-distance", type=float, default=0.5,
+                        help="cancellation/mixed-sign/pool: the release distance of the guard settings compared "
+                             "(server.release_guard; default %(default)s, the provisional value)")
+    parser.add_argument("--adapters-dir", default=None,
+                        help="cancellation/mixed-sign/pool: the sharer pool from this folder of PEFT adapter folders "
+                             "(e.g. prime-fl eval's prepare/<seed>/adapters; sharer-<user> is user <user>; folders "
+                             "without adapter files are skipped); default: --pool random adapters of the model's shapes")
+    parser.add_argument("--groups-file", default=None,
+                        help="with --adapters-dir: JSON of user -> group, or a synthetic benchmark.json (its "
+                             "user_groups); merges take k sharers of one group. Without it: consecutive sets of k")
+    parser.add_argument("--pool", type=int, default=9, help="random pool size when there is no --adapters-dir (default %(default)s)")
+    parser.add_argument("--draws", type=int, default=20,
+                        help="mixed-sign/pool: weight vectors per set of sharers, uniform in the search's bounds "
+                             "(default %(default)s; mixed-sign's unmixing takes them in sequences of --max-merges)")
     # Every other option is a setting of an attack's record, with its help, default and check (the task and the
     # seed are the membership and embedding attacks' both).
     add_setting_options(parser, mia.MembershipConfig())
@@ -112,6 +133,10 @@ def _threats(args: argparse.Namespace) -> int:
                   f"(shuffled {row['shuffled_accuracy']:.3f}, chance {row['chance']:.3f})")
     if args.attack == "embedding":
         return _done(written)
+    if args.attack in RELEASE_ATTACKS:
+        return _done([_release_attack(args, out, meta)])
+    if args.adapters_dir is not None or args.groups_file is not None:
+        raise ThreatError(f"--adapters-dir and --groups-file are for {', '.join(RELEASE_ATTACKS)}, not {args.attack}")
     model, tokenizer, _ = load_model(args)
     adapters = None
     if mconfig is not None:
@@ -175,6 +200,90 @@ def _threats(args: argparse.Namespace) -> int:
                   f"low-rank unmixing (scale-free) {row['released_lowrank_scale_free']:.2e}, best sharer "
                   f"{row['released_lowrank_scale_free_best_sharer']:.2e}, best module {row['released_lowrank_scale_free_best_module']:.2e}")
     return _done(written)
+
+
+def _release_pool(args: argparse.Namespace) -> tuple[list[str], list, dict[str, list[int]], dict]:
+    """(names, adapters, sets of k sharers to merge, a record of where they came from)."""
+    k = args.sharers
+    if args.groups_file is not None and args.adapters_dir is None:
+        raise ThreatError("--groups-file needs --adapters-dir (random adapters belong to no group)")
+    if args.adapters != "random":
+        raise ThreatError(f"{args.attack} reads trained adapters with --adapters-dir, not --adapters {args.adapters}")
+    if args.adapters_dir is not None:
+        pool = load_pool(args.adapters_dir)
+        names, adapters, source = pool.names, pool.adapters, {"adapters": "folder", "adapters_dir": args.adapters_dir,
+                                                              "skipped": pool.skipped}
+    else:
+        if not 3 <= args.pool <= 256:
+            raise ThreatError(f"--pool must be in [3, 256], got {args.pool}")
+        model = load_model(args)[0]
+        names = [f"random{args.seed + s}" for s in range(args.pool)]  # named by their seeds
+        adapters = [random_adapter(model, r=args.rank, lora_alpha=args.lora_alpha, seed=args.seed + s) for s in range(args.pool)]
+        source = {"adapters": "random"}
+    if args.groups_file is not None:
+        sets = by_group(names, read_groups(args.groups_file), k)
+        source["groups"] = args.groups_file
+    else:  # no groups known: disjoint consecutive sets, in pool order
+        sets = {f"set{i}": list(range(i * k, (i + 1) * k)) for i in range(len(names) // k)}
+        if not sets:
+            raise ThreatError(f"the pool has {len(names)} adapters, fewer than --sharers {k}")
+    return names, adapters, sets, {**source, "pool": names, "sets": {g: [names[i] for i in m] for g, m in sets.items()}}
+
+
+def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
+    t = time.perf_counter()
+    guards = ra.guard_settings(args.share_cap, args.release_rank, args.release_distance)
+    if args.draws < 1:
+        raise ThreatError(f"--draws must be >= 1, got {args.draws}")
+    names, adapters, sets, source = _release_pool(args)
+    if args.attack == "cancellation":
+        if len(names) < 3:
+            raise ThreatError(f"the cancellation needs 3 adapters (A, B, noise), the pool has {len(names)}")
+        cases = {"constructed": ([0, 1, 2], True)}  # A, B and C = B + 0.05 x noise (the pool's third adapter)
+        groups = list(sets) if args.groups_file is not None else []
+        if len(groups) >= 2:  # B, C: two real sharers of one group; A: the next group's first (so never B's group)
+            cases |= {f"same-group {g}": ([sets[groups[(i + 1) % len(groups)]][0], *sets[g][:2]], False)
+                      for i, g in enumerate(groups)}
+        rows = {}
+        for case, (idx, construct) in cases.items():
+            trio = [adapters[i] for i in idx]
+            if construct:
+                trio[2] = ra.near_copy(trio[1], trio[2])
+            rows[case] = {"a": names[idx[0]], "b": names[idx[1]], "c": f"{names[idx[1]]} + {ra.NOISE:g} x {names[idx[2]]}"
+                          if construct else names[idx[2]], "rows": ra.cancellation(trio, guards, seed=args.seed)}
+            for row in rows[case]["rows"]:
+                search = row["search"]
+                found = "fell back" if search["fallback"] else f"{search['distance_to_a_best_module']:.3f} / {search['distance_to_a_whole']:.3f}"
+                print(f"cancellation [{case}] {row['guard']:<55} weights {' '.join(f'{w:.3g}' for w in row['weights'])}: "
+                      f"distance to A {row['distance_to_a_best_module']:.3f} (best module) / {row['distance_to_a_whole']:.3f} "
+                      f"(whole){' REFUSED' if row['refused'] else ''}; search toward A: {found}")
+        result = {"attack": "cancellation", "weights": list(ra.CANCEL), "noise": ra.NOISE, "cases": rows}
+    else:
+        frame = ra.Frame(names, adapters)
+        if args.attack == "mixed-sign":
+            rows = ra.mixed_sign(frame, sets, guards, args.draws, args.max_merges, args.seed)
+            for row in rows:
+                unmix = ", ".join(f"m={u['m']}: {_fmt(u['best_sharer'])} / {_fmt(u['best_module'])}" for u in row["unmixing"])
+                print(f"mixed-sign {row['guard']:<55} leak best module {_fmt(row['leak_best_module']['best'])} "
+                      f"(median {_fmt(row['leak_best_module']['median'])}), whole {_fmt(row['leak_whole']['best'])}; "
+                      f"refused {row['refused']}/{row['releases']}; unmixing best sharer / module {unmix}; closest pair "
+                      f"of sharers {_fmt(min(p['best_module'] for p in row['closest_pair'].values()))} / "
+                      f"{_fmt(min(p['whole'] for p in row['closest_pair'].values()))}")
+        else:
+            rows = ra.pool_unmixing(frame, sets, guards, args.draws, args.seed)
+            for row in rows:
+                print(f"pool {row['guard']:<55} weight error best {_fmt(row['weight_error']['best'])} (median "
+                      f"{_fmt(row['weight_error']['median'])}); sharers identified {row['identified']}/"
+                      f"{row['releases'] - row['refused']}; member residual best {_fmt(row['member_residual']['best'])}; "
+                      f"refused {row['refused']}/{row['releases']}")
+        result = {"attack": args.attack, "draws": args.draws, "bounds": list(SearchConfig().bounds), "merge": frame.merge,
+                  "max_merges": args.max_merges if args.attack == "mixed-sign" else None, "rows": rows}
+    return write_json(out / f"{args.attack}.json", {**result, **meta, "release_distance": args.release_distance,
+                                                    "k": args.sharers, **source, "seconds": time.perf_counter() - t})
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _done(written: list[Path]) -> int:

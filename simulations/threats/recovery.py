@@ -112,7 +112,7 @@ def least_squares(weights: np.ndarray, observations: np.ndarray) -> np.ndarray:
     return np.linalg.pinv(weights) @ observations
 
 
-def _matched_scale_free(estimates: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> list[float]:
+def matched_scale_free(estimates: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> list[float]:
     """Scale-free error of each true part against the estimate matched to it (best assignment: the attacker does not know the order)."""
     cost = np.array([[scale_free_error(e, t) for e in estimates] for t in truths])
     rows, cols = linear_sum_assignment(cost)
@@ -166,9 +166,9 @@ def linear_recovery(adapters: Sequence[LoraAdapter], config: RecoveryConfig = Re
             for g in guesses:
                 guessed = least_squares(g[:n], obs)
                 errs["released_guessed"] += [relative_error(guessed[s], flat_true[s]) for s in range(k)]
-                errs["released_guessed_scale_free"] += _matched_scale_free(list(guessed), list(flat_true))
+                errs["released_guessed_scale_free"] += matched_scale_free(list(guessed), list(flat_true))
             parts = unmix_low_rank(observed[module][:n], k, r, np.random.default_rng(config.seed + n))
-            errs["released_lowrank_scale_free"] += _matched_scale_free(parts, true)
+            errs["released_lowrank_scale_free"] += matched_scale_free(parts, true)
         row: dict[str, float | int] = {"m": n, "stacked_known": stacked}
         for key in ("released_known", "released_known_scale_free", "released_guessed", "released_guessed_scale_free",
                     "released_lowrank_scale_free"):

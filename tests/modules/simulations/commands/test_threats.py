@@ -82,3 +82,65 @@ def test_a_default_share_cap_below_one_over_k_is_lifted_as_the_search_lifts_it(t
     assert main(["threats", "leak", "--out", str(tmp_path), "--model-spec", "tiny", "--sharers", "2", "--no-plots",
                  "--no-progress"]) == 0
     assert json.loads((tmp_path / "leak.json").read_text())["share_cap_applied"] == 0.5
+
+
+@pytest.fixture
+def sharer_folder(tmp_path):
+    """Six small adapters as prime-fl eval's prepare writes them, with a synthetic benchmark's groups."""
+    from small_adapters import random_adapter
+
+    folder = tmp_path / "adapters"
+    for i in range(6):
+        random_adapter(20 + i).save(folder / f"sharer-u{i:03d}")
+    groups = tmp_path / "benchmark.json"
+    groups.write_text(json.dumps({"user_groups": {f"u{i:03d}": i % 2 for i in range(6)}}))
+    return folder, groups
+
+
+def test_cli_release_attacks_on_a_folder_of_sharers_with_groups(tmp_path, sharer_folder, capsys):
+    folder, groups = sharer_folder
+    out = tmp_path / "out"
+    for attack in ("cancellation", "mixed-sign", "pool"):
+        assert main(["threats", attack, "--out", str(out), "--adapters-dir", str(folder), "--groups-file", str(groups),
+                     "--release-rank", "2", "--draws", "4", "--max-merges", "2", "--no-progress"]) == 0
+    cancel = json.loads((out / "cancellation.json").read_text())
+    assert set(cancel["cases"]) == {"constructed", "same-group 0", "same-group 1"}
+    assert cancel["cases"]["same-group 0"]["b"] == "u000" and cancel["cases"]["same-group 0"]["c"] == "u002"
+    assert cancel["sets"] == {"0": ["u000", "u002", "u004"], "1": ["u001", "u003", "u005"]}
+    mixed = json.loads((out / "mixed-sign.json").read_text())
+    assert [row["guard"] for row in mixed["rows"]][:3] == ["none", "share-cap 0.34", "share-cap 0.34 + release-rank 2"]
+    assert mixed["rows"][0]["releases"] == 8 and "--adapters-dir" in mixed["command"]
+    pool = json.loads((out / "pool.json").read_text())
+    assert pool["rows"][0]["weight_error"]["best"] < 1e-8 and pool["pool"] == [f"u{i:03d}" for i in range(6)]
+    assert "pool none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["mixed-sign", "--draws", "0"], "--draws must be >= 1"),
+    (["pool", "--groups-file", "x.json"], "--groups-file needs --adapters-dir"),
+    (["leak", "--adapters-dir", "."], "are for cancellation, mixed-sign, pool"),
+    (["pool", "--adapters", "trained"], "reads trained adapters with --adapters-dir"),
+    (["pool", "--release-distance", "1"], "release distance must be in [0, 1)"),
+    (["pool", "--pool", "2"], "--pool must be in [3, 256]"),
+])
+def test_cli_release_attacks_bad_input_is_one_line(tmp_path, capsys, argv, fragment):
+    code = main(["threats", argv[0], "--out", str(tmp_path), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
+
+
+def test_cli_a_planted_bad_adapter_is_one_error_line(tmp_path, sharer_folder, capsys):
+    folder, _ = sharer_folder
+    (folder / "sharer-u003" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": -1}')
+    code = main(["threats", "pool", "--out", str(tmp_path / "out"), "--adapters-dir", str(folder), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "sharer-u003" in err and "'r'" in err and len(err.splitlines()) == 1
+
+
+def test_cli_cancellation_with_one_group_takes_no_a_from_bs_own_group(tmp_path, sharer_folder):
+    folder, groups = sharer_folder
+    groups.write_text(json.dumps({f"u{i:03d}": "g" for i in range(6)}))
+    out = tmp_path / "out"
+    assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--groups-file",
+                 str(groups), "--no-progress"]) == 0
+    assert list(json.loads((out / "cancellation.json").read_text())["cases"]) == ["constructed"]

@@ -1,0 +1,97 @@
+"""Sharers' adapters read from a folder of adapter folders, and the groups they belong to.
+
+The release attacks (simulations.threats.release_attacks) need pools of
+adapters that were really trained, e.g. `prime-fl eval`'s
+`prepare/<seed>/adapters/`, which holds one PEFT folder per sharer
+(`sharer-<user>`) next to other things (Per-Pcs `gates-*` folders). Every
+file here comes from outside, so each adapter goes through
+`LoraAdapter.load`'s hostile-file checks and the first bad one stops the run
+with one line naming it. A subfolder with neither of PEFT's two files is not
+an adapter: it is skipped and listed, never guessed at.
+
+Groups (which sharers are "correlated": users of one synthetic preference
+group) come from a JSON file the user passes: an object mapping user ids to
+groups, or a synthetic benchmark's `benchmark.json` (`prime-fl data`), whose
+`user_groups` is that object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
+from common.user_files import UserFileError, read_json
+from simulations.threats.leak import ThreatError
+
+MAX_ADAPTERS = 256  # far above any pool the attacks run on; each adapter is held in memory
+MAX_GROUPS_BYTES = 4 * 1024 * 1024
+MAX_NAME = 200
+SHARER_PREFIX = "sharer-"  # prime-fl eval's prepare folders name a sharer's adapter sharer-<user>
+
+
+@dataclass
+class SharerPool:
+    """Adapters in folder-name order, each under its user id (the folder name without `sharer-`)."""
+
+    names: list[str]
+    adapters: list[LoraAdapter]
+    skipped: list[str]  # subfolders that hold no adapter
+
+
+def user_id(folder_name: str) -> str:
+    return folder_name.removeprefix(SHARER_PREFIX)
+
+
+def load_pool(folder: str | Path) -> SharerPool:
+    """Every adapter subfolder of `folder`, checked as a hostile file; ThreatError on the first that fails."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ThreatError(f"--adapters-dir {folder}: not a folder")
+    candidates = sorted(p for p in root.iterdir() if p.is_dir())
+    chosen = [p for p in candidates if (p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists()]
+    if len(chosen) > MAX_ADAPTERS:
+        raise ThreatError(f"--adapters-dir {folder}: {len(chosen)} adapters, at most {MAX_ADAPTERS}")
+    if len(chosen) < 2:
+        raise ThreatError(f"--adapters-dir {folder}: needs at least 2 adapter folders, found {len(chosen)}")
+    names = [user_id(p.name) for p in chosen]
+    if len(set(names)) != len(names):
+        raise ThreatError(f"--adapters-dir {folder}: two folders name the same user ({', '.join(p.name for p in chosen)})")
+    adapters = []
+    for path in chosen:
+        try:
+            adapters.append(LoraAdapter.load(path))
+        except (AdapterError, UserFileError) as err:
+            raise ThreatError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+    return SharerPool(names=names, adapters=adapters, skipped=[p.name for p in candidates if p not in chosen])
+
+
+def read_groups(path: str | Path) -> dict[str, str]:
+    """user id -> group (as text) from `path`: {"user": group, ...} or a benchmark.json with `user_groups`."""
+    try:
+        data = read_json(path, MAX_GROUPS_BYTES, max_depth=4)
+    except (UserFileError, ValueError) as err:
+        raise ThreatError(f"--groups-file {path}: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("user_groups"), dict):
+        data = data["user_groups"]
+    if not isinstance(data, dict) or not data:
+        raise ThreatError(f"--groups-file {path}: expected a non-empty JSON object of user -> group, or one under 'user_groups'")
+    groups = {}
+    for user, group in data.items():
+        if not isinstance(group, (int, str)) or isinstance(group, bool) or len(str(group)) > MAX_NAME or len(user) > MAX_NAME:
+            raise ThreatError(f"--groups-file {path}: user {user[:MAX_NAME]!r}: the group must be an integer or a short string")
+        groups[user] = str(group)
+    return groups
+
+
+def by_group(names: list[str], groups: dict[str, str], k: int) -> dict[str, list[int]]:
+    """Group -> the indices of its first `k` pool members, for every group with at least `k` of them."""
+    members: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name in groups:
+            members.setdefault(groups[name], []).append(i)
+    chosen = {g: idx[:k] for g, idx in sorted(members.items()) if len(idx) >= k}
+    if not chosen:
+        raise ThreatError(f"no group has {k} sharers in the pool (groups of the pool's users: "
+                          f"{ {g: len(idx) for g, idx in sorted(members.items())} or 'none'})")
+    return chosen

@@ -1,0 +1,81 @@
+"""A folder of sharers' adapters and their groups: read with the hostile-file checks, one bad adapter one error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.adapters import WEIGHTS_FILE
+from simulations.threats.leak import ThreatError
+from simulations.threats.sharer_folder import by_group, load_pool, read_groups
+from small_adapters import random_adapter
+
+
+@pytest.fixture
+def pool_folder(tmp_path):
+    for i, name in enumerate(("sharer-u001", "sharer-u002", "u003")):
+        random_adapter(i).save(tmp_path / name)
+    (tmp_path / "gates-u001-abc").mkdir()  # Per-Pcs gates beside the adapters: no adapter, skipped
+    (tmp_path / "gates-u001-abc" / "gates.safetensors").write_bytes(b"not an adapter")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    return tmp_path
+
+
+def test_every_adapter_folder_is_a_sharer_named_by_its_user(pool_folder):
+    pool = load_pool(pool_folder)
+    assert pool.names == ["u001", "u002", "u003"] and pool.skipped == ["gates-u001-abc"]
+    assert [a.r for a in pool.adapters] == [2, 2, 2]
+
+
+def test_a_planted_bad_adapter_stops_the_pool_naming_it(pool_folder):
+    (pool_folder / "sharer-u002" / WEIGHTS_FILE).write_bytes(b"\xff" * 64)
+    with pytest.raises(ThreatError, match="sharer-u002"):
+        load_pool(pool_folder)
+
+
+def test_an_adapter_missing_one_file_is_bad_not_skipped(pool_folder):
+    (pool_folder / "u003" / WEIGHTS_FILE).unlink()
+    with pytest.raises(ThreatError, match="u003.*missing"):
+        load_pool(pool_folder)
+
+
+def test_a_pool_needs_two_distinct_users(tmp_path):
+    random_adapter(0).save(tmp_path / "sharer-u1")
+    with pytest.raises(ThreatError, match="at least 2"):
+        load_pool(tmp_path)
+    random_adapter(1).save(tmp_path / "u1")
+    with pytest.raises(ThreatError, match="same user"):
+        load_pool(tmp_path)
+    with pytest.raises(ThreatError, match="not a folder"):
+        load_pool(tmp_path / "missing")
+
+
+def test_groups_from_a_mapping_or_a_synthetic_benchmark(tmp_path):
+    plain, bench = tmp_path / "groups.json", tmp_path / "benchmark.json"
+    plain.write_text(json.dumps({"u001": 0, "u002": "x"}))
+    bench.write_text(json.dumps({"task": "LaMP_2", "user_groups": {"u001": 2, "u002": 2, "u003": 1}}))
+    assert read_groups(plain) == {"u001": "0", "u002": "x"}
+    assert read_groups(bench) == {"u001": "2", "u002": "2", "u003": "1"}
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    ("[1, 2]", "JSON object"), ("{}", "JSON object"), ('{"u1": true}', "integer or a short string"),
+    ('{"u1": [1]}', "integer or a short string"), ('{"u1": "' + "g" * 500 + '"}', "short string"),
+    ("{", "groups.json"), ("[" * 100 + "]" * 100, "groups.json"),
+])
+def test_bad_groups_files_are_one_error(tmp_path, payload, fragment):
+    path = tmp_path / "groups.json"
+    path.write_text(payload)
+    with pytest.raises(ThreatError, match=fragment) as info:
+        read_groups(path)
+    assert "\n" not in str(info.value)
+
+
+def test_sets_take_the_first_k_of_every_group_large_enough():
+    names = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    groups = {"u1": "a", "u2": "b", "u3": "a", "u4": "a", "u5": "b", "u6": "a"}
+    assert by_group(names, groups, 3) == {"a": [0, 2, 3]}
+    assert by_group(names, groups, 2) == {"a": [0, 2], "b": [1, 4]}
+    with pytest.raises(ThreatError, match="no group has 5"):
+        by_group(names, groups, 5)
