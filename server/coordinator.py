@@ -270,7 +270,7 @@ class Coordinator:
         their fresh upload replaces it.
         """
         phase, messenger = Phase.SHARE, self.messenger
-        stored = self._reusable(plan.sharers) if self.config.reuse_registry else set()
+        stored, not_reused = self._reusable(plan.sharers) if self.config.reuse_registry else (set(), {})
         wanted = [u for u in plan.sharers if u not in stored]
         if stored:
             log.info("registry already holds %d of %d planned sharers; asking %d", len(set(plan.sharers) & stored),
@@ -304,20 +304,23 @@ class Coordinator:
 
         replies = messenger.exchange(phase, {n: self._task_content() for n in self._nodes_of(wanted)})
         messenger.each(phase.asks.name, replies, accept)
-        self.report.phase(phase.label, asked=wanted, arrived=arrived, reused=sorted(set(plan.sharers) & stored))
+        self.report.phase(phase.label, asked=wanted, arrived=arrived, reused=sorted(set(plan.sharers) & stored),
+                          not_reused=not_reused)
         log.info("registry holds %d sharers", len(self.registry))
 
-    def _reusable(self, sharers: Iterable[str]) -> set[str]:
-        """The planned sharers whose registry entry this run may reuse; each other stored entry is logged with why."""
-        reusable = set()
+    def _reusable(self, sharers: Iterable[str]) -> tuple[set[str], dict[str, str]]:
+        """The planned sharers whose registry entry this run may reuse, and why each other stored entry may not
+        (the report's `not_reused`: its sharer is asked again)."""
+        reusable, refused = set(), {}
         for sharer_id in sorted(set(sharers) & set(self.registry.sharers())):
             try:
                 stored_privacy(self.registry.get(sharer_id).metadata, self.config.node)
             except PrimeError as err:
-                log.info("registry entry %s not reused, its sharer is asked again: %s", sharer_id, one_line(err))
+                refused[sharer_id] = one_line(err)
+                log.info("registry entry %s not reused, its sharer is asked again: %s", sharer_id, refused[sharer_id])
                 continue
             reusable.add(sharer_id)
-        return reusable
+        return reusable, refused
 
     def personalize(self, plan: UserPlan, model: torch.nn.Module, tokenizer: Any) -> dict[int, RecordDict] | None:
         """Per target: sealed profile in, privacy-penalized merge; returns each target node's evaluation request

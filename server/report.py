@@ -70,9 +70,12 @@ class RunReport:
         """A registry entry left out of every merge (stored by an older, less strict run, or corrupted)."""
         self.skipped.append({"phase": "registry", "sharer_id": sharer_id, "reason": reason})
 
-    def phase(self, name: str, *, asked: list[str], arrived: list[str], reused: list[str] | None = None) -> None:
-        """Who a phase asked and whose contribution it accepted (a restart resumes from this)."""
-        self.phases[name] = {"asked": list(asked), "arrived": list(arrived)} | ({"reused": list(reused)} if reused else {})
+    def phase(self, name: str, *, asked: list[str], arrived: list[str], reused: list[str] | None = None,
+              not_reused: dict[str, str] | None = None) -> None:
+        """Who a phase asked and whose contribution it accepted (a restart resumes from this), and why a stored
+        entry was not reused (its sharer was asked again)."""
+        self.phases[name] = ({"asked": list(asked), "arrived": list(arrived)} | ({"reused": list(reused)} if reused else {})
+                             | ({"not_reused": dict(not_reused)} if not_reused else {}))
 
     def refuse(self, user_id: str, reason: str) -> None:
         """A target that gets no merged adapter because a release guard said no (it still scores the unmerged model)."""

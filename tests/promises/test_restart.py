@@ -82,6 +82,9 @@ def test_a_restart_with_stricter_privacy_asks_the_sharers_again_instead_of_reusi
     assert report["status"] == "complete", report["reasons"]
     share = report["phases"]["share"]
     assert len(share["asked"]) == 4 and sorted(share["arrived"]) == sorted(share["asked"]) and "reused" not in share
+    # why each was asked again is in the report, not only in the log
+    assert sorted(share["not_reused"]) == sorted(share["asked"])
+    assert all("dp-clip" in reason for reason in share["not_reused"].values()), share["not_reused"]
     merged = {sid for target in report["targets"].values() for sid in target["sharers"]}
     contents = _contents(out)
     assert merged and merged <= set(share["arrived"]) and report["skipped"] == []
