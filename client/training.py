@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client.prefix_sharing import SharedPrefix, forward_prefix
+from client.packing import Pack, packs
 from client.privacy import clip_and_noise
 from common import dp
 from common.adapters import LoraAdapter, lora_config
@@ -156,27 +156,30 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _token_losses(model, batch: list[tuple[list[int], int]], pad_id: int, bf16: bool = False,
-                  prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_losses(model, batch: list[tuple[list[int], int]], pad_id: int,
+                  bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy of every target + EOS token of a right-padded batch, the batch row of each).
 
     `bf16`: the decoder runs under bfloat16 autocast (`train-bf16`); the LM
     head and the loss stay in the head's own dtype, so only the body's
-    matmuls are rounded. `prefix`: the batch's shared prefix, already run
-    (`client.prefix_sharing`); the forward then covers only the rows' own tokens.
+    matmuls are rounded.
     """
     device = next(model.parameters()).device
     ids, mask, predict = padded_batch(batch, pad_id, device)
-    skip = prefix.length if prefix is not None else 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        if prefix is None:
-            hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        else:
-            hidden = decoder(model)(input_ids=ids[:, skip:], attention_mask=mask, use_cache=True,
-                                    cache=prefix.cache(model, len(batch))).last_hidden_state
+        hidden = decoder(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = ids[:, 1:][predict[:, :-1]]
-    logits = lm_logits(model, hidden[predict[:, skip:]].to(model.get_output_embeddings().weight.dtype))
+    logits = lm_logits(model, hidden[predict].to(model.get_output_embeddings().weight.dtype))
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), predict.nonzero()[:, 0]
+
+
+def _packed_losses(model, pack: Pack, bf16: bool = False) -> torch.Tensor:
+    """Cross-entropy of every target + EOS token of one pack (`client.packing`), in the pack's order."""
+    with torch.autocast(pack.ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = decoder(model)(input_ids=pack.ids, position_ids=pack.positions, attention_mask=pack.masks,
+                                use_cache=False).last_hidden_state
+    logits = lm_logits(model, hidden[0, pack.predict].to(model.get_output_embeddings().weight.dtype))
+    return torch.nn.functional.cross_entropy(logits, pack.targets, reduction="none")
 
 
 def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
@@ -191,44 +194,24 @@ def _batch_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch
     return (sums / counts).mean()
 
 
-def length_chunks(batch: list[tuple[list[int], int]], slack: float = 1.125) -> list[list[tuple[list[int], int]]]:
-    """The rows of one optimizer step as forwards of similar length: sorted by length, a row joins the current
-    forward while that forward's padded size stays within `slack` times its real tokens.
-
-    A right-padded forward costs as much at the padding as at the tokens; one
-    long row in a batch of short ones would otherwise double the step.
-    """
-    chunks: list[list[tuple[list[int], int]]] = []
-    tokens = 0
-    for row in sorted(batch, key=lambda row: len(row[0])):
-        if chunks and len(row[0]) * (len(chunks[-1]) + 1) <= slack * (tokens + len(row[0])):
-            chunks[-1].append(row)
-            tokens += len(row[0])
-        else:
-            chunks.append([row])
-            tokens = len(row[0])
-    return chunks
-
-
 def _backward_step(model, batch: list[tuple[list[int], int]], pad_id: int, config: TrainConfig) -> float:
     """Gradient of the batch's mean cross-entropy over all its target + EOS tokens; returns that mean.
 
-    On the CPU the prompt prefix all rows share runs once (`client.prefix_sharing`) and the rows run in
-    `length_chunks`, each chunk's token sum over the batch's token count: the same gradient as one padded
-    forward. On a GPU the batch stays one forward: there a forward costs about the same for any number of rows
-    and tokens, so splitting would only add forwards."""
+    On the CPU the rows run packed (`client.packing`: their shared prompt prefix once, no padding), each
+    pack's token sum over the batch's token count: the same gradient as one padded forward. On a GPU the
+    batch stays one padded forward: there a forward costs about the same for any number of tokens."""
     n_tokens = sum(len(ids) - n_prompt for ids, n_prompt in batch)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    prefix = forward_prefix(model, batch, bf16=config.bf16) if on_cpu else None
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        sums = (_packed_losses(model, pack, config.bf16).sum() for pack in packs(batch, model.config, device))
+    else:
+        sums = iter([_token_losses(model, batch, pad_id, bf16=config.bf16)[0].sum()])
     total = 0.0
-    for chunk in length_chunks(batch) if on_cpu else [batch]:
-        loss_sum = _token_losses(model, chunk, pad_id, bf16=config.bf16, prefix=prefix)[0].sum()
+    for loss_sum in sums:
         if not torch.isfinite(loss_sum):
             raise TrainingError(f"loss became {loss_sum.item()} (lower the learning rate, now {config.lr})")
         (loss_sum / n_tokens).backward()
         total += loss_sum.item()
-    if prefix is not None:
-        prefix.backward()
     return total / n_tokens
 
 

@@ -8,9 +8,9 @@ new, ...) so that load from other work on the machine hits both alike; the
 figure is the median of the per-repeat ratios. The old path (`reference_fit`,
 kept here only) is the loop as it was: one right-padded forward per step in
 the model's dtype, per-tensor AdamW. `new` is `train_lora` as configured
-(on the CPU the prompt prefix all rows of a step share runs once and the
-rows run in length-chunked forwards; fused AdamW: the same loss as old up to
-float rounding), `new-bf16` the same with `train-bf16` on (the decoder under
+(on the CPU a step runs packed: the prompt prefix its rows share once, the
+rows without padding; fused AdamW: the same loss as old up to float
+rounding), `new-bf16` the same with `train-bf16` on (the decoder under
 bfloat16 autocast). Each run records examples/s by wall time and by the
 process's CPU time (steadier on a shared machine with one torch thread),
 real (unpadded) tokens/s and its per-pass mean loss, so a speedup is read

@@ -1,5 +1,5 @@
-"""Training speed (issue 31) without changing the math: length-chunked steps give the padded batch's loss and
-gradient, `train-bf16` autocasts only the decoder, and DP-SGD still sees one example per row."""
+"""Training speed (issue 31) without changing the math: `train-bf16` autocasts only the decoder, and DP-SGD still
+sees one example per row (packed steps: test_packing.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import torch
 import pytest
 
 from client import training
-from client.training import (TrainConfig, _backward_step, _batch_loss, _token_losses, encode_pairs, length_chunks,
-                             pad_id_of, train_lora)
+from client.training import TrainConfig, _batch_loss, _token_losses, encode_pairs, pad_id_of, train_lora
 from common.adapters import lora_config
 from common.models import tiny_model
 from common.settings import DpSgdConfig, from_flat
@@ -31,33 +30,6 @@ def _peft(seed: int = 1):
 
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def test_length_chunks_keep_every_row_once_and_bound_the_padding():
-    rows = [([0] * n, 1) for n in (5, 40, 6, 41, 5, 80, 6, 39)]
-    chunks = length_chunks(rows)
-    assert sorted(len(r[0]) for c in chunks for r in c) == sorted(len(r[0]) for r in rows)
-    assert len(chunks) == 3  # the short, the ~40 and the 80-token rows
-    for chunk in chunks:
-        real = sum(len(r[0]) for r in chunk)
-        assert len(chunk) * max(len(r[0]) for r in chunk) <= 1.125 * real
-    assert length_chunks([([0] * 9, 1)] * 4) == [[([0] * 9, 1)] * 4]  # equal lengths: one forward
-
-
-def test_chunked_step_has_the_padded_batchs_loss_and_gradient():
-    model, tok = _peft()
-    batch = encode_pairs(tok, PAIRS, 512)
-    assert len(length_chunks(batch)) > 1  # the case under test: the step really is split
-    padded = _token_losses(model, batch, pad_id_of(tok))[0].mean()
-    padded.backward()
-    expected = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss = _backward_step(model, batch, pad_id_of(tok), TrainConfig())
-    assert loss == pytest.approx(padded.item(), rel=1e-6)
-    got = _grads(model)
-    assert got.keys() == expected.keys() and len(got) > 0
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-7), name
 
 
 def test_a_rows_loss_in_a_padded_batch_is_its_loss_alone():
