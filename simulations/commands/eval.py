@@ -206,13 +206,16 @@ def _table(args: argparse.Namespace) -> int:
         raise EvalConfigError(str(err)) from None
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
-    tables.write_results(records, args.table_out, layout=args.layout)
+    sources = {run: results.results_complete(run) for run in args.runs}
+    stopped = [run for run, complete in sources.items() if not complete]
+    partial = (f"{', '.join(stopped)} stopped before {'its grid' if len(stopped) == 1 else 'their grids'} finished: "
+               f"{len(records)} finished cells (rerun the same command to resume)") if stopped else ""
+    tables.write_results(records, args.table_out, layout=args.layout, partial=partial)
     out = Path(args.table_out).resolve()
     if len(args.runs) > 1 and all(Path(run).resolve() != out for run in args.runs):
         # The combined cells, so `eval plot/diff/compare/tradeoffs` take this folder as they take a run.
-        sources = {run: results.results_complete(run) for run in args.runs}
         write_text(out / results.RESULTS_FILE, json.dumps(
             {"runs": sources, "complete": all(sources.values()), "cells": records}, indent=2, ensure_ascii=False))
-    print(tables.to_markdown(tables.build_table(records, layout=args.layout)), end="")
+    print(tables.partial_line(partial) + tables.to_markdown(tables.build_table(records, layout=args.layout)), end="")
     print((Path(args.table_out) / "paired.md").read_text(), end="")
     return 0

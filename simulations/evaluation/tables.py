@@ -284,13 +284,17 @@ def _check_same_golds(first_name: str, first: Mapping[str, Any], name: str, r: M
                      f"query {i} has gold {gold_a} in {first_name}, {gold_b} in {name}; table them separately")
 
 
-def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout: str = "methods") -> list[Path]:
-    """The table (`write_tables`, in `layout`) and the paired comparisons: OUT/paired.md, OUT/paired.json."""
+def write_results(records: Iterable[Mapping[str, Any]], out: str | Path, layout: str = "methods",
+                  partial: str = "") -> list[Path]:
+    """The table (`write_tables`, in `layout`) and the paired comparisons: OUT/paired.md, OUT/paired.json.
+
+    `partial`: why these cells are not a whole grid (a run stopped mid-way); both markdown files then open
+    with it, so a part is not read as the grid."""
     records = list(records)
     comparisons = paired.compare(records)
     out = output_folder(out, EVAL_OUTPUT)
-    paired_md = paired.to_markdown(comparisons) + sharer_signal.note(records)
-    return [*write_tables(build_table(records, layout), out), write_text(out / "paired.md", paired_md),
+    paired_md = partial_line(partial) + paired.to_markdown(comparisons) + sharer_signal.note(records)
+    return [*write_tables(build_table(records, layout), out, partial), write_text(out / "paired.md", paired_md),
             write_text(out / "paired.json", json.dumps(paired.to_json(comparisons), indent=2, ensure_ascii=False))]
 
 
@@ -314,8 +318,13 @@ def write_diff(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str,
                                                      indent=2, ensure_ascii=False))]
 
 
-def write_tables(table: Table, out: str | Path) -> list[Path]:
-    """OUT/table.md, OUT/table.csv, OUT/table.json."""
+def partial_line(partial: str) -> str:
+    """The opening line of a partial table's markdown ('' for a whole grid)."""
+    return f"**PARTIAL** {partial}\n\n" if partial else ""
+
+
+def write_tables(table: Table, out: str | Path, partial: str = "") -> list[Path]:
+    """OUT/table.md (opening with `partial_line`), OUT/table.csv, OUT/table.json."""
     out = output_folder(out, EVAL_OUTPUT)
-    return [write_text(out / "table.md", to_markdown(table)), write_text(out / "table.csv", to_csv(table)),
+    return [write_text(out / "table.md", partial_line(partial) + to_markdown(table)), write_text(out / "table.csv", to_csv(table)),
             write_text(out / "table.json", json.dumps(to_json(table), indent=2, ensure_ascii=False))]

@@ -45,3 +45,36 @@ def test_cli_runs_plots_and_reports_errors(tmp_path, capsys):
     assert "results.json: missing" in capsys.readouterr().err
     assert main(["eval", "--synthetic", "tagging"]) == 2
     assert "missing 'out'" in capsys.readouterr().err
+
+
+def test_a_table_of_an_interrupted_run_says_it_is_partial(tmp_path, monkeypatch, capsys):
+    """`prime-fl eval table` on a run stopped mid-grid tables its finished cells; the table and the paired
+    comparisons must say that they are a part, and of which run, not pass for the grid."""
+    from simulations.evaluation import prepare
+
+    real = prepare.compute_cell
+    calls = []
+
+    def stopped(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    import simulations.evaluation.grid as grid
+
+    monkeypatch.setattr(grid, "compute_cell", stopped)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(small_config(run, methods="np,top1"), progress=False)
+    assert json.loads((run / "results.json").read_text())["complete"] is False
+    assert main(["eval", "table", str(run), "--out", str(tmp_path / "t")]) == 0
+    printed = capsys.readouterr().out
+    for name in ("table.md", "paired.md"):
+        text = (tmp_path / "t" / name).read_text()
+        assert text.startswith("**PARTIAL**") and str(run) in text.splitlines()[0] and "2 finished cells" in text, name
+    assert printed.startswith("**PARTIAL**")
+    monkeypatch.setattr(grid, "compute_cell", real)
+    run_grid(small_config(run, methods="np,top1"), progress=False)  # resumed to the end
+    assert main(["eval", "table", str(run), "--out", str(tmp_path / "t")]) == 0
+    assert not (tmp_path / "t" / "table.md").read_text().startswith("**PARTIAL**")
