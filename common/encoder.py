@@ -77,7 +77,7 @@ class MiniLMEncoder:
             self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True,
                                              model_kwargs={"use_safetensors": True})
         except (OSError, ValueError) as err:
-            raise EncoderError(f"{model_dir}: cannot load encoder ({str(err).splitlines()[0]})") from None
+            raise EncoderError(f"{model_dir}: cannot load encoder ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
         self.name = f"sentence-transformers:{model_dir.name}"
         self.batch_size = batch_size
 

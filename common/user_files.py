@@ -141,7 +141,8 @@ def _npy_header(handle: BinaryIO, name: str, path: Path) -> tuple[tuple[int, ...
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(handle, max_header_size=MAX_NPY_HEADER_BYTES)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
-        raise UserFileError(f"{path}: array {name!r}: not an .npy array ({str(err).splitlines()[0]})") from None
+        first = (str(err).splitlines() or [type(err).__name__])[0]  # an EOFError may carry no message at all
+        raise UserFileError(f"{path}: array {name!r}: not an .npy array ({first})") from None
     raise UserFileError(f"{path}: array {name!r}: .npy format version {version} is not supported")
 
 
