@@ -55,7 +55,11 @@ FALLBACK = "fallback rate"
 # move the predictions and the search has nothing to choose from.
 DIVERGENCE_MEAN = "sharers' changed history answers (mean)"
 DIVERGENCE_MAX = "sharers' changed history answers (max)"
-DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX)
+# Merges that left (no fallback, two or more sharers): the median over them of the largest |w| and of the largest
+# over the smallest non-zero |w|. Near 1 the merge is a signed uniform one (what a share cap near 1/k leaves).
+WEIGHT_LARGEST = "merge: largest |w| (median)"
+WEIGHT_SPREAD = "merge: largest / smallest |w| (median)"
+DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX, WEIGHT_LARGEST, WEIGHT_SPREAD)
 LAYOUTS = ("methods", "table1")
 RESULT_FILES = ("table.md", "table.csv", "table.json", "paired.md", "paired.json")  # what `write_results` writes
 TABLE1_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -120,13 +124,20 @@ def table1_groups(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(task, label, seed): pooled metrics of all targets, plus mean similarity and quirk copy rate when known}."""
     pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(
-        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": [], "fallbacks": [], "divergence": []})
+        lambda: {"preds": [], "golds": [], "sims": [], "copies": [], "chances": [], "fallbacks": [], "divergence": [],
+                 "largest": [], "spread": []})
     for r in records:
         slot = pooled[(r["task"], r["label"], int(r["seed"]))]
         slot["preds"] += r["predictions"]
         slot["golds"] += r["golds"]
         if r.get("fallback") is not None:
             slot["fallbacks"].append(bool(r["fallback"]))
+        # one weight per sharer (Per-Pcs records weights per module: not one merge, left out)
+        weights = np.abs(np.asarray(r["weights"] if isinstance(r.get("weights"), list) else [], dtype=float))
+        if len(weights) >= 2 and r.get("fallback") is False:
+            slot["largest"].append(float(weights.max()))
+            if weights.min() > 0:
+                slot["spread"].append(float(weights.max() / weights.min()))
         if r.get("sharer_divergence"):
             slot["divergence"].append((float(r["sharer_divergence"]["mean"]), float(r["sharer_divergence"]["max"])))
         if r.get("similarity") is not None:
@@ -146,6 +157,10 @@ def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, in
             values[FALLBACK] = float(np.mean(slot["fallbacks"]))
         if slot["divergence"]:
             values[DIVERGENCE_MEAN], values[DIVERGENCE_MAX] = (float(v) for v in np.mean(slot["divergence"], axis=0))
+        if slot["largest"]:
+            values[WEIGHT_LARGEST] = float(np.median(slot["largest"]))
+        if slot["spread"]:
+            values[WEIGHT_SPREAD] = float(np.median(slot["spread"]))
         scores[(task, label, seed)] = values
     return scores
 

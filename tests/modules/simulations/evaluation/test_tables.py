@@ -130,6 +130,25 @@ def test_sharer_divergence_rows_average_each_cells_mean_and_max_over_targets():
     assert "| LaMP_3 (rating) | sharers' changed history answers (max) | 0.200 ± 0.283 | - |" in to_markdown(table)
 
 
+def test_merge_weight_rows_give_the_median_largest_weight_and_spread_of_the_merges_that_left():
+    """Issue 29 item 6 reads how far a guard flattens a merge from these rows: per seed the median over
+    released merges (fallbacks and one-sharer merges left out) of max |w| and of max |w| / min |w|."""
+    def merged(label, target, weights, fallback=False):
+        return {**cell(label, 0, target, ["4"], ["4"]), "fallback": fallback, "weights": weights}
+
+    table = build_table([merged("PriME", "t1", [1.0, -0.5, 0.25]), merged("PriME", "t2", [0.3, 0.3, -0.3]),
+                         merged("PriME", "t3", [0.9, 0.1, 0.2]), merged("PriME", "t4", [5.0, 0.0, 1.0], fallback=True),
+                         merged("guarded", "t1", [0.33, -0.32, 0.34]), merged("guarded", "t2", [0.0, 0.2, 0.1]),
+                         cell("NP", 0, "t1", ["4"], ["4"])])
+    rows = {r.metric: r for r in table.rows}
+    largest, spread = rows["merge: largest |w| (median)"], rows["merge: largest / smallest |w| (median)"]
+    assert largest.diagnostic and spread.diagnostic and "NP" not in largest.values
+    assert largest.values["PriME"].mean == pytest.approx(0.9)  # median of 1.0, 0.3, 0.9; the fallback left out
+    assert spread.values["PriME"].mean == pytest.approx(4.0)  # median of 4, 1, 9
+    assert largest.values["guarded"].mean == pytest.approx((0.34 + 0.2) / 2)
+    assert spread.values["guarded"].mean == pytest.approx(0.34 / 0.32)  # a zero weight has no ratio: left out
+
+
 def test_table1_layout_groups_columns_as_the_paper_and_keeps_the_rest_last(tmp_path):
     def named(label, method, seed=0):
         return cell(label, seed, "t1", ["3"], ["3"]) | {"method": method}
