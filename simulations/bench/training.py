@@ -37,7 +37,8 @@ from typing import Sequence
 import psutil
 import torch
 
-from client.training import Pair, _token_losses, encode_pairs, lr_factor, pad_id_of, total_steps, train_lora
+from client.training import (Pair, _backward_step, _token_losses, encode_pairs, lr_factor, pad_id_of, total_steps,
+                             train_lora)
 from common.adapters import lora_config
 from common.atomic import Layout, OutputKind, OutputError, check_output_folder, output_folder, write_text
 from common.lamp import load_lamp, profile_pairs
@@ -50,6 +51,7 @@ REPORT_FILE = "bench_training.json"
 # Its output folder: written only when new, empty or an earlier run of this benchmark (results/bench-training*/).
 TRAINING_OUTPUT = OutputKind("bench-training", (Layout(frozenset({REPORT_FILE}), ("README.md",)),))
 PATHS = ("old", "new", "new-bf16")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # the profiler's FLOP-counted matrix products
 
 
 def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[float], int]:
@@ -94,6 +96,35 @@ def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) 
     return losses, read
 
 
+def matmul_flops(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict[str, float]:
+    """Matrix-multiply FLOPs of one float32 pass (forward and backward of every batch, in order) for the old and
+    the new path, counted by torch.profiler. On the CPU a step's time is mostly matmul, so old / new is the
+    ceiling of what an exact (float32) path can gain over the padded batch on these pairs: what is left of a
+    measured speedup below it is per-step overhead, not work that could still be removed."""
+    from peft import get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+
+    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    pad_id = pad_id_of(tokenizer)
+    batches = [encoded[i : i + config.batch_size] for i in range(0, len(encoded), config.batch_size)]
+    steps = {"old": lambda batch: _token_losses(peft_model, batch, pad_id)[0].mean().backward(),
+             "new": lambda batch: _backward_step(peft_model, batch, pad_id, dataclasses.replace(config, bf16=False))}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, lora_config(config.r, config.lora_alpha, config.target_modules))
+    try:
+        flops = {}
+        for path, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+                for batch in batches:
+                    step(batch)
+            flops[path] = float(sum(e.flops for e in prof.key_averages() if e.key in MATMULS))
+            peft_model.zero_grad(set_to_none=True)
+    finally:
+        peft_model.unload()
+    return flops
+
+
 def _run(path: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict:
     """One timed training on one of `PATHS`: examples/s, real (unpadded) tokens/s, per-pass losses."""
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -131,6 +162,7 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
     for seed in range(config.seed + 1, config.seed + 1 + loss_seeds):
         seed_losses[seed] = _run("new", model, tokenizer, pairs, dataclasses.replace(config, seed=seed))["final_loss"]
     by_path = {path: [r for r in runs if r["path"] == path] for path in PATHS}
+    flops = matmul_flops(model, tokenizer, pairs, config)
     lengths = [len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length)]
 
     def speedups(key: str) -> dict[str, float]:
@@ -150,6 +182,8 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
         "speedup_examples_per_cpu_s": speedups("examples_per_cpu_s"),
         "final_loss": {path: statistics.median(r["final_loss"] for r in rs) for path, rs in by_path.items()},
         "float32_loss_by_seed": {str(seed): loss for seed, loss in seed_losses.items()},
+        "matmul_gflop_per_pass": {path: value / 1e9 for path, value in flops.items()},
+        "flop_ceiling": flops["old"] / flops["new"],
     }
 
 
@@ -216,6 +250,11 @@ def _readme(report: dict) -> str:
         lines.append(f"- {r['training']}: float32 loss by seed " + ", ".join(f"{s} {v:.4f}" for s, v in seeds.items())
                      + f" (spread {max(seeds.values()) - min(seeds.values()):.4f}); new-bf16 minus new "
                      f"{r['final_loss']['new-bf16'] - r['final_loss']['new']:+.4f}.")
+    for r in report["results"]:
+        gflop = r["matmul_gflop_per_pass"]
+        lines.append(f"- {r['training']}: matmul work per pass (torch.profiler FLOPs, float32) old {gflop['old']:.1f} "
+                     f"GFLOP, new {gflop['new']:.1f} GFLOP: the ceiling of an exact path is {r['flop_ceiling']:.2f}x "
+                     f"(measured: {r['speedup_examples_per_cpu_s']['new']:.2f}x by CPU time).")
     lines += ["", f"Every run (tokens/s, per-pass losses, settings): `{REPORT_FILE}`.", ""]
     return "\n".join(lines)
 

@@ -25,6 +25,19 @@ def test_the_old_path_trains_what_train_lora_does_in_float32():
     assert old_losses == pytest.approx(stats.epoch_losses, rel=1e-4)
 
 
+def test_matmul_work_per_pass_is_equal_for_one_row_and_smaller_packed_when_rows_share_a_prefix():
+    """The FLOP count behind the packed path's ceiling: one row a step has no padding and no prefix to share, so
+    both paths multiply the same matrices; rows of one long shared prompt and unequal lengths cost the packed
+    path less (the prefix once, no padding)."""
+    model, tokenizer = tiny_model(seed=1)
+    single = bench_training.matmul_flops(model, tokenizer, PAIRS[:3], TrainConfig(r=2, lora_alpha=4, batch_size=1))
+    assert single["old"] == single["new"] > 0
+    shared = [(f"{'Instruction: rate this review. ' * 6}Review: {'very ' * n}good Score:", "3") for n in (0, 7, 1, 12)]
+    packed = bench_training.matmul_flops(model, tokenizer, shared, TrainConfig(r=2, lora_alpha=4, batch_size=4))
+    assert packed["old"] > 1.5 * packed["new"] > 0
+    assert not any("lora" in name for name, _ in model.named_parameters())  # the LoRA was taken off again
+
+
 def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
     out = tmp_path / "bench"
     args = ["--out", str(out), "--model-spec", "tiny", "--examples", "6", "--repeats", "2", "--threads", "1",
@@ -51,8 +64,11 @@ def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
         losses = result["final_loss"]
         assert losses["new"] == pytest.approx(losses["old"], rel=1e-4)  # float32: the same training
         assert losses["new-bf16"] == pytest.approx(losses["old"], rel=0.05)
+        flops = result["matmul_gflop_per_pass"]
+        assert flops["old"] >= flops["new"] > 0 and result["flop_ceiling"] == pytest.approx(flops["old"] / flops["new"])
     readme = (out / "README.md").read_text()
     assert report["command"] in readme and report["date"] in readme and "float32 loss by seed 0" in readme
+    assert "matmul work per pass" in readme
 
 
 def test_an_out_folder_it_did_not_write_is_refused_before_any_work(tmp_path, capsys):
