@@ -144,3 +144,35 @@ def test_cli_cancellation_with_one_group_takes_no_a_from_bs_own_group(tmp_path, 
     assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--groups-file",
                  str(groups), "--no-progress"]) == 0
     assert list(json.loads((out / "cancellation.json").read_text())["cases"]) == ["constructed"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["pool", "--sharers", "0"], "--sharers must be >= 2"),  # was: ZeroDivisionError traceback
+    (["mixed-sign", "--sharers", "-1"], "--sharers must be >= 2"),  # was: 'fewer than --sharers -1'
+    (["pool", "--sharers", "1"], "--sharers must be >= 2"),  # was: a 'merge' of one sharer, every release refused
+    (["mixed-sign", "--rank", "0"], "--rank must be >= 1"),  # was: ZeroDivisionError traceback
+    (["pool", "--lora-alpha", "nan"], "--lora-alpha must be a finite number > 0"),  # was: LinAlgError traceback
+    (["mixed-sign", "--max-merges", "1"], "at least 2 merges"),
+    (["mixed-sign", "--draws", "0"], "--draws must be >= 1"),
+    (["pool", "--pool", "2"], "--pool must be in [3, 256]"),
+    (["pool", "--groups-file", "x.json"], "--groups-file needs --adapters-dir"),
+    (["cancellation", "--release-distance", "nan"], "release distance must be in [0, 1)"),
+    (["all", "--adapters-dir", "."], "are for cancellation, mixed-sign, pool"),  # was: after the embedding attack ran
+])
+def test_cli_release_attacks_refuse_bad_options_before_any_work_or_folder(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "out"
+    code = main(["threats", argv[0], "--out", str(out), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()  # refused before the output folder was made
+
+
+@pytest.mark.parametrize("attack", ["cancellation", "mixed-sign", "pool"])
+def test_cli_release_attacks_refuse_an_out_they_cannot_write_before_reading_the_pool(tmp_path, capsys, attack):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, fragment in ((tmp_path / "notes.txt" / "run", "is not a folder, cannot hold"),
+                          (f"{tmp_path}/a\0b", "holds a NUL byte")):
+        code = main(["threats", attack, "--out", str(out), "--adapters-dir", str(tmp_path / "missing"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
