@@ -27,6 +27,7 @@ says under it that the run cannot compare merges (simulations.evaluation.sharer_
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,16 @@ def table1_groups(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[
     return groups + ([("other", rest)] if rest else [])
 
 
+def _one_per_sharer(weights: Any) -> list[float]:
+    """A merge's weights when it has one finite number per sharer, else [] (left out of the weight rows): Per-Pcs
+    records weights per module and `weight-level layer` one list per sharer, neither one merge weight each; and
+    results.json is read from disk, where the field is not held to a schema."""
+    if isinstance(weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                                         for w in weights):
+        return weights
+    return []
+
+
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(task, label, seed): pooled metrics of all targets, plus mean similarity and quirk copy rate when known}."""
     pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(
@@ -132,8 +143,7 @@ def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, in
         slot["golds"] += r["golds"]
         if r.get("fallback") is not None:
             slot["fallbacks"].append(bool(r["fallback"]))
-        # one weight per sharer (Per-Pcs records weights per module: not one merge, left out)
-        weights = np.abs(np.asarray(r["weights"] if isinstance(r.get("weights"), list) else [], dtype=float))
+        weights = np.abs(np.asarray(_one_per_sharer(r.get("weights")), dtype=float))
         if len(weights) >= 2 and r.get("fallback") is False:
             slot["largest"].append(float(weights.max()))
             if weights.min() > 0:
