@@ -255,7 +255,9 @@ def _release_pool(args: argparse.Namespace) -> tuple[list[str], list, dict[str, 
 
 def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
     t = time.perf_counter()
-    guards = ra.guard_settings(args.share_cap, args.release_rank, args.release_distance)
+    # The cap that acts, as the search lifts one below 1/k: the rows are labelled with it.
+    share_cap = applied_share_cap(args.share_cap, 3 if args.attack == "cancellation" else args.sharers)
+    guards = ra.guard_settings(share_cap, args.release_rank, args.release_distance)
     names, adapters, sets, source = _release_pool(args)
     if args.attack == "cancellation":
         if len(names) < 3:
@@ -299,8 +301,9 @@ def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
                       f"refused {row['refused']}/{row['releases']}")
         result = {"attack": args.attack, "draws": args.draws, "bounds": list(SearchConfig().bounds), "merge": frame.merge,
                   "max_merges": args.max_merges if args.attack == "mixed-sign" else None, "rows": rows}
-    return write_json(out / f"{args.attack}.json", {**result, **meta, "release_distance": args.release_distance,
-                                                    "k": args.sharers, **source, "seconds": time.perf_counter() - t})
+    return write_json(out / f"{args.attack}.json", {**result, **meta, "share_cap_applied": share_cap,
+                                                    "release_distance": args.release_distance, "k": args.sharers,
+                                                    **source, "seconds": time.perf_counter() - t})
 
 
 def _fmt(value: float | None) -> str:

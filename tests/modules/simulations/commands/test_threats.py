@@ -176,3 +176,20 @@ def test_cli_release_attacks_refuse_an_out_they_cannot_write_before_reading_the_
         err = capsys.readouterr().err.strip()
         assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_release_attacks_name_the_share_cap_that_acted(tmp_path, sharer_folder):
+    """With k = 2 the 0.34 cap is lifted to 1/2 (as the search lifts it): rows labelled 'share-cap 0.34' were merges
+    under a cap of 0.5."""
+    folder, _ = sharer_folder
+    out = tmp_path / "out"
+    assert main(["threats", "mixed-sign", "--out", str(out), "--adapters-dir", str(folder), "--sharers", "2",
+                 "--draws", "2", "--max-merges", "2", "--no-progress"]) == 0
+    mixed = json.loads((out / "mixed-sign.json").read_text())
+    assert mixed["share_cap"] == SearchConfig.share_cap and mixed["share_cap_applied"] == 0.5
+    assert [row["guard"] for row in mixed["rows"]][1:3] == ["share-cap 0.5", "share-cap 0.5 + release-rank 8"]
+    assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--share-cap", "0.2",
+                 "--no-progress"]) == 0
+    cancel = json.loads((out / "cancellation.json").read_text())
+    assert cancel["share_cap_applied"] == pytest.approx(1 / 3)  # A, B, C: three sharers
+    assert cancel["cases"]["constructed"]["rows"][1]["share_cap"] == pytest.approx(1 / 3)
