@@ -56,8 +56,9 @@ FALLBACK = "fallback rate"
 # move the predictions and the search has nothing to choose from.
 DIVERGENCE_MEAN = "sharers' changed history answers (mean)"
 DIVERGENCE_MAX = "sharers' changed history answers (max)"
-# Merges that left (no fallback, two or more sharers): the median over them of the largest |w| and of the largest
-# over the smallest non-zero |w|. Near 1 the merge is a signed uniform one (what a share cap near 1/k leaves).
+# Merges that left (no fallback, two or more sharers, one weight each): the median over them of the largest |w| and of
+# the largest over the smallest |w| (a merge with a zero weight has no ratio). Near 1 the merge is a signed uniform one
+# (what a share cap near 1/k leaves).
 WEIGHT_LARGEST = "merge: largest |w| (median)"
 WEIGHT_SPREAD = "merge: largest / smallest |w| (median)"
 DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX, WEIGHT_LARGEST, WEIGHT_SPREAD)
@@ -144,7 +145,7 @@ def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, in
         if r.get("fallback") is not None:
             slot["fallbacks"].append(bool(r["fallback"]))
         weights = np.abs(np.asarray(_one_per_sharer(r.get("weights")), dtype=float))
-        if len(weights) >= 2 and r.get("fallback") is False:
+        if len(weights) >= 2 and r.get("fallback") is not True:  # None: never falls back (uniform, LoraHub)
             slot["largest"].append(float(weights.max()))
             if weights.min() > 0:
                 slot["spread"].append(float(weights.max() / weights.min()))

@@ -163,6 +163,18 @@ def test_merge_weight_rows_take_one_weight_per_sharer_only():
         assert rows["merge: largest / smallest |w| (median)"].values["PriME"].mean == pytest.approx(2.0), odd
 
 
+def test_merge_weight_rows_include_the_merges_that_never_fall_back():
+    """docs/evaluation.md lists uniform and LoraHub in these rows; their cells record no fallback (None), and the
+    rows took only cells whose fallback was False."""
+    uniform = {**cell("uniform k=3", 0, "t1", ["4"], ["4"]), "weights": [1 / 3] * 3}
+    lorahub = {**cell("LoraHub k=3", 0, "t1", ["4"], ["4"]), "weights": [0.8, -0.2, 0.4]}
+    rows = {r.metric: r for r in build_table([uniform, lorahub, cell("NP", 0, "t1", ["4"], ["4"])]).rows}
+    largest, spread = rows["merge: largest |w| (median)"].values, rows["merge: largest / smallest |w| (median)"].values
+    assert (largest["uniform k=3"].mean, spread["uniform k=3"].mean) == (pytest.approx(1 / 3), pytest.approx(1.0))
+    assert (largest["LoraHub k=3"].mean, spread["LoraHub k=3"].mean) == (pytest.approx(0.8), pytest.approx(4.0))
+    assert "NP" not in largest
+
+
 def test_table1_layout_groups_columns_as_the_paper_and_keeps_the_rest_last(tmp_path):
     def named(label, method, seed=0):
         return cell(label, seed, "t1", ["3"], ["3"]) | {"method": method}
