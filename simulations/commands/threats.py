@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import output_folder
+from common.encoder import check_encoder_spec
 from common.errors import PrimeError
 from common.lora_math import random_adapter
 from common.settings import SearchConfig, from_flat
@@ -115,18 +116,26 @@ def _threats(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.share_cap) and 0.0 < args.share_cap <= 1.0):  # before it is lifted to 1/k
         raise ThreatError(f"--share-cap: the share cap must be in (0, 1], got {args.share_cap}")
     _check_algebraic_options(args)
+    # Every attack's settings before the output folder is made: a refused run creates none.
+    mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
+    econfig = rconfig = None
+    if args.attack in ("embedding", "all"):
+        econfig = from_flat(EmbeddingConfig, setting_values(EmbeddingConfig, args))
+        for spec in econfig.encoders:
+            check_encoder_spec(spec)
+    if args.attack in ("recovery", "all"):
+        rconfig = from_flat(rec.RecoveryConfig, setting_values(rec.RecoveryConfig, args))
     out = output_folder(args.out, THREATS_OUTPUT)
     meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap,
             "release_rank": args.release_rank}
     plots = not args.no_plots
     progress = not args.no_progress
-    mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
     if mconfig is not None and args.attack in ("leak", "recovery"):  # only the plain sharers' adapters are attacked
         mconfig = replace(mconfig, dp_noises=())
     written: list[Path] = []
-    if args.attack in ("embedding", "all"):
+    if econfig is not None:
         t = time.perf_counter()
-        result = embedding_probe(from_flat(EmbeddingConfig, setting_values(EmbeddingConfig, args)))
+        result = embedding_probe(econfig)
         written += [write_json(out / "embedding.json", {**result.to_dict(), **meta, "seconds": time.perf_counter() - t}),
                     result.write_csv(out / "embedding.csv")]
         for row in result.rows:
@@ -184,10 +193,9 @@ def _threats(args: argparse.Namespace) -> int:
               f"top-r part vs a sharer's update {leak.released_top_r_error:.3f} (median {leak.released_top_r_error_median:.3f}); sharer A inside released "
               f"row space: angle {leak.released_union_angle_deg:.2e} deg; release changed the update by "
               f"{leak.release_delta_error:.3f}")
-    if args.attack in ("recovery", "all"):
+    if rconfig is not None:
         t = time.perf_counter()
-        config = from_flat(rec.RecoveryConfig, setting_values(rec.RecoveryConfig, args))
-        recovery = rec.linear_recovery(adapters, replace(config, release_rank=args.release_rank, share_cap=share_cap))
+        recovery = rec.linear_recovery(adapters, replace(rconfig, release_rank=args.release_rank, share_cap=share_cap))
         written += [write_json(out / "recovery.json", {**recovery.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}),
                     recovery.write_csv(out / "recovery.csv")]
         if plots:

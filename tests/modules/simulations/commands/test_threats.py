@@ -193,3 +193,19 @@ def test_cli_release_attacks_name_the_share_cap_that_acted(tmp_path, sharer_fold
     cancel = json.loads((out / "cancellation.json").read_text())
     assert cancel["share_cap_applied"] == pytest.approx(1 / 3)  # A, B, C: three sharers
     assert cancel["cases"]["constructed"]["rows"][1]["share_cap"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["membership", "--history", "1"], "history must be >= 2"),
+    (["all", "--history", "1"], "history must be >= 2"),
+    (["embedding", "--encoders", "nosuch"], "unknown encoder"),
+    (["recovery", "--max-merges", "0"], "max merges"),
+])
+def test_cli_a_refused_attack_creates_no_output_folder(tmp_path, capsys, argv, fragment):
+    """docs/security.md: a refused run creates no folder. These options were checked after `--out` was made (and
+    the recovery's after the model loaded)."""
+    out = tmp_path / "out"
+    code = main(["threats", argv[0], "--out", str(out), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
