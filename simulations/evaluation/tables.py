@@ -27,7 +27,7 @@ says under it that the run cannot compare merges (simulations.evaluation.sharer_
 from __future__ import annotations
 
 import json
-import math
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +127,8 @@ def _one_per_sharer(weights: Any) -> list[float]:
     """A merge's weights when it has one finite number per sharer, else [] (left out of the weight rows): Per-Pcs
     records weights per module and `weight-level layer` one list per sharer, neither one merge weight each; and
     results.json is read from disk, where the field is not held to a schema."""
-    if isinstance(weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-                                         for w in weights):
+    if isinstance(weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                         and abs(w) <= sys.float_info.max for w in weights):  # not NaN, inf, 10**400
         return weights
     return []
 

@@ -157,7 +157,7 @@ def test_merge_weight_rows_take_one_weight_per_sharer_only():
 
     flat = [merged("t1", [0.5, -0.25])]
     for odd in ([[0.1, 1.4], [0.2, 0.3]], [[1, 2], [3]], ["x", 1], [float("nan"), 1.0], [True, 0.5],
-                {"q_proj": [0.2, 0.8]}, [1e400, 0.5]):
+                {"q_proj": [0.2, 0.8]}, [1e400, 0.5], [10**400, 0.5]):
         rows = {r.metric: r for r in build_table([*flat, merged("t2", odd)]).rows}
         assert rows["merge: largest |w| (median)"].values["PriME"].mean == pytest.approx(0.5), odd
         assert rows["merge: largest / smallest |w| (median)"].values["PriME"].mean == pytest.approx(2.0), odd
