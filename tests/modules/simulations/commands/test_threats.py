@@ -168,14 +168,24 @@ def test_cli_release_attacks_refuse_bad_options_before_any_work_or_folder(tmp_pa
 
 
 @pytest.mark.parametrize("attack", ["cancellation", "mixed-sign", "pool"])
-def test_cli_release_attacks_refuse_an_out_they_cannot_write_before_reading_the_pool(tmp_path, capsys, attack):
+def test_cli_release_attacks_refuse_an_out_they_cannot_write_before_reading_the_pool(tmp_path, capsys, monkeypatch,
+                                                                                      attack):
+    import os
+
+    import common.atomic as atomic
+
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "locked").mkdir()
+    real = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode: p != tmp_path / "locked" and real(p, mode))  # as root too
     for out, fragment in ((tmp_path / "notes.txt" / "run", "is not a folder, cannot hold"),
-                          (f"{tmp_path}/a\0b", "holds a NUL byte")):
+                          (f"{tmp_path}/a\0b", "holds a NUL byte"),
+                          (tmp_path / "locked" / "run", "no permission to write in it")):
         code = main(["threats", attack, "--out", str(out), "--adapters-dir", str(tmp_path / "missing"), "--no-progress"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["locked", "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_cli_release_attacks_name_the_share_cap_that_acted(tmp_path, sharer_folder):
