@@ -315,9 +315,15 @@ def check_replaceable(path: str | Path, kind: OutputKind) -> Path:
     An existing `path` is replaced only when it is an empty folder or an
     earlier output of `kind` (`check_output_folder`): `--out ~` or a folder of
     the user's that happens to hold a `config.json` is never deleted.
-    Commands call it before long work.
+    Commands call it before long work. The temporary folder that replaces
+    it is made beside it, so its parent must be writable too.
     """
-    return check_output_folder(path, kind)
+    path = check_output_folder(path, kind)
+    try:
+        _check_creatable(path, path.parent)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    return path
 
 
 @contextlib.contextmanager

@@ -12,14 +12,14 @@ may say in its own words what it takes (`says`), for the error message.
 
 from __future__ import annotations
 
-import math
+import sys
 from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-_TYPES = Draft202012Validator.TYPE_CHECKER.redefine(
-    "number", lambda _, v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+_TYPES = Draft202012Validator.TYPE_CHECKER.redefine(  # finite: not NaN, infinity or an int past float (10**400)
+    "number", lambda _, v: isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max)
 _Validator = validators.extend(Draft202012Validator, type_checker=_TYPES)
 _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a finite number", "boolean": "true or false",
                "array": "a list", "object": "an object", "null": "null"}

@@ -279,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
              "--adapt-batch": args.adapt_batch, "--repeats": args.repeats, "--threads": args.threads,
              "--loss-seeds": args.loss_seeds}
     for flag, value in sizes.items():
-        if not (0 if flag == "--loss-seeds" else 1) <= value <= 100_000:
-            parser.error(f"{flag} must be from 1 to 100000, got {value}")
+        lowest = 0 if flag == "--loss-seeds" else 1
+        if not lowest <= value <= 100_000:
+            parser.error(f"{flag} must be from {lowest} to 100000, got {value}")
     try:
         check_output_folder(args.out, TRAINING_OUTPUT)  # before the model loads: a refused folder costs nothing
     except OutputError as err:

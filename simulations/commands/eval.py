@@ -201,15 +201,17 @@ def _tradeoffs(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     try:
-        records = tables.combine_runs({run: results.load_results(run) for run in args.runs})
+        loaded = {run: results.load_results(run) for run in args.runs}
+        records = tables.combine_runs(loaded)
     except ValueError as err:
         raise EvalConfigError(str(err)) from None
     if not records:
         raise EvalConfigError("the runs hold no finished cells")
     sources = {run: results.results_complete(run) for run in args.runs}
     stopped = [run for run, complete in sources.items() if not complete]
-    partial = (f"{', '.join(stopped)} stopped before {'its grid' if len(stopped) == 1 else 'their grids'} finished: "
-               f"{len(records)} finished cells (rerun the same command to resume)") if stopped else ""
+    partial = "; ".join(  # each run's own cells: with several runs the table's count is not the stopped run's
+        f"{run} stopped before its grid finished ({len(loaded[run])} finished cell{'s' * (len(loaded[run]) != 1)})"
+        for run in stopped) + (" (rerun the same command to resume)" if stopped else "")
     tables.write_results(records, args.table_out, layout=args.layout, partial=partial)
     out = Path(args.table_out).resolve()
     if len(args.runs) > 1 and all(Path(run).resolve() != out for run in args.runs):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import output_folder
+from common.encoder import check_encoder_spec
 from common.errors import PrimeError
 from common.lora_math import random_adapter
 from common.settings import SearchConfig, from_flat
@@ -114,18 +115,27 @@ def _leak_weights(k: int, seed: int) -> list[float]:
 def _threats(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.share_cap) and 0.0 < args.share_cap <= 1.0):  # before it is lifted to 1/k
         raise ThreatError(f"--share-cap: the share cap must be in (0, 1], got {args.share_cap}")
+    _check_algebraic_options(args)
+    # Every attack's settings before the output folder is made: a refused run creates none.
+    mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
+    econfig = rconfig = None
+    if args.attack in ("embedding", "all"):
+        econfig = from_flat(EmbeddingConfig, setting_values(EmbeddingConfig, args))
+        for spec in econfig.encoders:
+            check_encoder_spec(spec)
+    if args.attack in ("recovery", "all"):
+        rconfig = from_flat(rec.RecoveryConfig, setting_values(rec.RecoveryConfig, args))
     out = output_folder(args.out, THREATS_OUTPUT)
     meta = {"command": command_line(args), "model_spec": args.model_spec, "share_cap": args.share_cap,
             "release_rank": args.release_rank}
     plots = not args.no_plots
     progress = not args.no_progress
-    mconfig = _membership_config(args) if args.attack in ("membership", "all") or args.adapters == "trained" else None
     if mconfig is not None and args.attack in ("leak", "recovery"):  # only the plain sharers' adapters are attacked
         mconfig = replace(mconfig, dp_noises=())
     written: list[Path] = []
-    if args.attack in ("embedding", "all"):
+    if econfig is not None:
         t = time.perf_counter()
-        result = embedding_probe(from_flat(EmbeddingConfig, setting_values(EmbeddingConfig, args)))
+        result = embedding_probe(econfig)
         written += [write_json(out / "embedding.json", {**result.to_dict(), **meta, "seconds": time.perf_counter() - t}),
                     result.write_csv(out / "embedding.csv")]
         for row in result.rows:
@@ -135,8 +145,6 @@ def _threats(args: argparse.Namespace) -> int:
         return _done(written)
     if args.attack in RELEASE_ATTACKS:
         return _done([_release_attack(args, out, meta)])
-    if args.adapters_dir is not None or args.groups_file is not None:
-        raise ThreatError(f"--adapters-dir and --groups-file are for {', '.join(RELEASE_ATTACKS)}, not {args.attack}")
     model, tokenizer, _ = load_model(args)
     adapters = None
     if mconfig is not None:
@@ -169,9 +177,7 @@ def _threats(args: argparse.Namespace) -> int:
                       f"non-member {row['nonmember_loss']:.3f}); utility {utility}{epsilon}{weights}")
             for note in result.notes:
                 print(f"membership * {note}")
-    if adapters is None and args.attack in ("leak", "recovery"):
-        if args.sharers < 2:
-            raise ThreatError(f"--sharers must be >= 2, got {args.sharers}")
+    if adapters is None and args.attack in ("leak", "recovery"):  # options checked by _check_algebraic_options
         adapters = [random_adapter(model, r=args.rank, lora_alpha=args.lora_alpha, seed=args.seed + s) for s in range(args.sharers)]
     # As the search does: a cap below 1/k (fewer sharers than it was set for) is lifted to equal shares.
     share_cap = applied_share_cap(args.share_cap, len(adapters))
@@ -187,10 +193,9 @@ def _threats(args: argparse.Namespace) -> int:
               f"top-r part vs a sharer's update {leak.released_top_r_error:.3f} (median {leak.released_top_r_error_median:.3f}); sharer A inside released "
               f"row space: angle {leak.released_union_angle_deg:.2e} deg; release changed the update by "
               f"{leak.release_delta_error:.3f}")
-    if args.attack in ("recovery", "all"):
+    if rconfig is not None:
         t = time.perf_counter()
-        config = from_flat(rec.RecoveryConfig, setting_values(rec.RecoveryConfig, args))
-        recovery = rec.linear_recovery(adapters, replace(config, release_rank=args.release_rank, share_cap=share_cap))
+        recovery = rec.linear_recovery(adapters, replace(rconfig, release_rank=args.release_rank, share_cap=share_cap))
         written += [write_json(out / "recovery.json", {**recovery.to_dict(), **meta, **source, "seconds": time.perf_counter() - t}),
                     recovery.write_csv(out / "recovery.csv")]
         if plots:
@@ -202,20 +207,46 @@ def _threats(args: argparse.Namespace) -> int:
     return _done(written)
 
 
+def _check_algebraic_options(args: argparse.Namespace) -> None:
+    """The options of the linear-algebra attacks, checked before the output folder is made or anything runs (each
+    was a traceback, or a refusal after the work: `all --adapters-dir` ran the embedding attack first)."""
+    if args.attack not in RELEASE_ATTACKS:
+        if args.adapters_dir is not None or args.groups_file is not None:
+            raise ThreatError(f"--adapters-dir and --groups-file are for {', '.join(RELEASE_ATTACKS)}, not {args.attack}")
+        if args.attack not in ("leak", "recovery") or args.adapters != "random":
+            return
+    if args.sharers < 2:  # a merge of one sharer is that sharer
+        raise ThreatError(f"--sharers must be >= 2, got {args.sharers}")
+    if args.attack in RELEASE_ATTACKS:
+        ra.guard_settings(args.share_cap, args.release_rank, args.release_distance)  # their checks
+        if args.draws < 1:
+            raise ThreatError(f"--draws must be >= 1, got {args.draws}")
+        if args.attack == "mixed-sign" and args.max_merges < 2:
+            raise ThreatError(f"the unmixing needs at least 2 merges per sequence, got --max-merges {args.max_merges}")
+        if args.adapters != "random":
+            raise ThreatError(f"{args.attack} reads trained adapters with --adapters-dir, not --adapters {args.adapters}")
+        if args.adapters_dir is not None:
+            return
+        if args.groups_file is not None:
+            raise ThreatError("--groups-file needs --adapters-dir (random adapters belong to no group)")
+        if not 3 <= args.pool <= 256:
+            raise ThreatError(f"--pool must be in [3, 256], got {args.pool}")
+    # random adapters of the model's shapes
+    if args.rank < 1:
+        raise ThreatError(f"--rank must be >= 1, got {args.rank}")
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise ThreatError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
+
+
 def _release_pool(args: argparse.Namespace) -> tuple[list[str], list, dict[str, list[int]], dict]:
-    """(names, adapters, sets of k sharers to merge, a record of where they came from)."""
+    """(names, adapters, sets of k sharers to merge, a record of where they came from); the options are
+    `_check_algebraic_options`'."""
     k = args.sharers
-    if args.groups_file is not None and args.adapters_dir is None:
-        raise ThreatError("--groups-file needs --adapters-dir (random adapters belong to no group)")
-    if args.adapters != "random":
-        raise ThreatError(f"{args.attack} reads trained adapters with --adapters-dir, not --adapters {args.adapters}")
     if args.adapters_dir is not None:
         pool = load_pool(args.adapters_dir)
         names, adapters, source = pool.names, pool.adapters, {"adapters": "folder", "adapters_dir": args.adapters_dir,
                                                               "skipped": pool.skipped}
     else:
-        if not 3 <= args.pool <= 256:
-            raise ThreatError(f"--pool must be in [3, 256], got {args.pool}")
         model = load_model(args)[0]
         names = [f"random{args.seed + s}" for s in range(args.pool)]  # named by their seeds
         adapters = [random_adapter(model, r=args.rank, lora_alpha=args.lora_alpha, seed=args.seed + s) for s in range(args.pool)]
@@ -232,9 +263,9 @@ def _release_pool(args: argparse.Namespace) -> tuple[list[str], list, dict[str, 
 
 def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
     t = time.perf_counter()
-    guards = ra.guard_settings(args.share_cap, args.release_rank, args.release_distance)
-    if args.draws < 1:
-        raise ThreatError(f"--draws must be >= 1, got {args.draws}")
+    # The cap that acts, as the search lifts one below 1/k: the rows are labelled with it.
+    share_cap = applied_share_cap(args.share_cap, 3 if args.attack == "cancellation" else args.sharers)
+    guards = ra.guard_settings(share_cap, args.release_rank, args.release_distance)
     names, adapters, sets, source = _release_pool(args)
     if args.attack == "cancellation":
         if len(names) < 3:
@@ -278,8 +309,9 @@ def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
                       f"refused {row['refused']}/{row['releases']}")
         result = {"attack": args.attack, "draws": args.draws, "bounds": list(SearchConfig().bounds), "merge": frame.merge,
                   "max_merges": args.max_merges if args.attack == "mixed-sign" else None, "rows": rows}
-    return write_json(out / f"{args.attack}.json", {**result, **meta, "release_distance": args.release_distance,
-                                                    "k": args.sharers, **source, "seconds": time.perf_counter() - t})
+    return write_json(out / f"{args.attack}.json", {**result, **meta, "share_cap_applied": share_cap,
+                                                    "release_distance": args.release_distance, "k": args.sharers,
+                                                    **source, "seconds": time.perf_counter() - t})
 
 
 def _fmt(value: float | None) -> str:

@@ -27,6 +27,7 @@ says under it that the run cannot compare merges (simulations.evaluation.sharer_
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,9 @@ FALLBACK = "fallback rate"
 # move the predictions and the search has nothing to choose from.
 DIVERGENCE_MEAN = "sharers' changed history answers (mean)"
 DIVERGENCE_MAX = "sharers' changed history answers (max)"
-# Merges that left (no fallback, two or more sharers): the median over them of the largest |w| and of the largest
-# over the smallest non-zero |w|. Near 1 the merge is a signed uniform one (what a share cap near 1/k leaves).
+# Merges that left (no fallback, two or more sharers, one weight each): the median over them of the largest |w| and of
+# the largest over the smallest |w| (a merge with a zero weight has no ratio). Near 1 the merge is a signed uniform one
+# (what a share cap near 1/k leaves).
 WEIGHT_LARGEST = "merge: largest |w| (median)"
 WEIGHT_SPREAD = "merge: largest / smallest |w| (median)"
 DIAGNOSTICS = (MAJORITY, DISTINCT, ENTROPY, FALLBACK, DIVERGENCE_MEAN, DIVERGENCE_MAX, WEIGHT_LARGEST, WEIGHT_SPREAD)
@@ -121,6 +123,16 @@ def table1_groups(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[
     return groups + ([("other", rest)] if rest else [])
 
 
+def _one_per_sharer(weights: Any) -> list[float]:
+    """A merge's weights when it has one finite number per sharer, else [] (left out of the weight rows): Per-Pcs
+    records weights per module and `weight-level layer` one list per sharer, neither one merge weight each; and
+    results.json is read from disk, where the field is not held to a schema."""
+    if isinstance(weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                         and abs(w) <= sys.float_info.max for w in weights):  # not NaN, inf, 10**400
+        return weights
+    return []
+
+
 def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(task, label, seed): pooled metrics of all targets, plus mean similarity and quirk copy rate when known}."""
     pooled: dict[tuple[str, str, int], dict[str, list]] = defaultdict(
@@ -132,9 +144,8 @@ def seed_scores(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, in
         slot["golds"] += r["golds"]
         if r.get("fallback") is not None:
             slot["fallbacks"].append(bool(r["fallback"]))
-        # one weight per sharer (Per-Pcs records weights per module: not one merge, left out)
-        weights = np.abs(np.asarray(r["weights"] if isinstance(r.get("weights"), list) else [], dtype=float))
-        if len(weights) >= 2 and r.get("fallback") is False:
+        weights = np.abs(np.asarray(_one_per_sharer(r.get("weights")), dtype=float))
+        if len(weights) >= 2 and r.get("fallback") is not True:  # None: never falls back (uniform, LoraHub)
             slot["largest"].append(float(weights.max()))
             if weights.min() > 0:
                 slot["spread"].append(float(weights.max() / weights.min()))

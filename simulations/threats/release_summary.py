@@ -29,8 +29,10 @@ _MAYBE = {"type": ["number", "null"]}
 _COUNT = scalar("integer", minimum=0)
 _GUARD = scalar("string", maxLength=200)
 _SUMMARY = record(("best", "median", "below_half"), best=_MAYBE, median=_MAYBE, below_half=_COUNT)
-_SEARCH = record(("fallback",), fallback=scalar("boolean"), distance_to_a_best_module=_NUM, distance_to_a_whole=_NUM,
-                 distance_min_over_sharers=_NUM)
+_DISTANCES = ("distance_to_a_best_module", "distance_to_a_whole", "distance_min_over_sharers")
+_SEARCH = {**record(("fallback",), fallback=scalar("boolean"), **{key: _NUM for key in _DISTANCES}),
+           # a search that did not fall back has its distances: the table reads them
+           "if": {"properties": {"fallback": {"const": False}}}, "then": {"required": list(_DISTANCES)}}
 _CANCEL_ROW = record(("guard", "weights", "shares", "refused", "distance_to_a_best_module", "distance_to_a_whole", "search"),
                      guard=_GUARD, weights=listing(_NUM), shares=listing(_NUM), refused=scalar("boolean"),
                      distance_to_a_best_module=_NUM, distance_to_a_whole=_NUM, search=_SEARCH)
@@ -119,6 +121,9 @@ def cancellation_table(runs: list[dict]) -> str:
 
 def mixed_sign_table(runs: list[dict]) -> str:
     ms = [u["m"] for u in runs[0]["rows"][0]["unmixing"]]
+    if any([u["m"] for u in row["unmixing"]] != ms for run in runs for row in run["rows"]):  # one column per m
+        raise ThreatError("the mixed-sign rows have the unmixing at different numbers of merges m (another "
+                          "--max-merges); summarize runs of one command line")
     pairs = [p for run in runs for p in run["rows"][0]["closest_pair"].values()]
     out = [f"Closest pair of one set's own sharers: {_fmt(_best(p['best_module'] for p in pairs))} (best module) / "
            f"{_fmt(_best(p['whole'] for p in pairs))} (whole).", "",

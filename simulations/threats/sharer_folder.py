@@ -17,14 +17,19 @@ groups, or a synthetic benchmark's `benchmark.json` (`prime-fl data`), whose
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import safe_json
 from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
-from common.user_files import UserFileError, read_json
+from common.crypto import DEFAULT_MAX_UPLOAD_BYTES
+from common.user_files import UserFileError, read_bytes
 from simulations.threats.leak import ThreatError
 
 MAX_ADAPTERS = 256  # far above any pool the attacks run on; each adapter is held in memory
+MAX_ADAPTER_BYTES = DEFAULT_MAX_UPLOAD_BYTES  # what the federation accepts of one sharer's upload
+MAX_POOL_BYTES = 4 * 1024**3  # the whole pool, loaded at once (a Gemma 3 270M rank-8 adapter is a few MB)
 MAX_GROUPS_BYTES = 4 * 1024 * 1024
 MAX_NAME = 200
 SHARER_PREFIX = "sharer-"  # prime-fl eval's prepare folders name a sharer's adapter sharer-<user>
@@ -48,8 +53,11 @@ def load_pool(folder: str | Path) -> SharerPool:
     root = Path(folder)
     if not root.is_dir():
         raise ThreatError(f"--adapters-dir {folder}: not a folder")
-    candidates = sorted(p for p in root.iterdir() if p.is_dir())
-    chosen = [p for p in candidates if (p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists()]
+    try:
+        candidates = sorted(p for p in root.iterdir() if p.is_dir())
+        chosen = [p for p in candidates if (p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists()]
+    except OSError as err:  # e.g. a folder this user may not list
+        raise ThreatError(f"--adapters-dir {folder}: cannot read it ({err.strerror}: {err.filename})") from None
     if len(chosen) > MAX_ADAPTERS:
         raise ThreatError(f"--adapters-dir {folder}: {len(chosen)} adapters, at most {MAX_ADAPTERS}")
     if len(chosen) < 2:
@@ -57,6 +65,7 @@ def load_pool(folder: str | Path) -> SharerPool:
     names = [user_id(p.name) for p in chosen]
     if len(set(names)) != len(names):
         raise ThreatError(f"--adapters-dir {folder}: two folders name the same user ({', '.join(p.name for p in chosen)})")
+    _check_sizes(chosen)
     adapters = []
     for path in chosen:
         try:
@@ -66,10 +75,40 @@ def load_pool(folder: str | Path) -> SharerPool:
     return SharerPool(names=names, adapters=adapters, skipped=[p.name for p in candidates if p not in chosen])
 
 
+def _check_sizes(folders: list[Path]) -> None:
+    """ThreatError for a weights file over `MAX_ADAPTER_BYTES` or a pool over `MAX_POOL_BYTES`, before any is read
+    (safetensors loads a file whole)."""
+    total = 0
+    for folder in folders:
+        try:
+            size = (folder / WEIGHTS_FILE).stat().st_size
+        except OSError:  # missing or unreadable: LoraAdapter.load says which
+            continue
+        if size > MAX_ADAPTER_BYTES:
+            raise ThreatError(f"{folder / WEIGHTS_FILE}: {size} bytes, over the {MAX_ADAPTER_BYTES}-byte limit of "
+                              "one adapter")
+        total += size
+    if total > MAX_POOL_BYTES:
+        raise ThreatError(f"--adapters-dir: its {len(folders)} adapters hold {total} bytes, over the {MAX_POOL_BYTES}-"
+                          "byte limit of a pool")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; ValueError for a key given twice (json keeps the last without a word)."""
+    keys = set()
+    for key, _ in pairs:
+        if key in keys:
+            raise ValueError(f"key {key[:MAX_NAME]!r} twice")
+        keys.add(key)
+    return dict(pairs)
+
+
 def read_groups(path: str | Path) -> dict[str, str]:
     """user id -> group (as text) from `path`: {"user": group, ...} or a benchmark.json with `user_groups`."""
     try:
-        data = read_json(path, MAX_GROUPS_BYTES, max_depth=4)
+        text = read_bytes(path, MAX_GROUPS_BYTES)
+        safe_json.loads(text, max_depth=4)  # its size, depth and syntax checks, before the pass that keeps the keys
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except (UserFileError, ValueError) as err:
         raise ThreatError(f"--groups-file {path}: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("user_groups"), dict):

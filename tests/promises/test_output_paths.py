@@ -64,7 +64,7 @@ COMMANDS = {
     "eval diff": ["eval", "diff", "{run}", "{run}"],
     "eval compare": ["eval", "compare", "{run}", "--baseline", "NP", "--columns", "X"],
     "eval tradeoffs": ["eval", "tradeoffs", "{run}"],
-    "threats": ["threats", "embedding", "--users", "6"],
+    "threats": ["threats", "embedding", "--users", "8"],  # 4 groups of 2: a valid run, refused for its --out alone
     "simulate": ["simulate", *TINY],
     "deploy": ["deploy"],
 }

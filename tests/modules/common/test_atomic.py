@@ -241,6 +241,20 @@ def test_a_folder_without_write_permission_is_refused_by_the_check(tmp_path):
         check_output_file(locked / "table.csv")
 
 
+def test_a_folder_replaced_whole_needs_a_parent_it_may_write_in(tmp_path, monkeypatch):
+    """`replace_folder` builds its temporary sibling in the parent: an earlier output in a parent the user may not
+    write in passed `check_replaceable` (it looked at the folder alone) and failed after the work (train-lora)."""
+    locked = tmp_path / "locked"
+    with replace_folder(locked / "run", RESULT) as tmp:
+        (tmp / "a.txt").write_text("first")
+    real = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))  # root passes all
+    with pytest.raises(OutputError, match=f"{locked}: no permission to write in it"):
+        check_replaceable(locked / "run", RESULT)
+    check_output_folder(locked / "run", RESULT)  # written into one by one: the folder itself is what counts
+    assert (locked / "run" / "a.txt").read_text() == "first"
+
+
 def test_a_nul_byte_in_an_output_path_is_one_clear_error(tmp_path):
     """A run config's TOML string may hold \\u0000: it made `output_folder` raise ValueError, not a one-line error."""
     path = f"{tmp_path}/a\0b"

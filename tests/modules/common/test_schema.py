@@ -40,3 +40,11 @@ def test_setting_types_map_to_json_types_and_a_bad_schema_is_refused_at_once():
     assert [json_type(t) for t in (bool, int, float, str)] == ["boolean", "integer", "number", "string"]
     with pytest.raises(Exception, match="is not valid"):
         Schema({"type": "no-such-type"}, _FileError)
+
+
+def test_an_integer_too_large_for_a_float_is_not_a_finite_number():
+    """JSON keeps 10**400 an int: math.isfinite raised OverflowError inside the check (a traceback, not a line)."""
+    with pytest.raises(_FileError, match=r"^results\.json: 'alpha' must be a finite number") as info:
+        SCHEMA.check({"alpha": 10**400, "seeds": [0]}, "results.json")
+    assert "\n" not in str(info.value)
+    SCHEMA.check({"alpha": 2**1000, "seeds": [10**400]}, "results.json")  # a float holds it; integers are exact

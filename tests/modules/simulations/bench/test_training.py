@@ -88,3 +88,5 @@ def test_an_out_folder_it_did_not_write_is_refused_before_any_work(tmp_path, cap
             bench_training.main(["--out", str(tmp_path / "new"), "--model-spec", "tiny", flag, value])
         assert done.value.code == 2, flag
         assert not (tmp_path / "new").exists()
+        lowest = "0" if flag == "--loss-seeds" else "1"  # --loss-seeds 0: no other seeds (was told 'from 1')
+        assert f"{flag} must be from {lowest} to 100000, got {value}" in capsys.readouterr().err, flag

@@ -144,3 +144,78 @@ def test_cli_cancellation_with_one_group_takes_no_a_from_bs_own_group(tmp_path, 
     assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--groups-file",
                  str(groups), "--no-progress"]) == 0
     assert list(json.loads((out / "cancellation.json").read_text())["cases"]) == ["constructed"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["pool", "--sharers", "0"], "--sharers must be >= 2"),  # was: ZeroDivisionError traceback
+    (["mixed-sign", "--sharers", "-1"], "--sharers must be >= 2"),  # was: 'fewer than --sharers -1'
+    (["pool", "--sharers", "1"], "--sharers must be >= 2"),  # was: a 'merge' of one sharer, every release refused
+    (["mixed-sign", "--rank", "0"], "--rank must be >= 1"),  # was: ZeroDivisionError traceback
+    (["pool", "--lora-alpha", "nan"], "--lora-alpha must be a finite number > 0"),  # was: LinAlgError traceback
+    (["mixed-sign", "--max-merges", "1"], "at least 2 merges"),
+    (["mixed-sign", "--draws", "0"], "--draws must be >= 1"),
+    (["pool", "--pool", "2"], "--pool must be in [3, 256]"),
+    (["pool", "--groups-file", "x.json"], "--groups-file needs --adapters-dir"),
+    (["cancellation", "--release-distance", "nan"], "release distance must be in [0, 1)"),
+    (["all", "--adapters-dir", "."], "are for cancellation, mixed-sign, pool"),  # was: after the embedding attack ran
+])
+def test_cli_release_attacks_refuse_bad_options_before_any_work_or_folder(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "out"
+    code = main(["threats", argv[0], "--out", str(out), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()  # refused before the output folder was made
+
+
+@pytest.mark.parametrize("attack", ["cancellation", "mixed-sign", "pool"])
+def test_cli_release_attacks_refuse_an_out_they_cannot_write_before_reading_the_pool(tmp_path, capsys, monkeypatch,
+                                                                                      attack):
+    import os
+
+    import common.atomic as atomic
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "locked").mkdir()
+    real = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode: p != tmp_path / "locked" and real(p, mode))  # as root too
+    for out, fragment in ((tmp_path / "notes.txt" / "run", "is not a folder, cannot hold"),
+                          (f"{tmp_path}/a\0b", "holds a NUL byte"),
+                          (tmp_path / "locked" / "run", "no permission to write in it")):
+        code = main(["threats", attack, "--out", str(out), "--adapters-dir", str(tmp_path / "missing"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["locked", "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_release_attacks_name_the_share_cap_that_acted(tmp_path, sharer_folder):
+    """With k = 2 the 0.34 cap is lifted to 1/2 (as the search lifts it): rows labelled 'share-cap 0.34' were merges
+    under a cap of 0.5."""
+    folder, _ = sharer_folder
+    out = tmp_path / "out"
+    assert main(["threats", "mixed-sign", "--out", str(out), "--adapters-dir", str(folder), "--sharers", "2",
+                 "--draws", "2", "--max-merges", "2", "--no-progress"]) == 0
+    mixed = json.loads((out / "mixed-sign.json").read_text())
+    assert mixed["share_cap"] == SearchConfig.share_cap and mixed["share_cap_applied"] == 0.5
+    assert [row["guard"] for row in mixed["rows"]][1:3] == ["share-cap 0.5", "share-cap 0.5 + release-rank 8"]
+    assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--share-cap", "0.2",
+                 "--no-progress"]) == 0
+    cancel = json.loads((out / "cancellation.json").read_text())
+    assert cancel["share_cap_applied"] == pytest.approx(1 / 3)  # A, B, C: three sharers
+    assert cancel["cases"]["constructed"]["rows"][1]["share_cap"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["membership", "--history", "1"], "history must be >= 2"),
+    (["all", "--history", "1"], "history must be >= 2"),
+    (["embedding", "--encoders", "nosuch"], "unknown encoder"),
+    (["recovery", "--max-merges", "0"], "max merges"),
+])
+def test_cli_a_refused_attack_creates_no_output_folder(tmp_path, capsys, argv, fragment):
+    """docs/security.md: a refused run creates no folder. These options were checked after `--out` was made (and
+    the recovery's after the model loaded)."""
+    out = tmp_path / "out"
+    code = main(["threats", argv[0], "--out", str(out), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

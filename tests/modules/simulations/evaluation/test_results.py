@@ -78,3 +78,20 @@ def test_a_table_of_an_interrupted_run_says_it_is_partial(tmp_path, monkeypatch,
     run_grid(small_config(run, methods="np,top1"), progress=False)  # resumed to the end
     assert main(["eval", "table", str(run), "--out", str(tmp_path / "t")]) == 0
     assert not (tmp_path / "t" / "table.md").read_text().startswith("**PARTIAL**")
+
+
+def test_a_partial_line_counts_each_stopped_runs_own_cells(tmp_path, capsys):
+    """Two runs tabled together, one stopped: the line gave the table's cell count as the stopped run's."""
+    def cell(label, target):
+        return {"task": "LaMP_3", "method": label.lower(), "label": label, "params": {}, "seed": 0, "target": target,
+                "predictions": ["3"], "golds": ["4"]}
+
+    for name, cells, complete in (("done", [cell("NP", t) for t in ("t1", "t2", "t3")], True),
+                                  ("stopped", [cell("X", "t1")], False)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"cells": cells, "complete": complete}))
+    assert main(["eval", "table", str(tmp_path / "done"), str(tmp_path / "stopped"), "--out", str(tmp_path / "t")]) == 0
+    first = (tmp_path / "t" / "table.md").read_text().splitlines()[0]
+    assert first.startswith("**PARTIAL**") and f"{tmp_path / 'stopped'} stopped before its grid finished (1 finished " \
+                                                "cell)" in first and "done" not in first.replace("stopped", ""), first
+    assert capsys.readouterr().out.startswith(first)

@@ -149,6 +149,32 @@ def test_merge_weight_rows_give_the_median_largest_weight_and_spread_of_the_merg
     assert spread.values["guarded"].mean == pytest.approx(0.34 / 0.32)  # a zero weight has no ratio: left out
 
 
+def test_merge_weight_rows_take_one_weight_per_sharer_only():
+    """Layer-level merges ([k, layers] weights, `weight-level layer`) were pooled into these rows as if each layer's
+    weight were a sharer's; weights a hand-edited results.json made ragged, text or NaN crashed the table."""
+    def merged(target, weights):
+        return {**cell("PriME", 0, target, ["4"], ["4"]), "fallback": False, "weights": weights}
+
+    flat = [merged("t1", [0.5, -0.25])]
+    for odd in ([[0.1, 1.4], [0.2, 0.3]], [[1, 2], [3]], ["x", 1], [float("nan"), 1.0], [True, 0.5],
+                {"q_proj": [0.2, 0.8]}, [1e400, 0.5], [10**400, 0.5]):
+        rows = {r.metric: r for r in build_table([*flat, merged("t2", odd)]).rows}
+        assert rows["merge: largest |w| (median)"].values["PriME"].mean == pytest.approx(0.5), odd
+        assert rows["merge: largest / smallest |w| (median)"].values["PriME"].mean == pytest.approx(2.0), odd
+
+
+def test_merge_weight_rows_include_the_merges_that_never_fall_back():
+    """docs/evaluation.md lists uniform and LoraHub in these rows; their cells record no fallback (None), and the
+    rows took only cells whose fallback was False."""
+    uniform = {**cell("uniform k=3", 0, "t1", ["4"], ["4"]), "weights": [1 / 3] * 3}
+    lorahub = {**cell("LoraHub k=3", 0, "t1", ["4"], ["4"]), "weights": [0.8, -0.2, 0.4]}
+    rows = {r.metric: r for r in build_table([uniform, lorahub, cell("NP", 0, "t1", ["4"], ["4"])]).rows}
+    largest, spread = rows["merge: largest |w| (median)"].values, rows["merge: largest / smallest |w| (median)"].values
+    assert (largest["uniform k=3"].mean, spread["uniform k=3"].mean) == (pytest.approx(1 / 3), pytest.approx(1.0))
+    assert (largest["LoraHub k=3"].mean, spread["LoraHub k=3"].mean) == (pytest.approx(0.8), pytest.approx(4.0))
+    assert "NP" not in largest
+
+
 def test_table1_layout_groups_columns_as_the_paper_and_keeps_the_rest_last(tmp_path):
     def named(label, method, seed=0):
         return cell(label, seed, "t1", ["3"], ["3"]) | {"method": method}

@@ -78,3 +78,35 @@ def test_nothing_to_summarize_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "unreadable run output" in capsys.readouterr().err
     assert main([str(tmp_path / "empty")]) == 2
+
+
+def _edited(runs, tmp_path, attack: str, edit) -> None:
+    data = json.loads((runs[0] / f"{attack}.json").read_text())
+    edit(data)
+    write_json(tmp_path / f"{attack}.json", data)
+
+
+@pytest.mark.parametrize("attack, edit, fragment", [
+    # a search that did not fall back without its distances (was: KeyError traceback)
+    ("cancellation", lambda d: d["cases"]["constructed"]["rows"][0].update(search={"fallback": False}),
+     "distance_to_a_best_module"),
+    # one row with fewer unmixing steps than the first (was: IndexError traceback)
+    ("mixed-sign", lambda d: d["rows"][1].update(unmixing=d["rows"][1]["unmixing"][:0]), "unmixing"),
+    # the same count under other m: its column would be labelled with the first row's m
+    ("mixed-sign", lambda d: d["rows"][1]["unmixing"][0].update(m=7), "unmixing"),
+])
+def test_a_run_file_the_table_cannot_read_is_one_line_not_a_traceback(runs, tmp_path, capsys, attack, edit, fragment):
+    _edited(runs, tmp_path, attack, edit)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1, err
+
+
+def test_mixed_sign_runs_with_other_max_merges_are_not_mixed(runs, tmp_path):
+    """Run 2 with --max-merges 3 beside a run with 2: the m = 3 column would take one run's numbers only."""
+    _edited(runs, tmp_path, "mixed-sign", lambda d: [row["unmixing"].append(dict(row["unmixing"][0], m=3))
+                                                     for row in d["rows"]])
+    with pytest.raises(ThreatError, match="unmixing"):
+        summarize([runs[1], tmp_path])
+    with pytest.raises(ThreatError, match="unmixing"):
+        summarize([tmp_path, runs[1]])

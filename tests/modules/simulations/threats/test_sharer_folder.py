@@ -60,6 +60,10 @@ def test_groups_from_a_mapping_or_a_synthetic_benchmark(tmp_path):
 
 
 @pytest.mark.parametrize("payload, fragment", [
+    # a user listed twice (was: the last group silently won)
+    ('{"u1": 0, "u2": 1, "u1": 1}', "'u1' twice"), ('{"user_groups": {"u1": 0, "u1": 0}}', "'u1' twice"),
+    ('{"u1": NaN}', "integer or a short string"), ('{"u1": 1e400}', "integer or a short string"),
+    ('{"u1": ' + "9" * 5000 + "}", "groups.json"),
     ("[1, 2]", "JSON object"), ("{}", "JSON object"), ('{"u1": true}', "integer or a short string"),
     ('{"u1": [1]}', "integer or a short string"), ('{"u1": "' + "g" * 500 + '"}', "short string"),
     ("{", "groups.json"), ("[" * 100 + "]" * 100, "groups.json"),
@@ -79,3 +83,31 @@ def test_sets_take_the_first_k_of_every_group_large_enough():
     assert by_group(names, groups, 2) == {"a": [0, 2], "b": [1, 4]}
     with pytest.raises(ThreatError, match="no group has 5"):
         by_group(names, groups, 5)
+
+
+def test_a_huge_weights_file_is_refused_unread(pool_folder, monkeypatch):
+    """A sparse 300 MB adapter_model.safetensors costs no disk; read, it would have been loaded into memory whole."""
+    from simulations.threats import sharer_folder
+
+    with open(pool_folder / "sharer-u002" / WEIGHTS_FILE, "r+b") as handle:
+        handle.truncate(300 * 1024 * 1024)
+    monkeypatch.setattr(sharer_folder.LoraAdapter, "load", lambda *a, **k: pytest.fail("read a huge file"))
+    with pytest.raises(ThreatError, match=f"sharer-u002/{WEIGHTS_FILE}: 314572800 bytes, over the"):
+        load_pool(pool_folder)
+
+
+def test_the_pools_total_size_is_capped(pool_folder, monkeypatch):
+    from simulations.threats import sharer_folder
+
+    monkeypatch.setattr(sharer_folder, "MAX_POOL_BYTES", 2 * (pool_folder / "u003" / WEIGHTS_FILE).stat().st_size)
+    with pytest.raises(ThreatError, match="adapters hold .* bytes, over the"):
+        load_pool(pool_folder)
+
+
+def test_a_folder_that_cannot_be_listed_is_one_error(pool_folder, monkeypatch):
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(pool_folder), "iterdir", refused)
+    with pytest.raises(ThreatError, match="Permission denied"):
+        load_pool(pool_folder)
