@@ -24,6 +24,7 @@ from pathlib import Path
 from common import safe_json
 from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
 from common.crypto import DEFAULT_MAX_UPLOAD_BYTES
+from common.ids import InvalidIdError, check_user_id, is_safe_id
 from common.user_files import UserFileError, read_bytes
 from simulations.threats.leak import ThreatError
 
@@ -63,6 +64,11 @@ def load_pool(folder: str | Path) -> SharerPool:
     if len(chosen) < 2:
         raise ThreatError(f"--adapters-dir {folder}: needs at least 2 adapter folders, found {len(chosen)}")
     names = [user_id(p.name) for p in chosen]
+    for path, name in zip(chosen, names):  # a name goes into every table row and line the attacks print
+        try:
+            check_user_id(name, f"folder {path.name[:MAX_NAME]!r}")
+        except InvalidIdError as err:
+            raise ThreatError(f"--adapters-dir {folder}: {err}") from None
     if len(set(names)) != len(names):
         raise ThreatError(f"--adapters-dir {folder}: two folders name the same user ({', '.join(p.name for p in chosen)})")
     _check_sizes(chosen)
@@ -119,6 +125,11 @@ def read_groups(path: str | Path) -> dict[str, str]:
     for user, group in data.items():
         if not isinstance(group, (int, str)) or isinstance(group, bool) or len(str(group)) > MAX_NAME or len(user) > MAX_NAME:
             raise ThreatError(f"--groups-file {path}: user {user[:MAX_NAME]!r}: the group must be an integer or a short string")
+        # users and groups are printed in the summary's markdown rows and console lines: no '|', no line breaks
+        if not is_safe_id(user):
+            raise ThreatError(f"--groups-file {path}: user {user!r} is not a valid user id (A-Z a-z 0-9 _ . -)")
+        if isinstance(group, str) and not is_safe_id(group):
+            raise ThreatError(f"--groups-file {path}: user {user!r}: group {group!r} is not a plain name (A-Z a-z 0-9 _ . -)")
         groups[user] = str(group)
     return groups
 

@@ -40,6 +40,14 @@ def test_an_adapter_missing_one_file_is_bad_not_skipped(pool_folder):
         load_pool(pool_folder)
 
 
+def test_a_folder_name_that_is_not_a_user_id_is_one_error(pool_folder):
+    """A sharer's folder name becomes its name in every table and line the attacks print."""
+    random_adapter(5).save(pool_folder / "sharer-u|9")
+    with pytest.raises(ThreatError, match="'u\\|9' is not a valid user id") as info:
+        load_pool(pool_folder)
+    assert "\n" not in str(info.value)
+
+
 def test_a_pool_needs_two_distinct_users(tmp_path):
     random_adapter(0).save(tmp_path / "sharer-u1")
     with pytest.raises(ThreatError, match="at least 2"):
@@ -66,6 +74,8 @@ def test_groups_from_a_mapping_or_a_synthetic_benchmark(tmp_path):
     ('{"u1": ' + "9" * 5000 + "}", "groups.json"),
     ("[1, 2]", "JSON object"), ("{}", "JSON object"), ('{"u1": true}', "integer or a short string"),
     ('{"u1": [1]}', "integer or a short string"), ('{"u1": "' + "g" * 500 + '"}', "short string"),
+    # names that would break the summary's markdown rows or console lines
+    ('{"u1": "g|1"}', "group 'g|1'"), ('{"u1": "g\\n1"}', "group 'g\\\\n1'"), ('{"u|1": 0}', "'u|1'"),
     ("{", "groups.json"), ("[" * 100 + "]" * 100, "groups.json"),
 ])
 def test_bad_groups_files_are_one_error(tmp_path, payload, fragment):
