@@ -27,18 +27,31 @@ def shared_settings(labels: Iterable[str]) -> list[str]:
     labels = list(dict.fromkeys(labels))
     values: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
+    keys_of: dict[str, list[set[str]]] = {}  # method name -> the keys of each of its labels
     for label in labels:
-        for key, value in _settings(label):
+        settings = _settings(label)
+        keys_of.setdefault(_method(label), []).append({key for key, _ in settings})
+        for key, value in settings:
             values.setdefault(key, set()).add(value)
             counts[key] = counts.get(key, 0) + 1
     shared: list[str] = []
     for key, vals in values.items():
         if key in KEPT_KEYS or len(vals) != 1 or counts[key] < 2:
             continue
+        # a column of a method without the key has its default: dropping the key from the method's other columns
+        # would hide that they differ in it
+        if any(any(key in keys for keys in per_label) and not all(key in keys for keys in per_label)
+               for per_label in keys_of.values()):
+            continue
         trial = [*shared, f"{key}={next(iter(vals))}"]
         if len({shorten(label, trial) for label in labels}) == len(labels):
             shared = trial
     return shared
+
+
+def _method(label: str) -> str:
+    """The method part of a label: its words that are not `key=value` settings."""
+    return " ".join(token for token in label.split() if "=" not in token)
 
 
 def shorten(label: str, shared: Iterable[str]) -> str:
@@ -57,4 +70,5 @@ def shared_note(shared: list[str]) -> str:
     """The line under a table that states the dropped settings (empty when none were dropped)."""
     if not shared:
         return ""
-    return f"\nSettings left out of the column names above (every column that has one has this value): {' '.join(shared)}.\n"
+    return (f"\nSettings left out of the column names above (every column that has one has this value): "
+            f"{' '.join(shared)}. A column without a setting has the fast preset's default for it.\n")
