@@ -742,8 +742,10 @@ def plot(result: MembershipResult, path: str | Path) -> Path:
         at = np.arange(len(names)) + (j - (len(SCORES) - 1) / 2) * height
         for axis, name in ((ax, "auroc"), (tx, tpr)):
             values = np.array([row["scores"][score][name] for row in rows])
+            # a whisker is clipped at the bar where the point lies outside its percentile interval (the bootstrap
+            # of a TPR at zero false positives is biased upward); the JSON and CSV keep the interval as computed
             errors = np.array([[values[i] - row["scores"][score][f"{name}_low"], row["scores"][score][f"{name}_high"] - values[i]]
-                               for i, row in enumerate(rows)]).T
+                               for i, row in enumerate(rows)]).T.clip(min=0)
             axis.barh(at, values, height=height, xerr=errors, capsize=2, label=score, color=f"C{j}", alpha=0.7)
     for i, row in enumerate(rows):
         ax.plot(row["auroc_per_case"], [i - (len(SCORES) - 1) / 2 * height] * len(row["auroc_per_case"]), "k.",

@@ -469,3 +469,19 @@ def test_cli_refuses_bad_score_options_in_one_line(tmp_path, capsys, argv, fragm
     code = main(["threats", "membership", "--out", str(tmp_path), "--model-spec", "tiny", "--no-progress", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and fragment in err and len(err.splitlines()) == 1
+
+
+def test_the_plot_draws_a_point_that_lies_outside_its_bootstrap_interval(fresh, tmp_path):
+    """A TPR at zero false positives is biased upward under the bootstrap (a resample repeats non-members, so its
+    highest non-member score is lower): on Gemma the point fell below its own interval (0.288 [0.295, 0.409])
+    and matplotlib refused the negative whisker, so a 2-hour run ended in a traceback after its JSON."""
+    import copy
+
+    *_, result = fresh
+    odd = copy.deepcopy(result)
+    tpr = f"tpr_at_{mia.fpr_label(mia.FPRS[0])}_fpr"
+    for row in odd.rows:
+        metrics = row["scores"]["ref"]
+        metrics[tpr], metrics[f"{tpr}_low"], metrics[f"{tpr}_high"] = 0.2, 0.3, 0.4
+        metrics["auroc"], metrics["auroc_low"], metrics["auroc_high"] = 0.9, 0.5, 0.8
+    assert mia.plot(odd, tmp_path / "odd.png").stat().st_size > 0
