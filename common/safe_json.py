@@ -43,8 +43,21 @@ def nesting_depth(text: str) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Parse JSON after checking its size (UTF-8 bytes) and nesting depth; `UnsafeJsonError` on any problem."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """An object's pairs as a dict; ValueError for a key given twice (json keeps the last without a word)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key[:200]!r} twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int = DEFAULT_MAX_DEPTH,
+          unique_keys: bool = False) -> Any:
+    """Parse JSON after checking its size (UTF-8 bytes) and nesting depth; `UnsafeJsonError` on any problem.
+    `unique_keys`: an object that names a key twice is a problem too (where the last value silently winning would
+    change what the file means)."""
     if isinstance(data, bytes):
         size = len(data)
         if max_bytes is not None and size > max_bytes:
@@ -63,8 +76,8 @@ def loads(data: bytes | str, *, max_bytes: int | None = None, max_depth: int = D
     if depth > max_depth:
         raise UnsafeJsonError(f"JSON nested {depth} levels deep, over the limit of {max_depth}")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as err:
         raise UnsafeJsonError(f"not JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    except ValueError as err:  # an integer literal over Python's 4300-digit limit
+    except ValueError as err:  # an integer literal over Python's 4300-digit limit, or a key twice
         raise UnsafeJsonError(f"not usable JSON ({err})") from None

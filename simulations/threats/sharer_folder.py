@@ -17,7 +17,6 @@ groups, or a synthetic benchmark's `benchmark.json` (`prime-fl data`), whose
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,22 +98,11 @@ def _check_sizes(folders: list[Path]) -> None:
                           "byte limit of a pool")
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's pairs as a dict; ValueError for a key given twice (json keeps the last without a word)."""
-    keys = set()
-    for key, _ in pairs:
-        if key in keys:
-            raise ValueError(f"key {key[:MAX_NAME]!r} twice")
-        keys.add(key)
-    return dict(pairs)
-
-
 def read_groups(path: str | Path) -> dict[str, str]:
     """user id -> group (as text) from `path`: {"user": group, ...} or a benchmark.json with `user_groups`."""
     try:
         text = read_bytes(path, MAX_GROUPS_BYTES)
-        safe_json.loads(text, max_depth=4)  # its size, depth and syntax checks, before the pass that keeps the keys
-        data = json.loads(text, object_pairs_hook=_unique_keys)
+        data = safe_json.loads(text, max_depth=4, unique_keys=True)
     except (UserFileError, ValueError) as err:
         raise ThreatError(f"--groups-file {path}: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("user_groups"), dict):
@@ -126,8 +114,10 @@ def read_groups(path: str | Path) -> dict[str, str]:
         if not isinstance(group, (int, str)) or isinstance(group, bool) or len(str(group)) > MAX_NAME or len(user) > MAX_NAME:
             raise ThreatError(f"--groups-file {path}: user {user[:MAX_NAME]!r}: the group must be an integer or a short string")
         # users and groups are printed in the summary's markdown rows and console lines: no '|', no line breaks
-        if not is_safe_id(user):
-            raise ThreatError(f"--groups-file {path}: user {user!r} is not a valid user id (A-Z a-z 0-9 _ . -)")
+        try:
+            check_user_id(user, f"--groups-file {path}: user")
+        except InvalidIdError as err:
+            raise ThreatError(str(err)) from None
         if isinstance(group, str) and not is_safe_id(group):
             raise ThreatError(f"--groups-file {path}: user {user!r}: group {group!r} is not a plain name (A-Z a-z 0-9 _ . -)")
         groups[user] = str(group)

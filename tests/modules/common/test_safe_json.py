@@ -38,3 +38,12 @@ def test_the_size_cap_counts_utf8_bytes_before_parsing():
         loads('"' + "é" * 4 + '"', max_bytes=8)  # text: 6 characters, under the limit, but 10 bytes
     assert loads('"' + "é" * 3 + '"', max_bytes=8) == "é" * 3  # 5 characters, 8 bytes: at the limit
     assert loads("[[1]]", max_depth=2) == [[1]]
+
+
+def test_a_key_given_twice_is_refused_only_where_asked():
+    """json keeps the last of two equal keys without a word; a file whose meaning that changes asks to refuse it."""
+    text = '{"a": {"u1": 0, "u1": 1}}'
+    assert loads(text) == {"a": {"u1": 1}}
+    with pytest.raises(UnsafeJsonError, match="'u1' twice"):
+        loads(text, unique_keys=True)
+    assert loads('{"u1": 0, "u2": {"u1": 1}}', unique_keys=True) == {"u1": 0, "u2": {"u1": 1}}
