@@ -11,22 +11,28 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import output_folder
-from common.encoder import check_encoder_spec
+from common.encoder import check_encoder_spec, load_embeddings
 from common.errors import PrimeError
 from common.lora_math import random_adapter
 from common.settings import SearchConfig, from_flat
+from common.user_files import UserFileError
 from server.personalize import applied_share_cap
 from server.share_cap import cap_shares, update_norms
 from simulations.support.model_options import add_model_options, load_model
 from simulations.support.options import add_setting_options, setting_values
 from simulations.support.outputs import THREATS_OUTPUT
-from simulations.threats import write_json
 from simulations.threats import membership as mia
 from simulations.threats import recovery as rec
 from simulations.threats import release_attacks as ra
+from simulations.threats import write_json
 from simulations.threats.embedding import EmbeddingConfig, embedding_probe
 from simulations.threats.leak import ThreatError, block_leak
-from simulations.threats.sharer_folder import by_group, load_pool, read_groups
+from simulations.threats.sharer_folder import (
+    by_group,
+    load_pool,
+    nearest_groups,
+    read_groups,
+)
 
 RELEASE_ATTACKS = ("cancellation", "mixed-sign", "pool")  # simulations.threats.release_attacks: linear algebra only
 ATTACKS = ("leak", "recovery", "membership", "embedding", *RELEASE_ATTACKS, "all")
@@ -72,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--groups-file", default=None,
                         help="with --adapters-dir: JSON of user -> group, or a synthetic benchmark.json (its "
                              "user_groups); merges take k sharers of one group. Without it: consecutive sets of k")
+    parser.add_argument("--groups-by-embedding", default=None, metavar="NPZ",
+                        help="with --adapters-dir, for real users (no groups known): a user embeddings file (prime-fl "
+                             "eval's prepare/embeddings.npz or prime-fl embed's); merges take disjoint sets of k "
+                             "sharers, each as alike by embedding as the pool allows (the sets a top-k selection "
+                             "merges)")
     parser.add_argument("--pool", type=int, default=9, help="random pool size when there is no --adapters-dir (default %(default)s)")
     parser.add_argument("--draws", type=int, default=20,
                         help="mixed-sign/pool: weight vectors per set of sharers, uniform in the search's bounds "
@@ -211,8 +222,9 @@ def _check_algebraic_options(args: argparse.Namespace) -> None:
     """The options of the linear-algebra attacks, checked before the output folder is made or anything runs (each
     was a traceback, or a refusal after the work: `all --adapters-dir` ran the embedding attack first)."""
     if args.attack not in RELEASE_ATTACKS:
-        if args.adapters_dir is not None or args.groups_file is not None:
-            raise ThreatError(f"--adapters-dir and --groups-file are for {', '.join(RELEASE_ATTACKS)}, not {args.attack}")
+        if args.adapters_dir is not None or args.groups_file is not None or args.groups_by_embedding is not None:
+            raise ThreatError(f"--adapters-dir, --groups-file and --groups-by-embedding are for {', '.join(RELEASE_ATTACKS)}, "
+                              f"not {args.attack}")
         if args.attack not in ("leak", "recovery") or args.adapters != "random":
             return
     if args.sharers < 2:  # a merge of one sharer is that sharer
@@ -225,10 +237,13 @@ def _check_algebraic_options(args: argparse.Namespace) -> None:
             raise ThreatError(f"the unmixing needs at least 2 merges per sequence, got --max-merges {args.max_merges}")
         if args.adapters != "random":
             raise ThreatError(f"{args.attack} reads trained adapters with --adapters-dir, not --adapters {args.adapters}")
+        if args.groups_file is not None and args.groups_by_embedding is not None:
+            raise ThreatError("give --groups-file or --groups-by-embedding, not both")
         if args.adapters_dir is not None:
             return
-        if args.groups_file is not None:
-            raise ThreatError("--groups-file needs --adapters-dir (random adapters belong to no group)")
+        for option, value in (("--groups-file", args.groups_file), ("--groups-by-embedding", args.groups_by_embedding)):
+            if value is not None:
+                raise ThreatError(f"{option} needs --adapters-dir (random adapters belong to no group)")
         if not 3 <= args.pool <= 256:
             raise ThreatError(f"--pool must be in [3, 256], got {args.pool}")
     # random adapters of the model's shapes
@@ -254,6 +269,14 @@ def _release_pool(args: argparse.Namespace) -> tuple[list[str], list, dict[str, 
     if args.groups_file is not None:
         sets = by_group(names, read_groups(args.groups_file), k)
         source["groups"] = args.groups_file
+    elif args.groups_by_embedding is not None:
+        try:
+            embeddings = load_embeddings(args.groups_by_embedding)
+        except UserFileError as err:
+            raise ThreatError(f"--groups-by-embedding: {err}") from None
+        groups, cohesion = nearest_groups(names, embeddings, k)
+        sets = by_group(names, groups, k)
+        source |= {"groups": f"nearest by embedding ({args.groups_by_embedding})", "set_mean_cosine": cohesion}
     else:  # no groups known: disjoint consecutive sets, in pool order
         sets = {f"set{i}": list(range(i * k, (i + 1) * k)) for i in range(len(names) // k)}
         if not sets:
@@ -271,7 +294,7 @@ def _release_attack(args: argparse.Namespace, out: Path, meta: dict) -> Path:
         if len(names) < 3:
             raise ThreatError(f"the cancellation needs 3 adapters (A, B, noise), the pool has {len(names)}")
         cases = {"constructed": ([0, 1, 2], True)}  # A, B and C = B + 0.05 x noise (the pool's third adapter)
-        groups = list(sets) if args.groups_file is not None else []
+        groups = list(sets) if args.groups_file is not None or args.groups_by_embedding is not None else []
         if len(groups) >= 2:  # B, C: two real sharers of one group; A: the next group's first (so never B's group)
             cases |= {f"same-group {g}": ([sets[groups[(i + 1) % len(groups)]][0], *sets[g][:2]], False)
                       for i, g in enumerate(groups)}

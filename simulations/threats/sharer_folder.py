@@ -12,13 +12,19 @@ an adapter: it is skipped and listed, never guessed at.
 Groups (which sharers are "correlated": users of one synthetic preference
 group) come from a JSON file the user passes: an object mapping user ids to
 groups, or a synthetic benchmark's `benchmark.json` (`prime-fl data`), whose
-`user_groups` is that object.
+`user_groups` is that object. Real users have no such groups; for them the
+sets come from the user embeddings the selection itself ranks sharers by
+(`nearest_groups`): each set is k sharers as alike as the pool allows, the
+kind of set PriME's top-k selection merges for a target.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from common import safe_json
 from common.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
@@ -135,3 +141,38 @@ def by_group(names: list[str], groups: dict[str, str], k: int) -> dict[str, list
         raise ThreatError(f"no group has {k} sharers in the pool (groups of the pool's users: "
                           f"{ {g: len(idx) for g, idx in sorted(members.items())} or 'none'})")
     return chosen
+
+
+def nearest_groups(names: list[str], embeddings: Mapping[str, np.ndarray], k: int) -> tuple[dict[str, str], dict[str, float]]:
+    """(user -> group, group -> its mean pairwise cosine): disjoint sets of `k` pool users, built greedily, each
+    seeded by the most alike pair still free and grown by the free user most alike to the set on average.
+
+    Every pool user needs an embedding (a file of other users would silently group nobody); a ThreatError says
+    which lack one.
+    """
+    missing = [n for n in names if n not in embeddings]
+    if missing:
+        raise ThreatError(f"{len(missing)} of the pool's {len(names)} users have no embedding (first: {', '.join(missing[:5])})")
+    if len(names) < k:
+        raise ThreatError(f"the pool has {len(names)} adapters, fewer than --sharers {k}")
+    rows = np.stack([np.asarray(embeddings[n], dtype=np.float64) for n in names])
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+    similarity = rows @ rows.T
+    free = list(range(len(names)))
+    groups: dict[str, str] = {}
+    cohesion: dict[str, float] = {}
+    while len(free) >= k:
+        pairs = similarity[np.ix_(free, free)] - 3.0 * np.eye(len(free))  # no user pairs with itself
+        i, j = np.unravel_index(int(np.argmax(pairs)), pairs.shape)
+        chosen = [free[i], free[j]]
+        while len(chosen) < k:
+            rest = [u for u in free if u not in chosen]
+            chosen.append(max(rest, key=lambda u: similarity[u, chosen].mean()))
+        group = f"near{len(cohesion)}"
+        for u in chosen:
+            groups[names[u]] = group
+            free.remove(u)
+        block = similarity[np.ix_(chosen, chosen)]
+        cohesion[group] = float((block.sum() - np.trace(block)) / (k * (k - 1)))
+    return groups, cohesion

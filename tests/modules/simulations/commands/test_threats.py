@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from common.settings import SearchConfig
@@ -118,6 +119,9 @@ def test_cli_release_attacks_on_a_folder_of_sharers_with_groups(tmp_path, sharer
 @pytest.mark.parametrize("argv, fragment", [
     (["mixed-sign", "--draws", "0"], "--draws must be >= 1"),
     (["pool", "--groups-file", "x.json"], "--groups-file needs --adapters-dir"),
+    (["pool", "--groups-by-embedding", "e.npz"], "--groups-by-embedding needs --adapters-dir"),
+    (["pool", "--adapters-dir", ".", "--groups-file", "g.json", "--groups-by-embedding", "e.npz"], "not both"),
+    (["membership", "--groups-by-embedding", "e.npz"], "are for cancellation, mixed-sign, pool"),
     (["leak", "--adapters-dir", "."], "are for cancellation, mixed-sign, pool"),
     (["pool", "--adapters", "trained"], "reads trained adapters with --adapters-dir"),
     (["pool", "--release-distance", "1"], "release distance must be in [0, 1)"),
@@ -125,6 +129,41 @@ def test_cli_release_attacks_on_a_folder_of_sharers_with_groups(tmp_path, sharer
 ])
 def test_cli_release_attacks_bad_input_is_one_line(tmp_path, capsys, argv, fragment):
     code = main(["threats", argv[0], "--out", str(tmp_path), "--model-spec", "tiny", "--no-progress", *argv[1:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
+
+
+def test_cli_release_attacks_group_real_users_by_embedding(tmp_path, sharer_folder):
+    from common.encoder import save_embeddings
+
+    folder, _ = sharer_folder
+    directions = {0: [1.0, 0, 0], 1: [0, 1.0, 0]}  # u000, u002, u004 alike; u001, u003, u005 alike
+    embeddings = {f"u{i:03d}": np.array(directions[i % 2], dtype=np.float32) + 0.01 * i for i in range(6)}
+    npz = tmp_path / "embeddings.npz"
+    save_embeddings(npz, embeddings, "hashing:3")
+    out = tmp_path / "out"
+    assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--groups-by-embedding",
+                 str(npz), "--release-rank", "2", "--no-progress"]) == 0
+    cancel = json.loads((out / "cancellation.json").read_text())
+    assert sorted(map(sorted, cancel["sets"].values())) == [["u000", "u002", "u004"], ["u001", "u003", "u005"]]
+    assert len(cancel["cases"]) == 3 and set(cancel["set_mean_cosine"]) == set(cancel["sets"])
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"not a zip", "--groups-by-embedding"),
+    (None, "have no embedding"),  # a real file of other users
+])
+def test_cli_a_bad_embeddings_file_is_one_error_line(tmp_path, sharer_folder, capsys, payload, fragment):
+    from common.encoder import save_embeddings
+
+    folder, _ = sharer_folder
+    npz = tmp_path / "embeddings.npz"
+    if payload is None:
+        save_embeddings(npz, {"u999": np.ones(3, dtype=np.float32)}, "hashing:3")
+    else:
+        npz.write_bytes(payload)
+    code = main(["threats", "pool", "--out", str(tmp_path / "out"), "--adapters-dir", str(folder),
+                 "--groups-by-embedding", str(npz), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and fragment in err and len(err.splitlines()) == 1
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from small_adapters import random_adapter
 
 from common.adapters import WEIGHTS_FILE
 from simulations.threats.leak import ThreatError
-from simulations.threats.sharer_folder import by_group, load_pool, read_groups
-from small_adapters import random_adapter
+from simulations.threats.sharer_folder import (
+    by_group,
+    load_pool,
+    nearest_groups,
+    read_groups,
+)
 
 
 @pytest.fixture
@@ -121,3 +127,28 @@ def test_a_folder_that_cannot_be_listed_is_one_error(pool_folder, monkeypatch):
     monkeypatch.setattr(type(pool_folder), "iterdir", refused)
     with pytest.raises(ThreatError, match="Permission denied"):
         load_pool(pool_folder)
+
+
+def test_nearest_groups_put_alike_users_together_and_use_each_once():
+    # two tight clusters {a, c, e} and {b, d, f}, g alone between them: the sets are the clusters, g left over
+    base = {"a": [1, 0, 0], "c": [0.99, 0.1, 0], "e": [0.98, 0, 0.1],
+            "b": [0, 1, 0], "d": [0.1, 0.99, 0], "f": [0, 0.98, 0.1], "g": [0.5, 0.5, 0.7]}
+    embeddings = {u: np.array(v, dtype=np.float32) for u, v in base.items()}
+    groups, cohesion = nearest_groups(sorted(base), embeddings, 3)
+    sets = {}
+    for user, group in groups.items():
+        sets.setdefault(group, set()).add(user)
+    assert sorted(map(sorted, sets.values())) == [["a", "c", "e"], ["b", "d", "f"]] and "g" not in groups
+    assert all(0.98 < c <= 1.0 for c in cohesion.values())
+    assert list(by_group(sorted(base), groups, 3)) == sorted(sets)
+
+
+def test_nearest_groups_name_the_pool_users_without_an_embedding():
+    with pytest.raises(ThreatError, match="2 of the pool's 3 users have no embedding.*u002, u003"):
+        nearest_groups(["u001", "u002", "u003"], {"u001": np.ones(4)}, 2)
+
+
+def test_a_zero_embedding_groups_without_nan():
+    embeddings = {"u1": np.zeros(3), "u2": np.array([1.0, 0, 0]), "u3": np.array([0.9, 0.1, 0])}
+    groups, cohesion = nearest_groups(["u1", "u2", "u3"], embeddings, 2)
+    assert groups == {"u2": "near0", "u3": "near0"} and np.isfinite(cohesion["near0"])
