@@ -21,6 +21,7 @@ EVAL_OUTPUT = OutputKind("eval", (
     Layout(_TABLE | {"diff.md", "diff.json"}),  # eval diff --out
     Layout(frozenset({"compare.md", "compare.json"})),  # eval compare --out
     Layout(frozenset({"index.json"}), ("*.png", "*.csv", "*.json")),  # plots/, eval tradeoffs --out
+    Layout(frozenset({"release_audit.json"}), ("release_audit.md",)),  # python -m simulations.evaluation.release_audit
 ))
 
 THREATS_OUTPUT = OutputKind("threats", (
