@@ -117,6 +117,8 @@ def test_a_restart_with_a_fixed_noise_multiplier_reuses_no_entry_whose_training_
     assert set(share["not_reused"]) == stored & sharers and "reused" not in share and share["not_reused"]
     assert all(reason.startswith(says) for reason in share["not_reused"].values()), share["not_reused"]
     assert sorted(share["arrived"]) == sorted(share["asked"]) == sorted(sharers)
+    # each fresh entry keeps the history its node registered, for a later run that lacks that node
+    assert {_contents(out)[sid][2]["history-items"] for sid in sharers} == {6}
     # the other entries (their users are targets or not planned as sharers now) are left out of every merge
     left_out = {s["sharer_id"]: s["reason"] for s in again["skipped"] if s["phase"] == "registry"}
     assert set(left_out) == stored - sharers and left_out, again["skipped"]
