@@ -13,6 +13,7 @@ report, never a stopped run.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -23,15 +24,15 @@ import numpy as np
 import torch
 
 from common.adapters import LoraAdapter
-from common.dp import DEFAULT_MAX_DELTA, Guarantee, plan as dp_plan
+from common.dp import DEFAULT_MAX_DELTA, Guarantee, epsilon_for, plan as dp_plan
 from common.errors import PrimeError
 from common.lora_math import MERGES
 from common.phases import Phase
-from common.settings import NodeConfig, SearchConfig
+from common.settings import DpSgdConfig, NodeConfig, SearchConfig
 from common.tasks import TaskSpec
 from server.registry import Registry
 from server.release_guard import Released, cross_release_refusal
-from server.replies import LoraShape, NodeReplyError, check_embedding, check_tensors, one_line
+from server.replies import MAX_COUNT, LoraShape, NodeReplyError, check_embedding, check_tensors, one_line
 from server.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 Sharers = dict[str, tuple[LoraAdapter, np.ndarray]]  # sharer id -> its adapter and history embedding
 
 _REGISTER = Phase.REGISTER.label
+HISTORY_ITEMS = "history-items"  # kept with a DP-SGD entry: the history its node registered (`stored_privacy`)
 
 
 @dataclass
@@ -124,19 +126,23 @@ def perturbation_meta(node: NodeConfig) -> dict[str, float]:
     return {"dp-clip": node.dp_clip, "dp-noise": node.dp_noise} if node.dp_clip > 0 else {}
 
 
-def stored_privacy(meta: Mapping[str, Any], node: NodeConfig) -> Guarantee | None:
+def stored_privacy(meta: Mapping[str, Any], node: NodeConfig, registered: int | None) -> Guarantee | None:
     """A registry entry's DP-SGD guarantee, held to this run's privacy settings (`node`); NodeReplyError where the
-    entry is less private than the run asks.
+    entry is less private than the run asks (`registered`: the history its user's node registered in this run,
+    None where it did not register).
 
     A `reuse-registry` run finds entries that earlier runs stored under
     their own settings. Each must be at least as private as this run asks,
     or the run would merge what its settings promise it does not: DP-SGD
     when the run asks for it, with at most its epsilon and delta (dp-delta,
-    else the most its default gives) and at least its noise multiplier; and
-    output perturbation no weaker than the run's (a clip norm at most
-    `dp-clip`, a noise multiplier at least `dp-noise`; an entry from before
-    these were stored counts as unperturbed). A more private entry serves a
-    less private run.
+    else the most its default gives), at least its noise multiplier, and at
+    most the epsilon this run's own training of that node would give
+    (`_check_against_plan`: a fixed noise multiplier bounds no epsilon by
+    itself, an entry trained for more steps or at a higher sample rate has
+    more); and output perturbation no weaker than the run's (a clip norm at
+    most `dp-clip`, a noise multiplier at least `dp-noise`; an entry from
+    before these were stored counts as unperturbed). A more private entry
+    serves a less private run.
     """
     privacy = upload_privacy(dict(meta), node)
     wanted = node.dp_sgd
@@ -147,6 +153,7 @@ def stored_privacy(meta: Mapping[str, Any], node: NodeConfig) -> Guarantee | Non
         delta = wanted.delta or DEFAULT_MAX_DELTA
         if privacy.delta > delta * (1 + 1e-9):
             raise NodeReplyError(f"stored with DP-SGD delta {privacy.delta:g}, the run allows at most {delta:g}")
+        _check_against_plan(privacy, node, registered if registered is not None else _stored_history(meta))
     clip, noise = (_non_negative(meta, key) for key in ("dp-clip", "dp-noise"))
     if node.dp_clip > 0 and clip == 0:
         raise NodeReplyError(f"stored without output perturbation, the run asks for dp-clip {node.dp_clip:g}")
@@ -155,6 +162,39 @@ def stored_privacy(meta: Mapping[str, Any], node: NodeConfig) -> Guarantee | Non
     if noise < node.dp_noise:
         raise NodeReplyError(f"stored with dp-noise {noise:g}, the run asks for at least {node.dp_noise:g}")
     return privacy
+
+
+def _check_against_plan(privacy: Guarantee, node: NodeConfig, history: int) -> None:
+    """NodeReplyError where the entry's epsilon, at the delta this run's plan uses, is above what this run's own
+    DP-SGD training on `history` registered items would give (its target, where it sets one: the plan's noise is
+    calibrated to land just below it)."""
+    n_items = min(history, node.max_history)
+    planned, delta = _planned_epsilon(node.dp_sgd, n_items, node.train.batch_size, node.train.epochs, node.train.steps)
+    bound = max(planned, node.dp_sgd.epsilon)
+    epsilon = epsilon_for(privacy.noise_multiplier, privacy.sample_rate, privacy.steps, delta)
+    if epsilon > bound * (1 + 1e-9):
+        raise NodeReplyError(f"stored with DP-SGD epsilon {epsilon:.3g} at delta {delta:g}, more than the {bound:.3g} "
+                             f"this run's training gives for {n_items} history items")
+
+
+@functools.lru_cache(maxsize=256)
+def _planned_epsilon(config: DpSgdConfig, n_items: int, batch_size: int, epochs: int, steps: int) -> tuple[float, float]:
+    """(epsilon, delta) of the run's DP-SGD plan for `n_items` items; cached because calibrating a target's noise
+    takes the accountant's search (a fraction of a second) and a run judges every registry entry twice."""
+    planned = dp_plan(config, n_items, batch_size, epochs, steps)
+    return epsilon_for(planned.noise_multiplier, planned.sample_rate, planned.steps, planned.delta), planned.delta
+
+
+def _stored_history(meta: Mapping[str, Any]) -> int:
+    """The history an entry's node registered when the entry was stored (`HISTORY_ITEMS`), for an entry whose user
+    did not register in this run; NodeReplyError where it is missing or not a count."""
+    if HISTORY_ITEMS not in meta:
+        raise NodeReplyError(f"its user did not register in this run and the entry records no {HISTORY_ITEMS!r}: "
+                             "no DP-SGD plan to hold its epsilon to")
+    value = meta[HISTORY_ITEMS]
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
+        raise NodeReplyError(f"metadata {HISTORY_ITEMS!r} must be an integer in [1, {MAX_COUNT}], got {value!r}")
+    return value
 
 
 def _non_negative(meta: Mapping[str, Any], key: str) -> float:
@@ -166,16 +206,17 @@ def _non_negative(meta: Mapping[str, Any], key: str) -> float:
 
 
 def usable_sharers(registry: Registry, shape: LoraShape, node: NodeConfig, report: RunReport,
-                   privacy: dict[str, Guarantee | None]) -> Sharers:
+                   privacy: dict[str, Guarantee | None], registered: Mapping[str, int]) -> Sharers:
     """The registry's sharers that pass today's checks (an entry from an older run may not); each one's checked
-    DP-SGD guarantee goes into `privacy`, and each refused entry into `report` with its reason."""
+    DP-SGD guarantee goes into `privacy`, and each refused entry into `report` with its reason (`registered`: the
+    history each user registered in this run, which `stored_privacy` holds its entry to)."""
     usable = {}
     for sharer_id in registry.sharers():
         try:
             stored = registry.get(sharer_id)
             meta = shape.check_meta(stored.metadata)
             # A run reusing a registry refuses entries less private than it asks; kept for the report.
-            privacy[sharer_id] = stored_privacy(stored.metadata, node)
+            privacy[sharer_id] = stored_privacy(stored.metadata, node, registered.get(sharer_id))
             tensors = {k: torch.from_numpy(np.array(v)) for k, v in stored.tensors.items()}
             check_tensors(tensors, shape.shapes, "stored adapter")
             adapter = LoraAdapter(tensors=tensors, r=meta["r"], lora_alpha=meta["lora-alpha"],

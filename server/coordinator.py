@@ -44,8 +44,8 @@ from common.task_model import load_task_model
 from common.tasks import TaskSpec, get_task
 from common.wire import UploadSchema, decode_upload
 from server.admission import (
-    Node, agree_on_task, candidates, perturbation_meta, refuse_shared_user_ids, release_refusal, stored_privacy,
-    upload_privacy, usable_sharers,
+    HISTORY_ITEMS, Node, agree_on_task, candidates, perturbation_meta, refuse_shared_user_ids, release_refusal,
+    stored_privacy, upload_privacy, usable_sharers,
 )
 from server.aggregate import fedavg
 from server.messaging import Messenger
@@ -142,6 +142,11 @@ class Coordinator:
     def _user_of(self, node_id: int) -> str | None:
         node = self.nodes.get(node_id)
         return node.user_id if node else None
+
+    def _registered(self) -> dict[str, int]:
+        """Each registered user's history size, as its node registered it (a stored entry is held to the DP-SGD
+        training this run would give that history)."""
+        return {n.user_id: n.n_history for n in self.nodes.values()}
 
     def _nodes_of(self, user_ids: Iterable[str]) -> list[int]:
         wanted = set(user_ids)
@@ -290,8 +295,9 @@ class Coordinator:
                 raise NodeReplyError(f"upload names user {upload.metadata.get('user-id')!r}, node registered {node.user_id!r}")
             meta = self.lora_shape.check_meta(upload.metadata)  # shapes and magnitudes: decode_upload checked them
             privacy = upload_privacy(upload.metadata, self.config.node, min(node.n_history, self.config.node.max_history))
-            if privacy is not None:
-                meta |= privacy.to_meta()  # stored with the entry: every later merge can name its epsilon
+            if privacy is not None:  # stored with the entry: every later merge can name its epsilon, and a later
+                # run whose nodes do not include this one can hold it to its own training of the history it registered
+                meta |= privacy.to_meta() | {HISTORY_ITEMS: node.n_history}
             meta |= perturbation_meta(self.config.node)  # and a later run, what perturbation it was asked for
             embedding = check_embedding(upload.embedding)
             metrics = read_metrics(reply.content)
@@ -314,7 +320,7 @@ class Coordinator:
         reusable, refused = set(), {}
         for sharer_id in sorted(set(sharers) & set(self.registry.sharers())):
             try:
-                stored_privacy(self.registry.get(sharer_id).metadata, self.config.node)
+                stored_privacy(self.registry.get(sharer_id).metadata, self.config.node, self._registered()[sharer_id])
             except PrimeError as err:
                 refused[sharer_id] = one_line(err)
                 log.info("registry entry %s not reused, its sharer is asked again: %s", sharer_id, refused[sharer_id])
@@ -326,7 +332,8 @@ class Coordinator:
         """Per target: sealed profile in, privacy-penalized merge; returns each target node's evaluation request
         (with its one merged adapter, if one may leave), or None when too few usable sharers let no target ask."""
         phase, messenger, task = Phase.PERSONALIZE, self.messenger, self.task
-        sharers = usable_sharers(self.registry, self.lora_shape, self.config.node, self.report, self.sharer_privacy)
+        sharers = usable_sharers(self.registry, self.lora_shape, self.config.node, self.report, self.sharer_privacy,
+                                 self._registered())
         if len(sharers) < self.config.search.min_sharers:
             self.report.incomplete(f"only {len(sharers)} usable sharer(s) in the registry, min-sharers is "
                                    f"{self.config.search.min_sharers}: no target personalized")

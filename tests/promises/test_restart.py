@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from client.app import app as client_app
+from common.dp import epsilon_for
 from inprocess_grid import InProcessGrid, tiny_config
 from restart_run import main as restart
 from server.coordinator import Coordinator
@@ -89,3 +90,45 @@ def test_a_restart_with_stricter_privacy_asks_the_sharers_again_instead_of_reusi
     contents = _contents(out)
     assert merged and merged <= set(share["arrived"]) and report["skipped"] == []
     assert all(contents[sid][2]["dp-clip"] == 1.0 and contents[sid][2]["dp-noise"] == 0.01 for sid in share["arrived"])
+
+
+def test_a_restart_with_a_fixed_noise_multiplier_reuses_no_entry_whose_training_gave_more_epsilon(tmp_path):
+    """The bug: with `dp-noise-multiplier` fixed and no `dp-epsilon`, a `reuse-registry` run reused every entry with at
+    least its noise multiplier, here ones trained for 2 epochs where it trains 1, and reported their larger epsilon
+    with its merges. Histories of 6 items cut to max-history 4 and batch size 8: one step per epoch at rate 1."""
+    out = tmp_path / "run"
+    dp = {"adapt_rounds": 0, "dp_sgd": True, "dp_noise_multiplier": 1.0}
+
+    def run(**overrides) -> dict:
+        config = tiny_config(str(out), **dp | overrides)
+        report = Coordinator(grid=InProcessGrid(client_app, 10), config=config, registry_key=b"k" * 32).run().to_dict()
+        assert report["status"] == "complete", report["reasons"]
+        return report
+
+    first = run(epochs=2, num_sharers=6)
+    stored = set(_contents(out))
+    assert stored == set(first["plan"]["sharers"])
+    one_epoch, two_epochs = (epsilon_for(1.0, 1.0, steps, 1e-5) for steps in (1, 2))
+    says = f"stored with DP-SGD epsilon {two_epochs:.3g} at delta 1e-05, more than the {one_epoch:.3g} this run's training"
+
+    again = run(reuse_registry=True, epochs=1)
+    share, sharers = again["phases"]["share"], set(again["plan"]["sharers"])
+    # the planned sharers whose entries trained longer are asked again, for the reason the report gives
+    assert set(share["not_reused"]) == stored & sharers and "reused" not in share and share["not_reused"]
+    assert all(reason.startswith(says) for reason in share["not_reused"].values()), share["not_reused"]
+    assert sorted(share["arrived"]) == sorted(share["asked"]) == sorted(sharers)
+    # each fresh entry keeps the history its node registered, for a later run that lacks that node
+    assert {_contents(out)[sid][2]["history-items"] for sid in sharers} == {6}
+    # the other entries (their users are targets or not planned as sharers now) are left out of every merge
+    left_out = {s["sharer_id"]: s["reason"] for s in again["skipped"] if s["phase"] == "registry"}
+    assert set(left_out) == stored - sharers and left_out, again["skipped"]
+    assert all(reason.startswith(says) for reason in left_out.values()), left_out
+    merged = {sid for target in again["targets"].values() for sid in target["sharers"]}
+    assert merged and merged <= sharers
+    assert all(t["dp"]["epsilon"] == pytest.approx(one_epoch, rel=1e-9) for t in again["targets"].values())
+
+    # the same settings once more: every planned entry is this run's own training, and is reused
+    restarted = run(reuse_registry=True, epochs=1)
+    assert restarted["phases"]["share"] == {"asked": [], "arrived": [], "reused": sorted(sharers)}
+    assert {s["sharer_id"] for s in restarted["skipped"] if s["phase"] == "registry"} == stored - sharers
+    assert all(t["dp"]["epsilon"] == pytest.approx(one_epoch, rel=1e-9) for t in restarted["targets"].values())
