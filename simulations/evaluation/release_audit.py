@@ -15,15 +15,18 @@ target received a multiple of that sharer's update; `release-distance` tau
 refuses a release nearer than tau. Beside it, the weights' spread (largest /
 smallest |w|), which shows whether the search chose a mix or one sharer.
 
-A run folder is a user's file: cells are read with the cell schema, sharer
-ids are user ids before they name a path, and adapters go through
-`LoraAdapter.load`'s hostile-file checks; the first bad one is one error line
-naming it.
+A run folder is a user's file: cells are read as user files (regular,
+bounded, no lone surrogates) with the cell schema, sharer ids are distinct
+user ids before they name a path, weights plain numbers of the cell's shape,
+and adapters go through `LoraAdapter.load`'s hostile-file checks; the first
+bad one is one error line naming it. `--out` may not lie in an audited run,
+whose `cells/` and `prepare/` are what the audit (and a resumed eval) reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -37,15 +40,18 @@ from common.adapters import AdapterError, LoraAdapter
 from common.atomic import check_output_folder, output_folder, write_text
 from common.errors import PrimeError
 from common.ids import InvalidIdError, check_user_id
-from common.user_files import UserFileError
-from server.release_guard import Cores, ReleaseGuardError, distances
-from simulations.evaluation.cells import CELLS_DIR, read_cell
+from common.user_files import UserFileError, lone_surrogate, read_json
+from server.release_guard import Cores, distances
+from simulations.evaluation.cells import CELLS_DIR
 from simulations.evaluation.prepare import PREPARE_DIR
 from simulations.evaluation.results import write_json
+from simulations.evaluation.results_schema import ResultsFileError, check_cell
 from simulations.support.outputs import EVAL_OUTPUT
 
 MAX_CELLS = 100_000  # per run; a grid of 3 seeds x 100 targets x a few settings is a few hundred
+MAX_CELL_BYTES = 16 * 2**20  # one target's predictions and search trajectory: kilobytes
 THRESHOLDS = (0.1, 0.3, 0.5)  # counted below: near-copies, and the provisional release distance
+_MAX_WEIGHT = sys.float_info.max  # finite (a JSON integer may be larger than any float; NaN compares False)
 _KEY = re.compile(r"[0-9a-f]{1,64}")
 
 
@@ -61,6 +67,36 @@ def _adapter(run: Path, seed: int, key: str, user: str, cache: dict[Path, LoraAd
         except (AdapterError, UserFileError, OSError) as err:
             raise ReleaseAuditError(f"{path}: {err}") from None
     return cache[path]
+
+
+def _read_cell(path: Path) -> dict[str, Any]:
+    """A cell file as a user's file (`read_cell` would wait on a FIFO and read any size) and by the cell schema;
+    every refusal says why."""
+    try:
+        cell = read_json(path, MAX_CELL_BYTES)
+        check_cell(cell, str(path))
+    except (UserFileError, ResultsFileError) as err:
+        raise ReleaseAuditError(str(err)) from None
+    where = lone_surrogate(cell)  # valid JSON, but release_audit.md could not be written
+    if where:
+        raise ReleaseAuditError(f"{path}: {where} holds a lone surrogate, not text")
+    return cell
+
+
+def _weights(weights: Any, k: int, where: str) -> np.ndarray:
+    """A cell's weights as [k] or [k, n_layers] floats: plain finite numbers only (numpy reads "0.5" and true
+    as numbers)."""
+    rows = weights if isinstance(weights, list) else None
+    if rows is not None and rows and all(isinstance(row, list) for row in rows):
+        values = [v for row in rows for v in row]
+        shaped = len({len(row) for row in rows}) == 1 and all(rows)
+    else:
+        values, shaped = rows or [], rows is not None
+    plain = all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _MAX_WEIGHT for v in values)
+    if not (shaped and plain and len(rows) == k):
+        raise ReleaseAuditError(f"{where}: 'weights' must hold one entry per sharer ({k}), each a finite number or "
+                                f"all equal-length lists of them, got {str(weights)[:80]}")
+    return np.asarray(weights, dtype=np.float64)
 
 
 def _spread(weights: np.ndarray) -> float | None:
@@ -80,29 +116,34 @@ def audit_cell(run: Path, cell: dict[str, Any], cache: dict[Path, LoraAdapter]) 
     key = cell.get("prepare_key")
     if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise ReleaseAuditError(f"{where}: 'prepare_key' must be a hex digest, got {str(key)[:80]!r}")
+    if not row["sharers"]:
+        raise ReleaseAuditError(f"{where}: a release with no sharer ('sharer_ids' is empty)")
     try:
         for user in row["sharers"]:
             check_user_id(user, f"{where}: sharer")
     except InvalidIdError as err:
         raise ReleaseAuditError(str(err)) from None
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ReleaseAuditError(f"{where}: 'weights' must be a list of numbers or of lists of numbers") from None
-    if w.ndim not in (1, 2) or len(w) != len(row["sharers"]) or not np.isfinite(w).all():
-        raise ReleaseAuditError(f"{where}: 'weights' must be finite, one entry per sharer ({len(row['sharers'])}), "
-                                f"got shape {list(w.shape)}")
+    repeated = next((u for i, u in enumerate(row["sharers"]) if u in row["sharers"][:i]), None)
+    if repeated is not None:
+        raise ReleaseAuditError(f"{where}: 'sharer_ids' repeats sharer {repeated!r}")
+    w = _weights(weights, len(row["sharers"]), where)
     params = cell["params"]
-    adapters = [_adapter(run, cell["seed"], key, user, cache) for user in row["sharers"]]
     merge, rank = str(params.get("merge", "elementwise")), int(params.get("release_rank", 0) or 0)
+    if rank < 0:
+        raise ReleaseAuditError(f"{where}: 'release_rank' must be >= 0, got {rank}")
+    adapters = [_adapter(run, cell["seed"], key, user, cache) for user in row["sharers"]]
+    # The distance is scale-free, so the release is built from weights of largest |w| 1: weights of 1e200 (or
+    # 1e-300) would overflow (or underflow) it and read as 1, nothing of any sharer.
+    scale = float(np.abs(w).max())
+    unit = w / scale if scale > 0 else w
     try:
         cores = Cores.of(adapters)
-        per_module, whole = distances(cores.released(w, merge, rank), cores.parts())
+        per_module, whole = distances(cores.released(unit, merge, rank), cores.parts())
         # the same sharers merged with equal weights: how near any mix of them lies, the search aside
         uniform = distances(cores.released(np.ones(len(adapters)), merge, rank), cores.parts())
-    except (ReleaseGuardError, ValueError) as err:
+    except (PrimeError, ValueError) as err:
         raise ReleaseAuditError(f"{where}: {err}") from None
-    return {**row, "weights": w.tolist(), "spread": _spread(w),
+    return {**row, "weights": w.tolist(), "spread": _spread(unit),
             "distance_best_module": dict(zip(row["sharers"], per_module.tolist())),
             "distance_whole": dict(zip(row["sharers"], whole.tolist())),
             "nearest": float(min(per_module.min(), whole.min())),
@@ -133,9 +174,7 @@ def audit_run(run: str | Path) -> list[dict[str, Any]]:
     by_label: dict[str, list[dict[str, Any]]] = {}
     cache: dict[Path, LoraAdapter] = {}
     for path in paths:
-        cell = read_cell(path)
-        if cell is None:
-            raise ReleaseAuditError(f"{path}: not a readable cell")
+        cell = _read_cell(path)
         if cell["method"] == "prime":
             by_label.setdefault(cell["label"], []).append(audit_cell(root, cell, cache))
     if not by_label:
@@ -148,6 +187,12 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _md(text: Any) -> str:
+    """`text` as one Markdown table cell: a cell's target and label are its file's word, and may hold | or a line
+    break."""
+    return " ".join(str(text).replace("|", "\\|").splitlines())
+
+
 def markdown(settings: Sequence[dict[str, Any]]) -> str:
     lines = ["| run | PriME setting | releases / targets | nearest sharer's update: median [min, max] | "
              + " | ".join(f"below {t:g}" for t in THRESHOLDS) + " | equal weights, same sharers: median | "
@@ -155,7 +200,7 @@ def markdown(settings: Sequence[dict[str, Any]]) -> str:
              "|---|---|---|---|" + "---|" * len(THRESHOLDS) + "---|---|"]
     for s in settings:
         m = s["summary"]
-        lines.append(f"| {Path(s['run']).name} | {s['label']} | {m['releases']} / {m['targets']} | "
+        lines.append(f"| {_md(Path(s['run']).name)} | {_md(s['label'])} | {m['releases']} / {m['targets']} | "
                      f"{_fmt(m['nearest_median'])} [{_fmt(m['nearest_min'])}, {_fmt(m['nearest_max'])}] | "
                      + " | ".join(str(m["below"][f"{t:g}"]) for t in THRESHOLDS)
                      + f" | {_fmt(m['uniform_nearest_median'])} | {_fmt(m['spread_median'])} |")
@@ -165,18 +210,26 @@ def markdown(settings: Sequence[dict[str, Any]]) -> str:
               "the same measure for the same sharers merged with equal weights (same merge and rank), how near "
               "any mix of them lies.", ""]
     for s in settings:
-        lines += [f"### {Path(s['run']).name}: {s['label']}", "", "| seed | target | weights | nearest sharer: distance "
+        lines += [f"### {_md(Path(s['run']).name)}: {_md(s['label'])}", "", "| seed | target | weights | nearest sharer: distance "
                   "(best module / whole) | equal weights |", "|---|---|---|---|---|"]
         for r in s["cells"]:
             if r["fallback"]:
-                lines.append(f"| {r['seed']} | {r['target']} | fell back | - | - |")
+                lines.append(f"| {r['seed']} | {_md(r['target'])} | fell back | - | - |")
                 continue
             near = min(r["sharers"], key=lambda u: min(r["distance_best_module"][u], r["distance_whole"][u]))
             shown = " ".join(f"{w:+.2f}" if isinstance(w, float) else "layer-level" for w in r["weights"])
-            lines.append(f"| {r['seed']} | {r['target']} | {shown} | {near}: {r['distance_best_module'][near]:.3f} / "
+            lines.append(f"| {r['seed']} | {_md(r['target'])} | {shown} | {near}: {r['distance_best_module'][near]:.3f} / "
                          f"{r['distance_whole'][near]:.3f} | {r['uniform_nearest']:.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _check_out_beside(out: str, runs: Sequence[str]) -> None:
+    """ReleaseAuditError where `out` (symlinks followed) is an audited run or lies inside one."""
+    target = Path(os.path.realpath(out))  # realpath, not resolve: a symlink loop is left for the writer to refuse
+    for run in runs:
+        if target.is_relative_to(os.path.realpath(run)):
+            raise ReleaseAuditError(f"--out {out} is inside the audited run {run}: write the audit beside the runs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_output_folder(args.out, EVAL_OUTPUT)
+        _check_out_beside(args.out, args.runs)
         settings = [s for run in args.runs for s in audit_run(run)]
         out = output_folder(args.out, EVAL_OUTPUT)
         text = markdown(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,13 @@ from small_adapters import random_adapter
 
 from common.lora_math import merge_elementwise
 from server.release_guard import adapter_distances
-from simulations.evaluation.release_audit import ReleaseAuditError, audit_run, main
+from simulations.evaluation.release_audit import (
+    MAX_CELL_BYTES,
+    ReleaseAuditError,
+    audit_run,
+    main,
+    markdown,
+)
 
 KEY = "abc123def456"
 
@@ -88,4 +95,97 @@ def test_not_a_run_and_a_broken_cell_are_errors(run, tmp_path, capsys):
     (run / "cells" / "seed0" / "t1" / "prime-0123456789abcdef.json").write_text("{not json")
     assert main([str(run), "--out", str(tmp_path / "audit")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not a readable cell" in err and len(err.splitlines()) == 1 and not (tmp_path / "audit").exists()
+    assert "prime-0123456789abcdef.json: not JSON" in err and len(err.splitlines()) == 1 and not (tmp_path / "audit").exists()
+
+
+def _edit(run, change, target="t2"):
+    path = run / "cells" / "seed0" / target / "prime-0123456789abcdef.json"
+    cell = json.loads(path.read_text())
+    change(cell)
+    path.write_text(json.dumps(cell))
+    return path
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda c: c.update(weights=["0.9", "-0.4", "0.7"]), "'weights'"),  # numpy would read the strings as numbers
+    (lambda c: c.update(weights=[True, False, True]), "'weights'"),
+    (lambda c: c.update(weights=[[0.9, 0.1], [0.4], [0.7, 0.7]]), "'weights'"),  # ragged layer-level weights
+    (lambda c: c.update(weights=[[[0.9]], [[0.4]], [[0.7]]]), "'weights'"),  # nested deeper than layer-level
+    (lambda c: c.update(weights=[[0.9] * 7, [0.4] * 7, [0.7] * 7]), "do not fit 3 sharers x 2 layers"),
+    (lambda c: c.update(sharer_ids=["u1", "u1", "u2"]), "repeats sharer 'u1'"),
+    (lambda c: c.update(sharer_ids=[], weights=[]), "target 't2'.*no sharer"),
+    (lambda c: c["params"].update(release_rank=-1), "'release_rank' must be >= 0"),
+])
+def test_hostile_weights_sharers_and_params_are_one_error_naming_the_cell(run, change, fragment):
+    _edit(run, change)
+    with pytest.raises(ReleaseAuditError, match=fragment):
+        audit_run(run)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-300])
+def test_the_distances_do_not_depend_on_the_weights_scale(run, scale):
+    """Scale-free: weights of 1e200 overflowed the release to inf and 1e-300 underflowed it to 0, both read as
+    'nothing of any sharer' (1.0)."""
+    rows = {r["target"]: r for r in audit_run(run)[0]["cells"]}
+    _edit(run, lambda c: c.update(weights=[w * scale for w in c["weights"]]))
+    scaled = {r["target"]: r for r in audit_run(run)[0]["cells"]}["t2"]
+    for field in ("distance_best_module", "distance_whole"):
+        assert scaled[field] == pytest.approx(rows["t2"][field], abs=1e-9)
+    assert scaled["spread"] == pytest.approx(rows["t2"]["spread"])
+
+
+def test_a_cell_against_its_schema_is_one_line_with_the_reason(run, tmp_path, capsys, caplog):
+    _edit(run, lambda c: c["params"].update(release_rank="x"))
+    assert main([str(run), "--out", str(tmp_path / "audit")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'params.release_rank' must be an integer" in err and len(err.splitlines()) == 1
+    assert "recomputing" not in caplog.text  # the audit recomputes nothing
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_device_or_huge_cell_is_refused_unread(run):
+    path = run / "cells" / "seed0" / "t2" / "prime-0123456789abcdef.json"
+    path.unlink()
+    os.mkfifo(path)  # a read would wait for a writer for ever
+    with pytest.raises(ReleaseAuditError, match="FIFO"):
+        audit_run(run)
+    path.unlink()
+    path.symlink_to("/dev/zero")  # a symlink is followed, to a regular file only: this read would never end
+    with pytest.raises(ReleaseAuditError, match="character device"):
+        audit_run(run)
+    path.unlink()
+    path.touch()
+    os.truncate(path, MAX_CELL_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(ReleaseAuditError, match="byte limit"):
+        audit_run(run)
+
+
+@pytest.mark.parametrize("field", ["target", "label"])
+def test_a_lone_surrogate_in_a_cell_is_one_error_line(run, tmp_path, capsys, field):
+    """'\\ud800' is valid JSON, but no UTF-8 writer takes it: release_audit.md failed half-written with a traceback."""
+    path = _edit(run, lambda c: c.update({field: "SURROGATE"}))
+    path.write_text(path.read_text().replace("SURROGATE", "\\ud800"))
+    assert main([str(run), "--out", str(tmp_path / "audit")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "surrogate" in err and len(err.splitlines()) == 1 and not (tmp_path / "audit").exists()
+
+
+def test_markdown_cells_keep_their_table_rows(run):
+    _edit(run, lambda c: c.update(target="t2|x\ny", label="PriME | rank=0\nz"))
+    text = markdown(audit_run(run))
+    assert "| t2\\|x y |" in text and "PriME \\| rank=0 z" in text
+    assert not any(line.startswith(("y", "z")) for line in text.splitlines())
+
+
+@pytest.mark.parametrize("inside", ["prepare/audit", "cells/audit", "."])
+def test_an_out_inside_an_audited_run_is_refused(run, tmp_path, capsys, inside):
+    """The run's prepare/ and cells/ are what the audit (and a resumed eval) reads."""
+    (run / "results.json").write_text('{"cells": []}')  # an eval run's folder: `--out RUN` passes the folder check
+    out = run / inside
+    code = main([str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "inside the audited run" in err and len(err.splitlines()) == 1
+    assert not (out / "release_audit.json").exists() and not (run / "prepare" / "audit").exists()
+    (tmp_path / "link").symlink_to(run / "cells")  # followed
+    assert main([str(run), "--out", str(tmp_path / "link" / "audit")]) == 2
+    assert "inside the audited run" in capsys.readouterr().err
