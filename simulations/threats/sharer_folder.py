@@ -147,15 +147,22 @@ def nearest_groups(names: list[str], embeddings: Mapping[str, np.ndarray], k: in
     """(user -> group, group -> its mean pairwise cosine): disjoint sets of `k` pool users, built greedily, each
     seeded by the most alike pair still free and grown by the free user most alike to the set on average.
 
-    Every pool user needs an embedding (a file of other users would silently group nobody); a ThreatError says
-    which lack one.
+    Every pool user needs an embedding (a file of other users would silently group nobody), finite and as wide as
+    the others (a NaN would be every argmax's pick); a ThreatError says which does not.
     """
+    if k < 2:
+        raise ThreatError(f"k must be >= 2 (a merge of one sharer is that sharer), got {k}")
     missing = [n for n in names if n not in embeddings]
     if missing:
         raise ThreatError(f"{len(missing)} of the pool's {len(names)} users have no embedding (first: {', '.join(missing[:5])})")
     if len(names) < k:
         raise ThreatError(f"the pool has {len(names)} adapters, fewer than --sharers {k}")
-    rows = np.stack([np.asarray(embeddings[n], dtype=np.float64) for n in names])
+    vectors = [np.asarray(embeddings[n], dtype=np.float64) for n in names]
+    bad = next((n for n, v in zip(names, vectors)
+                if v.ndim != 1 or v.shape != vectors[0].shape or not np.isfinite(v).all()), None)
+    if bad is not None:
+        raise ThreatError(f"user {bad}'s embedding is not a finite vector of the pool's width {vectors[0].shape}")
+    rows = np.stack(vectors)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     rows = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
     similarity = rows @ rows.T

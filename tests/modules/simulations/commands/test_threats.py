@@ -149,9 +149,16 @@ def test_cli_release_attacks_group_real_users_by_embedding(tmp_path, sharer_fold
     assert len(cancel["cases"]) == 3 and set(cancel["set_mean_cosine"]) == set(cancel["sets"])
 
 
+def _npz(ids: list[str], rows: np.ndarray):
+    """An embeddings file as a hostile user could write it (save_embeddings writes one id per user)."""
+    return lambda path: np.savez(path, user_ids=np.array(ids), embeddings=rows.astype(np.float32))
+
+
 @pytest.mark.parametrize("payload, fragment", [
     (b"not a zip", "--groups-by-embedding"),
     (None, "have no embedding"),  # a real file of other users
+    (_npz([f"u{i:03d}" for i in range(6)], np.array([[1.0, 0, 0]] * 5 + [[np.nan, 0, 0]])), "finite"),
+    (_npz([f"u{i:03d}" for i in range(6)] + ["u000"], np.eye(7)[:, :3]), "repeats a user id"),
 ])
 def test_cli_a_bad_embeddings_file_is_one_error_line(tmp_path, sharer_folder, capsys, payload, fragment):
     from common.encoder import save_embeddings
@@ -160,6 +167,9 @@ def test_cli_a_bad_embeddings_file_is_one_error_line(tmp_path, sharer_folder, ca
     npz = tmp_path / "embeddings.npz"
     if payload is None:
         save_embeddings(npz, {"u999": np.ones(3, dtype=np.float32)}, "hashing:3")
+    elif callable(payload):
+        with open(npz, "wb") as handle:
+            payload(handle)
     else:
         npz.write_bytes(payload)
     code = main(["threats", "pool", "--out", str(tmp_path / "out"), "--adapters-dir", str(folder),

@@ -152,3 +152,19 @@ def test_a_zero_embedding_groups_without_nan():
     embeddings = {"u1": np.zeros(3), "u2": np.array([1.0, 0, 0]), "u3": np.array([0.9, 0.1, 0])}
     groups, cohesion = nearest_groups(["u1", "u2", "u3"], embeddings, 2)
     assert groups == {"u2": "near0", "u3": "near0"} and np.isfinite(cohesion["near0"])
+
+
+@pytest.mark.parametrize("k, fragment", [(1, "k must be >= 2"), (0, "k must be >= 2")])
+def test_nearest_groups_refuse_a_set_size_below_two(k, fragment):
+    """A set of one is that sharer; k = 1 divided by zero and k = 0 never ended."""
+    embeddings = {u: np.ones(3) for u in ("u1", "u2", "u3")}
+    with pytest.raises(ThreatError, match=fragment):
+        nearest_groups(["u1", "u2", "u3"], embeddings, k)
+
+
+@pytest.mark.parametrize("bad", [np.array([np.nan, 0, 0]), np.array([1.0, 0]), np.ones((3, 1))])
+def test_nearest_groups_refuse_embeddings_that_are_not_finite_rows_of_one_width(bad):
+    """NaN made argmax pick it as the most alike pair; another width stopped np.stack with a traceback."""
+    embeddings = {"u1": np.array([1.0, 0, 0]), "u2": np.array([0.9, 0.1, 0]), "u3": bad}
+    with pytest.raises(ThreatError, match="u3"):
+        nearest_groups(["u1", "u2", "u3"], embeddings, 2)
