@@ -20,6 +20,11 @@ UNKEYED_DECODING = "argmax"
 # `agreement`: plots name the metric of such a cell so.
 UNNAMED_PRIVACY_METRIC = "agreement"
 
+# PriME cells written before `merge` was a search setting (2026-11-30) lack it in their params: every merge was
+# exact (paper Eq. 2) then. Those written before `release_rank` existed released the whole merge.
+UNNAMED_MERGE = "exact"
+UNNAMED_RELEASE_RANK = 0
+
 # OUT/config.json of runs before the settings records wrote a bool (synth-quirks) as the string "True" or "False":
 # the config schema takes either spelling for every bool key.
 BOOL_PROPERTY = {"type": ["boolean", "string", "null"], "pattern": "^(?i:true|false)$", "says": "true or false"}

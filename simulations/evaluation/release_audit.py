@@ -42,6 +42,7 @@ from common.errors import PrimeError
 from common.ids import InvalidIdError, check_user_id
 from common.user_files import UserFileError, lone_surrogate, read_json
 from server.release_guard import Cores, distances
+from simulations.evaluation import old_formats
 from simulations.evaluation.cells import CELLS_DIR
 from simulations.evaluation.prepare import PREPARE_DIR
 from simulations.evaluation.results import write_json
@@ -128,7 +129,8 @@ def audit_cell(run: Path, cell: dict[str, Any], cache: dict[Path, LoraAdapter]) 
         raise ReleaseAuditError(f"{where}: 'sharer_ids' repeats sharer {repeated!r}")
     w = _weights(weights, len(row["sharers"]), where)
     params = cell["params"]
-    merge, rank = str(params.get("merge", "elementwise")), int(params.get("release_rank", 0) or 0)
+    merge = str(params.get("merge", old_formats.UNNAMED_MERGE))
+    rank = int(params.get("release_rank", old_formats.UNNAMED_RELEASE_RANK) or 0)
     if rank < 0:
         raise ReleaseAuditError(f"{where}: 'release_rank' must be >= 0, got {rank}")
     adapters = [_adapter(run, cell["seed"], key, user, cache) for user in row["sharers"]]

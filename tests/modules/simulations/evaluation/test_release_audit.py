@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from small_adapters import random_adapter
 
-from common.lora_math import merge_elementwise
+from common.lora_math import merge_elementwise, merge_exact
 from server.release_guard import adapter_distances
 from simulations.evaluation.release_audit import (
     MAX_CELL_BYTES,
@@ -61,6 +61,21 @@ def test_distances_match_the_adapter_level_check_on_the_merged_adapter(run):
     (setting,) = audit_run(run)
     row = next(r for r in setting["cells"] if r["target"] == "t2")
     per_module, whole = adapter_distances(merge_elementwise(sharers, [0.9, -0.4, 0.7]), sharers)
+    assert np.allclose([row["distance_best_module"][u] for u in ("u1", "u2", "u3")], per_module, atol=1e-9)
+    assert np.allclose([row["distance_whole"][u] for u in ("u1", "u2", "u3")], whole, atol=1e-9)
+
+
+def test_a_cell_from_before_the_merge_setting_is_rebuilt_with_the_exact_merge(run):
+    """Before `merge` was a search setting (2026-11-30) every merge was exact, and before `release_rank` whole: a
+    cell without them was rebuilt element-wise."""
+    sharers = [random_adapter(10 + i) for i in range(3)]
+    path = run / "cells" / "seed0" / "t2" / "prime-0123456789abcdef.json"
+    cell = json.loads(path.read_text())
+    del cell["params"]["merge"], cell["params"]["release_rank"]
+    path.write_text(json.dumps(cell))
+    (setting,) = audit_run(run)
+    row = next(r for r in setting["cells"] if r["target"] == "t2")
+    per_module, whole = adapter_distances(merge_exact(sharers, [0.9, -0.4, 0.7]), sharers)
     assert np.allclose([row["distance_best_module"][u] for u in ("u1", "u2", "u3")], per_module, atol=1e-9)
     assert np.allclose([row["distance_whole"][u] for u in ("u1", "u2", "u3")], whole, atol=1e-9)
 
