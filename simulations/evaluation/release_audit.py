@@ -26,6 +26,7 @@ whose `cells/` and `prepare/` are what the audit (and a resumed eval) reads.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import statistics
@@ -124,7 +125,7 @@ def audit_cell(run: Path, cell: dict[str, Any], cache: dict[Path, LoraAdapter]) 
             check_user_id(user, f"{where}: sharer")
     except InvalidIdError as err:
         raise ReleaseAuditError(str(err)) from None
-    repeated = next((u for i, u in enumerate(row["sharers"]) if u in row["sharers"][:i]), None)
+    repeated = next((u for u, n in collections.Counter(row["sharers"]).items() if n > 1), None)
     if repeated is not None:
         raise ReleaseAuditError(f"{where}: 'sharer_ids' repeats sharer {repeated!r}")
     w = _weights(weights, len(row["sharers"]), where)
