@@ -204,3 +204,11 @@ def test_an_out_inside_an_audited_run_is_refused(run, tmp_path, capsys, inside):
     (tmp_path / "link").symlink_to(run / "cells")  # followed
     assert main([str(run), "--out", str(tmp_path / "link" / "audit")]) == 2
     assert "inside the audited run" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(20)  # about a second; the quadratic scan took a minute
+def test_a_cell_of_many_sharer_ids_is_checked_in_linear_time(run):
+    ids = [f"u{i}" for i in range(150_000)] + ["u7"]
+    _edit(run, lambda c: c.update(sharer_ids=ids, weights=[1.0] * len(ids)))
+    with pytest.raises(ReleaseAuditError, match="repeats sharer 'u7'"):
+        audit_run(run)
