@@ -18,7 +18,6 @@ from typing import Any, Mapping
 
 import torch
 
-from common import safe_json
 from common.dp import Guarantee
 from common.lamp import LampDataset
 from common.metrics import DEFAULT_PRIVACY_METRIC
@@ -26,6 +25,7 @@ from common.models import device_dtype, resolve_device, resolve_dtype
 from common.plan import UserPlan
 from common.settings import NodeConfig, SearchConfig, options, to_flat
 from common.tasks import DEFAULT_DECODING
+from common.user_files import UserFileError, read_json
 from simulations.evaluation import old_formats
 from simulations.evaluation.methods import MethodResult, MethodSettings, get_method
 from simulations.evaluation.results_schema import ResultsFileError, check_cell
@@ -34,6 +34,7 @@ from simulations.evaluation.settings import EvalConfig
 log = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
+MAX_CELL_BYTES = 16 * 2**20  # one target's predictions and search trajectory: kilobytes
 
 # A cell's params by name: a search setting added after cells were first cached stays out of a cell's key at the
 # value that reproduces the cells computed before it existed (`setting(unkeyed=...)`), so those cells keep theirs.
@@ -137,17 +138,23 @@ def cell_record(cell: Cell, task_id: str, result: MethodResult, seconds: float,
     return record
 
 
+def load_cell(path: Path) -> dict[str, Any]:
+    """A cell file's record, read as a user's file (a regular file of at most `MAX_CELL_BYTES`: a FIFO or a device
+    in cells/ is refused unread) and checked against the cell schema; UserFileError or ResultsFileError says why."""
+    record = read_json(path, MAX_CELL_BYTES)
+    check_cell(record, str(path))
+    return record
+
+
 def read_cell(path: Path) -> dict[str, Any] | None:
     """A finished cell's record, or None when the file is missing, unreadable or not a cell (then it is recomputed)."""
-    try:
-        record = safe_json.loads(path.read_bytes())
-        check_cell(record, str(path))
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, safe_json.UnsafeJsonError, ResultsFileError) as err:
+    try:
+        return load_cell(path)
+    except (UserFileError, ResultsFileError) as err:
         log.warning("recomputing %s: unreadable cell (%s)", path, err)
         return None
-    return record
 
 
 def cached_record(record: dict[str, Any] | None, cell: Cell) -> dict[str, Any] | None:

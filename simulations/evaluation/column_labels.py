@@ -72,3 +72,9 @@ def shared_note(shared: list[str]) -> str:
         return ""
     return (f"\nSettings left out of the column names above (every column that has one has this value): "
             f"{' '.join(shared)}. A column without a setting has the fast preset's default for it.\n")
+
+
+def markdown_cell(text: object) -> str:
+    """`text` as the content of one Markdown table cell: a '|' escaped and line breaks made spaces (labels, targets
+    and titles come from files and may hold either)."""
+    return " ".join(str(text).replace("|", "\\|").splitlines())

@@ -41,17 +41,17 @@ from common.adapters import AdapterError, LoraAdapter
 from common.atomic import check_output_folder, output_folder, write_text
 from common.errors import PrimeError
 from common.ids import InvalidIdError, check_user_id
-from common.user_files import UserFileError, lone_surrogate, read_json
+from common.user_files import UserFileError, lone_surrogate
 from server.release_guard import Cores, distances
 from simulations.evaluation import old_formats
-from simulations.evaluation.cells import CELLS_DIR
+from simulations.evaluation.cells import CELLS_DIR, load_cell
+from simulations.evaluation.column_labels import markdown_cell
 from simulations.evaluation.prepare import PREPARE_DIR
 from simulations.evaluation.results import write_json
-from simulations.evaluation.results_schema import ResultsFileError, check_cell
+from simulations.evaluation.results_schema import ResultsFileError
 from simulations.support.outputs import EVAL_OUTPUT
 
 MAX_CELLS = 100_000  # per run; a grid of 3 seeds x 100 targets x a few settings is a few hundred
-MAX_CELL_BYTES = 16 * 2**20  # one target's predictions and search trajectory: kilobytes
 THRESHOLDS = (0.1, 0.3, 0.5)  # counted below: near-copies, and the provisional release distance
 _MAX_WEIGHT = sys.float_info.max  # finite (a JSON integer may be larger than any float; NaN compares False)
 _KEY = re.compile(r"[0-9a-f]{1,64}")
@@ -72,14 +72,12 @@ def _adapter(run: Path, seed: int, key: str, user: str, cache: dict[Path, LoraAd
 
 
 def _read_cell(path: Path) -> dict[str, Any]:
-    """A cell file as a user's file (`read_cell` would wait on a FIFO and read any size) and by the cell schema;
-    every refusal says why."""
+    """A cell file by `load_cell`, with no lone surrogate (valid JSON, but release_audit.md could not hold it)."""
     try:
-        cell = read_json(path, MAX_CELL_BYTES)
-        check_cell(cell, str(path))
+        cell = load_cell(path)
     except (UserFileError, ResultsFileError) as err:
         raise ReleaseAuditError(str(err)) from None
-    where = lone_surrogate(cell)  # valid JSON, but release_audit.md could not be written
+    where = lone_surrogate(cell)
     if where:
         raise ReleaseAuditError(f"{path}: {where} holds a lone surrogate, not text")
     return cell
@@ -190,12 +188,6 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _md(text: Any) -> str:
-    """`text` as one Markdown table cell: a cell's target and label are its file's word, and may hold | or a line
-    break."""
-    return " ".join(str(text).replace("|", "\\|").splitlines())
-
-
 def markdown(settings: Sequence[dict[str, Any]]) -> str:
     lines = ["| run | PriME setting | releases / targets | nearest sharer's update: median [min, max] | "
              + " | ".join(f"below {t:g}" for t in THRESHOLDS) + " | equal weights, same sharers: median | "
@@ -203,7 +195,7 @@ def markdown(settings: Sequence[dict[str, Any]]) -> str:
              "|---|---|---|---|" + "---|" * len(THRESHOLDS) + "---|---|"]
     for s in settings:
         m = s["summary"]
-        lines.append(f"| {_md(Path(s['run']).name)} | {_md(s['label'])} | {m['releases']} / {m['targets']} | "
+        lines.append(f"| {markdown_cell(Path(s['run']).name)} | {markdown_cell(s['label'])} | {m['releases']} / {m['targets']} | "
                      f"{_fmt(m['nearest_median'])} [{_fmt(m['nearest_min'])}, {_fmt(m['nearest_max'])}] | "
                      + " | ".join(str(m["below"][f"{t:g}"]) for t in THRESHOLDS)
                      + f" | {_fmt(m['uniform_nearest_median'])} | {_fmt(m['spread_median'])} |")
@@ -213,15 +205,15 @@ def markdown(settings: Sequence[dict[str, Any]]) -> str:
               "the same measure for the same sharers merged with equal weights (same merge and rank), how near "
               "any mix of them lies.", ""]
     for s in settings:
-        lines += [f"### {_md(Path(s['run']).name)}: {_md(s['label'])}", "", "| seed | target | weights | nearest sharer: distance "
+        lines += [f"### {markdown_cell(Path(s['run']).name)}: {markdown_cell(s['label'])}", "", "| seed | target | weights | nearest sharer: distance "
                   "(best module / whole) | equal weights |", "|---|---|---|---|---|"]
         for r in s["cells"]:
             if r["fallback"]:
-                lines.append(f"| {r['seed']} | {_md(r['target'])} | fell back | - | - |")
+                lines.append(f"| {r['seed']} | {markdown_cell(r['target'])} | fell back | - | - |")
                 continue
             near = min(r["sharers"], key=lambda u: min(r["distance_best_module"][u], r["distance_whole"][u]))
             shown = " ".join(f"{w:+.2f}" if isinstance(w, float) else "layer-level" for w in r["weights"])
-            lines.append(f"| {r['seed']} | {_md(r['target'])} | {shown} | {near}: {r['distance_best_module'][near]:.3f} / "
+            lines.append(f"| {r['seed']} | {markdown_cell(r['target'])} | {shown} | {near}: {r['distance_best_module'][near]:.3f} / "
                          f"{r['distance_whole'][near]:.3f} | {r['uniform_nearest']:.3f} |")
         lines.append("")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from common.atomic import write_text
 from common.errors import PrimeError
 from common.settings import SearchConfig
 from common.user_files import UserFileError, read_bytes
-from simulations.evaluation.column_labels import shared_settings, shorten
+from simulations.evaluation.column_labels import markdown_cell, shared_settings, shorten
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = "README.md"
@@ -160,7 +160,7 @@ def _title(folder: Path) -> str | None:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ") or "—"
+    return markdown_cell(text) or "—"
 
 
 def row(folder: Path, docs: list[Path], root: Path) -> list[str]:

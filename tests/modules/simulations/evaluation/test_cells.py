@@ -139,3 +139,16 @@ def test_a_cell_cached_before_a_setting_existed_is_read_with_that_setting_s_valu
     assert report.computed == 0 and report.reused == 2
     assert all(r["params"]["utility_floor"] == "none" for r in report.records)
     assert all(r["label"] == "PriME α=0 k=2 floor=none" for r in report.records)
+
+
+def test_a_cached_cell_that_is_a_fifo_or_too_large_is_recomputed_unread(tmp_path, caplog):
+    """A resumed run reads cells/ as a user's files: a FIFO there waited for a writer for ever, and any size was
+    read whole."""
+    import os
+
+    fifo, huge, missing = tmp_path / "fifo.json", tmp_path / "huge.json", tmp_path / "missing.json"
+    os.mkfifo(fifo)
+    huge.write_bytes(b"")
+    os.truncate(huge, cells.MAX_CELL_BYTES + 1)  # sparse: no disk used
+    assert cells.read_cell(fifo) is None and cells.read_cell(huge) is None and cells.read_cell(missing) is None
+    assert "not a regular file" in caplog.text and "byte limit" in caplog.text and "missing.json" not in caplog.text

@@ -35,3 +35,9 @@ def test_a_setting_one_column_of_a_method_has_and_another_lacks_stays_in_both_na
     assert [shorten(label, shared) for label in labels] == ["NP", "PriME α=0 cap=1.0 rank=0", "PriME+RAG α=0 cap=1.0 rank=0",
                                                              "PriME α=0"]
     assert "without a setting has the fast preset's default" in shared_note(shared)
+
+
+def test_a_markdown_cell_escapes_bars_and_joins_lines():
+    from simulations.evaluation.column_labels import markdown_cell
+
+    assert markdown_cell("a|b\r\nc\nd") == "a\\|b c d" and markdown_cell(3) == "3"
