@@ -11,8 +11,8 @@ from small_adapters import random_adapter
 
 from common.lora_math import merge_elementwise, merge_exact
 from server.release_guard import adapter_distances
+from simulations.evaluation.cells import MAX_CELL_BYTES
 from simulations.evaluation.release_audit import (
-    MAX_CELL_BYTES,
     ReleaseAuditError,
     audit_run,
     main,
@@ -212,3 +212,21 @@ def test_a_cell_of_many_sharer_ids_is_checked_in_linear_time(run):
     _edit(run, lambda c: c.update(sharer_ids=ids, weights=[1.0] * len(ids)))
     with pytest.raises(ReleaseAuditError, match="repeats sharer 'u7'"):
         audit_run(run)
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "table.md"])
+def test_an_out_folder_holding_files_the_audit_did_not_write_is_refused_untouched(run, tmp_path, capsys, foreign):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / foreign).write_text("the user's own")
+    assert main([str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err
+    assert sorted(p.name for p in out.iterdir()) == [foreign] and (out / foreign).read_text() == "the user's own"
+
+
+def test_a_second_audit_into_its_own_folder_replaces_its_files(run, tmp_path):
+    out = tmp_path / "audit"
+    assert main([str(run), "--out", str(out)]) == 0
+    assert main([str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".prime-fl-output.json", "release_audit.json", "release_audit.md"]
