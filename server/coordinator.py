@@ -318,9 +318,10 @@ class Coordinator:
         """The planned sharers whose registry entry this run may reuse, and why each other stored entry may not
         (the report's `not_reused`: its sharer is asked again)."""
         reusable, refused = set(), {}
+        registered = self._registered()
         for sharer_id in sorted(set(sharers) & set(self.registry.sharers())):
             try:
-                stored_privacy(self.registry.get(sharer_id).metadata, self.config.node, self._registered()[sharer_id])
+                stored_privacy(self.registry.get(sharer_id).metadata, self.config.node, registered[sharer_id])
             except PrimeError as err:
                 refused[sharer_id] = one_line(err)
                 log.info("registry entry %s not reused, its sharer is asked again: %s", sharer_id, refused[sharer_id])
