@@ -364,23 +364,32 @@ class SearchConfig:
     history_fraction: float = setting(1.0, "share of the target's history the fitness scores", FRACTION,
                                       sweep="history-fractions", affects=("baselines",))
     min_sharers: int = setting(2, "refuse merges of fewer distinct sharers", at_least(1))
-    # The two release guards are on by default: together (not either alone) they keep every attack of
-    # docs/threats.md above a relative error of 0.5, at no measured utility cost (results/threats-guards,
-    # gemma-rating-guards, gemma-tagging-guards).
-    share_cap: float = setting(0.34, "largest share of a merged update one sharer may carry: every candidate is "
-                                     "repaired onto it (server.share_cap); 0.34 leaves k = 3 sharers about equal "
-                                     "shares; 1: no cap; lifted to 1/k when only k < 1/cap sharers are found",
+    # The release guard on by default is `release-distance` 0.25 alone, chosen by measurement (issue 29 item 6; Gemma 3
+    # 270M, paper preset, seed 0, 8 targets per task: small): on the merges PriME released it cost nothing measurable
+    # (tagging +0.047 accuracy [+0.000, +0.141], rating -0.016 MAE [-0.141, +0.125], none fell back) and kept every
+    # release >= 0.25 from each sharer's update by construction (measured min 0.255 / 0.322;
+    # results/gemma-t3-dist025-tagging-seed0, gemma-t3-dist025-rating-seed0, gemma-t3-release-audit-*-seed0). The
+    # default until 2026-12-07, share cap 0.34 + release rank 8, did not bound that (the nearest sharer's update at a
+    # median 0.333 / 0.393, min 0.27; the cancellation of tests/promises/test_release_distance.py got a release 0.046
+    # from sharer A) and flattened the weights (largest / smallest |w| 1.11) at -0.062 accuracy [-0.203, +0.094] on
+    # tagging. Both stay options (`share-cap 0.34 release-rank 8` is that old default); 0.25 bounds below issue 29's
+    # aim of 0.5, which cost -0.203 accuracy on tagging (5 of 8 fell back).
+    share_cap: float = setting(1.0, "largest share of a merged update one sharer may carry: every candidate is "
+                                    "repaired onto it (server.share_cap); 1: no cap (the default); 0.34 (the default "
+                                    "until 2026-12-07, with release-rank 8) leaves k = 3 sharers about equal shares; "
+                                    "lifted to 1/k when only k < 1/cap sharers are found",
                                FRACTION, sweep="share-caps")
-    release_rank: int = setting(8, "release only the top r singular directions of each module's merged update, a "
-                                   "rank-r LoRA (the size of one LoRA at lora-r 8); 0: the whole merge",
+    release_rank: int = setting(0, "release only the top r singular directions of each module's merged update, a "
+                                   "rank-r LoRA (8: the size of one LoRA at lora-r 8, the default until 2026-12-07, "
+                                   "with share-cap 0.34); 0: the whole merge (the default)",
                                 at_least(0), sweep="release-ranks", affects=("baselines",))
-    # Off by default: the distance that trades utility for privacy is to be measured on Gemma (docs/threats.md);
-    # 0.5 is the provisional value to turn it on with.
-    release_distance: float = setting(0.0, "smallest scale-free distance (sin of the angle, per module and over the "
-                                           "whole adapter) between the released update and any one sharer's update: "
-                                           "candidates closer are refused by the search, and a final release closer, "
-                                           "or one that lets the ledger's earlier merges unmix a sharer closer, falls "
-                                           "back to the unmerged model (server.release_guard); 0: off",
+    release_distance: float = setting(0.25, "smallest scale-free distance (sin of the angle, per module and over the "
+                                            "whole adapter) between the released update and any one sharer's update: "
+                                            "candidates closer are refused by the search, and a final release closer, "
+                                            "or one that lets the ledger's earlier merges unmix a sharer closer, falls "
+                                            "back to the unmerged model (server.release_guard); 0.25 (the default): "
+                                            "about 14.5 degrees, measured at no utility cost on Gemma; 0: off (the "
+                                            "default until 2026-12-07)",
                                       Check(lambda v: 0 <= v < 1, "in [0, 1)"), sweep="release-distances",
                                       unkeyed=0.0)
     score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "

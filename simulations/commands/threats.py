@@ -61,16 +61,18 @@ def register(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add_model_options(parser)
     parser.add_argument("--adapters", choices=["random", "trained"], default="random",
                         help="leak/recovery alone: random adapters (instant) or sharers' trained ones (default %(default)s; all: trained)")
-    parser.add_argument("--share-cap", type=float, default=SearchConfig.share_cap,
+    parser.add_argument("--share-cap", type=float, default=ra.COMPARED_SHARE_CAP,
                         help="leak/recovery: repair the merge weights onto this per-sharer share cap first, as the search does "
-                             "(server.share_cap; default %(default)s, the search's; 1 = no cap)")
-    parser.add_argument("--release-rank", type=int, default=SearchConfig.release_rank,
+                             "(server.share_cap; default %(default)s, the search's default until 2026-12-07, which "
+                             "the attacks on record faced; the search's default now is 1 = no cap)")
+    parser.add_argument("--release-rank", type=int, default=ra.COMPARED_RELEASE_RANK,
                         help="leak/recovery: release only each merge's top R singular directions per module, as the "
-                             "search setting release-rank does (server.release; default %(default)s, the search's; "
-                             "0 = the whole merge)")
-    parser.add_argument("--release-distance", type=float, default=0.5,
+                             "search setting release-rank does (server.release; default %(default)s, the search's "
+                             "default until 2026-12-07; the search's default now is 0 = the whole merge)")
+    parser.add_argument("--release-distance", type=float, default=ra.COMPARED_RELEASE_DISTANCE,
                         help="cancellation/mixed-sign/pool: the release distance of the guard settings compared "
-                             "(server.release_guard; default %(default)s, the provisional value)")
+                             "(server.release_guard; default %(default)s, issue 29's aim; the search's default is "
+                             f"{SearchConfig.release_distance:g})")
     parser.add_argument("--adapters-dir", default=None,
                         help="cancellation/mixed-sign/pool: the sharer pool from this folder of PEFT adapter folders "
                              "(e.g. prime-fl eval's prepare/<seed>/adapters; sharer-<user> is user <user>; folders "

@@ -1,7 +1,9 @@
 """Shorter column names for the markdown reports: settings shared by the whole run are said once.
 
 A column label names its method and every setting that differs from the
-`fast` defaults ("PriME α=0 opt=ngopt merge=elementwise aug=True ..."), so
+`fast` defaults ("PriME α=0 opt=ngopt merge=elementwise aug=True ..."; a
+PriME column's release guards: from those until 2026-12-07, see
+methods/prime.py's `UNLABELLED_GUARDS`), so
 the labels stay unique and stable keys of the cell cache. Under another
 preset (`--preset paper`) every PriME column then repeats the same six
 settings and Table 1's header is unreadable. The markdown tables drop a
@@ -71,7 +73,9 @@ def shared_note(shared: list[str]) -> str:
     if not shared:
         return ""
     return (f"\nSettings left out of the column names above (every column that has one has this value): "
-            f"{' '.join(shared)}. A column without a setting has the fast preset's default for it.\n")
+            f"{' '.join(shared)}. A column without a setting has the fast preset's default for it; a PriME column "
+            f"without cap, rank or dist has the release guards that were the default until 2026-12-07 (share cap "
+            f"0.34, release rank 8, no release distance).\n")
 
 
 def markdown_cell(text: object) -> str:

@@ -28,6 +28,7 @@ from common.errors import PrimeError
 from common.settings import SearchConfig
 from common.user_files import UserFileError, read_bytes
 from simulations.evaluation.column_labels import markdown_cell, shared_settings, shorten
+from simulations.evaluation.old_formats import UNNAMED_RELEASE_RANK
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = "README.md"
@@ -68,18 +69,27 @@ def _values(items: list) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in items)
 
 
+# The release guards a run's config may record, and what a run that does not record one ran with: the guard did not
+# exist yet (a run before the rank limit released the whole merge, `old_formats.UNNAMED_RELEASE_RANK`).
+_GUARDS = {"share_cap": ("cap", 1.0), "release_rank": ("rank", UNNAMED_RELEASE_RANK), "release_distance": ("distance", 0.0)}
+
+
 def _guards(settings: dict) -> tuple[str, bool]:
-    """The release guards a run used (share cap, release rank; swept or single) and whether today's defaults
-    (`SearchConfig`) are among them. A run from before the guards existed used none."""
-    caps = settings.get("share_caps") or [settings[key] for key in ("share_cap",) if settings.get(key) is not None]
-    ranks = settings.get("release_ranks") or [settings[key] for key in ("release_rank",) if settings.get(key) is not None]
+    """The release guards a run used (share cap, release rank, release distance; swept or single) and whether
+    today's defaults (`SearchConfig`) are among them. A run from before the guards existed used none."""
+    used = {name: settings.get(f"{name}s") or ([settings[name]] if settings.get(name) is not None else [])
+            for name in _GUARDS}
+    recorded = bool(used["share_cap"] or used["release_rank"])
+    used = {name: values or [_GUARDS[name][1]] for name, values in used.items()}
     today = SearchConfig()
-    at_default = today.share_cap in caps and today.release_rank in ranks
-    if not caps and not ranks:
+    at_default = all(getattr(today, name) in values for name, values in used.items())
+    if not recorded:
         return "none (predates them)", at_default
-    if caps == [1.0] and ranks == [0]:
+    if all(values == [_GUARDS[name][1]] for name, values in used.items()):
         return "off", at_default
-    return f"cap {_values(caps)}, rank {_values(ranks)}", at_default
+    shown = [f"{_GUARDS[name][0]} {_values(values)}" for name, values in used.items()
+             if name != "release_distance" or values != [0.0]]  # a run before release-distance: cap and rank as ever
+    return ", ".join(shown), at_default
 
 
 def _setup(task: Any, quirks: Any, model: str, preset: Any, guards: str) -> dict[str, str]:
@@ -213,7 +223,8 @@ def render(results: Path, root: Path) -> str:
         "the paired intervals, the caveats and what a figure means are in the folder's",
         "README and the docs that cite it. *Status* flags a folder whose README calls it",
         "partial or plumbing, or notes a default that changed after it ran, and runs",
-        f"without today's default release guards (share cap {today.share_cap:g}, release rank {today.release_rank}).",
+        f"without today's default release guards (share cap {today.share_cap:g}, release rank {today.release_rank},",
+        f"release distance {today.release_distance:g}; until 2026-12-07 share cap 0.34 and release rank 8).",
         "",
         "| folder | what it measured | targets x seeds | headline | status | cited in |",
         "| --- | --- | --- | --- | --- | --- |",

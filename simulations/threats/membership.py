@@ -70,6 +70,7 @@ from server.release import release
 from server.selection import select_top_k
 from simulations.threats.embedding import EmbeddingConfig
 from simulations.threats.leak import ThreatError
+from simulations.threats.release_attacks import COMPARED_RELEASE_RANK, COMPARED_SHARE_CAP
 
 Pair = tuple[str, str]
 PROTOCOLS = ("fresh", "official")
@@ -112,15 +113,16 @@ class MembershipConfig:
     alphas: tuple[float, ...] = setting((0.0, 1.0, 4.0), "membership: PriME alphas without the release guards, "
                                                          "comma-separated",
                                         Check(lambda v: _finite(v) and all(a >= 0 for a in v), "finite and >= 0"))
-    # PriME as the search's defaults release it (alpha, share cap, release rank: the release guards), at these
-    # alphas (empty: no such rows); the `alphas` rows are the same search without the guards.
+    # PriME at the search's default alpha with the release guards `prime-fl threats` compares (share cap 0.34 +
+    # release rank 8, the search's default until 2026-12-07: release_attacks.COMPARED_*), at these alphas (empty: no
+    # such rows); the `alphas` rows are the same search without the guards. No row runs the release distance.
     guard_alphas: tuple[float, ...] = setting((SearchConfig.alpha,), "membership: PriME alphas run with the release "
                                                                      "guards, comma-separated, empty for none")
-    guard_share_cap: float = setting(SearchConfig.share_cap, "membership: the guards' per-sharer share cap "
-                                                             "(server.share_cap)")
-    guard_release_rank: int = setting(SearchConfig.release_rank, "membership: the guards' rank-limited release, top-r "
-                                                                 "directions of the merged update (server.release; "
-                                                                 "0: none)")
+    guard_share_cap: float = setting(COMPARED_SHARE_CAP, "membership: the guards' per-sharer share cap "
+                                                         "(server.share_cap; the search's default until 2026-12-07)")
+    guard_release_rank: int = setting(COMPARED_RELEASE_RANK, "membership: the guards' rank-limited release, top-r "
+                                                             "directions of the merged update (server.release; 0: "
+                                                             "none; the search's default until 2026-12-07)")
     dp_noises: tuple[float, ...] = setting((0.5, 1.0, 2.0), "membership: DP-SGD noise multipliers of the sharers' DP "
                                                             "adapters, comma-separated, empty for none")
     dp_max_grad_norm: float = setting(DpSgdConfig.max_grad_norm, "membership: DP-SGD per-example clip norm")
@@ -168,9 +170,11 @@ class MembershipConfig:
         return TrainConfig(r=self.r, lora_alpha=self.lora_alpha, epochs=self.epochs, lr=self.lr, seed=self.seed)
 
     def search_config(self, alpha: float, share_cap: float = 1.0, release_rank: int = 0) -> SearchConfig:
-        """The search of one row; without arguments, unguarded (no share cap, the whole merge released)."""
+        """The search of one row; without arguments, unguarded (no share cap, the whole merge released). No row
+        runs the release distance (the search's default since 2026-12-07): 0 here, as for every row on record."""
         return SearchConfig(alpha=alpha, k=self.sharers, budget=self.budget, popsize=self.popsize, min_sharers=2,
-                            share_cap=share_cap, release_rank=release_rank, seed=self.seed, batch_size=self.batch_size)
+                            share_cap=share_cap, release_rank=release_rank, release_distance=0.0, seed=self.seed,
+                            batch_size=self.batch_size)
 
 
 @dataclass

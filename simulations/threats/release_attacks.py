@@ -61,6 +61,13 @@ from simulations.threats.recovery import matched_scale_free
 CANCEL = (1.0, 1.0, -1.0)  # A + B - C: B and C cancel
 NOISE = 0.05  # C = B + NOISE x noise, factor by factor (issue 29's construction)
 SEARCH_BUDGET, SEARCH_POPSIZE = 120, 8  # the attacker's search toward A: cheap, it is linear algebra
+# The guards `prime-fl threats` compares unless told otherwise: share cap 0.34 + release rank 8, the search's default
+# from their introduction until 2026-12-07 (every attack on record in results/threats* faced them), and release
+# distance 0.5, issue 29's aim. The search's default since 2026-12-07 is release-distance 0.25 alone
+# (common.settings.SearchConfig): compare it with `--share-cap 1 --release-rank 0 --release-distance 0.25`.
+COMPARED_SHARE_CAP = 0.34
+COMPARED_RELEASE_RANK = 8
+COMPARED_RELEASE_DISTANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class Guard:
 
 
 def guard_settings(share_cap: float, release_rank: int, release_distance: float) -> list[Guard]:
-    """None; the cap; the cap and the rank limit (the search's defaults); the release distance alone; all three."""
+    """None; the cap; the cap and the rank limit (by default the search's default until 2026-12-07); the release
+    distance alone; all three."""
     settings = [Guard(), Guard(share_cap=share_cap), Guard(share_cap, release_rank), Guard(release_distance=release_distance),
                 Guard(share_cap, release_rank, release_distance)]
     return [g for i, g in enumerate(settings) if g not in settings[:i]]

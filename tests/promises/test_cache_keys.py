@@ -19,9 +19,11 @@ from simulations.evaluation.methods import get_method
 # committed results' cached cells are found under them, so they must not move.
 PREPARE_KEY_DEFAULT = "a4ebb509a00a"
 PREPARE_KEY_SET = "c83fc0ddc698"  # adapt-lr, lr-schedule and adapt-fraction given
-CELL_KEY_DEFAULT = "4793d46235d27c3d"
+CELL_KEY_DEFAULT = "927b2280abe15b92"  # release-distance 0.25 alone (share cap 1, release rank 0): since 2026-12-07
+CELL_KEY_OLD_DEFAULT = "4793d46235d27c3d"  # share cap 0.34 + release rank 8, release-distance 0: until 2026-12-07
 CELL_KEY_LEGACY = "48351b9a0c43e21a"  # utility-floor none, release-distance 0: the cells from before those settings
 CELL_KEY_SET = "7fdba41998745504"  # release-distance 0.5 and decoding expected: both keyed
+OLD_DEFAULT_GUARDS = {"share_cap": 0.34, "release_rank": 8}  # the cells cached before 2026-12-07 hold them
 
 # Search settings the fitness evaluator reads that do not change the sharers' or the unmerged model's answers: they
 # only weigh or pick among the answers (alpha, privacy metric), or truncate merges, and the unmerged model's
@@ -49,8 +51,20 @@ def test_prepare_keys_of_fixed_configs_are_the_keys_cached_inputs_have():
 
 def test_cell_keys_of_fixed_cells_are_the_keys_cached_cells_have():
     assert _prime_cell().key == CELL_KEY_DEFAULT
-    assert _prime_cell(utility_floor="none", release_distance=0.0).key == CELL_KEY_LEGACY
-    assert _prime_cell("expected", utility_floor="none", release_distance=0.5).key == CELL_KEY_SET
+    assert _prime_cell(**OLD_DEFAULT_GUARDS, release_distance=0.0).key == CELL_KEY_OLD_DEFAULT
+    assert _prime_cell(**OLD_DEFAULT_GUARDS, utility_floor="none", release_distance=0.0).key == CELL_KEY_LEGACY
+    assert _prime_cell("expected", **OLD_DEFAULT_GUARDS, utility_floor="none", release_distance=0.5).key == CELL_KEY_SET
+
+
+def test_a_cell_at_the_old_default_guards_is_not_found_as_a_cell_at_the_new_default():
+    """The default moved from share cap 0.34 + release rank 8 to release-distance 0.25 alone on 2026-12-07: a cell
+    cached under the old default keeps its key and its label, and neither is the new default cell's."""
+    old, new = _prime_cell(**OLD_DEFAULT_GUARDS, release_distance=0.0), _prime_cell()
+    assert dict(new.params)["release_distance"] == SearchConfig().release_distance > 0
+    assert old.key != new.key
+    label = get_method("prime").label
+    assert label(dict(old.params)) == "PriME α=0"  # as every table written until 2026-12-07 names it
+    assert label(dict(new.params)) == "PriME α=0 rank=0 cap=1.0 dist=0.25"
 
 
 def test_a_setting_is_keyed_unless_at_its_unkeyed_value():

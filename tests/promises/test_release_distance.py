@@ -92,12 +92,16 @@ def cancellation_fitness(monkeypatch):
     monkeypatch.setattr(FitnessEvaluator, "evaluate", evaluate)
 
 
-def _personalize(share_cap: float = 0.34, **settings):
+def _personalize(share_cap: float = 0.34, release_distance: float = 0.0, **settings):
+    return _personalize_with(SearchConfig(alpha=0.0, k=3, budget=36, popsize=6, share_cap=share_cap, release_rank=0,
+                                          release_distance=release_distance, **settings))
+
+
+def _personalize_with(config: SearchConfig):
     model, tokenizer = tiny_model()
     sharers = {"a": (A, np.array([1.0, 0.0, 0.0])), "b": (B, np.array([0.9, 0.1, 0.0])),
                "c": (C, np.array([0.8, 0.2, 0.0]))}
     history = [(f"Review: item {i} was fine. Score:", str(1 + i % 5)) for i in range(4)]
-    config = SearchConfig(alpha=0.0, k=3, budget=36, popsize=6, share_cap=share_cap, release_rank=0, **settings)
     return personalize(model, tokenizer, get_task("rating"), history, np.array([1.0, 0.0, 0.0]), sharers, config,
                        progress=False)
 
@@ -127,8 +131,26 @@ def test_a_final_release_inside_the_guard_falls_back_with_the_reason(cancellatio
     assert "sharer a's update" in result.extra["release_guard"]["refused"]
 
 
-def test_release_distance_is_a_fraction_below_one_and_off_by_default():
-    assert SearchConfig().release_distance == 0.0
+def test_the_default_search_config_releases_the_cancellation_case_at_least_the_default_distance_from_a(
+        cancellation_fitness):
+    """Issue 29 item 6's done-when: a search drawn to A + B - (B + noise) under the default SearchConfig() (its
+    release guard, release-distance 0.25, and nothing else) releases a merge, and that merge lies at least the
+    default distance from A's update, and from B's and C's. The same search without the guard releases a merge closer
+    to A's update than that."""
+    default = SearchConfig()
+    assert (default.share_cap, default.release_rank, default.release_distance) == (1.0, 0, 0.25)
+    unguarded = _personalize_with(dataclasses.replace(default, release_distance=0.0))
+    assert not unguarded.fallback and adapter_distances(unguarded.adapter, SHARERS)[0][0] < default.release_distance
+    guarded = _personalize_with(default)
+    assert guarded.sharer_ids == ["a", "b", "c"]
+    assert not guarded.fallback and guarded.extra["release_guard"]["refused"] == ""
+    per_module, whole = adapter_distances(guarded.adapter, SHARERS)
+    assert min(per_module) >= default.release_distance and min(whole) >= default.release_distance
+    assert per_module[0] < 0.5  # the search still went as near A as the guard allows: the bound, not more
+
+
+def test_release_distance_is_a_fraction_below_one_and_on_at_0_25_by_default():
+    assert SearchConfig().release_distance == 0.25
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(SearchConfigError, match="release-distance"):
             SearchConfig(release_distance=bad)

@@ -17,6 +17,7 @@ from simulations.threats.embedding import EmbeddingConfig
 from simulations.threats.leak import ThreatError
 from simulations.threats.membership import MembershipConfig
 from simulations.threats.recovery import RecoveryConfig
+from simulations.threats.release_attacks import COMPARED_RELEASE_RANK, COMPARED_SHARE_CAP
 
 _MODEL_OPTIONS = {"model-spec", "model-cache", "device", "dtype"}  # simulations.support.model_options adds these
 
@@ -83,8 +84,11 @@ def test_the_threats_command_takes_each_attack_settings_flag_default_and_help_fr
             action = flags[f"--{opt.key}"]
             assert getattr(args, action.dest) == opt.value_in(record()), opt.key
     assert flags["--embed-groups"].help.startswith("embedding: latent groups")
-    # The leak/recovery release flags default to the search's guards, not the record's unguarded release.
-    assert (args.share_cap, args.release_rank) == (SearchConfig.share_cap, SearchConfig.release_rank)
+    # The leak/recovery release flags default to the guards the command compares, share cap 0.34 + release rank 8
+    # (the search's default until 2026-12-07, which the attacks on record faced), not the record's unguarded
+    # release, nor the search's default since (release-distance 0.25 alone, no cap, the whole merge).
+    assert (args.share_cap, args.release_rank) == (COMPARED_SHARE_CAP, COMPARED_RELEASE_RANK) == (0.34, 8)
+    assert (SearchConfig.share_cap, SearchConfig.release_rank) == (1.0, 0)
     assert (RecoveryConfig.share_cap, RecoveryConfig.release_rank) == (1.0, 0)
 
 

@@ -33,10 +33,17 @@ from simulations.evaluation.methods.rag import rag_prompts
 SEARCHES_DIR = "searches"
 # A cell's search settings: SearchConfig's, by field name (the seed is the target's, as in the federation).
 SEARCH_PARAMS = tuple(o.name for o in options(SearchConfig, exposed_only=True))
-# Ablation axes shown in a column's label when they differ from SearchConfig's defaults.
+# Ablation axes shown in a column's label when they differ from SearchConfig's defaults (the release guards: from
+# `UNLABELLED_GUARDS`, so a label keeps the meaning it had when the tables on record were written).
 _LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fraction": "hist", "merge": "merge",
              "augment": "aug", "release_rank": "rank", "tie_break": "tie", "utility_floor": "floor", "share_cap": "cap",
              "release_distance": "dist"}
+# A column's label names a release guard only where it differs from these values: the default guards from
+# when share-cap and release-rank were added until 2026-12-07 (share cap 0.34 + release rank 8, no release
+# distance), so "PriME α=0.5" still means those guards in every table written then. The default since then
+# (release-distance 0.25 alone) is named in full ("rank=0 cap=1.0 dist=0.25"). A fact of history: it stays when the
+# default moves again.
+UNLABELLED_GUARDS = {"share_cap": 0.34, "release_rank": 8, "release_distance": 0.0}
 
 
 @register
@@ -54,7 +61,8 @@ class PriME(Method):
                 | {"rag_k": settings.rag_k, "augment": settings.augment} for s in settings.searches]
 
     def label(self, params: Mapping) -> str:
-        extra = [f"{short}={params[key]}" for key, short in _LABELLED.items() if params[key] != self.defaults[key]]
+        unlabelled = self.defaults | UNLABELLED_GUARDS
+        extra = [f"{short}={params[key]}" for key, short in _LABELLED.items() if params[key] != unlabelled[key]]
         return " ".join([f"{self.title} α={params['alpha']:g}", *extra])
 
     def search_config(self, ctx: MethodContext, target: str, params: Mapping) -> SearchConfig:

@@ -297,8 +297,8 @@ def test_cli_keeps_the_rank_limited_release_record_beside_its_own_entries(disk_w
     tmp_path, data = disk_world
     args = ["personalize", "--data", str(tmp_path / "data"), "--sharers", str(tmp_path / "sharers"),
             "--user", data.users[0].user_id, "--model-spec", "tiny", "--encoder", "hashing:32", "--k", "2",
-            "--alpha", "0", "--budget", "4", "--popsize", "2", "--release-rank", "2", "--out", str(tmp_path / "rr"),
-            "--no-progress"]
+            "--alpha", "0", "--budget", "4", "--popsize", "2", "--release-rank", "2", "--share-cap", "0.34",
+            "--release-distance", "0", "--out", str(tmp_path / "rr"), "--no-progress"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "rr" / "result.json").read_text())
     assert summary["user"] == data.users[0].user_id and summary["preset"] == "fast"
@@ -353,7 +353,7 @@ def test_elementwise_merge_is_what_the_target_receives(world):
 
 def test_rank_limited_release_is_what_the_search_scored_and_what_the_target_receives(world):
     model, tok, data, emb, adapters = world
-    config = SearchConfig(k=3, alpha=0.5, seed=4, release_rank=2, **FAST)
+    config = SearchConfig(k=3, alpha=0.5, seed=4, release_rank=2, share_cap=0.34, release_distance=0.0, **FAST)
     result = _run(world, config)
     assert not result.fallback
     chosen = [adapters[s] for s in result.sharer_ids]
@@ -375,7 +375,8 @@ def test_rank_limited_release_is_what_the_search_scored_and_what_the_target_rece
 
 
 def test_untruncated_search_scores_its_winner_once_more_as_released(world):
-    result = _run(world, SearchConfig(k=3, alpha=0.5, seed=4, release_rank=1, score_release=False, **FAST))
+    result = _run(world, SearchConfig(k=3, alpha=0.5, seed=4, release_rank=1, score_release=False, share_cap=0.34,
+                                      release_distance=0.0, **FAST))
     record = result.extra["release"] if "release" in result.extra else None
     assert record is not None and record["scored"] == "merge" and record["rank"] == 1
     released = record["released"]["objective"]
@@ -386,12 +387,14 @@ def test_untruncated_search_scores_its_winner_once_more_as_released(world):
 
 
 def test_a_search_saved_before_release_distance_existed_is_read_back_only_at_its_off_value(world, tmp_path):
-    """Saved searches predate `release-distance`: without the key they ran unguarded, i.e. at 0."""
-    config = SearchConfig(k=2, seed=0, **FAST)
+    """Saved searches predate `release-distance`: without the key they ran unguarded, i.e. at 0, and are not read
+    back as searches at today's default (0.25)."""
+    config = SearchConfig(k=2, seed=0, release_distance=0.0, **FAST)
     out = _run(world, config).save(tmp_path / "res")
     summary = json.loads((out / "result.json").read_text())
     del summary["config"]["release_distance"]
     (out / "result.json").write_text(json.dumps(summary))
     assert PersonalizationResult.load(out, config).sharer_ids == summary["sharer_ids"]
-    with pytest.raises(ResultFileError, match="other search settings"):
-        PersonalizationResult.load(out, SearchConfig(k=2, seed=0, release_distance=0.5, **FAST))
+    for other in (0.5, SearchConfig().release_distance):
+        with pytest.raises(ResultFileError, match="other search settings"):
+            PersonalizationResult.load(out, SearchConfig(k=2, seed=0, release_distance=other, **FAST))

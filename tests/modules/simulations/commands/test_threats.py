@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from common.settings import SearchConfig
 from simulations.cli import main
+from simulations.threats.release_attacks import COMPARED_RELEASE_RANK, COMPARED_SHARE_CAP
 
 
 def test_cli_all_writes_every_result(tmp_path, capsys):
@@ -66,14 +66,15 @@ def test_cli_leak_and_recovery_run_against_the_rank_limited_release(tmp_path):
 
 
 def test_default_settings_keep_every_algebraic_attack_above_half(tmp_path):
-    """Issue 13's bar with nothing but defaults: the search's guards (share cap, release rank) are what the attacks
-    face, and neither the leak nor the unmixing from 1-4 merges brings any sharer's update closer than 0.5."""
+    """Issue 13's bar with nothing but the command's defaults: the guards it compares, share cap 0.34 + release
+    rank 8 (the search's default until 2026-12-07), are what the attacks face, and neither the leak nor the
+    unmixing from 1-4 merges brings any sharer's update closer than 0.5."""
     for attack in ("leak", "recovery"):
         assert main(["threats", attack, "--out", str(tmp_path), "--model-spec", "tiny", "--max-merges", "4",
                      "--guesses", "1", "--no-plots", "--no-progress"]) == 0
     leak = json.loads((tmp_path / "leak.json").read_text())
     recovery = json.loads((tmp_path / "recovery.json").read_text())
-    assert (leak["share_cap"], leak["release_rank"]) == (SearchConfig().share_cap, SearchConfig().release_rank) == (0.34, 8)
+    assert (leak["share_cap"], leak["release_rank"]) == (COMPARED_SHARE_CAP, COMPARED_RELEASE_RANK) == (0.34, 8)
     assert leak["released_top_r_error"] > 0.5
     assert [row["m"] for row in recovery["rows"]] == [1, 2, 3, 4]
     assert min(row["released_lowrank_scale_free_best_sharer"] for row in recovery["rows"]) > 0.5
@@ -245,7 +246,7 @@ def test_cli_release_attacks_name_the_share_cap_that_acted(tmp_path, sharer_fold
     assert main(["threats", "mixed-sign", "--out", str(out), "--adapters-dir", str(folder), "--sharers", "2",
                  "--draws", "2", "--max-merges", "2", "--no-progress"]) == 0
     mixed = json.loads((out / "mixed-sign.json").read_text())
-    assert mixed["share_cap"] == SearchConfig.share_cap and mixed["share_cap_applied"] == 0.5
+    assert mixed["share_cap"] == COMPARED_SHARE_CAP and mixed["share_cap_applied"] == 0.5
     assert [row["guard"] for row in mixed["rows"]][1:3] == ["share-cap 0.5", "share-cap 0.5 + release-rank 8"]
     assert main(["threats", "cancellation", "--out", str(out), "--adapters-dir", str(folder), "--share-cap", "0.2",
                  "--no-progress"]) == 0

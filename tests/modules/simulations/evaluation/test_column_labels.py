@@ -26,15 +26,18 @@ def test_without_settings_pairs_columns_of_runs_that_differ_only_in_them():
 
 
 def test_a_setting_one_column_of_a_method_has_and_another_lacks_stays_in_both_names():
-    """Two runs in one table, one under the paper preset (rank=0 in its name) and one at the fast defaults (no
-    rank in its name: rank 8): dropping rank=0 left "PriME α=0 cap=1.0" beside "PriME α=0", and the note said
-    every column that has a rank has 0, which read as if the guarded column released at rank 0 too."""
+    """Two runs in one table, one under the paper preset (rank=0 in its name) and one at the fast defaults until
+    2026-12-07 (no rank in its name: rank 8): dropping rank=0 left "PriME α=0 cap=1.0" beside "PriME α=0", and the
+    note said every column that has a rank has 0, which read as if the guarded column released at rank 0 too."""
     labels = ["NP", "PriME α=0 cap=1.0 rank=0 hist=0.6", "PriME+RAG α=0 cap=1.0 rank=0 hist=0.6", "PriME α=0 hist=0.6"]
     shared = shared_settings(labels)
     assert shared == ["hist=0.6"]
     assert [shorten(label, shared) for label in labels] == ["NP", "PriME α=0 cap=1.0 rank=0", "PriME+RAG α=0 cap=1.0 rank=0",
                                                              "PriME α=0"]
     assert "without a setting has the fast preset's default" in shared_note(shared)
+    # ... except the release guards, whose unnamed values stay those of the tables on record
+    assert "without cap, rank or dist has the release guards that were the default until 2026-12-07 (share cap " \
+           "0.34, release rank 8, no release distance)" in shared_note(shared)
 
 
 def test_a_markdown_cell_escapes_bars_and_joins_lines():

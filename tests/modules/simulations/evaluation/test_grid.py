@@ -123,7 +123,12 @@ def test_table1_grid_runs_every_column_and_writes_each_summary_once(tmp_path, ca
     table = (tmp_path / "t" / "table.md").read_text().splitlines()
     assert table[0] == ("| task | metric | NP | RAG | PAG | PAG+RAG | ‖ | PriME α=0 | PriME+RAG α=0 | PriME+PAG α=0 | ‖ "
                         "| OPPU | OPPU+RAG | OPPU+PAG | ‖ | top-1 | uniform | LoraHub |")
-    assert table[-1].endswith(": aug=True k=3. A column without a setting has the fast preset's default for it.")  # said once under the table
+    # said once under the table: the default release guard (release-distance 0.25 alone) is named in every PriME
+    # label, so that none reads as a column under the guards that were the default until 2026-12-07
+    assert table[-1].endswith(": aug=True rank=0 cap=1.0 dist=0.25 k=3. A column without a setting has the fast "
+                              "preset's default for it; a PriME column without cap, rank or dist has the release "
+                              "guards that were the default until 2026-12-07 (share cap 0.34, release rank 8, no "
+                              "release distance).")
 
     for cell in (out / "cells").rglob("pag-*.json"):  # drop the PAG cells: the rerun reads the summaries from disk
         cell.unlink()
@@ -148,7 +153,7 @@ def test_user_prior_is_a_column_every_method_is_paired_with_and_results_hold_the
         assert record["sharer_ids"] == [] and record["similarity"] is None
     assert "| user-prior |" in (tmp_path / "table.md").read_text().splitlines()[0]
     paired = (tmp_path / "paired.md").read_text()
-    assert "| NP | user-prior |" in paired and "| PriME α=0 | user-prior |" in paired
+    assert "| NP | user-prior |" in paired and "| PriME α=0 rank=0 cap=1.0 dist=0.25 | user-prior |" in paired
     signal = json.loads((tmp_path / "results.json").read_text())["sharer_signal"]
     primes = [r for r in report.records if r["method"] == "prime"]
     shares = sorted(s for r in primes for s in r["sharer_divergence"]["per_sharer"])

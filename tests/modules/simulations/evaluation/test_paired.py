@@ -152,7 +152,9 @@ def test_paired_tables_say_the_shared_settings_once_and_the_json_keeps_full_labe
     rows = to_markdown(comparisons).splitlines()
     assert [row.split(" | ")[1:3] for row in rows[2:4]] == [["PriME α=0", "NP"], ["PriME α=1", "NP"]]
     assert rows[2].endswith("| PriME α=0 better |")  # the reading names the column as the table does
-    assert rows[-1].endswith(": opt=ngopt merge=elementwise. A column without a setting has the fast preset's default for it.")
+    assert rows[-1].endswith(": opt=ngopt merge=elementwise. A column without a setting has the fast preset's default "
+                             "for it; a PriME column without cap, rank or dist has the release guards that were the "
+                             "default until 2026-12-07 (share cap 0.34, release rank 8, no release distance).")
     assert {c["method"] for c in to_json(comparisons)["comparisons"]} == {f"PriME α=0 {paper}", f"PriME α=1 {paper}"}
     with_baseline = compare_columns(records, f"PriME α=1 {paper}", f"PriME α=0 {paper}")
     assert columns_to_markdown(with_baseline, f"PriME α=0 {paper}").splitlines()[2].startswith(

@@ -28,13 +28,17 @@ def test_every_committed_folder_has_its_row():
     assert rows == folders and len(folders) >= 20
 
 
-def _eval_run(folder: Path, *, cap: float | None, rank: int | None, seeds: int = 2, targets: int = 3) -> None:
+def _eval_run(folder: Path, *, cap: float | None, rank: int | None, distance: float | None = None, seeds: int = 2,
+              targets: int = 3, **config_extra) -> None:
     """A small eval run folder: config.json as `prime-fl eval` writes it, cells over seeds x targets, a table."""
     folder.mkdir(parents=True)
     config = {"synthetic": "tagging", "synth_quirks": True, "model_spec": "gemma3-270m", "dtype": "bfloat16",
-              "preset": "paper", "targets": targets, "seeds": 1}  # config.json of the first seed only, as split runs leave it
+              "preset": "paper", "targets": targets, "seeds": 1,  # config.json of the first seed only, as split runs leave it
+              **config_extra}
     if cap is not None:
         config |= {"share_cap": cap, "release_rank": rank}
+    if distance is not None:  # runs before release-distance existed do not record it
+        config |= {"release_distance": distance}
     (folder / "config.json").write_text(json.dumps(config))
     cells = [{"seed": s, "target": f"u{s}{t}", "method": "np"} for s in range(seeds) for t in range(targets)]
     (folder / "results.json").write_text(json.dumps({"cells": cells}))
@@ -71,14 +75,34 @@ def test_runs_in_subfolders_guards_and_older_defaults(tmp_path):
     results = tmp_path / "results"
     today = SearchConfig()
     _eval_run(results / "pair" / "before", cap=None, rank=None, seeds=1, targets=2)
-    _eval_run(results / "pair" / "after", cap=today.share_cap, rank=today.release_rank, seeds=1, targets=2)
+    _eval_run(results / "pair" / "after", cap=today.share_cap, rank=today.release_rank,
+              distance=today.release_distance, seeds=1, targets=2)
     (results / "pair" / "README.md").write_text("# Before and after\n\n> Note: run when the budget counted generations.\n")
     what, size, headline, status, cited = _rows(results, tmp_path)["[pair](pair/)"]
     assert what.startswith("Before and after. runs after, before: task tagging + quirks;")
-    assert f"guards cap {today.share_cap:g}, rank {today.release_rank} / none (predates them)" in what
+    assert (f"guards cap {today.share_cap:g}, rank {today.release_rank}, distance {today.release_distance:g} / "
+            "none (predates them)") in what
     assert size == "after: 2 x 1; before: 2 x 1" and headline.count("accuracy ↑") == 2
     assert status == "older defaults, see its README"  # one of its runs is at today's guards
     assert cited == "—"
+
+
+def test_a_run_under_the_guards_of_before_2026_12_07_is_not_at_today_s_default(tmp_path):
+    """share cap 0.34 + release rank 8 were the default until 2026-12-07 (release-distance 0.25 alone since): a run
+    under them, or one that predates the release distance, is flagged; the release distance a run used is named
+    (a run at cap 1, rank 0 and a distance is not 'off'), swept or single."""
+    results = tmp_path / "results"
+    _eval_run(results / "old", cap=0.34, rank=8)
+    _eval_run(results / "older", cap=0.34, rank=8, distance=0.0)
+    _eval_run(results / "new", cap=1.0, rank=0, distance=0.0, release_distances=[0.25])
+    _eval_run(results / "half", cap=1.0, rank=0, distance=0.5)
+    rows = _rows(results, tmp_path)
+    for old in ("old", "older"):
+        assert rows[f"[{old}]({old}/)"][0].endswith("guards cap 0.34, rank 8")
+        assert rows[f"[{old}]({old}/)"][3] == "not at today's default guards"
+    assert rows["[new](new/)"][0].endswith("guards cap 1, rank 0, distance 0.25") and rows["[new](new/)"][3] == "—"
+    assert rows["[half](half/)"][0].endswith("guards cap 1, rank 0, distance 0.5")
+    assert rows["[half](half/)"][3] == "not at today's default guards"
 
 
 def test_a_federation_report_and_a_described_folder(tmp_path):

@@ -212,7 +212,9 @@ def test_markdown_says_settings_every_column_shares_once_and_json_keeps_full_lab
                       "PriME+RAG α=1 merge=elementwise aug=True | OPPU | OPPU aug=True | "
                       "PriME α=1 merge=exact aug=True | NP |")
     assert rest[-1] == ("Settings left out of the column names above (every column that has one has this value): "
-                        "opt=ngopt. A column without a setting has the fast preset's default for it.")
+                        "opt=ngopt. A column without a setting has the fast preset's default for it; a PriME column "
+                        "without cap, rank or dist has the release guards that were the default until 2026-12-07 "
+                        "(share cap 0.34, release rank 8, no release distance).")
     assert to_json(table)["columns"] == labels
     assert to_csv(table).splitlines()[0] == "task,metric," + ",".join(labels)
     assert to_markdown(build_table(CELLS)) == MARKDOWN  # nothing shared: no note

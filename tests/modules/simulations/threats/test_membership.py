@@ -201,6 +201,18 @@ def test_official_protocol_members_are_the_merged_sharers_items_nonmembers_the_o
 # ------------------------------------------------------------------ options
 
 
+def test_membership_searches_keep_the_guards_of_the_rows_on_record_when_the_search_default_moves():
+    """The search's default became release-distance 0.25 alone on 2026-12-07. The membership rows on record ran
+    unguarded, or under share cap 0.34 + release rank 8: a row built from today's SearchConfig defaults would
+    silently have run the release distance too, and its guard rows without the cap and the rank."""
+    config = mia.MembershipConfig()
+    assert (config.guard_share_cap, config.guard_release_rank) == (0.34, 8)
+    unguarded, guarded = config.search_config(0.0), config.search_config(0.5, config.guard_share_cap,
+                                                                         config.guard_release_rank)
+    assert (unguarded.share_cap, unguarded.release_rank, unguarded.release_distance) == (1.0, 0, 0.0)
+    assert (guarded.share_cap, guarded.release_rank, guarded.release_distance) == (0.34, 8, 0.0)
+
+
 @pytest.mark.parametrize("bad, fragment", [
     (dict(protocol="shadow"), "protocol must be one of fresh, official"),
     (dict(protocol="official", others=0), "needs others >= 1"),

@@ -131,7 +131,7 @@ def test_prime_pag_scores_the_prompts_its_queries_are_asked_in(prepared, ctx, mo
     assert seen["history"] == [(block + p, y) for p, y in plain]
     assert seen["queries"] == pag.pag_prompts(c, target)
     assert result.extra["profile"] == "most popular tag: comedy"
-    assert method.label(method.params({"alpha": 1.0})) == "PriME+PAG α=1"
+    assert method.label(method.params({"alpha": 1.0})) == "PriME+PAG α=1 rank=0 cap=1.0 dist=0.25"  # today's guards
 
 
 def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(prepared, ctx, monkeypatch, tmp_path):
@@ -148,7 +148,8 @@ def test_prime_pag_with_a_shared_search_is_primes_merge_asked_with_the_profile(p
     assert len(searches) == 1  # PriME's search, reused: no search on profile prompts
     assert shared.weights == plain.weights and shared.sharer_ids == plain.sharer_ids
     assert shared.extra["profile"] == "most popular tag: comedy"
-    assert method.label(method.params({"alpha": 1.0, "pag_search": "shared"})) == "PriME+PAG α=1 search=shared"
+    assert method.label(method.params({"alpha": 1.0, "pag_search": "shared"})) == \
+        "PriME+PAG α=1 rank=0 cap=1.0 dist=0.25 search=shared"
     method.run(c, target, method.params(settings))  # own (the default): a search of its own, on profile prompts
     assert len(searches) == 2 and searches[1][0][0].startswith("### User Profile:")
     method.run(fresh(c), target, method.params(settings))  # a later run: the saved search

@@ -16,11 +16,26 @@ def test_prime_runs_the_search_with_the_given_budget(ctx):
     assert result.extra["evaluations"] == 3  # budget 3 in generations of 2: 2, then 1
 
 
+OLD_DEFAULT_GUARDS = {"share_cap": 0.34, "release_rank": 8, "release_distance": 0.0}  # the default until 2026-12-07
+
+
 def test_prime_label_names_alpha_and_non_default_axes():
     prime = get_method("prime")
-    assert prime.label(prime.params({"alpha": 0.5})) == "PriME α=0.5"
-    assert prime.label(prime.params({"alpha": 2.0, "k": 5, "optimizer": "tbpsa"})) == "PriME α=2 k=5 opt=tbpsa"
-    assert get_method("prime-rag").label(prime.params({"alpha": 0.0})) == "PriME+RAG α=0"
+    assert prime.label(prime.params({"alpha": 0.5, **OLD_DEFAULT_GUARDS})) == "PriME α=0.5"
+    assert prime.label(prime.params({"alpha": 2.0, "k": 5, "optimizer": "tbpsa", **OLD_DEFAULT_GUARDS})) == \
+        "PriME α=2 k=5 opt=tbpsa"
+    assert get_method("prime-rag").label(prime.params({"alpha": 0.0, **OLD_DEFAULT_GUARDS})) == "PriME+RAG α=0"
+
+
+def test_prime_label_names_the_release_guards_against_the_old_default_so_tables_on_record_keep_their_meaning():
+    """Tables written until 2026-12-07 leave share cap 0.34 + release rank 8 out of a label. The default since
+    (release-distance 0.25 alone) is named in full, so no column of it reads as an old-default column; the
+    unguarded column names cap and rank, as it always did."""
+    prime = get_method("prime")
+    assert prime.label(prime.params({"alpha": 0.5})) == "PriME α=0.5 rank=0 cap=1.0 dist=0.25"
+    assert prime.label(prime.params({"alpha": 0.5, **OLD_DEFAULT_GUARDS})) == "PriME α=0.5"
+    unguarded = {"alpha": 0.5, "share_cap": 1.0, "release_rank": 0, "release_distance": 0.0}
+    assert prime.label(prime.params(unguarded)) == "PriME α=0.5 rank=0 cap=1.0"
 
 
 def test_prime_seeds_each_target_as_the_coordinator_does(ctx):
