@@ -3,7 +3,9 @@
 The release attacks (simulations.threats.release_attacks) need pools of
 adapters that were really trained, e.g. `prime-fl eval`'s
 `prepare/<seed>/adapters/`, which holds one PEFT folder per sharer
-(`sharer-<user>`) next to other things (Per-Pcs `gates-*` folders). Every
+(`sharer-<user>`) next to other things (Per-Pcs `gates-*` folders, the
+targets' own OPPU adapters `oppu-*`, which are never shared: where
+`sharer-*` folders exist only they form the pool). Every
 file here comes from outside, so each adapter goes through
 `LoraAdapter.load`'s hostile-file checks and the first bad one stops the run
 with one line naming it. A subfolder with neither of PEFT's two files is not
@@ -55,7 +57,10 @@ def user_id(folder_name: str) -> str:
 
 
 def load_pool(folder: str | Path) -> SharerPool:
-    """Every adapter subfolder of `folder`, checked as a hostile file; ThreatError on the first that fails."""
+    """Every adapter subfolder of `folder`, checked as a hostile file; ThreatError on the first that fails.
+
+    In a folder that holds `sharer-*` adapters (an eval run's) only those are the pool; the others are skipped.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise ThreatError(f"--adapters-dir {folder}: not a folder")
@@ -64,6 +69,9 @@ def load_pool(folder: str | Path) -> SharerPool:
         chosen = [p for p in candidates if (p / CONFIG_FILE).exists() or (p / WEIGHTS_FILE).exists()]
     except OSError as err:  # e.g. a folder this user may not list
         raise ThreatError(f"--adapters-dir {folder}: cannot read it ({err.strerror}: {err.filename})") from None
+    if any(p.name.startswith(SHARER_PREFIX) for p in chosen):
+        # an eval run's folder: its other adapters (a target's own OPPU LoRA, `oppu-*`) were never shared
+        chosen = [p for p in chosen if p.name.startswith(SHARER_PREFIX)]
     if len(chosen) > MAX_ADAPTERS:
         raise ThreatError(f"--adapters-dir {folder}: {len(chosen)} adapters, at most {MAX_ADAPTERS}")
     if len(chosen) < 2:
@@ -74,8 +82,6 @@ def load_pool(folder: str | Path) -> SharerPool:
             check_user_id(name, f"folder {path.name[:MAX_NAME]!r}")
         except InvalidIdError as err:
             raise ThreatError(f"--adapters-dir {folder}: {err}") from None
-    if len(set(names)) != len(names):
-        raise ThreatError(f"--adapters-dir {folder}: two folders name the same user ({', '.join(p.name for p in chosen)})")
     _check_sizes(chosen)
     adapters = []
     for path in chosen:

@@ -20,8 +20,9 @@ from simulations.threats.sharer_folder import (
 
 @pytest.fixture
 def pool_folder(tmp_path):
-    for i, name in enumerate(("sharer-u001", "sharer-u002", "u003")):
+    for i, name in enumerate(("sharer-u001", "sharer-u002", "sharer-u003")):
         random_adapter(i).save(tmp_path / name)
+    random_adapter(3).save(tmp_path / "oppu-aug-u004")  # a target's own OPPU LoRA in an eval run: never shared
     (tmp_path / "gates-u001-abc").mkdir()  # Per-Pcs gates beside the adapters: no adapter, skipped
     (tmp_path / "gates-u001-abc" / "gates.safetensors").write_bytes(b"not an adapter")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
@@ -30,8 +31,14 @@ def pool_folder(tmp_path):
 
 def test_every_adapter_folder_is_a_sharer_named_by_its_user(pool_folder):
     pool = load_pool(pool_folder)
-    assert pool.names == ["u001", "u002", "u003"] and pool.skipped == ["gates-u001-abc"]
+    assert pool.names == ["u001", "u002", "u003"] and pool.skipped == ["gates-u001-abc", "oppu-aug-u004"]
     assert [a.r for a in pool.adapters] == [2, 2, 2]
+
+
+def test_a_folder_without_sharer_folders_takes_every_adapter_under_its_own_name(tmp_path):
+    for i, name in enumerate(("u001", "oppu-aug-u002")):
+        random_adapter(i).save(tmp_path / name)
+    assert load_pool(tmp_path).names == ["oppu-aug-u002", "u001"]
 
 
 def test_a_planted_bad_adapter_stops_the_pool_naming_it(pool_folder):
@@ -41,7 +48,7 @@ def test_a_planted_bad_adapter_stops_the_pool_naming_it(pool_folder):
 
 
 def test_an_adapter_missing_one_file_is_bad_not_skipped(pool_folder):
-    (pool_folder / "u003" / WEIGHTS_FILE).unlink()
+    (pool_folder / "sharer-u003" / WEIGHTS_FILE).unlink()
     with pytest.raises(ThreatError, match="u003.*missing"):
         load_pool(pool_folder)
 
@@ -58,8 +65,8 @@ def test_a_pool_needs_two_distinct_users(tmp_path):
     random_adapter(0).save(tmp_path / "sharer-u1")
     with pytest.raises(ThreatError, match="at least 2"):
         load_pool(tmp_path)
-    random_adapter(1).save(tmp_path / "u1")
-    with pytest.raises(ThreatError, match="same user"):
+    random_adapter(1).save(tmp_path / "u1")  # beside a sharer- folder, not a sharer: still one user
+    with pytest.raises(ThreatError, match="at least 2"):
         load_pool(tmp_path)
     with pytest.raises(ThreatError, match="not a folder"):
         load_pool(tmp_path / "missing")
@@ -115,7 +122,7 @@ def test_a_huge_weights_file_is_refused_unread(pool_folder, monkeypatch):
 def test_the_pools_total_size_is_capped(pool_folder, monkeypatch):
     from simulations.threats import sharer_folder
 
-    monkeypatch.setattr(sharer_folder, "MAX_POOL_BYTES", 2 * (pool_folder / "u003" / WEIGHTS_FILE).stat().st_size)
+    monkeypatch.setattr(sharer_folder, "MAX_POOL_BYTES", 2 * (pool_folder / "sharer-u003" / WEIGHTS_FILE).stat().st_size)
     with pytest.raises(ThreatError, match="adapters hold .* bytes, over the"):
         load_pool(pool_folder)
 
