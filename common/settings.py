@@ -69,6 +69,11 @@ class SettingError(PrimeError, ValueError):
     """A setting with a value of the wrong type or outside its range, or an unknown setting name."""
 
 
+# The release guards that were SearchConfig's defaults from their introduction until 2026-12-07: every table and
+# attack on record from then faced them, so labels and the threats command still name guards against these.
+GUARDS_UNTIL_2026_12_07 = {"share_cap": 0.34, "release_rank": 8, "release_distance": 0.0}
+
+
 class SearchConfigError(SettingError):
     """An invalid personalization setting."""
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from common.settings import GUARDS_UNTIL_2026_12_07
+
 KEPT_KEYS = ("α",)  # the swept parameter a reader looks for in every PriME column, even when only one value ran
 
 
@@ -75,7 +77,8 @@ def shared_note(shared: list[str]) -> str:
     return (f"\nSettings left out of the column names above (every column that has one has this value): "
             f"{' '.join(shared)}. A column without a setting has the fast preset's default for it; a PriME column "
             f"without cap, rank or dist has the release guards that were the default until 2026-12-07 (share cap "
-            f"0.34, release rank 8, no release distance).\n")
+            f"{GUARDS_UNTIL_2026_12_07['share_cap']:g}, release rank {GUARDS_UNTIL_2026_12_07['release_rank']}, "
+            f"no release distance).\n")
 
 
 def markdown_cell(text: object) -> str:

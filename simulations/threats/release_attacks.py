@@ -46,7 +46,7 @@ import torch
 
 from common.adapters import LoraAdapter
 from common.lora_math import MERGES
-from common.settings import SearchConfig
+from common.settings import GUARDS_UNTIL_2026_12_07, SearchConfig
 from server.fitness import FitnessParts
 from server.personalize import applied_share_cap
 from server.release import release
@@ -65,8 +65,8 @@ SEARCH_BUDGET, SEARCH_POPSIZE = 120, 8  # the attacker's search toward A: cheap,
 # from their introduction until 2026-12-07 (every attack on record in results/threats* faced them), and release
 # distance 0.5, issue 29's aim. The search's default since 2026-12-07 is release-distance 0.25 alone
 # (common.settings.SearchConfig): compare it with `--share-cap 1 --release-rank 0 --release-distance 0.25`.
-COMPARED_SHARE_CAP = 0.34
-COMPARED_RELEASE_RANK = 8
+COMPARED_SHARE_CAP = GUARDS_UNTIL_2026_12_07["share_cap"]
+COMPARED_RELEASE_RANK = GUARDS_UNTIL_2026_12_07["release_rank"]
 COMPARED_RELEASE_DISTANCE = 0.5
 
 

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.settings import RunShape, SearchConfig, options
+from common.settings import GUARDS_UNTIL_2026_12_07, RunShape, SearchConfig, options
 from server.personalize import PersonalizationResult, ResultFileError, personalize, target_seed
 from simulations.evaluation.methods.base import (
     MethodContext, Method, MethodResult, MethodSettings, answer, finish, query_prompts, register,
@@ -43,7 +43,7 @@ _LABELLED = {"k": "k", "optimizer": "opt", "weight_level": "level", "history_fra
 # distance), so "PriME α=0.5" still means those guards in every table written then. The default since then
 # (release-distance 0.25 alone) is named in full ("rank=0 cap=1.0 dist=0.25"). A fact of history: it stays when the
 # default moves again.
-UNLABELLED_GUARDS = {"share_cap": 0.34, "release_rank": 8, "release_distance": 0.0}
+UNLABELLED_GUARDS = GUARDS_UNTIL_2026_12_07
 
 
 @register
