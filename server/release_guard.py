@@ -39,10 +39,18 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from common.adapters import LoraAdapter
 from common.errors import PrimeError
 from common.lora_math import check_compatible, factors, layer_ids, layer_index
+
+
+# ONE_THREAD: the guard's linear algebra is many small products, QRs and SVDs (a few hundred rows); with
+# the BLAS and torch thread pools at their default size on a machine whose cores are busy with other work
+# (a training, another run) each call spins waiting for its threads, and one cross-release check of 5
+# linked Gemma releases took 130 s against 2.9 s on one thread (2026-12-07, 2 shared cores). So both checks
+# run on one thread; the search's batched fitness keeps the pools it was given.
 
 
 class ReleaseGuardError(PrimeError):
@@ -59,6 +67,25 @@ def scale_free_error(estimate: np.ndarray, truth: np.ndarray) -> float:
     return float(min(1.0, np.linalg.norm(residual) / ny))
 
 
+def closest_errors(estimates: np.ndarray, truths: np.ndarray) -> np.ndarray:
+    """Per row of `truths` [K, n]: the smallest `scale_free_error` of any row of `estimates` [J, n] against it.
+
+    All pairs from inner products (sin^2 = 1 - cos^2, which loses digits near 0), then each truth's closest
+    estimates (within 1e-6 of the smallest) again by `scale_free_error`, so the minimum is the direct one.
+    """
+    gram = estimates @ truths.T
+    ee, tt = np.einsum("jn,jn->j", estimates, estimates), np.einsum("kn,kn->k", truths, truths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sine_sq = 1.0 - gram**2 / np.outer(ee, tt)
+    sine_sq[~np.isfinite(sine_sq)] = 1.0  # a zero estimate or truth: error 1, as scale_free_error gives
+    approx = np.sqrt(np.clip(sine_sq, 0.0, 1.0))
+    out = np.ones(len(truths))
+    for s, column in enumerate(approx.T):
+        close = np.flatnonzero(column <= column.min() + 1e-6)
+        out[s] = min(scale_free_error(estimates[j], truths[s]) for j in close)
+    return out
+
+
 def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
     """k rank-r matrices, each a scalar multiple of one hidden part, from m mixtures of the parts.
 
@@ -68,9 +95,25 @@ def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.r
     sharer's column space. With one merge nothing separates: every part is
     guessed as the merge itself.
     """
-    m, total = len(observations), k * r
-    if m == 1:
+    if len(observations) == 1:
         return [observations[0]] * k
+    u, v, small, x, x_inv = unmixing_frame(observations, k, r, rng)
+    parts = []
+    for s in range(k):
+        sl = slice(s * r, (s + 1) * r)
+        candidates = [x[:, sl] @ (x_inv[sl] @ sm) for sm in small]
+        # the best-conditioned merge for this sharer; U and V are orthonormal, so the small core's norm is the
+        # estimate's, and only the chosen one is taken back to the merges' frame
+        parts.append(u @ max(candidates, key=np.linalg.norm) @ v.T)
+    return parts
+
+
+def unmixing_frame(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> tuple[
+        np.ndarray, np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    """The unmixing's bases U, V of the merges' joint spans, the merges projected on them, and the pencil's
+    eigenvectors X (r columns per sharer) with their pseudo-inverse: sharer s's share of a projected merge M is
+    `X_s (X^-1)_s M`."""
+    m, total = len(observations), k * r
     u = _range(observations, total, rng)
     v = _range([obs.T for obs in observations], total, rng)
     small = [u.T @ obs @ v for obs in observations]
@@ -88,13 +131,7 @@ def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.r
         block = vectors[:, order[s * r : (s + 1) * r]]
         bases.append(np.linalg.svd(np.concatenate([block.real, block.imag], axis=1), full_matrices=False)[0][:, :r])
     x = np.concatenate(bases, axis=1)
-    x_inv = np.linalg.pinv(x)
-    parts = []
-    for s in range(k):
-        sl = slice(s * r, (s + 1) * r)
-        candidates = [u @ x[:, sl] @ (x_inv[sl] @ sm) @ v.T for sm in small]
-        parts.append(max(candidates, key=np.linalg.norm))  # best-conditioned merge for this sharer
-    return parts
+    return u, v, small, x, np.linalg.pinv(x)
 
 
 def _range(observations: Sequence[np.ndarray], rank: int, rng: np.random.Generator) -> np.ndarray:
@@ -155,22 +192,29 @@ class Cores:
         `merge` as common.lora_math.MERGES; with `release_rank` > 0 each module's
         best rank-`release_rank` approximation, as server.release hands out.
         """
+        w = self.per_layer(weights, self.k)
+        return {module: self.released_core(module, w[:, column], merge, release_rank)
+                for module, column in zip(self.modules, self.columns)}
+
+    def per_layer(self, weights: np.ndarray, k: int) -> np.ndarray:
+        """`weights` of k sharers ([k] or [k, n_layers]) as [k, n_layers]."""
         w = np.asarray(weights, dtype=np.float64)
-        if w.shape == (self.k,):
+        if w.shape == (k,):
             w = np.repeat(w[:, None], self.n_layers, axis=1)
-        if w.shape != (self.k, self.n_layers):
-            raise ReleaseGuardError(f"weights of shape {w.shape} do not fit {self.k} sharers x {self.n_layers} layers")
-        out = {}
-        for module, column in zip(self.modules, self.columns):
-            ws, b, a = w[:, column], self.b[module], self.a[module]
-            if merge == "exact":
-                core = np.tensordot(ws, self.stacked[module], axes=1)
-            elif merge == "elementwise":
-                core = np.tensordot(ws, b, axes=1) @ np.tensordot(ws, a, axes=1)
-            else:
-                raise ReleaseGuardError(f"unknown merge {merge!r}")
-            out[module] = truncate(core, release_rank)
-        return out
+        if w.shape != (k, self.n_layers):
+            raise ReleaseGuardError(f"weights of shape {w.shape} do not fit {k} sharers x {self.n_layers} layers")
+        return w
+
+    def released_core(self, module: str, ws: np.ndarray, merge: str, release_rank: int) -> np.ndarray:
+        """One module of `released`, for the sharers' weights `ws` [K] on its layer."""
+        b, a = self.b[module], self.a[module]
+        if merge == "exact":  # sum_s w_s B_s A_s as one product [B_1 w_1 ... B_K w_K] [A_1; ...; A_K]
+            core = np.concatenate(list(ws[:, None, None] * b), axis=1) @ np.concatenate(list(a), axis=0)
+        elif merge == "elementwise":
+            core = np.tensordot(ws, b, axes=1) @ np.tensordot(ws, a, axes=1)
+        else:
+            raise ReleaseGuardError(f"unknown merge {merge!r}")
+        return truncate(core, release_rank)
 
 
 def truncate(core: np.ndarray, rank: int) -> np.ndarray:
@@ -208,7 +252,8 @@ class ReleaseGuard:
 
     def margins(self, population: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
         """One margin per row of `population` [P, dim], each row reshaped to `weight_shape`."""
-        return np.array([self.distance(np.reshape(w, weight_shape)) - self.tau for w in population])
+        with threadpool_limits(limits=1):  # see ONE_THREAD
+            return np.array([self.distance(np.reshape(w, weight_shape)) - self.tau for w in population])
 
 
 def adapter_distances(released: LoraAdapter, sharers: Sequence[LoraAdapter]) -> tuple[list[float], list[float]]:
@@ -271,30 +316,32 @@ def connected(new: Released, earlier: Sequence[Released]) -> list[Released]:
 def stack_errors(merges: Sequence[Released], adapters: Mapping[str, LoraAdapter], seed: int = 0) -> dict[str, float]:
     """Per sharer of `merges`: the smallest scale-free error at which the stack of released merges gives its
     update back, over modules and the two attacks (best linear combination; low-rank unmixing from m >= 2 merges,
-    run when the K sharers' ranks fit inside the module, as it needs)."""
+    run when the K sharers' ranks fit inside the module, as it needs).
+
+    One module at a time, so memory holds one module's K updates and m merges (not every module's, which at a
+    few dozen linked sharers of Gemma would be gigabytes); one least-squares solve per module for all sharers.
+    """
     union = sorted({s for rel in merges for s in rel.sharers})
     cores = Cores.of([adapters[s] for s in union])
-    parts = cores.parts()
-    observed: dict[str, list[np.ndarray]] = {m: [] for m in cores.modules}
+    layered = []
     for rel in merges:
-        weights = np.asarray(rel.weights, dtype=np.float64)
-        full = np.zeros((len(union), *weights.shape[1:]))
-        full[[union.index(s) for s in rel.sharers]] = weights
-        for module, core in cores.released(full, rel.merge, rel.release_rank).items():
-            observed[module].append(core)
+        full = np.zeros((len(union), cores.n_layers))
+        full[[union.index(s) for s in rel.sharers]] = cores.per_layer(rel.weights, len(rel.sharers))
+        layered.append(full)
     k, r = len(union), cores.r
     rng = np.random.default_rng(seed)
     errors = np.ones(k)
-    for module in cores.modules:
-        obs = observed[module]
+    for module, column in zip(cores.modules, cores.columns):
+        parts = cores.b[module] @ cores.a[module]
+        obs = [cores.released_core(module, w[:, column], rel.merge, rel.release_rank) for w, rel in zip(layered, merges)]
         flat = np.stack([o.ravel() for o in obs])
-        for s, part in enumerate(parts[module]):
-            coef = np.linalg.lstsq(flat.T, part.ravel(), rcond=None)[0]
-            errors[s] = min(errors[s], scale_free_error(coef @ flat, part))
+        truths = parts.reshape(k, -1)
+        coef = np.linalg.lstsq(flat.T, truths.T, rcond=None)[0]
+        fitted = coef.T @ flat
+        errors = np.minimum(errors, [scale_free_error(f, t) for f, t in zip(fitted, truths)])
         if len(obs) >= 2 and k * r <= min(obs[0].shape):
-            estimates = unmix_low_rank(obs, k, r, rng)
-            for s, part in enumerate(parts[module]):
-                errors[s] = min(errors[s], min(scale_free_error(e, part) for e in estimates))
+            estimates = np.stack([e.ravel() for e in unmix_low_rank(obs, k, r, rng)])
+            errors = np.minimum(errors, closest_errors(estimates, truths))
     return dict(zip(union, errors.tolist()))
 
 
@@ -308,8 +355,9 @@ def cross_release_refusal(new: Released, earlier: Sequence[Released], adapters: 
     its error is in the returned record).
     """
     linked = connected(new, earlier)
-    after = stack_errors([*linked, new], adapters)
-    before = stack_errors(linked, adapters) if linked else {}
+    with threadpool_limits(limits=1):  # see ONE_THREAD
+        after = stack_errors([*linked, new], adapters)
+        before = stack_errors(linked, adapters) if linked else {}
     exposed = sorted(s for s, e in after.items() if e < tau and before.get(s, 1.0) >= tau)
     if not exposed:
         return "", after

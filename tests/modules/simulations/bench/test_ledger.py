@@ -1,0 +1,78 @@
+"""The cross-release check's benchmark: its reference is the check as it was, the current check computes the same
+errors, and a small replay writes what it says. The figures themselves are measured on Gemma's shapes
+(results/bench-ledger, docs/federation.md)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from server.release_guard import Released, closest_errors, scale_free_error, stack_errors
+from simulations.bench import ledger
+from small_adapters import random_adapter
+
+POOL = {f"s{i}": random_adapter(i, scale=1.0 + 0.3 * i) for i in range(6)}
+
+
+def _stack(seed: int, merge: str, rank: int, per_layer: bool) -> list[Released]:
+    rng = np.random.default_rng(seed)
+    ids = sorted(POOL)
+    out = []
+    for _ in range(4):
+        sharers = tuple(rng.choice(ids, size=3, replace=False))
+        shape = (3, 2) if per_layer else (3,)
+        out.append(Released(sharers, rng.uniform(-1.5, 1.5, size=shape), merge, rank))
+    return out
+
+
+@pytest.mark.parametrize("merge", ["exact", "elementwise"])
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_check_computes_the_errors_the_check_before_it_did(merge, rank, per_layer):
+    for seed in range(3):
+        merges = _stack(seed, merge, rank, per_layer)
+        for m in range(1, len(merges) + 1):
+            current, reference = stack_errors(merges[:m], POOL), ledger.reference_stack_errors(merges[:m], POOL)
+            assert current.keys() == reference.keys()
+            assert max(abs(current[s] - reference[s]) for s in current) < 1e-9, (seed, m)
+
+
+def test_two_merges_that_unmix_every_sharer_read_alike_in_both():
+    first = Released(("s0", "s1", "s2"), np.array([0.5, 0.4, 0.6]), "exact", 0)
+    second = Released(("s0", "s1", "s2"), np.array([0.2, 0.7, -0.5]), "exact", 0)
+    for errors in (stack_errors([first, second], POOL), ledger.reference_stack_errors([first, second], POOL)):
+        assert max(errors.values()) < 1e-6
+
+
+def test_closest_errors_is_the_direct_minimum_over_estimates():
+    rng = np.random.default_rng(0)
+    truths = rng.standard_normal((4, 30))
+    estimates = np.concatenate([rng.standard_normal((3, 30)), 2.5 * truths[1:2], np.zeros((1, 30))])
+    expected = [min(scale_free_error(e, t) for e in estimates) for t in truths]
+    assert closest_errors(estimates, truths) == pytest.approx(expected, abs=1e-12)
+    assert closest_errors(estimates, truths)[1] < 1e-12  # an exact multiple: the direct error, not sqrt(rounding)
+    assert closest_errors(np.zeros((2, 30)), truths).tolist() == [1.0] * 4
+
+
+def test_a_small_replay_writes_its_rows_and_agrees_with_the_reference(tmp_path):
+    out = tmp_path / "bench"
+    assert ledger.main(["--out", str(out), "--pool", "6", "--releases", "4", "--layers", "1", "--r", "2",
+                        "--reference-up-to", "2"]) == 0
+    report = json.loads((out / "bench_ledger.json").read_text())
+    rows = report["rows"]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["current"]["wall_s"] > 0 and r["linked_sharers"] >= 3 for r in rows)
+    with_reference = [r for r in rows if "reference" in r]
+    assert with_reference and all(r["linked_releases"] <= 2 for r in with_reference)
+    assert max(r["largest_error_difference"] for r in with_reference) < 1e-9
+    assert (out / "ledger.png").stat().st_size > 0 and "| 0 | 0 | 3 |" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("flags", [["--k", "5", "--pool", "3"], ["--tau", "1.5"], ["--releases", "0"],
+                                   ["--r", "-1"]])
+def test_bad_sizes_are_refused_before_anything_runs(tmp_path, flags):
+    with pytest.raises(SystemExit) as err:
+        ledger.main(["--out", str(tmp_path / "x"), *flags])
+    assert err.value.code == 2 and not (tmp_path / "x").exists()
