@@ -357,7 +357,8 @@ def cross_release_refusal(new: Released, earlier: Sequence[Released], adapters: 
     linked = connected(new, earlier)
     with threadpool_limits(limits=1):  # see ONE_THREAD
         after = stack_errors([*linked, new], adapters)
-        before = stack_errors(linked, adapters) if linked else {}
+        # the stack without `new` only matters for a sharer the stack with it exposes (most checks: none)
+        before = stack_errors(linked, adapters) if linked and min(after.values()) < tau else {}
     exposed = sorted(s for s, e in after.items() if e < tau and before.get(s, 1.0) >= tau)
     if not exposed:
         return "", after
