@@ -16,6 +16,7 @@ import collections
 import functools
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from common.phases import Phase
 from common.settings import DpSgdConfig, NodeConfig, SearchConfig
 from common.tasks import TaskSpec
 from server.registry import Registry
-from server.release_guard import Released, cross_release_refusal
+from server.release_guard import Released, connected, cross_release_refusal
 from server.replies import MAX_COUNT, LoraShape, NodeReplyError, check_embedding, check_tensors, one_line
 from server.report import RunReport
 
@@ -272,9 +273,12 @@ def release_refusal(result: Any, sharers: Sharers, registry: Registry, search: S
     usable = [rel for rel in earlier if rel is not None]
     new = Released(tuple(result.sharer_ids), np.asarray(result.weights, dtype=np.float64), search.merge,
                    search.release_rank)
+    started = time.perf_counter()
     refusal, errors = cross_release_refusal(new, usable, adapters, tau)
+    # its cost grows as the square of the linked releases (docs/federation.md): the report shows it per target
     result.extra["cross_release"] = {"error": errors, "ledger_skipped": len(earlier) - len(usable),
-                                     "refused": refusal}
+                                     "refused": refusal, "linked_releases": len(connected(new, usable)),
+                                     "seconds": round(time.perf_counter() - started, 3)}
     if refusal:
         result.adapter, result.weights, result.fallback, result.best = None, None, True, result.unmerged
     return refusal

@@ -181,6 +181,8 @@ def test_the_coordinator_refuses_the_release_that_would_let_two_targets_unmix_th
     first, second = sorted(targets, key=lambda u: "refused" in targets[u])
     assert not targets[first]["fallback"] and targets[first]["cross_release"]["refused"] == ""
     assert min(targets[first]["cross_release"]["error"].values()) >= 0.1
+    assert targets[first]["cross_release"]["linked_releases"] == 0 and targets[first]["cross_release"]["seconds"] >= 0
+    assert targets[second]["cross_release"]["linked_releases"] == 1  # the first release, over the same sharers
     assert targets[second]["fallback"] and targets[second]["weights"] is None
     assert "recoverable" in targets[second]["refused"] and "1 earlier release" in targets[second]["refused"]
     assert "metrics" in targets[second]  # it still scores the unmerged model
