@@ -98,14 +98,16 @@ def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.r
     if len(observations) == 1:
         return [observations[0]] * k
     u, v, small, x, x_inv = unmixing_frame(observations, k, r, rng)
-    parts = []
-    for s in range(k):
-        sl = slice(s * r, (s + 1) * r)
-        candidates = [x[:, sl] @ (x_inv[sl] @ sm) for sm in small]
-        # the best-conditioned merge for this sharer; U and V are orthonormal, so the small core's norm is the
-        # estimate's, and only the chosen one is taken back to the merges' frame
-        parts.append(u @ max(candidates, key=np.linalg.norm) @ v.T)
-    return parts
+    # Sharer s's share of merge j is X_s Y_js with Y_js = (X^-1)_s M_j; each sharer's estimate is its largest
+    # share over the merges (the best-conditioned one). U, V are orthonormal, so a share's norm is that of
+    # X_s Y_js: ||X_s Y||^2 = sum((X_s^T X_s) * (Y Y^T)), from r x r blocks, and only the chosen share is formed.
+    n = x.shape[0]
+    xs = x.reshape(n, k, r)
+    xx = np.einsum("nkr,nks->krs", xs, xs)
+    shares = [(x_inv @ sm).reshape(k, r, -1) for sm in small]  # Y_j for every sharer at once: [k, r, d]
+    norms = np.array([np.einsum("krs,krd,ksd->k", xx, y, y) for y in shares])  # [m, k], squared
+    best = norms.argmax(axis=0)
+    return [u @ (xs[:, s] @ shares[best[s]][s]) @ v.T for s in range(k)]
 
 
 def unmixing_frame(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> tuple[
