@@ -101,13 +101,15 @@ def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.r
     # Sharer s's share of merge j is X_s Y_js with Y_js = (X^-1)_s M_j; each sharer's estimate is its largest
     # share over the merges (the best-conditioned one). U, V are orthonormal, so a share's norm is that of
     # X_s Y_js: ||X_s Y||^2 = sum((X_s^T X_s) * (Y Y^T)), from r x r blocks, and only the chosen share is formed.
-    n = x.shape[0]
-    xs = x.reshape(n, k, r)
-    xx = np.einsum("nkr,nks->krs", xs, xs)
-    shares = [(x_inv @ sm).reshape(k, r, -1) for sm in small]  # Y_j for every sharer at once: [k, r, d]
-    norms = np.array([np.einsum("krs,krd,ksd->k", xx, y, y) for y in shares])  # [m, k], squared
-    best = norms.argmax(axis=0)
-    return [u @ (xs[:, s] @ shares[best[s]][s]) @ v.T for s in range(k)]
+    # (Columns of X: r per sharer, fewer for the last ones when the merges span less than k r dimensions.)
+    shares = [x_inv @ sm for sm in small]  # Y_j for every sharer at once, sharer s in rows s r .. (s + 1) r
+    parts = []
+    for s in range(k):
+        sl = slice(s * r, (s + 1) * r)
+        xx = x[:, sl].T @ x[:, sl]
+        best = int(np.argmax([np.einsum("rs,rd,sd->", xx, y[sl], y[sl]) for y in shares]))
+        parts.append(u @ (x[:, sl] @ shares[best][sl]) @ v.T)
+    return parts
 
 
 def unmixing_frame(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> tuple[

@@ -95,14 +95,21 @@ def reference_stack_errors(merges: Sequence[Released], adapters: Mapping[str, Lo
             coef = np.linalg.lstsq(flat.T, part.ravel(), rcond=None)[0]
             errors[s] = min(errors[s], scale_free_error(coef @ flat, part))
         if len(obs) >= 2 and k * r <= min(obs[0].shape):
-            u, v, small, x, x_inv = unmixing_frame(obs, k, r, rng)
-            estimates = []
-            for s in range(k):
-                sl = slice(s * r, (s + 1) * r)
-                estimates.append(max((u @ x[:, sl] @ (x_inv[sl] @ sm) @ v.T for sm in small), key=np.linalg.norm))
+            estimates = reference_unmix(obs, k, r, rng)
             for s, part in enumerate(parts[module]):
                 errors[s] = min(errors[s], min(scale_free_error(e, part) for e in estimates))
     return dict(zip(union, errors.tolist()))
+
+
+def reference_unmix(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`server.release_guard.unmix_low_rank` (m >= 2) as it was before 2026-12-07: every sharer's share of every
+    merge formed in the merges' frame, the largest kept."""
+    u, v, small, x, x_inv = unmixing_frame(observations, k, r, rng)
+    estimates = []
+    for s in range(k):
+        sl = slice(s * r, (s + 1) * r)
+        estimates.append(max((u @ x[:, sl] @ (x_inv[sl] @ sm) @ v.T for sm in small), key=np.linalg.norm))
+    return estimates
 
 
 def reference_refusal(new: Released, earlier: Sequence[Released], adapters: Mapping[str, LoraAdapter],

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from server.release_guard import Released, closest_errors, scale_free_error, stack_errors
+from server.release_guard import Released, closest_errors, scale_free_error, stack_errors, unmix_low_rank
 from simulations.bench import ledger
 from small_adapters import random_adapter
 
@@ -44,6 +44,20 @@ def test_two_merges_that_unmix_every_sharer_read_alike_in_both():
     second = Released(("s0", "s1", "s2"), np.array([0.2, 0.7, -0.5]), "exact", 0)
     for errors in (stack_errors([first, second], POOL), ledger.reference_stack_errors([first, second], POOL)):
         assert max(errors.values()) < 1e-6
+
+
+@pytest.mark.parametrize("k, r, size", [(3, 2, 12), (3, 8, 16), (4, 3, 9)])
+def test_the_unmixing_keeps_the_estimates_it_kept_before(k, r, size):
+    """Also where the merges span fewer than k r dimensions (the attack experiments call it there; a module the
+    check attacks always fits k r)."""
+    rng = np.random.default_rng(k * 100 + r)
+    parts = [rng.standard_normal((size, r)) @ rng.standard_normal((r, size)) for _ in range(k)]
+    merges = [sum(w * p for w, p in zip(rng.uniform(-1.5, 1.5, size=k), parts)) for _ in range(3)]
+    current = unmix_low_rank(merges, k, r, np.random.default_rng(7))
+    reference = ledger.reference_unmix(merges, k, r, np.random.default_rng(7))
+    assert len(current) == len(reference) == k
+    for c, ref in zip(current, reference):
+        assert np.allclose(c, ref, atol=1e-9 * max(1.0, np.abs(ref).max()))
 
 
 def test_closest_errors_is_the_direct_minimum_over_estimates():
