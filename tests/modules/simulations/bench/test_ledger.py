@@ -84,9 +84,19 @@ def test_a_small_replay_writes_its_rows_and_agrees_with_the_reference(tmp_path):
     assert (out / "ledger.png").stat().st_size > 0 and "| 0 | 0 | 3 |" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("flags", [["--k", "5", "--pool", "3"], ["--tau", "1.5"], ["--releases", "0"],
-                                   ["--r", "-1"]])
+@pytest.mark.parametrize("flags", [["--k", "5", "--pool", "3"], ["--tau", "1.5"], ["--tau", "nan"], ["--releases", "0"],
+                                   ["--r", "-1"], ["--pool", "10" * 20], ["--merge", "other"]])
 def test_bad_sizes_are_refused_before_anything_runs(tmp_path, flags):
     with pytest.raises(SystemExit) as err:
         ledger.main(["--out", str(tmp_path / "x"), *flags])
     assert err.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_an_out_folder_holding_files_it_did_not_write_is_refused_and_left_alone(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as err:
+        ledger.main(["--out", str(out), "--pool", "6", "--releases", "1", "--layers", "1", "--r", "2"])
+    assert err.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
