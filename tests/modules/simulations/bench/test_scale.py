@@ -89,4 +89,7 @@ def test_report_adds_up_each_coordinator_step_also_when_it_raises():
         raise ValueError("a plan error still leaves its time")
     spent = report.to_dict()["coordinator_s"]
     assert spent["register.exchange"] == {"wall_s": 3.0, "cpu_s": 0.75}
-    assert spent["plan"]["wall_s"] >= spent["plan"]["cpu_s"] > 0
+    assert spent["plan"]["cpu_s"] > 0
+    # Two clocks, each rounded to 0.1 ms: CPU time may read up to a rounding step or
+    # two above wall time (a CI run saw 0.0159 CPU against 0.0158 wall).
+    assert spent["plan"]["wall_s"] >= spent["plan"]["cpu_s"] - 1e-3
