@@ -89,11 +89,13 @@ def check_compatible(adapters: Sequence[LoraAdapter]) -> list[str]:
     modules = module_names(first.tensors)
     if not modules:
         raise MergeError("adapter 0 has no LoRA modules")
+    reference = factors(first)  # once per adapter, not per module: a Gemma adapter has 72 modules
     for i, other in enumerate(adapters[1:], start=1):
         if module_names(other.tensors) != modules:
             raise MergeError(f"adapter {i} targets different modules than adapter 0")
+        own = factors(other)
         for m in modules:
-            (a0, b0), (a1, b1) = factors(first)[m], factors(other)[m]
+            (a0, b0), (a1, b1) = reference[m], own[m]
             if a0.shape[1] != a1.shape[1] or b0.shape[0] != b1.shape[0]:
                 raise MergeError(f"adapter {i} module {m} has shape {tuple(b1.shape)}x{tuple(a1.shape)}, adapter 0 {tuple(b0.shape)}x{tuple(a0.shape)}")
     return modules
