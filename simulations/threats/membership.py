@@ -113,9 +113,10 @@ class MembershipConfig:
     alphas: tuple[float, ...] = setting((0.0, 1.0, 4.0), "membership: PriME alphas without the release guards, "
                                                          "comma-separated",
                                         Check(lambda v: _finite(v) and all(a >= 0 for a in v), "finite and >= 0"))
-    # PriME at the search's default alpha with the release guards `prime-fl threats` compares (share cap 0.34 +
-    # release rank 8, the search's default until 2026-12-07: release_attacks.COMPARED_*), at these alphas (empty: no
-    # such rows); the `alphas` rows are the same search without the guards. No row runs the release distance.
+    # PriME at the search's default alpha with release guards, at these alphas (empty: no such rows); the `alphas`
+    # rows are the same search without guards. The guards default to those the rows on record faced (share cap
+    # 0.34 + release rank 8, the search's default until 2026-12-07: release_attacks.COMPARED_*); the search's
+    # default since is --guard-share-cap 1 --guard-release-rank 0 --guard-release-distance 0.25.
     guard_alphas: tuple[float, ...] = setting((SearchConfig.alpha,), "membership: PriME alphas run with the release "
                                                                      "guards, comma-separated, empty for none")
     guard_share_cap: float = setting(COMPARED_SHARE_CAP, "membership: the guards' per-sharer share cap "
@@ -123,6 +124,12 @@ class MembershipConfig:
     guard_release_rank: int = setting(COMPARED_RELEASE_RANK, "membership: the guards' rank-limited release, top-r "
                                                              "directions of the merged update (server.release; 0: "
                                                              "none; the search's default until 2026-12-07)")
+    guard_release_distance: float = setting(0.0, "membership: the guards' release distance, the smallest scale-free "
+                                                 "distance of the release to any one sharer's update "
+                                                 "(server.release_guard; 0: none, as every row on record; the "
+                                                 "search's default is 0.25, with --guard-share-cap 1 "
+                                                 "--guard-release-rank 0)",
+                                            Check(lambda v: 0 <= v < 1, "in [0, 1)"))
     dp_noises: tuple[float, ...] = setting((0.5, 1.0, 2.0), "membership: DP-SGD noise multipliers of the sharers' DP "
                                                             "adapters, comma-separated, empty for none")
     dp_max_grad_norm: float = setting(DpSgdConfig.max_grad_norm, "membership: DP-SGD per-example clip norm")
@@ -169,12 +176,22 @@ class MembershipConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(r=self.r, lora_alpha=self.lora_alpha, epochs=self.epochs, lr=self.lr, seed=self.seed)
 
-    def search_config(self, alpha: float, share_cap: float = 1.0, release_rank: int = 0) -> SearchConfig:
-        """The search of one row; without arguments, unguarded (no share cap, the whole merge released). No row
-        runs the release distance (the search's default since 2026-12-07): 0 here, as for every row on record."""
+    def search_config(self, alpha: float, guarded: bool = False) -> SearchConfig:
+        """The search of one row: unguarded (no share cap, the whole merge released, no release distance: not
+        SearchConfig's defaults, which moved on 2026-12-07 while the rows on record stayed), or with the guards'
+        settings."""
+        guards = (dict(share_cap=self.guard_share_cap, release_rank=self.guard_release_rank,
+                       release_distance=self.guard_release_distance) if guarded
+                  else dict(share_cap=1.0, release_rank=0, release_distance=0.0))
         return SearchConfig(alpha=alpha, k=self.sharers, budget=self.budget, popsize=self.popsize, min_sharers=2,
-                            share_cap=share_cap, release_rank=release_rank, release_distance=0.0, seed=self.seed,
-                            batch_size=self.batch_size)
+                            seed=self.seed, batch_size=self.batch_size, **guards)
+
+    def guards_label(self) -> str:
+        """The guards' settings as a row names them (those that are on; the cap as the search applies it to k)."""
+        parts = [f"share cap {applied_share_cap(self.guard_share_cap, self.sharers):g}"] if self.guard_share_cap < 1 else []
+        parts += [f"release rank {self.guard_release_rank}"] if self.guard_release_rank else []
+        parts += [f"release distance {self.guard_release_distance:g}"] if self.guard_release_distance else []
+        return ", ".join(parts) or "none on"
 
 
 @dataclass
@@ -593,16 +610,14 @@ def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world:
                             one_model=True, extra={"weights": uniform, "fallback": False}))
     sharers = {s: (world.adapters[s], world.embeddings[s]) for s in ids}
     searches = [(f"PriME alpha={a:g}", config.search_config(a)) for a in config.alphas]
-    guards = f"share cap {applied_share_cap(config.guard_share_cap, len(ids)):g}" + (f", release rank {config.guard_release_rank}"
-                                                         if config.guard_release_rank else "")
-    searches += [(f"PriME alpha={a:g} + guards ({guards})",
-                  config.search_config(a, share_cap=config.guard_share_cap, release_rank=config.guard_release_rank))
+    searches += [(f"PriME alpha={a:g} + guards ({config.guards_label()})", config.search_config(a, guarded=True))
                  for a in config.guard_alphas]
     for name, search in searches:
         found = personalize(model, tokenizer, world.task, world.target_pairs, world.target_embedding, sharers, search,
                             progress=False)
         settings.append(Setting(name, dict.fromkeys(ids, released_adapter(found.adapter)), one_model=True, extra={
-            "alpha": search.alpha, "share_cap": search.share_cap, "release_rank": search.release_rank, "weights": found.weights, "fallback": found.fallback,
+            "alpha": search.alpha, "share_cap": search.share_cap, "release_rank": search.release_rank,
+            "release_distance": search.release_distance, "weights": found.weights, "fallback": found.fallback,
             "objective": found.best.objective, "utility": found.best.utility, "privacy": found.best.privacy}))
     for noise in config.dp_noises:
         guarantees = world.dp_guarantees[noise]

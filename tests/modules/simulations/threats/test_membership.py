@@ -20,7 +20,7 @@ from simulations.threats import membership as mia
 from simulations.threats.leak import ThreatError
 
 SMALL = dict(sharers=3, groups=2, history=4, nonmembers=4, queries=3, alphas=(0.0,), guard_alphas=(0.0,),
-             guard_share_cap=0.4, guard_release_rank=2, dp_noises=(0.8, 3.0), budget=2, popsize=2, r=2, lora_alpha=4.0, epochs=2, lr=1e-2,
+             guard_share_cap=1.0, guard_release_rank=0, guard_release_distance=0.2, dp_noises=(0.8, 3.0), budget=8, popsize=4, r=2, lora_alpha=4.0, epochs=2, lr=1e-2,
              batch_size=8, resamples=50)
 
 
@@ -94,7 +94,7 @@ def test_every_setting_has_an_interval_a_utility_and_epsilon_only_where_dp(fresh
     model, tok, config, world, result = fresh
     names = [row["setting"] for row in result.rows]
     assert names == ["unmerged task model", "top-1 release (the sharer's own adapter)", "uniform merge of k=3",
-                     "PriME alpha=0", "PriME alpha=0 + guards (share cap 0.4, release rank 2)",
+                     "PriME alpha=0", "PriME alpha=0 + guards (release distance 0.2)",
                      "DP-SGD noise 0.8 (the sharer's own adapter)", "DP-SGD noise 3 (the sharer's own adapter)"]
     prompts = [world.task.query_prompt(q.input) for q in world.target_queries]
     assert len(prompts) == config.queries
@@ -105,8 +105,7 @@ def test_every_setting_has_an_interval_a_utility_and_epsilon_only_where_dp(fresh
         assert set(row["utility"]) == set(world.task.metrics)
         assert (row["epsilon"] is not None) == row["setting"].startswith("DP-SGD")
     guard = result.rows[4]["extra"]
-    assert guard["share_cap"] == 0.4 and result.rows[3]["extra"]["share_cap"] == 1.0
-    assert guard["release_rank"] == 2 and result.rows[3]["extra"]["release_rank"] == 0
+    assert guard["release_distance"] == 0.2 and result.rows[3]["extra"]["release_distance"] == 0.0
     unmerged, own = result.rows[0], result.rows[1]
     assert own["member_loss"] < unmerged["member_loss"], "a sharer's own adapter lowered the loss on its training items"
     # the unmerged row's utility is the base model's task metrics on the target's held-out queries
@@ -206,11 +205,33 @@ def test_membership_searches_keep_the_guards_of_the_rows_on_record_when_the_sear
     unguarded, or under share cap 0.34 + release rank 8: a row built from today's SearchConfig defaults would
     silently have run the release distance too, and its guard rows without the cap and the rank."""
     config = mia.MembershipConfig()
-    assert (config.guard_share_cap, config.guard_release_rank) == (0.34, 8)
-    unguarded, guarded = config.search_config(0.0), config.search_config(0.5, config.guard_share_cap,
-                                                                         config.guard_release_rank)
+    assert (config.guard_share_cap, config.guard_release_rank, config.guard_release_distance) == (0.34, 8, 0.0)
+    unguarded, guarded = config.search_config(0.0), config.search_config(0.5, guarded=True)
     assert (unguarded.share_cap, unguarded.release_rank, unguarded.release_distance) == (1.0, 0, 0.0)
     assert (guarded.share_cap, guarded.release_rank, guarded.release_distance) == (0.34, 8, 0.0)
+    assert config.guards_label() == "share cap 0.34, release rank 8"
+    assert mia.MembershipConfig(guard_share_cap=0.4, guard_release_rank=2).guards_label() == "share cap 0.4, release rank 2"
+
+
+def test_membership_guards_can_be_the_search_default_of_today():
+    """--guard-share-cap 1 --guard-release-rank 0 --guard-release-distance 0.25: the guard row runs the release
+    distance alone, as the search does by default since 2026-12-07, and says so."""
+    config = mia.MembershipConfig(guard_share_cap=1.0, guard_release_rank=0, guard_release_distance=0.25)
+    guarded = config.search_config(0.0, guarded=True)
+    assert (guarded.share_cap, guarded.release_rank, guarded.release_distance) == (1.0, 0, 0.25)
+    assert config.guards_label() == "release distance 0.25"
+
+
+def test_the_distance_guarded_row_releases_nothing_closer_than_its_distance_to_any_sharer(fresh):
+    from server.release_guard import ReleaseGuard
+
+    _, _, config, world, result = fresh
+    guard = result.rows[4]["extra"]
+    search = config.search_config(0.0, guarded=True)
+    adapters = [world.adapters[s] for s in world.sharer_ids]
+    assert not guard["fallback"], "the tiny world's guarded search found a release (else this checks nothing)"
+    measured = ReleaseGuard(adapters, search.merge, search.release_rank, 0.2).distance(np.asarray(guard["weights"]))
+    assert measured >= 0.2
 
 
 @pytest.mark.parametrize("bad, fragment", [
@@ -223,6 +244,7 @@ def test_membership_searches_keep_the_guards_of_the_rows_on_record_when_the_sear
     (dict(dp_max_grad_norm=0.0), "max grad norm"),
     (dict(guard_alphas=(-1.0,)), "guard alphas"),
     (dict(guard_release_rank=-1), "guard release rank must be >= 0"),
+    (dict(guard_release_distance=1.0), "guard-release-distance must be in \\[0, 1\\)"),
     (dict(resamples=5), "resamples must be >= 10"),
     (dict(queries=0), "queries must be >= 1"),
 ])
@@ -235,6 +257,7 @@ def test_config_refuses_bad_values(bad, fragment):
     (["--protocol", "shadow"], "protocol must be one of"),
     (["--protocol", "official", "--others", "0"], "needs others >= 1"),
     (["--guard-share-cap", "1.5"], "guard share cap"),
+    (["--guard-release-distance", "1"], "in [0, 1)"),
     (["--dp-noises", "0.5,-1"], "noise multipliers"),
     (["--resamples", "1"], "resamples"),
 ])
