@@ -28,7 +28,9 @@ K r columns and their A's at most K r rows, so with orthonormal bases U, V of
 those spans every sharer's update and every merge of them (exact or
 element-wise, whole or rank-limited, whose SVD stays inside the same spans)
 is `U core V^T` with a K r x K r core, and Frobenius inner products are the
-cores'. The out x in update is never formed.
+cores'. The out x in update is never formed. A release's core is kept as
+factors of its own rank (r for an element-wise merge, k r for an exact one)
+where the unmixing multiplies by it, which saves a factor K r / rank.
 """
 
 from __future__ import annotations
@@ -86,62 +88,122 @@ def closest_errors(estimates: np.ndarray, truths: np.ndarray) -> np.ndarray:
     return out
 
 
-def unmix_low_rank(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """k rank-r matrices, each a scalar multiple of one hidden part, from m mixtures of the parts.
+# A merge as the unmixing reads it: the matrix, or its factors (L, R) with the matrix L @ R. A release of rank q
+# between n x n' spans is kept as [n, q] and [q, n']: every product with it then costs q / n of the dense one, which
+# in the cross-release check (n = K r over K linked sharers, q = r for an element-wise merge) is a factor K.
+Observation = np.ndarray | tuple[np.ndarray, np.ndarray]
+Factored = tuple[np.ndarray, np.ndarray | None]  # (L, R) or (M, None): a matrix as a product, or as itself
 
-    Project onto the joint column / row spaces (dimension k*r), take two random
-    combinations P, Q of the projected merges: P Q^-1 = X diag(ratios) X^-1,
-    whose eigenvectors, grouped by eigenvalue (r per sharer), span each
-    sharer's column space. With one merge nothing separates: every part is
-    guessed as the merge itself.
+
+# Two eigenvalues of the unmixing's pencil closer than this (relative, floor 1) are one: the ratio of two random
+# combinations is the same for sharers whose weights over the merges are proportional (two sharers of one merge that
+# no other merge holds), so the merges cannot tell them apart, and which eigenvectors go to which is rounding. Such
+# sharers are one group whose combined part is the estimate for each. A random pair of distinct ratios lies this
+# close with probability about 1e-6.
+EIGEN_TIE = 1e-6
+# A direction of the range finder's sketch whose singular value is below this share of the largest is rounding:
+# merges that span fewer than k r dimensions (m element-wise merges span m r) leave the rest of a k r frame empty.
+SPAN_TOL = 1e-9
+
+
+def unmix_low_rank(observations: Sequence[Observation], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """k estimates of rank-r matrices, each a scalar multiple of one hidden part, from m mixtures of the parts.
+
+    Project onto the joint column / row spaces (dimension at most k*r), take
+    two random combinations P, Q of the projected merges: P Q^-1 = X
+    diag(ratios) X^-1, whose eigenvectors, grouped by eigenvalue (r per
+    sharer), span each sharer's column space. Sharers with one ratio
+    (`EIGEN_TIE`) are one group: each of them gets the group's combined part.
+    With one merge nothing separates: every part is guessed as the merge
+    itself. Where the merges span fewer than k r dimensions the last
+    estimates are 0.
     """
     if len(observations) == 1:
-        return [observations[0]] * k
-    u, v, small, x, x_inv = unmixing_frame(observations, k, r, rng)
-    # Sharer s's share of merge j is X_s Y_js with Y_js = (X^-1)_s M_j; each sharer's estimate is its largest
-    # share over the merges (the best-conditioned one). U, V are orthonormal, so a share's norm is that of
-    # X_s Y_js: ||X_s Y||^2 = sum((X_s^T X_s) * (Y Y^T)), from r x r blocks, and only the chosen share is formed.
-    # (Columns of X: r per sharer, fewer for the last ones when the merges span less than k r dimensions.)
-    shares = [x_inv @ sm for sm in small]  # Y_j for every sharer at once, sharer s in rows s r .. (s + 1) r
+        return [_dense(_factored(observations[0]))] * k
+    u, v, small, x, x_inv, groups = unmixing_frame(observations, k, r, rng)
+    # Group g's share of merge j is X_g Y_jg with Y_jg = (X^-1)_g M_j; each group's estimate is its largest share
+    # over the merges (the best-conditioned one). U, V are orthonormal, so a share's norm is that of X_g Y_jg:
+    # ||X_g Y||^2 = sum((X_g^T X_g) * (Y Y^T)), from small blocks, and only the chosen share is formed.
+    shares = [(x_inv @ left, right) for left, right in small]  # Y_j for every group, group g in its rows of X^-1
     parts = []
-    for s in range(k):
-        sl = slice(s * r, (s + 1) * r)
+    for sl in groups:
         xx = x[:, sl].T @ x[:, sl]
-        best = int(np.argmax([np.einsum("rs,rd,sd->", xx, y[sl], y[sl]) for y in shares]))
-        parts.append(u @ (x[:, sl] @ shares[best][sl]) @ v.T)
-    return parts
+        best = int(np.argmax([np.sum(xx * _gram_rows(left[sl], right)) for left, right in shares]))
+        left, right = shares[best]
+        estimate = u @ _dense((x[:, sl] @ left[sl], right)) @ v.T
+        parts += [estimate] * -(-(sl.stop - sl.start) // r)  # one per sharer of the group
+    shape = (u.shape[0], v.shape[0])
+    return (parts + [np.zeros(shape)] * k)[:k]
 
 
-def unmixing_frame(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> tuple[
-        np.ndarray, np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
-    """The unmixing's bases U, V of the merges' joint spans, the merges projected on them, and the pencil's
-    eigenvectors X (r columns per sharer) with their pseudo-inverse: sharer s's share of a projected merge M is
-    `X_s (X^-1)_s M`."""
+def _factored(obs: Observation) -> Factored:
+    return obs if isinstance(obs, tuple) else (obs, None)
+
+
+def _dense(matrix: Factored) -> np.ndarray:
+    left, right = matrix
+    return left if right is None else left @ right
+
+
+def _gram_rows(left: np.ndarray, right: np.ndarray | None) -> np.ndarray:
+    """Y Y^T for Y = left @ right, through the inner dimension when factored."""
+    return left @ left.T if right is None else left @ (right @ right.T) @ left.T
+
+
+def unmixing_frame(observations: Sequence[Observation], k: int, r: int, rng: np.random.Generator) -> tuple[
+        np.ndarray, np.ndarray, list[Factored], np.ndarray, np.ndarray, list[slice]]:
+    """The unmixing's bases U, V of the merges' joint spans, the merges projected on them (as products where given
+    as factors), the pencil's eigenvectors X grouped by eigenvalue (r columns per sharer; `EIGEN_TIE` joins
+    sharers) with X's pseudo-inverse, and each group's columns of X: group g's share of a projected merge M is
+    `X_g (X^-1)_g M`."""
     m, total = len(observations), k * r
-    u = _range(observations, total, rng)
-    v = _range([obs.T for obs in observations], total, rng)
-    small = [u.T @ obs @ v for obs in observations]
+    factored = [_factored(obs) for obs in observations]
+    u = _range(factored, total, rng)
+    v = _range([(right.T, left.T) if right is not None else (left.T, None) for left, right in factored], total, rng)
+    small = [(u.T @ left @ v, None) if right is None else (u.T @ left, right @ v) for left, right in factored]
     a, b = rng.standard_normal(m), rng.standard_normal(m)
-    p = sum(ai * s for ai, s in zip(a, small))
-    q = sum(bi * s for bi, s in zip(b, small))
+    p = sum(ai * _dense(s) for ai, s in zip(a, small))
+    q = sum(bi * _dense(s) for bi, s in zip(b, small))
+    if min(p.shape) == 0:  # the merges are all 0
+        return u, v, small, np.zeros((u.shape[1], 0)), np.zeros((0, u.shape[1])), []
     try:
         pencil = np.linalg.solve(q.T, p.T).T  # P Q^-1
-    except np.linalg.LinAlgError:  # Q singular (merges that are not mixtures of k rank-r parts): least squares
+    except np.linalg.LinAlgError:  # Q singular or not square: least squares
         pencil = p @ np.linalg.pinv(q)
     values, vectors = np.linalg.eig(pencil)
     order = np.argsort(values.real)
-    bases = []
-    for s in range(k):
-        block = vectors[:, order[s * r : (s + 1) * r]]
-        bases.append(np.linalg.svd(np.concatenate([block.real, block.imag], axis=1), full_matrices=False)[0][:, :r])
+    chunks = [order[i : i + r] for i in range(0, len(order), r)]
+    grouped = [list(chunks[0])]
+    for before, chunk in zip(chunks, chunks[1:]):
+        low, high = values[before[-1]], values[chunk[0]]
+        if abs(high - low) <= EIGEN_TIE * max(1.0, abs(low), abs(high)):
+            grouped[-1] += list(chunk)
+        else:
+            grouped.append(list(chunk))
+    bases, groups, start = [], [], 0
+    for group in grouped:
+        block = vectors[:, group]
+        basis = np.linalg.svd(np.concatenate([block.real, block.imag], axis=1), full_matrices=False)[0][:, :len(group)]
+        bases.append(basis)
+        groups.append(slice(start, start + basis.shape[1]))
+        start += basis.shape[1]
     x = np.concatenate(bases, axis=1)
-    return u, v, small, x, np.linalg.pinv(x)
+    return u, v, small, x, np.linalg.pinv(x), groups
 
 
-def _range(observations: Sequence[np.ndarray], rank: int, rng: np.random.Generator) -> np.ndarray:
-    """Orthonormal basis of the joint column space (rank `rank`) by a randomized range finder: cheap on big modules."""
-    sketch = sum(obs @ rng.standard_normal((obs.shape[1], rank + 8)) for obs in observations)
-    return np.linalg.svd(sketch, full_matrices=False)[0][:, :rank]
+def _range(observations: Sequence[Factored], rank: int, rng: np.random.Generator) -> np.ndarray:
+    """Orthonormal basis of the joint column space (at most `rank` directions, none below `SPAN_TOL`) by a
+    randomized range finder: cheap on big modules."""
+    sketch = sum(_times(obs, rng.standard_normal(((obs[0] if obs[1] is None else obs[1]).shape[1], rank + 8)))
+                 for obs in observations)
+    basis, values, _ = np.linalg.svd(sketch, full_matrices=False)
+    kept = int(np.sum(values > SPAN_TOL * values[0])) if len(values) and values[0] > 0 else 0
+    return basis[:, : min(rank, kept)]
+
+
+def _times(matrix: Factored, right: np.ndarray) -> np.ndarray:
+    left, inner = matrix
+    return left @ right if inner is None else left @ (inner @ right)
 
 
 @dataclass(frozen=True)
@@ -211,22 +273,34 @@ class Cores:
 
     def released_core(self, module: str, ws: np.ndarray, merge: str, release_rank: int) -> np.ndarray:
         """One module of `released`, for the sharers' weights `ws` [K] on its layer."""
+        left, right = self.released_factors(module, ws, merge, release_rank)
+        return left @ right
+
+    def released_factors(self, module: str, ws: np.ndarray, merge: str,
+                         release_rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """`released_core` as factors (L, R), L @ R the core: rank r for an element-wise merge, r per sharer of
+        nonzero weight for an exact one (of K linked sharers a release has k)."""
         b, a = self.b[module], self.a[module]
         if merge == "exact":  # sum_s w_s B_s A_s as one product [B_1 w_1 ... B_K w_K] [A_1; ...; A_K]
-            core = np.concatenate(list(ws[:, None, None] * b), axis=1) @ np.concatenate(list(a), axis=0)
+            used = np.flatnonzero(ws)
+            left = np.concatenate([ws[s] * b[s] for s in used], axis=1) if len(used) else b[0][:, :0]
+            right = np.concatenate([a[s] for s in used], axis=0) if len(used) else a[0][:0]
         elif merge == "elementwise":
-            core = np.tensordot(ws, b, axes=1) @ np.tensordot(ws, a, axes=1)
+            left, right = np.tensordot(ws, b, axes=1), np.tensordot(ws, a, axes=1)
         else:
             raise ReleaseGuardError(f"unknown merge {merge!r}")
-        return truncate(core, release_rank)
+        return truncate(left, right, release_rank)
 
 
-def truncate(core: np.ndarray, rank: int) -> np.ndarray:
-    """The best rank-`rank` approximation of `core` (itself when `rank` is 0 or at least its size)."""
-    if rank <= 0 or rank >= min(core.shape):
-        return core
-    u, s, vh = np.linalg.svd(core, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+def truncate(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of the best rank-`rank` approximation of `left @ right` (the same factors when `rank` is 0 or the
+    product has no more than `rank` directions), from the SVD of the small q x q middle of two QRs."""
+    if rank <= 0 or rank >= min(left.shape[0], left.shape[1], right.shape[1]):
+        return left, right
+    q_left, r_left = np.linalg.qr(left)
+    q_right, r_right = np.linalg.qr(right.T)
+    u, s, vh = np.linalg.svd(r_left @ r_right.T)
+    return q_left @ (u[:, :rank] * s[:rank]), vh[:rank] @ q_right.T
 
 
 def distances(released: Mapping[str, np.ndarray], parts: Mapping[str, Sequence[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -337,14 +411,15 @@ def stack_errors(merges: Sequence[Released], adapters: Mapping[str, LoraAdapter]
     errors = np.ones(k)
     for module, column in zip(cores.modules, cores.columns):
         parts = cores.b[module] @ cores.a[module]
-        obs = [cores.released_core(module, w[:, column], rel.merge, rel.release_rank) for w, rel in zip(layered, merges)]
-        flat = np.stack([o.ravel() for o in obs])
+        factored = [cores.released_factors(module, w[:, column], rel.merge, rel.release_rank)
+                    for w, rel in zip(layered, merges)]
+        flat = np.stack([(left @ right).ravel() for left, right in factored])
         truths = parts.reshape(k, -1)
         coef = np.linalg.lstsq(flat.T, truths.T, rcond=None)[0]
         fitted = coef.T @ flat
         errors = np.minimum(errors, [scale_free_error(f, t) for f, t in zip(fitted, truths)])
-        if len(obs) >= 2 and k * r <= min(obs[0].shape):
-            estimates = np.stack([e.ravel() for e in unmix_low_rank(obs, k, r, rng)])
+        if len(factored) >= 2 and k * r <= min(parts.shape[1:]):
+            estimates = np.stack([e.ravel() for e in unmix_low_rank(factored, k, r, rng)])
             errors = np.minimum(errors, closest_errors(estimates, truths))
     return dict(zip(union, errors.tolist()))
 

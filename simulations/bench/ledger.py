@@ -22,9 +22,13 @@ memory (numpy's arrays) of
   two differ by the algorithm alone; with `--reference-pools` it runs with
   the process's thread pools as they are, as it did before (on a machine
   whose cores are busy that is the larger cost: the pools spin). Run while
-  the linked releases are at most `--reference-up-to` (it grows fastest);
-  its errors must equal the current ones to rounding, which the JSON
-  records.
+  the linked releases are at most `--reference-up-to` (it grows fastest).
+  Where the merges tell every linked sharer apart its errors equal the
+  current ones to rounding; where they cannot (two sharers of one release
+  that no other release holds: the common case in a ledger) the reference
+  split them by rounding and the current check gives each their combined
+  part (`server.release_guard.EIGEN_TIE`). The JSON records the largest
+  error difference and whether the reference would have refused.
 
 Writes `bench_ledger.json`, `ledger.png` (seconds per check against linked
 releases) and a README.md into `--out`.
@@ -52,7 +56,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from common.adapters import LoraAdapter  # noqa: E402
 from common.atomic import Layout, OutputError, OutputKind, check_output_folder, output_folder, write_text  # noqa: E402
 from server.release_guard import (  # noqa: E402
-    Cores, Released, connected, cross_release_refusal, scale_free_error, stack_errors, unmixing_frame,
+    Cores, Released, connected, cross_release_refusal, scale_free_error, stack_errors,
 )
 from simulations.bench.training import machine  # noqa: E402
 
@@ -102,9 +106,28 @@ def reference_stack_errors(merges: Sequence[Released], adapters: Mapping[str, Lo
 
 
 def reference_unmix(observations: Sequence[np.ndarray], k: int, r: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """`server.release_guard.unmix_low_rank` (m >= 2) as it was before 2026-12-07: every sharer's share of every
-    merge formed in the merges' frame, the largest kept."""
-    u, v, small, x, x_inv = unmixing_frame(observations, k, r, rng)
+    """`server.release_guard.unmix_low_rank` (m >= 2) as it was before 2026-12-07: dense merges, a full k r frame
+    whatever the merges span, r eigenvectors per sharer in the order of their eigenvalues (ties split by rounding),
+    every sharer's share of every merge formed in the merges' frame, the largest kept."""
+    m, total = len(observations), k * r
+    u = _reference_range(observations, total, rng)
+    v = _reference_range([obs.T for obs in observations], total, rng)
+    small = [u.T @ obs @ v for obs in observations]
+    a, b = rng.standard_normal(m), rng.standard_normal(m)
+    p = sum(ai * sm for ai, sm in zip(a, small))
+    q = sum(bi * sm for bi, sm in zip(b, small))
+    try:
+        pencil = np.linalg.solve(q.T, p.T).T
+    except np.linalg.LinAlgError:
+        pencil = p @ np.linalg.pinv(q)
+    values, vectors = np.linalg.eig(pencil)
+    order = np.argsort(values.real)
+    bases = []
+    for s in range(k):
+        block = vectors[:, order[s * r : (s + 1) * r]]
+        bases.append(np.linalg.svd(np.concatenate([block.real, block.imag], axis=1), full_matrices=False)[0][:, :r])
+    x = np.concatenate(bases, axis=1)
+    x_inv = np.linalg.pinv(x)
     estimates = []
     for s in range(k):
         sl = slice(s * r, (s + 1) * r)
@@ -112,16 +135,20 @@ def reference_unmix(observations: Sequence[np.ndarray], k: int, r: int, rng: np.
     return estimates
 
 
-def reference_refusal(new: Released, earlier: Sequence[Released], adapters: Mapping[str, LoraAdapter],
-                      pools: bool) -> dict[str, float]:
-    """The errors the check before 2026-12-07 computed for `new` (both stacks, as it ran them), on one thread
-    unless `pools`."""
+def _reference_range(observations: Sequence[np.ndarray], rank: int, rng: np.random.Generator) -> np.ndarray:
+    sketch = sum(obs @ rng.standard_normal((obs.shape[1], rank + 8)) for obs in observations)
+    return np.linalg.svd(sketch, full_matrices=False)[0][:, :rank]
+
+
+def reference_refusal(new: Released, earlier: Sequence[Released], adapters: Mapping[str, LoraAdapter], tau: float,
+                      pools: bool) -> tuple[bool, dict[str, float]]:
+    """Whether the check before 2026-12-07 refused `new`, and the errors it computed (both stacks, as it ran
+    them), on one thread unless `pools`."""
     linked = connected(new, earlier)
     with threadpool_limits(limits=None if pools else 1):
         after = reference_stack_errors([*linked, new], adapters)
-        if linked:
-            reference_stack_errors(linked, adapters)
-    return after
+        before = reference_stack_errors(linked, adapters) if linked else {}
+    return any(e < tau and before.get(s, 1.0) >= tau for s, e in after.items()), after
 
 
 def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
@@ -148,8 +175,10 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         row = {"step": step, "linked_releases": len(linked), "linked_sharers": len(errors), "refused": bool(refusal),
                "min_error": min(errors.values()), "current": cost}
         if len(linked) <= args.reference_up_to:
-            reference, ref_cost = measured(lambda: reference_refusal(new, ledger, adapters, args.reference_pools))
+            (ref_refused, reference), ref_cost = measured(
+                lambda: reference_refusal(new, ledger, adapters, args.tau, args.reference_pools))
             row["reference"] = ref_cost
+            row["reference_refused"] = ref_refused
             row["largest_error_difference"] = max(abs(reference[s] - errors[s]) for s in errors)
         rows.append(row)
         print(f"release {step}: {len(linked)} linked, {len(errors)} sharers, current {cost['wall_s']:.2f} s"
@@ -185,16 +214,19 @@ def readme(report: dict[str, Any]) -> str:
              "Random adapters of Gemma 3 270M's shapes; seconds are wall time per check. `reference` is the check "
              "before 2026-12-07 (run while its stack was small enough), "
              + ("with the process's thread pools, as it ran then" if report["settings"]["reference_pools"]
-                else "on one thread like the current one") + "; both computed the same errors to the "
-             "difference shown.", "",
+                else "on one thread like the current one") + ". Their errors differ where the releases cannot "
+             "tell two sharers apart (the reference split those by rounding; the current check gives each their "
+             "combined part); `refused (reference)` is what the reference would have decided.", "",
              "| release | linked releases | linked sharers | refused | current s (CPU s, peak MiB) | "
-             "reference s (CPU s, peak MiB) | error difference |", "|---|---|---|---|---|---|---|"]
+             "reference s (CPU s, peak MiB) | refused (reference) | error difference |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = r.get("reference")
         lines.append(f"| {r['step']} | {r['linked_releases']} | {r['linked_sharers']} | {'yes' if r['refused'] else ''} "
                      f"| {r['current']['wall_s']:.2f} ({r['current']['cpu_s']:.2f}, {r['current']['peak_mib']:.0f}) | "
                      + (f"{ref['wall_s']:.2f} ({ref['cpu_s']:.2f}, {ref['peak_mib']:.0f}) | "
-                        f"{r['largest_error_difference']:.1e} |" if ref else "| |"))
+                        f"{'yes' if r['reference_refused'] else ''} | {r['largest_error_difference']:.1e} |"
+                        if ref else "| | |"))
     return "\n".join(lines) + "\n\n![seconds per check](ledger.png)\n"
 
 

@@ -27,16 +27,57 @@ def _stack(seed: int, merge: str, rank: int, per_layer: bool) -> list[Released]:
     return out
 
 
-@pytest.mark.parametrize("merge", ["exact", "elementwise"])
-@pytest.mark.parametrize("rank", [0, 1])
+def _same_sharers(seed: int, merge: str, per_layer: bool) -> list[Released]:
+    """Merges of one trio with generic weights: every sharer's weights over the merges differ, so the merges tell
+    the three apart, and (from 3 element-wise merges on) span their whole frame."""
+    rng = np.random.default_rng(seed)
+    shape = (3, 2) if per_layer else (3,)
+    return [Released(("s1", "s3", "s4"), rng.uniform(-1.5, 1.5, size=shape), merge, 0) for _ in range(4)]
+
+
+@pytest.mark.parametrize("merge, first", [("exact", 1), ("elementwise", 3)])
 @pytest.mark.parametrize("per_layer", [False, True])
-def test_the_check_computes_the_errors_the_check_before_it_did(merge, rank, per_layer):
+def test_where_the_merges_tell_every_sharer_apart_the_check_computes_what_the_check_before_it_did(merge, first,
+                                                                                                  per_layer):
     for seed in range(3):
-        merges = _stack(seed, merge, rank, per_layer)
-        for m in range(1, len(merges) + 1):
+        merges = _same_sharers(seed, merge, per_layer)
+        for m in range(first, len(merges) + 1):
             current, reference = stack_errors(merges[:m], POOL), ledger.reference_stack_errors(merges[:m], POOL)
             assert current.keys() == reference.keys()
             assert max(abs(current[s] - reference[s]) for s in current) < 1e-9, (seed, m)
+
+
+@pytest.mark.parametrize("merge", ["exact", "elementwise"])
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_errors_do_not_depend_on_the_sharers_names(merge, rank, per_layer):
+    """Before 2026-12-07 the unmixing split sharers the merges cannot tell apart (two of one merge that no other
+    merge holds), and the empty directions of a frame wider than the merges' span, by rounding: renaming the
+    sharers (which orders the frame) moved a sharer's error by up to 0.34 on these stacks, across tau."""
+    renamed = {s: f"z{9 - i}" for i, s in enumerate(sorted(POOL))}  # the reverse order
+    pool = {renamed[s]: adapter for s, adapter in POOL.items()}
+    for seed in range(3):
+        merges = _stack(seed, merge, rank, per_layer)
+        for m in range(1, len(merges) + 1):
+            mirrored = [Released(tuple(renamed[s] for s in rel.sharers), rel.weights, rel.merge, rel.release_rank)
+                        for rel in merges[:m]]
+            errors, mirrored_errors = stack_errors(merges[:m], POOL), stack_errors(mirrored, pool)
+            assert max(abs(errors[s] - mirrored_errors[renamed[s]]) for s in errors) < 1e-9, (seed, m)
+
+
+def test_sharers_the_merges_cannot_tell_apart_get_their_combined_part():
+    """Two exact merges that share one sharer: that one comes back exactly; the two sharers of each merge that no
+    other merge holds have one ratio in every random combination, and each gets their combined part."""
+    rng = np.random.default_rng(3)
+    r, size = 2, 16
+    parts = [rng.standard_normal((size, r)) @ rng.standard_normal((r, size)) for _ in range(5)]
+    first, second = [0.9, -0.6, 1.2], [0.7, 1.1, -0.8]  # sharers 0, 1, 2 and 2, 3, 4
+    merges = [sum(w * parts[s] for w, s in zip(first, (0, 1, 2))), sum(w * parts[s] for w, s in zip(second, (2, 3, 4)))]
+    estimates = unmix_low_rank(merges, 5, r, np.random.default_rng(0))
+    assert min(scale_free_error(e, parts[2]) for e in estimates) < 1e-9
+    for pair, weights in (((0, 1), first[:2]), ((3, 4), second[1:])):
+        combined = weights[0] * parts[pair[0]] + weights[1] * parts[pair[1]]
+        assert sum(scale_free_error(e, combined) < 1e-9 for e in estimates) == 2, pair
 
 
 def test_two_merges_that_unmix_every_sharer_read_alike_in_both():
@@ -70,7 +111,7 @@ def test_closest_errors_is_the_direct_minimum_over_estimates():
     assert closest_errors(np.zeros((2, 30)), truths).tolist() == [1.0] * 4
 
 
-def test_a_small_replay_writes_its_rows_and_agrees_with_the_reference(tmp_path):
+def test_a_small_replay_writes_its_rows_beside_the_reference(tmp_path):
     out = tmp_path / "bench"
     assert ledger.main(["--out", str(out), "--pool", "6", "--releases", "4", "--layers", "1", "--r", "2",
                         "--reference-up-to", "2"]) == 0
@@ -80,7 +121,9 @@ def test_a_small_replay_writes_its_rows_and_agrees_with_the_reference(tmp_path):
     assert all(r["current"]["wall_s"] > 0 and r["linked_sharers"] >= 3 for r in rows)
     with_reference = [r for r in rows if "reference" in r]
     assert with_reference and all(r["linked_releases"] <= 2 for r in with_reference)
-    assert max(r["largest_error_difference"] for r in with_reference) < 1e-9
+    assert all(isinstance(r["reference_refused"], bool) for r in with_reference)
+    # one release alone: nothing to unmix, so the two read alike (a stack may differ: see the tests above)
+    assert max(r["largest_error_difference"] for r in with_reference if r["linked_releases"] == 0) < 1e-9
     assert (out / "ledger.png").stat().st_size > 0 and "| 0 | 0 | 3 |" in (out / "README.md").read_text()
 
 
