@@ -413,15 +413,60 @@ def stack_errors(merges: Sequence[Released], adapters: Mapping[str, LoraAdapter]
         parts = cores.b[module] @ cores.a[module]
         factored = [cores.released_factors(module, w[:, column], rel.merge, rel.release_rank)
                     for w, rel in zip(layered, merges)]
-        flat = np.stack([(left @ right).ravel() for left, right in factored])
         truths = parts.reshape(k, -1)
-        coef = np.linalg.lstsq(flat.T, truths.T, rcond=None)[0]
-        fitted = coef.T @ flat
-        errors = np.minimum(errors, [scale_free_error(f, t) for f, t in zip(fitted, truths)])
+        errors = np.minimum(errors, least_squares_errors(factored, cores.b[module], cores.a[module], truths))
         if len(factored) >= 2 and k * r <= min(parts.shape[1:]):
             estimates = np.stack([e.ravel() for e in unmix_low_rank(factored, k, r, rng)])
             errors = np.minimum(errors, closest_errors(estimates, truths))
     return dict(zip(union, errors.tolist()))
+
+
+# The least-squares attack solves from the merges' Gram matrix where its smallest eigenvalue is at least this share of
+# its largest (there it projects as lstsq does, to rounding); a stack of nearly dependent merges goes to lstsq.
+GRAM_CONDITION = 1e-6
+# A sharer the Gram solve finds closer than this has its error computed again from the fitted update itself (the
+# Gram form's 1 - cos^2 loses digits near 0).
+DIRECT_BELOW = 1e-3
+
+
+def least_squares_errors(factored: Sequence[tuple[np.ndarray, np.ndarray]], b: np.ndarray, a: np.ndarray,
+                          truths: np.ndarray) -> np.ndarray:
+    """Per sharer: the scale-free error of the best linear combination of the merges (L_j R_j) against its update
+    (b[s] a[s], flattened in `truths`).
+
+    From inner products of factors, `<L R, L' R'> = sum((L^T L') * (R R'^T))`: m (m + K) small products instead of
+    a least-squares solve over the K r x K r cores (the check's largest cost at a few dozen linked releases).
+    """
+    sizes = [left.shape[1] for left, _ in factored]
+    starts = np.cumsum([0, *sizes[:-1]])
+    lefts = np.concatenate([left for left, _ in factored], axis=1)
+    rights = np.concatenate([right for _, right in factored], axis=0)
+    k, r = b.shape[0], b.shape[2]
+    sharer_left, sharer_right = np.concatenate(list(b), axis=1), np.concatenate(list(a), axis=0)
+
+    def blocks(products: np.ndarray, row_starts: np.ndarray, col_starts: np.ndarray) -> np.ndarray:
+        if products.size == 0:
+            return np.zeros((len(row_starts), len(col_starts)))
+        return np.add.reduceat(np.add.reduceat(products, row_starts, axis=0), col_starts, axis=1)
+
+    gram = blocks((lefts.T @ lefts) * (rights @ rights.T), starts, starts) if lefts.shape[1] else np.zeros((len(sizes),) * 2)
+    sharer_starts = np.arange(0, k * r, r)
+    cross = (blocks((lefts.T @ sharer_left) * (rights @ sharer_right.T), starts, sharer_starts)
+             if lefts.shape[1] else np.zeros((len(sizes), k)))
+    norms = np.einsum("kn,kn->k", truths, truths)
+    values, vectors = np.linalg.eigh(gram)
+    if values[-1] <= 0 or values[0] < GRAM_CONDITION * values[-1]:  # nearly dependent (or zero) merges: lstsq
+        flat = np.stack([(left @ right).ravel() for left, right in factored])
+        fitted = np.linalg.lstsq(flat.T, truths.T, rcond=None)[0].T @ flat
+        return np.array([scale_free_error(f, t) for f, t in zip(fitted, truths)])
+    coef = vectors @ ((vectors.T @ cross) / values[:, None])  # [m, K]: each sharer's best combination
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sine_sq = 1.0 - np.einsum("mk,mk->k", cross, coef) / norms
+    out = np.sqrt(np.clip(np.nan_to_num(sine_sq, nan=1.0), 0.0, 1.0))
+    for s in np.flatnonzero(out < DIRECT_BELOW):
+        weights = np.repeat(coef[:, s], sizes)
+        out[s] = scale_free_error((lefts * weights) @ rights, truths[s])
+    return out
 
 
 def cross_release_refusal(new: Released, earlier: Sequence[Released], adapters: Mapping[str, LoraAdapter],

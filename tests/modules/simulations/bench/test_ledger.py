@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from server.release_guard import Released, closest_errors, scale_free_error, stack_errors, unmix_low_rank
+from server.release_guard import (
+    Cores, Released, closest_errors, least_squares_errors, scale_free_error, stack_errors, unmix_low_rank,
+)
 from simulations.bench import ledger
 from small_adapters import random_adapter
 
@@ -143,3 +145,27 @@ def test_an_out_folder_holding_files_it_did_not_write_is_refused_and_left_alone(
         ledger.main(["--out", str(out), "--pool", "6", "--releases", "1", "--layers", "1", "--r", "2"])
     assert err.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_nearly_dependent_merges_still_give_away_what_their_difference_holds():
+    """(1, 1) on s0, s1 and (1, 1, 1e-7) on s0, s1, s2: their difference is 1e-7 x s2's update, which the best
+    linear combination finds exactly. The Gram form cannot see a direction 1e-14 below the largest (it gave
+    5.8e-4 here), so such a stack goes to the plain least-squares solve (`GRAM_CONDITION`)."""
+    cores = Cores.of([POOL[s] for s in ("s0", "s1", "s2")])
+    for module in cores.modules:
+        merges = [cores.released_factors(module, np.array(w), "exact", 0) for w in ([1.0, 1.0, 0.0], [1.0, 1.0, 1e-7])]
+        truths = (cores.b[module] @ cores.a[module]).reshape(3, -1)
+        assert least_squares_errors(merges, cores.b[module], cores.a[module], truths)[2] < 1e-7
+
+
+@pytest.mark.parametrize("merge, rank", [("exact", 0), ("elementwise", 0), ("exact", 1)])
+def test_the_gram_form_of_the_least_squares_attack_is_the_plain_solve(merge, rank):
+    rng = np.random.default_rng(5)
+    cores = Cores.of([POOL[s] for s in sorted(POOL)])
+    for module in cores.modules:
+        merges = [cores.released_factors(module, rng.uniform(-1.5, 1.5, size=6), merge, rank) for _ in range(4)]
+        truths = (cores.b[module] @ cores.a[module]).reshape(6, -1)
+        flat = np.stack([(left @ right).ravel() for left, right in merges])
+        fitted = np.linalg.lstsq(flat.T, truths.T, rcond=None)[0].T @ flat
+        plain = [scale_free_error(f, t) for f, t in zip(fitted, truths)]
+        assert least_squares_errors(merges, cores.b[module], cores.a[module], truths) == pytest.approx(plain, abs=1e-9)
