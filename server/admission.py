@@ -275,7 +275,7 @@ def release_refusal(result: Any, sharers: Sharers, registry: Registry, search: S
                    search.release_rank)
     started = time.perf_counter()
     refusal, errors = cross_release_refusal(new, usable, adapters, tau)
-    # its cost grows nearly as the square of the linked releases (docs/federation.md): the report shows it per target
+    # its cost grows faster than the linked releases (docs/federation.md): the report shows it per target
     result.extra["cross_release"] = {"error": errors, "ledger_skipped": len(earlier) - len(usable),
                                      "refused": refusal, "linked_releases": len(connected(new, usable)),
                                      "seconds": round(time.perf_counter() - started, 3)}
