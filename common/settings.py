@@ -372,7 +372,8 @@ class SearchConfig:
     # The release guard on by default is `release-distance` 0.25 alone, chosen by measurement (issue 29 item 6; Gemma 3
     # 270M, paper preset, seed 0, 8 targets per task: small): on the merges PriME released it cost nothing measurable
     # (tagging +0.047 accuracy [+0.000, +0.141], rating -0.016 MAE [-0.141, +0.125], none fell back; on three seeds
-    # of tagging, measured after the switch, -0.083 [-0.152, -0.006]: gemma-t3-dist025-tagging-3seeds) and kept every
+    # of tagging, measured after the switch, -0.083 [-0.152, -0.006]: gemma-t3-dist025-tagging-3seeds; of rating +0.031
+    # MAE [-0.035, +0.101]: gemma-t3-guards-rating-3seeds) and kept every
     # release >= 0.25 from each sharer's update by construction (measured min 0.255 / 0.322;
     # results/gemma-t3-dist025-tagging-seed0, gemma-t3-dist025-rating-seed0, gemma-t3-release-audit-*-seed0). The
     # default until 2026-12-07, share cap 0.34 + release rank 8, did not bound that (the nearest sharer's update at a
@@ -394,8 +395,9 @@ class SearchConfig:
                                             "candidates closer are refused by the search, and a final release closer, "
                                             "or one that lets the ledger's earlier merges unmix a sharer closer, falls "
                                             "back to the unmerged model (server.release_guard); 0.25 (the default): "
-                                            "about 14.5 degrees (Gemma, tagging with quirks, 3 seeds: -0.083 accuracy "
-                                            "against unguarded; docs/threats.md); 0: off (the default until 2026-12-07)",
+                                            "about 14.5 degrees (Gemma, 3 seeds against unguarded: tagging with quirks "
+                                            "-0.083 accuracy, rating +0.031 MAE; docs/threats.md); 0: off (the default "
+                                            "until 2026-12-07)",
                                       Check(lambda v: 0 <= v < 1, "in [0, 1)"), sweep="release-distances",
                                       unkeyed=0.0)
     score_release: bool = setting(True, "with release-rank: the search scores each candidate as released (truncated); "
