@@ -438,21 +438,16 @@ def least_squares_errors(factored: Sequence[tuple[np.ndarray, np.ndarray]], b: n
     a least-squares solve over the K r x K r cores (the check's largest cost at a few dozen linked releases).
     """
     sizes = [left.shape[1] for left, _ in factored]
-    starts = np.cumsum([0, *sizes[:-1]])
     lefts = np.concatenate([left for left, _ in factored], axis=1)
     rights = np.concatenate([right for _, right in factored], axis=0)
     k, r = b.shape[0], b.shape[2]
     sharer_left, sharer_right = np.concatenate(list(b), axis=1), np.concatenate(list(a), axis=0)
-
-    def blocks(products: np.ndarray, row_starts: np.ndarray, col_starts: np.ndarray) -> np.ndarray:
-        if products.size == 0:
-            return np.zeros((len(row_starts), len(col_starts)))
-        return np.add.reduceat(np.add.reduceat(products, row_starts, axis=0), col_starts, axis=1)
-
-    gram = blocks((lefts.T @ lefts) * (rights @ rights.T), starts, starts) if lefts.shape[1] else np.zeros((len(sizes),) * 2)
-    sharer_starts = np.arange(0, k * r, r)
-    cross = (blocks((lefts.T @ sharer_left) * (rights @ sharer_right.T), starts, sharer_starts)
-             if lefts.shape[1] else np.zeros((len(sizes), k)))
+    # Block sums by indicator matrices (column i of `merge_of` marks merge i's factor columns): a merge with no
+    # columns (an exact merge with no weight on this layer) is a zero merge, not a shifted block.
+    merge_of = np.repeat(np.eye(len(sizes)), sizes, axis=0)
+    sharer_of = np.repeat(np.eye(k), r, axis=0)
+    gram = merge_of.T @ ((lefts.T @ lefts) * (rights @ rights.T)) @ merge_of
+    cross = merge_of.T @ ((lefts.T @ sharer_left) * (rights @ sharer_right.T)) @ sharer_of
     norms = np.einsum("kn,kn->k", truths, truths)
     values, vectors = np.linalg.eigh(gram)
     if values[-1] <= 0 or values[0] < GRAM_CONDITION * values[-1]:  # nearly dependent (or zero) merges: lstsq

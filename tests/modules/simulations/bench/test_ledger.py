@@ -169,3 +169,18 @@ def test_the_gram_form_of_the_least_squares_attack_is_the_plain_solve(merge, ran
         fitted = np.linalg.lstsq(flat.T, truths.T, rcond=None)[0].T @ flat
         plain = [scale_free_error(f, t) for f, t in zip(fitted, truths)]
         assert least_squares_errors(merges, cores.b[module], cores.a[module], truths) == pytest.approx(plain, abs=1e-9)
+
+
+def test_a_release_with_no_weight_in_a_module_counts_as_a_zero_merge():
+    """An exact merge whose weights are all 0 on a layer has no factors there (0 columns); in the middle or at the
+    end of the stack it must read as a zero merge, not shift or break the others' inner products."""
+    rng = np.random.default_rng(9)
+    cores = Cores.of([POOL[s] for s in sorted(POOL)])
+    module = cores.modules[0]
+    truths = (cores.b[module] @ cores.a[module]).reshape(6, -1)
+    merges = [cores.released_factors(module, rng.uniform(-1.5, 1.5, size=6), "exact", 0) for _ in range(3)]
+    empty = cores.released_factors(module, np.zeros(6), "exact", 0)
+    assert empty[0].shape[1] == 0
+    expected = least_squares_errors(merges, cores.b[module], cores.a[module], truths)
+    for stack in ([merges[0], empty, *merges[1:]], [*merges, empty]):
+        assert least_squares_errors(stack, cores.b[module], cores.a[module], truths) == pytest.approx(expected, abs=1e-9)

@@ -245,6 +245,7 @@ def test_the_distance_guarded_row_releases_nothing_closer_than_its_distance_to_a
     (dict(guard_alphas=(-1.0,)), "guard alphas"),
     (dict(guard_release_rank=-1), "guard release rank must be >= 0"),
     (dict(guard_release_distance=1.0), "guard-release-distance must be in \\[0, 1\\)"),
+    (dict(guard_release_distance=float("nan")), "guard-release-distance must be a finite number"),
     (dict(resamples=5), "resamples must be >= 10"),
     (dict(queries=0), "queries must be >= 1"),
 ])
