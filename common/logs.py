@@ -24,7 +24,15 @@ def setup_command_line(verbose: bool) -> None:
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
+        # A library may set its own logger's level (bm25s sets DEBUG on import), which the root's level does not
+        # override for records that propagate; the filter on the root's handlers does.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_or_warning)
         silence_library_warnings()
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
 
 
 def setup_app() -> None:
@@ -37,6 +45,14 @@ def setup_app() -> None:
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
     silence_library_warnings()
+
+
+def hide_library_progress() -> None:
+    """For `--no-progress`: also hide the bars libraries draw themselves (transformers' "Loading weights"), which
+    otherwise fill a background run's log once per model load."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def silence_library_warnings() -> None:

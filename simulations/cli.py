@@ -15,7 +15,7 @@ import sys
 from typing import NamedTuple, Sequence
 
 from common.errors import PrimeError
-from common.logs import setup_command_line
+from common.logs import hide_library_progress, setup_command_line
 
 
 class Command(NamedTuple):
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     setup_command_line(_verbose_in(argv))  # before the command's module is imported: imports warn too
     args = build_parser(_command_in(argv)).parse_args(argv)
+    if getattr(args, "no_progress", False):
+        hide_library_progress()
     try:
         return int(args.func(args) or 0)
     except PrimeError as err:

@@ -62,3 +62,28 @@ def test_an_app_process_gets_one_handler_per_own_logger_and_leaves_the_root_alon
     logs.setup_app()  # a second call adds no second handler
     assert all(len(logging.getLogger(name).handlers) == 1 for name in logs.OWN_LOGGERS)
     assert logging.getLogger().handlers == root
+
+
+def test_a_library_that_sets_its_own_logger_to_debug_stays_quiet_on_the_command_line(clean_logging, monkeypatch, capsys):
+    """bm25s sets its logger to DEBUG on import; its "Building index" lines filled eval logs, one per target."""
+    monkeypatch.setattr(sys, "warnoptions", [])
+    _bare_root(monkeypatch)
+    chatty = logging.getLogger("chatty.library")
+    monkeypatch.setattr(chatty, "level", logging.DEBUG)
+    logs.setup_command_line(verbose=False)
+    chatty.debug("Building index from IDs objects")
+    chatty.info("loaded")
+    chatty.warning("disk almost full")
+    logging.getLogger("simulations.grid").info("12 cells")
+    err = capsys.readouterr().err
+    assert "Building index" not in err and "loaded" not in err
+    assert "disk almost full" in err and "12 cells" in err
+
+
+def test_verbose_lets_a_chatty_library_through(clean_logging, monkeypatch, capsys):
+    _bare_root(monkeypatch)
+    chatty = logging.getLogger("chatty.library")
+    monkeypatch.setattr(chatty, "level", logging.DEBUG)
+    logs.setup_command_line(verbose=True)
+    chatty.debug("Building index from IDs objects")
+    assert "Building index" in capsys.readouterr().err

@@ -51,3 +51,18 @@ def test_command_table_matches_the_modules():
         with pytest.raises(SystemExit) as exit_info:
             build_parser(command.name).parse_args([command.name, "--help"])
         assert exit_info.value.code == 0
+
+
+def test_no_progress_also_hides_the_libraries_own_bars(tmp_path):
+    """transformers drew a "Loading weights" bar into every `--no-progress` background log, once per model load."""
+    code = (
+        "from transformers.utils import logging as t\n"
+        "from simulations.cli import main\n"
+        "before = t.is_progress_bar_enabled()\n"
+        f"main(['adapt', '--data', {str(tmp_path / 'absent')!r}, '--out', {str(tmp_path / 'out')!r}{{}}])\n"
+        "print(before, t.is_progress_bar_enabled())\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code.format("")], capture_output=True, text=True, check=True)
+    hidden = subprocess.run([sys.executable, "-c", code.format(", '--no-progress'")], capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == ["True", "True"]
+    assert hidden.stdout.split() == ["True", "False"]
