@@ -158,9 +158,9 @@ def read_npz(path: str | Path, members: Mapping[str, NpyMember], max_bytes: int,
     """
     path = Path(path)
     with open_regular(path) as handle:
-        try:
+        try:  # NotImplementedError: the directory claims a zip version or feature that zipfile does not read
             archive = zipfile.ZipFile(handle)
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as err:
             raise UserFileError(f"{path}: not an {what} ({err})") from None
         with archive:
             infos = archive.infolist()
