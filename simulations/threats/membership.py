@@ -65,7 +65,7 @@ from common.settings import (
 )
 from common.synthetic import MAX_GROUPS, SyntheticConfig, generate
 from common.tasks import TaskSpec
-from server.personalize import applied_share_cap, personalize
+from server.personalize import applied_share_cap, personalize, target_seed
 from server.release import release
 from server.selection import select_top_k
 from simulations.threats.embedding import EmbeddingConfig
@@ -613,6 +613,7 @@ def _settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world:
     searches += [(f"PriME alpha={a:g} + guards ({config.guards_label()})", config.search_config(a, guarded=True))
                  for a in config.guard_alphas]
     for name, search in searches:
+        search = replace(search, seed=target_seed(search.seed, world.target_id))  # each target its own draws, as eval
         found = personalize(model, tokenizer, world.task, world.target_pairs, world.target_embedding, sharers, search,
                             progress=False)
         settings.append(Setting(name, dict.fromkeys(ids, released_adapter(found.adapter)), one_model=True, extra={

@@ -521,3 +521,24 @@ def test_the_plot_draws_a_point_that_lies_outside_its_bootstrap_interval(fresh, 
         metrics[tpr], metrics[f"{tpr}_low"], metrics[f"{tpr}_high"] = 0.2, 0.3, 0.4
         metrics["auroc"], metrics["auroc_low"], metrics["auroc_high"] = 0.9, 0.5, 0.8
     assert mia.plot(odd, tmp_path / "odd.png").stat().st_size > 0
+
+
+def test_each_target_searches_with_a_seed_of_its_own(monkeypatch):
+    """Every target's search ran on the run's --seed: small searches drew the same first generation, and on the
+    Gemma HuffPost run two targets released identical weights, so the pooled targets were not independent draws."""
+    from server.personalize import target_seed
+
+    seeds = []
+    real = mia.personalize
+
+    def recording(*args, **kwargs):
+        seeds.append(args[6].seed)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mia, "personalize", recording)
+    model, tok = tiny_model(seed=0)
+    config = mia.MembershipConfig(**{**WORLD, "targets": 2, "resamples": 10, "guard_alphas": (0.0,)})
+    model, worlds = mia.build_worlds(model, tok, config, progress=False)
+    mia.membership_attack(model, tok, worlds, config, progress=False)
+    expected = [target_seed(config.seed, w.target_id) for w in worlds for _ in (0, 1)]  # the unguarded and guarded rows
+    assert seeds == expected and seeds[0] != seeds[2]
