@@ -13,9 +13,15 @@ rows without padding; fused AdamW: the same loss as old up to float
 rounding), `new-bf16` the same with `train-bf16` on (the decoder under
 bfloat16 autocast). Each run records examples/s by wall time and by the
 process's CPU time (steadier on a shared machine with one torch thread),
-real (unpadded) tokens/s and its per-pass mean loss, so a speedup is read
-next to its loss; float32 trainings under other seeds give the loss's own
-spread. Writes `bench_training.json` and a README.md (command, machine,
+real (unpadded) tokens/s, its per-pass mean training loss and the trained
+adapter's loss (below), so a speedup is read next to its loss; trainings
+under other seeds give the loss's own spread.
+
+A training loss is read through the path's own forward, so a bf16 run's is
+the bf16 forward's loss, which sits above float32's even at equal weights.
+What the training achieved is therefore also measured the same way for
+every path: the trained adapter's loss on the training pairs through one
+float32 forward (`adapter_loss`), paired by seed between new and new-bf16. Writes `bench_training.json` and a README.md (command, machine,
 date) into `--out`.
 """
 
@@ -39,7 +45,7 @@ import torch
 
 from client.training import (Pair, _backward_step, _token_losses, encode_pairs, lr_factor, pad_id_of, total_steps,
                              train_lora)
-from common.adapters import lora_config
+from common.adapters import LoraAdapter, applied, lora_config
 from common.atomic import Layout, OutputKind, OutputError, check_output_folder, output_folder, write_text
 from common.lamp import load_lamp, profile_pairs
 from common.settings import TrainConfig
@@ -54,10 +60,11 @@ PATHS = ("old", "new", "new-bf16")
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # the profiler's FLOP-counted matrix products
 
 
-def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[float], int]:
+def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> tuple[list[float], int, LoraAdapter]:
     """The LoRA training loop before issue 31 (the old path, for comparison only): each step one right-padded
     forward of the whole batch in the model's dtype, the mean over its target tokens, per-tensor AdamW. Same
-    init, order, schedule and clip as `train_lora`; returns (the per-pass mean losses, the rows read)."""
+    init, order, schedule and clip as `train_lora`; returns (the per-pass mean losses, the rows read, the
+    trained adapter)."""
     from peft import get_peft_model
 
     encoded = encode_pairs(tokenizer, pairs, config.max_length)
@@ -91,9 +98,24 @@ def reference_fit(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) 
                 loss_sum, seen = loss_sum + loss.item() * len(batch), seen + len(batch)
             losses.append(loss_sum / seen)
             read += seen
+        adapter = LoraAdapter.from_peft_model(peft_model)
     finally:
         peft_model.unload()
-    return losses, read
+    return losses, read, adapter
+
+
+def adapter_loss(model, tokenizer, adapter: LoraAdapter, pairs: Sequence[Pair], config: TrainConfig) -> float:
+    """The mean cross-entropy over every target + EOS token of `pairs` (the training loss's own weighting) with
+    `adapter` on the model, through a forward in the model's dtype without autocast: one evaluator for every
+    path, so a bf16-trained adapter is judged by what it learned, not by its training forward's rounding."""
+    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    pad_id = pad_id_of(tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad(), applied(model, adapter) as scored:
+        for start in range(0, len(encoded), config.batch_size):
+            losses, _ = _token_losses(scored, encoded[start : start + config.batch_size], pad_id)
+            total, count = total + float(losses.sum()), count + len(losses)
+    return total / count
 
 
 def matmul_flops(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict[str, float]:
@@ -126,27 +148,29 @@ def matmul_flops(model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -
 
 
 def _run(path: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig) -> dict:
-    """One timed training on one of `PATHS`: examples/s, real (unpadded) tokens/s, per-pass losses."""
+    """One timed training on one of `PATHS`: examples/s, real (unpadded) tokens/s, per-pass losses, then (untimed)
+    the trained adapter's `adapter_loss`."""
     start, cpu_start = time.perf_counter(), time.process_time()
     if path == "old":
-        losses, examples = reference_fit(model, tokenizer, pairs, config)
+        losses, examples, adapter = reference_fit(model, tokenizer, pairs, config)
     else:
         chosen = dataclasses.replace(config, bf16=path == "new-bf16")
-        _, stats = train_lora(model, tokenizer, pairs, chosen, progress=False)
+        adapter, stats = train_lora(model, tokenizer, pairs, chosen, progress=False)
         losses, examples = stats.epoch_losses, stats.seen
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens_per_pass = sum(len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length))
     return {"path": path, "seconds": seconds, "cpu_seconds": cpu_seconds, "examples": examples,
             "examples_per_s": examples / seconds, "examples_per_cpu_s": examples / cpu_seconds,
             "tokens_per_s": tokens_per_pass * examples / len(pairs) / seconds, "epoch_losses": losses,
-            "final_loss": losses[-1]}
+            "final_loss": losses[-1], "adapter_loss": adapter_loss(model, tokenizer, adapter, pairs, config)}
 
 
 def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: TrainConfig, repeats: int,
                    loss_seeds: int) -> dict:
     """`repeats` x (old, new, new-bf16) on one training; per new path the median of its per-repeat ratios to old,
-    by wall and by CPU time; then `loss_seeds` float32 trainings with other seeds (LoRA init and order), the
-    spread that says whether a loss difference is more than noise."""
+    by wall and by CPU time; then new and new-bf16 under `loss_seeds` other seeds (LoRA init and order): the
+    float32 spread says whether a loss difference is more than noise, and the seeds pair the two paths'
+    adapter losses."""
     warm = dataclasses.replace(config, steps=1)  # one untimed step of each: first-call costs stay out of the figures
     for path in PATHS:
         _run(path, model, tokenizer, pairs, warm)
@@ -158,10 +182,15 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
                   f"({run['examples_per_cpu_s']:.3f} per CPU second), {run['tokens_per_s']:.1f} tokens/s, "
                   f"loss {run['final_loss']:.4f}", flush=True)
             runs.append({"repeat": repeat, **run})
-    seed_losses = {config.seed: statistics.median(r["final_loss"] for r in runs if r["path"] == "new")}
-    for seed in range(config.seed + 1, config.seed + 1 + loss_seeds):
-        seed_losses[seed] = _run("new", model, tokenizer, pairs, dataclasses.replace(config, seed=seed))["final_loss"]
     by_path = {path: [r for r in runs if r["path"] == path] for path in PATHS}
+    seed_losses = {config.seed: statistics.median(r["final_loss"] for r in by_path["new"])}
+    seed_adapter_losses = {config.seed: {path: statistics.median(r["adapter_loss"] for r in by_path[path])
+                                         for path in PATHS[1:]}}
+    for seed in range(config.seed + 1, config.seed + 1 + loss_seeds):
+        seeded = {path: _run(path, model, tokenizer, pairs, dataclasses.replace(config, seed=seed))
+                  for path in PATHS[1:]}
+        seed_losses[seed] = seeded["new"]["final_loss"]
+        seed_adapter_losses[seed] = {path: run["adapter_loss"] for path, run in seeded.items()}
     flops = matmul_flops(model, tokenizer, pairs, config)
     lengths = [len(ids) for ids, _ in encode_pairs(tokenizer, pairs, config.max_length)]
 
@@ -182,6 +211,8 @@ def bench_training(name: str, model, tokenizer, pairs: Sequence[Pair], config: T
         "speedup_examples_per_cpu_s": speedups("examples_per_cpu_s"),
         "final_loss": {path: statistics.median(r["final_loss"] for r in rs) for path, rs in by_path.items()},
         "float32_loss_by_seed": {str(seed): loss for seed, loss in seed_losses.items()},
+        "adapter_loss": {path: statistics.median(r["adapter_loss"] for r in rs) for path, rs in by_path.items()},
+        "adapter_loss_by_seed": {str(seed): losses for seed, losses in seed_adapter_losses.items()},
         "matmul_gflop_per_pass": {path: value / 1e9 for path, value in flops.items()},
         "flop_ceiling": flops["old"] / flops["new"],
     }
@@ -231,11 +262,13 @@ def _readme(report: dict) -> str:
              f"{report['machine']['load_average_at_end'][0]:.1f}; model {report['model']} ({report['dtype']}), data "
              f"{report['data']}. The paths alternate in one run; a speedup is the median of the per-repeat ratios "
              "to old, by wall time and by the process's CPU time (with one torch thread on a shared machine the CPU "
-             "time is the steadier: it does not count waiting for a core); a loss is the training loss of the last "
-             "pass (median over repeats), beside the float32 loss under other seeds (LoRA init and order).", "",
+             "time is the steadier: it does not count waiting for a core). Training loss: of the last pass, through the "
+             "path's own forward (a bf16 run's through a bf16 forward); adapter loss: the trained adapter's mean loss "
+             "over the training pairs' target tokens through one float32 forward, the same evaluator for every path. "
+             "Both are medians over repeats, read beside the same under other seeds (LoRA init and order).", "",
              "| training | pairs | tokens/pair | batch | path | examples/s | speedup | examples/CPU-s | speedup (CPU) "
-             "| loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| training loss | adapter loss (float32) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         t = r["tokens_per_pair"]
         for path in PATHS:
@@ -243,13 +276,15 @@ def _readme(report: dict) -> str:
             cpu = "1" if path == "old" else f"{r['speedup_examples_per_cpu_s'][path]:.2f}x"
             lines.append(f"| {r['training']} | {r['pairs']} | {t['min']}-{t['max']} (mean {t['mean']:.0f}) | "
                          f"{r['config']['batch_size']} | {path} | {r['examples_per_s'][path]:.3f} | {wall} | "
-                         f"{r['examples_per_cpu_s'][path]:.3f} | {cpu} | {r['final_loss'][path]:.4f} |")
+                         f"{r['examples_per_cpu_s'][path]:.3f} | {cpu} | {r['final_loss'][path]:.4f} | "
+                         f"{r['adapter_loss'][path]:.4f} |")
     lines.append("")
     for r in report["results"]:
         seeds = r["float32_loss_by_seed"]
         lines.append(f"- {r['training']}: float32 loss by seed " + ", ".join(f"{s} {v:.4f}" for s, v in seeds.items())
                      + f" (spread {max(seeds.values()) - min(seeds.values()):.4f}); new-bf16 minus new "
                      f"{r['final_loss']['new-bf16'] - r['final_loss']['new']:+.4f}.")
+        lines.append(_adapter_loss_line(r))
     for r in report["results"]:
         gflop = r["matmul_gflop_per_pass"]
         lines.append(f"- {r['training']}: matmul work per pass (torch.profiler FLOPs, float32) old {gflop['old']:.1f} "
@@ -257,6 +292,18 @@ def _readme(report: dict) -> str:
                      f"(measured: {r['speedup_examples_per_cpu_s']['new']:.2f}x by CPU time).")
     lines += ["", f"Every run (tokens/s, per-pass losses, settings): `{REPORT_FILE}`.", ""]
     return "\n".join(lines)
+
+
+def _adapter_loss_line(result: dict) -> str:
+    """The adapter losses by seed, new-bf16 minus new paired by seed beside float32's own spread over seeds."""
+    by_seed = result["adapter_loss_by_seed"]
+    float32 = [losses["new"] for losses in by_seed.values()]
+    differences = [losses["new-bf16"] - losses["new"] for losses in by_seed.values()]
+    return (f"- {result['training']}: adapter loss (float32) by seed, new / new-bf16: "
+            + ", ".join(f"{s} {v['new']:.4f} / {v['new-bf16']:.4f}" for s, v in by_seed.items())
+            + "; new-bf16 minus new by seed " + ", ".join(f"{d:+.4f}" for d in differences)
+            + f" (mean {statistics.mean(differences):+.4f}), float32's spread over seeds "
+            f"{max(float32) - min(float32):.4f}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['training']}: " + ", ".join(f"{path} {r['speedup_examples_per_s'][path]:.2f}x examples/s "
                                                f"({r['speedup_examples_per_cpu_s'][path]:.2f}x per CPU second)"
                                                for path in PATHS[1:])
-              + "; loss " + ", ".join(f"{path} {loss:.4f}" for path, loss in r["final_loss"].items()))
+              + "; loss " + ", ".join(f"{path} {loss:.4f}" for path, loss in r["final_loss"].items())
+              + "; adapter loss " + ", ".join(f"{path} {loss:.4f}" for path, loss in r["adapter_loss"].items()))
     print(f"-> {out / REPORT_FILE}")
     return 0
 

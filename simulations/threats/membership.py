@@ -78,6 +78,9 @@ CONFIDENCE = 0.95
 SCORES = ("loss", "ref", "min-k")  # higher = member for each (module docstring)
 FPRS = (0.01, 0.001)  # the false-positive rates each score's TPR is read at
 POOLED = "pooled"  # the `target` of a row over every target's cases
+# ... and of a merged setting's row over the targets whose release is a real merge (neither fallback nor near-null):
+# a fallback hands out the unmerged model, whose `ref` score is 0 for every item (AUROC 0.5 by construction).
+POOLED_REAL = "pooled-real-merges"
 
 
 def fpr_label(fpr: float) -> str:
@@ -252,7 +255,7 @@ class MembershipResult:
                   "merge_fallback", "merge_near_null", *[f"auroc_case{i}" for i in range(cases)]]
         body = []
         for row in self.rows:
-            merge = row["merge"] if row["target"] != POOLED else {}
+            merge = row["merge"] if row["target"] not in (POOLED, POOLED_REAL) else {}
             body.append([
                 row["setting"], row["target"], row["auroc"], row["auroc_low"], row["auroc_high"], row["member_loss"],
                 row["nonmember_loss"], *[row["scores"][score][c] for score in SCORES for c in scored],
@@ -695,15 +698,28 @@ def _row(name: str, target: str, cases: list[tuple[tuple[np.ndarray, np.ndarray]
     }
 
 
+def _pooled_row(name: str, target: str, cases: list, per_target: list[dict], config: MembershipConfig) -> dict:
+    """A setting's row over the cases of several targets (`per_target`: those targets' own rows)."""
+    return {
+        **_row(name, target, cases, config),
+        "utility": {m: float(np.mean([row["utility"][m] for row in per_target])) for m in per_target[0]["utility"]},
+        "epsilon": max((row["epsilon"] for row in per_target if row["epsilon"] is not None), default=None),
+        "delta": max((row["delta"] for row in per_target if row["delta"] is not None), default=None),
+        "merge": {row["target"]: row["merge"] for row in per_target if row["merge"]},
+        "extra": {},
+    }
+
+
 def membership_attack(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, worlds: World | Sequence[World], config: MembershipConfig,
     progress: bool = True,
 ) -> MembershipResult:
     """Every score's AUROC and TPR at low FPR with their intervals, utility, epsilon and the released merge's
     weights for every setting of every target, then (several targets) every setting pooled over targets: its
-    cases are all targets' (see the module docstring)."""
+    cases are all targets' (see the module docstring). A merged setting whose search fell back or released a
+    near-null merge on some targets gets one more row over its real merges alone (`POOLED_REAL`)."""
     worlds = [worlds] if isinstance(worlds, World) else list(worlds)
-    rows, pooled = [], {}
+    rows, pooled, cases_of = [], {}, {}
     for world in worlds:
         reference: dict[tuple[Pair, ...], np.ndarray] = {}
         settings = _settings(model, tokenizer, world, config)
@@ -714,6 +730,7 @@ def membership_attack(
                     _case_scores(model, tokenizer, adapter, items, config, reference) for items in (members, nonmembers))
                 cases.append(((m_loss, n_loss), {s: (m_scores[s], n_scores[s]) for s in SCORES}))
             pooled.setdefault(current.name, []).extend(cases)
+            cases_of.setdefault(current.name, {})[world.target_id] = cases
             guarantees = current.extra.get("dp", {})
             rows.append({
                 **_row(current.name, world.target_id, cases, config),
@@ -726,14 +743,12 @@ def membership_attack(
     if len(worlds) > 1:
         for name, cases in pooled.items():
             per_target = [row for row in rows if row["setting"] == name]
-            rows.append({
-                **_row(name, POOLED, cases, config),
-                "utility": {m: float(np.mean([row["utility"][m] for row in per_target])) for m in per_target[0]["utility"]},
-                "epsilon": max((row["epsilon"] for row in per_target if row["epsilon"] is not None), default=None),
-                "delta": max((row["delta"] for row in per_target if row["delta"] is not None), default=None),
-                "merge": {row["target"]: row["merge"] for row in per_target if row["merge"]},
-                "extra": {},
-            })
+            rows.append(_pooled_row(name, POOLED, cases, per_target, config))
+            real = [row["target"] for row in per_target if row["merge"] and not row["merge"]["near_null"]]
+            if real and len(real) < len(per_target):
+                kept = [case for target in real for case in cases_of[name][target]]
+                rows.append(_pooled_row(name, POOLED_REAL, kept, [row for row in per_target if row["target"] in real],
+                                        config))
     smallest = min(row["nonmembers"] // len(row["auroc_per_case"]) for row in rows)
     notes = [f"TPR at {fpr_label(fpr)} FPR is the TPR at zero false positives: with {smallest} non-members per case "
              f"the FPR resolution is {1 / smallest:.3g}" for fpr in FPRS if zero_false_positives(fpr, smallest)]

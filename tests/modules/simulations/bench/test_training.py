@@ -7,8 +7,10 @@ import json
 import statistics
 
 import pytest
+import torch
 
-from client.training import TrainConfig, train_lora
+from client.training import TrainConfig, encode_pairs, train_lora
+from common.adapters import applied
 from common.models import tiny_model
 from simulations.bench import training as bench_training
 
@@ -19,10 +21,33 @@ def test_the_old_path_trains_what_train_lora_does_in_float32():
     """Without train-bf16 the new loop (length chunks, fused AdamW) follows the old one's losses: the speedup is
     measured between two trainings of the same model."""
     config = TrainConfig(r=2, lora_alpha=4, lr=2e-2, epochs=3, batch_size=4, seed=0, lr_schedule="cosine")
-    old_losses, read = bench_training.reference_fit(*tiny_model(seed=1), PAIRS, config)
-    _, stats = train_lora(*tiny_model(seed=1), PAIRS, config, progress=False)
+    old_losses, read, old_adapter = bench_training.reference_fit(*tiny_model(seed=1), PAIRS, config)
+    new_adapter, stats = train_lora(*tiny_model(seed=1), PAIRS, config, progress=False)
     assert read == stats.seen == 3 * len(PAIRS)
     assert old_losses == pytest.approx(stats.epoch_losses, rel=1e-4)
+    assert old_adapter.tensors.keys() == new_adapter.tensors.keys()
+    for key, tensor in old_adapter.tensors.items():
+        torch.testing.assert_close(tensor, new_adapter.tensors[key], rtol=1e-3, atol=1e-5)
+
+
+def test_adapter_loss_is_the_float32_mean_over_every_target_token_with_the_adapter_on():
+    """Checked against a slow reference: each pair alone through the full model, its answer + EOS tokens' losses
+    summed, over the count of such tokens; and the base model is left without LoRA layers."""
+    model, tokenizer = tiny_model(seed=1)
+    config = TrainConfig(r=2, lora_alpha=4, lr=2e-2, epochs=2, batch_size=4, seed=0)
+    adapter, _ = train_lora(model, tokenizer, PAIRS, config, progress=False)
+    total, count = 0.0, 0
+    with torch.no_grad(), applied(model, adapter) as scored:
+        for ids, n_prompt in encode_pairs(tokenizer, PAIRS, config.max_length):
+            logits = scored(input_ids=torch.tensor([ids])).logits[0]
+            losses = torch.nn.functional.cross_entropy(logits[n_prompt - 1 : -1], torch.tensor(ids[n_prompt:]),
+                                                       reduction="sum")
+            total, count = total + float(losses), count + len(ids) - n_prompt
+    assert bench_training.adapter_loss(model, tokenizer, adapter, PAIRS, config) == pytest.approx(total / count,
+                                                                                                   rel=1e-5)
+    untrained = bench_training.adapter_loss(model, tokenizer, None, PAIRS, config)
+    assert untrained > total / count  # the trained adapter fits its pairs better than the base
+    assert not any("lora" in name for name, _ in model.named_parameters())
 
 
 def test_matmul_work_per_pass_is_equal_for_one_row_and_smaller_packed_when_rows_share_a_prefix():
@@ -64,11 +89,18 @@ def test_benchmark_alternates_the_paths_and_reports_the_median_ratio(tmp_path):
         losses = result["final_loss"]
         assert losses["new"] == pytest.approx(losses["old"], rel=1e-4)  # float32: the same training
         assert losses["new-bf16"] == pytest.approx(losses["old"], rel=0.05)
+        adapter_losses = result["adapter_loss"]
+        assert adapter_losses["new"] == pytest.approx(adapter_losses["old"], rel=1e-4)
+        assert adapter_losses["new-bf16"] == pytest.approx(adapter_losses["old"], rel=0.05)
+        paired = result["adapter_loss_by_seed"]
+        assert list(paired) == ["0", "1", "2"] and all(set(v) == {"new", "new-bf16"} for v in paired.values())
+        assert paired["0"] == {path: adapter_losses[path] for path in ("new", "new-bf16")}
+        assert len({v["new"] for v in paired.values()}) == 3
         flops = result["matmul_gflop_per_pass"]
         assert flops["old"] >= flops["new"] > 0 and result["flop_ceiling"] == pytest.approx(flops["old"] / flops["new"])
     readme = (out / "README.md").read_text()
     assert report["command"] in readme and report["date"] in readme and "float32 loss by seed 0" in readme
-    assert "matmul work per pass" in readme
+    assert "matmul work per pass" in readme and readme.count("adapter loss (float32) by seed, new / new-bf16") == 2
 
 
 def test_an_out_folder_it_did_not_write_is_refused_before_any_work(tmp_path, capsys):

@@ -542,3 +542,42 @@ def test_each_target_searches_with_a_seed_of_its_own(monkeypatch):
     mia.membership_attack(model, tok, worlds, config, progress=False)
     expected = [target_seed(config.seed, w.target_id) for w in worlds for _ in (0, 1)]  # the unguarded and guarded rows
     assert seeds == expected and seeds[0] != seeds[2]
+
+
+def test_a_fallback_target_is_left_out_of_a_second_pooled_row_over_real_merges_only(monkeypatch):
+    """A fallback hands out the unmerged model, whose reference-calibrated score ties everywhere (AUROC 0.5): on
+    the Gemma HuffPost run the pooled row of the guarded search (0.597) averaged one such target with five real
+    merges. The pooled row stays (it is what the attacker meets over all targets); beside it a row over the real
+    merges alone, whose cases are exactly those targets' cases."""
+    import dataclasses
+
+    calls = []
+    real = mia.personalize
+
+    def first_falls_back(*args, **kwargs):  # the tiny model's searches fall back: the second target gets a merge
+        found = real(*args, **kwargs)
+        calls.append(found)
+        if len(calls) == 1:
+            return dataclasses.replace(found, adapter=None, weights=None, fallback=True)
+        weights = [1.0, 0.5, -0.5]
+        merged = mia.merge_exact([adapter for adapter, _ in args[5].values()], weights)
+        return dataclasses.replace(found, adapter=merged, weights=weights, fallback=False)
+
+    monkeypatch.setattr(mia, "personalize", first_falls_back)
+    model, tok = tiny_model(seed=0)
+    config = mia.MembershipConfig(**{**WORLD, "targets": 2, "resamples": 10})
+    model, worlds = mia.build_worlds(model, tok, config, progress=False)
+    result = mia.membership_attack(model, tok, worlds, config, progress=False)
+    prime = [row for row in result.rows if row["setting"].startswith("PriME")]
+    assert [row["target"] for row in prime] == [w.target_id for w in worlds] + [mia.POOLED, mia.POOLED_REAL]
+    fell_back, merged, pooled, pooled_real = prime
+    assert fell_back["merge"]["fallback"] and fell_back["scores"]["ref"]["auroc"] == 0.5
+    assert not merged["merge"]["near_null"]
+    assert pooled["auroc_per_case"] == fell_back["auroc_per_case"] + merged["auroc_per_case"]
+    assert pooled_real["auroc_per_case"] == merged["auroc_per_case"]
+    assert pooled_real["scores"]["ref"]["auroc"] == pytest.approx(merged["scores"]["ref"]["auroc"])
+    assert set(pooled_real["merge"]) == {merged["target"]}
+    # settings with no fallback (uniform) and settings that merge nothing get the one pooled row only
+    for name in ("unmerged task model", f"uniform merge of k={config.sharers}"):
+        assert [row["target"] for row in result.rows if row["setting"] == name][-1] == mia.POOLED
+    assert sum(row["target"] == mia.POOLED_REAL for row in result.rows) == 1
