@@ -19,6 +19,7 @@ import numpy as np
 from common.atomic import write_with
 from common.errors import PrimeError
 from common.lamp import LampDataset
+from common.logs import library_progress_shown
 from common.tasks import TaskSpec
 from common.user_files import (
     FLOAT_DTYPES, NpyMember, UserFileError, open_regular, read_json, read_npz, safetensors_header,
@@ -83,7 +84,8 @@ class MiniLMEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         rows = self.model.encode(
-            list(texts), batch_size=self.batch_size, show_progress_bar=len(texts) > 1000, convert_to_numpy=True
+            list(texts), batch_size=self.batch_size, show_progress_bar=len(texts) > 1000 and library_progress_shown(),
+            convert_to_numpy=True,
         )
         return _normalise(np.asarray(rows, dtype=np.float32).reshape(len(texts), -1))
 

@@ -47,12 +47,23 @@ def setup_app() -> None:
     silence_library_warnings()
 
 
+_library_bars = True  # off after `hide_library_progress`, for the bars a call site asks a library for
+
+
 def hide_library_progress() -> None:
-    """For `--no-progress`: also hide the bars libraries draw themselves (transformers' "Loading weights"), which
-    otherwise fill a background run's log once per model load."""
+    """For `--no-progress`: also hide the bars libraries draw themselves (transformers' "Loading weights", the
+    sentence encoder's "Batches"), which otherwise fill a background run's log once per model load or embedding."""
+    global _library_bars
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    _library_bars = False
+
+
+def library_progress_shown() -> bool:
+    """Whether a call that can ask a library for a bar of its own (sentence-transformers' `show_progress_bar`)
+    may: false after `hide_library_progress`."""
+    return _library_bars
 
 
 def silence_library_warnings() -> None:

@@ -169,3 +169,27 @@ def test_a_hostile_encoder_folder_is_refused_in_one_line_before_loading(tmp_path
     with pytest.raises(EncoderError, match=re.escape(message)) as raised:
         check_encoder_spec(str(folder))
     assert "\n" not in str(raised.value)
+
+
+def test_no_progress_also_hides_the_sentence_encoders_own_bar(monkeypatch):
+    """sentence-transformers drew a "Batches" bar into a `--no-progress` Gemma run's log (huffpost, 3,552 texts):
+    the encoder asks for its bar on long lists only while library bars are shown."""
+    from common import logs
+    from common.encoder import MiniLMEncoder
+
+    asked = []
+
+    class Model:  # stands in for the SentenceTransformer: records what the encoder asked for
+        def encode(self, texts, batch_size, show_progress_bar, convert_to_numpy):
+            asked.append(show_progress_bar)
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    encoder = MiniLMEncoder.__new__(MiniLMEncoder)
+    encoder.model, encoder.batch_size = Model(), 64
+    monkeypatch.setattr(logs, "_library_bars", True)
+    encoder.encode(["a"] * 1001)
+    encoder.encode(["a"] * 10)
+    monkeypatch.setattr("transformers.utils.logging.disable_progress_bar", lambda: None)  # leave other tests' bars
+    logs.hide_library_progress()
+    encoder.encode(["a"] * 1001)
+    assert asked == [True, False, False] and not logs.library_progress_shown()
