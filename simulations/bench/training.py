@@ -21,8 +21,9 @@ A training loss is read through the path's own forward, so a bf16 run's is
 the bf16 forward's loss, which sits above float32's even at equal weights.
 What the training achieved is therefore also measured the same way for
 every path: the trained adapter's loss on the training pairs through one
-float32 forward (`adapter_loss`), paired by seed between new and new-bf16. Writes `bench_training.json` and a README.md (command, machine,
-date) into `--out`.
+forward in the model's dtype, float32 by default (`adapter_loss`), paired
+by seed between new and new-bf16. Writes `bench_training.json` and a
+README.md (command, machine, date) into `--out`.
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ def machine() -> dict:
 
 
 def _readme(report: dict) -> str:
+    dtype = report["dtype"].removeprefix("torch.")
     lines = ["# LoRA training speed: the loop before issue 31 (old) against `train_lora` (new, new + train-bf16)", "",
              "```", report["command"], "```", "",
              f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['logical_cpus']} logical "
@@ -264,10 +266,10 @@ def _readme(report: dict) -> str:
              "to old, by wall time and by the process's CPU time (with one torch thread on a shared machine the CPU "
              "time is the steadier: it does not count waiting for a core). Training loss: of the last pass, through the "
              "path's own forward (a bf16 run's through a bf16 forward); adapter loss: the trained adapter's mean loss "
-             "over the training pairs' target tokens through one float32 forward, the same evaluator for every path. "
+             f"over the training pairs' target tokens through one {dtype} forward, the same evaluator for every path. "
              "Both are medians over repeats, read beside the same under other seeds (LoRA init and order).", "",
              "| training | pairs | tokens/pair | batch | path | examples/s | speedup | examples/CPU-s | speedup (CPU) "
-             "| training loss | adapter loss (float32) |",
+             f"| training loss | adapter loss ({dtype}) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         t = r["tokens_per_pair"]
@@ -284,7 +286,7 @@ def _readme(report: dict) -> str:
         lines.append(f"- {r['training']}: float32 loss by seed " + ", ".join(f"{s} {v:.4f}" for s, v in seeds.items())
                      + f" (spread {max(seeds.values()) - min(seeds.values()):.4f}); new-bf16 minus new "
                      f"{r['final_loss']['new-bf16'] - r['final_loss']['new']:+.4f}.")
-        lines.append(_adapter_loss_line(r))
+        lines.append(_adapter_loss_line(r, dtype))
     for r in report["results"]:
         gflop = r["matmul_gflop_per_pass"]
         lines.append(f"- {r['training']}: matmul work per pass (torch.profiler FLOPs, float32) old {gflop['old']:.1f} "
@@ -294,16 +296,15 @@ def _readme(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _adapter_loss_line(result: dict) -> str:
-    """The adapter losses by seed, new-bf16 minus new paired by seed beside float32's own spread over seeds."""
+def _adapter_loss_line(result: dict, dtype: str) -> str:
+    """The adapter losses by seed, new-bf16 minus new paired by seed beside new's own spread over seeds."""
     by_seed = result["adapter_loss_by_seed"]
-    float32 = [losses["new"] for losses in by_seed.values()]
+    new = [losses["new"] for losses in by_seed.values()]
     differences = [losses["new-bf16"] - losses["new"] for losses in by_seed.values()]
-    return (f"- {result['training']}: adapter loss (float32) by seed, new / new-bf16: "
+    return (f"- {result['training']}: adapter loss ({dtype}) by seed, new / new-bf16: "
             + ", ".join(f"{s} {v['new']:.4f} / {v['new-bf16']:.4f}" for s, v in by_seed.items())
             + "; new-bf16 minus new by seed " + ", ".join(f"{d:+.4f}" for d in differences)
-            + f" (mean {statistics.mean(differences):+.4f}), float32's spread over seeds "
-            f"{max(float32) - min(float32):.4f}.")
+            + f" (mean {statistics.mean(differences):+.4f}), new's spread over seeds {max(new) - min(new):.4f}.")
 
 
 def main(argv: list[str] | None = None) -> int:
