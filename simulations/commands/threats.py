@@ -178,7 +178,7 @@ def _threats(args: argparse.Namespace) -> int:
                     + "".join(f", TPR@{mia.fpr_label(f)} {m[f'tpr_at_{mia.fpr_label(f)}_fpr']:.3f}"
                               f"{'*' if m[f'tpr_at_{mia.fpr_label(f)}_fpr_zero_fp'] else ''}" for f in mia.FPRS)
                     for name, m in row["scores"].items())
-                merge = row["merge"] if row["target"] not in (mia.POOLED, mia.POOLED_REAL) else {}
+                merge = row["merge"] if row["target"] not in mia.POOLED_TARGETS else {}
                 if not merge:
                     weights = ""
                 elif merge["fallback"]:

@@ -81,6 +81,7 @@ POOLED = "pooled"  # the `target` of a row over every target's cases
 # ... and of a merged setting's row over the targets whose release is a real merge (neither fallback nor near-null):
 # a fallback hands out the unmerged model, whose `ref` score is 0 for every item (AUROC 0.5 by construction).
 POOLED_REAL = "pooled-real-merges"
+POOLED_TARGETS = (POOLED, POOLED_REAL)  # rows over several targets: their `merge` holds each target's
 
 
 def fpr_label(fpr: float) -> str:
@@ -255,7 +256,7 @@ class MembershipResult:
                   "merge_fallback", "merge_near_null", *[f"auroc_case{i}" for i in range(cases)]]
         body = []
         for row in self.rows:
-            merge = row["merge"] if row["target"] not in (POOLED, POOLED_REAL) else {}
+            merge = row["merge"] if row["target"] not in POOLED_TARGETS else {}
             body.append([
                 row["setting"], row["target"], row["auroc"], row["auroc_low"], row["auroc_high"], row["member_loss"],
                 row["nonmember_loss"], *[row["scores"][score][c] for score in SCORES for c in scored],
@@ -719,7 +720,7 @@ def membership_attack(
     cases are all targets' (see the module docstring). A merged setting whose search fell back or released a
     near-null merge on some targets gets one more row over its real merges alone (`POOLED_REAL`)."""
     worlds = [worlds] if isinstance(worlds, World) else list(worlds)
-    rows, pooled, cases_of = [], {}, {}
+    rows, cases_of = [], {}
     for world in worlds:
         reference: dict[tuple[Pair, ...], np.ndarray] = {}
         settings = _settings(model, tokenizer, world, config)
@@ -729,7 +730,6 @@ def membership_attack(
                 (m_loss, m_scores), (n_loss, n_scores) = (
                     _case_scores(model, tokenizer, adapter, items, config, reference) for items in (members, nonmembers))
                 cases.append(((m_loss, n_loss), {s: (m_scores[s], n_scores[s]) for s in SCORES}))
-            pooled.setdefault(current.name, []).extend(cases)
             cases_of.setdefault(current.name, {})[world.target_id] = cases
             guarantees = current.extra.get("dp", {})
             rows.append({
@@ -741,12 +741,12 @@ def membership_attack(
                 "extra": current.extra,
             })
     if len(worlds) > 1:
-        for name, cases in pooled.items():
+        for name, by_target in cases_of.items():
             per_target = [row for row in rows if row["setting"] == name]
-            rows.append(_pooled_row(name, POOLED, cases, per_target, config))
+            rows.append(_pooled_row(name, POOLED, [c for cases in by_target.values() for c in cases], per_target, config))
             real = [row["target"] for row in per_target if row["merge"] and not row["merge"]["near_null"]]
             if real and len(real) < len(per_target):
-                kept = [case for target in real for case in cases_of[name][target]]
+                kept = [case for target in real for case in by_target[target]]
                 rows.append(_pooled_row(name, POOLED_REAL, kept, [row for row in per_target if row["target"] in real],
                                         config))
     smallest = min(row["nonmembers"] // len(row["auroc_per_case"]) for row in rows)
